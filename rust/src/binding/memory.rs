@@ -1,0 +1,123 @@
+//! `mig._mig.GuestMemory`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use numpy::ndarray::ArrayViewMut1;
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+
+use crate::memory::GuestMemory;
+
+#[pyclass(name = "GuestMemory", module = "mig._mig", frozen)]
+pub struct PyGuestMemory {
+    pub inner: Arc<GuestMemory>,
+}
+
+#[pymethods]
+impl PyGuestMemory {
+    #[new]
+    fn new(py: Python<'_>, size: usize) -> PyResult<Self> {
+        let inner = py.detach(|| GuestMemory::new(size))?;
+        Ok(PyGuestMemory {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Loads a raw memory image.
+    #[staticmethod]
+    fn from_image(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| GuestMemory::from_image(&path))?;
+        Ok(PyGuestMemory {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Saves the whole memory as a raw image.
+    fn to_image(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let mem = self.inner.clone();
+        Ok(py.detach(move || mem.to_image(&path))?)
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    #[getter]
+    fn page_size(&self) -> usize {
+        self.inner.page_size()
+    }
+
+    #[getter]
+    fn num_pages(&self) -> usize {
+        self.inner.num_pages()
+    }
+
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.inner.fd()
+    }
+
+    /// A writable uint8 numpy view of the whole memory, without a copy. The
+    /// view keeps the memory alive.
+    #[getter]
+    fn array<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let mem = &slf.get().inner;
+        // SAFETY: the mapping is valid for `len` bytes for as long as `mem`
+        // lives, and the array holds `slf` as its base object, which owns an
+        // Arc of the mapping. Concurrent writers are inherent to guest memory
+        // and numpy readers see plain bytes.
+        let view = unsafe { ArrayViewMut1::from_shape_ptr(mem.len(), mem.as_ptr()) };
+        // SAFETY: as above; `slf` is the container that keeps the data alive.
+        let arr = unsafe { PyArray1::borrow_from_array(&view, slf.clone().into_any()) };
+        arr.readwrite();
+        Ok(arr)
+    }
+
+    /// xxh3-128 digest of the whole memory, or of pages `[first, first+count)`.
+    #[pyo3(signature = (first=None, count=None))]
+    fn digest(&self, py: Python<'_>, first: Option<usize>, count: Option<usize>) -> PyResult<u128> {
+        let mem = self.inner.clone();
+        let first = first.unwrap_or(0);
+        let count = count.unwrap_or(mem.num_pages().saturating_sub(first));
+        Ok(py.detach(move || mem.digest_pages(first, count))?)
+    }
+
+    /// Copies `len` bytes at `offset` out of guest memory.
+    fn read(&self, py: Python<'_>, offset: usize, len: usize) -> PyResult<Vec<u8>> {
+        if len > self.inner.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "read of {len} bytes exceeds guest memory of {} bytes",
+                self.inner.len()
+            )));
+        }
+        let mut out = vec![0u8; len];
+        let mem = self.inner.clone();
+        py.detach(|| mem.read_bytes(offset, &mut out))?;
+        Ok(out)
+    }
+
+    /// Copies `data` into guest memory at `offset`.
+    fn write(&self, py: Python<'_>, offset: usize, data: &[u8]) -> PyResult<()> {
+        let mem = self.inner.clone();
+        Ok(py.detach(|| mem.write_bytes(offset, data))?)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GuestMemory(size={}, page_size={}, fd={})",
+            self.inner.len(),
+            self.inner.page_size(),
+            self.inner.fd()
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyGuestMemory>()
+}

@@ -1,0 +1,22 @@
+//! mig: the Rust core of a pre-copy live-migration engine.
+//!
+//! Data flows one way: guest → [`tracker`] → [`bitmap`] → [`sender`] →
+//! [`transport`] channels → [`receiver`] → destination [`memory`].
+//! Only [`binding`] knows about Python; everything else is plain Rust and is
+//! tested with `cargo test`.
+
+pub mod bitmap;
+pub mod error;
+pub mod memory;
+pub mod receiver;
+pub mod sender;
+pub mod tracker;
+pub mod transport;
+pub mod wire;
+pub mod workload;
+
+mod binding;
+
+pub use bitmap::DirtyBitmap;
+pub use error::{CoreError, CoreResult};
+pub use memory::GuestMemory;

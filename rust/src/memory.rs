@@ -1,0 +1,283 @@
+//! Guest memory: one memfd-backed shared mapping, page aligned.
+//!
+//! The mapping is shared by every thread of the process: vCPU threads write
+//! it, the sender reads it while they run, the receiver writes it on the
+//! destination. Concurrent access is the nature of live migration; all access
+//! goes through raw pointers and byte copies, never through `&mut [u8]`
+//! references that would claim exclusivity.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{CoreError, CoreResult};
+
+/// The host page size, which is also mig's unit of tracking and transfer.
+pub fn host_page_size() -> usize {
+    rustix::param::page_size()
+}
+
+pub struct GuestMemory {
+    fd: OwnedFd,
+    base: NonNull<u8>,
+    len: usize,
+    page_size: usize,
+}
+
+// SAFETY: the mapping lives as long as the struct; all access is through raw
+// pointers with byte-wise copies, so sharing the handle between threads cannot
+// create aliasing `&mut` references. Racing reads of pages being written are
+// intended (pre-copy re-sends them) and are plain byte copies.
+unsafe impl Send for GuestMemory {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Allocates `size` bytes of zeroed, memfd-backed shared memory.
+    pub fn new(size: usize) -> CoreResult<Self> {
+        let page_size = host_page_size();
+        if size == 0 || size % page_size != 0 {
+            return Err(CoreError::invalid(format!(
+                "memory size {size} is not a positive multiple of the page size {page_size}"
+            )));
+        }
+        let fd = memfd_create("mig-guest", MemfdFlags::CLOEXEC)
+            .map_err(|e| CoreError::io("memfd_create", e.into()))?;
+        ftruncate(&fd, size as u64).map_err(|e| CoreError::io("ftruncate memfd", e.into()))?;
+        // SAFETY: a fresh shared mapping of a file we own, of exactly its size;
+        // the kernel picks the address, so nothing else is overlapped.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                size,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| CoreError::io(format!("mmap {size} bytes"), e.into()))?;
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| CoreError::invalid("mmap returned a null mapping"))?;
+        Ok(GuestMemory {
+            fd,
+            base,
+            len: size,
+            page_size,
+        })
+    }
+
+    /// Loads a raw memory image; its size must be a multiple of the page size.
+    pub fn from_image(path: &Path) -> CoreResult<Self> {
+        let mut file =
+            File::open(path).map_err(|e| CoreError::io(format!("open {}", path.display()), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| CoreError::io(format!("stat {}", path.display()), e))?
+            .len() as usize;
+        let mem = GuestMemory::new(size)?;
+        let mut off = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        while off < size {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| CoreError::io(format!("read {}", path.display()), e))?;
+            if n == 0 {
+                return Err(CoreError::invalid(format!(
+                    "{} shrank while loading: {off} of {size} bytes",
+                    path.display()
+                )));
+            }
+            let n = n.min(size - off);
+            mem.write_bytes(off, &buf[..n])?;
+            off += n;
+        }
+        Ok(mem)
+    }
+
+    /// Saves the whole memory as a raw image.
+    pub fn to_image(&self, path: &Path) -> CoreResult<()> {
+        let mut file = File::create(path)
+            .map_err(|e| CoreError::io(format!("create {}", path.display()), e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < self.len {
+            let n = buf.len().min(self.len - off);
+            self.read_bytes(off, &mut buf[..n])?;
+            file.write_all(&buf[..n])
+                .map_err(|e| CoreError::io(format!("write {}", path.display()), e))?;
+            off += n;
+        }
+        file.sync_all()
+            .map_err(|e| CoreError::io(format!("fsync {}", path.display()), e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn num_pages(&self) -> usize {
+        self.len / self.page_size
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> CoreResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(CoreError::invalid(format!(
+                "range {offset}+{len} lies outside guest memory of {} bytes",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies bytes out of guest memory (possibly while vCPUs write it).
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> CoreResult<()> {
+        self.check_range(offset, out.len())?;
+        // SAFETY: the range was checked against the mapping; `out` is a
+        // distinct Rust buffer, so the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies bytes into guest memory.
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) -> CoreResult<()> {
+        self.check_range(offset, data.len())?;
+        // SAFETY: the range was checked against the mapping; `data` is a
+        // distinct Rust buffer, so the regions do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+
+    /// Zero-fills a byte range of guest memory.
+    pub fn zero_bytes(&self, offset: usize, len: usize) -> CoreResult<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range was checked against the mapping.
+        unsafe { std::ptr::write_bytes(self.base.as_ptr().add(offset), 0, len) };
+        Ok(())
+    }
+
+    /// A read-only view of a page range, for hashing and scanning.
+    ///
+    /// # Safety
+    /// The caller accepts that other threads may write the range while the
+    /// slice lives (the bytes may change under it); it must only be used for
+    /// byte-wise reads whose result is allowed to be stale.
+    pub unsafe fn racy_slice(&self, offset: usize, len: usize) -> CoreResult<&[u8]> {
+        self.check_range(offset, len)?;
+        Ok(std::slice::from_raw_parts(
+            self.base.as_ptr().add(offset),
+            len,
+        ))
+    }
+
+    /// xxh3-128 digest of pages `[first, first + count)`.
+    pub fn digest_pages(&self, first: usize, count: usize) -> CoreResult<u128> {
+        let off = first
+            .checked_mul(self.page_size)
+            .ok_or_else(|| CoreError::invalid("page index overflows"))?;
+        let len = count
+            .checked_mul(self.page_size)
+            .ok_or_else(|| CoreError::invalid("page count overflows"))?;
+        // SAFETY: a digest of memory that is being written is simply a digest
+        // of some mixture of old and new bytes; callers pause writers first
+        // when they need a stable answer.
+        let bytes = unsafe { self.racy_slice(off, len)? };
+        let mut hasher = Xxh3::new();
+        for chunk in bytes.chunks(1 << 20) {
+            hasher.update(chunk);
+        }
+        Ok(hasher.digest128())
+    }
+
+    /// xxh3-128 digest of the whole memory.
+    pub fn digest(&self) -> u128 {
+        self.digest_pages(0, self.num_pages())
+            .expect("the whole memory is always in range")
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` describe the mapping created in `new`, and no
+        // borrow of it can outlive `self`.
+        let _ = unsafe { munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unaligned_size() {
+        let err = GuestMemory::new(4097).err().expect("must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("4097") && msg.contains(&host_page_size().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn write_read_digest_roundtrip() {
+        let ps = host_page_size();
+        let mem = GuestMemory::new(ps * 8).unwrap();
+        let zero_digest = mem.digest();
+        mem.write_bytes(ps * 3 + 5, b"hello").unwrap();
+        let mut out = [0u8; 5];
+        mem.read_bytes(ps * 3 + 5, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+        assert_ne!(mem.digest(), zero_digest);
+        assert_eq!(mem.digest_pages(0, 3).unwrap(), {
+            let other = GuestMemory::new(ps * 8).unwrap();
+            other.digest_pages(0, 3).unwrap()
+        });
+        assert!(mem.write_bytes(ps * 8 - 2, b"abc").is_err());
+    }
+
+    #[test]
+    fn image_roundtrip() {
+        let ps = host_page_size();
+        let mem = GuestMemory::new(ps * 4).unwrap();
+        mem.write_bytes(ps + 1, &[7u8; 100]).unwrap();
+        let path = std::env::temp_dir().join(format!("mig-img-{}", std::process::id()));
+        mem.to_image(&path).unwrap();
+        let back = GuestMemory::from_image(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back.digest(), mem.digest());
+    }
+}

@@ -1,0 +1,1 @@
+//! receiver (filled in by the streaming work).

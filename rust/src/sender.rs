@@ -1,0 +1,1 @@
+//! sender (filled in by the streaming work).

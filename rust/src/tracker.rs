@@ -1,0 +1,1 @@
+//! Dirty trackers (filled in by the tracker work).

@@ -1,0 +1,1 @@
+//! wire (filled in by the streaming work).

@@ -1,0 +1,1 @@
+//! Workload vCPUs (filled in by the workload work).
