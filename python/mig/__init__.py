@@ -3,12 +3,24 @@
 The Rust core (``mig._mig``) owns the hot loops; this package orchestrates.
 """
 
-from mig._mig import DirtyBitmap, GuestMemory, MigError, ProtocolError, UnsupportedError
+from mig._mig import (
+    DirtyBitmap,
+    GuestMemory,
+    Listener,
+    MigError,
+    ProtocolError,
+    Receiver,
+    Sender,
+    UnsupportedError,
+)
 
 __all__ = [
     "DirtyBitmap",
     "GuestMemory",
+    "Listener",
     "MigError",
     "ProtocolError",
+    "Receiver",
+    "Sender",
     "UnsupportedError",
 ]
