@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mig._mig import DirtyBitmap, GuestMemory, MigError, UnsupportedError
+from mig.units import parse_rate, parse_size
 
 __all__ = [
     "DEVICE_KINDS",
@@ -54,7 +55,6 @@ __all__ = [
     "create",
     "create_all",
     "next_state",
-    "parse_size",
     "parse_specs",
 ]
 
@@ -865,25 +865,6 @@ def _state_by_name(name: str) -> MigState:
 
 # --- specs ----------------------------------------------------------------------
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-}  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str, *, rate: bool = False) -> int:
-    """Parse ``64MiB``, ``4k``, ``512`` (binary units); ``rate`` allows a ``/s`` suffix."""
-    t = text.strip()
-    if rate and t.lower().endswith("/s"):
-        t = t[:-2]
-    m = _SIZE_RE.match(t)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot parse {text!r} as a {'rate' if rate else 'size'}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 @dataclass
 class _Kind:
@@ -992,8 +973,9 @@ def _build_kwargs(spec: DeviceSpec) -> dict[str, Any]:
             continue
         text = o[key].strip()
         neg = key == "grow" and text.startswith("-")
+        parse = parse_rate if key in _RATE_OPTS else parse_size
         try:
-            vals[key] = parse_size(text.lstrip("-") if neg else text, rate=key in _RATE_OPTS)
+            vals[key] = parse(text.lstrip("-") if neg else text)
         except ValueError as e:
             raise DeviceSpecError(f"{spec.kind}: field {key!r}: {e}") from None
         if neg:
