@@ -942,6 +942,11 @@ def parse_specs(text: str | list[str] | tuple[str, ...]) -> list[DeviceSpec]:
             if cur:
                 specs.append(_parse_one(cur[0], cur[1], text))
             cur = (head, [rest] if rest else [])
+        elif colon and "=" not in head:
+            raise DeviceSpecError(
+                f"unknown device type {head!r} in {text!r}; expected one of "
+                + ", ".join(DEVICE_KINDS)
+            )
         elif cur is None:
             raise DeviceSpecError(
                 f"device spec {text!r} must start with a device type ("
