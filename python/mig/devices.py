@@ -1047,7 +1047,9 @@ def create(
 
     ``memory`` is the guest RAM a `dma` device writes. ``active=False`` builds
     a device whose guest driver has not armed it yet (a destination device:
-    it starts working once a migrated state is loaded).
+    it starts working once a migrated state is loaded). Fault fields of the
+    spec arm the source device only; a destination twin built from the same
+    spec gets faults through `VfioDevice.inject_fault`.
     """
     if isinstance(spec, str):
         specs = parse_specs(spec)
@@ -1066,7 +1068,7 @@ def create(
     else:
         kw.pop("dma_rate", None)
         dev = cls(dev_name, caps, active=active, **kw)
-    if fault:
+    if fault and active:
         dev.inject_fault(**fault)
     return dev
 
