@@ -1,0 +1,872 @@
+"""The ``mig`` command.
+
+``mig demo`` migrates a built-in guest live between two local processes;
+``mig serve`` / ``mig send`` do the same across hosts; ``mig snapshot`` /
+``mig restore`` use the ``file:`` transport; ``mig info`` shows what the host
+supports. Exit codes: 0 done, 1 migration failed, 2 bad argument, 130
+interrupted (Ctrl-C cancels cleanly: the source guest runs again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from mig.units import format_size, parse_duration, parse_rate, parse_size
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SIZE = "1GiB"
+# A hot set of 10 % of RAM written at a pace a loopback link outruns, so the
+# default run converges and shows several passes; raise ``rate`` to see
+# auto-converge and the policies work harder.
+DEFAULT_WORKLOAD = "hotset:rate=50000"
+DEFAULT_DEVICES = "nic"
+DEFAULT_VCPUS = 2
+COMPRESSIONS = ("none", "zstd", "lz4")
+AUTO_CONVERGE_MODES = ("proportional", "qemu")
+MAX_CHANNELS = 64
+MAX_VCPUS = 256
+SNAPSHOT_TYPE = "mig-snapshot"
+
+log = logging.getLogger("mig.cli")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (exit code 2)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"argument {option}: {message}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line errors that name the argument, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"mig: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+# ------------------------------------------------------------ argument types
+def _typed(parse: Callable[[str], Any], check: Callable[[Any], str | None] | None = None):
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        problem = check(value) if check else None
+        if problem:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {problem}")
+        return value
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _int_range(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"invalid integer {text!r}") from None
+
+    return _typed(parse, lambda v: None if lo <= v <= hi else f"must be in {lo}..{hi}")
+
+
+def _devices(text: str) -> str:
+    """A device spec list, checked now; ``none`` (or empty) for no devices."""
+    if text.strip().lower() in ("", "none"):
+        return "none"
+    from mig.devices import parse_specs
+
+    try:
+        specs = parse_specs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ";".join(str(s) for s in specs)
+
+
+def _dirty_limit(text: str) -> float:
+    """Page writes/s per vCPU: a plain number, or a rate with units (``8MiB/s``)."""
+    try:
+        return float(text) if _is_number(text) else parse_rate(text) / _page_size()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _page_size() -> int:
+    from mig import _mig
+
+    return int(_mig.page_size)
+
+
+def _policy_names() -> list[str] | None:
+    try:
+        from mig.policies import policy_names
+    except ImportError:
+        return None
+    return list(policy_names())
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="logging level on stderr (default: warning)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the final statistics object as JSON on stdout",
+    )
+
+    guest = _Parser(add_help=False)
+    g = guest.add_argument_group("guest")
+    g.add_argument(
+        "--size",
+        type=_typed(parse_size, _positive),
+        default=None,
+        help=f"guest memory size (default {DEFAULT_SIZE})",
+    )
+    g.add_argument("--image", metavar="FILE", help="load guest memory from a raw image")
+    g.add_argument(
+        "--workload",
+        metavar="SPEC",
+        default=DEFAULT_WORKLOAD,
+        help=f"vCPU workload: idle, sequential, uniform, hotset, zipf (default {DEFAULT_WORKLOAD})",
+    )
+    g.add_argument(
+        "--vcpus",
+        type=_int_range(1, MAX_VCPUS),
+        default=DEFAULT_VCPUS,
+        help=f"number of vCPUs (default {DEFAULT_VCPUS})",
+    )
+
+    devices = _Parser(add_help=False)
+    devices.add_argument(
+        "--devices",
+        metavar="SPEC[,SPEC]",
+        type=_devices,
+        default=DEFAULT_DEVICES,
+        help=f"devices such as nic:state=64MiB,rate=20MiB/s, or none (default {DEFAULT_DEVICES})",
+    )
+
+    mig = _Parser(add_help=False)
+    m = mig.add_argument_group("migration")
+    policies = _policy_names()
+    m.add_argument(
+        "--policy",
+        choices=policies,
+        default=None,
+        help="completion policy" + (f": {', '.join(policies)}" if policies else ""),
+    )
+    m.add_argument(
+        "--downtime-limit",
+        type=_typed(parse_duration, _positive),
+        default=0.3,
+        metavar="TIME",
+        help="downtime limit, e.g. 300ms (default 300ms)",
+    )
+    m.add_argument(
+        "--max-bandwidth",
+        type=_typed(parse_rate),
+        default=0,
+        metavar="RATE",
+        help="bandwidth cap, e.g. 100MiB/s (default unlimited)",
+    )
+    m.add_argument(
+        "--avail-switchover-bandwidth",
+        type=_typed(parse_rate),
+        default=0,
+        metavar="RATE",
+        help="bandwidth assumed for the switchover decision (default: measured)",
+    )
+    m.add_argument(
+        "--channels",
+        type=_int_range(1, MAX_CHANNELS),
+        default=2,
+        help="parallel data channels (default 2)",
+    )
+    m.add_argument("--compress", choices=COMPRESSIONS, default="none", help="page compression")
+    m.add_argument(
+        "--auto-converge",
+        nargs="?",
+        const="proportional",
+        default=None,
+        choices=AUTO_CONVERGE_MODES,
+        metavar="MODE",
+        help="throttle vCPUs to converge: proportional (default mode) or qemu",
+    )
+    m.add_argument(
+        "--dirty-limit",
+        type=_dirty_limit,
+        default=0.0,
+        metavar="RATE",
+        help="per-vCPU cap on page writes/s (a number, or a rate such as 8MiB/s)",
+    )
+    m.add_argument(
+        "--timeout",
+        type=_typed(parse_duration, _positive),
+        default=None,
+        metavar="TIME",
+        help="give up after this long (default: never)",
+    )
+    m.add_argument(
+        "--timeout-action",
+        choices=("cancel", "force"),
+        default="cancel",
+        help="at the timeout, cancel or force the switchover (default cancel)",
+    )
+    m.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the end-to-end digest check (on by default)",
+    )
+
+    parser = _Parser(
+        prog="mig",
+        description="Pre-copy live migration of memory and device state.",
+        parents=[],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    sub.add_parser(
+        "demo",
+        parents=[common, guest, devices, mig],
+        help="migrate a running guest live between two local processes",
+        description="Start a destination process and migrate a running guest to it over "
+        "loopback TCP, with a live progress view.",
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common, devices],
+        help="run the destination",
+        description="Receive migrations on URI; the size and devices must match the source's.",
+    )
+    serve.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    serve.add_argument("--once", action="store_true", help="exit after one migration")
+    serve.add_argument(
+        "--size",
+        type=_typed(parse_size, _positive),
+        default=DEFAULT_SIZE,
+        help=f"guest memory size (default {DEFAULT_SIZE})",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=_typed(parse_duration, _positive),
+        default=None,
+        metavar="TIME",
+        help="wait this long for a source (default: forever)",
+    )
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    send = sub.add_parser(
+        "send",
+        parents=[common, guest, devices, mig],
+        help="run a guest and migrate it to a destination",
+        description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
+    )
+    send.add_argument("--connect", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+
+    snap = sub.add_parser(
+        "snapshot",
+        parents=[common, guest, devices],
+        help="save a running guest to a file",
+        description="Run the built-in guest, stop it, save memory and device state to FILE "
+        "with the file: transport, and resume it.",
+    )
+    snap.add_argument("--out", required=True, metavar="FILE", help="snapshot file to write")
+    snap.add_argument(
+        "--warmup",
+        type=_typed(parse_duration),
+        default=0.5,
+        metavar="TIME",
+        help="let the workload run this long first (default 500ms)",
+    )
+    snap.add_argument(
+        "--channels",
+        type=_int_range(1, MAX_CHANNELS),
+        default=2,
+        help="parallel writer channels (default 2)",
+    )
+
+    restore = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="load and verify a snapshot",
+        description="Load a snapshot written by `mig snapshot` and verify memory and devices.",
+    )
+    restore.add_argument("file", metavar="FILE")
+
+    sub.add_parser(
+        "info",
+        parents=[common],
+        help="host capabilities",
+        description="Dirty-tracking backends, kernel version and the CPU features mig uses.",
+    )
+    return parser
+
+
+# ----------------------------------------------------------------- helpers
+def _stdout_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    return str(o)
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """Migration parameters (QEMU names) from the command line."""
+    params: dict[str, Any] = {
+        "downtime_limit": max(1, round(args.downtime_limit * 1000)),
+        "max_bandwidth": int(args.max_bandwidth),
+        "avail_switchover_bandwidth": int(args.avail_switchover_bandwidth),
+        "multifd_channels": int(args.channels),
+        "compression": args.compress,
+        "auto_converge": args.auto_converge or False,
+        "dirty_limit": float(args.dirty_limit),
+        "timeout": float(args.timeout or 0.0),
+        "timeout_action": args.timeout_action,
+    }
+    if args.policy:
+        params["policy"] = args.policy
+    return params
+
+
+class _Guest:
+    """The built-in guest: memory, workload vCPUs and sample devices."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import mig
+        from mig.devices import create_all
+
+        if args.image:
+            if args.size is not None:
+                raise UsageError("--image", "give either --image or --size, not both")
+            try:
+                self.memory = mig.GuestMemory.from_image(args.image)
+            except (OSError, ValueError, mig.MigError) as e:
+                raise UsageError("--image", str(e)) from None
+        else:
+            size = args.size if args.size is not None else parse_size(DEFAULT_SIZE)
+            try:
+                self.memory = mig.GuestMemory(size)
+            except (ValueError, mig.MigError) as e:
+                raise UsageError("--size", str(e)) from None
+            except (OSError, MemoryError) as e:
+                raise UsageError("--size", f"cannot allocate {format_size(size)}: {e}") from None
+        self.devices_spec = args.devices
+        self.devices = [] if args.devices == "none" else create_all(args.devices, self.memory)
+        try:
+            self.guest = mig.WorkloadGuest(self.memory, vcpus=args.vcpus, workload=args.workload)
+        except ValueError as e:
+            self.close_devices()
+            raise UsageError("--workload", str(e)) from None
+
+    def writes(self) -> int:
+        return int(self.guest.stats()["writes"])
+
+    def close_devices(self) -> None:
+        for d in self.devices:
+            d.close()
+
+    def close(self) -> None:
+        self.guest.close()
+        self.close_devices()
+
+
+class _Interrupt:
+    """SIGINT handler: the first Ctrl-C calls ``cancel``, a second one aborts."""
+
+    def __init__(self, cancel: Callable[[str], Any]) -> None:
+        self.cancel = cancel
+        self.hit = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        log.warning("interrupted: cancelling")
+        if self.cancel("interrupted (Ctrl-C)") is False:
+            log.warning("too late to cancel: the destination is already resuming")
+
+
+def _watch(
+    migration: Any,
+    render: Callable[[dict[str, Any]], Any] | None,
+    console: Console,
+) -> dict[str, Any]:
+    """Start ``migration``, refresh a live view until it ends; returns its final query()."""
+    migration.start()
+
+    def running() -> bool:
+        try:
+            migration.wait(0.1)
+        except TimeoutError:
+            return True
+        return False
+
+    if render is None:
+        while running():
+            pass
+        return migration.wait()
+    with Live(render(migration.query()), console=console, refresh_per_second=8) as live:
+        while running():
+            live.update(render(migration.query()))
+        q = migration.wait()
+        live.update(render(q))
+    return q
+
+
+def _show_progress(args: argparse.Namespace, console: Console) -> bool:
+    return not args.json and console.is_terminal
+
+
+def _report_resumed(g: _Guest) -> None:
+    """After a cancel or failure: show that the source guest runs again."""
+    if not g.guest.running:
+        log.error("source guest is NOT running after rollback")
+        print("mig: source guest is not running after rollback", file=sys.stderr)
+        return
+    before = g.writes()
+    time.sleep(0.2)
+    after = g.writes()
+    print(
+        f"mig: source guest resumed: running, {after - before} page writes in 200 ms",
+        file=sys.stderr,
+    )
+
+
+def _run_source(
+    args: argparse.Namespace, g: _Guest, uri: str, console: Console
+) -> tuple[dict[str, Any], bool]:
+    """Migrate ``g`` to ``uri``; returns the final query() and whether Ctrl-C cancelled it."""
+    from mig.source import MigrationSource
+
+    try:
+        src = MigrationSource(g.guest, g.devices, uri=uri, **_params(args))
+    except ValueError as e:
+        raise UsageError("(migration parameters)", str(e)) from None
+    render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
+    with _Interrupt(src.cancel) as intr:
+        q = _watch(src, render, console)
+    if q.get("status") != "completed":
+        _report_resumed(g)
+    return q, intr.hit and q.get("status") == "cancelled"
+
+
+def _progress(q: dict[str, Any], uri: str) -> Any:
+    from mig.display import progress_view
+
+    return progress_view(q, title=f"mig → {uri}")
+
+
+def _finish_source(
+    args: argparse.Namespace,
+    q: dict[str, Any],
+    interrupted: bool,
+    console: Console,
+    problems: Sequence[str] = (),
+) -> int:
+    """Print the result (summary or JSON) and choose the exit code."""
+    from mig.display import summary_table
+
+    status = q.get("status")
+    problems = list(problems)
+    if status == "completed" and args.verify and not q.get("verified"):
+        problems.append("the destination did not verify the memory digest")
+    if args.json:
+        _stdout_json(q)
+    else:
+        Console().print(summary_table(q))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if status != "completed":
+        print(f"mig: migration {status}: {q.get('error-desc', 'no reason given')}", file=sys.stderr)
+        return EXIT_FAILED
+    if problems:
+        for p in problems:
+            print(f"mig: verification failed: {p}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _failed(reason: str) -> dict[str, Any]:
+    return {"status": "failed", "error-desc": reason}
+
+
+# ---------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    g = _Guest(args)
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        child, uri = _spawn_destination(args, g)
+        if uri is None:
+            out, err = _reap(child, 5.0)
+            reason = f"destination process did not start: {err.strip() or 'no output'}"
+            return _finish_source(args, _failed(reason), False, console)
+        q, interrupted = _run_source(args, g, uri, console)
+        out, err = _reap(child, 30.0)
+        child = None
+        dest = _parse_json(out)
+        if err.strip():
+            log.info("destination: %s", err.strip())
+        problems = _cross_check(g, q, dest) if args.verify else []
+        return _finish_source(args, q, interrupted, console, problems)
+    finally:
+        if child is not None:
+            _reap(child, 5.0)
+        g.close()
+
+
+def _spawn_destination(
+    args: argparse.Namespace, g: _Guest
+) -> tuple[subprocess.Popen[bytes], str | None]:
+    """Start ``mig serve --once`` on a free loopback port; return it and its URI."""
+    r, w = os.pipe()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mig.cli",
+        "serve",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--once",
+        "--json",
+        "--size",
+        str(g.memory.size),
+        "--devices",
+        g.devices_spec,
+        "--timeout",
+        "60s",
+        "--ready-fd",
+        str(w),
+        "--log-level",
+        args.log_level,
+    ]
+    # Its own session: a terminal's Ctrl-C reaches only the source, which
+    # cancels and tells the destination over the control channel.
+    child = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(w,),
+        start_new_session=True,
+    )
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 60.0)
+        uri = os.read(r, 4096).decode().strip() if ready else ""
+    finally:
+        os.close(r)
+    return child, uri or None
+
+
+def _reap(child: subprocess.Popen[bytes], timeout: float) -> tuple[str, str]:
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _parse_json(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str]:
+    """Compare the destination's memory and device digests with the source's."""
+    if q.get("status") != "completed":
+        return []
+    if dest.get("status") != "completed":
+        return [f"destination status {dest.get('status')!r}: {dest.get('error-desc', '')}"]
+    problems = []
+    ours = format(g.memory.digest(), "032x")
+    if dest.get("memory-digest") != ours:
+        problems.append(f"memory digest {dest.get('memory-digest')} != source {ours}")
+    theirs = {d["name"]: d.get("state-digest") for d in dest.get("devices", [])}
+    for dev in g.devices:
+        mine = format(dev.state_digest(), "032x")
+        if theirs.get(dev.name) != mine:
+            problems.append(f"device {dev.name}: state digest {theirs.get(dev.name)} != {mine}")
+    return problems
+
+
+def cmd_send(args: argparse.Namespace, console: Console) -> int:
+    g = _Guest(args)
+    try:
+        q, interrupted = _run_source(args, g, args.connect, console)
+        return _finish_source(args, q, interrupted, console)
+    finally:
+        g.close()
+
+
+def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from mig.display import destination_table
+
+    uri = args.listen
+    ready_fd = args.ready_fd
+    while True:
+        q, interrupted, uri = _serve_one(args, uri, ready_fd, console)
+        ready_fd = None
+        if args.json:
+            _stdout_json(q)
+        else:
+            Console().print(destination_table(q))
+        if interrupted:
+            return EXIT_INTERRUPTED
+        ok = q.get("status") == "completed"
+        if not ok:
+            status, reason = q.get("status"), q.get("error-desc")
+            print(f"mig: incoming migration {status}: {reason}", file=sys.stderr)
+        if args.once:
+            return EXIT_OK if ok else EXIT_FAILED
+
+
+def _serve_one(
+    args: argparse.Namespace, uri: str, ready_fd: int | None, console: Console
+) -> tuple[dict[str, Any], bool, str]:
+    """Receive one migration on ``uri``: (result, interrupted, the bound uri)."""
+    import mig
+    from mig.destination import MigrationDestination
+    from mig.devices import create_all
+
+    memory = mig.GuestMemory(args.size)
+    devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
+    try:
+        try:
+            dest = MigrationDestination(
+                uri, memory, devices, accept_timeout=args.timeout or 365 * 86400.0
+            )
+        except (OSError, ValueError, mig.MigError) as e:
+            raise UsageError("--listen", str(e)) from None
+        bound = str(dest.uri)  # keeps a picked port for the next migration
+        if ready_fd is not None:
+            os.write(ready_fd, (bound + "\n").encode())
+            os.close(ready_fd)
+        if not args.json:
+            print(f"mig: listening on {bound}", file=sys.stderr)
+        render = (lambda q: _dest_line(q, bound)) if _show_progress(args, console) else None
+        with _Interrupt(dest.cancel) as intr:
+            q = _watch(dest, render, console)
+        return _dest_result(q, memory, devices), intr.hit, bound
+    finally:
+        for d in devices:
+            d.close()
+
+
+def _dest_line(q: dict[str, Any], uri: str) -> Any:
+    t = Table.grid(padding=(0, 2))
+    t.add_row("incoming on", uri, "status", str(q.get("status")), "passes", str(q.get("passes", 0)))
+    return t
+
+
+def _dest_result(q: dict[str, Any], memory: Any, devices: Sequence[Any]) -> dict[str, Any]:
+    """The destination's query() plus the digests a caller can cross-check."""
+    out = dict(q)
+    if q.get("status") == "completed":
+        out["memory-digest"] = format(memory.digest(), "032x")
+        out["devices"] = [
+            {"name": d.name, "type": d.kind, "state-digest": format(d.state_digest(), "032x")}
+            for d in devices
+        ]
+    return out
+
+
+def cmd_snapshot(args: argparse.Namespace, console: Console) -> int:
+    from mig import snapshot
+
+    g = _Guest(args)
+    try:
+        time.sleep(args.warmup)
+        with _Interrupt(lambda reason: None) as intr:
+            result = snapshot.save(g.guest, g.devices, g.devices_spec, args.out, args.channels)
+        if not g.guest.running:
+            result["status"] = "failed"
+            result["error-desc"] = "the guest did not resume after the snapshot"
+    finally:
+        g.close()
+    return _print_file_result(args, result, "snapshot", intr.hit)
+
+
+def cmd_restore(args: argparse.Namespace, console: Console) -> int:
+    from mig import snapshot
+
+    if not os.path.isfile(args.file):
+        raise UsageError("FILE", f"no such snapshot file: {args.file!r}")
+    result = snapshot.load(args.file)
+    return _print_file_result(args, result, "restore", False)
+
+
+def _print_file_result(
+    args: argparse.Namespace, result: dict[str, Any], what: str, interrupted: bool
+) -> int:
+    from mig.display import destination_table
+
+    if args.json:
+        _stdout_json(result)
+    else:
+        Console().print(destination_table(result, title=what))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if result.get("status") != "completed":
+        print(f"mig: {what} failed: {result.get('error-desc')}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# What the Rust core uses of the CPU, and how it finds out.
+_CPU_FEATURES = (
+    ("sse2", "xxh3-128 memory digests (vectorised at build time)"),
+    ("sse4_2", "CRC32C packet checksums (hardware CRC32, detected at run time)"),
+)
+
+
+def host_info() -> dict[str, Any]:
+    import mig
+
+    caps = dict(mig.capabilities())
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {
+        "kernel": caps.get("kernel", platform.release()),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "page-size": _page_size(),
+        "dirty-tracking": {
+            k: v for k, v in caps.items() if isinstance(v, dict) and "available" in v
+        },
+        "shmem-thp": caps.get("shmem_thp"),
+        "cpu-features": [
+            {"flag": flag, "present": flag in flags, "used-for": use} for flag, use in _CPU_FEATURES
+        ],
+    }
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    info = host_info()
+    if args.json:
+        _stdout_json(info)
+        return EXIT_OK
+    out = Console()
+    t = Table(title="host", show_header=False, title_justify="left")
+    t.add_column("field", style="dim")
+    t.add_column("value")
+    for key in ("kernel", "machine", "cpus", "page-size", "shmem-thp"):
+        t.add_row(key, str(info[key]))
+    out.print(t)
+    t = Table(title="dirty tracking", title_justify="left")
+    for col in ("backend", "available", "reason"):
+        t.add_column(col)
+    for name, cap in info["dirty-tracking"].items():
+        t.add_row(name, "yes" if cap["available"] else "no", str(cap.get("reason", "")))
+    out.print(t)
+    t = Table(title="CPU features used", title_justify="left")
+    for col in ("flag", "present", "used for"):
+        t.add_column(col)
+    for feat in info["cpu-features"]:
+        t.add_row(feat["flag"], "yes" if feat["present"] else "no", feat["used-for"])
+    out.print(t)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "send": cmd_send,
+    "snapshot": cmd_snapshot,
+    "restore": cmd_restore,
+    "info": cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.command](args, console)
+    except UsageError as e:
+        print(f"mig: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mig: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        log.debug("failure", exc_info=True)
+        reason = f"{type(e).__name__}: {e}"
+        if getattr(args, "json", False):
+            _stdout_json(_failed(reason))
+        print(f"mig: {args.command} failed: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
