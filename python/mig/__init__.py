@@ -3,12 +3,26 @@
 The Rust core (``mig._mig``) owns the hot loops; this package orchestrates.
 """
 
-from mig._mig import DirtyBitmap, GuestMemory, MigError, ProtocolError, UnsupportedError
+from mig._mig import (
+    DirtyBitmap,
+    DirtyTracker,
+    GuestMemory,
+    MigError,
+    ProtocolError,
+    UnsupportedError,
+    WorkloadGuest,
+    capabilities,
+)
+from mig.memory import Guest
 
 __all__ = [
     "DirtyBitmap",
+    "DirtyTracker",
+    "Guest",
     "GuestMemory",
     "MigError",
     "ProtocolError",
     "UnsupportedError",
+    "WorkloadGuest",
+    "capabilities",
 ]
