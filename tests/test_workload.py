@@ -22,6 +22,8 @@ def slot_sum(mem: mig.GuestMemory) -> int:
 def run_for(g: mig.WorkloadGuest, seconds: float) -> dict:
     """Achieved rate over `seconds` of running, from the writes counter."""
     g.resume()
+    # A change applies from each vCPU's next batch; let in-flight batches land.
+    time.sleep(0.05)
     a = g.stats()["writes"]
     t0 = time.monotonic()
     time.sleep(seconds)

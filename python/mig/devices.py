@@ -707,8 +707,12 @@ class SampleDevice(VfioDevice):
         self.writes = 0
         self._wake = threading.Condition(self._lock)
         self._stop = False
+        self._setup_worker()
         self._thread = threading.Thread(target=self._run, name=f"dev-{name}", daemon=True)
         self._thread.start()
+
+    def _setup_worker(self) -> None:
+        """Hook: finish subclass state before the worker thread starts."""
 
     def _state_changed(self) -> None:
         self._wake.notify_all()
@@ -735,9 +739,11 @@ class SampleDevice(VfioDevice):
         """Run the device for ``dt`` seconds of work (lock held)."""
         self._carry += self.rate * dt
         self._gcarry += self.grow * dt
-        if abs(self._gcarry) >= 1:
-            self.resize(max(self.min_size, self._size + int(self._gcarry)))
-            self._gcarry -= int(self._gcarry)
+        # Whole chunks, so a partial chunk still pending as initial data never grows.
+        step = int(self._gcarry / self.chunk) * self.chunk
+        if step:
+            self.resize(max(self.min_size, self._size + step))
+            self._gcarry -= step
         if self._carry >= 1:
             self._work(int(self._carry))
             self._carry -= int(self._carry)
@@ -819,6 +825,8 @@ class DmaDevice(SampleDevice):
         self._dma_carry = 0.0
         self._mem = memory.array
         super().__init__(name, caps, **kw)
+
+    def _setup_worker(self) -> None:
         self.dma_progress = threading.Condition(self._lock)
 
     def wait_dma(self, pages_written: int, timeout: float = 10.0) -> bool:

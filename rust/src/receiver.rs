@@ -937,3 +937,137 @@ fn restore_pages(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const PS: usize = 4096;
+
+    fn header(channels: u16) -> StreamHeader {
+        StreamHeader {
+            kind: ChannelKind::Data,
+            page_size: PS as u32,
+            packet_pages: 4,
+            memory_size: (PS * 16) as u64,
+            channel_index: 0,
+            channel_count: channels,
+            migration_id: 42,
+        }
+    }
+
+    fn page_record(number: u64, generation: u64, page: u64, fill: u8) -> Vec<u8> {
+        let mut body = (page * PS as u64).to_le_bytes().to_vec();
+        body.resize(8 + PS, fill);
+        RecordHeader::record(
+            RecordKind::Pages {
+                compression: Compression::None,
+                normal: 1,
+                zero: 0,
+            },
+            number,
+            generation,
+            &body,
+        )
+    }
+
+    fn sync(number: u64, generation: u64) -> Vec<u8> {
+        RecordHeader::record(RecordKind::Sync, number, generation, &[])
+    }
+
+    fn end(number: u64, digest: u128) -> Vec<u8> {
+        RecordHeader::record(RecordKind::End, number, 0, &digest.to_le_bytes())
+    }
+
+    /// Delivers its bytes only after `delay`: a slow channel.
+    struct Delayed {
+        inner: Cursor<Vec<u8>>,
+        delay: Option<Duration>,
+    }
+
+    impl Read for Delayed {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if let Some(d) = self.delay.take() {
+                std::thread::sleep(d);
+            }
+            self.inner.read(buf)
+        }
+    }
+
+    fn channel(records: &[Vec<u8>], delay_ms: u64) -> Box<dyn Read + Send> {
+        Box::new(Delayed {
+            inner: Cursor::new(records.concat()),
+            delay: (delay_ms > 0).then(|| Duration::from_millis(delay_ms)),
+        })
+    }
+
+    fn expected_digest(fill: u8) -> u128 {
+        let m = GuestMemory::new(PS * 16).unwrap();
+        m.write_bytes(3 * PS, &[fill; PS]).unwrap();
+        m.digest()
+    }
+
+    /// Page 3 goes out in generation 1 on channel 0 (content 0xAA) and in
+    /// generation 2 on channel 1 (content 0xBB). Channel 0 is held back so
+    /// channel 1's newer copy arrives first; the sync barrier must still
+    /// make the newer copy win.
+    #[test]
+    fn newer_generation_wins_when_channels_are_reordered() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        let d = expected_digest(0xBB);
+        let ch0 = channel(&[page_record(0, 1, 3, 0xAA), sync(1, 1), end(2, d)], 300);
+        let ch1 = channel(&[sync(0, 1), page_record(1, 2, 3, 0xBB), end(2, d)], 0);
+        let r =
+            Receiver::start(mem.clone(), header(2), vec![ch0, ch1], Default::default()).unwrap();
+        let info = r.wait_end(Duration::from_secs(10)).unwrap();
+        assert_eq!(info.digest, d);
+        let mut page = vec![0u8; PS];
+        mem.read_bytes(3 * PS, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0xBB));
+    }
+
+    /// The same streams without the sync records: nothing orders the two
+    /// copies, so the delayed old copy lands last. This is what the barrier
+    /// prevents, and shows the test above can fail.
+    #[test]
+    fn without_a_sync_the_delayed_old_copy_lands_last() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        let d = expected_digest(0xAA);
+        let ch0 = channel(&[page_record(0, 1, 3, 0xAA), end(1, d)], 300);
+        let ch1 = channel(&[page_record(0, 2, 3, 0xBB), end(1, d)], 0);
+        let r =
+            Receiver::start(mem.clone(), header(2), vec![ch0, ch1], Default::default()).unwrap();
+        r.wait_end(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn newer_generation_before_its_sync_is_refused() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        let before = mem.digest();
+        let ch0 = channel(&[page_record(0, 2, 5, 1), page_record(1, 3, 6, 1)], 0);
+        let r = Receiver::start(mem.clone(), header(1), vec![ch0], Default::default()).unwrap();
+        let e = r.wait_end(Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(
+            e.contains("channel 0, packet 1") && e.contains("before sync(2)"),
+            "{e}"
+        );
+        let mut page = vec![0u8; PS];
+        mem.read_bytes(6 * PS, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        assert_ne!(mem.digest(), before, "the valid first packet was applied");
+    }
+
+    #[test]
+    fn mismatched_sync_generations_fail_instead_of_hanging() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        let ch0 = channel(&[sync(0, 1)], 0);
+        let ch1 = channel(&[sync(0, 2)], 100);
+        let r = Receiver::start(mem, header(2), vec![ch0, ch1], Default::default()).unwrap();
+        let e = r.wait_end(Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(
+            e.contains("sync(2) while other channels are at sync(1)"),
+            "{e}"
+        );
+    }
+}

@@ -853,7 +853,8 @@ impl Worker {
                 if cfg.compression == Compression::None {
                     0
                 } else {
-                    raw
+                    lz4_flex::block::get_maximum_output_size(raw)
+                        .max(zstd::zstd_safe::compress_bound(raw))
                 }
             ],
             packed_len: 0,
@@ -975,13 +976,15 @@ impl Worker {
         if self.payload.is_empty() || self.compression == Compression::None {
             return Compression::None;
         }
-        let out = &mut self.packed[..self.payload.len() - 1];
+        let out = &mut self.packed[..];
         let n = match (self.compression, &mut self.zstd) {
             (Compression::Zstd, Some(z)) => z.compress_to_buffer(&self.payload[..], out).ok(),
             (Compression::Lz4, _) => lz4_flex::block::compress_into(&self.payload, out).ok(),
             _ => None,
         };
-        match n {
+        // Sent compressed only when that is smaller; the wire format relies
+        // on it to bound compressed payloads by the raw size.
+        match n.filter(|&n| n < self.payload.len()) {
             Some(n) => {
                 self.packed_len = n;
                 self.compression
