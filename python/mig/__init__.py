@@ -3,12 +3,32 @@
 The Rust core (``mig._mig``) owns the hot loops; this package orchestrates.
 """
 
-from mig._mig import DirtyBitmap, GuestMemory, MigError, ProtocolError, UnsupportedError
+from mig._mig import (
+    DirtyBitmap,
+    DirtyTracker,
+    GuestMemory,
+    Listener,
+    MigError,
+    ProtocolError,
+    Receiver,
+    Sender,
+    UnsupportedError,
+    WorkloadGuest,
+    capabilities,
+)
+from mig.memory import Guest
 
 __all__ = [
     "DirtyBitmap",
+    "DirtyTracker",
+    "Guest",
     "GuestMemory",
+    "Listener",
     "MigError",
     "ProtocolError",
+    "Receiver",
+    "Sender",
     "UnsupportedError",
+    "WorkloadGuest",
+    "capabilities",
 ]

@@ -1,35 +1,55 @@
 """Guest memory and the ``Guest`` protocol that embedders implement.
 
-An embedder (a VMM prototype with its own vCPUs) hands mig an object with this
-protocol; mig never touches vCPUs in any other way. ``WorkloadGuest`` from the
-native module implements it, and so can any Python class.
+A migration source drives a *guest*: something that owns a :class:`GuestMemory`
+and can be stopped and restarted. :class:`mig.WorkloadGuest` (native vCPU threads
+writing by a workload spec) is the bundled implementation; a VMM prototype
+implements the same few methods around its own vCPUs.
+
+Dirty tracking is separate from the guest: ``DirtyTracker(guest.memory)`` sees
+every write made through the memory's mapping, by any thread (see
+``docs/tracking.md``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from mig._mig import GuestMemory
+from mig._mig import DirtyBitmap, DirtyTracker, GuestMemory, WorkloadGuest, capabilities
 
-__all__ = ["Guest", "GuestMemory"]
+__all__ = [
+    "DirtyBitmap",
+    "DirtyTracker",
+    "Guest",
+    "GuestMemory",
+    "WorkloadGuest",
+    "capabilities",
+]
 
 
 @runtime_checkable
 class Guest(Protocol):
-    """What the migration loop needs from a running guest.
+    """What the migration source needs from a running guest.
 
-    * ``memory``: the guest RAM the loop migrates (a ``GuestMemory``).
-    * ``pause()``: park every vCPU; return the seconds it took (the loop
-      counts that time as downtime or as guest-stopped time).
+    Required:
+
+    * ``memory``: the guest's :class:`GuestMemory`.
+    * ``pause() -> float``: stop every vCPU and return only once all are
+      stopped; the return value is the measured stop latency in seconds.
     * ``resume()``: let the vCPUs run again.
-    * ``set_throttle(pct)``: fraction 0.0-0.99 of each vCPU's time to sleep
-      (auto-converge).
+    * ``set_throttle(pct)``: slow the vCPUs down; ``pct`` in [0.0, 0.99] is the
+      fraction of time they sleep (QEMU's auto-converge).
 
-    Optional, looked up with ``getattr``: ``set_dirty_limit(pages_per_s)``
-    (per-vCPU cap on page writes, 0 = none) and ``stats() -> dict``.
+    Optional (the source checks with ``hasattr`` and does without):
+
+    * ``set_dirty_limit(rate)``: cap each vCPU at ``rate`` page writes/s, 0 for
+      no cap (QEMU's dirty-limit).
+    * ``stats() -> dict``: at least ``writes`` and ``paused-time``.
+
+    ``isinstance(obj, mig.Guest)`` checks the required members only.
     """
 
-    memory: GuestMemory
+    @property
+    def memory(self) -> GuestMemory: ...
 
     def pause(self) -> float: ...
 
@@ -39,6 +59,6 @@ class Guest(Protocol):
 
 
 def guest_stats(guest: Guest) -> dict[str, Any]:
-    """The guest's own statistics, or ``{}`` when it offers none."""
-    fn = getattr(guest, "stats", None)
-    return dict(fn()) if callable(fn) else {}
+    """The guest's ``stats()`` if it offers them, else an empty dict."""
+    stats = getattr(guest, "stats", None)
+    return dict(stats()) if callable(stats) else {}

@@ -244,63 +244,131 @@ impl DirtyBitmap {
             })
     }
 
-    /// The set page indices, written into a preallocated vector.
+    /// The set page indices, ascending.
     pub fn indices(&self) -> Vec<u64> {
-        let mut out = Vec::with_capacity(self.count());
-        for (wi, &w) in self.words.iter().enumerate() {
-            let mut w = w;
-            let base = (wi * 64) as u64;
-            while w != 0 {
-                out.push(base + w.trailing_zeros() as u64);
-                w &= w - 1;
-            }
-        }
-        out
+        let words = &self.words;
+        decode_positions(words.len(), self.count(), |i| words[i])
     }
 
     /// Maximal runs of set pages as `(start, length)`.
     pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        let mut run_start: Option<u64> = None;
-        for (wi, &w) in self.words.iter().enumerate() {
-            let base = wi as u64 * 64;
-            if w == 0 {
-                if let Some(s) = run_start.take() {
-                    out.push((s, base - s));
-                }
-                continue;
-            }
-            if w == u64::MAX {
-                run_start.get_or_insert(base);
-                continue;
-            }
-            let mut bit = 0u32;
-            while bit < 64 {
-                let rest = w >> bit;
-                if let Some(s) = run_start {
-                    // Shifting brings in zeros, so a run reaching bit 63
-                    // counts to 64 and carries over into the next word.
-                    let ones = rest.trailing_ones();
-                    if bit + ones >= 64 {
-                        break;
-                    }
-                    bit += ones;
-                    out.push((s, base + bit as u64 - s));
-                    run_start = None;
-                } else {
-                    if rest == 0 {
-                        break;
-                    }
-                    bit += rest.trailing_zeros();
-                    run_start = Some(base + bit as u64);
-                }
-            }
+        self.runs_flat()
+            .chunks_exact(2)
+            .map(|c| (c[0], c[1]))
+            .collect()
+    }
+
+    /// Maximal runs as a flat `[start0, len0, start1, len1, ...]` vector.
+    ///
+    /// Works on edge words: bit i of `w ^ (w << 1 | carry)` is set where page
+    /// i differs from page i-1, so the edges alternate run start, run end.
+    /// Decoding them is the same branch-light loop as `indices()`.
+    pub fn runs_flat(&self) -> Vec<u64> {
+        let words = &self.words;
+        let edge = |i: usize| {
+            let carry = if i == 0 { 0 } else { words[i - 1] >> 63 };
+            words[i] ^ (words[i] << 1 | carry)
+        };
+        let total = (0..words.len())
+            .map(|i| edge(i).count_ones() as usize)
+            .sum::<usize>();
+        let mut out = decode_positions(words.len(), total, edge);
+        if out.len() % 2 == 1 {
+            // A run reaches the last page: it ends at the bitmap's end.
+            out.push(self.nbits as u64);
         }
-        if let Some(s) = run_start {
-            out.push((s, self.nbits as u64 - s));
+        for pair in out.chunks_exact_mut(2) {
+            pair[1] -= pair[0];
         }
         out
     }
+}
+
+/// Positions of the set bits of `nwords` words (word i covers bits
+/// `64 i ..`), `total` of them in all, ascending.
+///
+/// Lemire's bitset decoding: each non-zero word writes eight positions
+/// unconditionally and then advances by its popcount, so words with up to
+/// eight bits take no data-dependent branch. Compiled with POPCNT/BMI1 when
+/// the CPU has them.
+fn decode_positions(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("popcnt")
+            && std::arch::is_x86_feature_detected!("bmi1")
+        {
+            #[target_feature(enable = "popcnt,bmi1")]
+            fn fast(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
+                decode_generic(nwords, total, word)
+            }
+            // SAFETY: the CPU supports the enabled features (checked above).
+            return unsafe { fast(nwords, total, word) };
+        }
+    }
+    decode_generic(nwords, total, word)
+}
+
+/// Asks for transparent huge pages on a large output buffer, as numpy does
+/// for its arrays: first-touch faults otherwise cost more than the decoding.
+fn advise_huge(v: &mut Vec<u64>) {
+    const HUGE: usize = 2 << 20;
+    let bytes = v.capacity() * std::mem::size_of::<u64>();
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = (v.as_mut_ptr() as usize).next_multiple_of(HUGE);
+    let end = (v.as_mut_ptr() as usize + bytes) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: advice only, on whole huge pages inside the Vec's own
+        // allocation; it never changes contents or validity of the memory.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                start as *mut std::ffi::c_void,
+                end - start,
+                rustix::mm::Advice::LinuxHugepage,
+            )
+        };
+    }
+}
+
+#[inline(always)]
+fn decode_generic(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
+    const SLACK: usize = 8;
+    let mut out: Vec<u64> = Vec::with_capacity(total + SLACK);
+    advise_huge(&mut out);
+    let p = out.as_mut_ptr();
+    let mut n = 0usize;
+    for i in 0..nwords {
+        let mut w = word(i);
+        if w == 0 {
+            continue;
+        }
+        let cnt = w.count_ones() as usize;
+        if n + cnt > total {
+            break; // cannot happen when `total` is the true count
+        }
+        let base = i as u64 * 64;
+        // SAFETY: n + cnt <= total, so the first min(cnt, 8) writes are within
+        // the counted positions and the rest land in the SLACK spare slots
+        // (n + 8 <= total + SLACK); all are inside the allocation and beyond
+        // `len` until `set_len`, which only covers written positions.
+        unsafe {
+            for k in 0..SLACK {
+                *p.add(n + k) = base + w.trailing_zeros() as u64;
+                w &= w.wrapping_sub(1);
+            }
+            let mut k = SLACK;
+            while w != 0 {
+                *p.add(n + k) = base + w.trailing_zeros() as u64;
+                w &= w - 1;
+                k += 1;
+            }
+        }
+        n += cnt;
+    }
+    // SAFETY: positions [0, n) were all written above.
+    unsafe { out.set_len(n) };
+    out
 }
 
 struct SetBits {

@@ -1,1 +1,1085 @@
-//! sender (filled in by the streaming work).
+//! The sender: pages → packets → N channels.
+//!
+//! The caller hands over a harvested bitmap and a generation. Page lists of
+//! `packet_pages` go to a shared queue; whichever channel thread is idle
+//! takes the next one, reads the pages from guest memory (the guest may be
+//! running: a page written after the harvest is dirty again and is resent in
+//! the next generation), separates zero pages word-wise, compresses if asked,
+//! and writes header + offsets + payload with one vectored write. Records
+//! that must reach every channel (sync, end) go through per-channel queues.
+//! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
+
+use std::fs::File;
+use std::io::{IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver as Rx, Sender as Tx};
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{CoreError, CoreResult};
+use crate::memory::GuestMemory;
+use crate::transport::{self, Conn, ControlLink, Endpoint};
+use crate::wire::{
+    self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
+    MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_DEVICE_ID_LEN, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
+};
+
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    pub channels: usize,
+    pub migration_id: u128,
+    pub packet_pages: u32,
+    pub compression: Compression,
+    pub max_bandwidth: u64,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+impl SenderConfig {
+    fn check(&self) -> CoreResult<()> {
+        if self.channels == 0 || self.channels > MAX_CHANNELS as usize {
+            return Err(CoreError::invalid(format!(
+                "channels must be in [1, {MAX_CHANNELS}], got {}",
+                self.channels
+            )));
+        }
+        if self.packet_pages == 0 || self.packet_pages > MAX_PACKET_PAGES {
+            return Err(CoreError::invalid(format!(
+                "packet_pages must be in [1, {MAX_PACKET_PAGES}], got {}",
+                self.packet_pages
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `pages` into zero pages and normal pages, copying normal pages
+/// into `payload` back to back. Offsets are byte offsets.
+pub fn scan_pages(
+    mem: &GuestMemory,
+    pages: &[u64],
+    payload: &mut Vec<u8>,
+    normal: &mut Vec<u64>,
+    zero: &mut Vec<u64>,
+) -> CoreResult<()> {
+    let ps = mem.page_size();
+    for &p in pages {
+        let off = p as usize * ps;
+        // SAFETY: a racy read is the point of pre-copy: a page the guest
+        // writes while we copy it was dirtied after the harvest and will be
+        // sent again; the bytes we send are whatever we copied.
+        let page = unsafe { mem.racy_slice(off, ps)? };
+        if wire::is_zero(page) {
+            zero.push(off as u64);
+        } else {
+            normal.push(off as u64);
+            payload.extend_from_slice(page);
+        }
+    }
+    Ok(())
+}
+
+/// Reads every byte of memory once (XOR of all words): the memory read
+/// bandwidth baseline the zero-page scan is compared with.
+pub fn read_all(mem: &GuestMemory) -> u64 {
+    // SAFETY: plain reads; a racing writer only changes the result.
+    let bytes = unsafe { mem.racy_slice(0, mem.len()) }.expect("whole memory is in range");
+    let mut acc = [0u64; 8];
+    for block in bytes.chunks_exact(64) {
+        for (a, w) in acc.iter_mut().zip(block.chunks_exact(8)) {
+            *a ^= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+    }
+    acc.iter().fold(0, |x, y| x ^ y)
+}
+
+/// A token bucket shared by all channels; the rate may change at any time.
+struct Bucket {
+    rate: AtomicU64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Self {
+        Bucket {
+            rate: AtomicU64::new(rate),
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    fn set_rate(&self, rate: u64) {
+        let mut s = lock(&self.state);
+        *s = (0.0, Instant::now());
+        self.rate.store(rate, Ordering::Relaxed);
+    }
+
+    /// Takes `n` tokens, going into debt and sleeping it off; at most one
+    /// packet of burst beyond a 50 ms allowance.
+    fn take(&self, n: u64, abort: &AtomicBool) {
+        let mut debt_taken = false;
+        loop {
+            let rate = self.rate.load(Ordering::Relaxed);
+            if rate == 0 || abort.load(Ordering::Relaxed) {
+                return;
+            }
+            let wait = {
+                let mut s = lock(&self.state);
+                let now = Instant::now();
+                let burst = (rate as f64 * 0.05).max(n as f64);
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate as f64).min(burst);
+                s.1 = now;
+                if !debt_taken {
+                    s.0 -= n as f64;
+                    debt_taken = true;
+                }
+                if s.0 >= 0.0 {
+                    return;
+                }
+                -s.0 / rate as f64
+            };
+            std::thread::sleep(Duration::from_secs_f64(wait.min(0.05)));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct ChannelStats {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+/// Counters shared by the caller and the channel threads.
+struct Shared {
+    abort: AtomicBool,
+    failure: Mutex<Option<String>>,
+    bucket: Bucket,
+    wire_bytes: AtomicU64,
+    payload_bytes: AtomicU64,
+    normal_pages: AtomicU64,
+    zero_pages: AtomicU64,
+    channels: Vec<ChannelStats>,
+    window: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+impl Shared {
+    fn fail(&self, e: &CoreError) {
+        lock(&self.failure).get_or_insert_with(|| e.to_string());
+    }
+
+    fn check(&self) -> CoreResult<()> {
+        if let Some(msg) = lock(&self.failure).as_ref() {
+            return Err(CoreError::invalid(format!(
+                "the migration stream already failed: {msg}"
+            )));
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(CoreError::invalid("the migration stream was aborted"));
+        }
+        Ok(())
+    }
+
+    fn account(&self, channel: usize, wire: u64) {
+        self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        let c = &self.channels[channel];
+        c.packets.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(wire, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut w = lock(&self.window);
+        w.push_back((now, wire));
+        while w
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+        {
+            w.pop_front();
+        }
+    }
+
+    /// Bytes per second over the last window.
+    fn bandwidth(&self) -> f64 {
+        let now = Instant::now();
+        let w = lock(&self.window);
+        let bytes: u64 = w
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= WINDOW)
+            .map(|(_, b)| b)
+            .sum();
+        bytes as f64 / WINDOW.as_secs_f64()
+    }
+}
+
+type Reply = Tx<CoreResult<u64>>;
+
+enum Job {
+    Pages {
+        generation: u64,
+        pages: Vec<u64>,
+        reply: Reply,
+    },
+    Sync {
+        generation: u64,
+        reply: Reply,
+    },
+    Device {
+        generation: u64,
+        body: Vec<u8>,
+        seq: u64,
+        id_len: u32,
+        last: bool,
+        reply: Reply,
+    },
+    End {
+        generation: u64,
+        digest: u128,
+        reply: Reply,
+    },
+}
+
+/// The snapshot file shared by the channel threads of a `file:` target.
+struct FileSink {
+    file: File,
+    layout: FileLayout,
+    presence: Vec<AtomicU64>,
+    /// Next free byte of the record log and next record number.
+    log: Mutex<(u64, u64)>,
+}
+
+impl FileSink {
+    fn append(&self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
+        let mut log = lock(&self.log);
+        let rec = RecordHeader::record(kind, log.1, generation, body);
+        self.file
+            .write_all_at(&rec, self.layout.log_offset + log.0)
+            .map_err(|e| CoreError::io("snapshot: write record", e))?;
+        log.0 += rec.len() as u64;
+        log.1 += 1;
+        Ok(rec.len() as u64)
+    }
+}
+
+enum Sink {
+    Socket(Conn),
+    File(Arc<FileSink>),
+}
+
+/// Generation bookkeeping that lets the receiver order pages: within one
+/// generation a page is sent at most once, and a new generation needs a
+/// sync first.
+struct GenState {
+    current: Option<u64>,
+    synced: Option<u64>,
+    sent: DirtyBitmap,
+    finished: bool,
+}
+
+pub struct Sender {
+    mem: Arc<GuestMemory>,
+    cfg: SenderConfig,
+    shared: Arc<Shared>,
+    pages_tx: Mutex<Option<Tx<Job>>>,
+    private: Mutex<Vec<Tx<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    control: Option<ControlLink>,
+    sockets: Vec<Conn>,
+    file: Option<Arc<FileSink>>,
+    gen: Mutex<GenState>,
+}
+
+impl Sender {
+    pub fn connect(mem: Arc<GuestMemory>, uri: &str, cfg: SenderConfig) -> CoreResult<Self> {
+        cfg.check()?;
+        let ep = transport::parse_uri(uri)?;
+        let header = |kind, index| StreamHeader {
+            kind,
+            page_size: mem.page_size() as u32,
+            packet_pages: cfg.packet_pages,
+            memory_size: mem.len() as u64,
+            channel_index: index as u16,
+            channel_count: cfg.channels as u16,
+            migration_id: cfg.migration_id,
+        };
+        header(ChannelKind::Control, 0)
+            .check_bounds()
+            .map_err(CoreError::invalid)?;
+        let mut sinks = Vec::new();
+        let mut control = None;
+        let mut sockets = Vec::new();
+        let mut file = None;
+        if let Endpoint::File(path) = &ep {
+            if cfg.compression != Compression::None {
+                return Err(CoreError::Unsupported(
+                    "file: snapshots store pages at fixed offsets and cannot be compressed".into(),
+                ));
+            }
+            let sink = Arc::new(open_snapshot(path, &header(ChannelKind::File, 0))?);
+            sinks = (0..cfg.channels)
+                .map(|_| Sink::File(sink.clone()))
+                .collect();
+            file = Some(sink);
+        } else {
+            let c = transport::connect(
+                &ep,
+                &header(ChannelKind::Control, 0),
+                cfg.connect_timeout,
+                cfg.io_timeout,
+            )?;
+            control = Some(ControlLink::new(c)?);
+            for i in 0..cfg.channels {
+                let c = transport::connect(
+                    &ep,
+                    &header(ChannelKind::Data, i),
+                    cfg.connect_timeout,
+                    cfg.io_timeout,
+                )?;
+                sockets.push(
+                    c.try_clone()
+                        .map_err(|e| CoreError::io("clone socket", e))?,
+                );
+                sinks.push(Sink::Socket(c));
+            }
+        }
+        let shared = Arc::new(Shared {
+            abort: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            bucket: Bucket::new(cfg.max_bandwidth),
+            wire_bytes: AtomicU64::new(0),
+            payload_bytes: AtomicU64::new(0),
+            normal_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            channels: (0..cfg.channels).map(|_| ChannelStats::default()).collect(),
+            window: Mutex::new(Default::default()),
+        });
+        let (pages_tx, pages_rx) = bounded::<Job>(cfg.channels * 2);
+        let mut private = Vec::new();
+        let mut threads = Vec::new();
+        for (i, sink) in sinks.into_iter().enumerate() {
+            let (tx, rx) = unbounded::<Job>();
+            private.push(tx);
+            let worker = Worker::new(i, sink, mem.clone(), shared.clone(), &cfg)?;
+            let pages_rx = pages_rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("mig-send-{i}"))
+                    .spawn(move || worker.run(rx, pages_rx))
+                    .map_err(|e| CoreError::io("spawn sender thread", e))?,
+            );
+        }
+        Ok(Sender {
+            gen: Mutex::new(GenState {
+                current: None,
+                synced: None,
+                sent: DirtyBitmap::new(mem.num_pages()),
+                finished: false,
+            }),
+            mem,
+            cfg,
+            shared,
+            pages_tx: Mutex::new(Some(pages_tx)),
+            private: Mutex::new(private),
+            threads: Mutex::new(threads),
+            control,
+            sockets,
+            file,
+        })
+    }
+
+    pub fn channels(&self) -> usize {
+        self.cfg.channels
+    }
+
+    /// Sends every page set in `bitmap` as part of `generation`; blocks until
+    /// all packets are written and returns the bytes put on the wire.
+    pub fn send_pages(&self, bitmap: &DirtyBitmap, generation: u64) -> CoreResult<u64> {
+        self.shared.check()?;
+        if bitmap.len() != self.mem.num_pages() {
+            return Err(CoreError::invalid(format!(
+                "bitmap covers {} pages, memory has {}",
+                bitmap.len(),
+                self.mem.num_pages()
+            )));
+        }
+        {
+            let mut g = lock(&self.gen);
+            check_generation(&g, generation)?;
+            let repeated = bitmap
+                .words()
+                .iter()
+                .zip(g.sent.words())
+                .position(|(a, b)| a & b != 0);
+            if let Some(w) = repeated {
+                let bits = bitmap.words()[w] & g.sent.words()[w];
+                return Err(CoreError::invalid(format!(
+                    "page {} was already sent in generation {generation}: sync and start a \
+                     new generation to resend it",
+                    w * 64 + bits.trailing_zeros() as usize
+                )));
+            }
+            g.sent.or_assign(bitmap)?;
+            g.current = Some(generation);
+        }
+        let (reply, results) = unbounded();
+        let pages_tx = lock(&self.pages_tx).clone().ok_or_else(closed)?;
+        let pages_tx = &pages_tx;
+        let mut jobs = 0usize;
+        let mut batch = Vec::with_capacity(self.cfg.packet_pages as usize);
+        let mut outcome = Outcome::default();
+        for p in bitmap.iter() {
+            batch.push(p as u64);
+            if batch.len() == self.cfg.packet_pages as usize {
+                let pages = std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(self.cfg.packet_pages as usize),
+                );
+                self.queue(pages_tx, pages, generation, &reply)?;
+                jobs += 1;
+                while let Ok(r) = results.try_recv() {
+                    outcome.add(r);
+                    jobs -= 1;
+                }
+                if outcome.error.is_some() {
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() && outcome.error.is_none() {
+            self.queue(pages_tx, batch, generation, &reply)?;
+            jobs += 1;
+        }
+        for _ in 0..jobs {
+            outcome.add(results.recv().unwrap_or_else(|_| Err(thread_gone())));
+        }
+        outcome.finish()
+    }
+
+    fn queue(
+        &self,
+        tx: &Tx<Job>,
+        pages: Vec<u64>,
+        generation: u64,
+        reply: &Reply,
+    ) -> CoreResult<()> {
+        tx.send(Job::Pages {
+            generation,
+            pages,
+            reply: reply.clone(),
+        })
+        .map_err(|_| thread_gone())
+    }
+
+    /// Sends one record on every channel and waits until all are written.
+    fn broadcast(&self, make: impl Fn(Reply) -> Job) -> CoreResult<u64> {
+        let (reply, results) = unbounded();
+        let private = lock(&self.private).clone();
+        if private.is_empty() {
+            return Err(closed());
+        }
+        for tx in &private {
+            tx.send(make(reply.clone())).map_err(|_| thread_gone())?;
+        }
+        let mut outcome = Outcome::default();
+        for _ in &private {
+            outcome.add(results.recv().unwrap_or_else(|_| Err(thread_gone())));
+        }
+        outcome.finish()
+    }
+
+    /// The iteration barrier: no page of a later generation is applied on
+    /// the destination before every channel has delivered this sync.
+    pub fn sync(&self, generation: u64) -> CoreResult<u64> {
+        self.shared.check()?;
+        let mut g = lock(&self.gen);
+        if g.finished {
+            return Err(CoreError::invalid("the stream is already finished"));
+        }
+        if g.current.is_some_and(|c| generation < c) || g.synced.is_some_and(|s| generation <= s) {
+            return Err(CoreError::invalid(format!(
+                "sync({generation}) goes backwards (pages sent in generation {:?}, last sync {:?})",
+                g.current, g.synced
+            )));
+        }
+        let bytes = if self.file.is_some() {
+            // send_pages already waited for every write; a file needs no
+            // barrier record, the order of writes is the order of syncs.
+            0
+        } else {
+            self.broadcast(|reply| Job::Sync { generation, reply })?
+        };
+        g.synced = Some(generation);
+        g.current = None;
+        g.sent.clear_all();
+        Ok(bytes)
+    }
+
+    pub fn send_device_state(
+        &self,
+        device_id: &str,
+        seq: u64,
+        data: &[u8],
+        last: bool,
+    ) -> CoreResult<u64> {
+        self.shared.check()?;
+        if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
+            return Err(CoreError::invalid(format!(
+                "device id must be 1 to {MAX_DEVICE_ID_LEN} bytes, got {}",
+                device_id.len()
+            )));
+        }
+        if data.len() > MAX_DEVICE_CHUNK {
+            return Err(CoreError::invalid(format!(
+                "device-state chunk of {} bytes exceeds the limit of {MAX_DEVICE_CHUNK}: \
+                 send it in several records",
+                data.len()
+            )));
+        }
+        let mut body = Vec::with_capacity(device_id.len() + data.len());
+        body.extend_from_slice(device_id.as_bytes());
+        body.extend_from_slice(data);
+        let id_len = device_id.len() as u32;
+        let generation = lock(&self.gen).current.unwrap_or(0);
+        let kind = RecordKind::Device { seq, id_len, last };
+        if let Some(f) = &self.file {
+            return f.append(kind, generation, &body);
+        }
+        // One channel per device keeps its records in order.
+        let private = lock(&self.private).clone();
+        if private.is_empty() {
+            return Err(closed());
+        }
+        let ch = crc32c::crc32c(device_id.as_bytes()) as usize % private.len();
+        let (reply, result) = unbounded();
+        private[ch]
+            .send(Job::Device {
+                generation,
+                body,
+                seq,
+                id_len,
+                last,
+                reply,
+            })
+            .map_err(|_| thread_gone())?;
+        result.recv().unwrap_or_else(|_| Err(thread_gone()))
+    }
+
+    /// Sends the end record with the whole-memory digest on every channel.
+    pub fn finish(&self, digest: u128) -> CoreResult<u64> {
+        self.shared.check()?;
+        let mut g = lock(&self.gen);
+        if g.finished {
+            return Err(CoreError::invalid("finish() was already called"));
+        }
+        let generation = g.current.or(g.synced).unwrap_or(0);
+        let bytes = match &self.file {
+            Some(f) => finish_snapshot(f, generation, digest)?,
+            None => self.broadcast(|reply| Job::End {
+                generation,
+                digest,
+                reply,
+            })?,
+        };
+        g.finished = true;
+        Ok(bytes)
+    }
+
+    pub fn control_send(&self, payload: &[u8]) -> CoreResult<()> {
+        match (&self.control, &self.file) {
+            (Some(c), _) => c.send(payload),
+            (None, Some(f)) => f.append(RecordKind::Control, 0, payload).map(|_| ()),
+            (None, None) => Err(CoreError::invalid("no control channel")),
+        }
+    }
+
+    /// The next control message; a `file:` target never answers, so this
+    /// waits out `timeout` and returns `None`.
+    pub fn control_recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>> {
+        match &self.control {
+            Some(c) => c.recv(timeout),
+            None => {
+                std::thread::sleep(timeout);
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn set_max_bandwidth(&self, bytes_per_second: u64) {
+        self.shared.bucket.set_rate(bytes_per_second);
+    }
+
+    pub fn stats(&self) -> SenderStats {
+        let s = &self.shared;
+        SenderStats {
+            transferred: s.wire_bytes.load(Ordering::Relaxed),
+            payload_bytes: s.payload_bytes.load(Ordering::Relaxed),
+            normal: s.normal_pages.load(Ordering::Relaxed),
+            zero_pages: s.zero_pages.load(Ordering::Relaxed),
+            page_size: self.mem.page_size() as u64,
+            channel_packets: s
+                .channels
+                .iter()
+                .map(|c| c.packets.load(Ordering::Relaxed))
+                .collect(),
+            channel_bytes: s
+                .channels
+                .iter()
+                .map(|c| c.bytes.load(Ordering::Relaxed))
+                .collect(),
+            channel_busy: s
+                .channels
+                .iter()
+                .map(|c| c.busy_ns.load(Ordering::Relaxed) as f64 / 1e9)
+                .collect(),
+            bandwidth: s.bandwidth(),
+            max_bandwidth: s.bucket.rate.load(Ordering::Relaxed),
+            failure: lock(&s.failure).clone(),
+        }
+    }
+
+    /// Stops at once: sockets are shut down so blocked threads return.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Ordering::Relaxed);
+        for s in &self.sockets {
+            s.shutdown();
+        }
+        if let Some(c) = &self.control {
+            c.shutdown();
+        }
+        self.join();
+    }
+
+    /// Closes the channels after the queued work is written.
+    pub fn close(&self) {
+        self.join();
+        for s in &self.sockets {
+            s.shutdown();
+        }
+        if let Some(c) = &self.control {
+            c.shutdown();
+        }
+    }
+
+    fn join(&self) {
+        *lock(&self.pages_tx) = None;
+        lock(&self.private).clear();
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn check_generation(g: &GenState, generation: u64) -> CoreResult<()> {
+    if g.finished {
+        return Err(CoreError::invalid("the stream is already finished"));
+    }
+    if let Some(s) = g.synced {
+        if generation <= s {
+            return Err(CoreError::invalid(format!(
+                "generation {generation} was already closed by sync({s})"
+            )));
+        }
+    }
+    if let Some(c) = g.current {
+        if generation != c {
+            return Err(CoreError::invalid(format!(
+                "generation {generation} follows generation {c} without sync({c})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn closed() -> CoreError {
+    CoreError::invalid("the sender is closed")
+}
+
+fn thread_gone() -> CoreError {
+    CoreError::invalid("a sender channel thread has stopped")
+}
+
+#[derive(Default)]
+struct Outcome {
+    bytes: u64,
+    error: Option<CoreError>,
+}
+
+impl Outcome {
+    fn add(&mut self, r: CoreResult<u64>) {
+        match r {
+            Ok(b) => self.bytes += b,
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    fn finish(self) -> CoreResult<u64> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.bytes),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SenderStats {
+    pub transferred: u64,
+    pub payload_bytes: u64,
+    pub normal: u64,
+    pub zero_pages: u64,
+    pub page_size: u64,
+    pub channel_packets: Vec<u64>,
+    pub channel_bytes: Vec<u64>,
+    pub channel_busy: Vec<f64>,
+    pub bandwidth: f64,
+    pub max_bandwidth: u64,
+    pub failure: Option<String>,
+}
+
+fn open_snapshot(path: &std::path::Path, header: &StreamHeader) -> CoreResult<FileSink> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| CoreError::io(format!("create snapshot {}", path.display()), e))?;
+    let layout = FileLayout::new(header.memory_size, header.page_size);
+    let io = |e| CoreError::io(format!("write snapshot {}", path.display()), e);
+    file.write_all_at(&header.encode(), 0).map_err(io)?;
+    let incomplete = FileState {
+        complete: false,
+        bitmap_crc: 0,
+        log_len: 0,
+    };
+    file.write_all_at(&incomplete.encode(), wire::FILE_STATE_OFFSET)
+        .map_err(io)?;
+    // Sized up front so untouched pages stay holes.
+    file.set_len(layout.log_offset).map_err(io)?;
+    Ok(FileSink {
+        file,
+        layout,
+        presence: (0..layout.bitmap_len / 8)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        log: Mutex::new((0, 0)),
+    })
+}
+
+/// Presence bitmap, end record, then the completion block, each made durable
+/// before the next so a torn snapshot is refused as incomplete.
+fn finish_snapshot(f: &FileSink, generation: u64, digest: u128) -> CoreResult<u64> {
+    let io = |e| CoreError::io("snapshot: finish", e);
+    let bitmap: Vec<u8> = f
+        .presence
+        .iter()
+        .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+        .collect();
+    f.file
+        .write_all_at(&bitmap, f.layout.bitmap_offset)
+        .map_err(io)?;
+    let end = f.append(RecordKind::End, generation, &digest.to_le_bytes())?;
+    f.file.sync_all().map_err(io)?;
+    let state = FileState {
+        complete: true,
+        bitmap_crc: crc32c::crc32c(&bitmap),
+        log_len: lock(&f.log).0,
+    };
+    f.file
+        .write_all_at(&state.encode(), wire::FILE_STATE_OFFSET)
+        .map_err(io)?;
+    f.file.sync_all().map_err(io)?;
+    Ok(end + bitmap.len() as u64)
+}
+
+/// One channel thread's state: its sink and reusable buffers.
+struct Worker {
+    index: usize,
+    sink: Sink,
+    mem: Arc<GuestMemory>,
+    shared: Arc<Shared>,
+    compression: Compression,
+    number: u64,
+    head: Vec<u8>,
+    payload: Vec<u8>,
+    packed: Vec<u8>,
+    packed_len: usize,
+    normal: Vec<u64>,
+    zero: Vec<u64>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl Worker {
+    fn new(
+        index: usize,
+        sink: Sink,
+        mem: Arc<GuestMemory>,
+        shared: Arc<Shared>,
+        cfg: &SenderConfig,
+    ) -> CoreResult<Self> {
+        let pp = cfg.packet_pages as usize;
+        let raw = pp * mem.page_size();
+        let zstd = match cfg.compression {
+            Compression::Zstd => Some(
+                zstd::bulk::Compressor::new(1).map_err(|e| CoreError::io("zstd compressor", e))?,
+            ),
+            _ => None,
+        };
+        Ok(Worker {
+            index,
+            sink,
+            mem,
+            shared,
+            compression: cfg.compression,
+            number: 0,
+            head: Vec::with_capacity(RECORD_HEADER_LEN + pp * 8),
+            payload: Vec::with_capacity(raw),
+            packed: vec![
+                0;
+                if cfg.compression == Compression::None {
+                    0
+                } else {
+                    lz4_flex::block::get_maximum_output_size(raw)
+                        .max(zstd::zstd_safe::compress_bound(raw))
+                }
+            ],
+            packed_len: 0,
+            normal: Vec::with_capacity(pp),
+            zero: Vec::with_capacity(pp),
+            zstd,
+        })
+    }
+
+    fn run(mut self, private: Rx<Job>, pages: Rx<Job>) {
+        loop {
+            let job = select! {
+                recv(private) -> j => j,
+                recv(pages) -> j => j,
+            };
+            let Ok(job) = job else { break };
+            let start = Instant::now();
+            let (reply, result) = match self.shared.check() {
+                Err(e) => (job_reply(job), Err(e)),
+                Ok(()) => self.handle(job),
+            };
+            self.shared.channels[self.index]
+                .busy_ns
+                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Err(e) = &result {
+                self.shared.fail(e);
+            }
+            let _ = reply.send(result);
+        }
+    }
+
+    fn handle(&mut self, job: Job) -> (Reply, CoreResult<u64>) {
+        match job {
+            Job::Pages {
+                generation,
+                pages,
+                reply,
+            } => (reply, self.send_pages(generation, &pages)),
+            Job::Sync { generation, reply } => {
+                (reply, self.send_record(RecordKind::Sync, generation, &[]))
+            }
+            Job::Device {
+                generation,
+                body,
+                seq,
+                id_len,
+                last,
+                reply,
+            } => {
+                let kind = RecordKind::Device { seq, id_len, last };
+                (reply, self.send_record(kind, generation, &body))
+            }
+            Job::End {
+                generation,
+                digest,
+                reply,
+            } => (
+                reply,
+                self.send_record(RecordKind::End, generation, &digest.to_le_bytes()),
+            ),
+        }
+    }
+
+    fn error(&self, what: &str, e: std::io::Error) -> CoreError {
+        if transport::is_timeout(&e) {
+            return transport::timeout_error(format!(
+                "channel {}, packet {}: {what}: stalled peer (I/O timeout)",
+                self.index, self.number
+            ));
+        }
+        CoreError::io(
+            format!("channel {}, packet {}: {what}", self.index, self.number),
+            e,
+        )
+    }
+
+    fn send_record(&mut self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
+        let Sink::Socket(conn) = &mut self.sink else {
+            return Err(CoreError::invalid("records of a file go to its log"));
+        };
+        let rec = RecordHeader::record(kind, self.number, generation, body);
+        self.shared
+            .bucket
+            .take(rec.len() as u64, &self.shared.abort);
+        if let Err(e) = conn.write_all(&rec) {
+            return Err(self.error("send record", e));
+        }
+        self.number += 1;
+        self.shared.account(self.index, rec.len() as u64);
+        Ok(rec.len() as u64)
+    }
+
+    fn send_pages(&mut self, generation: u64, pages: &[u64]) -> CoreResult<u64> {
+        self.payload.clear();
+        self.normal.clear();
+        self.zero.clear();
+        scan_pages(
+            &self.mem,
+            pages,
+            &mut self.payload,
+            &mut self.normal,
+            &mut self.zero,
+        )?;
+        let s = &self.shared;
+        s.normal_pages
+            .fetch_add(self.normal.len() as u64, Ordering::Relaxed);
+        s.zero_pages
+            .fetch_add(self.zero.len() as u64, Ordering::Relaxed);
+        let wire = match &self.sink {
+            Sink::File(f) => self.write_file(f.clone())?,
+            Sink::Socket(_) => self.write_packet(generation)?,
+        };
+        Ok(wire)
+    }
+
+    /// Compresses the payload when that makes it smaller; returns the
+    /// compression actually used.
+    fn compress(&mut self) -> Compression {
+        if self.payload.is_empty() || self.compression == Compression::None {
+            return Compression::None;
+        }
+        let out = &mut self.packed[..];
+        let n = match (self.compression, &mut self.zstd) {
+            (Compression::Zstd, Some(z)) => z.compress_to_buffer(&self.payload[..], out).ok(),
+            (Compression::Lz4, _) => lz4_flex::block::compress_into(&self.payload, out).ok(),
+            _ => None,
+        };
+        // Sent compressed only when that is smaller; the wire format relies
+        // on it to bound compressed payloads by the raw size.
+        match n.filter(|&n| n < self.payload.len()) {
+            Some(n) => {
+                self.packed_len = n;
+                self.compression
+            }
+            None => Compression::None,
+        }
+    }
+
+    fn write_packet(&mut self, generation: u64) -> CoreResult<u64> {
+        let used = self.compress();
+        let kind = RecordKind::Pages {
+            compression: used,
+            normal: self.normal.len() as u32,
+            zero: self.zero.len() as u32,
+        };
+        self.head.clear();
+        self.head.resize(RECORD_HEADER_LEN, 0);
+        for off in self.normal.iter().chain(&self.zero) {
+            self.head.extend_from_slice(&off.to_le_bytes());
+        }
+        let payload: &[u8] = if used == Compression::None {
+            &self.payload
+        } else {
+            &self.packed[..self.packed_len]
+        };
+        let (h, offsets) = self.head.split_at_mut(RECORD_HEADER_LEN);
+        RecordHeader {
+            kind,
+            number: self.number,
+            generation,
+            body_len: 0,
+            crc: 0,
+        }
+        .encode_into(h, &[offsets, payload]);
+        let wire = (self.head.len() + payload.len()) as u64;
+        self.shared.bucket.take(wire, &self.shared.abort);
+        let Sink::Socket(conn) = &mut self.sink else {
+            unreachable!("write_packet is only called for sockets")
+        };
+        let mut bufs = [IoSlice::new(&self.head), IoSlice::new(payload)];
+        if let Err(e) = transport::write_all_vectored(conn, &mut bufs) {
+            return Err(self.error("send packet", e));
+        }
+        self.shared
+            .payload_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.number += 1;
+        self.shared.account(self.index, wire);
+        Ok(wire)
+    }
+
+    /// Writes normal pages at their fixed offsets (runs of adjacent pages in
+    /// one write) and records presence; zero pages just clear their bit.
+    fn write_file(&mut self, f: Arc<FileSink>) -> CoreResult<u64> {
+        let ps = self.mem.page_size();
+        let bit = |off: u64| {
+            let p = off / ps as u64;
+            (&f.presence[(p / 64) as usize], 1u64 << (p % 64))
+        };
+        let mut i = 0;
+        while i < self.normal.len() {
+            let mut j = i + 1;
+            while j < self.normal.len() && self.normal[j] == self.normal[j - 1] + ps as u64 {
+                j += 1;
+            }
+            let data = &self.payload[i * ps..j * ps];
+            self.shared
+                .bucket
+                .take(data.len() as u64, &self.shared.abort);
+            f.file
+                .write_all_at(data, f.layout.pages_offset + self.normal[i])
+                .map_err(|e| self.error("write snapshot pages", e))?;
+            i = j;
+        }
+        for &off in &self.normal {
+            let (w, m) = bit(off);
+            w.fetch_or(m, Ordering::Relaxed);
+        }
+        for &off in &self.zero {
+            let (w, m) = bit(off);
+            w.fetch_and(!m, Ordering::Relaxed);
+        }
+        let wire = self.payload.len() as u64;
+        self.shared.payload_bytes.fetch_add(wire, Ordering::Relaxed);
+        self.number += 1;
+        self.shared.account(self.index, wire);
+        Ok(wire)
+    }
+}
+
+fn job_reply(job: Job) -> Reply {
+    match job {
+        Job::Pages { reply, .. }
+        | Job::Sync { reply, .. }
+        | Job::Device { reply, .. }
+        | Job::End { reply, .. } => reply,
+    }
+}

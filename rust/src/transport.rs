@@ -1,1 +1,551 @@
-//! transport (filled in by the streaming work).
+//! Endpoints: `tcp:HOST:PORT`, `unix:PATH`, `file:PATH`.
+//!
+//! A session is one control channel plus N data channels, each opened with a
+//! [`StreamHeader`]. The listener groups channels by migration id: the control
+//! channel names the session, data channels of another migration are refused.
+//! Every blocking socket operation has a timeout so a stalled peer is an
+//! error, never a hang.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+use crate::error::{CoreError, CoreResult};
+use crate::wire::{ChannelKind, StreamHeader, MAX_CHANNELS, STREAM_HEADER_LEN};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+    File(PathBuf),
+}
+
+pub fn parse_uri(uri: &str) -> CoreResult<Endpoint> {
+    let bad = || {
+        CoreError::invalid(format!(
+            "unsupported migration URI {uri:?}: use tcp:HOST:PORT, unix:PATH or file:PATH"
+        ))
+    };
+    let (scheme, rest) = uri.split_once(':').ok_or_else(bad)?;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    match scheme {
+        "tcp" => {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            port.parse::<u16>().map_err(|_| bad())?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Ok(Endpoint::Tcp(if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }))
+        }
+        "unix" => Ok(Endpoint::Unix(PathBuf::from(rest))),
+        "file" => Ok(Endpoint::File(PathBuf::from(rest))),
+        _ => Err(bad()),
+    }
+}
+
+/// One connected socket.
+#[derive(Debug)]
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Unblocks every reader and writer of this socket (and of its clones).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    pub fn set_timeouts(&self, read: Duration, write: Duration) -> io::Result<()> {
+        let (read, write) = (Some(read.max(MIN_TIMEOUT)), Some(write.max(MIN_TIMEOUT)));
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for bytes (or EOF) to read.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let fd = match self {
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
+        };
+        wait_fd(fd, timeout)
+    }
+}
+
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+fn wait_fd(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as i64,
+    };
+    match poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write_vectored(bufs),
+            Conn::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether an I/O error is a socket timeout.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+pub fn timeout_error(context: String) -> CoreError {
+    CoreError::io(context, io::Error::from_raw_os_error(libc::ETIMEDOUT))
+}
+
+/// Reads exactly `buf.len()` bytes; the error says whether the peer closed
+/// (a truncated stream), stalled, or failed.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<(), ReadFailure> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(ReadFailure::Truncated {
+                    got,
+                    want: buf.len(),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Err(ReadFailure::Stalled),
+            Err(e) => return Err(ReadFailure::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+pub enum ReadFailure {
+    Truncated { got: usize, want: usize },
+    Stalled,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ReadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadFailure::Truncated { got, want } => write!(
+                f,
+                "truncated stream: peer closed after {got} of {want} bytes"
+            ),
+            ReadFailure::Stalled => write!(f, "stalled peer: no data within the I/O timeout"),
+            ReadFailure::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Connects one channel, retrying refused connections until `timeout` (the
+/// destination may still be starting), and sends its stream header.
+pub fn connect(
+    ep: &Endpoint,
+    header: &StreamHeader,
+    timeout: Duration,
+    io_timeout: Duration,
+) -> CoreResult<Conn> {
+    let deadline = Instant::now() + timeout;
+    let what = format!("connect channel {:?} {}", header.kind, header.channel_index);
+    let mut conn = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = match ep {
+            Endpoint::Tcp(addr) => tcp_connect(addr, left.max(MIN_TIMEOUT)).map(|s| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Unix),
+            Endpoint::File(_) => {
+                return Err(CoreError::invalid("file: endpoints have no sockets"));
+            }
+        };
+        match attempt {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline && retryable(&e) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(CoreError::io(format!("{what} to {ep:?}"), e)),
+        }
+    };
+    conn.set_timeouts(io_timeout, io_timeout)
+        .map_err(|e| CoreError::io(what.clone(), e))?;
+    conn.write_all(&header.encode())
+        .map_err(|e| CoreError::io(format!("{what}: send stream header"), e))?;
+    Ok(conn)
+}
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+    )
+}
+
+fn tcp_connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} did not resolve"));
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A bound endpoint waiting for a session.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    File(PathBuf),
+}
+
+/// The channels of one accepted session.
+pub struct Session {
+    pub control: Conn,
+    pub data: Vec<Conn>,
+    pub header: StreamHeader,
+    /// Channels refused while gathering, with why.
+    pub refused: Vec<String>,
+}
+
+impl Listener {
+    /// Binds `uri`; returns the listener and its resolved URI (the real port
+    /// for `tcp:HOST:0`).
+    pub fn bind(uri: &str) -> CoreResult<(Listener, String)> {
+        match parse_uri(uri)? {
+            Endpoint::Tcp(addr) => {
+                let l = TcpListener::bind(&addr)
+                    .map_err(|e| CoreError::io(format!("bind {addr}"), e))?;
+                let local = l
+                    .local_addr()
+                    .map_err(|e| CoreError::io("listener address", e))?;
+                Ok((Listener::Tcp(l), format!("tcp:{local}")))
+            }
+            Endpoint::Unix(path) => {
+                let l = UnixListener::bind(&path)
+                    .map_err(|e| CoreError::io(format!("bind {}", path.display()), e))?;
+                Ok((
+                    Listener::Unix(l, path.clone()),
+                    format!("unix:{}", path.display()),
+                ))
+            }
+            Endpoint::File(path) => {
+                let uri = format!("file:{}", path.display());
+                Ok((Listener::File(path), uri))
+            }
+        }
+    }
+
+    fn accept_conn(&self, timeout: Duration) -> CoreResult<Option<Conn>> {
+        let ready = match self {
+            Listener::Tcp(l) => wait_fd(l.as_fd(), timeout),
+            Listener::Unix(l, _) => wait_fd(l.as_fd(), timeout),
+            Listener::File(_) => return Err(CoreError::invalid("file: endpoints have no sockets")),
+        }
+        .map_err(|e| CoreError::io("poll listener", e))?;
+        if !ready {
+            return Ok(None);
+        }
+        let conn = match self {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::File(_) => unreachable!("handled above"),
+        };
+        conn.map(Some).map_err(|e| CoreError::io("accept", e))
+    }
+
+    /// Gathers one control and N data channels of a single migration.
+    pub fn accept_session(&self, timeout: Duration, io_timeout: Duration) -> CoreResult<Session> {
+        let deadline = Instant::now() + timeout;
+        let mut control: Option<(Conn, StreamHeader)> = None;
+        let mut early: Vec<(Conn, StreamHeader)> = Vec::new();
+        let mut data: Vec<Option<Conn>> = Vec::new();
+        let mut refused = Vec::new();
+        loop {
+            if let Some((_, h)) = &control {
+                for (c, dh) in std::mem::take(&mut early) {
+                    place(h, &mut data, c, &dh, &mut refused);
+                }
+                if data.iter().all(Option::is_some) {
+                    let (control, header) = control.take().expect("checked above");
+                    return Ok(Session {
+                        control,
+                        data: data.into_iter().flatten().collect(),
+                        header,
+                        refused,
+                    });
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let have = data.iter().filter(|c| c.is_some()).count();
+                return Err(timeout_error(format!(
+                    "no complete migration session within {timeout:?}: control channel {}, \
+                     {have}/{} data channels{}",
+                    if control.is_some() {
+                        "connected"
+                    } else {
+                        "missing"
+                    },
+                    data.len(),
+                    if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; refused: {}", refused.join("; "))
+                    }
+                )));
+            }
+            let Some(mut conn) = self.accept_conn(left)? else {
+                continue;
+            };
+            let wait = io_timeout.min(left);
+            let _ = conn.set_timeouts(wait, wait);
+            let mut raw = [0u8; STREAM_HEADER_LEN];
+            let header = match read_full(&mut conn, &mut raw) {
+                Ok(()) => StreamHeader::decode(&raw),
+                Err(e) => Err(format!("stream header: {e}")),
+            };
+            let header = match header {
+                Ok(h) => h,
+                Err(msg) => {
+                    refused.push(format!("a new channel: {msg}"));
+                    continue;
+                }
+            };
+            let _ = conn.set_timeouts(io_timeout, io_timeout);
+            match (header.kind, &control) {
+                (ChannelKind::Control, None) => {
+                    data = (0..header.channel_count).map(|_| None).collect();
+                    control = Some((conn, header));
+                }
+                (ChannelKind::Control, Some((_, h))) => refused.push(format!(
+                    "a second control channel of migration {:032x} (session {:032x})",
+                    header.migration_id, h.migration_id
+                )),
+                (ChannelKind::Data, Some((_, h))) => {
+                    place(h, &mut data, conn, &header, &mut refused)
+                }
+                (ChannelKind::Data, None) if early.len() < MAX_CHANNELS as usize => {
+                    early.push((conn, header))
+                }
+                (kind, _) => refused.push(format!(
+                    "channel {} of kind {kind:?} (unexpected here)",
+                    header.channel_index
+                )),
+            }
+        }
+    }
+}
+
+/// Slots a data channel into its session, or refuses it with a reason.
+fn place(
+    session: &StreamHeader,
+    data: &mut [Option<Conn>],
+    conn: Conn,
+    h: &StreamHeader,
+    refused: &mut Vec<String>,
+) {
+    let why = if h.migration_id != session.migration_id {
+        format!(
+            "data channel {} of migration {:032x} (session is {:032x})",
+            h.channel_index, h.migration_id, session.migration_id
+        )
+    } else if (h.channel_count, h.page_size, h.memory_size, h.packet_pages)
+        != (
+            session.channel_count,
+            session.page_size,
+            session.memory_size,
+            session.packet_pages,
+        )
+    {
+        format!(
+            "data channel {} disagrees with the control channel's geometry",
+            h.channel_index
+        )
+    } else if data[h.channel_index as usize].is_some() {
+        format!("duplicate data channel {}", h.channel_index)
+    } else {
+        data[h.channel_index as usize] = Some(conn);
+        return;
+    };
+    conn.shutdown();
+    refused.push(why);
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The control channel: length-prefixed frames for the orchestrator's
+/// messages. Reads and writes lock separately so one thread may wait for a
+/// message while another sends.
+pub struct ControlLink {
+    reader: std::sync::Mutex<(Conn, u64)>,
+    writer: std::sync::Mutex<Conn>,
+}
+
+fn control_error(frame: u64, msg: impl std::fmt::Display) -> CoreError {
+    CoreError::io(
+        format!("control channel, frame {frame}: {msg}"),
+        io::Error::from_raw_os_error(libc::EBADMSG),
+    )
+}
+
+impl ControlLink {
+    pub fn new(conn: Conn) -> CoreResult<Self> {
+        let writer = conn
+            .try_clone()
+            .map_err(|e| CoreError::io("clone control channel", e))?;
+        Ok(ControlLink {
+            reader: std::sync::Mutex::new((conn, 0)),
+            writer: std::sync::Mutex::new(writer),
+        })
+    }
+
+    pub fn send(&self, payload: &[u8]) -> CoreResult<()> {
+        let frame = crate::wire::control_frame(payload)?;
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&frame)
+            .map_err(|e| CoreError::io("control channel: send", e))
+    }
+
+    /// The next message, or `None` if none starts within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>> {
+        let mut guard = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let (conn, frames) = &mut *guard;
+        if !conn
+            .wait_readable(timeout)
+            .map_err(|e| CoreError::io("control channel: poll", e))?
+        {
+            return Ok(None);
+        }
+        let mut head = [0u8; crate::wire::CONTROL_FRAME_HEADER_LEN];
+        match read_full(conn, &mut head) {
+            Ok(()) => {}
+            Err(ReadFailure::Truncated { got: 0, .. }) => {
+                return Err(control_error(*frames, "closed by peer"))
+            }
+            Err(e) => return Err(control_error(*frames, e)),
+        }
+        let (len, crc) =
+            crate::wire::control_frame_header(&head).map_err(|m| control_error(*frames, m))?;
+        let mut payload = vec![0u8; len];
+        read_full(conn, &mut payload).map_err(|e| control_error(*frames, e))?;
+        if crc32c::crc32c(&payload) != crc {
+            return Err(control_error(*frames, "CRC mismatch"));
+        }
+        *frames += 1;
+        Ok(Some(payload))
+    }
+
+    pub fn shutdown(&self) {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+    }
+}
+
+/// Writes every byte of `bufs` with vectored writes.
+pub fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        assert_eq!(
+            parse_uri("tcp:127.0.0.1:0").unwrap(),
+            Endpoint::Tcp("127.0.0.1:0".into())
+        );
+        assert_eq!(
+            parse_uri("tcp:[::1]:80").unwrap(),
+            Endpoint::Tcp("[::1]:80".into())
+        );
+        assert_eq!(
+            parse_uri("unix:/tmp/x").unwrap(),
+            Endpoint::Unix("/tmp/x".into())
+        );
+        assert!(parse_uri("tcp:host").is_err());
+        assert!(parse_uri("rdma:x").is_err());
+        assert!(parse_uri("file:").is_err());
+    }
+}

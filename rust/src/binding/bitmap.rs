@@ -90,9 +90,8 @@ impl PyDirtyBitmap {
     /// Maximal runs of set pages as an (n, 2) uint64 array of (start, length).
     fn runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
         let inner = self.inner.clone();
-        let runs = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).runs());
-        let flat: Vec<u64> = runs.iter().flat_map(|&(s, l)| [s, l]).collect();
-        let arr = Array2::from_shape_vec((runs.len(), 2), flat)
+        let flat = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).runs_flat());
+        let arr = Array2::from_shape_vec((flat.len() / 2, 2), flat)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(arr.into_pyarray(py))
     }
