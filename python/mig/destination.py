@@ -1,0 +1,327 @@
+"""``MigrationDestination``: receive, load, verify, resume, or discard.
+
+Pages land in ``memory`` through the receiver's channel threads. Device records
+are buffered per device and loaded in sequence order once the source declares
+them precopy state (``pass``) or final (``complete``); stop-copy records of an
+abandoned switchover are dropped (``switchover-abort``). Before resuming, the
+destination checks the whole-memory digest against the source's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mig import _mig
+from mig.clock import Clock, MonotonicClock
+from mig.handlers import StateHandler
+from mig.link import Endpoint, ReceiverEndpoint
+
+__all__ = ["MigrationDestination"]
+
+_POLL = 0.05
+
+
+class _Abort(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class MigrationDestination:
+    """Accepts one incoming migration into ``memory``.
+
+    ``devices``: destination-side handlers (``load_*`` of the handler
+    protocol, with the same names and ``device_id`` as the source's), or
+    devices that ``mig.device_handler.DeviceHandler`` wraps. ``on_resume`` is
+    called once everything is loaded and verified, just before "resumed" is
+    reported: an embedder starts its vCPUs there. ``endpoint`` replaces the
+    native listener (a simulator or a test passes its own).
+    """
+
+    def __init__(
+        self,
+        uri: str | None,
+        memory: _mig.GuestMemory,
+        devices: Sequence[Any] = (),
+        *,
+        endpoint: Endpoint | None = None,
+        clock: Clock | None = None,
+        accept_timeout: float = 30.0,
+        idle_timeout: float = 30.0,
+        on_resume: Callable[[], None] | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
+        if uri is None and endpoint is None:
+            raise ValueError("give a uri to listen on (or an endpoint)")
+        self.memory = memory
+        self.clock: Clock = clock or MonotonicClock()
+        self.accept_timeout = accept_timeout
+        self.idle_timeout = idle_timeout
+        self._on_resume = on_resume
+        self._on_status = on_status
+        self._endpoint = endpoint
+        self.listener = None
+        if endpoint is None:
+            listener_cls = getattr(_mig, "Listener", None)
+            if listener_cls is None:
+                raise _mig.UnsupportedError("this build of mig._mig has no Listener")
+            self.listener = listener_cls(uri)
+        self.uri = self.listener.uri if self.listener is not None else uri
+        self.handlers: dict[int, StateHandler] = {}
+        for i, dev in enumerate(devices, start=1):
+            if not isinstance(dev, StateHandler):
+                from mig.device_handler import DeviceHandler  # noqa: PLC0415
+
+                dev = DeviceHandler(dev, device_id=i)
+            self.handlers[int(getattr(dev, "device_id", i))] = dev
+        self.status = "none"
+        self.error: str | None = None
+        self.verified = False
+        self.load_seconds = 0.0
+        self.passes = 0
+        self.migration_id: int | None = None
+        self._buffer: dict[int, dict[int, tuple[bytes, bool]]] = {d: {} for d in self.handlers}
+        self._loaded: dict[int, int] = {d: -1 for d in self.handlers}
+        self._bound: dict[int, int] = {d: -1 for d in self.handlers}
+        self._discard: dict[int, list[tuple[int, int]]] = {d: [] for d in self.handlers}
+        self._acked = False
+        self._initial_done: set[int] = set()
+        self._cancel: str | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    # ---------------------------------------------------------------- API
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("destination already started")
+        self._thread = threading.Thread(target=self.run, name="mig-destination", daemon=True)
+        self._thread.start()
+
+    def run(self) -> dict[str, Any]:
+        ep: Endpoint | None = None
+        try:
+            self._set_status("setup")
+            ep = self._accept()
+            self._serve(ep)
+        except _Abort as e:
+            self._discard_all(ep, e.status, e.reason, tell=not e.reason.startswith("source:"))
+        except Exception as e:
+            self._discard_all(ep, "failed", f"{type(e).__name__}: {e}", tell=True)
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+            self._done.set()
+        return self.query()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"destination still {self.status} after {timeout} s")
+        if self._thread is not None:
+            self._thread.join()
+        return self.query()
+
+    def cancel(self, reason: str = "cancelled on the destination") -> None:
+        self._cancel = reason
+
+    def query(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "verified": self.verified,
+            "load-time": self.load_seconds * 1000,
+            "passes": self.passes,
+        }
+        if self.error:
+            out["error-desc"] = self.error
+        return out
+
+    # ------------------------------------------------------------ serving
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        if self._on_status:
+            self._on_status(status)
+
+    def _accept(self) -> Endpoint:
+        if self._endpoint is not None:
+            return self._endpoint
+        assert self.listener is not None
+        return ReceiverEndpoint(self.listener.accept(self.memory, self.accept_timeout))
+
+    def _recv(self, ep: Endpoint, timeout: float) -> dict[str, Any] | None:
+        if self._cancel is not None:
+            raise _Abort("cancelled", self._cancel)
+        return ep.recv(timeout)
+
+    def _serve(self, ep: Endpoint) -> None:
+        hello = self._expect_hello(ep)
+        self._check_hello(ep, hello)
+        for h in self.handlers.values():
+            h.load_setup()
+        ep.send({"type": "hello-ack", "version": 1})
+        self._set_status("active")
+        idle_since = self.clock.now()
+        while True:
+            self._take_records(ep)
+            self._load_ready()
+            self._maybe_ack(ep)
+            msg = self._recv(ep, _POLL)
+            if msg is None:
+                if self.clock.now() - idle_since > self.idle_timeout:
+                    raise _Abort("failed", f"no control message for {self.idle_timeout} s")
+                continue
+            idle_since = self.clock.now()
+            kind = msg["type"]
+            if kind == "pass":
+                self.passes += 1
+                self._raise_bounds(msg.get("device_seqs", {}))
+            elif kind == "switchover":
+                self._set_status("device")
+            elif kind == "switchover-abort":
+                self._drop(msg.get("discard", {}))
+                self._set_status("active")
+            elif kind == "complete":
+                self._complete(ep, msg)
+                return
+            elif kind == "cancel":
+                raise _Abort("cancelled", f"source: {msg.get('reason', 'cancelled')}")
+            elif kind == "failed":
+                raise _Abort("failed", f"source: {msg.get('reason', 'failed')}")
+            else:
+                raise _mig.ProtocolError(f"unexpected control message {kind!r} on the destination")
+
+    def _expect_hello(self, ep: Endpoint) -> dict[str, Any]:
+        deadline = self.clock.now() + self.accept_timeout
+        while self.clock.now() < deadline:
+            msg = self._recv(ep, _POLL)
+            if msg is not None:
+                if msg["type"] != "hello":
+                    raise _mig.ProtocolError(f"expected hello, got {msg['type']!r}")
+                return msg
+        raise _Abort("failed", "no hello from the source")
+
+    def _check_hello(self, ep: Endpoint, hello: dict[str, Any]) -> None:
+        problems = []
+        if hello.get("version") != 1:
+            problems.append(f"protocol version {hello.get('version')!r} is not 1")
+        if hello.get("page_size") != self.memory.page_size:
+            problems.append(f"page size {hello.get('page_size')} != {self.memory.page_size}")
+        if hello.get("ram_size") != self.memory.size:
+            problems.append(f"RAM size {hello.get('ram_size')} != {self.memory.size}")
+        theirs = sorted((int(d["id"]), str(d["name"])) for d in hello.get("devices", []))
+        ours = sorted((d, h.name) for d, h in self.handlers.items())
+        if theirs != ours:
+            problems.append(f"devices {theirs} != {ours}")
+        if problems:
+            raise _Abort("failed", "; ".join(problems))
+        self.migration_id = hello.get("migration_id")
+
+    # ---------------------------------------------------- device records
+    def _take_records(self, ep: Endpoint) -> None:
+        for dev, seq, data, final in ep.device_records():
+            if dev not in self._buffer:
+                raise _mig.ProtocolError(f"device record for unknown device id {dev}")
+            if seq <= self._loaded[dev] or seq in self._buffer[dev]:
+                raise _mig.ProtocolError(f"device {dev}: duplicate record seq {seq}")
+            if any(lo <= seq <= hi for lo, hi in self._discard[dev]):
+                continue
+            self._buffer[dev][seq] = (data, final)
+
+    def _raise_bounds(self, seqs: dict[str, int]) -> None:
+        for key, seq in seqs.items():
+            dev = int(key)
+            if dev not in self._bound:
+                raise _mig.ProtocolError(f"pass names unknown device id {dev}")
+            self._bound[dev] = max(self._bound[dev], int(seq))
+
+    def _load_ready(self) -> None:
+        """Load, in order, every buffered record the source declared precopy."""
+        for dev, h in self.handlers.items():
+            buf = self._buffer[dev]
+            while True:
+                nxt = self._next_seq(dev)
+                if nxt > self._bound[dev] or nxt not in buf:
+                    break
+                data, final = buf.pop(nxt)
+                h.load_state(nxt, data, final)
+                self._loaded[dev] = nxt
+
+    def _next_seq(self, dev: int) -> int:
+        """The sequence after the last loaded one, skipping discarded ranges."""
+        seq = self._loaded[dev] + 1
+        moved = True
+        while moved:
+            moved = False
+            for lo, hi in self._discard[dev]:
+                if lo <= seq <= hi:
+                    seq, moved = hi + 1, True
+        return seq
+
+    def _drop(self, discard: dict[str, list[int]]) -> None:
+        for key, (lo, hi) in discard.items():
+            dev = int(key)
+            if dev not in self._discard or lo > hi:
+                raise _mig.ProtocolError(f"bad discard range {key}: {lo}..{hi}")
+            self._discard[dev].append((int(lo), int(hi)))
+            for seq in [s for s in self._buffer[dev] if lo <= s <= hi]:
+                del self._buffer[dev][seq]
+
+    def _maybe_ack(self, ep: Endpoint) -> None:
+        if self._acked:
+            return
+        for dev, h in self.handlers.items():
+            if dev not in self._initial_done and h.precopy_initial_loaded():
+                self._initial_done.add(dev)
+                ep.send({"type": "device-initial-done", "device": h.name})
+        if len(self._initial_done) == len(self.handlers):
+            self._acked = True
+            ep.send({"type": "switchover-ack"})
+
+    # ---------------------------------------------------------- switchover
+    def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
+        t0 = self.clock.now()
+        self._set_status("device")
+        ep.wait_end(self.idle_timeout)
+        self._take_records(ep)
+        self._raise_bounds(msg.get("device_seqs", {}))
+        self._load_ready()
+        for dev in self.handlers:
+            if self._next_seq(dev) <= self._bound[dev]:
+                raise _Abort("failed", f"device {dev}: stop-copy records missing")
+        for h in self.handlers.values():
+            h.load_complete()
+        digest = format(self.memory.digest(), "032x")
+        if digest != msg.get("digest"):
+            raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
+        self.verified = True
+        for h in self.handlers.values():
+            h.load_resume()
+        if self._on_resume:
+            self._on_resume()
+        self.load_seconds = self.clock.now() - t0
+        ep.send({"type": "resumed", "load": self.load_seconds, "verified": True})
+        self._set_status("completed")
+
+    def _discard_all(self, ep: Endpoint | None, status: str, reason: str, tell: bool) -> None:
+        """Never resume: drop buffered state, abort every load, tell the source."""
+        for buf in self._buffer.values():
+            buf.clear()
+        for h in self.handlers.values():
+            try:
+                h.load_abort()
+            except Exception as e:
+                reason += f" (load_abort {h.name}: {e})"
+        if ep is not None:
+            if tell:
+                try:
+                    ep.send({"type": "failed", "reason": reason})
+                except Exception:
+                    pass  # the session may be what failed
+            try:
+                ep.abort()
+            except Exception as e:
+                reason += f" (abort: {e})"
+        self.error = reason
+        self.verified = False
+        self._set_status(status)

@@ -1,0 +1,153 @@
+"""The ``Link``: how the loop and the handlers reach the destination.
+
+The source loop and every state handler talk to the destination only through
+this protocol. ``SenderLink`` adapts the native ``Sender`` (control records
+become JSON messages, wire bytes and busy time are counted); a simulator
+provides its own ``Link`` that charges virtual time instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from mig import protocol
+from mig._mig import DirtyBitmap
+from mig.clock import Clock
+
+__all__ = ["Link", "SenderLink", "Endpoint", "ReceiverEndpoint"]
+
+
+@runtime_checkable
+class Link(Protocol):
+    """Source side of one migration session."""
+
+    def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
+        """Send the pages set in ``bitmap``; return the wire bytes."""
+        ...
+
+    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None: ...
+
+    def sync(self, generation: int) -> None:
+        """Barrier: pages of ``generation`` are applied before any later one."""
+        ...
+
+    def finish(self, digest: int) -> None:
+        """End of stream with the whole-memory digest."""
+        ...
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+    def recv(self, timeout: float) -> dict[str, Any] | None: ...
+
+    def set_max_bandwidth(self, bytes_per_s: int) -> None: ...
+
+    def transferred(self) -> int:
+        """Wire bytes sent so far (pages and device state)."""
+        ...
+
+    def busy_time(self) -> float:
+        """Seconds spent inside send calls (the bandwidth denominator)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SenderLink:
+    """A ``Link`` over a native ``Sender`` (or anything with its methods)."""
+
+    def __init__(self, sender: Any, clock: Clock) -> None:
+        self._s = sender
+        self._clock = clock
+        self._bytes = 0
+        self._busy = 0.0
+
+    def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
+        t0 = self._clock.now()
+        n = int(self._s.send_pages(bitmap, generation))
+        self._busy += self._clock.now() - t0
+        self._bytes += n
+        return n
+
+    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
+        t0 = self._clock.now()
+        self._s.send_device_state(device_id, seq, data, final)
+        self._busy += self._clock.now() - t0
+        self._bytes += len(data)
+
+    def sync(self, generation: int) -> None:
+        self._s.sync(generation)
+
+    def finish(self, digest: int) -> None:
+        self._s.finish(digest)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._s.control_send(protocol.encode(msg))
+
+    def recv(self, timeout: float) -> dict[str, Any] | None:
+        data = self._s.control_recv(timeout)
+        return None if data is None else protocol.decode(bytes(data))
+
+    def set_max_bandwidth(self, bytes_per_s: int) -> None:
+        self._s.set_max_bandwidth(int(bytes_per_s))
+
+    def transferred(self) -> int:
+        return self._bytes
+
+    def busy_time(self) -> float:
+        return self._busy
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._s.stats())
+
+    def abort(self) -> None:
+        self._s.abort()
+
+    def close(self) -> None:
+        self._s.close()
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """Destination side of one migration session."""
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+    def recv(self, timeout: float) -> dict[str, Any] | None: ...
+
+    def device_records(self) -> list[tuple[int, int, bytes, bool]]: ...
+
+    def wait_end(self, timeout: float) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def abort(self) -> None: ...
+
+
+class ReceiverEndpoint:
+    """An ``Endpoint`` over a native ``Receiver`` (or anything with its methods)."""
+
+    def __init__(self, receiver: Any) -> None:
+        self._r = receiver
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._r.control_send(protocol.encode(msg))
+
+    def recv(self, timeout: float) -> dict[str, Any] | None:
+        data = self._r.control_recv(timeout)
+        return None if data is None else protocol.decode(bytes(data))
+
+    def device_records(self) -> list[tuple[int, int, bytes, bool]]:
+        return [(int(d), int(s), bytes(b), bool(f)) for d, s, b, f in self._r.device_records()]
+
+    def wait_end(self, timeout: float) -> dict[str, Any]:
+        return dict(self._r.wait_end(timeout))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._r.stats())
+
+    def abort(self) -> None:
+        self._r.abort()

@@ -1,0 +1,408 @@
+"""Completion policies: when to take an exact size, stop the guest, switch over.
+
+A policy sees a read-only ``PolicyView`` and returns a ``Decision``. The loop
+asks it once per iteration (``phase == "estimate"``) and again after every
+exact measurement it requested (``phase == "exact"``, ``guest_stopped`` tells
+whether the guest was paused for it). Policies never touch the guest, memory
+or the link, so the same objects run against a simulator in virtual time.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Action",
+    "Decision",
+    "HandlerView",
+    "PolicyView",
+    "Policy",
+    "POLICIES",
+    "DEFAULT_POLICY",
+    "make_policy",
+    "policy_names",
+]
+
+
+class Action(enum.Enum):
+    CONTINUE = "continue"
+    EXACT_RUNNING = "exact-running"
+    STOP_AND_EXACT = "stop-and-exact"
+    COMPLETE = "complete"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    # For COMPLETE: a stop-copy byte budget checked while saving (None = none).
+    budget: int | None = None
+    reason: str = ""
+
+
+CONTINUE = Decision(Action.CONTINUE)
+EXACT_RUNNING = Decision(Action.EXACT_RUNNING)
+STOP_AND_EXACT = Decision(Action.STOP_AND_EXACT)
+COMPLETE = Decision(Action.COMPLETE)
+
+
+@dataclass(frozen=True)
+class HandlerView:
+    name: str
+    kind: str
+    exact_needs_stop: bool
+    estimate: int
+    # Exact size measured in this decision round, or None.
+    exact: int | None = None
+    # The last exact size ever measured and when (clock seconds).
+    cached_exact: int | None = None
+    cached_at: float | None = None
+
+    @property
+    def is_device(self) -> bool:
+        return self.kind != "ram"
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What a policy may read. Sizes are bytes, times seconds, rates per second."""
+
+    now: float
+    phase: str  # "estimate" or "exact"
+    guest_stopped: bool
+    handlers: tuple[HandlerView, ...]
+    bandwidth: float
+    threshold: int
+    downtime_limit: float
+    dirty_rate: float = 0.0
+    since_sync: float = 0.0
+    # Measured fixed switchover costs: guest pause, final dirty sync, handshake.
+    overhead: float = 0.0
+    can_switchover: bool = True
+    sync_count: int = 0
+    passes: int = 0
+    guest_stops: int = 0
+    guest_stopped_time: float = 0.0
+    last_stop_at: float | None = None
+    switchover_aborts: int = 0
+    ram_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bandwidth_known(self) -> bool:
+        return self.bandwidth > 0
+
+    def ram(self) -> HandlerView:
+        return next(h for h in self.handlers if not h.is_device)
+
+    def devices(self) -> tuple[HandlerView, ...]:
+        return tuple(h for h in self.handlers if h.is_device)
+
+    def estimate(self, devices: bool = True) -> int:
+        return sum(h.estimate for h in self.handlers if devices or not h.is_device)
+
+    def measured(self, devices: bool = True) -> int:
+        """Exact where measured this round, else the estimate."""
+        return sum(
+            h.exact if h.exact is not None else h.estimate
+            for h in self.handlers
+            if devices or not h.is_device
+        )
+
+
+class Policy:
+    """Base class: subclasses set ``name`` and implement ``decide``."""
+
+    name = ""
+    # OverBudget during completion: True fails the migration, False resumes.
+    fail_on_over_budget = False
+
+    def decide(self, view: PolicyView) -> Decision:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+def _ready(view: PolicyView) -> bool:
+    return view.bandwidth_known and view.can_switchover
+
+
+class EstimateOnly(Policy):
+    """Never syncs for an exact size: completes when the estimate fits."""
+
+    name = "estimate-only"
+
+    def decide(self, view: PolicyView) -> Decision:
+        if _ready(view) and view.estimate() <= view.threshold:
+            return COMPLETE
+        return CONTINUE
+
+
+class ExactRunning(Policy):
+    """QEMU 8.0+: below the threshold, take the exact size with the guest running.
+
+    Devices that can size their state only when stopped count at their estimate.
+    """
+
+    name = "exact-running"
+    count_devices = True
+
+    def decide(self, view: PolicyView) -> Decision:
+        if not _ready(view):
+            return CONTINUE
+        if view.phase == "estimate":
+            if view.estimate(self.count_devices) < view.threshold:
+                return EXACT_RUNNING
+            return CONTINUE
+        if view.measured(self.count_devices) <= view.threshold:
+            return self.complete(view)
+        return CONTINUE
+
+    def complete(self, view: PolicyView) -> Decision:
+        return COMPLETE
+
+
+class StopExactResume(Policy):
+    """The RFC 7/7: below the threshold, pause, take every exact size, then
+    complete at once (already stopped) or resume and continue."""
+
+    name = "stop-exact-resume"
+
+    def decide(self, view: PolicyView) -> Decision:
+        if not _ready(view):
+            return CONTINUE
+        if view.phase == "estimate":
+            return STOP_AND_EXACT if view.estimate() <= view.threshold else CONTINUE
+        return COMPLETE if view.measured() <= view.threshold else CONTINUE
+
+
+class DeviceChecksSla(ExactRunning):
+    """``migration_check_pending``: completion carries the budget and every
+    handler checks its running total against it as it saves."""
+
+    name = "device-checks-sla"
+
+    def __init__(self, fail_on_over_budget: bool = False) -> None:
+        self.fail_on_over_budget = bool(fail_on_over_budget)
+
+    def complete(self, view: PolicyView) -> Decision:
+        return Decision(Action.COMPLETE, budget=view.threshold)
+
+    def options(self) -> dict[str, Any]:
+        return {"fail_on_over_budget": self.fail_on_over_budget}
+
+
+class AssumeZeroDevice(ExactRunning):
+    """The old v1 behaviour: device state counts as 0 bytes."""
+
+    name = "assume-zero-device"
+    count_devices = False
+
+
+class CachedExact(Policy):
+    """Devices keep their last exact size; the guest stops only when a
+    stop-only device's cached size is older than ``max_age`` seconds."""
+
+    name = "cached-exact"
+
+    def __init__(self, max_age: float = 2.0) -> None:
+        if max_age <= 0:
+            raise ValueError("max_age must be > 0")
+        self.max_age = float(max_age)
+
+    def _size(self, view: PolicyView) -> int:
+        total = 0
+        for h in view.handlers:
+            if h.exact is not None:
+                total += h.exact
+            elif h.exact_needs_stop and h.cached_exact is not None:
+                total += max(h.cached_exact, h.estimate)
+            else:
+                total += h.estimate
+        return total
+
+    def _stale(self, view: PolicyView) -> bool:
+        return any(
+            h.exact_needs_stop
+            and h.exact is None
+            and (h.cached_at is None or view.now - h.cached_at > self.max_age)
+            for h in view.handlers
+        )
+
+    def decide(self, view: PolicyView) -> Decision:
+        if not _ready(view):
+            return CONTINUE
+        if view.phase == "estimate":
+            return EXACT_RUNNING if self._size(view) < view.threshold else CONTINUE
+        if not view.guest_stopped and self._stale(view):
+            return STOP_AND_EXACT
+        return COMPLETE if self._size(view) <= view.threshold else CONTINUE
+
+    def options(self) -> dict[str, Any]:
+        return {"max_age": self.max_age}
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+class Adaptive(Policy):
+    """mig's own: predict the exact size, stop only when it very likely fits.
+
+    Prediction: RAM's exact = known dirty bytes + dirty rate × time since the
+    last sync; a stop-only device's exact = its last exact (or its estimate
+    times the learned exact/estimate ratio). The relative error of past
+    predictions against measured exact sizes gives a spread, hence a chance
+    of fitting. The effective threshold subtracts the measured fixed
+    switchover costs (pause, final sync, handshake) from the downtime limit.
+
+    A cheap running exact (RAM sync) is taken when fitting is at least even.
+    The guest stops for an exact measurement only when the chance is at least
+    ``p_stop`` and the stop budget allows (``max_stops``, ``min_interval``,
+    ``max_stopped_time``). With the stop budget spent, it completes with a
+    byte budget instead, so an over-size device abandons the switchover.
+    """
+
+    name = "adaptive"
+
+    def __init__(
+        self,
+        p_stop: float = 0.8,
+        max_stops: int = 3,
+        min_interval: float = 1.0,
+        max_stopped_time: float | None = None,
+    ) -> None:
+        if not 0 < p_stop <= 1 or max_stops < 0 or min_interval < 0:
+            raise ValueError("p_stop in (0, 1], max_stops >= 0, min_interval >= 0")
+        self.p_stop = float(p_stop)
+        self.max_stops = int(max_stops)
+        self.min_interval = float(min_interval)
+        self.max_stopped_time = max_stopped_time
+        self._errors: list[float] = []
+        self._device_ratio: dict[str, float] = {}
+        self._last_prediction: dict[str, int] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "p_stop": self.p_stop,
+            "max_stops": self.max_stops,
+            "min_interval": self.min_interval,
+            "max_stopped_time": self.max_stopped_time,
+        }
+
+    def _predict(self, view: PolicyView, h: HandlerView) -> int:
+        if h.exact is not None:
+            return h.exact
+        if not h.is_device:
+            grown = h.estimate + view.dirty_rate * view.since_sync
+            return int(min(grown, view.ram_total or grown))
+        if h.exact_needs_stop and h.cached_exact is not None:
+            return max(h.cached_exact, h.estimate)
+        return int(h.estimate * self._device_ratio.get(h.name, 1.0))
+
+    def _spread(self) -> float:
+        if len(self._errors) < 2:
+            return 0.25
+        recent = self._errors[-8:]
+        return max(0.05, math.sqrt(sum(e * e for e in recent) / len(recent)))
+
+    def _learn(self, view: PolicyView) -> None:
+        for h in view.handlers:
+            if h.exact is None:
+                continue
+            predicted = self._last_prediction.pop(h.name, None)
+            if predicted is not None and h.exact > 0:
+                self._errors.append(predicted / h.exact - 1.0)
+            if h.is_device and h.estimate > 0:
+                self._device_ratio[h.name] = h.exact / h.estimate
+
+    def _effective_threshold(self, view: PolicyView) -> int:
+        budget = max(0.0, view.downtime_limit - view.overhead)
+        return int(view.bandwidth * budget)
+
+    def _stops_left(self, view: PolicyView) -> bool:
+        if view.guest_stops >= self.max_stops:
+            return False
+        if view.last_stop_at is not None and view.now - view.last_stop_at < self.min_interval:
+            return False
+        cap = self.max_stopped_time
+        if cap is None:
+            cap = view.downtime_limit * max(1, self.max_stops)
+        return view.guest_stopped_time < cap
+
+    def chance(self, view: PolicyView) -> tuple[int, float]:
+        """(predicted total, chance it fits the effective threshold)."""
+        predicted = sum(self._predict(view, h) for h in view.handlers)
+        spread = self._spread() * max(predicted, 1)
+        z = (self._effective_threshold(view) - predicted) / spread
+        return predicted, _normal_cdf(z)
+
+    def decide(self, view: PolicyView) -> Decision:
+        if not _ready(view):
+            return CONTINUE
+        if view.phase == "exact":
+            self._learn(view)
+        threshold = self._effective_threshold(view)
+        needs_stop = any(h.exact_needs_stop and h.exact is None for h in view.handlers)
+        if view.phase == "exact" and view.guest_stopped:
+            return COMPLETE if view.measured() <= threshold else CONTINUE
+        predicted, p = self.chance(view)
+        if view.phase == "estimate":
+            if p >= 0.5:
+                for h in view.handlers:
+                    self._last_prediction[h.name] = self._predict(view, h)
+                return EXACT_RUNNING
+            return CONTINUE
+        # Running exact taken: RAM is known, stop-only devices are predicted.
+        if not needs_stop:
+            if predicted <= threshold:
+                return Decision(Action.COMPLETE, budget=threshold)
+            return CONTINUE
+        if p < self.p_stop:
+            return CONTINUE
+        if self._stops_left(view):
+            for h in view.handlers:
+                if h.exact is None:
+                    self._last_prediction[h.name] = self._predict(view, h)
+            return STOP_AND_EXACT
+        return Decision(Action.COMPLETE, budget=threshold)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p
+    for p in (
+        EstimateOnly,
+        ExactRunning,
+        StopExactResume,
+        DeviceChecksSla,
+        AssumeZeroDevice,
+        CachedExact,
+        Adaptive,
+    )
+}
+
+# QEMU's behaviour until the policy lab shows ``adaptive`` earns the default.
+DEFAULT_POLICY = "exact-running"
+
+
+def policy_names() -> list[str]:
+    return list(POLICIES)
+
+
+def make_policy(policy: str | Policy, **options: Any) -> Policy:
+    """A policy instance from its name (with constructor options) or as given."""
+    if isinstance(policy, Policy):
+        if options:
+            raise ValueError("policy options apply only when the policy is given by name")
+        return policy
+    cls = POLICIES.get(policy)
+    if cls is None:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for policy {policy!r}: {e}") from None

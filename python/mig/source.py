@@ -1,0 +1,800 @@
+"""``MigrationSource``: the pre-copy iteration loop and the switchover.
+
+The loop is written against ``Clock``, ``Guest`` and ``Link`` and asks a policy
+object for every decision, so the same loop runs over a real stream or in
+virtual time. One iteration: read every handler's cheap estimate, ask the
+policy, take exact sizes (with the guest running, or stopped) when it asks,
+then either switch over, fail, or send one time slice of state.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mig import _mig
+from mig.clock import Clock, MonotonicClock
+from mig.converge import NonConvergenceDetector, SyncSample, make_auto_converge
+from mig.handlers import OverBudget, RamHandler, StateHandler
+from mig.link import Link, SenderLink
+from mig.memory import Guest
+from mig.policies import (
+    DEFAULT_POLICY,
+    Action,
+    Decision,
+    HandlerView,
+    PolicyView,
+    make_policy,
+)
+from mig.stats import BandwidthMeter, PassRecord
+
+__all__ = ["MigrationSource", "PARAMETERS", "STATUSES"]
+
+PARAMETERS: dict[str, Any] = {
+    "downtime_limit": 300,  # ms
+    "max_bandwidth": 0,  # bytes/s, 0 = unlimited
+    "avail_switchover_bandwidth": 0,  # bytes/s, decisions only, 0 = measured
+    "multifd_channels": 2,
+    "compression": "none",
+    "auto_converge": False,  # False, True (= "proportional"), "proportional", "qemu"
+    "cpu_throttle_initial": 20,
+    "cpu_throttle_increment": 10,
+    "cpu_throttle_tailslow": False,
+    "max_cpu_throttle": 99,
+    "dirty_limit": 0,  # page writes/s per vCPU, 0 = none
+    "policy": DEFAULT_POLICY,
+    "policy_options": None,
+    "timeout": 0.0,  # s, 0 = none
+    "timeout_action": "cancel",  # or "force"
+    "non_convergence_action": "report",  # or "fail"
+    "tracker_backend": "uffd",
+    "connect_timeout": 10.0,
+    "switchover_timeout": 30.0,  # s to wait for the destination's "resumed"
+}
+
+STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
+
+# One send slice lasts about this long (QEMU's ram_save_iterate MAX_WAIT).
+_SLICE = 0.05
+_SLICE_BYTES_BEFORE_ESTIMATE = 4 << 20
+_IDLE = 0.005
+_POLL = 0.05
+
+
+class _Stop(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _AccountingLink:
+    """Counts device bytes and sequence numbers on their way to the real link."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.stop_copy = False
+        self.last_seq: dict[int, int] = {}
+        self.precopy_bytes: dict[int, int] = {}
+        self.stop_copy_bytes: dict[int, int] = {}
+
+    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
+        self.link.send_device_state(device_id, seq, data, final)
+        self.last_seq[device_id] = seq
+        bucket = self.stop_copy_bytes if self.stop_copy else self.precopy_bytes
+        bucket[device_id] = bucket.get(device_id, 0) + len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.link, name)
+
+
+class MigrationSource:
+    """Migrates ``guest`` (its memory and ``devices``) to ``uri``.
+
+    ``devices`` are device handlers (objects with the ``StateHandler``
+    protocol and an integer ``device_id``) or devices that
+    ``mig.device_handler.DeviceHandler`` wraps. ``params`` are QEMU's
+    migration parameters (see ``PARAMETERS``). ``link``, ``tracker`` and
+    ``clock`` replace the real stream, dirty tracker and wall clock (a
+    simulator passes its own). Callbacks run on the migration thread:
+    ``on_status(status)``, ``on_pass(record)``, ``on_event(name, info)``.
+    An exception raised by a callback fails the migration with its message.
+    """
+
+    def __init__(
+        self,
+        guest: Guest,
+        devices: Sequence[Any] = (),
+        uri: str | None = None,
+        *,
+        link: Link | None = None,
+        tracker: Any = None,
+        clock: Clock | None = None,
+        on_status: Callable[[str], None] | None = None,
+        on_pass: Callable[[dict[str, Any]], None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        **params: Any,
+    ) -> None:
+        unknown = set(params) - set(PARAMETERS)
+        if unknown:
+            raise ValueError(f"unknown migration parameters: {', '.join(sorted(unknown))}")
+        if uri is None and link is None:
+            raise ValueError("give a destination uri (or a link)")
+        self.params = {**PARAMETERS, **params}
+        p = self.params
+        if not 0 < p["downtime_limit"] <= 2_000_000_000:
+            raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {p['downtime_limit']}")
+        for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
+            if p[key] < 0:
+                raise ValueError(f"{key} must be >= 0, not {p[key]}")
+        if int(p["multifd_channels"]) < 1:
+            raise ValueError("multifd_channels must be >= 1")
+        if p["timeout_action"] not in ("cancel", "force"):
+            raise ValueError("timeout_action must be 'cancel' or 'force'")
+        if p["non_convergence_action"] not in ("report", "fail"):
+            raise ValueError("non_convergence_action must be 'report' or 'fail'")
+        if p["dirty_limit"] and not callable(getattr(guest, "set_dirty_limit", None)):
+            raise ValueError("dirty_limit needs a guest with set_dirty_limit()")
+        self.guest = guest
+        self.memory = guest.memory
+        self.uri = uri
+        self.clock: Clock = clock or MonotonicClock()
+        self.policy = make_policy(p["policy"], **(p["policy_options"] or {}))
+        self.converge = make_auto_converge(
+            p["auto_converge"],
+            p["cpu_throttle_initial"],
+            p["cpu_throttle_increment"],
+            p["cpu_throttle_tailslow"],
+            p["max_cpu_throttle"],
+        )
+        self._detector = NonConvergenceDetector()
+        self._link_given = link
+        self._tracker_given = tracker
+        self._devices_given = list(devices)
+        self.link: _AccountingLink | None = None
+        self.ram: RamHandler | None = None
+        self._on_status = on_status
+        self._on_pass = on_pass
+        self._on_event = on_event
+        self.meter = BandwidthMeter()
+        self.migration_id = uuid.uuid4().int & ((1 << 63) - 1)
+
+        self.status = "none"
+        self.error: str | None = None
+        self._cancel: str | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._committed = False
+        self.handlers: list[StateHandler] = self._device_handlers()
+        self._exact_cache: dict[str, tuple[int, float]] = {}
+        self.can_switchover = False
+        self.passes: list[PassRecord] = []
+        self.throttle = 0.0
+        self.non_convergence: str | None = None
+        self.guest_stops = 0
+        self.guest_stopped_time = 0.0
+        self.last_stop_at: float | None = None
+        self.switchover_aborts = 0
+        self._paused = False
+        self._pause_started = 0.0
+        self._pause_cost = 0.0
+        self.rtt = 0.0
+        self.digest_seconds_per_byte = 0.0
+        self.load_seconds = 0.0
+        self.downtime: float | None = None
+        self.breakdown: dict[str, float] = {}
+        self.verified = False
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+        self.setup_time = 0.0
+        self._check_time = 0.0
+        self._check_bytes = 0
+        self._check_pages = 0
+        self._pending_estimate: int | None = None
+        self._pending_exact: int | None = None
+        self._bytes_at_pass = 0
+
+    # ---------------------------------------------------------------- API
+    def start(self) -> None:
+        """Start the migration on its own thread."""
+        if self._thread is not None or self.status != "none":
+            raise RuntimeError("migration already started")
+        self._thread = threading.Thread(target=self.run, name="mig-source", daemon=True)
+        self._thread.start()
+
+    def run(self) -> dict[str, Any]:
+        """Run the whole migration on the calling thread; returns ``query()``."""
+        try:
+            self._setup()
+            while self.status != "completed":
+                self._iteration()
+        except _Stop as e:
+            self._rollback(e.status, e.reason)
+        except Exception as e:  # every failure rolls back, with the reason
+            reason = f"{type(e).__name__}: {e}"
+            self._rollback("cancelled" if self._cancel else "failed", self._cancel or reason)
+        finally:
+            self.t_end = self.clock.now()
+            self._done.set()
+        return self.query()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the end (completed, failed or cancelled); returns ``query()``."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"migration still {self.status} after {timeout} s")
+        if self._thread is not None:
+            self._thread.join()
+        return self.query()
+
+    def cancel(self, reason: str = "cancelled by request") -> bool:
+        """Ask the loop to cancel; False once the destination may have resumed."""
+        if self._committed or self._done.is_set():
+            return False
+        self._cancel = reason
+        return True
+
+    # ------------------------------------------------------------- events
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        if self._on_status:
+            self._on_status(status)
+
+    def _event(self, name: str, **info: Any) -> None:
+        if self._on_event:
+            self._on_event(name, info)
+
+    def _check_cancel(self) -> None:
+        if self._cancel is not None:
+            raise _Stop("cancelled", self._cancel)
+
+    # -------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        self.t_start = self.clock.now()
+        self._set_status("setup")
+        if self._link_given is not None:
+            link = self._link_given
+        else:
+            sender_cls = getattr(_mig, "Sender", None)
+            if sender_cls is None:
+                raise _mig.UnsupportedError("this build of mig._mig has no Sender")
+            p = self.params
+            sender = sender_cls(
+                self.memory,
+                self.uri,
+                channels=int(p["multifd_channels"]),
+                migration_id=self.migration_id,
+                compression=p["compression"],
+                max_bandwidth=int(p["max_bandwidth"]),
+                connect_timeout=float(p["connect_timeout"]),
+            )
+            link = SenderLink(sender, self.clock)
+        self.link = _AccountingLink(link)
+        if self._link_given is not None and self.params["max_bandwidth"]:
+            self.link.set_max_bandwidth(int(self.params["max_bandwidth"]))
+        tracker = self._tracker_given
+        if tracker is None:
+            tracker_cls = getattr(_mig, "DirtyTracker", None)
+            if tracker_cls is None:
+                raise _mig.UnsupportedError("this build of mig._mig has no DirtyTracker")
+            tracker = tracker_cls(self.memory, backend=self.params["tracker_backend"])
+        self.ram = RamHandler(self.memory, tracker, self.clock)
+        self.handlers = [self.ram, *self.handlers]
+        self._check_cancel()
+        self._handshake()
+        for h in self.handlers:
+            h.setup(self.link)
+        self._measure_digest_rate()
+        if self.params["dirty_limit"]:
+            self.guest.set_dirty_limit(self.params["dirty_limit"])  # type: ignore[attr-defined]
+        now = self.clock.now()
+        self.setup_time = now - self.t_start
+        self._check_time = now
+        self._check_bytes = self.link.transferred()
+        self._set_status("active")
+
+    def _device_handlers(self) -> list[StateHandler]:
+        handlers: list[StateHandler] = []
+        for i, dev in enumerate(self._devices_given, start=1):
+            if isinstance(dev, StateHandler):
+                handlers.append(dev)
+            else:
+                from mig.device_handler import DeviceHandler  # noqa: PLC0415
+
+                handlers.append(DeviceHandler(dev, device_id=i))
+        names = [h.name for h in handlers]
+        if len(set(names)) != len(names) or "ram" in names:
+            raise ValueError(f"device names must be unique and not 'ram': {names}")
+        return handlers
+
+    def _handshake(self) -> None:
+        assert self.link is not None
+        t0 = self.clock.now()
+        self.link.send(
+            {
+                "type": "hello",
+                "version": 1,
+                "migration_id": self.migration_id,
+                "page_size": self.memory.page_size,
+                "ram_size": self.memory.size,
+                "devices": [
+                    {"id": getattr(h, "device_id", 0), "name": h.name, "kind": h.kind}
+                    for h in self.handlers[1:]
+                ],
+                "params": {
+                    k: self.params[k]
+                    for k in ("downtime_limit", "max_bandwidth", "multifd_channels", "compression")
+                },
+            }
+        )
+        deadline = t0 + float(self.params["connect_timeout"])
+        while True:
+            self._check_cancel()
+            msg = self.link.recv(_POLL)
+            if msg is not None:
+                if msg["type"] == "hello-ack":
+                    break
+                self._handle_control(msg)
+            if self.clock.now() > deadline:
+                raise _Stop("failed", "destination did not answer hello")
+        self.rtt = self.clock.now() - t0
+
+    def _measure_digest_rate(self) -> None:
+        """The switchover digests all of RAM: learn its cost per byte now."""
+        pages = min(self.memory.num_pages, 4096)
+        t0 = self.clock.now()
+        self.memory.digest(0, pages)
+        span = self.clock.now() - t0
+        self.digest_seconds_per_byte = span / (pages * self.memory.page_size)
+
+    # ----------------------------------------------------------- the loop
+    def _iteration(self) -> None:
+        assert self.link is not None and self.ram is not None
+        self._check_cancel()
+        self._poll_control()
+        self.meter.update(self.link.transferred(), self.link.busy_time())
+        if self._timed_out():
+            if self.params["timeout_action"] == "cancel":
+                raise _Stop("cancelled", f"timeout after {self.params['timeout']} s")
+            self._event("timeout-force")
+            self._switchover(None, forced=True)
+            return
+        decision = self._decide()
+        if decision.action is Action.COMPLETE:
+            self._switchover(decision.budget)
+            return
+        if decision.action is Action.FAIL:
+            raise _Stop("failed", decision.reason or f"policy {self.policy.name} gave up")
+        if self._paused:
+            self._resume_after_stop()
+        self._send_slice()
+
+    def _timed_out(self) -> bool:
+        limit = float(self.params["timeout"])
+        return bool(limit) and self.clock.now() - (self.t_start or 0.0) >= limit
+
+    def _decide(self) -> Decision:
+        estimates = {h.name: sum(h.pending_estimate()) for h in self.handlers}
+        exact: dict[str, int] = {}
+        self._pending_estimate = sum(estimates.values())
+        self._pending_exact = None
+        decision = self.policy.decide(self._view("estimate", estimates, exact))
+        measured_running = False
+        while True:
+            action = decision.action
+            if action is Action.EXACT_RUNNING and not measured_running and not self._paused:
+                measured_running = True
+                for h in self.handlers:
+                    if not h.exact_needs_stop:
+                        exact[h.name] = self._exact(h, stopped=False)
+            elif action is Action.STOP_AND_EXACT and not self._paused:
+                self._pause()
+                self._check_cancel()
+                for h in self.handlers:
+                    exact[h.name] = self._exact(h, stopped=True)
+            else:
+                return decision
+            self._pending_exact = sum(exact.values())
+            self._after_sync()
+            decision = self.policy.decide(self._view("exact", estimates, exact))
+
+    def _exact(self, h: StateHandler, stopped: bool) -> int:
+        size = sum(h.pending_exact(stopped))
+        self._exact_cache[h.name] = (size, self.clock.now())
+        return size
+
+    def bandwidth(self) -> float:
+        """Bytes/s for decisions: avail_switchover_bandwidth, else the estimate."""
+        return float(self.params["avail_switchover_bandwidth"] or self.meter.estimate())
+
+    def threshold(self) -> int:
+        return int(self.bandwidth() * self.params["downtime_limit"] / 1000)
+
+    def overhead(self) -> float:
+        """Measured fixed switchover costs, seconds."""
+        assert self.ram is not None
+        digest = self.digest_seconds_per_byte * self.memory.size
+        return self._pause_cost + self.ram.last_sync_seconds + self.rtt + digest
+
+    def _view(self, phase: str, estimates: dict[str, int], exact: dict[str, int]) -> PolicyView:
+        assert self.ram is not None
+        now = self.clock.now()
+        handlers = []
+        for h in self.handlers:
+            cached = self._exact_cache.get(h.name)
+            handlers.append(
+                HandlerView(
+                    name=h.name,
+                    kind=h.kind,
+                    exact_needs_stop=bool(h.exact_needs_stop),
+                    estimate=estimates[h.name],
+                    exact=exact.get(h.name),
+                    cached_exact=cached[0] if cached else None,
+                    cached_at=cached[1] if cached else None,
+                )
+            )
+        return PolicyView(
+            now=now,
+            phase=phase,
+            guest_stopped=self._paused,
+            handlers=tuple(handlers),
+            bandwidth=self.bandwidth(),
+            threshold=self.threshold(),
+            downtime_limit=self.params["downtime_limit"] / 1000,
+            dirty_rate=self.ram.dirty_pages_rate * self.memory.page_size,
+            since_sync=now - (self.ram.last_sync_time or now),
+            overhead=self.overhead(),
+            can_switchover=self.can_switchover,
+            sync_count=self.ram.sync_count,
+            passes=len(self.passes),
+            guest_stops=self.guest_stops,
+            guest_stopped_time=self.guest_stopped_time,
+            last_stop_at=self.last_stop_at,
+            switchover_aborts=self.switchover_aborts,
+            ram_total=self.memory.size,
+        )
+
+    def _send_slice(self) -> None:
+        assert self.link is not None and self.ram is not None
+        bw = self.meter.estimate()
+        budget = int(bw * _SLICE) if bw > 0 else _SLICE_BYTES_BEFORE_ESTIMATE
+        sent = sum(h.iterate(self.link, budget) for h in self.handlers)
+        due = self.converge is not None and (
+            self.clock.now() - (self.ram.last_sync_time or 0.0) >= self.converge.sync_interval
+        )
+        if sent == 0 or due:
+            # End of a pass (nothing known left) or the throttle's periodic sync.
+            self.ram.sync()
+            self._after_sync()
+            if sent == 0 and self.ram.pending_estimate()[0] == 0:
+                self.clock.sleep(_IDLE)
+
+    def _record_pass(self, announce: bool = True) -> None:
+        assert self.link is not None and self.ram is not None
+        now = self.clock.now()
+        sent_total = self.link.transferred()
+        record = PassRecord(
+            number=self.ram.sync_count,
+            time=now - (self.t_start or now),
+            dirty_pages=self.ram.last_sync_new_pages,
+            remaining=self.ram.pending_estimate()[0] // self.memory.page_size,
+            bytes=sent_total - self._bytes_at_pass,
+            bandwidth=self.bandwidth(),
+            estimate=self._pending_estimate,
+            exact=self._pending_exact,
+        )
+        self._bytes_at_pass = sent_total
+        self.passes.append(record)
+        if announce:
+            self.link.send(
+                {
+                    "type": "pass",
+                    "pass": record.number,
+                    "generation": self.ram.generation,
+                    "device_seqs": _str_keys(self.link.last_seq),
+                }
+            )
+        if self._on_pass:
+            self._on_pass(record.to_dict())
+
+    def _after_sync(self) -> None:
+        """A RAM sync happened: record the pass, feed auto-converge and the detector."""
+        assert self.link is not None and self.ram is not None
+        self._record_pass()
+        now = self.clock.now()
+        sent_total = self.link.transferred()
+        self._check_pages += self.ram.last_sync_new_pages
+        period = now - self._check_time
+        min_period = self.converge.min_period if self.converge else 1.0
+        if period < min_period or self._paused:
+            return
+        sample = SyncSample(
+            period=period,
+            dirty_bytes=self._check_pages * self.memory.page_size,
+            sent_bytes=sent_total - self._check_bytes,
+            bandwidth=self.bandwidth(),
+            throttle=self.throttle,
+            remaining=self.ram.pending_estimate()[0],
+            threshold=self.threshold(),
+        )
+        self._check_time, self._check_bytes, self._check_pages = now, sent_total, 0
+        if self.converge is not None:
+            pct = self.converge.on_sync(sample)
+            if pct is not None:
+                self.throttle = pct
+                self.guest.set_throttle(pct)
+                self._event("throttle", pct=pct)
+        exhausted = self.converge is None or self.throttle >= self.params["max_cpu_throttle"] / 100
+        reason = self._detector.on_sync(sample, exhausted)
+        if reason and self.non_convergence is None:
+            self.non_convergence = reason
+            self._event("non-convergence", reason=reason)
+            if self.params["non_convergence_action"] == "fail":
+                raise _Stop("failed", f"not converging: {reason}")
+
+    # --------------------------------------------------- control channel
+    def _poll_control(self) -> None:
+        assert self.link is not None
+        while (msg := self.link.recv(0)) is not None:
+            self._handle_control(msg)
+
+    def _handle_control(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == "switchover-ack":
+            self.can_switchover = True
+            self._event("switchover-ack")
+        elif kind == "device-initial-done":
+            self._event("device-initial-done", device=msg.get("device"))
+        elif kind in ("failed", "cancel"):
+            raise _Stop("failed", f"destination: {msg.get('reason', kind)}")
+        else:
+            raise _mig.ProtocolError(f"unexpected control message {kind!r} on the source")
+
+    # ------------------------------------------------------- guest stops
+    def _pause(self) -> None:
+        self._pause_started = self.clock.now()
+        self._paused = True
+        self._pause_cost = float(self.guest.pause())
+        self._event("guest-stop")
+
+    def _resume_after_stop(self) -> None:
+        for h in self.handlers:
+            h.resume_after_exact()
+        self.guest.resume()
+        self._paused = False
+        now = self.clock.now()
+        self.guest_stops += 1
+        self.guest_stopped_time += now - self._pause_started
+        self.last_stop_at = now
+        self._event("guest-resume")
+
+    # --------------------------------------------------------- switchover
+    def _switchover(self, budget: int | None, forced: bool = False) -> None:
+        assert self.link is not None and self.ram is not None
+        link = self.link
+        self._set_status("device")
+        self._check_cancel()
+        if not self._paused:
+            self._pause()
+        down_start = self._pause_started
+        precopy_seqs = dict(link.last_seq)
+        link.send({"type": "switchover", "device_seqs": _str_keys(precopy_seqs)})
+        link.stop_copy = True
+        t0 = self.clock.now()
+        try:
+            for h in self.handlers:
+                h.quiesce()
+            sent = self.ram.complete(link, budget)
+            t_ram = self.clock.now()
+            self._record_pass(announce=False)
+            for h in self.handlers[1:]:
+                self._check_cancel()
+                sent += h.complete(link, None if budget is None else budget - sent)
+        except OverBudget as e:
+            link.stop_copy = False
+            self._abort_switchover(e, precopy_seqs)
+            return
+        self._check_cancel()
+        t_dev = self.clock.now()
+        digest = self.memory.digest()
+        link.finish(digest)
+        t_sent = self.clock.now()
+        link.send(
+            {
+                "type": "complete",
+                "digest": format(digest, "032x"),
+                "generation": self.ram.generation,
+                "device_seqs": _str_keys(link.last_seq),
+                "forced": forced,
+            }
+        )
+        self._committed = True
+        resumed = self._wait_resumed()
+        now = self.clock.now()
+        self.downtime = now - down_start
+        self.load_seconds = float(resumed.get("load", 0.0))
+        self.verified = bool(resumed.get("verified", False))
+        sync = self.ram.last_sync_seconds
+        parts = {
+            "pause": t0 - down_start,
+            "final-sync": sync,
+            "final-ram": max(0.0, t_ram - t0 - sync),
+            "device-state": t_dev - t_ram,
+            "digest": t_sent - t_dev,
+            "load": self.load_seconds,
+        }
+        parts["handshake"] = max(0.0, self.downtime - sum(parts.values()))
+        self.breakdown = parts
+        self._finish_guest_aids()
+        self.ram.abort()
+        try:
+            link.close()
+        except Exception as e:  # the migration is complete; report, do not fail
+            self._event("close-error", error=str(e))
+        self.t_end = now
+        self._set_status("completed")
+
+    def _wait_resumed(self) -> dict[str, Any]:
+        assert self.link is not None
+        deadline = self.clock.now() + float(self.params["switchover_timeout"])
+        while self.clock.now() < deadline:
+            msg = self.link.recv(_POLL)
+            if msg is None:
+                continue
+            if msg["type"] == "resumed":
+                return msg
+            if msg["type"] in ("failed", "cancel"):
+                self._committed = False
+                raise _Stop("failed", f"destination: {msg.get('reason', msg['type'])}")
+        self._committed = False
+        raise _Stop("failed", "destination did not report its guest resumed")
+
+    def _abort_switchover(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
+        assert self.link is not None
+        discard = {
+            str(dev): [precopy_seqs.get(dev, -1) + 1, last]
+            for dev, last in self.link.last_seq.items()
+            if last > precopy_seqs.get(dev, -1)
+        }
+        self.link.send({"type": "switchover-abort", "discard": discard, "reason": str(e)})
+        self.switchover_aborts += 1
+        self._event("switchover-abort", reason=str(e))
+        if self.policy.fail_on_over_budget:
+            raise _Stop("failed", f"switchover over budget: {e}")
+        self._resume_after_stop()
+        self._set_status("active")
+
+    # ----------------------------------------------------------- rollback
+    def _finish_guest_aids(self) -> None:
+        if self.throttle:
+            self.guest.set_throttle(0.0)
+            self.throttle = 0.0
+        if self.params["dirty_limit"]:
+            self.guest.set_dirty_limit(0)  # type: ignore[attr-defined]
+
+    def _rollback(self, status: str, reason: str) -> None:
+        """Source guest runs again, the destination is told, nothing is left half-done."""
+        self._committed = False
+        errors = []
+        if self._paused:
+            try:
+                self.guest.resume()
+            except Exception as e:
+                errors.append(f"resume: {e}")
+            self._paused = False
+        try:
+            self._finish_guest_aids()
+        except Exception as e:
+            errors.append(f"throttle: {e}")
+        for h in self.handlers:
+            try:
+                h.abort()
+            except Exception as e:
+                errors.append(f"{h.name}: {e}")
+        if self.link is not None:
+            try:
+                self.link.send(
+                    {"type": "cancel" if status == "cancelled" else "failed", "reason": reason}
+                )
+            except Exception:
+                pass  # the link may be what failed
+            try:
+                self.link.abort()
+            except Exception as e:
+                errors.append(f"link: {e}")
+        self.error = reason + (f" (rollback: {'; '.join(errors)})" if errors else "")
+        self.status = status
+        if self._on_status:
+            try:
+                self._on_status(status)
+            except Exception:
+                pass  # already ending; a failing callback changes nothing now
+
+    # -------------------------------------------------------------- stats
+    def query(self) -> dict[str, Any]:
+        """``query-migrate``: QEMU's field names plus mig's own keys."""
+        now = self.clock.now() if self.t_end is None else self.t_end
+        start = self.t_start if self.t_start is not None else now
+        ram = self.ram
+        link = self.link
+        page = self.memory.page_size
+        transferred = link.transferred() if link else 0
+        link_stats = _safe_stats(link)
+        normal = int(link_stats.get("normal", ram.pages_sent if ram else 0))
+        active_time = (link.busy_time() if link else 0.0) or 0.0
+        out: dict[str, Any] = {
+            "status": self.status,
+            "total-time": (now - start) * 1000,
+            "setup-time": self.setup_time * 1000,
+            "cpu-throttle-percentage": int(round(self.throttle * 100)),
+            "policy": self.policy.name,
+            "guest-stops": self.guest_stops,
+            "guest-stopped-time": self.guest_stopped_time * 1000,
+            "downtime-breakdown": {k: v * 1000 for k, v in self.breakdown.items()},
+            "verified": self.verified,
+            "non-convergence": self.non_convergence,
+            "switchover-aborts": self.switchover_aborts,
+            "passes": [p.to_dict() for p in self.passes],
+            "devices": self._device_stats(),
+        }
+        if self.status == "completed" and self.downtime is not None:
+            out["downtime"] = self.downtime * 1000
+        else:
+            bw = self.bandwidth()
+            pending = self._pending_estimate or 0
+            out["expected-downtime"] = (pending / bw + self.overhead()) * 1000 if bw and ram else 0
+        if self.error:
+            out["error-desc"] = self.error
+        if ram is not None:
+            out["ram"] = {
+                "transferred": transferred,
+                "remaining": ram.pending_estimate()[0] if self.status != "completed" else 0,
+                "total": self.memory.size,
+                "duplicate": int(link_stats.get("duplicate", 0)),
+                "normal": normal,
+                "normal-bytes": normal * page,
+                "dirty-sync-count": ram.sync_count,
+                "mbps": self._mbps(transferred, now - start),
+                "dirty-pages-rate": ram.dirty_pages_rate,
+                "pages-per-second": ram.pages_sent / active_time if active_time else 0.0,
+                "precopy-bytes": ram.precopy_bytes,
+                "downtime-bytes": ram.downtime_bytes,
+                "sync-time": ram.sync_seconds * 1000,
+                "page-size": page,
+            }
+        return out
+
+    def _mbps(self, transferred: int, total: float) -> float:
+        if self.status == "completed":
+            span = total - self.setup_time
+            return transferred * 8 / span / 1e6 if span > 0 else 0.0
+        return self.meter.last_sample * 8 / 1e6
+
+    def _device_stats(self) -> list[dict[str, Any]]:
+        link = self.link
+        out = []
+        for h in self.handlers[1:]:
+            dev = getattr(h, "device_id", None)
+            out.append(
+                {
+                    "name": h.name,
+                    "type": h.kind,
+                    "precopy-bytes": link.precopy_bytes.get(dev, 0) if link else 0,
+                    "stop-copy-bytes": link.stop_copy_bytes.get(dev, 0) if link else 0,
+                }
+            )
+        return out
+
+
+def _str_keys(d: dict[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in d.items()}
+
+
+def _safe_stats(link: Any) -> dict[str, Any]:
+    if link is None:
+        return {}
+    try:
+        return dict(link.stats())
+    except Exception:
+        return {}

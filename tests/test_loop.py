@@ -1,0 +1,296 @@
+"""The source loop in virtual time: every policy, SLA, aids, rollback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from loopkit import BlobDevice, SoftTracker, VirtualGuest, VirtualLink
+
+import mig
+from mig.clock import VirtualClock
+from mig.policies import policy_names
+from mig.source import MigrationSource
+
+MIB = 1 << 20
+
+
+def setup_vm(
+    size: int = 16 * MIB,
+    rate: float = 2000.0,
+    bandwidth: float = 100e6,
+    working_set: int | None = None,
+    devices: int = 0,
+    dev_stop: int = 1 * MIB,
+    dev_needs_stop: bool = True,
+    **params: Any,
+):
+    clock = VirtualClock()
+    src = mig.GuestMemory(size)
+    dst = mig.GuestMemory(size)
+    tracker = SoftTracker(src)
+    guest = VirtualGuest(src, clock, tracker, rate=rate, working_set=working_set)
+    link = VirtualLink(src, dst, clock, bandwidth)
+    devs = [
+        BlobDevice(
+            f"blob{i}", i, clock, dev_stop, dirty_rate=200e3, exact_needs_stop=dev_needs_stop
+        )
+        for i in range(1, devices + 1)
+    ]
+    params.setdefault("timeout", 60)  # virtual seconds: a stuck loop fails, never hangs
+    source = MigrationSource(guest, devs, link=link, tracker=tracker, clock=clock, **params)
+    return source, guest, link, src, dst, devs
+
+
+def digest_before(src: mig.GuestMemory) -> int:
+    return src.digest()
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_policy_migrates_byte_exact(policy: str) -> None:
+    source, guest, link, src, dst, devs = setup_vm(policy=policy, devices=1)
+    q = source.run()
+    assert q["status"] == "completed", q.get("error-desc")
+    assert q["verified"] and link.resumed
+    assert src.digest() == dst.digest()
+    assert not guest.running  # the source stays paused after completion
+    assert q["downtime"] > 0 and set(q["downtime-breakdown"]) >= {
+        "final-sync",
+        "final-ram",
+        "device-state",
+        "load",
+        "handshake",
+    }
+    seqs = [r[0] for r in link.device_records[1]]
+    assert seqs == list(range(len(seqs))) and link.device_records[1][-1][2]
+    assert q["devices"][0]["stop-copy-bytes"] >= 1 * MIB
+    assert q["ram"]["dirty-sync-count"] >= 2 and q["passes"]
+
+
+@pytest.mark.parametrize("policy", ["exact-running", "stop-exact-resume", "adaptive"])
+def test_sla_downtime_within_limit(policy: str) -> None:
+    # 50 MB/s, 4000 pages/s (16 MB/s) dirtied over a 4 MiB hot set: converges.
+    source, *_ = setup_vm(size=32 * MIB, rate=4000, bandwidth=50e6, working_set=1024, policy=policy)
+    q = source.run()
+    assert q["status"] == "completed"
+    assert q["downtime"] <= 300, q["downtime-breakdown"]
+
+
+def test_estimate_only_misses_what_exact_sees() -> None:
+    """Without a sync the estimate ignores pages dirtied during the pass."""
+    kw = dict(size=32 * MIB, rate=20000, bandwidth=50e6, working_set=512, downtime_limit=50)
+    est = setup_vm(policy="estimate-only", **kw)[0].run()
+    exact = setup_vm(policy="exact-running", **kw)[0].run()
+    assert est["status"] == exact["status"] == "completed"
+    assert est["downtime"] > 50 >= exact["downtime"]
+
+
+def test_stop_policies_count_guest_stops() -> None:
+    kw = dict(devices=1, dev_stop=512 << 10, rate=3000, working_set=512)
+    q_ser = setup_vm(policy="stop-exact-resume", **kw)[0].run()
+    q_ad = setup_vm(policy="adaptive", **kw)[0].run()
+    q_run = setup_vm(policy="exact-running", **kw)[0].run()
+    assert q_run["guest-stops"] == 0
+    assert q_ser["status"] == q_ad["status"] == "completed"
+    assert q_ad["guest-stops"] <= q_ser["guest-stops"]
+
+
+def test_assume_zero_device_underestimates_downtime() -> None:
+    kw = dict(devices=1, dev_stop=8 * MIB, rate=500, working_set=256, downtime_limit=100)
+    zero = setup_vm(policy="assume-zero-device", **kw)[0].run()
+    assert zero["status"] == "completed"
+    # 8 MiB of hidden device state at 100 MB/s is ~84 ms on top of RAM.
+    assert zero["downtime-breakdown"]["device-state"] > 80
+
+
+def test_device_checks_sla_abandons_switchover_then_continues() -> None:
+    source, guest, link, src, dst, devs = setup_vm(
+        policy="device-checks-sla",
+        devices=1,
+        dev_stop=16 * MIB,
+        downtime_limit=100,
+        timeout=20,
+        timeout_action="force",
+    )
+    q = source.run()
+    assert q["switchover-aborts"] >= 1
+    aborts = [m for m in link.sent if m["type"] == "switchover-abort"]
+    assert aborts and aborts[0]["discard"]
+    assert q["guest-stops"] >= 1  # each abandoned switchover resumed the guest
+    assert q["status"] == "completed" and src.digest() == dst.digest()
+
+
+def test_device_checks_sla_can_fail_instead() -> None:
+    source, guest, link, src, *_ = setup_vm(
+        policy="device-checks-sla",
+        policy_options={"fail_on_over_budget": True},
+        devices=1,
+        dev_stop=16 * MIB,
+        downtime_limit=100,
+    )
+    before = src.digest()
+    guest.rate = 0  # nothing writes: the source digest must stay as it was
+    q = source.run()
+    assert q["status"] == "failed" and "over budget" in q["error-desc"]
+    assert guest.running and link.discarded and src.digest() == before
+
+
+def test_cached_exact_stops_only_when_stale() -> None:
+    kw = dict(devices=1, dev_stop=256 << 10, rate=3000, working_set=512)
+    q_cached = setup_vm(policy="cached-exact", **kw)[0].run()
+    assert q_cached["status"] == "completed"
+    assert q_cached["guest-stops"] <= 2
+
+
+def _non_converging(**params: Any):
+    # 30 MB/s dirtied over all of RAM, 20 MB/s link: never converges alone.
+    return setup_vm(size=64 * MIB, rate=7500, bandwidth=20e6, **params)
+
+
+def test_non_convergence_detected_with_reason() -> None:
+    source, guest, *_ = _non_converging(timeout=15)
+    events: list[tuple[str, dict]] = []
+    source._on_event = lambda name, info: events.append((name, info))
+    q = source.run()
+    assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
+    assert q["non-convergence"] and "exceeds what the bandwidth" in q["non-convergence"]
+    assert any(name == "non-convergence" for name, _ in events)
+    assert guest.running
+
+
+@pytest.mark.parametrize("mode", ["qemu", "proportional"])
+def test_auto_converge_makes_it_converge(mode: str) -> None:
+    source, guest, link, src, dst, _ = _non_converging(auto_converge=mode, timeout=120)
+    q = source.run()
+    assert q["status"] == "completed", q.get("error-desc")
+    assert guest.throttle == 0.0 and q["cpu-throttle-percentage"] == 0
+    assert src.digest() == dst.digest()
+
+
+def test_proportional_converges_at_least_twice_as_fast_as_qemu() -> None:
+    times = {}
+    for mode in ("qemu", "proportional"):
+        q = _non_converging(auto_converge=mode, timeout=300)[0].run()
+        assert q["status"] == "completed"
+        times[mode] = q["total-time"]
+    assert times["proportional"] * 2 <= times["qemu"], times
+
+
+def test_dirty_limit_converges() -> None:
+    source, guest, link, src, dst, _ = _non_converging(dirty_limit=1000, timeout=60)
+    q = source.run()
+    assert q["status"] == "completed" and guest.dirty_limit == 0
+    assert src.digest() == dst.digest()
+
+
+def test_timeout_force_completes_anyway() -> None:
+    source, guest, link, src, dst, _ = _non_converging(timeout=5, timeout_action="force")
+    q = source.run()
+    assert q["status"] == "completed" and src.digest() == dst.digest()
+    assert q["total-time"] >= 5000
+
+
+def test_bandwidth_estimate_follows_max_bandwidth_cap() -> None:
+    cap = 20_000_000
+    source, *_ = setup_vm(size=64 * MIB, rate=0, bandwidth=1e9, max_bandwidth=cap)
+    samples: list[float] = []
+    source._on_pass = lambda rec: samples.append(rec["bandwidth"])
+    q = source.run()
+    assert q["status"] == "completed"
+    assert source.meter.samples >= 20
+    assert abs(source.meter.smoothed - cap) / cap < 0.05
+
+
+PHASES = ["setup", "active", "stopped-for-exact", "device"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("how", ["cancel", "failure"])
+def test_rollback_in_every_phase(phase: str, how: str) -> None:
+    source, guest, link, src, dst, devs = setup_vm(
+        policy="stop-exact-resume", devices=1, dev_stop=64 << 10
+    )
+    guest.rate = 0  # a still guest: the source digest must not change at all
+    before = src.digest()
+
+    def trigger() -> None:
+        if how == "cancel":
+            source.cancel(f"cancel in {phase}")
+        else:
+            raise RuntimeError(f"injected failure in {phase}")
+
+    def on_status(status: str) -> None:
+        if status == phase:
+            trigger()
+
+    def on_event(name: str, info: dict) -> None:
+        if phase == "stopped-for-exact" and name == "guest-stop" and source.status == "active":
+            trigger()
+
+    source._on_status = on_status
+    source._on_event = on_event
+    q = source.run()
+    want = "cancelled" if how == "cancel" else "failed"
+    assert q["status"] == want, q
+    assert phase in q["error-desc"]
+    assert guest.running, "source guest must run again"
+    assert devs[0].aborted and not link.resumed
+    assert link.discarded or not link.sent  # told, or never reached
+    assert src.digest() == before
+
+
+def test_destination_failure_at_complete_rolls_back() -> None:
+    source, guest, link, src, *_ = setup_vm()
+    link.fail_on = "complete"
+    q = source.run()
+    assert q["status"] == "failed" and "injected at complete" in q["error-desc"]
+    assert guest.running
+
+
+def test_bad_parameters_are_refused() -> None:
+    clock = VirtualClock()
+    mem = mig.GuestMemory(1 * MIB)
+    guest = VirtualGuest(mem, clock, SoftTracker(mem), rate=0)
+    with pytest.raises(ValueError, match="unknown migration parameters: bogus"):
+        MigrationSource(guest, uri="tcp:x:1", bogus=1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        MigrationSource(guest, uri="tcp:x:1", policy="nope")
+    with pytest.raises(ValueError, match="timeout_action"):
+        MigrationSource(guest, uri="tcp:x:1", timeout_action="explode")
+    with pytest.raises(ValueError, match="auto_converge"):
+        MigrationSource(guest, uri="tcp:x:1", auto_converge="fast")
+
+
+def test_query_uses_query_migrate_names() -> None:
+    source, *_ = setup_vm()
+    q = source.run()
+    for key in ("status", "total-time", "downtime", "setup-time", "cpu-throttle-percentage"):
+        assert key in q
+    for key in (
+        "transferred",
+        "remaining",
+        "total",
+        "duplicate",
+        "normal",
+        "normal-bytes",
+        "dirty-sync-count",
+        "mbps",
+        "dirty-pages-rate",
+        "pages-per-second",
+        "precopy-bytes",
+        "downtime-bytes",
+    ):
+        assert key in q["ram"], key
+    for key in (
+        "policy",
+        "guest-stops",
+        "guest-stopped-time",
+        "downtime-breakdown",
+        "verified",
+        "devices",
+        "passes",
+    ):
+        assert key in q
+    assert q["ram"]["transferred"] >= q["ram"]["total"]
+    assert np.isclose(sum(q["downtime-breakdown"].values()), q["downtime"])
