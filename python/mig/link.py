@@ -74,7 +74,7 @@ class SenderLink:
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
         t0 = self._clock.now()
-        self._s.send_device_state(device_id, seq, data, final)
+        self._s.send_device_state(str(device_id), seq, data, final)
         self._busy += self._clock.now() - t0
         self._bytes += len(data)
 
