@@ -16,7 +16,9 @@ from mig._mig import (
     WorkloadGuest,
     capabilities,
 )
+from mig.destination import MigrationDestination
 from mig.memory import Guest
+from mig.source import MigrationSource
 
 __all__ = [
     "DirtyBitmap",
@@ -25,6 +27,8 @@ __all__ = [
     "GuestMemory",
     "Listener",
     "MigError",
+    "MigrationDestination",
+    "MigrationSource",
     "ProtocolError",
     "Receiver",
     "Sender",
