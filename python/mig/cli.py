@@ -493,7 +493,13 @@ def _run_source(
     from mig.source import MigrationSource
 
     try:
-        src = MigrationSource(g.guest, g.devices, uri=uri, **_params(args))
+        src = MigrationSource(
+            g.guest,
+            g.devices,
+            uri=uri,
+            on_status=lambda status: log.info("migration to %s: %s", uri, status),
+            **_params(args),
+        )
     except ValueError as e:
         raise UsageError("(migration parameters)", str(e)) from None
     render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
@@ -688,10 +694,16 @@ def _serve_one(
 
     memory = mig.GuestMemory(args.size)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
+    seen = _ResumeDigests(memory)
+    handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
     try:
         try:
             dest = MigrationDestination(
-                uri, memory, devices, accept_timeout=args.timeout or 365 * 86400.0
+                uri,
+                memory,
+                handlers,
+                accept_timeout=args.timeout or 365 * 86400.0,
+                on_resume=seen.memory_digest,
             )
         except (OSError, ValueError, mig.MigError) as e:
             raise UsageError("--listen", str(e)) from None
@@ -704,7 +716,7 @@ def _serve_one(
         render = (lambda q: _dest_line(q, bound)) if _show_progress(args, console) else None
         with _Interrupt(dest.cancel) as intr:
             q = _watch(dest, render, console)
-        return _dest_result(q, memory, devices), intr.hit, bound
+        return seen.result(q), intr.hit, bound
     finally:
         for d in devices:
             d.close()
@@ -716,16 +728,49 @@ def _dest_line(q: dict[str, Any], uri: str) -> Any:
     return t
 
 
-def _dest_result(q: dict[str, Any], memory: Any, devices: Sequence[Any]) -> dict[str, Any]:
-    """The destination's query() plus the digests a caller can cross-check."""
-    out = dict(q)
-    if q.get("status") == "completed":
-        out["memory-digest"] = format(memory.digest(), "032x")
-        out["devices"] = [
-            {"name": d.name, "type": d.kind, "state-digest": format(d.state_digest(), "032x")}
-            for d in devices
-        ]
-    return out
+class _ResumeDigests:
+    """Digests of what the destination loaded, taken just before anything runs on it.
+
+    Memory is digested before the first device resumes (a DMA device writes
+    RAM once running) and each device's state just before it resumes, so the
+    caller can compare them with the stopped source's.
+    """
+
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory
+        self.memory_hex: str | None = None
+        self.devices: list[dict[str, Any]] = []
+
+    def memory_digest(self) -> None:
+        if self.memory_hex is None:
+            self.memory_hex = format(self.memory.digest(), "032x")
+
+    def handler(self, device: Any, device_id: int) -> Any:
+        from mig.device_handler import DeviceHandler
+
+        seen = self
+
+        class Recording(DeviceHandler):
+            def load_resume(self) -> None:
+                seen.memory_digest()
+                seen.devices.append(
+                    {
+                        "name": self.device.name,
+                        "type": self.device.kind,
+                        "state-digest": format(self.device.state_digest(), "032x"),
+                    }
+                )
+                super().load_resume()
+
+        return Recording(device, device_id=device_id)
+
+    def result(self, q: dict[str, Any]) -> dict[str, Any]:
+        """The destination's query() plus the digests (once completed)."""
+        out = dict(q)
+        if q.get("status") == "completed" and self.memory_hex is not None:
+            out["memory-digest"] = self.memory_hex
+            out["devices"] = self.devices
+        return out
 
 
 def cmd_snapshot(args: argparse.Namespace, console: Console) -> int:
