@@ -31,7 +31,7 @@ def migrate(
     src, dst = mig.GuestMemory(size), mig.GuestMemory(size)
     src.array[:: src.page_size] = 7  # non-zero content in every page
     guest = mig.WorkloadGuest(src, vcpus=1, workload=workload)
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20)
+    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
     params.setdefault("multifd_channels", 2)
     params.setdefault("timeout", 45)
     source = MigrationSource(guest, uri=dest.uri, on_status=on_status, on_event=on_event, **params)
@@ -118,6 +118,10 @@ def test_timeout_cancels_and_the_source_keeps_running() -> None:
     def before(source: MigrationSource, guest: Any) -> None:
         box["guest"] = guest
 
+    def on_status(status: str) -> None:
+        if status == "cancelled":
+            box["running"] = box["guest"].running
+
     q, d, src, dst, _ = migrate(
         "uniform:rate=20000",
         size=16 * MIB,
@@ -125,10 +129,11 @@ def test_timeout_cancels_and_the_source_keeps_running() -> None:
         max_bandwidth=20 * MIB,
         timeout=3,
         before=before,
+        on_status=on_status,
     )
     assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
     assert d["status"] in ("cancelled", "failed")
-    assert box["guest"].running
+    assert box["running"], "the source guest runs again after the rollback"
 
 
 def test_auto_converge_makes_a_non_converging_workload_converge() -> None:
