@@ -386,15 +386,18 @@ impl PyReceiver {
     }
 }
 
-/// Runs the sender's zero-page scan and compaction over the pages set in
-/// `bitmap` (one thread, no I/O); for benchmarks.
+/// Runs the sender's zero-page detection and compaction over the pages set
+/// in `bitmap` (one thread, no I/O), in packets of `packet_pages`; with
+/// `copy`, also copies the normal pages into a packet buffer as sending
+/// does. For benchmarks.
 #[pyfunction]
-#[pyo3(signature = (memory, bitmap, packet_pages=128))]
+#[pyo3(signature = (memory, bitmap, packet_pages=128, copy=false))]
 fn scan_pages<'py>(
     py: Python<'py>,
     memory: &Bound<'py, PyGuestMemory>,
     bitmap: &Bound<'py, PyDirtyBitmap>,
     packet_pages: usize,
+    copy: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.get().inner.clone();
     let bm = bitmap.get().lock().clone();
@@ -404,17 +407,25 @@ fn scan_pages<'py>(
     let (normal, zero, bytes) =
         py.detach(move || -> crate::CoreResult<(usize, usize, usize)> {
             let pages = bm.indices();
-            let mut payload = Vec::with_capacity(packet_pages * mem.page_size());
+            let mut payload = vec![
+                0u8;
+                if copy {
+                    packet_pages * mem.page_size()
+                } else {
+                    0
+                }
+            ];
             let (mut n, mut z) = (Vec::new(), Vec::new());
             let (mut normal, mut zero, mut bytes) = (0, 0, 0);
             for chunk in pages.chunks(packet_pages) {
-                payload.clear();
                 n.clear();
                 z.clear();
-                sender::scan_pages(&mem, chunk, &mut payload, &mut n, &mut z)?;
+                sender::scan_pages(&mem, chunk, &mut n, &mut z)?;
+                if copy {
+                    bytes += sender::copy_pages(&mem, &n, &mut payload)?;
+                }
                 normal += n.len();
                 zero += z.len();
-                bytes += payload.len();
             }
             Ok((normal, zero, bytes))
         })?;
