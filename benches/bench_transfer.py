@@ -55,9 +55,10 @@ def iperf3_seconds(iperf3: str, nbytes: int) -> float:
                 capture_output=True,
                 text=True,
             )
-            if out.returncode == 0:
-                end = json.loads(out.stdout)["end"]
-                return float(end["sum_received"]["seconds"])
+            result = json.loads(out.stdout) if out.stdout.strip() else {}
+            received = result.get("end", {}).get("sum_received")
+            if out.returncode == 0 and received:
+                return float(received["seconds"])
             time.sleep(0.1)  # server not listening yet
         raise RuntimeError(f"iperf3 client failed: {out.stdout[-500:]}")
     finally:

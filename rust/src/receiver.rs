@@ -583,6 +583,18 @@ impl Receiver {
             })
     }
 
+    fn with_threads(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> Self {
+        Receiver {
+            shared,
+            thread_count: threads.len(),
+            threads: Mutex::new(threads),
+            control: ControlSide::Log,
+            sockets: Vec::new(),
+            refused: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
     /// Starts receiving on already-validated streams; used by `accept` and
     /// by tests that feed channels directly.
     pub fn start(
@@ -599,15 +611,7 @@ impl Receiver {
                 run_channel(sh, i as u32, StreamRole::Data, &mut *s)
             })?);
         }
-        Ok(Receiver {
-            shared: sh,
-            thread_count: threads.len(),
-            threads: Mutex::new(threads),
-            control: ControlSide::Log,
-            sockets: Vec::new(),
-            refused: Vec::new(),
-            started: Instant::now(),
-        })
+        Ok(Self::with_threads(sh, threads))
     }
 
     /// Waits for a session on `listener` and starts applying it to `mem`.
@@ -714,15 +718,7 @@ impl Receiver {
             });
             run_channel(sh, 0, StreamRole::Log, &mut r)
         })?);
-        Ok(Receiver {
-            shared: sh,
-            thread_count: threads.len(),
-            threads: Mutex::new(threads),
-            control: ControlSide::Log,
-            sockets: Vec::new(),
-            refused: Vec::new(),
-            started: Instant::now(),
-        })
+        Ok(Self::with_threads(sh, threads))
     }
 
     pub fn migration_id(&self) -> u128 {

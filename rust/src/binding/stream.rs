@@ -47,8 +47,15 @@ fn migration_id(obj: &Bound<'_, PyAny>) -> PyResult<u128> {
     ))
 }
 
-fn bytes_or_none(py: Python<'_>, v: Option<Vec<u8>>) -> Option<Bound<'_, PyBytes>> {
-    v.map(|b| PyBytes::new(py, &b))
+/// Waits (GIL released) for a control message of either side.
+fn control_recv<'py>(
+    py: Python<'py>,
+    timeout: f64,
+    recv: impl FnOnce(Duration) -> crate::CoreResult<Option<Vec<u8>>> + Send,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let t = seconds("timeout", timeout)?;
+    let v = py.detach(move || recv(t))?;
+    Ok(v.map(|b| PyBytes::new(py, &b)))
 }
 
 /// Streams guest memory to a destination over N channels.
@@ -160,10 +167,8 @@ impl PySender {
         py: Python<'py>,
         timeout: f64,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let t = seconds("timeout", timeout)?;
         let s = self.inner.clone();
-        let v = py.detach(move || s.control_recv(t))?;
-        Ok(bytes_or_none(py, v))
+        control_recv(py, timeout, move |t| s.control_recv(t))
     }
 
     fn set_max_bandwidth(&self, bytes_per_s: u64) {
@@ -325,10 +330,8 @@ impl PyReceiver {
         py: Python<'py>,
         timeout: f64,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let t = seconds("timeout", timeout)?;
         let r = self.inner.clone();
-        let v = py.detach(move || r.control_recv(t))?;
-        Ok(bytes_or_none(py, v))
+        control_recv(py, timeout, move |t| r.control_recv(t))
     }
 
     /// Drains the device-state records received so far, in arrival order.
