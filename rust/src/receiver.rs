@@ -238,9 +238,19 @@ impl Shared {
     fn apply(&self, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
         let ps = self.stream.page_size as usize;
         debug_assert_eq!(data.len(), normal.len() * ps);
-        for (&off, page) in normal.iter().zip(data.chunks_exact(ps)) {
-            self.mem.write_bytes(off as usize, page)?;
-            self.mark_data(off / ps as u64);
+        // Runs of adjacent pages are stored with one write each.
+        let mut i = 0;
+        while i < normal.len() {
+            let mut j = i + 1;
+            while j < normal.len() && normal[j] == normal[j - 1] + ps as u64 {
+                j += 1;
+            }
+            self.mem
+                .store_bytes(normal[i] as usize, &data[i * ps..j * ps])?;
+            for &off in &normal[i..j] {
+                self.mark_data(off / ps as u64);
+            }
+            i = j;
         }
         for &off in zero {
             if self.may_have_data(off / ps as u64) {
@@ -573,6 +583,18 @@ impl Receiver {
             })
     }
 
+    fn with_threads(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> Self {
+        Receiver {
+            shared,
+            thread_count: threads.len(),
+            threads: Mutex::new(threads),
+            control: ControlSide::Log,
+            sockets: Vec::new(),
+            refused: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
     /// Starts receiving on already-validated streams; used by `accept` and
     /// by tests that feed channels directly.
     pub fn start(
@@ -589,15 +611,7 @@ impl Receiver {
                 run_channel(sh, i as u32, StreamRole::Data, &mut *s)
             })?);
         }
-        Ok(Receiver {
-            shared: sh,
-            thread_count: threads.len(),
-            threads: Mutex::new(threads),
-            control: ControlSide::Log,
-            sockets: Vec::new(),
-            refused: Vec::new(),
-            started: Instant::now(),
-        })
+        Ok(Self::with_threads(sh, threads))
     }
 
     /// Waits for a session on `listener` and starts applying it to `mem`.
@@ -704,15 +718,7 @@ impl Receiver {
             });
             run_channel(sh, 0, StreamRole::Log, &mut r)
         })?);
-        Ok(Receiver {
-            shared: sh,
-            thread_count: threads.len(),
-            threads: Mutex::new(threads),
-            control: ControlSide::Log,
-            sockets: Vec::new(),
-            refused: Vec::new(),
-            started: Instant::now(),
-        })
+        Ok(Self::with_threads(sh, threads))
     }
 
     pub fn migration_id(&self) -> u128 {

@@ -47,8 +47,15 @@ fn migration_id(obj: &Bound<'_, PyAny>) -> PyResult<u128> {
     ))
 }
 
-fn bytes_or_none(py: Python<'_>, v: Option<Vec<u8>>) -> Option<Bound<'_, PyBytes>> {
-    v.map(|b| PyBytes::new(py, &b))
+/// Waits (GIL released) for a control message of either side.
+fn control_recv<'py>(
+    py: Python<'py>,
+    timeout: f64,
+    recv: impl FnOnce(Duration) -> crate::CoreResult<Option<Vec<u8>>> + Send,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let t = seconds("timeout", timeout)?;
+    let v = py.detach(move || recv(t))?;
+    Ok(v.map(|b| PyBytes::new(py, &b)))
 }
 
 /// Streams guest memory to a destination over N channels.
@@ -160,10 +167,8 @@ impl PySender {
         py: Python<'py>,
         timeout: f64,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let t = seconds("timeout", timeout)?;
         let s = self.inner.clone();
-        let v = py.detach(move || s.control_recv(t))?;
-        Ok(bytes_or_none(py, v))
+        control_recv(py, timeout, move |t| s.control_recv(t))
     }
 
     fn set_max_bandwidth(&self, bytes_per_s: u64) {
@@ -325,10 +330,8 @@ impl PyReceiver {
         py: Python<'py>,
         timeout: f64,
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let t = seconds("timeout", timeout)?;
         let r = self.inner.clone();
-        let v = py.detach(move || r.control_recv(t))?;
-        Ok(bytes_or_none(py, v))
+        control_recv(py, timeout, move |t| r.control_recv(t))
     }
 
     /// Drains the device-state records received so far, in arrival order.
@@ -386,15 +389,18 @@ impl PyReceiver {
     }
 }
 
-/// Runs the sender's zero-page scan and compaction over the pages set in
-/// `bitmap` (one thread, no I/O); for benchmarks.
+/// Runs the sender's zero-page detection and compaction over the pages set
+/// in `bitmap` (one thread, no I/O), in packets of `packet_pages`; with
+/// `copy`, also copies the normal pages into a packet buffer as sending
+/// does. For benchmarks.
 #[pyfunction]
-#[pyo3(signature = (memory, bitmap, packet_pages=128))]
+#[pyo3(signature = (memory, bitmap, packet_pages=128, copy=false))]
 fn scan_pages<'py>(
     py: Python<'py>,
     memory: &Bound<'py, PyGuestMemory>,
     bitmap: &Bound<'py, PyDirtyBitmap>,
     packet_pages: usize,
+    copy: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let mem = memory.get().inner.clone();
     let bm = bitmap.get().lock().clone();
@@ -404,17 +410,25 @@ fn scan_pages<'py>(
     let (normal, zero, bytes) =
         py.detach(move || -> crate::CoreResult<(usize, usize, usize)> {
             let pages = bm.indices();
-            let mut payload = Vec::with_capacity(packet_pages * mem.page_size());
+            let mut payload = vec![
+                0u8;
+                if copy {
+                    packet_pages * mem.page_size()
+                } else {
+                    0
+                }
+            ];
             let (mut n, mut z) = (Vec::new(), Vec::new());
             let (mut normal, mut zero, mut bytes) = (0, 0, 0);
             for chunk in pages.chunks(packet_pages) {
-                payload.clear();
                 n.clear();
                 z.clear();
-                sender::scan_pages(&mem, chunk, &mut payload, &mut n, &mut z)?;
+                sender::scan_pages(&mem, chunk, &mut n, &mut z)?;
+                if copy {
+                    bytes += sender::copy_pages(&mem, &n, &mut payload)?;
+                }
                 normal += n.len();
                 zero += z.len();
-                bytes += payload.len();
             }
             Ok((normal, zero, bytes))
         })?;

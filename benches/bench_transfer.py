@@ -1,0 +1,141 @@
+"""Loopback bulk transfer vs iperf3, same run.
+
+Source: a 2 GiB image, half random pages and half zero pages (interleaved).
+Destination: another process with fresh guest memory, listening on
+tcp:127.0.0.1. Total time runs from opening the Sender to the destination's
+"done" on the control channel, i.e. connect, scan, send, receive, validate,
+apply, end records and the destination's whole-memory digest check. The
+source digest is computed before the clock starts. Baseline: iperf3 carrying
+the same 1 GiB of payload over loopback (its own receiver-side seconds).
+Rounds alternate baseline and transfers; medians of per-round ratios are
+reported (target: <= 1.35 x iperf3).
+
+    python benches/bench_transfer.py [--size-mib 2048] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import mig
+
+
+def ensure_iperf3() -> str:
+    path = shutil.which("iperf3")
+    if path is None:
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "iperf3"], check=True, capture_output=True)
+        path = shutil.which("iperf3")
+    assert path, "iperf3 could not be installed"
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iperf3_seconds(iperf3: str, nbytes: int) -> float:
+    port = free_port()
+    server = subprocess.Popen(
+        [iperf3, "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        for _ in range(100):
+            out = subprocess.run(
+                [iperf3, "-c", "127.0.0.1", "-p", str(port), "-n", str(nbytes), "-J"],
+                capture_output=True,
+                text=True,
+            )
+            result = json.loads(out.stdout) if out.stdout.strip() else {}
+            received = result.get("end", {}).get("sum_received")
+            if out.returncode == 0 and received:
+                return float(received["seconds"])
+            time.sleep(0.1)  # server not listening yet
+        raise RuntimeError(f"iperf3 client failed: {out.stdout[-500:]}")
+    finally:
+        server.kill()
+        server.wait()
+
+
+def destination(size: int) -> None:
+    """Child process: print the URI, receive one session, report."""
+    mem = mig.GuestMemory(size)
+    listener = mig.Listener("tcp:127.0.0.1:0")
+    print(listener.uri, flush=True)
+    receiver = listener.accept(mem, 60.0)
+    end = receiver.wait_end(120.0)
+    receiver.control_send(json.dumps({"digest": end["digest"]}).encode())
+    # Wait for the source to hang up before exiting.
+    try:
+        receiver.control_recv(30.0)
+    except OSError:
+        pass
+
+
+def transfer_seconds(src: mig.GuestMemory, digest: int, channels: int) -> float:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--dest", "--size-mib", str(src.size >> 20)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    uri = child.stdout.readline().strip()
+    full = mig.DirtyBitmap.full(src.num_pages)
+    t0 = time.perf_counter()
+    sender = mig.Sender(src, uri, migration_id=int(time.time_ns()), channels=channels)
+    sender.send_pages(full, 0)
+    sender.sync(0)
+    sender.finish(digest)
+    reply = sender.control_recv(120.0)
+    elapsed = time.perf_counter() - t0
+    assert reply is not None and json.loads(reply)["digest"] == digest
+    sender.close()
+    child.wait(timeout=60)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    size = args.size_mib << 20
+    if args.dest:
+        destination(size)
+        return
+    from bench_zero_scan import half_random_half_zero
+
+    iperf3 = ensure_iperf3()
+    src = half_random_half_zero(size)
+    digest = src.digest()
+    payload = size // 2
+    base, ratios = [], {1: [], 2: []}
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.rounds):
+        b = iperf3_seconds(iperf3, payload)
+        base.append(b)
+        for ch in (1, 2):
+            t = transfer_seconds(src, digest, ch)
+            times[ch].append(t)
+            ratios[ch].append(t / b)
+    print(f"image {args.size_mib} MiB (half random, half zero); payload {payload >> 20} MiB")
+    print(f"iperf3 {payload >> 20} MiB over loopback: median {statistics.median(base):.3f} s")
+    for ch in (1, 2):
+        print(
+            f"mig {ch} channel(s): median {statistics.median(times[ch]):.3f} s, "
+            f"ratio to iperf3 median {statistics.median(ratios[ch]):.2f} (target <= 1.35)"
+        )
+
+
+if __name__ == "__main__":
+    main()
