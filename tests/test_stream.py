@@ -262,3 +262,43 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         mig.Sender(mem, f"file:{tmp_path}/x", migration_id="nope")
     with pytest.raises(ConnectionRefusedError):
         mig.Sender(mem, "tcp:127.0.0.1:1", migration_id=1, connect_timeout=0.1)
+
+
+def test_device_state_is_capped_and_back_pressured() -> None:
+    """Undrained device state never exceeds device_buffer: the channel waits
+    for device_records() to make room, and fails if nobody drains."""
+    mem = mig.GuestMemory(1 << 20)
+    listener = mig.Listener("tcp:127.0.0.1:0")
+    got: dict[str, mig.Receiver] = {}
+    t = threading.Thread(
+        target=lambda: got.setdefault(
+            "r", listener.accept(mem, 10.0, io_timeout=5.0, device_buffer=100_000)
+        )
+    )
+    t.start()
+    chunk = b"d" * 40_000
+    with mig.Sender(mem, listener.uri, migration_id=4, channels=1) as sender:
+        t.join()
+        receiver = got["r"]
+
+        def send_all() -> None:
+            for seq in range(5):
+                sender.send_device_state("gpu", seq, chunk, seq == 4)
+
+        feeder = threading.Thread(target=send_all)
+        feeder.start()
+        time.sleep(0.5)
+        # Two chunks fit in 100 kB; the third waits.
+        assert receiver.stats()["device-bytes"] == 80_000
+        drained = []
+        while len(drained) < 5:
+            drained += receiver.device_records()
+            time.sleep(0.05)
+        feeder.join()
+        assert [r[1] for r in drained] == [0, 1, 2, 3, 4] and drained[-1][3]
+        with pytest.raises(ValueError, match="exceeds the limit"):
+            sender.send_device_state("gpu", 5, b"x" * (9 << 20), True)
+        sender.send_device_state("gpu", 6, b"x" * 200_000, True)  # larger than the cap
+        sender.finish(mem.digest())
+        with pytest.raises(mig.ProtocolError, match="channel 0, packet 5.*exceeds the buffer"):
+            receiver.wait_end(10.0)

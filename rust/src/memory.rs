@@ -228,8 +228,11 @@ impl GuestMemory {
 
     /// xxh3-128 digest of pages `[first, first + count)`.
     ///
-    /// Holes of the memfd (pages never written) are hashed as zeros without
-    /// being read: reading a shmem hole would allocate a page for it.
+    /// Works in 1 MiB chunks: a chunk that is all hole (never written) is
+    /// hashed as zeros without reading it (reading a shmem hole through the
+    /// mapping would allocate it); a chunk of data and holes is read with
+    /// `pread`, which returns zeros for holes without allocating; a chunk of
+    /// data only is hashed straight from the mapping.
     pub fn digest_pages(&self, first: usize, count: usize) -> CoreResult<u128> {
         let off = first
             .checked_mul(self.page_size)
@@ -238,47 +241,78 @@ impl GuestMemory {
             .checked_mul(self.page_size)
             .ok_or_else(|| CoreError::invalid("page count overflows"))?;
         self.check_range(off, len)?;
-        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        const CHUNK: usize = 1 << 20;
+        static ZEROS: [u8; CHUNK] = [0; CHUNK];
+        let mut buf = vec![0u8; CHUNK.min(len)];
         let mut hasher = Xxh3::new();
         let end = off + len;
         let mut pos = off;
+        // The data extent at or after the current position, found once per
+        // extent (a SEEK_HOLE walks the whole extent, so not once per chunk).
+        let mut extent = (0, 0);
         while pos < end {
-            let (data_start, data_end) = self.next_data(pos, end);
-            let mut hole = data_start - pos;
-            while hole > 0 {
-                let n = hole.min(ZEROS.len());
-                hasher.update(&ZEROS[..n]);
-                hole -= n;
+            let n = CHUNK.min(end - pos);
+            if extent.1 <= pos {
+                extent = self.data_extent(pos, end);
             }
-            if data_start < data_end {
-                // SAFETY: a digest of memory that is being written is simply
-                // a digest of some mixture of old and new bytes; callers
-                // pause writers first when they need a stable answer.
-                let bytes = unsafe { self.racy_slice(data_start, data_end - data_start)? };
-                for chunk in bytes.chunks(1 << 20) {
-                    hasher.update(chunk);
+            let kind = if extent.0 >= pos + n {
+                Extent::Hole
+            } else if extent.0 <= pos && extent.1 >= pos + n {
+                Extent::Data
+            } else {
+                Extent::Mixed
+            };
+            match kind {
+                Extent::Hole => hasher.update(&ZEROS[..n]),
+                Extent::Data => {
+                    // SAFETY: a digest of memory that is being written is
+                    // some mixture of old and new bytes; callers pause
+                    // writers first when they need a stable answer.
+                    hasher.update(unsafe { self.racy_slice(pos, n)? })
+                }
+                Extent::Mixed => {
+                    self.pread_exact(pos, &mut buf[..n])?;
+                    hasher.update(&buf[..n]);
                 }
             }
-            pos = data_end;
+            pos += n;
         }
         Ok(hasher.digest128())
     }
 
-    /// The first data extent at or after `pos`, clipped to `end`; an empty
-    /// extent at `end` when only a hole remains. Errors count as data.
-    fn next_data(&self, pos: usize, end: usize) -> (usize, usize) {
+    /// The first data extent at or after `pos` as `[start, end)`, clipped
+    /// to `limit` (`(limit, limit)` if none). On errors the whole rest counts
+    /// as data, which is always hashed correctly.
+    fn data_extent(&self, pos: usize, limit: usize) -> (usize, usize) {
         use rustix::fs::{seek, SeekFrom};
         match seek(&self.fd, SeekFrom::Data(pos as u64)) {
             Ok(start) => {
-                let start = (start as usize).clamp(pos, end);
+                let start = (start as usize).clamp(pos, limit);
                 let stop = seek(&self.fd, SeekFrom::Hole(start as u64))
-                    .map(|h| h as usize)
-                    .unwrap_or(end);
-                (start, stop.clamp(start, end).max((start + 1).min(end)))
+                    .map_or(limit, |h| (h as usize).min(limit));
+                (start, stop.max(start + 1).min(limit.max(start + 1)))
             }
-            Err(rustix::io::Errno::NXIO) => (end, end),
-            Err(_) => (pos, end),
+            Err(rustix::io::Errno::NXIO) => (limit, limit),
+            Err(_) => (pos, limit),
         }
+    }
+
+    fn pread_exact(&self, offset: usize, out: &mut [u8]) -> CoreResult<()> {
+        let mut done = 0;
+        while done < out.len() {
+            match rustix::io::pread(&self.fd, &mut out[done..], (offset + done) as u64) {
+                Ok(0) => {
+                    return Err(CoreError::io(
+                        "pread guest memory",
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(CoreError::io("pread guest memory", e.into())),
+            }
+        }
+        Ok(())
     }
 
     /// xxh3-128 digest of the whole memory.
@@ -286,6 +320,12 @@ impl GuestMemory {
         self.digest_pages(0, self.num_pages())
             .expect("the whole memory is always in range")
     }
+}
+
+enum Extent {
+    Hole,
+    Data,
+    Mixed,
 }
 
 impl Drop for GuestMemory {
@@ -325,6 +365,29 @@ mod tests {
             other.digest_pages(0, 3).unwrap()
         });
         assert!(mem.write_bytes(ps * 8 - 2, b"abc").is_err());
+    }
+
+    #[test]
+    fn digest_of_holes_data_and_mixed_chunks_matches_a_plain_hash() {
+        let ps = host_page_size();
+        let n = (3 << 20) / ps; // three 1 MiB chunks: data, mixed, hole
+        let mem = GuestMemory::new(n * ps).unwrap();
+        let mut plain = vec![0u8; n * ps];
+        let mut fill = |p: usize, v: u8| {
+            mem.write_bytes(p * ps, &vec![v; ps]).unwrap();
+            plain[p * ps..(p + 1) * ps].fill(v);
+        };
+        for p in 0..n / 3 {
+            fill(p, 1 + (p % 200) as u8);
+        }
+        for p in (n / 3..2 * n / 3).step_by(3) {
+            fill(p, 9);
+        }
+        assert_eq!(mem.digest(), xxhash_rust::xxh3::xxh3_128(&plain));
+        assert_eq!(
+            mem.digest_pages(n / 3 - 1, 5).unwrap(),
+            xxhash_rust::xxh3::xxh3_128(&plain[(n / 3 - 1) * ps..(n / 3 + 4) * ps])
+        );
     }
 
     #[test]

@@ -197,17 +197,27 @@ impl Shared {
         Ok(())
     }
 
-    fn push_device(&self, channel: u32, packet: u64, rec: DeviceRecord) -> CoreResult<()> {
-        let len = rec.2.len();
+    /// Reserves room for a device chunk of `len` bytes before it is read,
+    /// waiting while the undrained total would exceed the cap: device state
+    /// never holds more than `device_buffer` bytes of memory.
+    fn reserve_device(&self, channel: u32, packet: u64, len: usize) -> CoreResult<()> {
+        let cap = self.cfg.device_buffer;
+        if len > cap {
+            return Err(CoreError::Protocol {
+                channel,
+                packet,
+                msg: format!("device-state chunk of {len} bytes exceeds the buffer of {cap}"),
+            });
+        }
         let deadline = Instant::now() + self.cfg.io_timeout;
         let mut d = lock(&self.devices);
-        while !d.queue.is_empty() && d.bytes + len > self.cfg.device_buffer {
+        while d.bytes + len > cap {
             self.check_abort(channel, packet)?;
             if Instant::now() >= deadline {
                 return Err(transport::timeout_error(format!(
-                    "channel {channel}, packet {packet}: device-state buffer of {} bytes \
+                    "channel {channel}, packet {packet}: device-state buffer of {cap} bytes \
                      stayed full for {:?}; drain it with device_records()",
-                    self.cfg.device_buffer, self.cfg.io_timeout
+                    self.cfg.io_timeout
                 )));
             }
             d = self
@@ -217,12 +227,20 @@ impl Shared {
                 .0;
         }
         d.bytes += len;
-        d.queue.push_back(rec);
-        self.counters.device_records.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .device_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn release_device(&self, len: usize) {
+        lock(&self.devices).bytes -= len;
+        self.devices_cv.notify_all();
+    }
+
+    /// Queues a record whose room `reserve_device` reserved.
+    fn push_device(&self, rec: DeviceRecord) {
+        let len = rec.2.len() as u64;
+        lock(&self.devices).queue.push_back(rec);
+        self.counters.device_records.fetch_add(1, Ordering::Relaxed);
+        self.counters.device_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
     fn mark_data(&self, page: u64) {
@@ -394,14 +412,27 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                 sh.apply(&pages.normal, &pages.zero, data)?;
             }
             RecordKind::Device { seq, id_len, last } => {
-                // Bounded by MAX_DEVICE_CHUNK in decode.
+                // Bounded by MAX_DEVICE_CHUNK in decode, and by the device
+                // buffer's free room before it is allocated.
+                let chunk_len = len - id_len as usize;
+                sh.reserve_device(idx, expect, chunk_len)?;
                 let mut buf = vec![0u8; len];
-                transport::read_full(r, &mut buf).map_err(|f| read_err(expect, "DEVS body", f))?;
-                h.verify_crc(&raw, &buf).map_err(|m| perr(expect, m))?;
-                let chunk = buf.split_off(id_len as usize);
-                let id = String::from_utf8(buf)
-                    .map_err(|_| perr(expect, "device id is not UTF-8".into()))?;
-                sh.push_device(idx, expect, (id, seq, chunk, last))?;
+                let parsed = transport::read_full(r, &mut buf)
+                    .map_err(|f| read_err(expect, "DEVS body", f))
+                    .and_then(|()| h.verify_crc(&raw, &buf).map_err(|m| perr(expect, m)))
+                    .and_then(|()| {
+                        let chunk = buf.split_off(id_len as usize);
+                        String::from_utf8(buf)
+                            .map(|id| (id, chunk))
+                            .map_err(|_| perr(expect, "device id is not UTF-8".into()))
+                    });
+                match parsed {
+                    Ok((id, chunk)) => sh.push_device((id, seq, chunk, last)),
+                    Err(e) => {
+                        sh.release_device(chunk_len);
+                        return Err(e);
+                    }
+                }
             }
             RecordKind::Sync => {
                 h.verify_crc(&raw, &[]).map_err(|m| perr(expect, m))?;
@@ -792,8 +823,8 @@ impl Receiver {
     /// Takes every device-state record received so far.
     pub fn device_records(&self) -> Vec<DeviceRecord> {
         let mut d = lock(&self.shared.devices);
-        d.bytes = 0;
-        let out = d.queue.drain(..).collect();
+        let out: Vec<DeviceRecord> = d.queue.drain(..).collect();
+        d.bytes -= out.iter().map(|r| r.2.len()).sum::<usize>();
         self.shared.devices_cv.notify_all();
         out
     }
