@@ -141,12 +141,15 @@ class ThreadGuest:
                 self._run.wait()
                 continue
             self._parked.clear()
+            rate = self.rate * (1 - self.throttle)
+            if rate <= 0:
+                time.sleep(0.01)
+                continue
             pages = self._rng.integers(0, self.memory.num_pages, 16)
             n += 1
             self._pages[pages, 0] = n & 0xFF
             self.tracker.mark(pages)
-            rate = self.rate * (1 - self.throttle)
-            time.sleep(16 / rate if rate > 0 else 0.01)
+            time.sleep(16 / rate)
 
     @property
     def running(self) -> bool:

@@ -116,7 +116,7 @@ def test_device_checks_sla_abandons_switchover_then_continues() -> None:
     q = source.run()
     assert q["switchover-aborts"] >= 1
     aborts = [m for m in link.sent if m["type"] == "switchover-abort"]
-    assert aborts and aborts[0]["discard"]
+    assert aborts and aborts[0]["aborted"]
     assert q["guest-stops"] >= 1  # each abandoned switchover resumed the guest
     assert q["status"] == "completed" and src.digest() == dst.digest()
 

@@ -16,7 +16,11 @@ from mig._mig import (
     WorkloadGuest,
     capabilities,
 )
+from mig.destination import MigrationDestination
+from mig.handlers import OverBudget, RamHandler, StateHandler
 from mig.memory import Guest
+from mig.policies import POLICIES, make_policy
+from mig.source import MigrationSource
 
 __all__ = [
     "DirtyBitmap",
@@ -25,6 +29,13 @@ __all__ = [
     "GuestMemory",
     "Listener",
     "MigError",
+    "MigrationDestination",
+    "MigrationSource",
+    "OverBudget",
+    "POLICIES",
+    "RamHandler",
+    "StateHandler",
+    "make_policy",
     "ProtocolError",
     "Receiver",
     "Sender",

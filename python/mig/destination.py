@@ -1,10 +1,12 @@
 """``MigrationDestination``: receive, load, verify, resume, or discard.
 
 Pages land in ``memory`` through the receiver's channel threads. Device records
-are buffered per device and loaded in sequence order once the source declares
-them precopy state (``pass``) or final (``complete``); stop-copy records of an
-abandoned switchover are dropped (``switchover-abort``). Before resuming, the
-destination checks the whole-memory digest against the source's.
+are buffered per device and handed to the device's handler in sequence order
+once the source declares them sent (``pass``, ``switchover-abort``,
+``complete``). Records of an abandoned switchover are delivered too: the
+source's device handler opens a new session after them, which the destination
+handler sees and restarts on. Before resuming, the destination checks the
+whole-memory digest against the source's.
 """
 
 from __future__ import annotations
@@ -86,7 +88,6 @@ class MigrationDestination:
         self._buffer: dict[int, dict[int, tuple[bytes, bool]]] = {d: {} for d in self.handlers}
         self._loaded: dict[int, int] = {d: -1 for d in self.handlers}
         self._bound: dict[int, int] = {d: -1 for d in self.handlers}
-        self._discard: dict[int, list[tuple[int, int]]] = {d: [] for d in self.handlers}
         self._acked = False
         self._initial_done: set[int] = set()
         self._cancel: str | None = None
@@ -179,7 +180,7 @@ class MigrationDestination:
             elif kind == "switchover":
                 self._set_status("device")
             elif kind == "switchover-abort":
-                self._drop(msg.get("discard", {}))
+                self._raise_bounds(msg.get("device_seqs", {}))
                 self._set_status("active")
             elif kind == "complete":
                 self._complete(ep, msg)
@@ -224,8 +225,6 @@ class MigrationDestination:
                 raise _mig.ProtocolError(f"device record for unknown device id {dev}")
             if seq <= self._loaded[dev] or seq in self._buffer[dev]:
                 raise _mig.ProtocolError(f"device {dev}: duplicate record seq {seq}")
-            if any(lo <= seq <= hi for lo, hi in self._discard[dev]):
-                continue
             self._buffer[dev][seq] = (data, final)
 
     def _raise_bounds(self, seqs: dict[str, int]) -> None:
@@ -248,24 +247,7 @@ class MigrationDestination:
                 self._loaded[dev] = nxt
 
     def _next_seq(self, dev: int) -> int:
-        """The sequence after the last loaded one, skipping discarded ranges."""
-        seq = self._loaded[dev] + 1
-        moved = True
-        while moved:
-            moved = False
-            for lo, hi in self._discard[dev]:
-                if lo <= seq <= hi:
-                    seq, moved = hi + 1, True
-        return seq
-
-    def _drop(self, discard: dict[str, list[int]]) -> None:
-        for key, (lo, hi) in discard.items():
-            dev = int(key)
-            if dev not in self._discard or lo > hi:
-                raise _mig.ProtocolError(f"bad discard range {key}: {lo}..{hi}")
-            self._discard[dev].append((int(lo), int(hi)))
-            for seq in [s for s in self._buffer[dev] if lo <= s <= hi]:
-                del self._buffer[dev][seq]
+        return self._loaded[dev] + 1
 
     def _maybe_ack(self, ep: Endpoint) -> None:
         if self._acked:

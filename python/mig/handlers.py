@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from mig._mig import DirtyBitmap, GuestMemory
+from mig._mig import DirtyBitmap, GuestMemory, MigError
 from mig.clock import Clock
 from mig.link import Link
 
@@ -21,12 +21,17 @@ __all__ = ["StateHandler", "OverBudget", "RamHandler"]
 _MIN_ITERATE_PAGES = 64
 
 
-class OverBudget(Exception):
-    """``complete(link, budget)`` went over its byte budget: abandon switchover."""
+class OverBudget(MigError):
+    """``complete(link, budget)`` went over its byte budget: abandon switchover.
 
-    def __init__(self, handler: str, sent: int, budget: int) -> None:
-        super().__init__(f"{handler}: {sent} bytes of stop-copy state exceed the budget {budget}")
-        self.handler = handler
+    Raised as ``OverBudget(message)`` or ``OverBudget(handler, sent, budget)``.
+    """
+
+    def __init__(self, what: str, sent: int | None = None, budget: int | None = None) -> None:
+        if sent is None or budget is None:
+            super().__init__(what)
+        else:
+            super().__init__(f"{what}: {sent} bytes of stop-copy state exceed the budget {budget}")
         self.sent = sent
         self.budget = budget
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from mig import protocol
-from mig._mig import DirtyBitmap
+from mig._mig import DirtyBitmap, ProtocolError
 from mig.clock import Clock
 
 __all__ = ["Link", "SenderLink", "Endpoint", "ReceiverEndpoint"]
@@ -25,7 +25,9 @@ class Link(Protocol):
         """Send the pages set in ``bitmap``; return the wire bytes."""
         ...
 
-    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None: ...
+    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
+        """One device-state record; the wire carries ``device_id`` as text."""
+        ...
 
     def sync(self, generation: int) -> None:
         """Barrier: pages of ``generation`` are applied before any later one."""
@@ -74,15 +76,17 @@ class SenderLink:
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
         t0 = self._clock.now()
-        self._s.send_device_state(device_id, seq, data, final)
+        n = self._s.send_device_state(str(device_id), seq, data, final)
         self._busy += self._clock.now() - t0
-        self._bytes += len(data)
+        self._bytes += int(n) if n is not None else len(data)
 
     def sync(self, generation: int) -> None:
-        self._s.sync(generation)
+        n = self._s.sync(generation)
+        self._bytes += int(n or 0)
 
     def finish(self, digest: int) -> None:
-        self._s.finish(digest)
+        n = self._s.finish(digest)
+        self._bytes += int(n or 0)
 
     def send(self, msg: dict[str, Any]) -> None:
         self._s.control_send(protocol.encode(msg))
@@ -141,7 +145,14 @@ class ReceiverEndpoint:
         return None if data is None else protocol.decode(bytes(data))
 
     def device_records(self) -> list[tuple[int, int, bytes, bool]]:
-        return [(int(d), int(s), bytes(b), bool(f)) for d, s, b, f in self._r.device_records()]
+        out = []
+        for dev, seq, data, final in self._r.device_records():
+            try:
+                dev_id = int(dev)
+            except ValueError:
+                raise ProtocolError(f"device record for non-numeric device id {dev!r}") from None
+            out.append((dev_id, int(seq), bytes(data), bool(final)))
+        return out
 
     def wait_end(self, timeout: float) -> dict[str, Any]:
         return dict(self._r.wait_end(timeout))

@@ -652,12 +652,19 @@ class MigrationSource:
 
     def _abort_switchover(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
         assert self.link is not None
-        discard = {
+        aborted = {
             str(dev): [precopy_seqs.get(dev, -1) + 1, last]
             for dev, last in self.link.last_seq.items()
             if last > precopy_seqs.get(dev, -1)
         }
-        self.link.send({"type": "switchover-abort", "discard": discard, "reason": str(e)})
+        self.link.send(
+            {
+                "type": "switchover-abort",
+                "aborted": aborted,
+                "device_seqs": _str_keys(self.link.last_seq),
+                "reason": str(e),
+            }
+        )
         self.switchover_aborts += 1
         self._event("switchover-abort", reason=str(e))
         if self.policy.fail_on_over_budget:
@@ -751,7 +758,7 @@ class MigrationSource:
                 "transferred": transferred,
                 "remaining": ram.pending_estimate()[0] if self.status != "completed" else 0,
                 "total": self.memory.size,
-                "duplicate": int(link_stats.get("duplicate", 0)),
+                "duplicate": int(link_stats.get("duplicate", link_stats.get("zero-pages", 0))),
                 "normal": normal,
                 "normal-bytes": normal * page,
                 "dirty-sync-count": ram.sync_count,
