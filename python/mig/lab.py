@@ -48,7 +48,7 @@ DEVICE_SETS: dict[str, tuple[str, ...]] = {
     "fixed": ("fixed",),
     "nic": ("nic:state=16MiB,rate=8MiB/s,grow=512KiB/s",),
     "opaque": ("opaque:state=16MiB,rate=8MiB/s",),
-    "gpu": ("gpu:state=128MiB,rate=16MiB/s",),
+    "gpu": ("gpu:state=64MiB,rate=16MiB/s",),
     "dma": ("dma:dma=4MiB/s",),
 }
 METRICS = ("total-time", "downtime", "transferred", "passes")
@@ -58,9 +58,9 @@ METRICS = ("total-time", "downtime", "transferred", "passes")
 def matrix(quick: bool) -> list[SimConfig]:
     """The simulated sweep."""
     if quick:
-        memories = [1 * GIB]
-        workloads = ["uniform:rate=20000", "hotset:rate=60000,wss=512MiB", "zipf:rate=100000"]
-        bandwidths = [1 * GIB, 10e9 / 8]
+        memories = [512 * MIB]
+        workloads = ["uniform:rate=20000", "hotset:rate=60000,wss=256MiB"]
+        bandwidths = [1 * GIB]
         limits = [100, 300]
     else:
         memories = [4 * GIB]
