@@ -17,7 +17,9 @@ from mig._mig import (
     capabilities,
 )
 from mig.destination import MigrationDestination
+from mig.handlers import OverBudget, RamHandler, StateHandler
 from mig.memory import Guest
+from mig.policies import POLICIES, make_policy
 from mig.source import MigrationSource
 
 __all__ = [
@@ -29,10 +31,15 @@ __all__ = [
     "MigError",
     "MigrationDestination",
     "MigrationSource",
+    "OverBudget",
+    "POLICIES",
     "ProtocolError",
+    "RamHandler",
     "Receiver",
     "Sender",
+    "StateHandler",
     "UnsupportedError",
     "WorkloadGuest",
     "capabilities",
+    "make_policy",
 ]

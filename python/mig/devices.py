@@ -697,6 +697,7 @@ class SampleDevice(VfioDevice):
         chunk: int = 64 << 10,
         seed: int = 0,
         active: bool = True,
+        clock: Any = None,
     ) -> None:
         super().__init__(name, caps, size=size, capacity=capacity, chunk=chunk, seed=seed)
         self.rate = rate
@@ -708,8 +709,26 @@ class SampleDevice(VfioDevice):
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._setup_worker()
-        self._thread = threading.Thread(target=self._run, name=f"dev-{name}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._vt_due = 0.0
+        if clock is not None and callable(getattr(clock, "on_advance", None)):
+            # Virtual time: the clock drives the device, no worker thread.
+            clock.on_advance(self._on_clock)
+        else:
+            self._thread = threading.Thread(target=self._run, name=f"dev-{name}", daemon=True)
+            self._thread.start()
+
+    def _on_clock(self, old: float, new: float) -> None:
+        # Work in steps of ``tick``, as the worker thread does: a write marks
+        # whole chunks dirty, so finer steps would dirty more state.
+        with self._lock:
+            if self._stop or not self._running():
+                self._vt_due = 0.0
+                return
+            self._vt_due += new - old
+            if self._vt_due >= self.tick:
+                self._advance(self._vt_due)
+                self._vt_due = 0.0
 
     def _setup_worker(self) -> None:
         """Hook: finish subclass state before the worker thread starts."""
@@ -762,7 +781,7 @@ class SampleDevice(VfioDevice):
         with self._lock:
             self._stop = True
             self._wake.notify_all()
-        if self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def __enter__(self) -> SampleDevice:
@@ -1050,6 +1069,7 @@ def create(
     name: str | None = None,
     *,
     active: bool = True,
+    clock: Any = None,
 ) -> SampleDevice:
     """Build one sample device from a spec such as ``"nic:state=64MiB,rate=20MiB/s"``.
 
@@ -1057,7 +1077,9 @@ def create(
     a device whose guest driver has not armed it yet (a destination device:
     it starts working once a migrated state is loaded). Fault fields of the
     spec arm the source device only; a destination twin built from the same
-    spec gets faults through `VfioDevice.inject_fault`.
+    spec gets faults through `VfioDevice.inject_fault`. ``clock``: a clock
+    with ``on_advance`` (``mig.clock.VirtualClock``) drives the device's
+    activity in virtual time instead of a worker thread.
     """
     if isinstance(spec, str):
         specs = parse_specs(spec)
@@ -1072,10 +1094,12 @@ def create(
     if cls is DmaDevice:
         if memory is None:
             raise DeviceSpecError("dma: a dma device needs the guest memory it writes (memory=)")
-        dev: SampleDevice = DmaDevice(dev_name, caps, memory=memory, active=active, **kw)
+        dev: SampleDevice = DmaDevice(
+            dev_name, caps, memory=memory, active=active, clock=clock, **kw
+        )
     else:
         kw.pop("dma_rate", None)
-        dev = cls(dev_name, caps, active=active, **kw)
+        dev = cls(dev_name, caps, active=active, clock=clock, **kw)
     if fault and active:
         dev.inject_fault(**fault)
     return dev
@@ -1086,6 +1110,7 @@ def create_all(
     memory: GuestMemory | None = None,
     *,
     active: bool = True,
+    clock: Any = None,
 ) -> list[SampleDevice]:
     """Build every device of a spec list, named ``<kind><n>`` unless named in the spec."""
     parsed: list[DeviceSpec] = []
@@ -1097,7 +1122,8 @@ def create_all(
         for s in parsed:
             n = counts.get(s.kind, 0)
             counts[s.kind] = n + 1
-            out.append(create(s, memory, s.options.get("name") or f"{s.kind}{n}", active=active))
+            name = s.options.get("name") or f"{s.kind}{n}"
+            out.append(create(s, memory, name, active=active, clock=clock))
     except BaseException:
         for d in out:
             d.close()

@@ -1,0 +1,602 @@
+"""The policy lab: ``mig bench policies``.
+
+Runs a matrix of workloads × devices × policies × bandwidths × downtime
+limits in virtual time (``mig.sim``), optionally for real over loopback, and
+a validation set run both ways. Writes ``results.json`` (``runs``: one
+``query()`` per run; ``validation``: one row per configuration with relative
+errors in ``*-error`` keys), ``report.md`` and PNG plots.
+
+The CLI calls ``main(argv)`` for ``mig bench ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mig.policies import policy_names
+from mig.sim import HostModel, LinkModel, SimConfig, simulate
+
+__all__ = [
+    "DEVICE_SETS",
+    "METRICS",
+    "ValidationCase",
+    "compare",
+    "error_summary",
+    "main",
+    "matrix",
+    "run_real",
+    "run_sweep",
+    "validation_cases",
+    "write_report",
+]
+
+MIB = 1 << 20
+GIB = 1 << 30
+# Device sets of the matrix: one of each sample type, sized for the lab.
+DEVICE_SETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "fixed": ("fixed",),
+    "nic": ("nic:state=16MiB,rate=8MiB/s,grow=512KiB/s",),
+    "opaque": ("opaque:state=16MiB,rate=8MiB/s",),
+    "gpu": ("gpu:state=64MiB,rate=16MiB/s",),
+    "dma": ("dma:dma=4MiB/s",),
+}
+METRICS = ("total-time", "downtime", "transferred", "passes")
+
+
+# ------------------------------------------------------------------ matrix
+def matrix(quick: bool) -> list[SimConfig]:
+    """The simulated sweep."""
+    if quick:
+        memories = [512 * MIB]
+        workloads = ["uniform:rate=20000", "hotset:rate=60000,wss=256MiB"]
+        bandwidths = [1 * GIB]
+        limits = [100, 300]
+    else:
+        memories = [4 * GIB]
+        workloads = [
+            "uniform:rate=20000",
+            "uniform:rate=80000",
+            "hotset:rate=60000,wss=2GiB",
+            "zipf:rate=200000",
+            "sequential:rate=100000,wss=1GiB",
+        ]
+        bandwidths = [1 * GIB, 10e9 / 8, 25e9 / 8]
+        limits = [50, 100, 300, 1000]
+    out = []
+    for mem in memories:
+        for wl in workloads:
+            for dev_name, devs in DEVICE_SETS.items():
+                for pol in policy_names():
+                    for bw in bandwidths:
+                        for lim in limits:
+                            out.append(
+                                SimConfig(
+                                    memory=mem,
+                                    workload=wl,
+                                    vcpus=2,
+                                    devices=devs,
+                                    policy=pol,
+                                    params={
+                                        "max_bandwidth": int(bw),
+                                        "downtime_limit": lim,
+                                        "multifd_channels": 4,
+                                        "timeout": 120.0,
+                                    },
+                                    link=LinkModel(rtt=100e-6),
+                                    label=dev_name,
+                                )
+                            )
+    return out
+
+
+# -------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class ValidationCase:
+    name: str
+    config: SimConfig
+
+
+def validation_cases(host: HostModel | None = None) -> list[ValidationCase]:
+    """Small configurations run both for real (loopback) and simulated."""
+    host = host or HostModel()
+    rows = [
+        # (workload, rate pages/s, bandwidth cap, policy, devices)
+        ("uniform", 4000, 64 * MIB, "estimate-only", ("fixed",)),
+        ("uniform", 4000, 64 * MIB, "exact-running", ("nic:state=4MiB,rate=1MiB/s",)),
+        ("uniform", 12000, 64 * MIB, "stop-exact-resume", ("opaque:state=4MiB,rate=1MiB/s",)),
+        ("uniform", 12000, 128 * MIB, "adaptive", ("opaque:state=4MiB,rate=1MiB/s",)),
+        ("hotset", 20000, 64 * MIB, "exact-running", ("fixed",)),
+        ("hotset", 20000, 128 * MIB, "device-checks-sla", ("nic:state=4MiB,rate=1MiB/s",)),
+        ("hotset", 40000, 128 * MIB, "cached-exact", ("opaque:state=4MiB,rate=1MiB/s",)),
+        ("zipf", 20000, 64 * MIB, "assume-zero-device", ("opaque:state=4MiB,rate=1MiB/s",)),
+        ("zipf", 40000, 128 * MIB, "adaptive", ("nic:state=4MiB,rate=1MiB/s",)),
+        ("sequential", 4000, 64 * MIB, "stop-exact-resume", ("fixed",)),
+        ("sequential", 8000, 128 * MIB, "estimate-only", ("dma:dma=1MiB/s",)),
+        ("uniform", 8000, 96 * MIB, "cached-exact", ("dma:dma=1MiB/s",)),
+    ]
+    wss = {"hotset": ",wss=64MiB", "zipf": "", "sequential": ",wss=32MiB", "uniform": ""}
+    out = []
+    for i, (pattern, rate, bw, pol, devs) in enumerate(rows):
+        cfg = SimConfig(
+            memory=128 * MIB,
+            workload=f"{pattern}:rate={rate}{wss[pattern]}",
+            vcpus=1,
+            devices=devs,
+            policy=pol,
+            params={
+                "max_bandwidth": int(bw),
+                "downtime_limit": 300,
+                "multifd_channels": 2,
+                "timeout": 60.0,
+            },
+            link=LinkModel(rtt=100e-6),
+            host=host,
+            seed=i + 1,
+            label=f"v{i + 1:02d}",
+        )
+        out.append(ValidationCase(f"v{i + 1:02d}", cfg))
+    return out
+
+
+def run_real(cfg: SimConfig) -> dict[str, Any]:
+    """Run ``cfg`` for real: a ``WorkloadGuest`` migrated over loopback TCP."""
+    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
+    from mig.devices import create_all  # noqa: PLC0415
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    src, dst = GuestMemory(cfg.memory), GuestMemory(cfg.memory)
+    if cfg.prefilled:
+        src.array[:] = 0x5A  # every page non-zero, as the simulated guest assumes
+    specs = list(cfg.devices)
+    guest = WorkloadGuest(src, vcpus=cfg.vcpus, workload=cfg.workload)
+    sdevs = create_all(specs, src) if specs else []
+    ddevs = create_all(specs, dst, active=False) if specs else []
+    try:
+        dest = MigrationDestination("tcp:127.0.0.1:0", dst, ddevs)
+        source = MigrationSource(guest, sdevs, uri=dest.uri, policy=cfg.policy, **cfg.params)
+        dest.start()
+        source.start()
+        q = source.wait(float(cfg.params.get("timeout", 60)) + 60)
+        dest.wait(60)
+    finally:
+        guest.close()
+        for d in sdevs + ddevs:
+            d.close()
+    q["devices"] = [{**d, "type": dev.kind} for d, dev in zip(q["devices"], sdevs, strict=True)]
+    q["digest-match"] = q["status"] == "completed" and src.digest() == dst.digest()
+    q["config"] = cfg.to_dict()
+    q["workload"] = cfg.workload
+    return q
+
+
+def _metric(q: dict[str, Any], key: str) -> float:
+    if key == "transferred":
+        return float(q.get("ram", {}).get("transferred", 0))
+    if key == "passes":
+        return float(len(q.get("passes", [])))
+    return float(q.get(key) or 0.0)
+
+
+def compare(name: str, real: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+    """One validation row: both values of every metric and the relative error."""
+    row: dict[str, Any] = {
+        "name": name,
+        "workload": real.get("workload"),
+        "policy": real.get("policy"),
+        "devices": [d["type"] for d in real.get("devices", [])],
+        "max-bandwidth": real["config"]["params"].get("max_bandwidth"),
+        "real-status": real["status"],
+        "sim-status": sim["status"],
+    }
+    for m in METRICS:
+        r, s = _metric(real, m), _metric(sim, m)
+        row[f"real-{m}"] = r
+        row[f"sim-{m}"] = s
+        row[f"{m}-error"] = abs(s - r) / r if r else (0.0 if s == 0 else 1.0)
+    return row
+
+
+def error_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and maximum relative error per metric."""
+    out = {}
+    for m in METRICS:
+        errs = [r[f"{m}-error"] for r in rows]
+        out[m] = {"median": statistics.median(errs), "max": max(errs)} if errs else {}
+    return out
+
+
+# ------------------------------------------------------------------ sweeps
+def _sim_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return simulate(SimConfig.from_dict(cfg_dict))
+
+
+def run_sweep(
+    configs: Sequence[SimConfig],
+    *,
+    executor: Executor | None = None,
+    dask_address: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Simulate every config in parallel (a process pool, or a Dask cluster)."""
+    payload = [c.to_dict() for c in configs]
+    results: list[dict[str, Any] | None] = [None] * len(payload)
+    if dask_address:
+        from dask.distributed import Client  # noqa: PLC0415
+        from dask.distributed import as_completed as dask_completed
+
+        with Client(dask_address) as client:
+            futures = client.map(_sim_one, payload, pure=False)
+            index = {f.key: i for i, f in enumerate(futures)}
+            for fut in dask_completed(futures):
+                results[index[fut.key]] = fut.result()
+                if progress:
+                    progress(1)
+        return [r for r in results if r is not None]
+    own = executor is None
+    ex = executor or ProcessPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        futs = {ex.submit(_sim_one, p): i for i, p in enumerate(payload)}
+        for fut in as_completed(futs):
+            results[futs[fut]] = fut.result()
+            if progress:
+                progress(1)
+    finally:
+        if own:
+            ex.shutdown()
+    return [r for r in results if r is not None]
+
+
+def run_validation(
+    cases: Sequence[ValidationCase], progress: Callable[[int], None] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each case for real (one at a time) and simulated; returns (real, sim, rows)."""
+    reals, sims, rows = [], [], []
+    for case in cases:
+        real = run_real(case.config)
+        sim = simulate(case.config)
+        reals.append(real)
+        sims.append(sim)
+        rows.append(compare(case.name, real, sim))
+        if progress:
+            progress(1)
+    return reals, sims, rows
+
+
+# ------------------------------------------------------------------ report
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return math.nan
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def policy_table(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per policy: SLA hit rate, downtime percentiles, stops, times, bytes, convergence."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for q in runs:
+        by.setdefault(q["policy"], []).append(q)
+    out = {}
+    for pol, qs in by.items():
+        done = [q for q in qs if q["status"] == "completed"]
+        limit = {id(q): q["config"]["params"]["downtime_limit"] for q in qs}
+        hits = [q for q in done if q["downtime"] <= limit[id(q)]]
+        ratio = [q["downtime"] / limit[id(q)] for q in done]
+        out[pol] = {
+            "runs": len(qs),
+            "sla-hit-rate": len(hits) / len(qs),
+            "convergence-rate": len(done) / len(qs),
+            "downtime-p50": _pct([q["downtime"] for q in done], 0.5),
+            "downtime-p95": _pct([q["downtime"] for q in done], 0.95),
+            "downtime-max": max((q["downtime"] for q in done), default=math.nan),
+            "downtime/limit-p50": _pct(ratio, 0.5),
+            "downtime/limit-p95": _pct(ratio, 0.95),
+            "downtime/limit-max": max(ratio, default=math.nan),
+            "guest-stops-mean": statistics.fmean(q["guest-stops"] for q in qs),
+            "guest-stopped-time-mean": statistics.fmean(q["guest-stopped-time"] for q in qs),
+            "total-time-p50": _pct([q["total-time"] for q in done], 0.5),
+            "transferred-p50": _pct([q["ram"]["transferred"] for q in done], 0.5),
+            "switchover-aborts-mean": statistics.fmean(q["switchover-aborts"] for q in qs),
+        }
+    return out
+
+
+def device_table(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (device set, policy): SLA hit rate, guest stops, downtime p95 / limit."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for q in runs:
+        dev = "+".join(d["type"] for d in q["devices"]) or "none"
+        by.setdefault((dev, q["policy"]), []).append(q)
+    out = {}
+    for key, qs in by.items():
+        done = [q for q in qs if q["status"] == "completed"]
+        lim = [q["config"]["params"]["downtime_limit"] for q in done]
+        out[key] = {
+            "sla-hit-rate": sum(
+                q["downtime"] <= q["config"]["params"]["downtime_limit"] for q in done
+            )
+            / len(qs),
+            "guest-stops-mean": statistics.fmean(q["guest-stops"] for q in qs),
+            "downtime/limit-p95": _pct(
+                [q["downtime"] / m for q, m in zip(done, lim, strict=True)], 0.95
+            ),
+        }
+    return out
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def conclusion(
+    table: dict[str, dict[str, float]], dev: dict[tuple[str, str], dict[str, float]]
+) -> str:
+    """The answer to the thread's question, from the data."""
+    lines = []
+    ser, exr = table.get("stop-exact-resume"), table.get("exact-running")
+    est, ad = table.get("estimate-only"), table.get("adaptive")
+    if ser and exr:
+        lines.append(
+            f"- Stopping the guest to learn the exact size (`stop-exact-resume`) hits the SLA in "
+            f"{ser['sla-hit-rate']:.0%} of runs against {exr['sla-hit-rate']:.0%} for sizing "
+            f"while running (`exact-running`), at a cost of {ser['guest-stops-mean']:.2f} guest "
+            f"stops and {ser['guest-stopped-time-mean']:.0f} ms stopped outside the downtime per "
+            f"migration (vs {exr['guest-stops-mean']:.2f} and "
+            f"{exr['guest-stopped-time-mean']:.0f} ms)."
+        )
+    if est:
+        lines.append(
+            f"- Trusting the estimate alone (`estimate-only`) hits the SLA in "
+            f"{est['sla-hit-rate']:.0%} of runs; its downtime p95 is "
+            f"{_fmt(est['downtime/limit-p95'], 2)}× the limit."
+        )
+    kinds = sorted({k for k, _ in dev})
+    for kind in kinds:
+        s, e = dev.get((kind, "stop-exact-resume")), dev.get((kind, "exact-running"))
+        if not (s and e):
+            continue
+        gain = s["sla-hit-rate"] - e["sla-hit-rate"]
+        verdict = "buys" if gain > 0.05 else ("costs" if gain < -0.05 else "changes little:")
+        lines.append(
+            f"- `{kind}`: stopping {verdict} {abs(gain):.0%} of SLA hit rate "
+            f"({e['sla-hit-rate']:.0%} → {s['sla-hit-rate']:.0%}) for "
+            f"{s['guest-stops-mean']:.2f} stops per migration."
+        )
+    if ad and ser:
+        earns = ad["sla-hit-rate"] >= ser["sla-hit-rate"] and (
+            ad["guest-stops-mean"] <= ser["guest-stops-mean"] / 3 + 1e-9
+        )
+        lines.append(
+            f"- `adaptive` hits the SLA in {ad['sla-hit-rate']:.0%} of runs with "
+            f"{ad['guest-stops-mean']:.2f} stops per migration: it "
+            + ("earns" if earns else "does not yet earn")
+            + " its target (the hit rate of `stop-exact-resume`, a third of its stops)."
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    runs: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> Path:
+    table = policy_table(runs) if runs else {}
+    dev = device_table(runs) if runs else {}
+    lines = ["# Policy lab report", ""]
+    lines.append(
+        f"{len(runs)} runs ({meta.get('mode')}), {meta.get('seconds', 0):.0f} s wall. Downtimes "
+        'in ms; "stopped" is guest time paused outside the downtime (ms per migration).'
+    )
+    lines += ["", "## Policies", ""]
+    hdr = ("policy | runs | SLA hit | converged | downtime p50 / p95 / max | ×limit p50 / p95 / max"
+           " | stops | stopped | total time p50 | bytes p50 (MiB) | aborts")  # fmt: skip
+    lines += [hdr, "|".join(["---"] * 11)]
+    for pol, t in table.items():
+        lines.append(
+            f"`{pol}` | {t['runs']} | {t['sla-hit-rate']:.0%} | {t['convergence-rate']:.0%} | "
+            f"{_fmt(t['downtime-p50'])} / {_fmt(t['downtime-p95'])} / {_fmt(t['downtime-max'])} | "
+            f"{_fmt(t['downtime/limit-p50'], 2)} / {_fmt(t['downtime/limit-p95'], 2)} / "
+            f"{_fmt(t['downtime/limit-max'], 2)} | {t['guest-stops-mean']:.2f} | "
+            f"{t['guest-stopped-time-mean']:.1f} | {_fmt(t['total-time-p50'], 0)} | "
+            f"{_fmt(t['transferred-p50'] / MIB, 0)} | {t['switchover-aborts-mean']:.2f}"
+        )
+    if dev:
+        pols = list(table)
+        lines += ["", "## SLA hit rate (guest stops) per device type", ""]
+        lines += [
+            "device | " + " | ".join(f"`{p}`" for p in pols),
+            "|".join(["---"] * (len(pols) + 1)),
+        ]
+        for kind in sorted({k for k, _ in dev}):
+            cells = []
+            for p in pols:
+                d = dev.get((kind, p))
+                cells.append(f"{d['sla-hit-rate']:.0%} ({d['guest-stops-mean']:.1f})" if d else "–")
+            lines.append(f"{kind} | " + " | ".join(cells))
+    if validation:
+        summ = error_summary(validation)
+        lines += ["", "## Validation: simulated against real loopback runs", ""]
+        lines += [
+            "case | workload | policy | devices | cap MiB/s | total ms real/sim | downtime ms "
+            "real/sim | MiB real/sim | passes real/sim",
+            "|".join(["---"] * 9),
+        ]
+        for r in validation:
+            lines.append(
+                f"{r['name']} | `{r['workload']}` | `{r['policy']}` | {','.join(r['devices'])} | "
+                f"{r['max-bandwidth'] / MIB:.0f} | {r['real-total-time']:.0f} / "
+                f"{r['sim-total-time']:.0f} | {r['real-downtime']:.0f} / {r['sim-downtime']:.0f} | "
+                f"{r['real-transferred'] / MIB:.0f} / {r['sim-transferred'] / MIB:.0f} | "
+                f"{r['real-passes']:.0f} / {r['sim-passes']:.0f}"
+            )
+        lines += ["", "metric | median error | max error", "---|---|---"]
+        for m, s in summ.items():
+            lines.append(f"{m} | {s['median']:.1%} | {s['max']:.1%}")
+    if table:
+        lines += [
+            "",
+            "## Answer: what does stopping the guest for the exact size cost and buy?",
+            "",
+        ]
+        lines.append(conclusion(table, dev))
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_plots(out: Path, runs: list[dict[str, Any]]) -> list[Path]:
+    """PNG plots: downtime vs limit, total time vs dirty rate, stops per policy, per device."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    paths = []
+    done = [q for q in runs if q["status"] == "completed"]
+    pols = sorted({q["policy"] for q in runs})
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in pols:
+        qs = [q for q in done if q["policy"] == p]
+        ax.scatter([q["config"]["params"]["downtime_limit"] for q in qs],
+                   [q["downtime"] for q in qs], label=p, s=10, alpha=0.6)  # fmt: skip
+    lims = sorted({q["config"]["params"]["downtime_limit"] for q in runs})
+    ax.plot(lims, lims, "k--", lw=1, label="limit")
+    ax.set(xlabel="downtime limit (ms)", ylabel="downtime (ms)", xscale="log", yscale="log")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "downtime-vs-limit.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in pols:
+        qs = [q for q in done if q["policy"] == p]
+        ax.scatter([q["ram"]["dirty-pages-rate"] for q in qs],
+                   [q["total-time"] / 1000 for q in qs], label=p, s=10, alpha=0.6)  # fmt: skip
+    ax.set(xlabel="measured dirty rate (pages/s)", ylabel="total time (s)")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "total-time-vs-dirty-rate.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stops = [statistics.fmean(q["guest-stops"] for q in runs if q["policy"] == p) for p in pols]
+    ax.bar(pols, stops)
+    ax.set(ylabel="guest stops per migration")
+    ax.tick_params(axis="x", rotation=30)
+    paths.append(_save(fig, out / "guest-stops-per-policy.png"))
+
+    dev = device_table(runs)
+    kinds = sorted({k for k, _ in dev})
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(pols))
+    for i, p in enumerate(pols):
+        xs = [j + i * width for j in range(len(kinds))]
+        ax.bar(xs, [dev.get((k, p), {}).get("sla-hit-rate", 0) for k in kinds], width, label=p)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds)
+    ax.set(ylabel="SLA hit rate", title="per device type")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "sla-per-device-type.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------- CLI
+def _strip(q: dict[str, Any]) -> dict[str, Any]:
+    return q
+
+
+def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.progress import Progress  # noqa: PLC0415
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    host = HostModel.calibrate() if args.calibrate else HostModel()
+    runs: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
+    cases = validation_cases(host)
+    if args.quick:
+        cases = cases[: args.validation or 4]
+    elif args.validation:
+        cases = cases[: args.validation]
+    configs = [c.with_(host=host) for c in matrix(args.quick)] if not args.real else []
+    with Progress() as bar:
+        if configs:
+            task = bar.add_task("simulate", total=len(configs))
+            runs += run_sweep(
+                configs,
+                dask_address=args.dask,
+                progress=lambda n: bar.advance(task, n),
+            )
+        if not args.sim:
+            vtask = bar.add_task("real + simulated validation", total=len(cases))
+            reals, _, validation = run_validation(cases, lambda n: bar.advance(vtask, n))
+            if args.real:
+                runs += reals
+    meta = {
+        "mode": "real" if args.real else ("sim" if args.sim else "sim + validation"),
+        "quick": args.quick,
+        "seconds": time.monotonic() - t0,
+        "host": host.__dict__ if hasattr(host, "__dict__") else {},
+    }
+    results = {"meta": meta, "runs": runs, "validation": validation}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(out, runs, validation, meta)
+    if runs:
+        write_plots(out, runs)
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mig bench", description="policy lab and micro-benchmarks")
+    sub = p.add_subparsers(dest="what", required=True)
+    pol = sub.add_parser("policies", help="sweep the completion policies")
+    mode = pol.add_mutually_exclusive_group()
+    mode.add_argument("--sim", action="store_true", help="simulated runs only")
+    mode.add_argument("--real", action="store_true", help="real loopback runs only")
+    pol.add_argument("--quick", action="store_true", help="a small matrix (≤ 5 min on 2 cores)")
+    pol.add_argument("--out", default="bench-out", help="output directory")
+    pol.add_argument("--dask", metavar="ADDRESS", help="send simulated runs to this Dask scheduler")
+    pol.add_argument("--validation", type=int, default=0, help="number of validation cases")
+    pol.add_argument("--calibrate", action="store_true", help="measure host costs first")
+    kern = sub.add_parser("kernels", help="run benches/ and summarise ratios to their limits")
+    kern.add_argument("--out", default="bench-out", help="output directory")
+    kern.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mig bench ...``: returns the exit status."""
+    args = parser().parse_args(argv)
+    if args.what == "policies":
+        results = bench_policies(args)
+        rows = results["validation"]
+        print(f"wrote {args.out}/results.json, report.md ({len(results['runs'])} runs)")
+        if rows:
+            for m, s in error_summary(rows).items():
+                print(f"  {m}: median error {s['median']:.1%}, max {s['max']:.1%}")
+        return 0
+    from mig.benchrun import run_benches  # noqa: PLC0415
+
+    return run_benches(Path(args.out), args.pytest_args)

@@ -1,0 +1,811 @@
+"""Virtual-time simulation of a migration on the real loop, policies and devices.
+
+``simulate(SimConfig(...))`` builds a ``MigrationSource`` with a
+``VirtualClock``, a simulated guest (``SimGuest``), a tracker over it
+(``SimTracker``) and a simulated network (``SimLink``), and runs the loop on
+the calling thread. The orchestrator loop, the policy objects and the device
+handlers (``mig.device_handler.DeviceHandler`` over the sample devices of
+``mig.devices``, driven by the clock instead of worker threads) are the ones
+real migrations use; only the guest, the tracker, the network and the
+destination are models.
+
+Models:
+
+* Guest: the workload specs of ``WorkloadGuest`` (same grammar, same
+  samplers: sequential sweep per vCPU, uniform, hot set, Zipf), writing pages
+  as virtual time passes, at the spec rate times ``1 - throttle``, capped by
+  the dirty limit. ``rate=max`` uses ``HostModel.max_rate_per_vcpu``. Pages
+  written after their last send and before the final sync are re-sent;
+  pages never written are zero pages (cheap on the wire, as the sender
+  separates them). The copy verifies only if nothing wrote guest memory
+  after the final sync (a device whose DMA was not quiesced, for one).
+* Scale: page-level up to ``PAGE_LEVEL_LIMIT`` (64 GiB of 4 KiB pages).
+  Beyond, the aggregated model tracks ``granularity`` pages as one unit and
+  thins the writes by the same factor, which keeps the expected dirty bytes
+  of uniform, hot-set and sequential writers exact (a unit is dirty with the
+  probability of any of its pages); for Zipf writers it overstates the
+  dirty bytes of hot units. ``benches/bench_sim.py`` measures the error
+  against the page-level model.
+* Network: ``channels`` parallel channels, each limited to
+  ``channel_bandwidth`` and to ``window / rtt`` (a TCP window per round
+  trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total. Wire
+  bytes follow the stream format: a 48-byte header per packet of up to
+  ``packet_pages`` pages, 8 bytes per page offset, page payload only for
+  non-zero pages; a device chunk costs a record header plus its bytes.
+  Control messages take half a round trip each way.
+* Host costs (``HostModel``): memory digest rate (the switchover digests all
+  of RAM on both sides), tracker sync cost, vCPU stop latency and the rate
+  at which device state is produced and loaded. ``HostModel.calibrate()``
+  measures them on this host.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mig._mig import DirtyBitmap
+from mig.clock import VirtualClock
+from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
+from mig.devices import MigCap, create_all
+from mig.units import parse_rate, parse_size
+
+__all__ = [
+    "PAGE_LEVEL_LIMIT",
+    "HostModel",
+    "LinkModel",
+    "SimConfig",
+    "SimGuest",
+    "SimLink",
+    "SimMemory",
+    "SimTracker",
+    "WorkloadSpec",
+    "parse_workload",
+    "simulate",
+]
+
+PAGE_SIZE = 4096
+PAGE_LEVEL_LIMIT = 64 << 30
+# Units the aggregated model tracks beyond PAGE_LEVEL_LIMIT (4 Mi: 512 KiB bitmaps).
+AGGREGATED_UNITS = 1 << 22
+RECORD_HEADER = 48  # wire.rs RECORD_HEADER_LEN
+OFFSET_BYTES = 8
+
+
+# --------------------------------------------------------------- workloads
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A parsed workload spec (``rust/src/workload.rs`` grammar)."""
+
+    pattern: str
+    wss: int | None = None  # bytes, None: all memory
+    rate: float | None = None  # guest-wide page writes/s, None: max
+    hot: float = 0.1
+    hotprob: float = 0.9
+    s: float = 1.1
+
+
+_FIELDS = {
+    "idle": (),
+    "sequential": ("wss", "rate"),
+    "uniform": ("wss", "rate"),
+    "hotset": ("wss", "rate", "hot", "hotprob"),
+    "zipf": ("wss", "rate", "s"),
+}
+
+
+def _wl_size(text: str) -> int:
+    m = text.strip()
+    digits = len(m) - len(m.lstrip("0123456789"))
+    num, unit = m[:digits], m[digits:].strip().lower()
+    if not num:
+        raise ValueError(f"workload field wss: {text!r} is not a size (expected e.g. 256MiB)")
+    mult = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+            "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+            "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}.get(unit)  # fmt: skip
+    if mult is None:
+        raise ValueError(f"workload field wss: {text!r} has an unknown unit {unit!r}")
+    return int(num) * mult
+
+
+def _fraction(key: str, v: str, open_low: bool) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"workload field {key}={v}: not a number") from None
+    ok = 0 < x < 1 if open_low else 0 <= x <= 1
+    if not ok:
+        raise ValueError(
+            f"workload field {key}={v}: must lie in {'(0, 1)' if open_low else '[0, 1]'}"
+        )
+    return x
+
+
+def parse_workload(text: str) -> WorkloadSpec:
+    """Parse ``PATTERN[:key=value,...]`` exactly as the native ``WorkloadGuest`` does."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    if name not in _FIELDS:
+        raise ValueError(
+            f"unknown workload {name!r} (expected idle, sequential, uniform, hotset, zipf)"
+        )
+    allowed = _FIELDS[name]
+    kw: dict[str, Any] = {}
+    for item in (i.strip() for i in rest.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"workload field {item!r} is not key=value")
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k not in allowed:
+            raise ValueError(
+                f"workload {name} has no field {k!r} (fields: {', '.join(allowed) or 'none'})"
+            )
+        if k == "wss":
+            kw["wss"] = _wl_size(v)
+            if kw["wss"] == 0:
+                raise ValueError("workload field wss=0: must be positive")
+        elif k == "rate":
+            if v == "max":
+                kw["rate"] = None
+            else:
+                try:
+                    r = float(v)
+                except ValueError:
+                    raise ValueError(
+                        f"workload field rate={v}: expected page writes/s or 'max'"
+                    ) from None
+                if not (math.isfinite(r) and r > 0):
+                    raise ValueError(f"workload field rate={v}: must be positive or 'max'")
+                kw["rate"] = r
+        elif k in ("hot", "hotprob"):
+            kw[k] = _fraction(k, v, k == "hot")
+        else:
+            try:
+                s = float(v)
+            except ValueError:
+                s = -1.0
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"workload field s={v}: must be positive")
+            kw["s"] = s
+    return WorkloadSpec(name, **kw)
+
+
+class _Sampler:
+    """Pages one vCPU writes, in 4 KiB page numbers, ``stride`` writes per sample."""
+
+    def __init__(self, spec: WorkloadSpec, wss: int, vcpu: int, vcpus: int, stride: int,
+                 rng: np.random.Generator) -> None:  # fmt: skip
+        self.spec, self.wss, self.stride, self.rng = spec, wss, stride, rng
+        lo, hi = wss * vcpu // vcpus, wss * (vcpu + 1) // vcpus
+        self.lo, self.len = (lo, hi - lo) if hi > lo else (0, wss)
+        self.next = 0
+        self.hot = min(max(round(wss * spec.hot), 1), wss)
+        if spec.pattern == "zipf":
+            self._zipf_setup(spec.s)
+
+    _HEAD = 1 << 20
+
+    def _zipf_setup(self, s: float) -> None:
+        # Exact weights for the first ranks, the integral of x^-s for the tail.
+        head = min(self.wss, self._HEAD)
+        w = np.arange(1, head + 1, dtype=np.float64) ** -s
+        self.cdf = np.cumsum(w)
+        head_mass = float(self.cdf[-1])
+        self.cdf /= head_mass
+        a, b = head + 0.5, self.wss + 0.5
+        tail = self._integral(a, b, s) if self.wss > head else 0.0
+        self.p_head = head_mass / (head_mass + tail)
+        self.a, self.b, self.s = a, b, s
+
+    @staticmethod
+    def _integral(a: float, b: float, s: float) -> float:
+        if abs(s - 1) < 1e-12:
+            return math.log(b / a)
+        return (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+
+    def _tail(self, u: np.ndarray) -> np.ndarray:
+        a, b, s = self.a, self.b, self.s
+        if abs(s - 1) < 1e-12:
+            x = a * (b / a) ** u
+        else:
+            x = (a ** (1 - s) + u * (b ** (1 - s) - a ** (1 - s))) ** (1 / (1 - s))
+        return np.clip(np.floor(x + 0.5).astype(np.int64), 1, self.wss)
+
+    def sample(self, n: int) -> np.ndarray:
+        p, rng = self.spec.pattern, self.rng
+        if p == "sequential":
+            pos = (self.next + self.stride * np.arange(n, dtype=np.int64)) % self.len
+            self.next = int((self.next + self.stride * n) % self.len)
+            return self.lo + pos
+        if p == "uniform":
+            return rng.integers(0, self.wss, n)
+        if p == "hotset":
+            if self.hot == self.wss:
+                return rng.integers(0, self.hot, n)
+            k = int(rng.binomial(n, self.spec.hotprob))
+            return np.concatenate(
+                [rng.integers(0, self.hot, k), rng.integers(self.hot, self.wss, n - k)]
+            )
+        if p == "zipf":
+            head = rng.random(n) < self.p_head
+            out = np.empty(n, dtype=np.int64)
+            nh = int(head.sum())
+            out[head] = np.searchsorted(self.cdf, rng.random(nh), side="right") + 1
+            if n - nh:
+                out[~head] = self._tail(rng.random(n - nh))
+            return np.minimum(out, self.wss) - 1
+        return np.zeros(0, dtype=np.int64)
+
+
+# ------------------------------------------------------------------ models
+@dataclass(frozen=True)
+class HostModel:
+    """Costs of the host's own work, in seconds or bytes/s."""
+
+    digest_rate: float = 8e9  # bytes/s of GuestMemory.digest
+    sync_base: float = 30e-6  # s per tracker sync
+    sync_per_page: float = 0.5e-9  # s per guest page scanned by a sync
+    pause_latency: float = 100e-6  # s until every vCPU is parked
+    device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
+    device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
+    load_base: float = 0.006  # s the destination needs to drain channels and finish loading
+    max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
+    send_per_page: float = 0.0  # s of sender CPU per page (copy, zero scan)
+
+    @classmethod
+    def calibrate(cls, size: int = 64 << 20) -> HostModel:
+        """Measure the costs on this host (about a second)."""
+        from mig._mig import DirtyTracker, GuestMemory, WorkloadGuest  # noqa: PLC0415
+
+        mem = GuestMemory(size)
+        mem.array[:] = 1
+        t = _best(lambda: mem.digest(), 3)
+        digest_rate = size / t
+        tracker = DirtyTracker(mem, backend="soft")
+        tracker.sync()
+        t_small = _best(tracker.sync, 5)
+        tracker.close()
+        sync_per_page = t_small / mem.num_pages
+        with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
+            time.sleep(0.2)
+            lat = []
+            for _ in range(3):
+                lat.append(g.pause())
+                g.resume()
+                time.sleep(0.02)
+            writes = g.stats()["rate"]
+        return cls(
+            digest_rate=digest_rate,
+            sync_base=min(t_small, 50e-6),
+            sync_per_page=sync_per_page,
+            pause_latency=float(np.median(lat)),
+            max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
+        )
+
+
+def _best(fn: Any, n: int) -> float:
+    best = math.inf
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Per-channel bandwidth and RTT, a shared bottleneck, a TCP window."""
+
+    channel_bandwidth: float = 0.0  # bytes/s per channel, 0: unlimited
+    rtt: float = 100e-6  # s
+    bottleneck: float = 0.0  # bytes/s shared by all channels, 0: none
+    window: int = 4 << 20  # bytes in flight per channel
+    packet_pages: int = 128
+
+    def throughput(self, channels: int, cap: float) -> float:
+        per = self.window / self.rtt if self.rtt > 0 else math.inf
+        if self.channel_bandwidth:
+            per = min(per, self.channel_bandwidth)
+        total = per * max(1, channels)
+        for limit in (self.bottleneck, cap):
+            if limit:
+                total = min(total, limit)
+        if not math.isfinite(total):
+            raise ValueError("the link has no finite bandwidth: set a bandwidth, cap or RTT")
+        return total
+
+
+# ------------------------------------------------------------------ memory
+class SimMemory:
+    """What the loop reads of guest memory: sizes, and a digest that costs time."""
+
+    def __init__(self, size: int, granularity: int, clock: VirtualClock, host: HostModel) -> None:
+        self.size = size
+        self.granularity = granularity
+        self.page_size = PAGE_SIZE * granularity
+        self.num_pages = size // self.page_size
+        self._clock = clock
+        self._host = host
+        self.digests = 0
+
+    def digest(self, first: int | None = None, count: int | None = None) -> int:
+        pages = self.num_pages if count is None else count
+        self._clock.advance(pages * self.page_size / self._host.digest_rate)
+        self.digests += 1
+        return 0x5EED
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _DmaSink:
+    """Stands in for ``memory.array`` of a DMA device: writes mark pages dirty."""
+
+    def __init__(self, guest: SimGuest) -> None:
+        self._g = guest
+
+    def __setitem__(self, key: slice, value: Any) -> None:
+        page = key.start // PAGE_SIZE // self._g.memory.granularity
+        self._g.written(np.array([page], dtype=np.int64))
+
+
+class _DmaMemory:
+    """The 4 KiB-page view a DMA device writes through."""
+
+    page_size = PAGE_SIZE
+
+    def __init__(self, guest: SimGuest) -> None:
+        self.num_pages = guest.memory.size // PAGE_SIZE
+        self.size = guest.memory.size
+        self.array = _DmaSink(guest)
+
+
+class SimTracker:
+    """Dirty tracking over the simulated guest; a sync costs modelled time."""
+
+    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel) -> None:
+        self._bm = DirtyBitmap(memory.num_pages)
+        self._clock = clock
+        self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
+        self.last_sync_seconds = 0.0
+        self.syncs = 0
+        self.guest: SimGuest | None = None
+
+    def mark(self, bm: DirtyBitmap) -> None:
+        self._bm |= bm
+
+    def pending(self) -> int:
+        """Pages written and not yet harvested by a sync."""
+        if self.guest is not None:
+            self.guest.flush()
+        return self._bm.count()
+
+    def sync(self) -> DirtyBitmap:
+        self._clock.advance(self._cost)
+        self.last_sync_seconds = self._cost
+        self.syncs += 1
+        if self.guest is not None:
+            self.guest.flush()
+        return self._bm.take()
+
+    def close(self) -> None:
+        pass
+
+
+class SimGuest:
+    """A guest whose vCPUs write pages by a workload spec as virtual time passes."""
+
+    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel,
+                 workload: str = "idle", vcpus: int = 1, seed: int = 1,
+                 prefilled: bool = True) -> None:  # fmt: skip
+        if vcpus < 1:
+            raise ValueError("vcpus must be >= 1")
+        self.memory = memory
+        self.spec = parse_workload(workload)
+        self.workload = workload
+        self.vcpus = vcpus
+        self._clock = clock
+        self._host = host
+        g = memory.granularity
+        wss_bytes = self.spec.wss if self.spec.wss is not None else memory.size
+        if wss_bytes > memory.size:
+            raise ValueError(
+                f"workload field wss={wss_bytes} bytes exceeds guest memory of {memory.size} bytes"
+            )
+        if wss_bytes % PAGE_SIZE:
+            raise ValueError(f"workload field wss={wss_bytes} is not a multiple of {PAGE_SIZE}")
+        rng = np.random.default_rng(seed)
+        wss = wss_bytes // PAGE_SIZE
+        self._samplers = [_Sampler(self.spec, wss, v, vcpus, g, rng) for v in range(vcpus)]
+        self.tracker: SimTracker | None = None
+        n = memory.num_pages
+        # Never-written pages (zero on the wire); None when memory starts filled.
+        self.pristine = None if prefilled else DirtyBitmap.full(n)
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.running = True
+        self.throttle = 0.0
+        self.dirty_limit = 0.0
+        self.writes = 0
+        self.paused_time = 0.0
+        self._carry = 0.0
+        self._vcpu = 0
+        clock.on_advance(self._tick)
+
+    def base_rate(self) -> float:
+        if self.spec.pattern == "idle":
+            return 0.0
+        if self.spec.rate is None:
+            return self._host.max_rate_per_vcpu * self.vcpus
+        return self.spec.rate
+
+    def effective_rate(self) -> float:
+        per_vcpu = self.base_rate() / self.vcpus
+        if self.dirty_limit:
+            per_vcpu = min(per_vcpu, self.dirty_limit)
+        return per_vcpu * self.vcpus * (1.0 - self.throttle)
+
+    def _tick(self, old: float, new: float) -> None:
+        if not self.running:
+            self.paused_time += new - old
+            return
+        rate = self.effective_rate()
+        if rate <= 0:
+            return
+        self._carry += rate * (new - old) / self.memory.granularity
+        n = int(self._carry)
+        if n <= 0:
+            return
+        self._carry -= n
+        self.writes += n * self.memory.granularity
+        # vCPUs share the writes evenly; spread whole samples round-robin.
+        per, extra = divmod(n, self.vcpus)
+        parts = []
+        for i in range(self.vcpus):
+            k = per + (1 if (i - self._vcpu) % self.vcpus < extra else 0)
+            if k:
+                parts.append(self._samplers[i].sample(k))
+        self._vcpu = (self._vcpu + extra) % self.vcpus
+        pages = np.concatenate(parts) // self.memory.granularity
+        self.written(pages)
+
+    def written(self, pages: np.ndarray) -> None:
+        # Buffered until the tracker harvests: one bitmap build per sync.
+        self._buffer.append(pages)
+        self._buffered += len(pages)
+        if self._buffered > 1 << 22:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        pages = np.concatenate(self._buffer).astype(np.uint64)
+        self._buffer, self._buffered = [], 0
+        bm = DirtyBitmap.from_indices(pages, self.memory.num_pages)
+        if self.tracker is not None:
+            self.tracker.mark(bm)
+        if self.pristine is not None:
+            self.pristine.and_not(bm)
+
+    # --- the Guest protocol ---
+    def pause(self) -> float:
+        self.running = False
+        self._clock.advance(self._host.pause_latency)
+        return self._host.pause_latency
+
+    def resume(self) -> None:
+        self.running = True
+
+    def set_throttle(self, pct: float) -> None:
+        self.throttle = min(max(float(pct), 0.0), 0.99)
+
+    def set_dirty_limit(self, rate: float) -> None:
+        self.dirty_limit = float(rate)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "writes": self.writes,
+            "paused-time": self.paused_time,
+            "rate": self.effective_rate(),
+            "running": self.running,
+        }
+
+
+# -------------------------------------------------------------------- link
+class SimLink:
+    """A ``Link`` that charges virtual time and plays the destination."""
+
+    def __init__(self, guest: SimGuest, tracker: SimTracker, clock: VirtualClock,
+                 model: LinkModel, host: HostModel, channels: int,
+                 handlers: list[DeviceHandler]) -> None:  # fmt: skip
+        self.guest = guest
+        self.tracker = tracker
+        self.clock = clock
+        self.model = model
+        self.host = host
+        self.channels = max(1, int(channels))
+        self.cap = 0.0
+        self._bw = model.throughput(self.channels, 0)
+        self._bytes = 0
+        self._busy = 0.0
+        self._normal = 0
+        self._zero = 0
+        self._events: list[tuple[float, int, dict[str, Any]]] = []
+        self._n = 0
+        self._g = guest.memory.granularity
+        self._precopy_devs = {
+            h.device_id for h in handlers if h.device.caps & MigCap.PRE_COPY
+        }  # fmt: skip
+        self._init_seq: dict[int, int] = {}
+        self._bound: dict[int, int] = {}
+        self._acked = False
+        self._hello = False
+        self._device_bytes: dict[int, int] = {}
+        self._stop_copy_bytes = 0
+        self._credit: dict[int, int] = {}
+        self.verified = False
+        self.aborted = False
+        self.discarded = False
+
+    # --- time ---
+    def _charge(self, wire: int, cpu: float = 0.0) -> None:
+        dt = wire / self._bw + cpu
+        self._busy += dt
+        self.clock.advance(dt)
+
+    def _reply(self, delay: float, msg: dict[str, Any]) -> None:
+        self._n += 1
+        heapq.heappush(self._events, (self.clock.now() + delay, self._n, msg))
+
+    def produced(self, device_id: int, nbytes: int) -> None:
+        """A device produced ``nbytes`` of state ahead of sending it (stopped exact)."""
+        self.clock.advance(nbytes / self.host.device_rate)
+        self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
+
+    # --- the Link protocol ---
+    def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
+        if self.aborted:
+            raise OSError("link aborted")
+        count = bitmap.count()
+        if not count:
+            return 0
+        g = self._g
+        zero_units = 0
+        zero = self.guest.pristine
+        if zero is not None and zero.count():
+            inter = bitmap.copy()
+            inter.and_not(zero)
+            zero_units = count - inter.count()
+        pages = count * g
+        normal = (count - zero_units) * g
+        packets = -(-pages // self.model.packet_pages)
+        wire = packets * RECORD_HEADER + pages * OFFSET_BYTES + normal * PAGE_SIZE
+        self._normal += normal
+        self._zero += pages - normal
+        self._bytes += wire
+        self._charge(wire, pages * self.host.send_per_page)
+        return wire
+
+    def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
+        if self.aborted:
+            raise OSError("link aborted")
+        n = len(data)
+        if data and data[0] & FLAG_INIT_DONE:
+            self._init_seq.setdefault(device_id, seq)
+        credit = self._credit.get(device_id, 0)
+        produce = max(0, n - credit)
+        self._credit[device_id] = max(0, credit - n)
+        self._bytes += n
+        self._device_bytes[device_id] = self._device_bytes.get(device_id, 0) + n
+        self._charge(RECORD_HEADER + n, produce / self.host.device_rate)
+
+    def sync(self, generation: int) -> None:
+        self._charge(RECORD_HEADER * self.channels)
+
+    def finish(self, digest: int) -> None:
+        self._charge(RECORD_HEADER * self.channels)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.aborted:
+            raise OSError("link aborted")
+        kind = msg["type"]
+        rtt = self.model.rtt
+        if kind == "hello":
+            self._hello = True
+            self._reply(rtt, {"type": "hello-ack", "version": 1})
+            self._maybe_ack(rtt)
+        elif kind == "pass":
+            for k, v in msg.get("device_seqs", {}).items():
+                self._bound[int(k)] = max(self._bound.get(int(k), -1), int(v))
+            self._maybe_ack(rtt)
+        elif kind == "complete":
+            self._complete(msg)
+        elif kind in ("cancel", "failed"):
+            self.discarded = True
+
+    def _maybe_ack(self, delay: float) -> None:
+        if self._acked:
+            return
+        for dev in self._precopy_devs:
+            seq = self._init_seq.get(dev)
+            if seq is None or seq > self._bound.get(dev, -1):
+                return
+        self._acked = True
+        self._reply(delay, {"type": "switchover-ack"})
+
+    def _complete(self, msg: dict[str, Any]) -> None:
+        mem = self.guest.memory
+        load = self.host.load_base + mem.size / self.host.digest_rate
+        stop_copy = sum(self._device_bytes.values())
+        load += stop_copy / self.host.device_load_rate if stop_copy else 0.0
+        # The source synced after the pause and sent everything it knew: the
+        # copy is exact unless something wrote memory after that final sync
+        # (a device still doing DMA, a guest still running).
+        self.verified = self.tracker.pending() == 0 and not self.guest.running
+        if self.verified:
+            reply = {"type": "resumed", "load": load, "verified": True}
+        else:
+            reply = {"type": "failed", "reason": "memory digest mismatch (pages missed)"}
+        self._reply(self.model.rtt + load, reply)
+
+    def recv(self, timeout: float) -> dict[str, Any] | None:
+        now = self.clock.now()
+        if self._events and self._events[0][0] <= now + timeout:
+            at, _, msg = heapq.heappop(self._events)
+            if at > now:
+                self.clock.advance(at - now)
+            return msg
+        if timeout > 0:
+            self.clock.advance(timeout)
+        return None
+
+    def set_max_bandwidth(self, bytes_per_s: int) -> None:
+        self.cap = float(bytes_per_s)
+        self._bw = self.model.throughput(self.channels, self.cap)
+
+    def transferred(self) -> int:
+        return self._bytes
+
+    def busy_time(self) -> float:
+        return self._busy
+
+    def stats(self) -> dict[str, Any]:
+        page_units = PAGE_SIZE * self._g
+        return {
+            "transferred": self._bytes,
+            "normal": self._normal // self._g,
+            "duplicate": self._zero // self._g,
+            "bandwidth": self._bw,
+            "page-size": page_units,
+        }
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        pass
+
+
+class _SimDeviceHandler(DeviceHandler):
+    """The real device handler; a stopped exact size costs its production time."""
+
+    sim_link: SimLink | None = None
+
+    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]:
+        fresh = self.exact_needs_stop and guest_stopped and self._produced is None
+        size = super().pending_exact(guest_stopped)
+        if fresh and self.sim_link is not None and self._produced is not None:
+            self.sim_link.produced(self.device_id, size[0])
+        return size
+
+
+# ---------------------------------------------------------------- simulate
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated migration. Sizes in bytes, rates in bytes/s, times in s."""
+
+    memory: int = 1 << 30
+    workload: str = "idle"
+    vcpus: int = 1
+    devices: tuple[str, ...] = ()
+    policy: str = "exact-running"
+    params: dict[str, Any] = field(default_factory=dict)
+    link: LinkModel = field(default_factory=LinkModel)
+    host: HostModel = field(default_factory=HostModel)
+    prefilled: bool = True
+    seed: int = 1
+    granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
+    label: str = ""
+
+    def resolved_granularity(self) -> int:
+        if self.granularity:
+            return self.granularity
+        if self.memory <= PAGE_LEVEL_LIMIT:
+            return 1
+        g = 1
+        while self.memory // (PAGE_SIZE * g) > AGGREGATED_UNITS:
+            g *= 2
+        return g
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["devices"] = list(self.devices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SimConfig:
+        d = dict(d)
+        d["link"] = LinkModel(**d.get("link", {}))
+        d["host"] = HostModel(**d.get("host", {}))
+        d["devices"] = tuple(d.get("devices", ()))
+        return cls(**d)
+
+    def with_(self, **kw: Any) -> SimConfig:
+        return replace(self, **kw)
+
+
+def simulate(config: SimConfig) -> dict[str, Any]:
+    """Run one migration in virtual time; returns ``query()`` plus ``sim`` details."""
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    cpu0 = time.process_time()
+    g = config.resolved_granularity()
+    if config.memory % (PAGE_SIZE * g):
+        raise ValueError(f"memory size {config.memory} is not a multiple of {PAGE_SIZE * g}")
+    clock = VirtualClock()
+    host = config.host
+    memory = SimMemory(config.memory, g, clock, host)
+    guest = SimGuest(memory, clock, host, config.workload, config.vcpus, config.seed,
+                     config.prefilled)  # fmt: skip
+    tracker = SimTracker(memory, clock, host)
+    guest.tracker = tracker
+    tracker.guest = guest
+    specs = list(config.devices)
+    devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
+    handlers = [_SimDeviceHandler(d, device_id=i) for i, d in enumerate(devices, start=1)]
+    params = dict(config.params)
+    params.setdefault("timeout", 600.0)
+    link = SimLink(
+        guest, tracker, clock, config.link, host, params.get("multifd_channels", 2), handlers
+    )
+    for h in handlers:
+        h.sim_link = link
+    params.setdefault("max_bandwidth", 0)
+    params["policy"] = config.policy
+    source = MigrationSource(guest, handlers, link=link, tracker=tracker, clock=clock, **params)
+    try:
+        q = source.run()
+    finally:
+        for d in devices:
+            d.close()
+    q["devices"] = [
+        {**d, "type": h.device.kind, "exact-stops": h.stats()["exact-stops"]}
+        for d, h in zip(q["devices"], handlers, strict=True)
+    ]
+    q["sim"] = {
+        "granularity": g,
+        "model": "page" if g == 1 else "aggregated",
+        "cpu-seconds": time.process_time() - cpu0,
+        "virtual-seconds": clock.now(),
+        "link-bandwidth": link.stats()["bandwidth"],
+        "verified": link.verified,
+        "guest-writes": guest.writes,
+    }
+    q["config"] = config.to_dict()
+    q["workload"] = config.workload
+    return q
+
+
+def parse_bandwidth(text: str | float) -> float:
+    """A bandwidth given as a number (bytes/s) or with units (``10Gbit/s``)."""
+    return float(text) if isinstance(text, int | float) else float(parse_rate(text))
+
+
+def parse_memory(text: str | int) -> int:
+    return int(text) if isinstance(text, int) else int(parse_size(text))

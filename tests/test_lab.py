@@ -1,0 +1,96 @@
+"""The policy lab: validation bounds, one live validation case, the bench command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mig import lab
+from mig.sim import SimConfig
+
+DATA = Path(__file__).parent / "data" / "lab_validation.json"
+MEDIAN_BOUND, MAX_BOUND = 0.15, 0.30
+
+
+def test_committed_validation_meets_the_error_bounds() -> None:
+    """Rows from a real loopback run (``mig bench policies --real --calibrate``),
+    recomputed from their values here."""
+    rows = json.loads(DATA.read_text())["validation"]
+    assert len(rows) >= 12
+    assert {r["policy"] for r in rows} >= {"estimate-only", "stop-exact-resume", "adaptive"}
+    assert all(r["devices"] for r in rows)
+    for r in rows:
+        for m in lab.METRICS:
+            real, sim = r[f"real-{m}"], r[f"sim-{m}"]
+            assert r[f"{m}-error"] == pytest.approx(abs(sim - real) / real)
+    for m, s in lab.error_summary(rows).items():
+        assert s["median"] <= MEDIAN_BOUND, (m, s)
+        assert s["max"] <= MAX_BOUND, (m, s)
+
+
+def test_a_live_validation_case_matches_its_simulation() -> None:
+    case = lab.validation_cases()[9]  # sequential writer, stop-exact-resume, fixed device
+    real = lab.run_real(case.config)
+    sim = lab.simulate(case.config)
+    assert real["status"] == "completed" and real["digest-match"]
+    row = lab.compare(case.name, real, sim)
+    for m in ("total-time", "transferred"):
+        assert row[f"{m}-error"] <= MAX_BOUND, row
+
+
+def test_bench_policies_writes_results_report_and_plots(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    small = [
+        SimConfig(
+            memory=32 << 20,
+            workload="uniform:rate=2000",
+            devices=d,
+            policy=p,
+            params={"max_bandwidth": 64 << 20, "downtime_limit": lim, "timeout": 30.0},
+            label="x",
+        )  # fmt: skip
+        for d in ((), ("opaque:state=1MiB",))
+        for p in ("exact-running", "stop-exact-resume", "adaptive")
+        for lim in (50, 300)
+    ]
+    monkeypatch.setattr(lab, "matrix", lambda quick: small)
+    assert lab.main(["policies", "--quick", "--sim", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["runs"]) == len(small)
+    assert all("policy" in q and all("type" in d for d in q["devices"]) for q in res["runs"])
+    report = (tmp_path / "report.md").read_text()
+    assert "`stop-exact-resume`" in report and "## Answer" in report
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+def test_sweep_runs_on_a_dask_cluster() -> None:
+    distributed = pytest.importorskip("dask.distributed")
+    configs = [
+        SimConfig(
+            memory=16 << 20,
+            workload="uniform:rate=1000",
+            policy=p,
+            params={"max_bandwidth": 64 << 20, "timeout": 30.0},
+        )  # fmt: skip
+        for p in ("estimate-only", "adaptive")
+    ]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:  # fmt: skip
+        runs = lab.run_sweep(configs, dask_address=cluster.scheduler_address)
+    assert [q["policy"] for q in runs] == ["estimate-only", "adaptive"]
+    assert all(q["status"] == "completed" for q in runs)
+
+
+def test_kernel_bench_summary_reads_both_report_styles() -> None:
+    from mig.benchrun import collect_ratios, summary_markdown
+
+    rows = collect_ratios(
+        {"benchmarks": [{"name": "b", "fullname": "bench_x.py::b",
+                         "extra_info": {"ratio": 2.0, "target": 1.0, "cmp": "<="}}]},
+        {"ratios": [{"area": "a", "name": "n", "ratio": 12.0, "target": 10.0, "cmp": ">="}]},
+    )  # fmt: skip
+    assert [r["ok"] for r in rows] == [True, False]
+    assert rows[0]["to-limit"] == pytest.approx(10 / 12)
+    assert "1 of 2 targets met" in summary_markdown(rows)
