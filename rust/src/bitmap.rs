@@ -8,6 +8,8 @@ use crate::error::{CoreError, CoreResult};
 
 mod decode;
 
+pub use decode::recycle;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtyBitmap {
     words: Vec<u64>,
@@ -398,7 +400,7 @@ mod tests {
     fn large_bitmaps_decode_in_parallel() {
         // Enough words for the automatic multi-threaded path, with long
         // all-ones and all-zero stretches crossing the range boundaries.
-        let n = (1 << 17) * 64 + 5;
+        let n = (1 << 21) * 64 + 5;
         let mut bm = DirtyBitmap::new(n);
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for (i, w) in bm.words_mut().iter_mut().enumerate() {
@@ -424,6 +426,22 @@ mod tests {
         }
         assert_eq!(bm.runs(), runs);
         check_all_kernels(&bm).unwrap();
+    }
+
+    #[test]
+    fn recycled_outputs_hold_only_new_positions() {
+        let full = DirtyBitmap::full(1 << 20).indices(); // 8 MiB
+        let address = full.as_ptr();
+        recycle(full);
+        let idx: Vec<u64> = (0..1 << 20).filter(|i| i % 3 != 0).collect();
+        let bm = DirtyBitmap::from_indices(&idx, 1 << 20).unwrap();
+        let got = bm.indices();
+        assert_eq!(got.as_ptr(), address);
+        assert_eq!(got, idx);
+        recycle(got);
+        let runs = bm.runs_flat();
+        assert_eq!(runs.len(), (1 << 20) / 3 * 2);
+        assert_eq!(&runs[..4], &[1, 2, 4, 2]);
     }
 
     #[test]

@@ -18,9 +18,10 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-/// Below this many words (4 Mi pages) one thread does everything: spawning
-/// and joining threads twice costs tens of microseconds.
-const PARALLEL_WORDS: usize = 1 << 16;
+/// Below this many words (16 MiB of bitmap, 128 Mi pages) one thread does
+/// everything: it finishes in a few milliseconds, about what waking a second
+/// thread can take on a loaded host.
+const PARALLEL_WORDS: usize = 1 << 21;
 /// Words decoded between two passes turning (start, end) pairs into
 /// (start, length): the fresh positions are still in L1.
 const BLOCK: usize = 256;
@@ -150,8 +151,7 @@ pub(super) fn positions_with<S: Source>(
         })
     };
     let total: usize = counts.iter().sum();
-    let mut out: Vec<u64> = Vec::with_capacity(total + usize::from(pairs && total % 2 == 1));
-    advise_huge(&mut out);
+    let mut out = output(total + usize::from(pairs && total % 2 == 1));
 
     // Each range's slice of the output, and its first position's index.
     let mut slices = Vec::with_capacity(threads);
@@ -418,6 +418,53 @@ const IOTA: [u8; 64] = {
     }
     a
 };
+
+/// Outputs smaller than this come from the allocator's own free lists
+/// cheaply; larger ones cost first-touch page faults (the kernel zeroes
+/// every page) that take longer than decoding into them.
+const SPARE_MIN_BYTES: usize = 4 << 20;
+
+/// The one large output buffer kept after its array was freed.
+static SPARE: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// An empty vector with room for `cap` positions: the spare buffer when it
+/// fits (and is at most twice the size), else a fresh allocation.
+fn output(cap: usize) -> Vec<u64> {
+    if cap * 8 >= SPARE_MIN_BYTES {
+        let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.capacity() >= cap && spare.capacity() / 2 <= cap {
+            return std::mem::take(&mut *spare);
+        }
+    }
+    let mut out = Vec::with_capacity(cap);
+    advise_huge(&mut out);
+    out
+}
+
+/// Takes back a vector returned by `indices()` or `runs_flat()` once its
+/// caller is done with it, so the next large decode writes into pages that
+/// are already mapped. Keeps one buffer of at most 1/16 of the machine's
+/// memory, and only large ones; anything else is freed.
+pub fn recycle(mut v: Vec<u64>) {
+    let bytes = v.capacity() * 8;
+    if bytes < SPARE_MIN_BYTES || bytes > ram_bytes() / 16 {
+        return;
+    }
+    v.clear();
+    let old = std::mem::replace(&mut *SPARE.lock().unwrap_or_else(|p| p.into_inner()), v);
+    drop(old); // freed outside the lock
+}
+
+fn ram_bytes() -> usize {
+    // SAFETY: sysconf only reads system parameters.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as usize).saturating_mul(size.max(0) as usize)
+}
 
 /// Asks for transparent huge pages on a large output buffer, as numpy does
 /// for its arrays: first-touch faults otherwise cost more than the decoding.
