@@ -86,3 +86,28 @@ def test_bounds_are_checked() -> None:
     assert bm.get(12) and not bm.get(15) and len(bm) == 100
     bm.clear()
     assert bm.count() == 0
+
+
+def test_large_outputs_reuse_freed_arrays_without_stale_data() -> None:
+    # Outputs of 4 MiB or more write into the buffer of a freed earlier
+    # array: a later, smaller result must hold exactly its own pages.
+    n = 1 << 20
+    full = mig.DirtyBitmap.full(n).indices()
+    address = full.ctypes.data
+    del full
+    rng = np.random.default_rng(5)
+    pages = np.unique(rng.integers(0, n, size=900_000, dtype=np.uint64))
+    bm = mig.DirtyBitmap.from_indices(pages, n)
+    got = bm.indices()
+    assert got.ctypes.data == address  # the freed array's pages, reused
+    assert np.array_equal(got, pages)
+    runs = bm.runs()
+    bits = np.zeros(n + 2, dtype=np.int8)
+    bits[pages.astype(np.int64) + 1] = 1
+    edges = np.flatnonzero(np.diff(bits))
+    assert np.array_equal(runs[:, 0], edges[0::2])
+    assert np.array_equal(runs[:, 1], edges[1::2] - edges[0::2])
+    # An array kept alive (or a view of it) keeps its memory.
+    view = got[:10].copy()
+    del runs
+    assert np.array_equal(got[:10], view)

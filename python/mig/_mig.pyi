@@ -65,6 +65,10 @@ class DirtyBitmap:
     def __or__(self, other: DirtyBitmap) -> DirtyBitmap: ...
     def __eq__(self, other: object) -> bool: ...
 
+class DecodedBuffer:
+    """The ``.base`` of arrays from ``DirtyBitmap.indices()``/``runs()``: owns
+    their memory and hands it back for reuse by the next large decode."""
+
 class DirtyTracker:
     """Pages written since the previous ``sync()``: backend ``"uffd"`` (kernel
     write-protect, async, harvested with PAGEMAP_SCAN) or ``"soft"`` (``mark()``).

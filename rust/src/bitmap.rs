@@ -1,9 +1,14 @@
 //! Dirty bitmaps: one bit per page in u64 words.
 //!
-//! Every scan is word-wise: all-zero words are skipped, set bits are walked
-//! with `trailing_zeros` and `w &= w - 1`, counts use `count_ones`.
+//! Every scan is word-wise: counts use `count_ones`; `indices()` and `runs()`
+//! decode set bits with SIMD where the CPU has it, on every core for large
+//! bitmaps (`decode`).
 
 use crate::error::{CoreError, CoreResult};
+
+mod decode;
+
+pub use decode::recycle;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtyBitmap {
@@ -246,8 +251,7 @@ impl DirtyBitmap {
 
     /// The set page indices, ascending.
     pub fn indices(&self) -> Vec<u64> {
-        let words = &self.words;
-        decode_positions(words.len(), self.count(), |i| words[i])
+        decode::positions(&decode::Plain(&self.words), false)
     }
 
     /// Maximal runs of set pages as `(start, length)`.
@@ -260,115 +264,22 @@ impl DirtyBitmap {
 
     /// Maximal runs as a flat `[start0, len0, start1, len1, ...]` vector.
     ///
-    /// Works on edge words: bit i of `w ^ (w << 1 | carry)` is set where page
-    /// i differs from page i-1, so the edges alternate run start, run end.
-    /// Decoding them is the same branch-light loop as `indices()`.
+    /// Decodes the edge words (see `decode::Edges`), whose set bits alternate
+    /// run start, run end, straight into the output, turning each end into a
+    /// length in place.
     pub fn runs_flat(&self) -> Vec<u64> {
-        let words = &self.words;
-        let edge = |i: usize| {
-            let carry = if i == 0 { 0 } else { words[i - 1] >> 63 };
-            words[i] ^ (words[i] << 1 | carry)
-        };
-        let total = (0..words.len())
-            .map(|i| edge(i).count_ones() as usize)
-            .sum::<usize>();
-        let mut out = decode_positions(words.len(), total, edge);
-        if out.len() % 2 == 1 {
-            // A run reaches the last page: it ends at the bitmap's end.
-            out.push(self.nbits as u64);
-        }
-        for pair in out.chunks_exact_mut(2) {
-            pair[1] -= pair[0];
+        let out = decode::positions(&decode::Edges(&self.words), true);
+        self.close_last_run(out)
+    }
+
+    /// An odd number of edges means a run reaches the last page: it ends at
+    /// the bitmap's end (`positions` reserved the slot).
+    fn close_last_run(&self, mut out: Vec<u64>) -> Vec<u64> {
+        if let Some(&start) = out.last().filter(|_| out.len() % 2 == 1) {
+            out.push(self.nbits as u64 - start);
         }
         out
     }
-}
-
-/// Positions of the set bits of `nwords` words (word i covers bits
-/// `64 i ..`), `total` of them in all, ascending.
-///
-/// Lemire's bitset decoding: each non-zero word writes eight positions
-/// unconditionally and then advances by its popcount, so words with up to
-/// eight bits take no data-dependent branch. Compiled with POPCNT/BMI1 when
-/// the CPU has them.
-fn decode_positions(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("popcnt")
-            && std::arch::is_x86_feature_detected!("bmi1")
-        {
-            #[target_feature(enable = "popcnt,bmi1")]
-            fn fast(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
-                decode_generic(nwords, total, word)
-            }
-            // SAFETY: the CPU supports the enabled features (checked above).
-            return unsafe { fast(nwords, total, word) };
-        }
-    }
-    decode_generic(nwords, total, word)
-}
-
-/// Asks for transparent huge pages on a large output buffer, as numpy does
-/// for its arrays: first-touch faults otherwise cost more than the decoding.
-fn advise_huge(v: &mut Vec<u64>) {
-    const HUGE: usize = 2 << 20;
-    let bytes = v.capacity() * std::mem::size_of::<u64>();
-    if bytes < 2 * HUGE {
-        return;
-    }
-    let start = (v.as_mut_ptr() as usize).next_multiple_of(HUGE);
-    let end = (v.as_mut_ptr() as usize + bytes) & !(HUGE - 1);
-    if end > start {
-        // SAFETY: advice only, on whole huge pages inside the Vec's own
-        // allocation; it never changes contents or validity of the memory.
-        let _ = unsafe {
-            rustix::mm::madvise(
-                start as *mut std::ffi::c_void,
-                end - start,
-                rustix::mm::Advice::LinuxHugepage,
-            )
-        };
-    }
-}
-
-#[inline(always)]
-fn decode_generic(nwords: usize, total: usize, word: impl Fn(usize) -> u64) -> Vec<u64> {
-    const SLACK: usize = 8;
-    let mut out: Vec<u64> = Vec::with_capacity(total + SLACK);
-    advise_huge(&mut out);
-    let p = out.as_mut_ptr();
-    let mut n = 0usize;
-    for i in 0..nwords {
-        let mut w = word(i);
-        if w == 0 {
-            continue;
-        }
-        let cnt = w.count_ones() as usize;
-        if n + cnt > total {
-            break; // cannot happen when `total` is the true count
-        }
-        let base = i as u64 * 64;
-        // SAFETY: n + cnt <= total, so the first min(cnt, 8) writes are within
-        // the counted positions and the rest land in the SLACK spare slots
-        // (n + 8 <= total + SLACK); all are inside the allocation and beyond
-        // `len` until `set_len`, which only covers written positions.
-        unsafe {
-            for k in 0..SLACK {
-                *p.add(n + k) = base + w.trailing_zeros() as u64;
-                w &= w.wrapping_sub(1);
-            }
-            let mut k = SLACK;
-            while w != 0 {
-                *p.add(n + k) = base + w.trailing_zeros() as u64;
-                w &= w - 1;
-                k += 1;
-            }
-        }
-        n += cnt;
-    }
-    // SAFETY: positions [0, n) were all written above.
-    unsafe { out.set_len(n) };
-    out
 }
 
 struct SetBits {
@@ -410,7 +321,55 @@ mod tests {
         out
     }
 
+    /// Indices and runs from every decode kernel this CPU has, on 1 to 4
+    /// threads, checked against bit-by-bit models.
+    fn check_all_kernels(bm: &DirtyBitmap) -> Result<(), TestCaseError> {
+        let bits: Vec<bool> = (0..bm.len()).map(|i| bm.get(i)).collect();
+        let idx: Vec<u64> = (0..bm.len() as u64).filter(|&i| bits[i as usize]).collect();
+        let runs: Vec<u64> = naive_runs(&bits)
+            .into_iter()
+            .flat_map(|(s, l)| [s, l])
+            .collect();
+        for kernel in decode::Kernel::available() {
+            for threads in 1..=4 {
+                let got =
+                    decode::positions_with(&decode::Plain(bm.words()), false, kernel, threads);
+                prop_assert_eq!(&got, &idx, "indices, {:?} on {} threads", kernel, threads);
+                let edges =
+                    decode::positions_with(&decode::Edges(bm.words()), true, kernel, threads);
+                let got = bm.close_last_run(edges);
+                prop_assert_eq!(&got, &runs, "runs, {:?} on {} threads", kernel, threads);
+            }
+        }
+        Ok(())
+    }
+
+    /// Words that exercise every decode path: empty, full (64 positions:
+    /// the SIMD kernel's longest store), single bits, edges, sparse, dense.
+    fn word() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            (0u32..64).prop_map(|k| 1u64 << k),
+            (0u32..64).prop_map(|k| u64::MAX << k),
+            (0u32..64).prop_map(|k| u64::MAX >> k),
+            any::<u64>(),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| a & b & c),
+            (any::<u64>(), any::<u64>()).prop_map(|(a, b)| a | b),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn kernels_match_naive(mut words in proptest::collection::vec(word(), 0..700), trim in 0usize..64) {
+            let nbits = (words.len() * 64).saturating_sub(trim);
+            if nbits % 64 != 0 {
+                *words.last_mut().unwrap() &= (1u64 << (nbits % 64)) - 1;
+            }
+            words.truncate(nbits.div_ceil(64));
+            check_all_kernels(&DirtyBitmap::from_words(words, nbits).unwrap())?;
+        }
+
         #[test]
         fn scans_match_naive(bits in proptest::collection::vec(any::<bool>(), 0..400)) {
             let idx: Vec<u64> = bits.iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i as u64).collect();
@@ -435,6 +394,54 @@ mod tests {
                 prop_assert_eq!(bm.get(i), !inside && before.get(i));
             }
         }
+    }
+
+    #[test]
+    fn large_bitmaps_decode_in_parallel() {
+        // Enough words for the automatic multi-threaded path, with long
+        // all-ones and all-zero stretches crossing the range boundaries.
+        let n = (1 << 21) * 64 + 5;
+        let mut bm = DirtyBitmap::new(n);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for (i, w) in bm.words_mut().iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *w = match (i / 1000) % 4 {
+                0 => 0,
+                1 => u64::MAX,
+                2 => x & (x >> 3) & (x >> 7),
+                _ => x,
+            };
+        }
+        bm.mask_tail();
+        let idx: Vec<u64> = bm.iter().map(|i| i as u64).collect();
+        assert_eq!(bm.indices(), idx);
+        let mut runs = Vec::new();
+        for &i in &idx {
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == i => *l += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        assert_eq!(bm.runs(), runs);
+        check_all_kernels(&bm).unwrap();
+    }
+
+    #[test]
+    fn recycled_outputs_hold_only_new_positions() {
+        let full = DirtyBitmap::full(1 << 20).indices(); // 8 MiB
+        let address = full.as_ptr();
+        recycle(full);
+        let idx: Vec<u64> = (0..1 << 20).filter(|i| i % 3 != 0).collect();
+        let bm = DirtyBitmap::from_indices(&idx, 1 << 20).unwrap();
+        let got = bm.indices();
+        assert_eq!(got.as_ptr(), address);
+        assert_eq!(got, idx);
+        recycle(got);
+        let runs = bm.runs_flat();
+        assert_eq!(runs.len(), (1 << 20) / 3 * 2);
+        assert_eq!(&runs[..4], &[1, 2, 4, 2]);
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl GuestMemory {
     /// Allocates `size` bytes of zeroed, memfd-backed shared memory.
     pub fn new(size: usize) -> CoreResult<Self> {
         let page_size = host_page_size();
-        if size == 0 || size % page_size != 0 {
+        if size == 0 || !size.is_multiple_of(page_size) {
             return Err(CoreError::invalid(format!(
                 "memory size {size} is not a positive multiple of the page size {page_size}"
             )));

@@ -176,7 +176,7 @@ impl StreamHeader {
             ));
         }
         let size = self.memory_size;
-        if size == 0 || size > MAX_MEMORY_SIZE || size % ps as u64 != 0 {
+        if size == 0 || size > MAX_MEMORY_SIZE || !size.is_multiple_of(ps as u64) {
             return Err(format!(
                 "stream header: memory size {size} is not a multiple of {ps} in (0, {MAX_MEMORY_SIZE}]"
             ));

@@ -201,7 +201,7 @@ impl WorkloadSpec {
                 "workload field wss={bytes} bytes exceeds guest memory of {mem_size} bytes"
             )));
         }
-        if bytes % page_size as u64 != 0 {
+        if !bytes.is_multiple_of(page_size as u64) {
             return Err(CoreError::invalid(format!(
                 "workload field wss={bytes} bytes is not a multiple of the page size {page_size}"
             )));

@@ -2,12 +2,49 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use numpy::ndarray::{ArrayView, Dimension, Ix1, Ix2};
+use numpy::{Element, IntoPyArray, PyArray, PyArray1, PyArray2, PyReadonlyArray1};
 use pyo3::prelude::*;
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{self, DirtyBitmap};
+
+/// Owns the memory behind an array from `indices()` or `runs()` (its
+/// `.base`): when numpy frees the array, the buffer goes back to the bitmap
+/// decoder for reuse instead of to the kernel.
+#[pyclass(name = "DecodedBuffer", module = "mig._mig", frozen)]
+pub struct DecodedBuffer {
+    data: Vec<u64>,
+}
+
+impl Drop for DecodedBuffer {
+    fn drop(&mut self) {
+        bitmap::recycle(std::mem::take(&mut self.data));
+    }
+}
+
+/// A numpy array of `shape` over `data`, with no copy: the array keeps a
+/// `DecodedBuffer` holding `data` alive.
+fn decoded_array<'py, D: Dimension>(
+    py: Python<'py>,
+    data: Vec<u64>,
+    shape: D,
+) -> PyResult<Bound<'py, PyArray<u64, D>>>
+where
+    u64: Element,
+{
+    let ptr = data.as_ptr();
+    let len = data.len();
+    assert_eq!(shape.size(), len, "array shape must cover the buffer");
+    let owner = Bound::new(py, DecodedBuffer { data })?;
+    // SAFETY: `ptr` points at `len` initialised u64s owned by `owner`'s Vec,
+    // which is never touched again until `owner` is dropped; numpy holds
+    // `owner` as the array's base for as long as the array lives. The
+    // shape's element count equals `len` (asserted above).
+    unsafe {
+        let view = ArrayView::from_shape_ptr(shape, ptr);
+        Ok(PyArray::borrow_from_array(&view, owner.into_any()))
+    }
+}
 
 #[pyclass(name = "DirtyBitmap", module = "mig._mig", frozen)]
 pub struct PyDirtyBitmap {
@@ -81,19 +118,19 @@ impl PyDirtyBitmap {
     }
 
     /// The set pages as a numpy uint64 array, ascending.
-    fn indices<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+    fn indices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let inner = self.inner.clone();
         let v = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).indices());
-        v.into_pyarray(py)
+        let n = v.len();
+        decoded_array(py, v, Ix1(n))
     }
 
     /// Maximal runs of set pages as an (n, 2) uint64 array of (start, length).
     fn runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
         let inner = self.inner.clone();
         let flat = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).runs_flat());
-        let arr = Array2::from_shape_vec((flat.len() / 2, 2), flat)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(arr.into_pyarray(py))
+        let n = flat.len() / 2;
+        decoded_array(py, flat, Ix2(n, 2))
     }
 
     fn get(&self, page: usize) -> bool {
@@ -157,5 +194,6 @@ impl PyDirtyBitmap {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyDirtyBitmap>()
+    m.add_class::<PyDirtyBitmap>()?;
+    m.add_class::<DecodedBuffer>()
 }
