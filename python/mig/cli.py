@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="host capabilities",
         description="Dirty-tracking backends, kernel version and the CPU features mig uses.",
     )
+
+    # Listed for --help only: main() hands `mig bench ...` to mig.lab's own parser.
+    sub.add_parser("bench", help="policy lab and micro-benchmarks (mig bench --help)")
     return parser
 
 
@@ -888,6 +891,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Console], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # `mig bench` has its own parser; argparse.REMAINDER would not pass it `--help`.
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        from mig import lab  # noqa: PLC0415 - the simulator and matplotlib load only here
+
+        return lab.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
