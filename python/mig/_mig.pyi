@@ -140,7 +140,10 @@ class WorkloadGuest:
 
 class Sender:
     """Streams guest memory to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``,
-    ``file:PATH``) over one control channel and ``channels`` data channels."""
+    ``file:PATH``) over one control channel and ``channels`` data channels.
+    ``tls_cert``/``tls_key``/``tls_ca`` (PEM paths, all or none): mutual TLS
+    1.3 on every channel; the destination's certificate must chain to the CA
+    and name the URI's host (``localhost`` for ``unix:``)."""
 
     def __init__(
         self,
@@ -154,6 +157,9 @@ class Sender:
         max_bandwidth: int = 0,
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
+        tls_cert: str | PathLike[str] | None = None,
+        tls_key: str | PathLike[str] | None = None,
+        tls_ca: str | PathLike[str] | None = None,
     ) -> None: ...
     @property
     def uri(self) -> str: ...
@@ -180,11 +186,22 @@ class Sender:
     ) -> None: ...
 
 class Listener:
-    """Binds ``uri`` (``tcp:127.0.0.1:0`` picks a port; ``.uri`` resolves it)."""
+    """Binds ``uri`` (``tcp:127.0.0.1:0`` picks a port; ``.uri`` resolves it).
+    With ``tls_cert``/``tls_key``/``tls_ca`` every channel must be mutual TLS
+    with a client certificate that chains to the CA; others are refused."""
 
-    def __init__(self, uri: str) -> None: ...
+    def __init__(
+        self,
+        uri: str,
+        *,
+        tls_cert: str | PathLike[str] | None = None,
+        tls_key: str | PathLike[str] | None = None,
+        tls_ca: str | PathLike[str] | None = None,
+    ) -> None: ...
     @property
     def uri(self) -> str: ...
+    @property
+    def tls(self) -> bool: ...
     def accept(
         self,
         memory: GuestMemory,

@@ -40,7 +40,8 @@ class MigrationDestination:
     devices that ``mig.device_handler.DeviceHandler`` wraps. ``on_resume`` is
     called once everything is loaded and verified, just before "resumed" is
     reported: an embedder starts its vCPUs there. ``endpoint`` replaces the
-    native listener (a simulator or a test passes its own).
+    native listener (a simulator or a test passes its own). ``tls_cert``,
+    ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
     """
 
     def __init__(
@@ -55,6 +56,9 @@ class MigrationDestination:
         idle_timeout: float = 30.0,
         on_resume: Callable[[], None] | None = None,
         on_status: Callable[[str], None] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if uri is None and endpoint is None:
             raise ValueError("give a uri to listen on (or an endpoint)")
@@ -70,7 +74,7 @@ class MigrationDestination:
             listener_cls = getattr(_mig, "Listener", None)
             if listener_cls is None:
                 raise _mig.UnsupportedError("this build of mig._mig has no Listener")
-            self.listener = listener_cls(uri)
+            self.listener = listener_cls(uri, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self.uri = self.listener.uri if self.listener is not None else uri
         self.handlers: dict[int, StateHandler] = {}
         for i, dev in enumerate(devices, start=1):

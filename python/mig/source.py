@@ -96,7 +96,8 @@ class MigrationSource:
     ``devices`` are device handlers (objects with the ``StateHandler``
     protocol and an integer ``device_id``) or devices that
     ``mig.device_handler.DeviceHandler`` wraps. ``params`` are QEMU's
-    migration parameters (see ``PARAMETERS``). ``link``, ``tracker`` and
+    migration parameters (see ``PARAMETERS``). ``tls_cert``, ``tls_key`` and
+    ``tls_ca`` (PEM paths) make every channel mutual TLS. ``link``, ``tracker`` and
     ``clock`` replace the real stream, dirty tracker and wall clock (a
     simulator passes its own). Callbacks run on the migration thread:
     ``on_status(status)``, ``on_pass(record)``, ``on_event(name, info)``.
@@ -115,6 +116,9 @@ class MigrationSource:
         on_status: Callable[[str], None] | None = None,
         on_pass: Callable[[dict[str, Any]], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
         **params: Any,
     ) -> None:
         unknown = set(params) - set(PARAMETERS)
@@ -140,6 +144,7 @@ class MigrationSource:
         self.guest = guest
         self.memory = guest.memory
         self.uri = uri
+        self.tls = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca}
         self.clock: Clock = clock or MonotonicClock()
         self.policy = make_policy(p["policy"], **(p["policy_options"] or {}))
         self.converge = make_auto_converge(
@@ -268,6 +273,7 @@ class MigrationSource:
                 compression=p["compression"],
                 max_bandwidth=int(p["max_bandwidth"]),
                 connect_timeout=float(p["connect_timeout"]),
+                **self.tls,
             )
             link = SenderLink(sender, self.clock)
         self.link = _AccountingLink(link)

@@ -36,6 +36,8 @@ pub struct ReceiverConfig {
     pub io_timeout: Duration,
     /// Cap on device-state bytes received but not yet drained.
     pub device_buffer: usize,
+    /// Mutual TLS on every channel.
+    pub tls: Option<Arc<transport::TlsConfig>>,
 }
 
 impl Default for ReceiverConfig {
@@ -43,6 +45,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             io_timeout: Duration::from_secs(60),
             device_buffer: 32 << 20,
+            tls: None,
         }
     }
 }
@@ -655,7 +658,7 @@ impl Receiver {
         if let Listener::File(path) = listener {
             return Self::restore(path, mem, cfg);
         }
-        let session = listener.accept_session(timeout, cfg.io_timeout)?;
+        let session = listener.accept_session(timeout, cfg.io_timeout, cfg.tls.as_deref())?;
         let mut sockets = Vec::new();
         let mut streams: Vec<Box<dyn Read + Send>> = Vec::new();
         for c in session.data {

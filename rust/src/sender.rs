@@ -37,6 +37,8 @@ pub struct SenderConfig {
     pub max_bandwidth: u64,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// Mutual TLS on every channel.
+    pub tls: Option<Arc<transport::TlsConfig>>,
 }
 
 impl SenderConfig {
@@ -369,6 +371,7 @@ impl Sender {
                 &header(ChannelKind::Control, 0),
                 cfg.connect_timeout,
                 cfg.io_timeout,
+                cfg.tls.as_deref(),
             )?;
             control = Some(ControlLink::new(c)?);
             for i in 0..cfg.channels {
@@ -377,6 +380,7 @@ impl Sender {
                     &header(ChannelKind::Data, i),
                     cfg.connect_timeout,
                     cfg.io_timeout,
+                    cfg.tls.as_deref(),
                 )?;
                 sockets.push(
                     c.try_clone()

@@ -4,16 +4,21 @@
 //! [`StreamHeader`]. The listener groups channels by migration id: the control
 //! channel names the session, data channels of another migration are refused.
 //! Every blocking socket operation has a timeout so a stalled peer is an
-//! error, never a hang.
+//! error, never a hang. With a [`TlsConfig`] every channel is mutual TLS 1.3:
+//! the handshake completes before the stream header, so a peer without a
+//! certificate from the CA never gets a byte to the receiver.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::error::{CoreError, CoreResult};
 use crate::wire::{ChannelKind, StreamHeader, MAX_CHANNELS, STREAM_HEADER_LEN};
@@ -52,11 +57,22 @@ pub fn parse_uri(uri: &str) -> CoreResult<Endpoint> {
     }
 }
 
-/// One connected socket.
-#[derive(Debug)]
+/// One connected socket, plain or TLS.
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Clones share the TLS state.
+    Tls(Arc<TlsConn>),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Tcp(s) => write!(f, "Tcp({s:?})"),
+            Conn::Unix(s) => write!(f, "Unix({s:?})"),
+            Conn::Tls(t) => write!(f, "Tls({:?})", t.sock),
+        }
+    }
 }
 
 impl Conn {
@@ -64,6 +80,7 @@ impl Conn {
         Ok(match self {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tls(t) => Conn::Tls(t.clone()),
         })
     }
 
@@ -72,12 +89,40 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(Shutdown::Both),
             Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tls(t) => {
+                t.sock.shutdown();
+                Ok(())
+            }
         };
+    }
+
+    /// The socket under any TLS layer.
+    fn socket(&self) -> &Conn {
+        match self {
+            Conn::Tls(t) => t.sock.socket(),
+            plain => plain,
+        }
+    }
+
+    fn read_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.socket() {
+            Conn::Tcp(s) => (&*s).read(buf),
+            Conn::Unix(s) => (&*s).read(buf),
+            Conn::Tls(_) => unreachable!("socket() strips TLS"),
+        }
+    }
+
+    fn write_all_raw(&self, buf: &[u8]) -> io::Result<()> {
+        match self.socket() {
+            Conn::Tcp(s) => (&*s).write_all(buf),
+            Conn::Unix(s) => (&*s).write_all(buf),
+            Conn::Tls(_) => unreachable!("socket() strips TLS"),
+        }
     }
 
     pub fn set_timeouts(&self, read: Duration, write: Duration) -> io::Result<()> {
         let (read, write) = (Some(read.max(MIN_TIMEOUT)), Some(write.max(MIN_TIMEOUT)));
-        match self {
+        match self.socket() {
             Conn::Tcp(s) => {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
@@ -86,14 +131,21 @@ impl Conn {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
+            Conn::Tls(_) => unreachable!("socket() strips TLS"),
         }
     }
 
     /// Waits up to `timeout` for bytes (or EOF) to read.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let fd = match self {
+        if let Conn::Tls(t) = self {
+            if t.buffered() {
+                return Ok(true);
+            }
+        }
+        let fd = match self.socket() {
             Conn::Tcp(s) => s.as_fd(),
             Conn::Unix(s) => s.as_fd(),
+            Conn::Tls(_) => unreachable!("socket() strips TLS"),
         };
         wait_fd(fd, timeout)
     }
@@ -119,6 +171,7 @@ impl Read for Conn {
         match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
         }
     }
 }
@@ -128,6 +181,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tls(t) => t.write_with(|c| c.writer().write(buf)),
         }
     }
 
@@ -135,6 +189,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write_vectored(bufs),
             Conn::Unix(s) => s.write_vectored(bufs),
+            Conn::Tls(t) => t.write_with(|c| c.writer().write_vectored(bufs)),
         }
     }
 
@@ -197,12 +252,14 @@ impl std::fmt::Display for ReadFailure {
 }
 
 /// Connects one channel, retrying refused connections until `timeout` (the
-/// destination may still be starting), and sends its stream header.
+/// destination may still be starting), runs the TLS handshake if `tls` is
+/// given, and sends its stream header.
 pub fn connect(
     ep: &Endpoint,
     header: &StreamHeader,
     timeout: Duration,
     io_timeout: Duration,
+    tls: Option<&TlsConfig>,
 ) -> CoreResult<Conn> {
     let deadline = Instant::now() + timeout;
     let what = format!("connect channel {:?} {}", header.kind, header.channel_index);
@@ -228,6 +285,21 @@ pub fn connect(
     };
     conn.set_timeouts(io_timeout, io_timeout)
         .map_err(|e| CoreError::io(what.clone(), e))?;
+    if let Some(tls) = tls {
+        let client = rustls::ClientConnection::new(tls.client.clone(), server_name(ep)?)
+            .map_err(|e| CoreError::invalid(format!("TLS: {e}")))?;
+        conn = TlsConn::handshake(conn, client.into())
+            .map(|t| Conn::Tls(Arc::new(t)))
+            .map_err(|e| {
+                let hint = match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+                        " (the destination closed the channel: is it listening without TLS?)"
+                    }
+                    _ => "",
+                };
+                CoreError::io(format!("{what}: TLS handshake with {ep:?}{hint}"), e)
+            })?;
+    }
     conn.write_all(&header.encode())
         .map_err(|e| CoreError::io(format!("{what}: send stream header"), e))?;
     Ok(conn)
@@ -316,8 +388,15 @@ impl Listener {
         conn.map(Some).map_err(|e| CoreError::io("accept", e))
     }
 
-    /// Gathers one control and N data channels of a single migration.
-    pub fn accept_session(&self, timeout: Duration, io_timeout: Duration) -> CoreResult<Session> {
+    /// Gathers one control and N data channels of a single migration; with
+    /// `tls`, a channel whose handshake fails is refused before its stream
+    /// header is read.
+    pub fn accept_session(
+        &self,
+        timeout: Duration,
+        io_timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> CoreResult<Session> {
         let deadline = Instant::now() + timeout;
         let mut control: Option<(Conn, StreamHeader)> = None;
         let mut early: Vec<(Conn, StreamHeader)> = Vec::new();
@@ -362,6 +441,26 @@ impl Listener {
             };
             let wait = io_timeout.min(left);
             let _ = conn.set_timeouts(wait, wait);
+            if let Some(tls) = tls {
+                let server = rustls::ServerConnection::new(tls.server.clone())
+                    .map_err(|e| CoreError::invalid(format!("TLS: {e}")))?;
+                match TlsConn::handshake(conn, server.into()) {
+                    Ok(t) => conn = Conn::Tls(Arc::new(t)),
+                    Err(e) => {
+                        let plain = e
+                            .get_ref()
+                            .and_then(|x| x.downcast_ref::<rustls::Error>())
+                            .is_some_and(|x| matches!(x, rustls::Error::InvalidMessage(_)));
+                        let hint = if plain {
+                            " (not TLS: a source without TLS options?)"
+                        } else {
+                            ""
+                        };
+                        refused.push(format!("a new channel: TLS handshake: {e}{hint}"));
+                        continue;
+                    }
+                }
+            }
             let mut raw = [0u8; STREAM_HEADER_LEN];
             let header = match read_full(&mut conn, &mut raw) {
                 Ok(()) => StreamHeader::decode(&raw),
@@ -510,6 +609,220 @@ impl ControlLink {
             .unwrap_or_else(|p| p.into_inner())
             .shutdown();
     }
+}
+
+/// Mutual TLS 1.3 for every channel (rustls, ring provider). Both sides
+/// present a certificate and verify the peer's against the same CA; the
+/// source also checks the destination's name (the URI's host, `localhost`
+/// for `unix:`).
+pub struct TlsConfig {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig")
+    }
+}
+
+impl TlsConfig {
+    /// Loads a PEM certificate chain, its private key and the CA bundle that
+    /// peers must chain to.
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> CoreResult<Arc<TlsConfig>> {
+        let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            CoreError::invalid(format!("TLS {what} {}: {e}", path.display()))
+        };
+        let pem_certs = |what: &str, path: &Path| -> CoreResult<Vec<CertificateDer<'static>>> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(what, path, &e))?;
+            if certs.is_empty() {
+                return Err(bad(what, path, &"no CERTIFICATE block"));
+            }
+            Ok(certs)
+        };
+        let chain = pem_certs("certificate file", cert)?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("key file", key, &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pem_certs("CA file", ca)? {
+            roots.add(c).map_err(|e| bad("CA file", ca, &e))?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let setup = |e: rustls::Error| CoreError::invalid(format!("TLS setup: {e}"));
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| CoreError::invalid(format!("TLS CA file {}: {e}", ca.display())))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(tls13)
+            .map_err(setup)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), private.clone_key())
+            .map_err(|e| bad("certificate/key pair", cert, &e))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(tls13)
+            .map_err(setup)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, private)
+            .map_err(|e| bad("certificate/key pair", cert, &e))?;
+        Ok(Arc::new(TlsConfig {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        }))
+    }
+}
+
+/// The name the source expects in the destination's certificate.
+fn server_name(ep: &Endpoint) -> CoreResult<ServerName<'static>> {
+    let host = match ep {
+        Endpoint::Tcp(addr) => addr
+            .rsplit_once(':')
+            .map_or(addr.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']'),
+        _ => "localhost",
+    };
+    ServerName::try_from(host.to_string())
+        .map_err(|e| CoreError::invalid(format!("TLS: {host:?} is not a valid server name: {e}")))
+}
+
+fn tls_io(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
+
+/// Ciphertext read from the socket and not yet handed to rustls.
+struct Inbound {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// One TLS channel shared by a reading and a writing thread (the control
+/// channel does both at once): socket reads and writes happen outside the
+/// TLS state's lock, so a reader waiting for bytes never blocks a writer.
+pub struct TlsConn {
+    sock: Conn,
+    tls: Mutex<rustls::Connection>,
+    rx: Mutex<Inbound>,
+    tx: Mutex<Vec<u8>>,
+}
+
+const TLS_READ_CHUNK: usize = 64 << 10;
+
+impl TlsConn {
+    /// Runs the handshake on a fresh socket (its timeouts bound every step).
+    /// The source waits for the destination's first session ticket, which
+    /// TLS 1.3 sends only after it accepted the source's certificate, so a
+    /// refused certificate fails here rather than at the first write.
+    fn handshake(mut sock: Conn, mut tls: rustls::Connection) -> io::Result<TlsConn> {
+        while tls.is_handshaking() {
+            tls.complete_io(&mut sock)?;
+        }
+        while tls.wants_write() {
+            tls.write_tls(&mut sock)?;
+        }
+        if let rustls::Connection::Client(c) = &mut tls {
+            while c.tls13_tickets_received() == 0 {
+                if c.read_tls(&mut sock)? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the destination closed the connection after the TLS handshake",
+                    ));
+                }
+                c.process_new_packets().map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("the destination refused this side's certificate: {e}"),
+                    )
+                })?;
+            }
+        }
+        Ok(TlsConn {
+            sock,
+            tls: Mutex::new(tls),
+            rx: Mutex::new(Inbound {
+                buf: vec![0u8; TLS_READ_CHUNK],
+                start: 0,
+                end: 0,
+            }),
+            tx: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut rx = lock(&self.rx);
+        let rx = &mut *rx;
+        loop {
+            {
+                let mut tls = lock(&self.tls);
+                loop {
+                    match tls.reader().read(buf) {
+                        Ok(n) => return Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // Closed without close_notify: a truncated stream.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                        Err(e) => return Err(e),
+                    }
+                    if rx.start == rx.end {
+                        break;
+                    }
+                    let n = tls.read_tls(&mut &rx.buf[rx.start..rx.end])?;
+                    rx.start += n;
+                    tls.process_new_packets().map_err(tls_io)?;
+                }
+            }
+            let n = self.sock.read_raw(&mut rx.buf)?;
+            (rx.start, rx.end) = (0, n);
+            if n == 0 {
+                let mut tls = lock(&self.tls);
+                tls.read_tls(&mut io::empty())?;
+                tls.process_new_packets().map_err(tls_io)?;
+                return match tls.reader().read(buf) {
+                    Ok(n) => Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::Other => Err(e),
+                    Err(_) => Ok(0),
+                };
+            }
+        }
+    }
+
+    fn write_with(
+        &self,
+        put: impl FnOnce(&mut rustls::Connection) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut tx = lock(&self.tx);
+        tx.clear();
+        let n = {
+            let mut tls = lock(&self.tls);
+            let n = put(&mut tls)?;
+            while tls.wants_write() {
+                tls.write_tls(&mut *tx)?;
+            }
+            n
+        };
+        self.sock.write_all_raw(&tx)?;
+        Ok(n)
+    }
+
+    /// Whether a read would return without waiting for the socket.
+    fn buffered(&self) -> bool {
+        let rx = lock(&self.rx);
+        if rx.start < rx.end {
+            return true;
+        }
+        lock(&self.tls).process_new_packets().map_or(true, |s| {
+            s.plaintext_bytes_to_read() > 0 || s.peer_has_closed()
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Writes every byte of `bufs` with vectored writes.

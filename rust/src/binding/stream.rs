@@ -1,6 +1,7 @@
 //! `mig._mig.Sender`, `Listener`, `Receiver` and the scan benchmarks'
 //! helpers. Every blocking call releases the GIL.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use super::bitmap::PyDirtyBitmap;
 use super::memory::PyGuestMemory;
 use crate::receiver::{Receiver, ReceiverConfig};
 use crate::sender::{self, Sender, SenderConfig};
-use crate::transport::Listener;
+use crate::transport::{Listener, TlsConfig};
 use crate::wire::Compression;
 
 fn seconds(name: &str, s: f64) -> PyResult<Duration> {
@@ -47,6 +48,30 @@ fn migration_id(obj: &Bound<'_, PyAny>) -> PyResult<u128> {
     ))
 }
 
+/// Mutual TLS from `tls_cert`, `tls_key` and `tls_ca` (PEM paths): all three
+/// or none. Snapshot files have no peer to authenticate.
+fn tls_config(
+    uri: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> PyResult<Option<Arc<TlsConfig>>> {
+    match (cert, key, ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => {
+            if uri.starts_with("file:") {
+                return Err(PyValueError::new_err(
+                    "TLS applies to tcp: and unix: channels; a file: snapshot has no peer",
+                ));
+            }
+            Ok(Some(TlsConfig::load(&cert, &key, &ca)?))
+        }
+        _ => Err(PyValueError::new_err(
+            "TLS needs all of tls_cert, tls_key and tls_ca (PEM files), or none",
+        )),
+    }
+}
+
 /// Waits (GIL released) for a control message of either side.
 fn control_recv<'py>(
     py: Python<'py>,
@@ -71,7 +96,8 @@ pub struct PySender {
 impl PySender {
     #[new]
     #[pyo3(signature = (memory, uri, *, migration_id, channels=2, packet_pages=128,
-        compression="none", max_bandwidth=0, connect_timeout=10.0, io_timeout=60.0))]
+        compression="none", max_bandwidth=0, connect_timeout=10.0, io_timeout=60.0,
+        tls_cert=None, tls_key=None, tls_ca=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -84,7 +110,11 @@ impl PySender {
         max_bandwidth: u64,
         connect_timeout: f64,
         io_timeout: f64,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
     ) -> PyResult<Self> {
+        let tls = tls_config(&uri, tls_cert, tls_key, tls_ca)?;
         let cfg = SenderConfig {
             channels,
             migration_id: self::migration_id(migration_id)?,
@@ -93,6 +123,7 @@ impl PySender {
             max_bandwidth,
             connect_timeout: seconds("connect_timeout", connect_timeout)?,
             io_timeout: seconds("io_timeout", io_timeout)?,
+            tls,
         };
         let mem = memory.get().inner.clone();
         let (c, id) = (cfg.compression, cfg.migration_id);
@@ -234,17 +265,32 @@ impl PySender {
 pub struct PyListener {
     inner: Mutex<Option<Arc<Listener>>>,
     uri: String,
+    tls: Option<Arc<TlsConfig>>,
 }
 
 #[pymethods]
 impl PyListener {
     #[new]
-    fn new(uri: &str) -> PyResult<Self> {
+    #[pyo3(signature = (uri, *, tls_cert=None, tls_key=None, tls_ca=None))]
+    fn new(
+        uri: &str,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let tls = tls_config(uri, tls_cert, tls_key, tls_ca)?;
         let (l, uri) = Listener::bind(uri)?;
         Ok(PyListener {
             inner: Mutex::new(Some(Arc::new(l))),
             uri,
+            tls,
         })
+    }
+
+    /// Whether every channel must be mutual TLS.
+    #[getter]
+    fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     #[getter]
@@ -272,6 +318,7 @@ impl PyListener {
         let cfg = ReceiverConfig {
             io_timeout: seconds("io_timeout", io_timeout)?,
             device_buffer,
+            tls: self.tls.clone(),
         };
         let t = seconds("timeout", timeout)?;
         let mem = memory.get().inner.clone();
@@ -297,7 +344,7 @@ impl PyListener {
     }
 
     fn __repr__(&self) -> String {
-        format!("Listener(uri={:?})", self.uri)
+        format!("Listener(uri={:?}, tls={})", self.uri, self.tls.is_some())
     }
 }
 
