@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"devices such as nic:state=64MiB,rate=20MiB/s, or none (default {DEFAULT_DEVICES})",
     )
 
+    tls = _Parser(add_help=False)
+    t = tls.add_argument_group("mutual TLS on every channel (all three, PEM files)")
+    t.add_argument("--tls-cert", metavar="FILE", help="this side's certificate (chain)")
+    t.add_argument("--tls-key", metavar="FILE", help="its private key")
+    t.add_argument("--tls-ca", metavar="FILE", help="CA that the peer's certificate must chain to")
+
     mig = _Parser(add_help=False)
     m = mig.add_argument_group("migration")
     policies = _policy_names()
@@ -268,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "demo",
-        parents=[common, guest, devices, mig],
+        parents=[common, guest, devices, mig, tls],
         help="migrate a running guest live between two local processes",
         description="Start a destination process and migrate a running guest to it over "
         "loopback TCP, with a live progress view.",
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        parents=[common, devices],
+        parents=[common, devices, tls],
         help="run the destination",
         description="Receive migrations on URI; the size and devices must match the source's.",
     )
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser(
         "send",
-        parents=[common, guest, devices, mig],
+        parents=[common, guest, devices, mig, tls],
         help="run a guest and migrate it to a destination",
         description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
     )
@@ -375,6 +381,14 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     if args.policy:
         params["policy"] = args.policy
     return params
+
+
+def _tls(args: argparse.Namespace) -> dict[str, str]:
+    """The TLS options as API keywords: all three or none."""
+    given = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_ca")}
+    if any(given.values()) and not all(given.values()):
+        raise UsageError("--tls-cert", "TLS needs --tls-cert, --tls-key and --tls-ca together")
+    return {k: v for k, v in given.items() if v}
 
 
 class _Guest:
@@ -501,6 +515,7 @@ def _run_source(
             g.devices,
             uri=uri,
             on_status=lambda status: log.info("migration to %s: %s", uri, status),
+            **_tls(args),
             **_params(args),
         )
     except ValueError as e:
@@ -602,6 +617,8 @@ def _spawn_destination(
         "--log-level",
         args.log_level,
     ]
+    for key, value in _tls(args).items():
+        cmd += ["--" + key.replace("_", "-"), value]
     # Its own session: a terminal's Ctrl-C reaches only the source, which
     # cancels and tells the destination over the control channel.
     child = subprocess.Popen(
@@ -707,6 +724,7 @@ def _serve_one(
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
                 on_resume=seen.memory_digest,
+                **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
             raise UsageError("--listen", str(e)) from None
