@@ -4,6 +4,9 @@ size from the stream drives an allocation."""
 
 from __future__ import annotations
 
+import gc
+import os
+import random
 import socket
 import struct
 import threading
@@ -333,3 +336,184 @@ def test_snapshot_corrupt_page_fails_the_digest(tmp_path: Path) -> None:
         f.write(b"\x00")
     msg, _ = restore_error(path)
     assert "memory digest mismatch" in msg
+
+
+# ------------------------------------------------------------ hostile peers
+def page_bytes(mem: mig.GuestMemory, page: int) -> bytes:
+    ps = mem.page_size
+    return mem.read(page * ps, ps)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_bytes_after_a_valid_header(seed: int) -> None:
+    rng = random.Random(seed)
+
+    def feed(s: RawSession, ps: int) -> None:
+        s.data[0].sendall(rng.randbytes(rng.randrange(1, 64 << 10)))
+        s.data[0].shutdown(socket.SHUT_WR)
+
+    msg, unchanged = run_raw(feed)
+    assert "channel 0, packet 0" in msg
+    assert unchanged
+
+
+def test_random_bytes_instead_of_stream_headers() -> None:
+    """Strangers that send noise (or nothing) never form a session."""
+    rng = random.Random(5)
+    listener = mig.Listener("tcp:127.0.0.1:0")
+    host, port = listener.uri.removeprefix("tcp:").rsplit(":", 1)
+    socks = []
+    for n in (0, 1, 63, 64, 65, 4096, 100_000):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(rng.randbytes(n))
+        s.shutdown(socket.SHUT_WR)
+        socks.append(s)
+    dst = memory()
+    before = dst.digest()
+    with pytest.raises(TimeoutError) as info:
+        listener.accept(dst, 1.0, io_timeout=0.5)
+    msg = str(info.value)
+    assert "control channel missing" in msg
+    assert msg.count("a new channel: ") == 7, msg
+    assert "truncated stream: peer closed after 0 of 64 bytes" in msg
+    assert dst.digest() == before
+    for s in socks:
+        s.close()
+
+
+def test_replayed_packet_is_refused() -> None:
+    """A packet recorded from this stream and sent again is refused by its
+    record number; the original was applied, nothing else."""
+    listener = mig.Listener("tcp:127.0.0.1:0")
+    dst = memory()
+    session = RawSession(listener, dst)
+    receiver = listener.accept(dst, 5.0, io_timeout=2.0)
+    ps = dst.page_size
+    rec = good_page(ps, page=2)
+    session.data[0].sendall(rec + rec)
+    with pytest.raises(mig.ProtocolError, match="channel 0, packet 1: record number 0 where 1"):
+        receiver.wait_end(10.0)
+    assert page_bytes(dst, 2) == b"\x11" * ps
+    expected = memory()
+    expected.write(2 * ps, b"\x11" * ps)
+    assert dst.digest() == expected.digest()
+    session.close()
+
+
+def test_packet_of_an_earlier_generation_replayed_after_its_sync() -> None:
+    """Renumbered with a fresh CRC (anyone can compute a CRC), an old
+    generation's packet is still refused once its sync has passed."""
+    listener = mig.Listener("tcp:127.0.0.1:0")
+    dst = memory()
+    session = RawSession(listener, dst)
+    receiver = listener.accept(dst, 5.0, io_timeout=2.0)
+    ps = dst.page_size
+    old = page_record(number=0, generation=1, normal=[(3 * ps, b"\x22" * ps)])
+    new = page_record(number=2, generation=2, normal=[(3 * ps, b"\x33" * ps)])
+    replay = page_record(number=3, generation=1, normal=[(3 * ps, b"\x22" * ps)])
+    session.data[0].sendall(old + record(b"SYNC", number=1, generation=1) + new + replay)
+    with pytest.raises(mig.ProtocolError, match="packet 3: generation 1 pages after sync"):
+        receiver.wait_end(10.0)
+    assert page_bytes(dst, 3) == b"\x33" * ps  # the newer copy stands
+    session.close()
+
+
+def test_stream_replayed_into_another_migration_is_refused() -> None:
+    """Channels recorded from migration 1 replayed next to a control channel
+    of migration 2: refused by id, the session never forms."""
+    dst = memory()
+    geo = dict(page_size=dst.page_size, memory_size=dst.size, count=1)
+    recorded = stream_header(kind=KIND_DATA, migration_id=1, **geo) + good_page(dst.page_size)
+    msg = accept_error(
+        [
+            (0, stream_header(kind=KIND_CONTROL, migration_id=2, **geo)),
+            (1, recorded),
+        ]
+    )
+    assert "data channel 0 of migration " + f"{1:032x}" in msg
+
+
+@pytest.mark.parametrize(
+    ("c0", "c1", "body_len", "expected"),
+    [
+        (0, 1 << 31, 0xFFFFFFFF, "outside [1, 128]"),
+        (0xFFFFFFFF, 0xFFFFFFFF, 8, "outside [1, 128]"),
+        (0, 0, 0, "outside [1, 128]"),
+        (4, 0, 16, "cannot hold 4 offsets"),
+        (1, 0, 0xFFFFFFFF, "does not fit"),
+    ],
+)
+def test_oversized_or_inconsistent_counts(c0: int, c1: int, body_len: int, expected: str) -> None:
+    def feed(s: RawSession, ps: int) -> None:
+        s.data[0].sendall(record(b"PAGE", number=0, generation=1, c0=c0, c1=c1, body_len=body_len))
+
+    msg, unchanged = run_raw(feed)
+    assert "channel 0, packet 0" in msg and expected in msg
+    assert unchanged
+
+
+@pytest.mark.parametrize("offset", [SIZE, SIZE + 4096, 1 << 63, (1 << 64) - 4096])
+@pytest.mark.parametrize("as_zero", [False, True])
+def test_offsets_outside_memory(offset: int, as_zero: bool) -> None:
+    def feed(s: RawSession, ps: int) -> None:
+        good = (ps, b"\x11" * ps)  # a valid page in the same packet is not applied either
+        if as_zero:
+            rec = page_record(number=0, generation=1, normal=[good], zero=[offset])
+        else:
+            rec = page_record(number=0, generation=1, normal=[good, (offset, b"\x11" * ps)])
+        s.data[0].sendall(rec)
+
+    msg, unchanged = run_raw(feed)
+    assert "channel 0, packet 0" in msg and "not a page inside memory" in msg
+    assert unchanged
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_hostile_sessions_keep_memory_bounded() -> None:
+    """Sessions whose channels claim huge bodies, stall mid-record or send
+    noise: each fails, and the process's resident memory does not grow with
+    what they claim or with their number."""
+    rng = random.Random(9)
+    mib = 1 << 20
+
+    def hostile(s: RawSession, ps: int) -> None:
+        claims = [
+            record(b"PAGE", number=0, generation=1, c0=128, body_len=128 * (8 + ps)),
+            record(b"DEVS", number=0, c0=3, body_len=8 * mib + 3),
+            record(b"CTRL", number=0, body_len=1 << 20),
+            rng.randbytes(4096),
+        ]
+        for sock, head in zip(s.data, claims, strict=True):
+            sock.sendall(head + b"\x00" * 100_000)  # part of the claimed body
+            sock.shutdown(socket.SHUT_WR)
+
+    def one_round() -> None:
+        listener = mig.Listener("tcp:127.0.0.1:0")
+        dst = memory()
+        before = dst.digest()
+        session = RawSession(listener, dst, channels=4)
+        receiver = listener.accept(dst, 5.0, io_timeout=2.0, device_buffer=16 * mib)
+        hostile(session, dst.page_size)
+        with pytest.raises(mig.ProtocolError):
+            receiver.wait_end(10.0)
+        receiver.abort()
+        session.close()
+        assert dst.digest() == before
+
+    for _ in range(3):
+        one_round()
+    gc.collect()
+    start = rss()
+    for _ in range(15):
+        one_round()
+    gc.collect()
+    grown = rss() - start
+    # The sessions claimed 15 x (8 MiB + 1 MiB + 0.5 MiB + noise); what may
+    # stay resident is the allocator's per-thread arenas keeping freed
+    # buffers of one session's size (bounded by device_buffer + packets),
+    # never an amount that grows with the claims or the session count.
+    assert grown < 40 * mib, f"resident memory grew by {grown / mib:.1f} MiB"
