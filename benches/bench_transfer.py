@@ -66,10 +66,13 @@ def iperf3_seconds(iperf3: str, nbytes: int) -> float:
         server.wait()
 
 
-def destination(size: int) -> None:
+TLS_OPTIONS = ("tls_cert", "tls_key", "tls_ca")
+
+
+def destination(size: int, tls: dict[str, str]) -> None:
     """Child process: print the URI, receive one session, report."""
     mem = mig.GuestMemory(size)
-    listener = mig.Listener("tcp:127.0.0.1:0")
+    listener = mig.Listener("tcp:127.0.0.1:0", **tls)
     print(listener.uri, flush=True)
     receiver = listener.accept(mem, 60.0)
     end = receiver.wait_end(120.0)
@@ -81,9 +84,17 @@ def destination(size: int) -> None:
         pass
 
 
-def transfer_seconds(src: mig.GuestMemory, digest: int, channels: int) -> float:
+def transfer_seconds(
+    src: mig.GuestMemory,
+    digest: int,
+    channels: int,
+    dest_tls: dict[str, str] | None = None,
+    tls: dict[str, str] | None = None,
+) -> float:
+    """One transfer; `dest_tls`/`tls`: the two sides' TLS options."""
+    flags = [a for k, v in (dest_tls or {}).items() for a in ("--" + k, v)]
     child = subprocess.Popen(
-        [sys.executable, __file__, "--dest", "--size-mib", str(src.size >> 20)],
+        [sys.executable, __file__, "--dest", "--size-mib", str(src.size >> 20), *flags],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -91,7 +102,9 @@ def transfer_seconds(src: mig.GuestMemory, digest: int, channels: int) -> float:
     uri = child.stdout.readline().strip()
     full = mig.DirtyBitmap.full(src.num_pages)
     t0 = time.perf_counter()
-    sender = mig.Sender(src, uri, migration_id=int(time.time_ns()), channels=channels)
+    sender = mig.Sender(
+        src, uri, migration_id=int(time.time_ns()), channels=channels, **(tls or {})
+    )
     sender.send_pages(full, 0)
     sender.sync(0)
     sender.finish(digest)
@@ -108,10 +121,12 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dest", action="store_true", help=argparse.SUPPRESS)
+    for k in TLS_OPTIONS:
+        ap.add_argument("--" + k, help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = args.size_mib << 20
     if args.dest:
-        destination(size)
+        destination(size, {k: getattr(args, k) for k in TLS_OPTIONS if getattr(args, k)})
         return
     from bench_zero_scan import half_random_half_zero
 
