@@ -32,6 +32,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "misnamed": ca.issue("misnamed", names=("other.example",)),
         "self": self_signed(root, "self", ca.ca),
         "other": Identity(stranger.cert, stranger.key, ca.ca),
+        "expired": ca.issue("expired", expired=True),
     }
 
 
@@ -110,6 +111,7 @@ def refused(listen: dict[str, str], connect: dict[str, str]) -> tuple[str, str, 
     [
         ("self", "refused this side's certificate", "invalid peer certificate: UnknownIssuer"),
         ("other", "refused this side's certificate", "invalid peer certificate: UnknownIssuer"),
+        ("expired", "refused this side's certificate", "certificate expired"),
     ],
 )
 def test_source_without_a_certificate_from_the_ca_is_refused(

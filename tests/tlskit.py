@@ -40,8 +40,11 @@ def _build(
     *,
     ca: bool,
     names: tuple[str, ...] = (),
+    expired: bool = False,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
+    if expired:
+        now -= datetime.timedelta(days=3)
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -107,9 +110,11 @@ class Authority:
         cert = _build(name, self.key, name, self.key, ca=True)
         self.ca = _write(root / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, subject: str, names: tuple[str, ...] = LOCAL_NAMES) -> Identity:
+    def issue(
+        self, subject: str, names: tuple[str, ...] = LOCAL_NAMES, *, expired: bool = False
+    ) -> Identity:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _build(subject, key, self.name, self.key, ca=False, names=names)
+        cert = _build(subject, key, self.name, self.key, ca=False, names=names, expired=expired)
         pem = cert.public_bytes(serialization.Encoding.PEM)
         return Identity(
             _write(self.root / f"{subject}.crt", pem),
