@@ -658,12 +658,16 @@ impl TlsConfig {
         )
         .build()
         .map_err(|e| CoreError::invalid(format!("TLS CA file {}: {e}", ca.display())))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(tls13)
             .map_err(setup)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), private.clone_key())
             .map_err(|e| bad("certificate/key pair", cert, &e))?;
+        // Exactly the one ticket the source waits for: data channels are
+        // never read afterwards, and unread bytes would turn the source's
+        // close into a reset that can discard the destination's last bytes.
+        server.send_tls13_tickets = 1;
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(tls13)
             .map_err(setup)?
