@@ -306,8 +306,10 @@ fn decode_blocks<S: Source>(
         nz.len = k;
         n = words(&nz, out, n);
         i = end;
-        if pairs {
-            let whole = n.saturating_sub(done) & !1;
+        // A range may own no positions at all (`done` = 1 past an empty
+        // slice when it starts inside a run): nothing to pair then.
+        if pairs && n > done {
+            let whole = (n - done) & !1;
             // SAFETY: positions [0, n) were written by `words`.
             let fresh = unsafe { &mut *(&mut out[done..done + whole] as *mut _ as *mut [u64]) };
             for p in fresh.chunks_exact_mut(2) {
