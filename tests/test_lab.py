@@ -65,6 +65,23 @@ def test_bench_policies_writes_results_report_and_plots(tmp_path: Path, monkeypa
     assert len(list(tmp_path.glob("*.png"))) == 4
 
 
+def test_the_default_policy_earns_its_place_on_the_quick_sim_set() -> None:
+    """DEFAULT_POLICY was chosen from the lab: the best SLA hit rate of every
+    policy with at most a third of the guest stops of stopping for every exact
+    size. Pinned on one workload of the quick matrix (every device type,
+    policy, bandwidth and limit), so a change that breaks it fails here."""
+    from mig.policies import DEFAULT_POLICY
+
+    quick = lab.matrix(quick=True)
+    configs = [c for c in quick if c.workload == quick[-1].workload]
+    assert {c.label for c in configs} == set(lab.DEVICE_SETS)
+    table = lab.policy_table(lab.run_sweep(configs))
+    ok, why = lab.earns_default(table, DEFAULT_POLICY)
+    assert ok, why
+    others = [t["sla-hit-rate"] for p, t in table.items() if p != DEFAULT_POLICY]
+    assert table[DEFAULT_POLICY]["sla-hit-rate"] > max(others), table
+
+
 def test_earns_default_needs_both_the_hit_rate_and_few_stops() -> None:
     table = {
         "stop-exact-resume": {"sla-hit-rate": 0.5, "guest-stops-mean": 0.9},

@@ -53,6 +53,7 @@ from mig._mig import DirtyBitmap
 from mig.clock import VirtualClock
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
+from mig.policies import DEFAULT_POLICY
 from mig.units import parse_rate, parse_size
 
 __all__ = [
@@ -714,7 +715,7 @@ class SimConfig:
     workload: str = "idle"
     vcpus: int = 1
     devices: tuple[str, ...] = ()
-    policy: str = "exact-running"
+    policy: str = DEFAULT_POLICY
     params: dict[str, Any] = field(default_factory=dict)
     link: LinkModel = field(default_factory=LinkModel)
     host: HostModel = field(default_factory=HostModel)
