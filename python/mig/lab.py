@@ -41,6 +41,7 @@ __all__ = [
     "summarise",
     "sweep_timeout",
     "validation_cases",
+    "validation_table",
     "write_report",
 ]
 
@@ -461,6 +462,27 @@ def _policy_rows(table: dict[str, dict[str, float]], first: str = "policy") -> l
     return lines
 
 
+def validation_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one row per validation case, then the error summary."""
+    lines = [
+        "case | workload | policy | devices | cap MiB/s | total ms real/sim | downtime ms "
+        "real/sim | MiB real/sim | passes real/sim",
+        "|".join(["---"] * 9),
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['name']} | `{r['workload']}` | `{r['policy']}` | {','.join(r['devices'])} | "
+            f"{r['max-bandwidth'] / MIB:.0f} | {r['real-total-time']:.0f} / "
+            f"{r['sim-total-time']:.0f} | {r['real-downtime']:.0f} / {r['sim-downtime']:.0f} | "
+            f"{r['real-transferred'] / MIB:.0f} / {r['sim-transferred'] / MIB:.0f} | "
+            f"{r['real-passes']:.0f} / {r['sim-passes']:.0f}"
+        )
+    lines += ["", "metric | median error | max error", "---|---|---"]
+    for m, s in error_summary(rows).items():
+        lines.append(f"{m} | {s['median']:.1%} | {s['max']:.1%}")
+    return lines
+
+
 def write_report(
     out: Path,
     runs: list[dict[str, Any]],
@@ -482,24 +504,8 @@ def write_report(
         lines += ["", f"### Device type `{kind}`", ""]
         lines += _policy_rows(rows)
     if validation:
-        summ = error_summary(validation)
         lines += ["", "## Validation: simulated against real loopback runs", ""]
-        lines += [
-            "case | workload | policy | devices | cap MiB/s | total ms real/sim | downtime ms "
-            "real/sim | MiB real/sim | passes real/sim",
-            "|".join(["---"] * 9),
-        ]
-        for r in validation:
-            lines.append(
-                f"{r['name']} | `{r['workload']}` | `{r['policy']}` | {','.join(r['devices'])} | "
-                f"{r['max-bandwidth'] / MIB:.0f} | {r['real-total-time']:.0f} / "
-                f"{r['sim-total-time']:.0f} | {r['real-downtime']:.0f} / {r['sim-downtime']:.0f} | "
-                f"{r['real-transferred'] / MIB:.0f} / {r['sim-transferred'] / MIB:.0f} | "
-                f"{r['real-passes']:.0f} / {r['sim-passes']:.0f}"
-            )
-        lines += ["", "metric | median error | max error", "---|---|---"]
-        for m, s in summ.items():
-            lines.append(f"{m} | {s['median']:.1%} | {s['max']:.1%}")
+        lines += validation_table(validation)
     if table:
         lines += [
             "",
@@ -606,21 +612,25 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
             reals, _, validation = run_validation(cases, lambda n: bar.advance(vtask, n))
             if args.real:
                 runs += reals
-    meta = {
-        "mode": "real" if args.real else ("sim" if args.sim else "sim + validation"),
-        "quick": args.quick,
-        "seconds": time.monotonic() - t0,
-        "load-average": os.getloadavg(),
-        "host": host.__dict__ if hasattr(host, "__dict__") else {},
-    }
-    results = {"meta": meta, "runs": runs, "validation": validation}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    if args.save_validation and validation:
-        stored = {"meta": meta, "validation": validation}
-        Path(args.save_validation).write_text(json.dumps(stored, indent=1, default=str) + "\n")
-    write_report(out, runs, validation, meta)
-    if runs:
-        write_plots(out, runs)
+        wtask = bar.add_task("results, report and plots", total=3)
+        meta = {
+            "mode": "real" if args.real else ("sim" if args.sim else "sim + validation"),
+            "quick": args.quick,
+            "seconds": time.monotonic() - t0,
+            "load-average": os.getloadavg(),
+            "host": host.__dict__ if hasattr(host, "__dict__") else {},
+        }
+        results = {"meta": meta, "runs": runs, "validation": validation}
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        if args.save_validation and validation:
+            stored = {"meta": meta, "validation": validation}
+            Path(args.save_validation).write_text(json.dumps(stored, indent=1, default=str) + "\n")
+        bar.advance(wtask)
+        write_report(out, runs, validation, meta)
+        bar.advance(wtask)
+        if runs:
+            write_plots(out, runs)
+        bar.advance(wtask)
     return results
 
 
