@@ -565,7 +565,7 @@ def write_plots(out: Path, runs: list[dict[str, Any]]) -> list[Path]:
         ax.bar(xs, [dev.get((k, p), {}).get("sla-hit-rate", 0) for k in kinds], width, label=p)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds)
     ax.set(ylabel="SLA hit rate", title="per device type")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     paths.append(_save(fig, out / "sla-per-device-type.png"))
     return paths
 
