@@ -58,6 +58,7 @@ DEVICE_SETS: dict[str, tuple[str, ...]] = {
     "dma": ("dma:dma=4MiB/s",),
 }
 METRICS = ("total-time", "downtime", "transferred", "passes")
+VALIDATION_MEMORY = 128 * MIB
 # A run that has not converged after this many full-memory passes at the
 # configured bandwidth is cancelled (bounded by the clamp below): a
 # configuration that cannot meet its limit (device state alone above
@@ -158,7 +159,7 @@ def validation_cases(host: HostModel | None = None) -> list[ValidationCase]:
     out = []
     for i, (pattern, rate, bw, pol, devs) in enumerate(rows):
         cfg = SimConfig(
-            memory=128 * MIB,
+            memory=VALIDATION_MEMORY,
             workload=f"{pattern}:rate={rate}{wss[pattern]}",
             vcpus=1,
             devices=devs,
@@ -218,19 +219,28 @@ def _metric(q: dict[str, Any], key: str) -> float:
     return float(q.get(key) or 0.0)
 
 
-def compare(name: str, real: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
-    """One validation row: both values of every metric and the relative error."""
+def compare(
+    name: str, real: dict[str, Any] | Sequence[dict[str, Any]], sim: dict[str, Any]
+) -> dict[str, Any]:
+    """One validation row: both values of every metric and the relative error.
+
+    ``real`` may be several real runs of the same case: each metric's real
+    value is then their median (a shared host makes single real runs noisy).
+    """
+    reals = [real] if isinstance(real, dict) else list(real)
+    first = reals[0]
     row: dict[str, Any] = {
         "name": name,
-        "workload": real.get("workload"),
-        "policy": real.get("policy"),
-        "devices": [d["type"] for d in real.get("devices", [])],
-        "max-bandwidth": real["config"]["params"].get("max_bandwidth"),
-        "real-status": real["status"],
+        "workload": first.get("workload"),
+        "policy": first.get("policy"),
+        "devices": [d["type"] for d in first.get("devices", [])],
+        "max-bandwidth": first["config"]["params"].get("max_bandwidth"),
+        "real-runs": len(reals),
+        "real-status": ",".join(sorted({q["status"] for q in reals})),
         "sim-status": sim["status"],
     }
     for m in METRICS:
-        r, s = _metric(real, m), _metric(sim, m)
+        r, s = statistics.median(_metric(q, m) for q in reals), _metric(sim, m)
         row[f"real-{m}"] = r
         row[f"sim-{m}"] = s
         row[f"{m}-error"] = abs(s - r) / r if r else (0.0 if s == 0 else 1.0)
@@ -288,18 +298,25 @@ def run_sweep(
 
 
 def run_validation(
-    cases: Sequence[ValidationCase], progress: Callable[[int], None] | None = None
+    cases: Sequence[ValidationCase],
+    progress: Callable[[int], None] | None = None,
+    repeats: int = 3,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each case for real (one at a time) and simulated; returns (real, sim, rows)."""
+    """Each case ``repeats`` times for real (one at a time) and once simulated
+    (it is deterministic); returns (real runs, sims, rows)."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     reals, sims, rows = [], [], []
     for case in cases:
-        real = run_real(case.config)
+        these = []
+        for _ in range(repeats):
+            these.append(run_real(case.config))
+            if progress:
+                progress(1)
         sim = simulate(case.config)
-        reals.append(real)
+        reals += these
         sims.append(sim)
-        rows.append(compare(case.name, real, sim))
-        if progress:
-            progress(1)
+        rows.append(compare(case.name, these, sim))
     return reals, sims, rows
 
 
@@ -590,7 +607,10 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    host = HostModel.calibrate() if args.calibrate else HostModel()
+    host = HostModel()
+    if args.calibrate:
+        # The switchover latency measured at the validation's size and a typical cap.
+        host = HostModel.calibrate(switchover=(VALIDATION_MEMORY, 96 * MIB))
     runs: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
     cases = validation_cases(host)
@@ -608,8 +628,10 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
                 progress=lambda n: bar.advance(task, n),
             )
         if not args.sim:
-            vtask = bar.add_task("real + simulated validation", total=len(cases))
-            reals, _, validation = run_validation(cases, lambda n: bar.advance(vtask, n))
+            vtask = bar.add_task("real + simulated validation", total=len(cases) * args.repeats)
+            reals, _, validation = run_validation(
+                cases, lambda n: bar.advance(vtask, n), args.repeats
+            )
             if args.real:
                 runs += reals
         wtask = bar.add_task("results, report and plots", total=3)
@@ -645,6 +667,9 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("--out", default="bench-out", help="output directory")
     pol.add_argument("--dask", metavar="ADDRESS", help="send simulated runs to this Dask scheduler")
     pol.add_argument("--validation", type=int, default=0, help="number of validation cases")
+    pol.add_argument(
+        "--repeats", type=int, default=3, help="real runs per validation case (median taken)"
+    )
     pol.add_argument("--calibrate", action="store_true", help="measure host costs first")
     pol.add_argument(
         "--save-validation",
