@@ -65,6 +65,52 @@ def test_bench_policies_writes_results_report_and_plots(tmp_path: Path, monkeypa
     assert len(list(tmp_path.glob("*.png"))) == 4
 
 
+def test_the_default_policy_earns_its_place_on_the_quick_sim_set() -> None:
+    """DEFAULT_POLICY was chosen from the lab: the best SLA hit rate of every
+    policy with at most a third of the guest stops of stopping for every exact
+    size. Pinned on one workload of the quick matrix (every device type,
+    policy, bandwidth and limit), so a change that breaks it fails here."""
+    from mig.policies import DEFAULT_POLICY
+
+    quick = lab.matrix(quick=True)
+    configs = [c for c in quick if c.workload == quick[-1].workload]
+    assert {c.label for c in configs} == set(lab.DEVICE_SETS)
+    table = lab.policy_table(lab.run_sweep(configs))
+    ok, why = lab.earns_default(table, DEFAULT_POLICY)
+    assert ok, why
+    others = [t["sla-hit-rate"] for p, t in table.items() if p != DEFAULT_POLICY]
+    assert table[DEFAULT_POLICY]["sla-hit-rate"] > max(others), table
+
+
+def test_earns_default_needs_both_the_hit_rate_and_few_stops() -> None:
+    table = {
+        "stop-exact-resume": {"sla-hit-rate": 0.5, "guest-stops-mean": 0.9},
+        "exact-running": {"sla-hit-rate": 0.4, "guest-stops-mean": 0.0},
+        "adaptive": {"sla-hit-rate": 0.5, "guest-stops-mean": 0.3},
+    }
+    assert lab.earns_default(table, "adaptive")[0]
+    table["adaptive"]["guest-stops-mean"] = 0.31
+    assert not lab.earns_default(table, "adaptive")[0]
+    table["adaptive"].update({"guest-stops-mean": 0.0, "sla-hit-rate": 0.45})
+    assert not lab.earns_default(table, "adaptive")[0]
+
+
+def test_matrix_covers_every_device_type_and_policy_and_bounds_its_runs() -> None:
+    from mig.policies import policy_names
+
+    for quick in (True, False):
+        m = lab.matrix(quick)
+        assert {c.label for c in m} == set(lab.DEVICE_SETS)
+        assert {c.policy for c in m} == set(policy_names())
+        assert len({c.params["max_bandwidth"] for c in m}) >= 2
+        assert len({c.params["downtime_limit"] for c in m}) >= 2
+        lo, hi = lab.TIMEOUT_CLAMP
+        assert all(lo <= c.params["timeout"] <= hi for c in m)
+    # The timeout follows the time of a few full passes.
+    assert lab.sweep_timeout(1 << 30, (), 1 << 27) == min(hi, lab.TIMEOUT_PASSES * 8)
+    assert lab.sweep_timeout(1 << 20, ("opaque:state=16MiB",), 1 << 30) == lo
+
+
 def test_sweep_runs_on_a_dask_cluster() -> None:
     distributed = pytest.importorskip("dask.distributed")
     configs = [

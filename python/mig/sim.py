@@ -53,6 +53,7 @@ from mig._mig import DirtyBitmap
 from mig.clock import VirtualClock
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
+from mig.policies import DEFAULT_POLICY
 from mig.units import parse_rate, parse_size
 
 __all__ = [
@@ -259,8 +260,16 @@ class HostModel:
     send_per_page: float = 0.0  # s of sender CPU per page (copy, zero scan)
 
     @classmethod
-    def calibrate(cls, size: int = 64 << 20) -> HostModel:
-        """Measure the costs on this host (about a second)."""
+    def calibrate(
+        cls, size: int = 64 << 20, switchover: tuple[int, float] | None = None
+    ) -> HostModel:
+        """Measure the costs on this host (about a second).
+
+        ``switchover=(memory, max_bandwidth)`` also measures ``load_base``:
+        the destination's switchover time beyond its digest, from three real
+        loopback migrations of an idle guest of that size at that cap (what
+        the destination does after the source's last byte: drain the
+        channels, validate, resume; it grows with the host's load)."""
         from mig._mig import DirtyTracker, GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -280,13 +289,39 @@ class HostModel:
                 g.resume()
                 time.sleep(0.02)
             writes = g.stats()["rate"]
+        load_base = cls.load_base
+        if switchover is not None:
+            load_base = _switchover_load(digest_rate, *switchover)
         return cls(
             digest_rate=digest_rate,
             sync_base=min(t_small, 50e-6),
             sync_per_page=sync_per_page,
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
+            load_base=load_base,
         )
+
+
+def _switchover_load(digest_rate: float, size: int, cap: float, runs: int = 3) -> float:
+    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    loads = []
+    for _ in range(runs):
+        src, dst = GuestMemory(size), GuestMemory(size)
+        src.array[:] = 0x5A
+        with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+            dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+            source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=int(cap))
+            dest.start()
+            source.start()
+            q = source.wait(120)
+            dest.wait(60)
+        if q["status"] != "completed":
+            raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+        loads.append(q["downtime-breakdown"]["load"] / 1000 - size / digest_rate)
+    return max(0.0, float(np.median(loads)))
 
 
 def _best(fn: Any, n: int) -> float:
@@ -714,7 +749,7 @@ class SimConfig:
     workload: str = "idle"
     vcpus: int = 1
     devices: tuple[str, ...] = ()
-    policy: str = "exact-running"
+    policy: str = DEFAULT_POLICY
     params: dict[str, Any] = field(default_factory=dict)
     link: LinkModel = field(default_factory=LinkModel)
     host: HostModel = field(default_factory=HostModel)
