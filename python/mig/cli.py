@@ -697,7 +697,7 @@ def _serve_one(
 
     memory = mig.GuestMemory(args.size)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
-    seen = _ResumeDigests(memory)
+    seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
     try:
         try:
@@ -706,7 +706,6 @@ def _serve_one(
                 memory,
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
-                on_resume=seen.memory_digest,
             )
         except (OSError, ValueError, mig.MigError) as e:
             raise UsageError("--listen", str(e)) from None
@@ -734,19 +733,14 @@ def _dest_line(q: dict[str, Any], uri: str) -> Any:
 class _ResumeDigests:
     """Digests of what the destination loaded, taken just before anything runs on it.
 
-    Memory is digested before the first device resumes (a DMA device writes
-    RAM once running) and each device's state just before it resumes, so the
-    caller can compare them with the stopped source's.
+    The memory digest is the one the destination verified before any device
+    resumed (a DMA device writes RAM once running); each device's state is
+    digested just before it resumes, so the caller can compare them with the
+    stopped source's.
     """
 
-    def __init__(self, memory: Any) -> None:
-        self.memory = memory
-        self.memory_hex: str | None = None
+    def __init__(self) -> None:
         self.devices: list[dict[str, Any]] = []
-
-    def memory_digest(self) -> None:
-        if self.memory_hex is None:
-            self.memory_hex = format(self.memory.digest(), "032x")
 
     def handler(self, device: Any, device_id: int) -> Any:
         from mig.device_handler import DeviceHandler
@@ -755,7 +749,6 @@ class _ResumeDigests:
 
         class Recording(DeviceHandler):
             def load_resume(self) -> None:
-                seen.memory_digest()
                 seen.devices.append(
                     {
                         "name": self.device.name,
@@ -770,8 +763,7 @@ class _ResumeDigests:
     def result(self, q: dict[str, Any]) -> dict[str, Any]:
         """The destination's query() plus the digests (once completed)."""
         out = dict(q)
-        if q.get("status") == "completed" and self.memory_hex is not None:
-            out["memory-digest"] = self.memory_hex
+        if q.get("status") == "completed":
             out["devices"] = self.devices
         return out
 

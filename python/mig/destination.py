@@ -19,6 +19,7 @@ from mig import _mig
 from mig.clock import Clock, MonotonicClock
 from mig.handlers import StateHandler
 from mig.link import Endpoint, ReceiverEndpoint
+from mig.stats import digest_cost
 
 __all__ = ["MigrationDestination"]
 
@@ -82,6 +83,7 @@ class MigrationDestination:
         self.status = "none"
         self.error: str | None = None
         self.verified = False
+        self.memory_digest: str | None = None
         self.load_seconds = 0.0
         self.passes = 0
         self.migration_id: int | None = None
@@ -91,6 +93,10 @@ class MigrationDestination:
         self._acked = False
         self._initial_done: set[int] = set()
         self._cancel: str | None = None
+        self._digest_timer: threading.Thread | None = None
+        self._digest_seconds: float | None = None
+        self._digest_timed_at = 0.0
+        self._busy = 0.0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -134,6 +140,8 @@ class MigrationDestination:
             "load-time": self.load_seconds * 1000,
             "passes": self.passes,
         }
+        if self.memory_digest is not None:
+            out["memory-digest"] = self.memory_digest
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -164,9 +172,11 @@ class MigrationDestination:
         self._set_status("active")
         idle_since = self.clock.now()
         while True:
+            t_work = self.clock.now()
             self._take_records(ep)
             self._load_ready()
             self._maybe_ack(ep)
+            self._busy = max(self._busy, self.clock.now() - t_work)
             msg = self._recv(ep, _POLL)
             if msg is None:
                 if self.clock.now() - idle_since > self.idle_timeout:
@@ -177,6 +187,7 @@ class MigrationDestination:
             if kind == "pass":
                 self.passes += 1
                 self._raise_bounds(msg.get("device_seqs", {}))
+                self._ack_pass(ep, msg.get("pass"))
             elif kind == "switchover":
                 self._set_status("device")
             elif kind == "switchover-abort":
@@ -260,11 +271,44 @@ class MigrationDestination:
             self._acked = True
             ep.send({"type": "switchover-ack"})
 
+    # ------------------------------------------------------- load estimate
+    def _ack_pass(self, ep: Endpoint, number: Any) -> None:
+        """Answer a pass: how long our loop was busy away from the control
+        channel since the last answer (a ``complete`` may wait that long), and
+        a new timing of our whole digest when one is ready.
+
+        The digest check runs between ``complete`` and resume and its cost
+        grows as pages land, so the source learns it from here, measured on
+        this host under its current load. It is timed in the background, at
+        most once a second.
+        """
+        ack: dict[str, Any] = {"type": "pass-ack", "pass": number, "busy": self._busy}
+        self._busy = 0.0
+        timer = self._digest_timer
+        if timer is not None and not timer.is_alive():
+            timer.join()
+            self._digest_timer = None
+            ack["digest"] = self._digest_seconds
+        now = self.clock.now()
+        if self._digest_timer is None and now - self._digest_timed_at >= 1.0:
+            self._digest_timed_at = now
+
+            def measure() -> None:
+                self._digest_seconds = digest_cost(self.memory)
+
+            self._digest_timer = threading.Thread(
+                target=measure, name="mig-digest-cost", daemon=True
+            )
+            self._digest_timer.start()
+        ep.send(ack)
+
     # ---------------------------------------------------------- switchover
     def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
         t0 = self.clock.now()
+        if self._digest_timer is not None:
+            self._digest_timer.join()  # never digest twice at once in the downtime
         self._set_status("device")
-        ep.wait_end(self.idle_timeout)
+        end = ep.wait_end(self.idle_timeout)
         self._take_records(ep)
         self._raise_bounds(msg.get("device_seqs", {}))
         self._load_ready()
@@ -273,10 +317,15 @@ class MigrationDestination:
                 raise _Abort("failed", f"device {dev}: stop-copy records missing")
         for h in self.handlers.values():
             h.load_complete()
-        digest = format(self.memory.digest(), "032x")
+        # The receiver digested the memory once every channel ended (and checked
+        # it against the end records); a second whole digest would only add
+        # downtime. An endpoint that does not report one gets it computed here.
+        verified = end.get("digest")
+        digest = format(verified if verified is not None else self.memory.digest(), "032x")
         if digest != msg.get("digest"):
             raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
         self.verified = True
+        self.memory_digest = digest
         for h in self.handlers.values():
             h.load_resume()
         if self._on_resume:
