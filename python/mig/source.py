@@ -913,12 +913,18 @@ class MigrationSource:
             out.append(
                 {
                     "name": h.name,
-                    "type": h.kind,
+                    "type": _device_type(h),
                     "precopy-bytes": link.precopy_bytes.get(dev, 0) if link else 0,
                     "stop-copy-bytes": link.stop_copy_bytes.get(dev, 0) if link else 0,
                 }
             )
         return out
+
+
+def _device_type(h: StateHandler) -> str:
+    """The device's own type (nic, gpu, ...), else the handler's kind."""
+    device = getattr(h, "device", None)
+    return str(getattr(device, "kind", None) or h.kind)
 
 
 def _str_keys(d: dict[int, int]) -> dict[str, int]:
