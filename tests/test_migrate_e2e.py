@@ -68,7 +68,12 @@ def test_sla_downtime_at_most_the_limit_when_the_engine_switches_over() -> None:
     )
     assert q["status"] == "completed", q.get("error-desc")
     assert src.digest() == dst.digest()
-    assert q["downtime"] <= 300, q["downtime-breakdown"]
+    # The engine planned for the fixed costs it measured (and the bandwidth's
+    # own variation), so what it predicted fits, and so does what it got.
+    costs = q["switchover-costs"]
+    assert costs["digest"] > 0 and costs["load"] > 0 and costs["handshake"] > 0
+    assert q["predicted-downtime"] <= 300
+    assert q["downtime"] <= 300, (q["downtime-breakdown"], costs)
 
 
 PHASES = ["setup", "active", "stopped-for-exact", "device"]
