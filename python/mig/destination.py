@@ -97,6 +97,9 @@ class MigrationDestination:
         self._digest_seconds: float | None = None
         self._digest_timed_at = 0.0
         self._busy = 0.0
+        self._channels = 1
+        self._drain_target: tuple[int, float] | None = None
+        self._drain: float | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -176,6 +179,7 @@ class MigrationDestination:
             self._take_records(ep)
             self._load_ready()
             self._maybe_ack(ep)
+            self._check_drained(ep)
             self._busy = max(self._busy, self.clock.now() - t_work)
             msg = self._recv(ep, _POLL)
             if msg is None:
@@ -187,6 +191,9 @@ class MigrationDestination:
             if kind == "pass":
                 self.passes += 1
                 self._raise_bounds(msg.get("device_seqs", {}))
+                if self._drain_target is None:
+                    target = int(msg.get("generation", 0)) * self._channels
+                    self._drain_target = (target, self.clock.now())
                 self._ack_pass(ep, msg.get("pass"))
             elif kind == "switchover":
                 self._set_status("device")
@@ -228,6 +235,7 @@ class MigrationDestination:
         if problems:
             raise _Abort("failed", "; ".join(problems))
         self.migration_id = hello.get("migration_id")
+        self._channels = max(1, int(hello.get("params", {}).get("multifd_channels", 1)))
 
     # ---------------------------------------------------- device records
     def _take_records(self, ep: Endpoint) -> None:
@@ -272,6 +280,23 @@ class MigrationDestination:
             ep.send({"type": "switchover-ack"})
 
     # ------------------------------------------------------- load estimate
+    def _check_drained(self, ep: Endpoint) -> None:
+        """Time from a ``pass`` to our channels holding every sync it follows.
+
+        That lag is how long the channels trail the control channel: after
+        ``complete`` the end records wait behind it the same way.
+        """
+        if self._drain_target is None:
+            return
+        target, since = self._drain_target
+        syncs = ep.stats().get("syncs")
+        if syncs is None:
+            self._drain_target = None  # an endpoint without the counter
+        elif int(syncs) >= target:
+            lag = self.clock.now() - since
+            self._drain = lag if self._drain is None else max(self._drain, lag)
+            self._drain_target = None
+
     def _ack_pass(self, ep: Endpoint, number: Any) -> None:
         """Answer a pass: how long our loop was busy away from the control
         channel since the last answer (a ``complete`` may wait that long), and
@@ -283,6 +308,8 @@ class MigrationDestination:
         most once a second.
         """
         ack: dict[str, Any] = {"type": "pass-ack", "pass": number, "busy": self._busy}
+        if self._drain is not None:
+            ack["drain"], self._drain = self._drain, None
         self._busy = 0.0
         timer = self._digest_timer
         if timer is not None and not timer.is_alive():

@@ -202,6 +202,8 @@ class MigrationSource:
         self.predicted_downtime: float | None = None
         self._digest_job: threading.Thread | None = None
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._costs_over = 0
         self._digest_measured_at = 0.0
         self.load_seconds = 0.0
         self.downtime: float | None = None
@@ -617,12 +619,17 @@ class MigrationSource:
         """
         self._dest_busy.append(float(msg.get("busy", 0.0)))
         self.costs.handshake = self.rtt + max(self._dest_busy)
+        if msg.get("drain") is not None:
+            self._dest_drain.append(float(msg["drain"]))
+            self.costs.drain = max(self._dest_drain)
         if msg.get("digest") is not None:
             self.costs.dest_digest = float(msg["digest"])
 
     def _costs_exceed_limit(self) -> str | None:
+        """A reason once the fixed costs alone stay over the limit for 3 periods."""
         fixed, limit = self.overhead() * 1000, self.params["downtime_limit"]
-        if fixed < limit:
+        self._costs_over = self._costs_over + 1 if fixed >= limit else 0
+        if self._costs_over < 3:
             return None
         return f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
 

@@ -122,7 +122,9 @@ class SwitchoverCosts:
 
     ``digest`` is the source's whole-memory digest; the destination digests
     the same bytes again before it resumes: ``dest_digest`` is its own timing
-    of that (``load-estimate``), the source's figure stands in until then.
+    of that (``pass-ack``), the source's figure stands in until then.
+    ``drain`` is how long its channels trail the control channel (the end
+    records of a switchover wait behind that lag).
     ``devices`` maps a device to the seconds its stop-copy state took to
     produce (stopping it, reading its state, outside the sends); ``load``
     counts it again for the destination, which validates the same bytes.
@@ -133,6 +135,7 @@ class SwitchoverCosts:
     digest: float = 0.0
     handshake: float = 0.0
     dest_digest: float | None = None
+    drain: float = 0.0
     devices: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -141,7 +144,8 @@ class SwitchoverCosts:
 
     @property
     def load(self) -> float:
-        return (self.digest if self.dest_digest is None else self.dest_digest) + self.device
+        digest = self.digest if self.dest_digest is None else self.dest_digest
+        return digest + self.device + self.drain
 
     def terms(self) -> dict[str, float]:
         """Each term of the sum, seconds, named as in ``downtime-breakdown``."""
