@@ -42,6 +42,7 @@ DEFAULT_SIZE = "1GiB"
 DEFAULT_WORKLOAD = "hotset:rate=50000"
 DEFAULT_DEVICES = "nic"
 DEFAULT_VCPUS = 2
+DEMO_TIMEOUT = 60.0
 COMPRESSIONS = ("none", "zstd", "lz4")
 AUTO_CONVERGE_MODES = ("proportional", "qemu")
 MAX_CHANNELS = 64
@@ -243,13 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(parse_duration, _positive),
         default=None,
         metavar="TIME",
-        help="give up after this long (default: never)",
+        help=f"give up after this long (default: never; mig demo: {DEMO_TIMEOUT:.0f}s)",
     )
     m.add_argument(
         "--timeout-action",
         choices=("cancel", "force"),
-        default="cancel",
-        help="at the timeout, cancel or force the switchover (default cancel)",
+        default=None,
+        help="at the timeout, cancel or force the switchover "
+        "(default cancel; mig demo at its default timeout: force)",
     )
     m.add_argument(
         "--no-verify",
@@ -370,7 +372,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "auto_converge": args.auto_converge or False,
         "dirty_limit": float(args.dirty_limit),
         "timeout": float(args.timeout or 0.0),
-        "timeout_action": args.timeout_action,
+        "timeout_action": args.timeout_action or "cancel",
     }
     if args.policy:
         params["policy"] = args.policy
@@ -555,6 +557,11 @@ def _failed(reason: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    if args.timeout is None:
+        # A demo always ends: when the downtime limit cannot be met (the
+        # summary says why), it switches over anyway and shows what it cost.
+        args.timeout = DEMO_TIMEOUT
+        args.timeout_action = args.timeout_action or "force"
     g = _Guest(args)
     child: subprocess.Popen[bytes] | None = None
     try:
