@@ -24,6 +24,9 @@ from mig.stats import digest_cost
 __all__ = ["MigrationDestination"]
 
 _POLL = 0.05
+# Seconds between timings of our whole digest: seldom, as one that is still
+# running when a switchover starts adds to its downtime.
+_DIGEST_TIMING_EVERY = 3.0
 
 
 class _Abort(Exception):
@@ -197,6 +200,7 @@ class MigrationDestination:
                 self._ack_pass(ep, msg.get("pass"))
             elif kind == "switchover":
                 self._set_status("device")
+                self._finish_digest_timing()
             elif kind == "switchover-abort":
                 self._raise_bounds(msg.get("device_seqs", {}))
                 self._set_status("active")
@@ -280,6 +284,12 @@ class MigrationDestination:
             ep.send({"type": "switchover-ack"})
 
     # ------------------------------------------------------- load estimate
+    def _finish_digest_timing(self) -> None:
+        """A switchover started: let a digest being timed end before ours runs."""
+        if self._digest_timer is not None:
+            self._digest_timer.join()
+            self._digest_timer = None
+
     def _check_drained(self, ep: Endpoint) -> None:
         """Time from a ``pass`` to our channels holding every sync it follows.
 
@@ -305,7 +315,7 @@ class MigrationDestination:
         The digest check runs between ``complete`` and resume and its cost
         grows as pages land, so the source learns it from here, measured on
         this host under its current load. It is timed in the background, at
-        most once a second.
+        most every ``_DIGEST_TIMING_EVERY`` seconds.
         """
         ack: dict[str, Any] = {"type": "pass-ack", "pass": number, "busy": self._busy}
         if self._drain is not None:
@@ -317,7 +327,7 @@ class MigrationDestination:
             self._digest_timer = None
             ack["digest"] = self._digest_seconds
         now = self.clock.now()
-        if self._digest_timer is None and now - self._digest_timed_at >= 1.0:
+        if self._digest_timer is None and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY:
             self._digest_timed_at = now
 
             def measure() -> None:
@@ -332,8 +342,7 @@ class MigrationDestination:
     # ---------------------------------------------------------- switchover
     def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
         t0 = self.clock.now()
-        if self._digest_timer is not None:
-            self._digest_timer.join()  # never digest twice at once in the downtime
+        self._finish_digest_timing()
         self._set_status("device")
         end = ep.wait_end(self.idle_timeout)
         self._take_records(ep)

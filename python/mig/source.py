@@ -368,8 +368,8 @@ class MigrationSource:
     def _measure_digest(self) -> None:
         """The switchover digests all of RAM: time one whole digest now.
 
-        A sample of a few pages misleads: the digest is parallel above a size
-        and skips holes, so only the whole memory gives its real cost.
+        A sample of a few pages misleads: holes digest far faster than data,
+        so only the whole memory gives its real cost.
         """
         if self._link_given is None:
             self.costs.digest = digest_cost(self.memory)
@@ -679,6 +679,9 @@ class MigrationSource:
         self._set_status("device")
         self._check_cancel()
         self.predicted_downtime = self._expected_downtime()
+        job = self._digest_job
+        if job is not None:
+            job.join()  # not two digests at once in the downtime
         if not self._paused:
             self._pause()
         down_start = self._pause_started
