@@ -113,6 +113,19 @@ def test_fixed_switchover_costs_leave_room_in_the_limit(policy: str) -> None:
     assert q["predicted-downtime"] <= 300
 
 
+def test_fixed_costs_over_the_limit_are_the_reported_reason() -> None:
+    clock = VirtualClock()
+    src, dst = mig.GuestMemory(16 * MIB), mig.GuestMemory(16 * MIB)
+    tracker = SlowSyncTracker(src, clock, 0.400)  # a sync alone outlasts 300 ms
+    guest = VirtualGuest(src, clock, tracker, rate=100)
+    link = VirtualLink(src, dst, clock, 100e6)
+    source = MigrationSource(guest, link=link, tracker=tracker, clock=clock, timeout=20)
+    q = source.run()
+    assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
+    assert q["non-convergence"].startswith("fixed switchover costs of 4")
+    assert q["switchover-costs"]["final-sync"] == pytest.approx(400)
+
+
 def test_estimate_only_misses_what_exact_sees() -> None:
     """Without a sync the estimate ignores pages dirtied during the pass."""
     kw = dict(size=32 * MIB, rate=20000, bandwidth=50e6, working_set=512, downtime_limit=50)

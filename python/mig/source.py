@@ -204,6 +204,7 @@ class MigrationSource:
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
         self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
         self._costs_over = 0
+        self._costs_reason: str | None = None
         self._digest_measured_at = 0.0
         self.load_seconds = 0.0
         self.downtime: float | None = None
@@ -604,6 +605,8 @@ class MigrationSource:
                 self._event("throttle", pct=pct)
         exhausted = self.converge is None or self.throttle >= self.params["max_cpu_throttle"] / 100
         reason = self._detector.on_sync(sample, exhausted) or self._costs_exceed_limit()
+        if self._costs_over == 0 and self.non_convergence == self._costs_reason:
+            self.non_convergence = None  # the fixed costs came back under the limit
         if reason and self.non_convergence is None:
             self.non_convergence = reason
             self._event("non-convergence", reason=reason)
@@ -631,7 +634,10 @@ class MigrationSource:
         self._costs_over = self._costs_over + 1 if fixed >= limit else 0
         if self._costs_over < 3:
             return None
-        return f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
+        self._costs_reason = (
+            f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
+        )
+        return self._costs_reason
 
     # --------------------------------------------------- control channel
     def _poll_control(self) -> None:
