@@ -685,6 +685,8 @@ class MigrationSource:
         self._set_status("device")
         self._check_cancel()
         self.predicted_downtime = self._expected_downtime()
+        if not forced and self.non_convergence == self._costs_reason:
+            self.non_convergence = None  # it switched over: the costs fit now
         job = self._digest_job
         if job is not None:
             job.join()  # not two digests at once in the downtime
