@@ -204,7 +204,7 @@ class MigrationSource:
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
         self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
         self._costs_over = 0
-        self._costs_reason: str | None = None
+        self._nc_from_costs = False  # non_convergence holds the fixed-costs reason
         self._digest_measured_at = 0.0
         self.load_seconds = 0.0
         self.downtime: float | None = None
@@ -604,11 +604,13 @@ class MigrationSource:
                 self.guest.set_throttle(pct)
                 self._event("throttle", pct=pct)
         exhausted = self.converge is None or self.throttle >= self.params["max_cpu_throttle"] / 100
-        reason = self._detector.on_sync(sample, exhausted) or self._costs_exceed_limit()
-        if self._costs_over == 0 and self.non_convergence == self._costs_reason:
-            self.non_convergence = None  # the fixed costs came back under the limit
+        detected = self._detector.on_sync(sample, exhausted)
+        reason = detected or self._costs_exceed_limit()
+        if self._costs_over == 0 and self._nc_from_costs:
+            self._clear_costs_reason()  # the fixed costs came back under the limit
         if reason and self.non_convergence is None:
             self.non_convergence = reason
+            self._nc_from_costs = detected is None
             self._event("non-convergence", reason=reason)
             if self.params["non_convergence_action"] == "fail":
                 raise _Stop("failed", f"not converging: {reason}")
@@ -634,10 +636,12 @@ class MigrationSource:
         self._costs_over = self._costs_over + 1 if fixed >= limit else 0
         if self._costs_over < 3:
             return None
-        self._costs_reason = (
-            f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
-        )
-        return self._costs_reason
+        return f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
+
+    def _clear_costs_reason(self) -> None:
+        if self._nc_from_costs:
+            self.non_convergence = None
+            self._nc_from_costs = False
 
     # --------------------------------------------------- control channel
     def _poll_control(self) -> None:
@@ -685,8 +689,8 @@ class MigrationSource:
         self._set_status("device")
         self._check_cancel()
         self.predicted_downtime = self._expected_downtime()
-        if not forced and self.non_convergence == self._costs_reason:
-            self.non_convergence = None  # it switched over: the costs fit now
+        if not forced:
+            self._clear_costs_reason()  # the policy chose to switch over: the costs fit
         job = self._digest_job
         if job is not None:
             job.join()  # not two digests at once in the downtime
