@@ -91,6 +91,19 @@ def test_demo_json_fields_and_types(demo_json: dict[str, Any]) -> None:
     assert nic["precopy-bytes"] + nic["stop-copy-bytes"] >= 4 * MIB
 
 
+def test_demo_verifies_end_to_end_by_default_and_no_verify_skips_it(
+    demo_json: dict[str, Any],
+) -> None:
+    # By default the demo compares the destination's memory and device
+    # digests with the stopped source's after the migration.
+    assert demo_json["end-to-end-check"] == "passed"
+    p = run("demo", *SMALL, "--devices", SMALL_NIC, "--json", "--no-verify")
+    assert p.returncode == 0, p.stderr
+    q = only_json(p.stdout)
+    assert q["status"] == "completed"
+    assert q["end-to-end-check"] == "skipped"
+
+
 def test_progress_and_summary_render_query_values(demo_json: dict[str, Any]) -> None:
     console = Console(record=True, width=120)
     console.print(progress_view(demo_json))

@@ -77,6 +77,55 @@ def test_sla_downtime_within_limit(policy: str) -> None:
     assert q["downtime"] <= 300, q["downtime-breakdown"]
 
 
+class SlowSyncTracker(SoftTracker):
+    """A tracker whose every sync costs ``cost`` seconds of virtual time."""
+
+    def __init__(self, memory: mig.GuestMemory, clock: VirtualClock, cost: float) -> None:
+        super().__init__(memory)
+        self.clock = clock
+        self.cost = cost
+
+    def sync(self) -> mig.DirtyBitmap:
+        self.clock.advance(self.cost)
+        self.last_sync_seconds = self.cost
+        return super().sync()
+
+
+@pytest.mark.parametrize("policy", ["exact-running", "adaptive"])
+def test_fixed_switchover_costs_leave_room_in_the_limit(policy: str) -> None:
+    # 3000 pages/s over 32 MiB against 50 MB/s: the final set lands near the
+    # byte threshold. The final sync costs 80 ms on top: planned for, the
+    # downtime still fits (not planned for, it is ~80 ms over).
+    clock = VirtualClock()
+    src, dst = mig.GuestMemory(32 * MIB), mig.GuestMemory(32 * MIB)
+    tracker = SlowSyncTracker(src, clock, 0.080)
+    guest = VirtualGuest(src, clock, tracker, rate=3000)
+    link = VirtualLink(src, dst, clock, 50e6)
+    source = MigrationSource(
+        guest, link=link, tracker=tracker, clock=clock, policy=policy, timeout=30
+    )
+    q = source.run()
+    assert q["status"] == "completed", q.get("error-desc")
+    assert src.digest() == dst.digest()
+    assert q["switchover-costs"]["final-sync"] == pytest.approx(80)
+    assert q["downtime-breakdown"]["final-sync"] == pytest.approx(80)
+    assert q["downtime"] <= 300, q["downtime-breakdown"]
+    assert q["predicted-downtime"] <= 300
+
+
+def test_fixed_costs_over_the_limit_are_the_reported_reason() -> None:
+    clock = VirtualClock()
+    src, dst = mig.GuestMemory(16 * MIB), mig.GuestMemory(16 * MIB)
+    tracker = SlowSyncTracker(src, clock, 0.400)  # a sync alone outlasts 300 ms
+    guest = VirtualGuest(src, clock, tracker, rate=100)
+    link = VirtualLink(src, dst, clock, 100e6)
+    source = MigrationSource(guest, link=link, tracker=tracker, clock=clock, timeout=20)
+    q = source.run()
+    assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
+    assert q["non-convergence"].startswith("fixed switchover costs of 4")
+    assert q["switchover-costs"]["final-sync"] == pytest.approx(400)
+
+
 def test_estimate_only_misses_what_exact_sees() -> None:
     """Without a sync the estimate ignores pages dirtied during the pass."""
     kw = dict(size=32 * MIB, rate=20000, bandwidth=50e6, working_set=512, downtime_limit=50)

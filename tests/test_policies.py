@@ -23,23 +23,24 @@ def view(ram: int, overhead: float, limit: float = 0.3, bandwidth: float = GB) -
     )
 
 
-def test_adaptive_counts_the_fixed_costs_of_both_sides() -> None:
-    """300 ms limit, 100 ms of measured fixed costs: the destination's
-    verification mirrors them, so 100 ms (100 MB at 1 GB/s) remain for state."""
+def test_adaptive_subtracts_the_fixed_costs() -> None:
+    """300 ms limit, 100 ms of measured fixed costs (both sides' digests are
+    in them): 200 ms (200 MB at 1 GB/s) remain for state."""
     ad = make_policy("adaptive")
-    assert ad.decide(view(60 * 10**6, 0.1)).action is Action.EXACT_RUNNING
-    assert ad.decide(view(150 * 10**6, 0.1)).action is Action.CONTINUE
-    once = make_policy("adaptive", fixed_cost_factor=1.0)
-    assert once.decide(view(150 * 10**6, 0.1)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(150 * 10**6, 0.1)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(260 * 10**6, 0.1)).action is Action.CONTINUE
+    twice = make_policy("adaptive", fixed_cost_factor=2.0)
+    assert twice.decide(view(60 * 10**6, 0.1)).action is Action.EXACT_RUNNING
+    assert twice.decide(view(150 * 10**6, 0.1)).action is Action.CONTINUE
 
 
 def test_adaptive_falls_back_to_the_plain_threshold_when_fixed_costs_exceed_the_limit() -> None:
-    """200 ms of fixed costs counted twice exceed a 300 ms limit: waiting cannot
-    help, so it sizes against bandwidth × limit as QEMU does instead of never
-    switching over."""
+    """400 ms of fixed costs exceed a 300 ms limit: waiting cannot help, so it
+    sizes against bandwidth × limit as QEMU does instead of never switching
+    over."""
     ad = make_policy("adaptive")
-    assert ad.decide(view(150 * 10**6, 0.2)).action is Action.EXACT_RUNNING
-    assert ad.decide(view(400 * 10**6, 0.2)).action is Action.CONTINUE
+    assert ad.decide(view(150 * 10**6, 0.4)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(400 * 10**6, 0.4)).action is Action.CONTINUE
 
 
 def test_adaptive_refuses_a_negative_fixed_cost_factor() -> None:

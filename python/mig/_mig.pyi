@@ -109,6 +109,9 @@ class Capabilities(TypedDict):
     soft: BackendCapability
 
 def capabilities() -> Capabilities: ...
+def digest_bytes(data: npt.NDArray[np.uint8]) -> int:
+    """xxh3-128 of a contiguous uint8 array (the digest ``GuestMemory`` uses)."""
+    ...
 
 class WorkloadGuest:
     """Native vCPU threads writing guest memory by a workload spec."""

@@ -42,6 +42,7 @@ DEFAULT_SIZE = "1GiB"
 DEFAULT_WORKLOAD = "hotset:rate=50000"
 DEFAULT_DEVICES = "nic"
 DEFAULT_VCPUS = 2
+DEMO_TIMEOUT = 60.0
 COMPRESSIONS = ("none", "zstd", "lz4")
 AUTO_CONVERGE_MODES = ("proportional", "qemu")
 MAX_CHANNELS = 64
@@ -249,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(parse_duration, _positive),
         default=None,
         metavar="TIME",
-        help="give up after this long (default: never)",
+        help=f"give up after this long (default: never; mig demo: {DEMO_TIMEOUT:.0f}s)",
     )
     m.add_argument(
         "--timeout-action",
         choices=("cancel", "force"),
-        default="cancel",
-        help="at the timeout, cancel or force the switchover (default cancel)",
+        default=None,
+        help="at the timeout, cancel or force the switchover "
+        "(default cancel; mig demo at its default timeout: force)",
     )
     m.add_argument(
         "--no-verify",
@@ -376,7 +378,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "auto_converge": args.auto_converge or False,
         "dirty_limit": float(args.dirty_limit),
         "timeout": float(args.timeout or 0.0),
-        "timeout_action": args.timeout_action,
+        "timeout_action": args.timeout_action or "cancel",
     }
     if args.policy:
         params["policy"] = args.policy
@@ -570,6 +572,11 @@ def _failed(reason: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    if args.timeout is None:
+        # A demo always ends: when the downtime limit cannot be met (the
+        # summary says why), it switches over anyway and shows what it cost.
+        args.timeout = DEMO_TIMEOUT
+        args.timeout_action = args.timeout_action or "force"
     g = _Guest(args)
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -585,6 +592,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         if err.strip():
             log.info("destination: %s", err.strip())
         problems = _cross_check(g, q, dest) if args.verify else []
+        if q.get("status") == "completed":
+            check = ("failed" if problems else "passed") if args.verify else "skipped"
+            q = {**q, "end-to-end-check": check}
         return _finish_source(args, q, interrupted, console, problems)
     finally:
         if child is not None:
@@ -714,7 +724,7 @@ def _serve_one(
 
     memory = mig.GuestMemory(args.size)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
-    seen = _ResumeDigests(memory)
+    seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
     try:
         try:
@@ -723,7 +733,6 @@ def _serve_one(
                 memory,
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
-                on_resume=seen.memory_digest,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
@@ -752,19 +761,14 @@ def _dest_line(q: dict[str, Any], uri: str) -> Any:
 class _ResumeDigests:
     """Digests of what the destination loaded, taken just before anything runs on it.
 
-    Memory is digested before the first device resumes (a DMA device writes
-    RAM once running) and each device's state just before it resumes, so the
-    caller can compare them with the stopped source's.
+    The memory digest is the one the destination verified before any device
+    resumed (a DMA device writes RAM once running); each device's state is
+    digested just before it resumes, so the caller can compare them with the
+    stopped source's.
     """
 
-    def __init__(self, memory: Any) -> None:
-        self.memory = memory
-        self.memory_hex: str | None = None
+    def __init__(self) -> None:
         self.devices: list[dict[str, Any]] = []
-
-    def memory_digest(self) -> None:
-        if self.memory_hex is None:
-            self.memory_hex = format(self.memory.digest(), "032x")
 
     def handler(self, device: Any, device_id: int) -> Any:
         from mig.device_handler import DeviceHandler
@@ -773,7 +777,6 @@ class _ResumeDigests:
 
         class Recording(DeviceHandler):
             def load_resume(self) -> None:
-                seen.memory_digest()
                 seen.devices.append(
                     {
                         "name": self.device.name,
@@ -788,8 +791,7 @@ class _ResumeDigests:
     def result(self, q: dict[str, Any]) -> dict[str, Any]:
         """The destination's query() plus the digests (once completed)."""
         out = dict(q)
-        if q.get("status") == "completed" and self.memory_hex is not None:
-            out["memory-digest"] = self.memory_hex
+        if q.get("status") == "completed":
             out["devices"] = self.devices
         return out
 

@@ -19,10 +19,14 @@ from mig import _mig
 from mig.clock import Clock, MonotonicClock
 from mig.handlers import StateHandler
 from mig.link import Endpoint, ReceiverEndpoint
+from mig.stats import digest_cost
 
 __all__ = ["MigrationDestination"]
 
 _POLL = 0.05
+# Seconds between timings of our whole digest: seldom, as one that is still
+# running when a switchover starts adds to its downtime.
+_DIGEST_TIMING_EVERY = 3.0
 
 
 class _Abort(Exception):
@@ -86,6 +90,7 @@ class MigrationDestination:
         self.status = "none"
         self.error: str | None = None
         self.verified = False
+        self.memory_digest: str | None = None
         self.load_seconds = 0.0
         self.passes = 0
         self.migration_id: int | None = None
@@ -95,6 +100,13 @@ class MigrationDestination:
         self._acked = False
         self._initial_done: set[int] = set()
         self._cancel: str | None = None
+        self._digest_timer: threading.Thread | None = None
+        self._digest_seconds: float | None = None
+        self._digest_timed_at = 0.0
+        self._busy = 0.0
+        self._channels = 1
+        self._drain_target: tuple[int, float] | None = None
+        self._drain: float | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -138,6 +150,8 @@ class MigrationDestination:
             "load-time": self.load_seconds * 1000,
             "passes": self.passes,
         }
+        if self.memory_digest is not None:
+            out["memory-digest"] = self.memory_digest
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -168,9 +182,12 @@ class MigrationDestination:
         self._set_status("active")
         idle_since = self.clock.now()
         while True:
+            t_work = self.clock.now()
             self._take_records(ep)
             self._load_ready()
             self._maybe_ack(ep)
+            self._check_drained(ep)
+            self._busy = max(self._busy, self.clock.now() - t_work)
             msg = self._recv(ep, _POLL)
             if msg is None:
                 if self.clock.now() - idle_since > self.idle_timeout:
@@ -181,8 +198,13 @@ class MigrationDestination:
             if kind == "pass":
                 self.passes += 1
                 self._raise_bounds(msg.get("device_seqs", {}))
+                if self._drain_target is None:
+                    target = int(msg.get("generation", 0)) * self._channels
+                    self._drain_target = (target, self.clock.now())
+                self._ack_pass(ep, msg.get("pass"))
             elif kind == "switchover":
                 self._set_status("device")
+                self._finish_digest_timing()
             elif kind == "switchover-abort":
                 self._raise_bounds(msg.get("device_seqs", {}))
                 self._set_status("active")
@@ -221,6 +243,7 @@ class MigrationDestination:
         if problems:
             raise _Abort("failed", "; ".join(problems))
         self.migration_id = hello.get("migration_id")
+        self._channels = max(1, int(hello.get("params", {}).get("multifd_channels", 1)))
 
     # ---------------------------------------------------- device records
     def _take_records(self, ep: Endpoint) -> None:
@@ -264,11 +287,68 @@ class MigrationDestination:
             self._acked = True
             ep.send({"type": "switchover-ack"})
 
+    # ------------------------------------------------------- load estimate
+    def _finish_digest_timing(self) -> None:
+        """A switchover started: let a digest being timed end before ours runs."""
+        if self._digest_timer is not None:
+            self._digest_timer.join()
+            self._digest_timer = None
+
+    def _check_drained(self, ep: Endpoint) -> None:
+        """Time from a ``pass`` to our channels holding every sync it follows.
+
+        That lag is how long the channels trail the control channel: after
+        ``complete`` the end records wait behind it the same way.
+        """
+        if self._drain_target is None:
+            return
+        target, since = self._drain_target
+        syncs = ep.stats().get("syncs")
+        if syncs is None:
+            self._drain_target = None  # an endpoint without the counter
+        elif int(syncs) >= target:
+            lag = self.clock.now() - since
+            self._drain = lag if self._drain is None else max(self._drain, lag)
+            self._drain_target = None
+
+    def _ack_pass(self, ep: Endpoint, number: Any) -> None:
+        """Answer a pass: how long our loop was busy away from the control
+        channel since the last answer (a ``complete`` may wait that long), and
+        a new timing of our whole digest when one is ready.
+
+        The digest check runs between ``complete`` and resume and its cost
+        grows as pages land, so the source learns it from here, measured on
+        this host under its current load. It is timed in the background, at
+        most every ``_DIGEST_TIMING_EVERY`` seconds.
+        """
+        ack: dict[str, Any] = {"type": "pass-ack", "pass": number, "busy": self._busy}
+        if self._drain is not None:
+            ack["drain"], self._drain = self._drain, None
+        self._busy = 0.0
+        timer = self._digest_timer
+        if timer is not None and not timer.is_alive():
+            timer.join()
+            self._digest_timer = None
+            ack["digest"] = self._digest_seconds
+        now = self.clock.now()
+        if self._digest_timer is None and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY:
+            self._digest_timed_at = now
+
+            def measure() -> None:
+                self._digest_seconds = digest_cost(self.memory)
+
+            self._digest_timer = threading.Thread(
+                target=measure, name="mig-digest-cost", daemon=True
+            )
+            self._digest_timer.start()
+        ep.send(ack)
+
     # ---------------------------------------------------------- switchover
     def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
         t0 = self.clock.now()
+        self._finish_digest_timing()
         self._set_status("device")
-        ep.wait_end(self.idle_timeout)
+        end = ep.wait_end(self.idle_timeout)
         self._take_records(ep)
         self._raise_bounds(msg.get("device_seqs", {}))
         self._load_ready()
@@ -277,10 +357,15 @@ class MigrationDestination:
                 raise _Abort("failed", f"device {dev}: stop-copy records missing")
         for h in self.handlers.values():
             h.load_complete()
-        digest = format(self.memory.digest(), "032x")
+        # The receiver digested the memory once every channel ended (and checked
+        # it against the end records); a second whole digest would only add
+        # downtime. An endpoint that does not report one gets it computed here.
+        verified = end.get("digest")
+        digest = format(verified if verified is not None else self.memory.digest(), "032x")
         if digest != msg.get("digest"):
             raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
         self.verified = True
+        self.memory_digest = digest
         for h in self.handlers.values():
             h.load_resume()
         if self._on_resume:

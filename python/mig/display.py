@@ -119,6 +119,8 @@ def summary_table(q: dict[str, Any], title: str = "migration summary") -> Table:
         parts = q.get("downtime-breakdown") or {}
         if parts:
             t.add_row("  breakdown", ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
+        if q.get("predicted-downtime") is not None:
+            t.add_row("  predicted", format_ms(q["predicted-downtime"]))
     else:
         t.add_row("expected downtime", format_ms(q.get("expected-downtime")))
     if ram:

@@ -257,12 +257,13 @@ class Adaptive(Policy):
     last sync; a stop-only device's exact = its last exact (or its estimate
     times the learned exact/estimate ratio). The relative error of past
     predictions against measured exact sizes gives a spread, hence a chance
-    of fitting. The effective threshold subtracts the fixed switchover costs
-    from the downtime limit: the measured ones (pause, final sync, handshake,
-    the source's whole-memory digest) times ``fixed_cost_factor``, since the
-    destination verifies the same digest before its guest resumes and no
-    measurement of that exists before the first switchover. When those
-    fixed costs alone exceed the limit, it falls back to the plain threshold.
+    of fitting. The effective threshold subtracts the measured fixed
+    switchover costs (``PolicyView.overhead``: pause, final sync, both sides'
+    digests, device production and load, the control round trip) times
+    ``fixed_cost_factor`` from the downtime limit. When those fixed costs
+    alone exceed the limit, it falls back to the plain bandwidth × limit
+    threshold: no wait makes the costs smaller, and switching over as QEMU
+    would beats iterating forever.
 
     A cheap running exact (RAM sync) is taken when fitting is at least even.
     The guest stops for an exact measurement only when the chance is at least
@@ -279,7 +280,7 @@ class Adaptive(Policy):
         max_stops: int = 3,
         min_interval: float = 1.0,
         max_stopped_time: float | None = None,
-        fixed_cost_factor: float = 2.0,
+        fixed_cost_factor: float = 1.0,
     ) -> None:
         if not 0 < p_stop <= 1 or max_stops < 0 or min_interval < 0 or fixed_cost_factor < 0:
             raise ValueError(
@@ -334,7 +335,7 @@ class Adaptive(Policy):
         if budget <= 0:
             # The fixed costs alone exceed the limit: no wait makes it fit, so
             # switch over as QEMU would rather than iterate forever.
-            return view.threshold
+            return int(view.bandwidth * view.downtime_limit)
         return int(view.bandwidth * budget)
 
     def _stops_left(self, view: PolicyView) -> bool:

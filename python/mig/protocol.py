@@ -22,6 +22,7 @@ MESSAGE_TYPES = frozenset(
         "hello",
         "hello-ack",
         "pass",
+        "pass-ack",
         "device-initial-done",
         "switchover-ack",
         "switchover",

@@ -5,13 +5,28 @@ object for every decision, so the same loop runs over a real stream or in
 virtual time. One iteration: read every handler's cheap estimate, ask the
 policy, take exact sizes (with the guest running, or stopped) when it asks,
 then either switch over, fail, or send one time slice of state.
+
+The threshold is what the downtime limit leaves after the measured fixed
+switchover costs (``mig.stats.SwitchoverCosts``), times the decision bandwidth.
+
+``max_bandwidth`` in the stopped phase: QEMU lifts the rate limit at every
+switchover (``migration_switchover_start()``). mig lifts it only when
+``avail_switchover_bandwidth`` is set, the user's statement that the link
+carries more than the cap once the guest is stopped (QEMU: that parameter
+"does not limit the bandwidth during switchover"). Without it the cap stays:
+mig's users and its simulator use ``max_bandwidth`` as the capacity of the
+link they model, and a stopped phase at loopback speed would report a
+downtime that link could never give. A lifted cap is restored if the
+switchover is abandoned.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from mig import _mig
@@ -28,7 +43,7 @@ from mig.policies import (
     PolicyView,
     make_policy,
 )
-from mig.stats import BandwidthMeter, PassRecord
+from mig.stats import BandwidthMeter, PassRecord, SwitchoverCosts, digest_cost
 
 __all__ = ["MigrationSource", "PARAMETERS", "STATUSES"]
 
@@ -61,6 +76,8 @@ _SLICE = 0.05
 _SLICE_BYTES_BEFORE_ESTIMATE = 4 << 20
 _IDLE = 0.005
 _POLL = 0.05
+# Destination loop latencies kept; the switchover plans for the longest.
+_BUSY_SAMPLES = 8
 
 
 class _Stop(Exception):
@@ -186,7 +203,14 @@ class MigrationSource:
         self._pause_started = 0.0
         self._pause_cost = 0.0
         self.rtt = 0.0
-        self.digest_seconds_per_byte = 0.0
+        self.costs = SwitchoverCosts()
+        self.predicted_downtime: float | None = None
+        self._digest_job: threading.Thread | None = None
+        self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._costs_over = 0
+        self._nc_from_costs = False  # non_convergence holds the fixed-costs reason
+        self._digest_measured_at = 0.0
         self.load_seconds = 0.0
         self.downtime: float | None = None
         self.breakdown: dict[str, float] = {}
@@ -257,6 +281,7 @@ class MigrationSource:
     # -------------------------------------------------------------- setup
     def _setup(self) -> None:
         self.t_start = self.clock.now()
+        self._digest_measured_at = self.t_start
         self._set_status("setup")
         if self._link_given is not None:
             link = self._link_given
@@ -291,7 +316,7 @@ class MigrationSource:
         self._handshake()
         for h in self.handlers:
             h.setup(self.link)
-        self._measure_digest_rate()
+        self._measure_digest()
         if self.params["dirty_limit"]:
             self.guest.set_dirty_limit(self.params["dirty_limit"])  # type: ignore[attr-defined]
         now = self.clock.now()
@@ -345,14 +370,45 @@ class MigrationSource:
             if self.clock.now() > deadline:
                 raise _Stop("failed", "destination did not answer hello")
         self.rtt = self.clock.now() - t0
+        self.costs.handshake = self.rtt
 
-    def _measure_digest_rate(self) -> None:
-        """The switchover digests all of RAM: learn its cost per byte now."""
-        pages = min(self.memory.num_pages, 4096)
-        t0 = self.clock.now()
-        self.memory.digest(0, pages)
-        span = self.clock.now() - t0
-        self.digest_seconds_per_byte = span / (pages * self.memory.page_size)
+    def _measure_digest(self) -> None:
+        """The switchover digests all of RAM: time one whole digest now.
+
+        A sample of a few pages misleads: holes digest far faster than data,
+        so only the whole memory gives its real cost.
+        """
+        if self._link_given is None:
+            self.costs.digest = digest_cost(self.memory)
+            return
+        t0 = self.clock.now()  # a simulator charges the digest to its clock
+        self.memory.digest()
+        self.costs.digest = self.clock.now() - t0
+
+    def _refresh_digest_cost(self) -> None:
+        """Time the digest again, in the background, once a switchover is near.
+
+        Its cost changes as the guest populates memory (holes digest faster
+        than data), so the setup figure can be far off by the switchover.
+        At most one measurement a second, and only over the real stream (a
+        simulator's digest cost is a constant of its host model).
+        """
+        if self._link_given is not None or self._digest_job is not None:
+            return
+        now = self.clock.now()
+        if now - self._digest_measured_at < 1.0:
+            return
+        raw = self.bandwidth() * self.params["downtime_limit"] / 1000
+        if not raw or (self._pending_estimate or 0) > raw:
+            return
+
+        def measure() -> None:
+            self.costs.digest = digest_cost(self.memory)
+            self._digest_measured_at = self.clock.now()
+            self._digest_job = None
+
+        self._digest_job = threading.Thread(target=measure, name="mig-digest-cost", daemon=True)
+        self._digest_job.start()
 
     # ----------------------------------------------------------- the loop
     def _iteration(self) -> None:
@@ -367,6 +423,7 @@ class MigrationSource:
             self._switchover(None, forced=True)
             return
         decision = self._decide()
+        self._refresh_digest_cost()
         if decision.action is Action.COMPLETE:
             self._switchover(decision.budget)
             return
@@ -406,22 +463,43 @@ class MigrationSource:
             decision = self.policy.decide(self._view("exact", estimates, exact))
 
     def _exact(self, h: StateHandler, stopped: bool) -> int:
-        size = sum(h.pending_exact(stopped))
+        if stopped and h.exact_needs_stop and h is not self.ram:
+            size = self._timed_device_work(h, lambda: sum(h.pending_exact(True)))
+        else:
+            size = sum(h.pending_exact(stopped))
         self._exact_cache[h.name] = (size, self.clock.now())
         return size
 
     def bandwidth(self) -> float:
-        """Bytes/s for decisions: avail_switchover_bandwidth, else the estimate."""
-        return float(self.params["avail_switchover_bandwidth"] or self.meter.estimate())
+        """Bytes/s for decisions: avail_switchover_bandwidth, else the measured
+        estimate less its own measured variation (``BandwidthMeter.conservative``)."""
+        return float(self.params["avail_switchover_bandwidth"] or self.meter.conservative())
 
     def threshold(self) -> int:
-        return int(self.bandwidth() * self.params["downtime_limit"] / 1000)
+        """Bytes that fit in the downtime limit once the fixed costs are paid."""
+        left = self.params["downtime_limit"] / 1000 - self.overhead()
+        return int(self.bandwidth() * max(0.0, left))
 
     def overhead(self) -> float:
-        """Measured fixed switchover costs, seconds."""
-        assert self.ram is not None
-        digest = self.digest_seconds_per_byte * self.memory.size
-        return self._pause_cost + self.ram.last_sync_seconds + self.rtt + digest
+        """Measured fixed switchover costs, seconds (``SwitchoverCosts``)."""
+        if self.ram is not None:
+            self.costs.final_sync = self.ram.last_sync_seconds
+        return self.costs.total()
+
+    def _timed_device_work(self, h: StateHandler, work: Callable[[], int]) -> int:
+        """Run a device's stop-copy work; remember the time it spent outside sends.
+
+        That time (stopping the device, producing its state) is paid again at
+        every switchover whatever the bytes, so it joins the fixed costs.
+        """
+        assert self.link is not None
+        t0, busy0 = self.clock.now(), self.link.busy_time()
+        result = work()
+        spent = self.clock.now() - t0 - (self.link.busy_time() - busy0)
+        # The largest seen: a state produced at a stopped exact and sent by
+        # complete() later would otherwise read as free the second time.
+        self.costs.devices[h.name] = max(spent, self.costs.devices.get(h.name, 0.0))
+        return result
 
     def _view(self, phase: str, estimates: dict[str, int], exact: dict[str, int]) -> PolicyView:
         assert self.ram is not None
@@ -532,12 +610,44 @@ class MigrationSource:
                 self.guest.set_throttle(pct)
                 self._event("throttle", pct=pct)
         exhausted = self.converge is None or self.throttle >= self.params["max_cpu_throttle"] / 100
-        reason = self._detector.on_sync(sample, exhausted)
+        detected = self._detector.on_sync(sample, exhausted)
+        reason = detected or self._costs_exceed_limit()
+        if self._costs_over == 0 and self._nc_from_costs:
+            self._clear_costs_reason()  # the fixed costs came back under the limit
         if reason and self.non_convergence is None:
             self.non_convergence = reason
+            self._nc_from_costs = detected is None
             self._event("non-convergence", reason=reason)
             if self.params["non_convergence_action"] == "fail":
                 raise _Stop("failed", f"not converging: {reason}")
+
+    def _on_pass_ack(self, msg: dict[str, Any]) -> None:
+        """The destination's loop latency and digest timing.
+
+        ``handshake`` is the control round trip plus the longest recent time
+        the destination's loop spent away from the control channel (loading
+        device state): ``complete`` meets that loop wherever it is.
+        """
+        self._dest_busy.append(float(msg.get("busy", 0.0)))
+        self.costs.handshake = self.rtt + max(self._dest_busy)
+        if msg.get("drain") is not None:
+            self._dest_drain.append(float(msg["drain"]))
+            self.costs.drain = max(self._dest_drain)
+        if msg.get("digest") is not None:
+            self.costs.dest_digest = float(msg["digest"])
+
+    def _costs_exceed_limit(self) -> str | None:
+        """A reason once the fixed costs alone stay over the limit for 3 periods."""
+        fixed, limit = self.overhead() * 1000, self.params["downtime_limit"]
+        self._costs_over = self._costs_over + 1 if fixed >= limit else 0
+        if self._costs_over < 3:
+            return None
+        return f"fixed switchover costs of {fixed:.0f} ms exceed the downtime limit of {limit} ms"
+
+    def _clear_costs_reason(self) -> None:
+        if self._nc_from_costs:
+            self.non_convergence = None
+            self._nc_from_costs = False
 
     # --------------------------------------------------- control channel
     def _poll_control(self) -> None:
@@ -550,6 +660,8 @@ class MigrationSource:
         if kind == "switchover-ack":
             self.can_switchover = True
             self._event("switchover-ack")
+        elif kind == "pass-ack":
+            self._on_pass_ack(msg)
         elif kind == "device-initial-done":
             self._event("device-initial-done", device=msg.get("device"))
         elif kind in ("failed", "cancel"):
@@ -562,6 +674,7 @@ class MigrationSource:
         self._pause_started = self.clock.now()
         self._paused = True
         self._pause_cost = float(self.guest.pause())
+        self.costs.pause = self._pause_cost
         self._event("guest-stop")
 
     def _resume_after_stop(self) -> None:
@@ -581,29 +694,45 @@ class MigrationSource:
         link = self.link
         self._set_status("device")
         self._check_cancel()
+        self.predicted_downtime = self._expected_downtime()
+        if not forced:
+            self._clear_costs_reason()  # the policy chose to switch over: the costs fit
+        job = self._digest_job
+        if job is not None:
+            job.join()  # not two digests at once in the downtime
         if not self._paused:
             self._pause()
         down_start = self._pause_started
         precopy_seqs = dict(link.last_seq)
         link.send({"type": "switchover", "device_seqs": _str_keys(precopy_seqs)})
         link.stop_copy = True
+        cap = int(self.params["max_bandwidth"]) if self.params["avail_switchover_bandwidth"] else 0
+        if cap:
+            link.set_max_bandwidth(0)
         t0 = self.clock.now()
+        digest_job: Future[int] | None = None
         try:
             for h in self.handlers:
                 h.quiesce()
+            digest_job = self._digest_in_background()
             sent = self.ram.complete(link, budget)
             t_ram = self.clock.now()
             self._record_pass(announce=False)
             for h in self.handlers[1:]:
                 self._check_cancel()
-                sent += h.complete(link, None if budget is None else budget - sent)
+                left = None if budget is None else budget - sent
+                sent += self._timed_device_work(h, lambda h=h, left=left: h.complete(link, left))
         except OverBudget as e:
             link.stop_copy = False
+            if digest_job is not None:
+                digest_job.result()
+            if cap:
+                link.set_max_bandwidth(cap)
             self._abort_switchover(e, precopy_seqs)
             return
         self._check_cancel()
         t_dev = self.clock.now()
-        digest = self.memory.digest()
+        digest = digest_job.result() if digest_job is not None else self.memory.digest()
         link.finish(digest)
         t_sent = self.clock.now()
         link.send(
@@ -640,6 +769,25 @@ class MigrationSource:
             self._event("close-error", error=str(e))
         self.t_end = now
         self._set_status("completed")
+
+    def _digest_in_background(self) -> Future[int] | None:
+        """Digest RAM while the stop-copy state goes out (memory is frozen now).
+
+        Only over the real stream: a simulator charges the digest to its
+        virtual clock, which must not advance from a second thread.
+        """
+        if self._link_given is not None:
+            return None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mig-digest")
+        job = pool.submit(self.memory.digest)
+        pool.shutdown(wait=False)
+        return job
+
+    def _expected_downtime(self) -> float:
+        """Seconds: pending bytes (exact when measured) over bandwidth, plus fixed costs."""
+        bw = self.bandwidth()
+        pending = self._pending_exact if self._pending_exact is not None else self._pending_estimate
+        return (pending or 0) / bw + self.overhead() if bw else 0.0
 
     def _wait_resumed(self) -> dict[str, Any]:
         assert self.link is not None
@@ -754,9 +902,10 @@ class MigrationSource:
         if self.status == "completed" and self.downtime is not None:
             out["downtime"] = self.downtime * 1000
         else:
-            bw = self.bandwidth()
-            pending = self._pending_estimate or 0
-            out["expected-downtime"] = (pending / bw + self.overhead()) * 1000 if bw and ram else 0
+            out["expected-downtime"] = self._expected_downtime() * 1000 if ram else 0
+        if self.predicted_downtime is not None:
+            out["predicted-downtime"] = self.predicted_downtime * 1000
+        out["switchover-costs"] = {k: v * 1000 for k, v in self.costs.terms().items()}
         if self.error:
             out["error-desc"] = self.error
         if ram is not None:
@@ -792,12 +941,18 @@ class MigrationSource:
             out.append(
                 {
                     "name": h.name,
-                    "type": h.kind,
+                    "type": _device_type(h),
                     "precopy-bytes": link.precopy_bytes.get(dev, 0) if link else 0,
                     "stop-copy-bytes": link.stop_copy_bytes.get(dev, 0) if link else 0,
                 }
             )
         return out
+
+
+def _device_type(h: StateHandler) -> str:
+    """The device's own type (nic, gpu, ...), else the handler's kind."""
+    device = getattr(h, "device", None)
+    return str(getattr(device, "kind", None) or h.kind)
 
 
 def _str_keys(d: dict[int, int]) -> dict[str, int]:

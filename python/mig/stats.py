@@ -10,14 +10,28 @@ the loop's own work (dirty syncs, policy decisions, guest stops for an exact
 size) would otherwise read as a slower link, which is the underestimate the
 QEMU thread complains about. A link capped by ``max_bandwidth`` spends the
 cap's waits inside the send calls, so the estimate converges to the cap.
+Decisions use ``conservative()``: the smoothed value less two smoothed mean
+absolute deviations of the samples, so a link that varies gets a threshold
+with a margin in proportion to how much it varies (never below half the
+estimate: one wild first window must not stall a migration), a steady one none.
+
+Downtime is not only bytes over bandwidth. ``SwitchoverCosts`` holds the
+fixed costs of a switchover, each measured by the source as it happens: the
+guest pause, the final tracker sync, the whole-memory digest (the source's,
+and the destination's over the same bytes), each device's stop-copy
+production (its destination validates the same bytes), and the control round
+trip of ``complete``/``resumed``. The loop subtracts their sum from the
+downtime limit before it converts the limit into a byte threshold, so every
+policy decides against the time that is really left for the bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["WINDOW", "ALPHA", "BandwidthMeter", "PassRecord"]
+__all__ = ["WINDOW", "ALPHA", "BandwidthMeter", "PassRecord", "SwitchoverCosts", "digest_cost"]
 
 WINDOW = 0.100
 ALPHA = 0.3
@@ -32,6 +46,7 @@ class BandwidthMeter:
         self.window = window
         self.alpha = alpha
         self.smoothed = 0.0
+        self.deviation = 0.0
         self.last_sample = 0.0
         self.samples = 0
         self._bytes0 = 0
@@ -47,11 +62,12 @@ class BandwidthMeter:
             return False
         sample = (transferred - self._bytes0) / span
         self.last_sample = sample
-        self.smoothed = (
-            sample
-            if self.samples == 0
-            else (self.alpha * sample + (1 - self.alpha) * self.smoothed)
-        )
+        if self.samples == 0:
+            self.smoothed = sample
+        else:
+            miss = abs(sample - self.smoothed)
+            self.deviation = self.alpha * miss + (1 - self.alpha) * self.deviation
+            self.smoothed = self.alpha * sample + (1 - self.alpha) * self.smoothed
         self.samples += 1
         self._bytes0, self._busy0 = transferred, busy
         return True
@@ -62,6 +78,11 @@ class BandwidthMeter:
             return self.smoothed
         span = self._busy - self._busy0
         return (self._bytes - self._bytes0) / span if span > 0 else 0.0
+
+    def conservative(self) -> float:
+        """Bytes/s to plan a switchover with: the estimate less two deviations."""
+        est = self.estimate()
+        return max(est - 2 * self.deviation, 0.5 * est)
 
 
 @dataclass(frozen=True)
@@ -81,3 +102,61 @@ class PassRecord:
         d = asdict(self)
         d["dirty-pages"] = d.pop("dirty_pages")
         return d
+
+
+def digest_cost(memory: Any) -> float:
+    """Wall seconds of one whole-memory digest, taken now.
+
+    Wall time, not the thread's CPU time: the switchover pays the digest in
+    wall time, on a host whose other load does not stop with the guest. While
+    the guest runs its vCPUs compete too, so the figure errs long (safe).
+    """
+    t0 = time.perf_counter()
+    memory.digest()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class SwitchoverCosts:
+    """Fixed switchover costs in seconds, as last measured (0 until measured).
+
+    ``digest`` is the source's whole-memory digest; the destination digests
+    the same bytes again before it resumes: ``dest_digest`` is its own timing
+    of that (``pass-ack``), the source's figure stands in until then.
+    ``drain`` is how long its channels trail the control channel (the end
+    records of a switchover wait behind that lag).
+    ``devices`` maps a device to the seconds its stop-copy state took to
+    produce (stopping it, reading its state, outside the sends); ``load``
+    counts it again for the destination, which validates the same bytes.
+    """
+
+    pause: float = 0.0
+    final_sync: float = 0.0
+    digest: float = 0.0
+    handshake: float = 0.0
+    dest_digest: float | None = None
+    drain: float = 0.0
+    devices: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> float:
+        return sum(self.devices.values())
+
+    @property
+    def load(self) -> float:
+        digest = self.digest if self.dest_digest is None else self.dest_digest
+        return digest + self.device + self.drain
+
+    def terms(self) -> dict[str, float]:
+        """Each term of the sum, seconds, named as in ``downtime-breakdown``."""
+        return {
+            "pause": self.pause,
+            "final-sync": self.final_sync,
+            "device-state": self.device,
+            "digest": self.digest,
+            "load": self.load,
+            "handshake": self.handshake,
+        }
+
+    def total(self) -> float:
+        return sum(self.terms().values())

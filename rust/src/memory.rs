@@ -322,6 +322,11 @@ impl GuestMemory {
     }
 }
 
+/// xxh3-128 of a plain buffer (device state): the digest guest memory uses.
+pub fn digest_bytes(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
 enum Extent {
     Hole,
     Data,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::ndarray::ArrayViewMut1;
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::memory::GuestMemory;
@@ -118,6 +118,19 @@ impl PyGuestMemory {
     }
 }
 
+/// xxh3-128 digest of a contiguous uint8 array, without the GIL.
+#[pyfunction]
+fn digest_bytes(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u128> {
+    if !data.is_contiguous() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "digest_bytes needs a contiguous uint8 array",
+        ));
+    }
+    let bytes = data.as_slice()?;
+    Ok(py.detach(|| crate::memory::digest_bytes(bytes)))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyGuestMemory>()
+    m.add_class::<PyGuestMemory>()?;
+    m.add_function(wrap_pyfunction!(digest_bytes, m)?)
 }
