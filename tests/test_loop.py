@@ -113,17 +113,31 @@ def test_fixed_switchover_costs_leave_room_in_the_limit(policy: str) -> None:
     assert q["predicted-downtime"] <= 300
 
 
-def test_fixed_costs_over_the_limit_are_the_reported_reason() -> None:
+def _slow_sync_source(policy: str) -> MigrationSource:
     clock = VirtualClock()
     src, dst = mig.GuestMemory(16 * MIB), mig.GuestMemory(16 * MIB)
     tracker = SlowSyncTracker(src, clock, 0.400)  # a sync alone outlasts 300 ms
     guest = VirtualGuest(src, clock, tracker, rate=100)
     link = VirtualLink(src, dst, clock, 100e6)
-    source = MigrationSource(guest, link=link, tracker=tracker, clock=clock, timeout=20)
-    q = source.run()
+    return MigrationSource(
+        guest, link=link, tracker=tracker, clock=clock, timeout=20, policy=policy
+    )
+
+
+def test_fixed_costs_over_the_limit_are_the_reported_reason() -> None:
+    q = _slow_sync_source("exact-running").run()
     assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
     assert q["non-convergence"].startswith("fixed switchover costs of 4")
     assert q["switchover-costs"]["final-sync"] == pytest.approx(400)
+
+
+def test_adaptive_switches_over_when_no_wait_can_fit_and_predicts_it() -> None:
+    """Fixed costs alone over the limit: adaptive switches over as QEMU would,
+    and its predicted downtime says so before the guest stops."""
+    q = _slow_sync_source("adaptive").run()
+    assert q["status"] == "completed"
+    assert q["downtime"] > 400
+    assert q["predicted-downtime"] == pytest.approx(q["downtime"], rel=0.1)
 
 
 def test_estimate_only_misses_what_exact_sees() -> None:
