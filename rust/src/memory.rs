@@ -281,35 +281,9 @@ impl GuestMemory {
     }
 
     /// xxh3-128 digest of the whole memory for a caller that knows a
-    /// superset of the pages that may hold data (the receiver tracks every
-    /// page it stores): other pages are memfd holes, hashed as zeros without
-    /// a syscall or a read; the rest is hashed straight from the mapping.
-    /// Equal to [`GuestMemory::digest`] whenever `may_hold_data` is such a
-    /// superset.
+    /// superset of the pages that may hold data: see [`SparseDigest`].
     pub fn digest_sparse(&self, may_hold_data: impl Fn(usize) -> bool) -> u128 {
-        const CHUNK: usize = 1 << 20;
-        static ZEROS: [u8; CHUNK] = [0; CHUNK];
-        let ps = self.page_size;
-        let n = self.num_pages();
-        let mut hasher = Xxh3::new();
-        let mut p = 0;
-        while p < n {
-            let data = may_hold_data(p);
-            let start = p;
-            p += 1;
-            while p < n && p - start < CHUNK / ps && may_hold_data(p) == data {
-                p += 1;
-            }
-            let (off, len) = (start * ps, (p - start) * ps);
-            if data {
-                // SAFETY: as in `digest_pages`: a racing writer only makes
-                // the digest a mixture of old and new bytes.
-                hasher.update(unsafe { self.racy_slice(off, len) }.expect("pages are in range"));
-            } else {
-                hasher.update(&ZEROS[..len]);
-            }
-        }
-        hasher.digest128()
+        SparseDigest::default().finish(self, may_hold_data)
     }
 
     /// The first data extent at or after `pos` as `[start, end)`, clipped
@@ -351,6 +325,62 @@ impl GuestMemory {
     pub fn digest(&self) -> u128 {
         self.digest_pages(0, self.num_pages())
             .expect("the whole memory is always in range")
+    }
+}
+
+/// The whole-memory digest (equal to [`GuestMemory::digest`]) computed
+/// front to back in steps, for a caller that knows a superset of the pages
+/// that may hold data (the receiver tracks every page it stores): other
+/// pages are memfd holes, hashed as zeros without a syscall or a read; the
+/// rest is hashed straight from the mapping.
+#[derive(Default)]
+pub struct SparseDigest {
+    hasher: Xxh3,
+    next: usize,
+}
+
+impl SparseDigest {
+    /// Pages below this one are in the digest.
+    pub fn next_page(&self) -> usize {
+        self.next
+    }
+
+    /// Hashes pages `[next_page, end)`.
+    pub fn advance(
+        &mut self,
+        mem: &GuestMemory,
+        end: usize,
+        may_hold_data: impl Fn(usize) -> bool,
+    ) {
+        const CHUNK: usize = 1 << 20;
+        static ZEROS: [u8; CHUNK] = [0; CHUNK];
+        let ps = mem.page_size;
+        let end = end.min(mem.num_pages());
+        let mut p = self.next;
+        while p < end {
+            let data = may_hold_data(p);
+            let start = p;
+            p += 1;
+            while p < end && p - start < CHUNK / ps && may_hold_data(p) == data {
+                p += 1;
+            }
+            let (off, len) = (start * ps, (p - start) * ps);
+            if data {
+                // SAFETY: as in `digest_pages`: a racing writer only makes
+                // the digest a mixture of old and new bytes.
+                let bytes = unsafe { mem.racy_slice(off, len) }.expect("pages are in range");
+                self.hasher.update(bytes);
+            } else {
+                self.hasher.update(&ZEROS[..len]);
+            }
+        }
+        self.next = self.next.max(end);
+    }
+
+    /// Hashes the rest of memory and returns the digest.
+    pub fn finish(mut self, mem: &GuestMemory, may_hold_data: impl Fn(usize) -> bool) -> u128 {
+        self.advance(mem, mem.num_pages(), may_hold_data);
+        self.hasher.digest128()
     }
 }
 
@@ -434,6 +464,12 @@ mod tests {
         let is_data = |p: usize| data.contains(&p);
         assert_eq!(mem.digest_sparse(is_data), mem.digest());
         assert_eq!(mem.digest_sparse(|_| true), mem.digest());
+        let mut steps = SparseDigest::default();
+        for end in [0, 5, 5, 300, 301, n + 10] {
+            steps.advance(&mem, end, is_data);
+        }
+        assert_eq!(steps.next_page(), n);
+        assert_eq!(steps.finish(&mem, is_data), mem.digest());
         let hole = GuestMemory::new(n * ps).unwrap();
         assert_eq!(hole.digest_sparse(|_| false), hole.digest());
         assert_ne!(mem.digest(), hole.digest());
