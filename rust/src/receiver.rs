@@ -296,15 +296,26 @@ impl Shared {
         let ps = self.stream.page_size as usize;
         let mut lowest = normal.iter().min().copied();
         debug_assert_eq!(data.len(), normal.len() * ps);
-        // Runs of adjacent pages are stored with one write each.
+        // Runs of adjacent pages, alike in whether they may hold data, are
+        // stored with one write each: pages that do are populated and are
+        // copied through the mapping (no syscall); holes get `pwrite`, which
+        // allocates and fills them without a page fault or zeroing first.
         let mut i = 0;
         while i < normal.len() {
+            let populated = self.may_have_data(normal[i] / ps as u64);
             let mut j = i + 1;
-            while j < normal.len() && normal[j] == normal[j - 1] + ps as u64 {
+            while j < normal.len()
+                && normal[j] == normal[j - 1] + ps as u64
+                && self.may_have_data(normal[j] / ps as u64) == populated
+            {
                 j += 1;
             }
-            self.mem
-                .store_bytes(normal[i] as usize, &data[i * ps..j * ps])?;
+            let (off, bytes) = (normal[i] as usize, &data[i * ps..j * ps]);
+            if populated {
+                self.mem.write_bytes(off, bytes)?;
+            } else {
+                self.mem.store_bytes(off, bytes)?;
+            }
             for &off in &normal[i..j] {
                 self.mark_data(off / ps as u64);
             }
