@@ -357,6 +357,9 @@ impl Shared {
     fn run_verify(&self) {
         let step = (1 << 20) / self.mem.page_size();
         let v = &self.verify;
+        // Polls while nothing new arrives, backing off to 20 ms (a
+        // throttled stream may crawl for minutes).
+        let mut idle = 0;
         loop {
             let frontier = v
                 .progress
@@ -375,9 +378,11 @@ impl Shared {
             let end = frontier.min(d.next_page() + step).min(self.mem.num_pages());
             if end <= d.next_page() {
                 drop(d);
-                std::thread::sleep(Duration::from_millis(1));
+                idle = (idle + 1).min(20);
+                std::thread::sleep(Duration::from_millis(idle));
                 continue;
             }
+            idle = 0;
             v.hashed.store(end, Ordering::SeqCst);
             d.advance(&self.mem, end, |p| self.may_have_data(p as u64));
         }
