@@ -306,7 +306,8 @@ fn decode_blocks<S: Source>(
         nz.len = k;
         n = words(&nz, out, n);
         i = end;
-        if pairs {
+        // A range can hold no position at all while `done` starts at 1.
+        if pairs && n > done {
             let whole = n.saturating_sub(done) & !1;
             // SAFETY: positions [0, n) were written by `words`.
             let fresh = unsafe { &mut *(&mut out[done..done + whole] as *mut _ as *mut [u64]) };
