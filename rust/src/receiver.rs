@@ -8,6 +8,9 @@
 //! sync(k) until every channel has reached it, and the sender never sends
 //! generation k+1 pages before sync(k). So the k+1 copy is applied last.
 //!
+//! The end digest is computed while pages arrive (see [`Verify`]), so for a
+//! single pass in address order `wait_end` has only the tail left to hash.
+//!
 //! Memory beyond the destination: per channel one wire buffer and (only
 //! with compression) one decompression buffer of a packet each, a one-bit
 //! per page "may hold data" map, and device chunks bounded in total by
@@ -17,13 +20,13 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{CoreError, CoreResult};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, SparseDigest};
 use crate::transport::{self, Conn, ControlLink, Listener, ReadFailure};
 use crate::wire::{
     self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
@@ -132,6 +135,42 @@ struct Shared {
     maybe_data: Vec<AtomicU64>,
     counters: Counters,
     channel_packets: Vec<AtomicU64>,
+    verify: Verify,
+}
+
+/// The end digest, computed while pages arrive: a thread hashes memory
+/// front to back up to the pages every channel has passed (streams send
+/// pages in address order within a pass). A write below the hashed prefix
+/// afterwards (a page sent again in a later generation, or a stream out of
+/// order) marks the running digest stale and `wait_end` starts over, so
+/// the result never depends on that guess.
+struct Verify {
+    digest: Mutex<SparseDigest>,
+    /// Pages below this are hashed (or being hashed).
+    hashed: AtomicUsize,
+    stale: AtomicBool,
+    stop: AtomicBool,
+    /// Per channel: one past the highest page it applied; `usize::MAX` once
+    /// it can apply no more.
+    progress: Vec<AtomicUsize>,
+}
+
+impl Verify {
+    fn new(channels: usize) -> Self {
+        Verify {
+            digest: Mutex::new(SparseDigest::default()),
+            hashed: AtomicUsize::new(0),
+            stale: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            progress: (0..channels).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    fn done(&self, channel: u32) {
+        if let Some(p) = self.progress.get(channel as usize) {
+            p.store(usize::MAX, Ordering::Release);
+        }
+    }
 }
 
 const POLL: Duration = Duration::from_millis(100);
@@ -256,18 +295,30 @@ impl Shared {
 
     /// The one place pages enter destination memory. Offsets were checked
     /// by `wire::parse_pages`; `data` holds exactly one page per offset.
-    fn apply(&self, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
+    fn apply(&self, channel: u32, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
         let ps = self.stream.page_size as usize;
+        let mut lowest = normal.iter().min().copied();
         debug_assert_eq!(data.len(), normal.len() * ps);
-        // Runs of adjacent pages are stored with one write each.
+        // Runs of adjacent pages, alike in whether they may hold data, are
+        // stored with one write each: pages that do are populated and are
+        // copied through the mapping (no syscall); holes get `pwrite`, which
+        // allocates and fills them without a page fault or zeroing first.
         let mut i = 0;
         while i < normal.len() {
+            let populated = self.may_have_data(normal[i] / ps as u64);
             let mut j = i + 1;
-            while j < normal.len() && normal[j] == normal[j - 1] + ps as u64 {
+            while j < normal.len()
+                && normal[j] == normal[j - 1] + ps as u64
+                && self.may_have_data(normal[j] / ps as u64) == populated
+            {
                 j += 1;
             }
-            self.mem
-                .store_bytes(normal[i] as usize, &data[i * ps..j * ps])?;
+            let (off, bytes) = (normal[i] as usize, &data[i * ps..j * ps]);
+            if populated {
+                self.mem.write_bytes(off, bytes)?;
+            } else {
+                self.mem.store_bytes(off, bytes)?;
+            }
             for &off in &normal[i..j] {
                 self.mark_data(off / ps as u64);
             }
@@ -276,6 +327,7 @@ impl Shared {
         for &off in zero {
             if self.may_have_data(off / ps as u64) {
                 self.mem.zero_bytes(off as usize, ps)?;
+                lowest = lowest.min(Some(off)).or(Some(off));
                 self.counters.zero_filled.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -285,7 +337,58 @@ impl Shared {
         self.counters
             .zero
             .fetch_add(zero.len() as u64, Ordering::Relaxed);
+        let v = &self.verify;
+        if let Some(lowest) = lowest {
+            // Pairs with the store of `hashed` before the hashing thread
+            // reads: either it read these bytes, or this sees its claim.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if (lowest / ps as u64) < v.hashed.load(Ordering::SeqCst) as u64 {
+                v.stale.store(true, Ordering::Relaxed);
+            }
+        }
+        if let (Some(p), Some(&top)) = (
+            v.progress.get(channel as usize),
+            normal.iter().chain(zero).max(),
+        ) {
+            p.fetch_max(top as usize / ps + 1, Ordering::Release);
+        }
         Ok(())
+    }
+
+    /// The digest thread: hashes in 1 MiB steps what every channel has
+    /// passed, until stopped or stale.
+    fn run_verify(&self) {
+        let step = (1 << 20) / self.mem.page_size();
+        let v = &self.verify;
+        // Polls while nothing new arrives, backing off to 20 ms (a
+        // throttled stream may crawl for minutes).
+        let mut idle = 0;
+        loop {
+            let frontier = v
+                .progress
+                .iter()
+                .map(|p| p.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(0);
+            let mut d = lock(&v.digest);
+            if v.stop.load(Ordering::SeqCst)
+                || v.stale.load(Ordering::Relaxed)
+                || self.abort.load(Ordering::Relaxed)
+                || d.next_page() >= self.mem.num_pages()
+            {
+                return;
+            }
+            let end = frontier.min(d.next_page() + step).min(self.mem.num_pages());
+            if end <= d.next_page() {
+                drop(d);
+                idle = (idle + 1).min(20);
+                std::thread::sleep(Duration::from_millis(idle));
+                continue;
+            }
+            idle = 0;
+            v.hashed.store(end, Ordering::SeqCst);
+            d.advance(&self.mem, end, |p| self.may_have_data(p as u64));
+        }
     }
 }
 
@@ -412,7 +515,7 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                     }
                 };
                 current = Some(g);
-                sh.apply(&pages.normal, &pages.zero, data)?;
+                sh.apply(idx, &pages.normal, &pages.zero, data)?;
             }
             RecordKind::Device { seq, id_len, last } => {
                 // Bounded by MAX_DEVICE_CHUNK in decode, and by the device
@@ -463,6 +566,9 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                 transport::read_full(r, &mut d).map_err(|f| read_err(expect, "END body", f))?;
                 h.verify_crc(&raw, &d).map_err(|m| perr(expect, m))?;
                 lock(&sh.done).digests.push((idx, u128::from_le_bytes(d)));
+                if role == StreamRole::Data {
+                    sh.verify.done(idx);
+                }
                 account(sh, idx, RECORD_HEADER_LEN + len);
                 return Ok(());
             }
@@ -519,6 +625,7 @@ enum ControlSide {
 pub struct Receiver {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    verifier: Mutex<Option<JoinHandle<()>>>,
     thread_count: usize,
     control: ControlSide,
     sockets: Vec<Conn>,
@@ -546,6 +653,8 @@ pub struct EndInfo {
     pub digest: u128,
     pub channels: usize,
     pub generation_syncs: u64,
+    /// Time spent computing the destination digest.
+    pub verify_seconds: f64,
 }
 
 fn check_geometry(mem: &GuestMemory, h: &StreamHeader) -> CoreResult<()> {
@@ -572,6 +681,7 @@ impl Receiver {
         channels: usize,
         cfg: ReceiverConfig,
     ) -> Arc<Shared> {
+        let verify = Verify::new(stream.channel_count as usize);
         Arc::new(Shared {
             maybe_data: data_extents(&mem),
             mem,
@@ -592,6 +702,7 @@ impl Receiver {
             controls: Mutex::new(VecDeque::new()),
             controls_cv: Condvar::new(),
             counters: Counters::default(),
+            verify,
         })
     }
 
@@ -618,7 +729,14 @@ impl Receiver {
     }
 
     fn with_threads(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> Self {
+        let sh = shared.clone();
+        // Without this thread the digest is simply computed in wait_end.
+        let verifier = std::thread::Builder::new()
+            .name("mig-verify".into())
+            .spawn(move || sh.run_verify())
+            .ok();
         Receiver {
+            verifier: Mutex::new(verifier),
             shared,
             thread_count: threads.len(),
             threads: Mutex::new(threads),
@@ -806,7 +924,21 @@ impl Receiver {
                 msg: format!("end records disagree: digest {other:032x} vs {source:032x}"),
             });
         }
-        let dest = self.shared.mem.digest();
+        // Only the channels write destination memory while it is received,
+        // so pages outside `maybe_data` are still holes (zeros).
+        let verify = Instant::now();
+        let sh = &self.shared;
+        sh.verify.stop.store(true, Ordering::SeqCst);
+        let dest = {
+            let running = std::mem::take(&mut *lock(&sh.verify.digest));
+            let may_hold_data = |p: usize| sh.may_have_data(p as u64);
+            if sh.verify.stale.load(Ordering::SeqCst) {
+                sh.mem.digest_sparse(may_hold_data)
+            } else {
+                running.finish(&sh.mem, may_hold_data)
+            }
+        };
+        let verify_seconds = verify.elapsed().as_secs_f64();
         if dest != source {
             return Err(CoreError::Protocol {
                 channel: 0,
@@ -820,6 +952,7 @@ impl Receiver {
             digest: dest,
             channels: digests.len(),
             generation_syncs: self.shared.counters.syncs.load(Ordering::Relaxed),
+            verify_seconds,
         })
     }
 
@@ -897,6 +1030,14 @@ impl Receiver {
         for t in threads {
             let _ = t.join();
         }
+        self.stop_verifier();
+    }
+
+    fn stop_verifier(&self) {
+        self.shared.verify.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = lock(&self.verifier).take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -905,6 +1046,7 @@ impl Drop for Receiver {
         if !lock(&self.threads).is_empty() {
             self.abort();
         }
+        self.stop_verifier();
     }
 }
 
@@ -966,7 +1108,7 @@ fn restore_pages(
                     msg: format!("truncated stream: page data at {start:#x}: {e}"),
                 })?;
         }
-        sh.apply(&normal, &zero, data)?;
+        sh.apply(idx, &normal, &zero, data)?;
         if let Some(c) = sh.channel_packets.get(idx as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -975,6 +1117,7 @@ fn restore_pages(
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         packet += 1;
     }
+    sh.verify.done(idx);
     Ok(())
 }
 
@@ -1079,6 +1222,46 @@ mod tests {
         let r =
             Receiver::start(mem.clone(), header(2), vec![ch0, ch1], Default::default()).unwrap();
         r.wait_end(Duration::from_secs(10)).unwrap();
+    }
+
+    /// Delivers `first`, then waits before delivering `rest`.
+    struct Paused {
+        first: Cursor<Vec<u8>>,
+        pause: Duration,
+        rest: Cursor<Vec<u8>>,
+    }
+
+    impl Read for Paused {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.first.read(buf)? {
+                0 => {
+                    std::thread::sleep(std::mem::take(&mut self.pause));
+                    self.rest.read(buf)
+                }
+                n => Ok(n),
+            }
+        }
+    }
+
+    /// The digest thread hashes generation 1 while the stream pauses; the
+    /// page sent again in generation 2 lies below what it hashed, so the
+    /// running digest is dropped and the end check still sees the new page.
+    #[test]
+    fn a_page_sent_again_below_the_hashed_prefix_still_verifies() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        let d = expected_digest(0xBB);
+        let first = [page_record(0, 1, 3, 0xAA), page_record(1, 1, 9, 0)].concat();
+        let rest = [sync(2, 1), page_record(3, 2, 3, 0xBB), end(4, d)].concat();
+        let ch: Box<dyn Read + Send> = Box::new(Paused {
+            first: Cursor::new(first),
+            pause: Duration::from_millis(300),
+            rest: Cursor::new(rest),
+        });
+        let r = Receiver::start(mem.clone(), header(1), vec![ch], Default::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(r.shared.verify.hashed.load(Ordering::SeqCst) > 3);
+        assert_eq!(r.wait_end(Duration::from_secs(10)).unwrap().digest, d);
+        assert!(r.shared.verify.stale.load(Ordering::SeqCst));
     }
 
     #[test]

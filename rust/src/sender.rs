@@ -61,27 +61,40 @@ impl SenderConfig {
 
 /// Zero-page detection and compaction: splits `pages` into the byte
 /// offsets of normal pages and of zero pages (like QEMU's multifd zero-page
-/// detection, which partitions the offsets). A non-zero page usually costs
-/// one cache line; a zero page is read in full.
+/// detection, which partitions the offsets), keeping their order.
+///
+/// Two passes per batch of pages. The first loads each page's first word:
+/// the loads do not depend on each other, so their cache misses overlap
+/// (a one-pass scan waits for each page's first line in turn, as hardware
+/// prefetchers stop at page boundaries), and a non-zero word settles a page
+/// as normal at the cost of one cache line. The second reads the remaining
+/// candidates in full, whose first lines are cached by then. Software
+/// prefetching of the next candidate measured slower: it competes with
+/// the hardware prefetcher streaming the current page.
 pub fn scan_pages(
     mem: &GuestMemory,
     pages: &[u64],
     normal: &mut Vec<u64>,
     zero: &mut Vec<u64>,
 ) -> CoreResult<()> {
+    const BATCH: usize = 256;
     let ps = mem.page_size();
-    for (i, &p) in pages.iter().enumerate() {
-        if let Some(&next) = pages.get(i + 1) {
-            prefetch_page(mem, next as usize * ps);
+    let mut settled = [false; BATCH];
+    for batch in pages.chunks(BATCH) {
+        for (&p, s) in batch.iter().zip(settled.iter_mut()) {
+            // SAFETY: a racy read is the point of pre-copy: a page the guest
+            // writes after the harvest is dirty again and will be sent again.
+            let head = unsafe { mem.racy_slice(p as usize * ps, 8)? };
+            *s = head != [0u8; 8];
         }
-        let off = p as usize * ps;
-        // SAFETY: a racy read is the point of pre-copy: a page the guest
-        // writes after the harvest is dirty again and will be sent again.
-        let page = unsafe { mem.racy_slice(off, ps)? };
-        if wire::is_zero(page) {
-            zero.push(off as u64);
-        } else {
-            normal.push(off as u64);
+        for (&p, &s) in batch.iter().zip(&settled) {
+            let off = p as usize * ps;
+            // SAFETY: as above.
+            if s || !wire::is_zero(unsafe { mem.racy_slice(off, ps)? }) {
+                normal.push(off as u64);
+            } else {
+                zero.push(off as u64);
+            }
         }
     }
     Ok(())
@@ -102,24 +115,6 @@ pub fn copy_pages(mem: &GuestMemory, offsets: &[u64], payload: &mut [u8]) -> Cor
         mem.read_bytes(off as usize, out)?;
     }
     Ok(used)
-}
-
-/// Starts loading the first lines of the next page while this one is
-/// scanned: hardware prefetchers stop at page boundaries, and each page's
-/// first word decides between the zero scan and the copy.
-#[inline]
-fn prefetch_page(mem: &GuestMemory, off: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if off + mem.page_size() <= mem.len() {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for line in (0..1024).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults; the address is
-            // inside the mapping (checked above).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(mem.as_ptr().add(off + line).cast()) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (mem, off);
 }
 
 /// Reads every byte of memory once (XOR of all words): the memory read
@@ -1122,5 +1117,40 @@ fn job_reply(job: Job) -> Reply {
         | Job::Sync { reply, .. }
         | Job::Device { reply, .. }
         | Job::End { reply, .. } => reply,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages whose first word is zero but not the rest must not pass as
+    /// zero pages; both lists keep the page order, across batches.
+    #[test]
+    fn scan_partitions_pages_in_order() {
+        let mem = GuestMemory::new(crate::memory::host_page_size() * 600).unwrap();
+        let ps = mem.page_size();
+        let mut expect_normal = Vec::new();
+        let mut expect_zero = Vec::new();
+        for p in 0..600usize {
+            let off = p * ps;
+            match p % 4 {
+                0 => mem.write_bytes(off, &[1]).unwrap(),
+                1 => mem.write_bytes(off + ps - 1, &[1]).unwrap(),
+                2 => mem.write_bytes(off + 8, &[1]).unwrap(),
+                _ => {}
+            }
+            if p % 4 == 3 {
+                expect_zero.push(off as u64);
+            } else {
+                expect_normal.push(off as u64);
+            }
+        }
+        let pages: Vec<u64> = (0..600).collect();
+        let (mut normal, mut zero) = (Vec::new(), Vec::new());
+        scan_pages(&mem, &pages, &mut normal, &mut zero).unwrap();
+        assert_eq!(normal, expect_normal);
+        assert_eq!(zero, expect_zero);
+        assert!(scan_pages(&mem, &[600], &mut normal, &mut zero).is_err());
     }
 }

@@ -402,6 +402,7 @@ impl PyReceiver {
         d.set_item("digest", end.digest)?;
         d.set_item("channels", end.channels)?;
         d.set_item("syncs", end.generation_syncs)?;
+        d.set_item("verify-time", end.verify_seconds)?;
         Ok(d)
     }
 
