@@ -79,7 +79,11 @@ def test_sla_downtime_at_most_the_limit_when_the_engine_switches_over() -> None:
 def test_destination_reports_its_share_of_the_switchover() -> None:
     # Several passes at 12 MiB/s: the destination answers each with pass-ack,
     # and the source plans with the digest and drain lag it measured there.
-    q, d, src, dst, source = migrate("uniform:rate=1000", size=32 * MIB, max_bandwidth=12 * MIB)
+    # exact-running: it keeps iterating past the pass whose ack carries the
+    # destination's first digest timing (the default may finish sooner).
+    q, d, src, dst, source = migrate(
+        "uniform:rate=1000", size=32 * MIB, max_bandwidth=12 * MIB, policy="exact-running"
+    )
     assert q["status"] == "completed", q.get("error-desc")
     assert src.digest() == dst.digest()
     costs = source.costs
