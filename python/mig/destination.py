@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mig import _mig
+from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.handlers import StateHandler
 from mig.link import Endpoint, ReceiverEndpoint
@@ -53,6 +53,7 @@ class MigrationDestination:
         clock: Clock | None = None,
         accept_timeout: float = 30.0,
         idle_timeout: float = 30.0,
+        io_timeout: float = 60.0,
         on_resume: Callable[[], None] | None = None,
         on_status: Callable[[str], None] | None = None,
     ) -> None:
@@ -62,6 +63,7 @@ class MigrationDestination:
         self.clock: Clock = clock or MonotonicClock()
         self.accept_timeout = accept_timeout
         self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
         self._on_resume = on_resume
         self._on_status = on_status
         self._endpoint = endpoint
@@ -148,7 +150,10 @@ class MigrationDestination:
         if self._endpoint is not None:
             return self._endpoint
         assert self.listener is not None
-        return ReceiverEndpoint(self.listener.accept(self.memory, self.accept_timeout))
+        receiver = self.listener.accept(
+            self.memory, self.accept_timeout, io_timeout=self.io_timeout
+        )
+        return ReceiverEndpoint(receiver)
 
     def _recv(self, ep: Endpoint, timeout: float) -> dict[str, Any] | None:
         if self._cancel is not None:
@@ -160,6 +165,7 @@ class MigrationDestination:
         self._check_hello(ep, hello)
         for h in self.handlers.values():
             h.load_setup()
+        faults.point("dest.setup")
         ep.send({"type": "hello-ack", "version": 1})
         self._set_status("active")
         idle_since = self.clock.now()
@@ -177,8 +183,10 @@ class MigrationDestination:
             if kind == "pass":
                 self.passes += 1
                 self._raise_bounds(msg.get("device_seqs", {}))
+                faults.point("dest.pass", number=self.passes)
             elif kind == "switchover":
                 self._set_status("device")
+                faults.point("dest.switchover")
             elif kind == "switchover-abort":
                 self._raise_bounds(msg.get("device_seqs", {}))
                 self._set_status("active")
@@ -259,12 +267,14 @@ class MigrationDestination:
         if len(self._initial_done) == len(self.handlers):
             self._acked = True
             ep.send({"type": "switchover-ack"})
+            faults.point("dest.switchover-ack")
 
     # ---------------------------------------------------------- switchover
     def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
         t0 = self.clock.now()
         self._set_status("device")
         ep.wait_end(self.idle_timeout)
+        faults.point("dest.stop-copy")
         self._take_records(ep)
         self._raise_bounds(msg.get("device_seqs", {}))
         self._load_ready()
@@ -273,10 +283,12 @@ class MigrationDestination:
                 raise _Abort("failed", f"device {dev}: stop-copy records missing")
         for h in self.handlers.values():
             h.load_complete()
+        faults.point("dest.switchover-complete")
         digest = format(self.memory.digest(), "032x")
         if digest != msg.get("digest"):
             raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
         self.verified = True
+        faults.point("dest.resume")
         for h in self.handlers.values():
             h.load_resume()
         if self._on_resume:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mig import _mig
+from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.converge import NonConvergenceDetector, SyncSample, make_auto_converge
 from mig.handlers import OverBudget, RamHandler, StateHandler
@@ -52,6 +52,7 @@ PARAMETERS: dict[str, Any] = {
     "tracker_backend": "uffd",
     "connect_timeout": 10.0,
     "switchover_timeout": 30.0,  # s to wait for the destination's "resumed"
+    "io_timeout": 60.0,  # s a channel may block on a peer that stops reading
 }
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
@@ -126,6 +127,8 @@ class MigrationSource:
         p = self.params
         if not 0 < p["downtime_limit"] <= 2_000_000_000:
             raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {p['downtime_limit']}")
+        if not p["io_timeout"] > 0:
+            raise ValueError(f"io_timeout must be > 0, not {p['io_timeout']}")
         for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
             if p[key] < 0:
                 raise ValueError(f"{key} must be >= 0, not {p[key]}")
@@ -214,6 +217,9 @@ class MigrationSource:
             self._rollback(e.status, e.reason)
         except Exception as e:  # every failure rolls back, with the reason
             reason = f"{type(e).__name__}: {e}"
+            peer = self._peer_reason()
+            if peer:
+                reason = f"{peer} ({reason})"
             self._rollback("cancelled" if self._cancel else "failed", self._cancel or reason)
         finally:
             self.t_end = self.clock.now()
@@ -268,6 +274,7 @@ class MigrationSource:
                 compression=p["compression"],
                 max_bandwidth=int(p["max_bandwidth"]),
                 connect_timeout=float(p["connect_timeout"]),
+                io_timeout=float(p["io_timeout"]),
             )
             link = SenderLink(sender, self.clock)
         self.link = _AccountingLink(link)
@@ -283,6 +290,7 @@ class MigrationSource:
         self.handlers = [self.ram, *self.handlers]
         self._check_cancel()
         self._handshake()
+        faults.point("source.setup")
         for h in self.handlers:
             h.setup(self.link)
         self._measure_digest_rate()
@@ -497,6 +505,7 @@ class MigrationSource:
             )
         if self._on_pass:
             self._on_pass(record.to_dict())
+        faults.point("source.pass", number=record.number)
 
     def _after_sync(self) -> None:
         """A RAM sync happened: record the pass, feed auto-converge and the detector."""
@@ -544,6 +553,7 @@ class MigrationSource:
         if kind == "switchover-ack":
             self.can_switchover = True
             self._event("switchover-ack")
+            faults.point("source.switchover-ack")
         elif kind == "device-initial-done":
             self._event("device-initial-done", device=msg.get("device"))
         elif kind in ("failed", "cancel"):
@@ -557,6 +567,7 @@ class MigrationSource:
         self._paused = True
         self._pause_cost = float(self.guest.pause())
         self._event("guest-stop")
+        faults.point("source.guest-stop")
 
     def _resume_after_stop(self) -> None:
         for h in self.handlers:
@@ -590,6 +601,7 @@ class MigrationSource:
             self._record_pass(announce=False)
             for h in self.handlers[1:]:
                 self._check_cancel()
+                faults.point("source.stop-copy", device=h.name)
                 sent += h.complete(link, None if budget is None else budget - sent)
         except OverBudget as e:
             link.stop_copy = False
@@ -598,6 +610,7 @@ class MigrationSource:
         self._check_cancel()
         t_dev = self.clock.now()
         digest = self.memory.digest()
+        faults.point("source.switchover")
         link.finish(digest)
         t_sent = self.clock.now()
         link.send(
@@ -610,6 +623,7 @@ class MigrationSource:
             }
         )
         self._committed = True
+        faults.point("source.committed")
         resumed = self._wait_resumed()
         now = self.clock.now()
         self.downtime = now - down_start
@@ -637,7 +651,8 @@ class MigrationSource:
 
     def _wait_resumed(self) -> dict[str, Any]:
         assert self.link is not None
-        deadline = self.clock.now() + float(self.params["switchover_timeout"])
+        timeout = float(self.params["switchover_timeout"])
+        deadline = self.clock.now() + timeout
         while self.clock.now() < deadline:
             msg = self.link.recv(_POLL)
             if msg is None:
@@ -648,7 +663,10 @@ class MigrationSource:
                 self._committed = False
                 raise _Stop("failed", f"destination: {msg.get('reason', msg['type'])}")
         self._committed = False
-        raise _Stop("failed", "destination did not report its guest resumed")
+        raise _Stop(
+            "failed",
+            f"destination did not report its guest resumed within {timeout} s (switchover_timeout)",
+        )
 
     def _abort_switchover(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
         assert self.link is not None
@@ -671,6 +689,21 @@ class MigrationSource:
             raise _Stop("failed", f"switchover over budget: {e}")
         self._resume_after_stop()
         self._set_status("active")
+
+    def _peer_reason(self) -> str | None:
+        """A broken stream is often the destination failing first: find why it said."""
+        if self.link is None:
+            return None
+        for _ in range(8):
+            try:
+                msg = self.link.recv(_POLL)
+            except Exception:
+                return None
+            if msg is None:
+                return None
+            if msg["type"] in ("failed", "cancel"):
+                return f"destination: {msg.get('reason', msg['type'])}"
+        return None
 
     # ----------------------------------------------------------- rollback
     def _finish_guest_aids(self) -> None:
