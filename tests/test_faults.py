@@ -351,3 +351,21 @@ def test_fault_in_phase(fault: str, phase: str) -> None:
 )
 def test_fault_with_a_running_workload(fault: str, phase: str) -> None:
     run_case(fault, phase, WORKLOAD)
+
+
+def test_a_first_pass_longer_than_the_idle_timeout_completes() -> None:
+    """Data arriving counts as activity: only a silent link is idle."""
+    src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
+    src.array[:: src.page_size] = 9
+    guest = mig.WorkloadGuest(src, vcpus=1, workload="idle")
+    try:
+        dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=0.5)
+        dest.start()
+        # 8 MiB at 4 MiB/s: the first pass alone lasts two seconds.
+        source = MigrationSource(guest, uri=dest.uri, max_bandwidth=4 * MIB, timeout=30)
+        q = source.run()
+        d = dest.wait(10)
+    finally:
+        guest.close()
+    assert q["status"] == "completed" and d["status"] == "completed", (q.get("error-desc"), d)
+    assert q["total-time"] > 1500 and src.digest() == dst.digest()

@@ -169,14 +169,20 @@ class MigrationDestination:
         ep.send({"type": "hello-ack", "version": 1})
         self._set_status("active")
         idle_since = self.clock.now()
+        received = _received(ep)
         while True:
             self._take_records(ep)
             self._load_ready()
             self._maybe_ack(ep)
             msg = self._recv(ep, _POLL)
             if msg is None:
-                if self.clock.now() - idle_since > self.idle_timeout:
-                    raise _Abort("failed", f"no control message for {self.idle_timeout} s")
+                # A first pass of a large guest outlasts the idle timeout:
+                # data arriving on the channels counts as activity too.
+                now, before, received = self.clock.now(), received, _received(ep)
+                if received != before:
+                    idle_since = now
+                elif now - idle_since > self.idle_timeout:
+                    raise _Abort("failed", f"no control message or data for {self.idle_timeout} s")
                 continue
             idle_since = self.clock.now()
             kind = msg["type"]
@@ -319,3 +325,8 @@ class MigrationDestination:
         self.error = reason
         self.verified = False
         self._set_status(status)
+
+
+def _received(ep: Endpoint) -> int:
+    """Bytes the data channels have received so far."""
+    return int(ep.stats().get("transferred", 0))
