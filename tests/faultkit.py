@@ -11,6 +11,7 @@ still know whether it ever ran the guest.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import select
@@ -32,7 +33,9 @@ _BUF = 256 << 10
 
 # --------------------------------------------------------------- resources
 def resources() -> tuple[int, int, int]:
-    """(open file descriptors, Python threads, OS threads) of this process."""
+    """(open file descriptors, Python threads, OS threads) of this process,
+    after a collection: earlier tests' garbage closes its fds at any time."""
+    gc.collect()
     return (
         len(os.listdir("/proc/self/fd")),
         threading.active_count(),

@@ -23,7 +23,7 @@ Action = Callable[[dict[str, Any]], None]
 POINTS: dict[str, str] = {
     "source.setup": "hello-ack received, before the handlers' setup()",
     "source.switchover-ack": "the destination's switchover-ack handled",
-    "source.pass": "a pass recorded and announced (info: number, the dirty-sync-count)",
+    "source.pass": "a pass announced to the destination (info: number, the dirty-sync-count)",
     "source.guest-stop": "the guest paused (for an exact size or the switchover)",
     "source.stop-copy": "RAM stop-copy sent, before a device's complete() (info: device)",
     "source.switchover": "all state sent and digested, before the end records and 'complete'",

@@ -505,7 +505,8 @@ class MigrationSource:
             )
         if self._on_pass:
             self._on_pass(record.to_dict())
-        faults.point("source.pass", number=record.number)
+        if announce:
+            faults.point("source.pass", number=record.number)
 
     def _after_sync(self) -> None:
         """A RAM sync happened: record the pass, feed auto-converge and the detector."""
