@@ -4,8 +4,8 @@
 
 The source runs here (a ``WorkloadGuest`` with a ``nic`` device); the
 destination is a ``mig serve --once`` process. ``--fill`` is the fraction of
-pages holding data (the rest are zero: sent as zero records and never
-allocated on the destination, as in a freshly booted guest); by
+each 64 MiB holding data (the rest never written, as the unused RAM of a
+guest: sent as zero pages, never allocated on either side); by
 default it is as large as 60 % of ``MemAvailable`` allows for both copies,
 capped at 1. A sampler reads both processes' ``/proc/<pid>/status`` (VmHWM,
 RssAnon, RssShmem) and the allocated size of every memfd they hold while the
@@ -91,17 +91,14 @@ class Sampler(threading.Thread):
 
 
 def fill(memory: mig.GuestMemory, fraction: float) -> None:
-    """Random data in the first ``fraction`` of every group of 16 pages; the
-    other pages are never touched (a slice assignment writes only its rows)."""
-    group = 16
-    data_pages = round(group * fraction)
-    page_words = memory.page_size // 8
-    words = memory.array.view(np.uint64).reshape(-1, group, page_words)
-    rng = np.random.default_rng(8)
-    step = (64 << 20) // (group * memory.page_size)  # groups per 64 MiB
-    pattern = rng.integers(1, 1 << 63, (step, data_pages, page_words), dtype=np.uint64)
-    for start in range(0, len(words), step):
-        part = words[start : start + step, :data_pages]
+    """Random data in the first ``fraction`` of every 64 MiB; the rest of each
+    block is never touched (a hole of the memfd, like a guest's unused RAM)."""
+    block = 64 << 20
+    data = round(block * fraction) // memory.page_size * memory.page_size
+    words = memory.array.view(np.uint64)
+    pattern = np.random.default_rng(8).integers(1, 1 << 63, data // 8, dtype=np.uint64)
+    for start in range(0, memory.size, block):
+        part = words[start // 8 : (start + data) // 8]
         np.bitwise_xor(pattern[: len(part)], np.uint64(start), out=part)
 
 
