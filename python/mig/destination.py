@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mig import _mig
+from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.handlers import StateHandler
 from mig.link import Endpoint, ReceiverEndpoint
@@ -58,6 +58,7 @@ class MigrationDestination:
         clock: Clock | None = None,
         accept_timeout: float = 30.0,
         idle_timeout: float = 30.0,
+        io_timeout: float = 60.0,
         on_resume: Callable[[], None] | None = None,
         on_status: Callable[[str], None] | None = None,
         tls_cert: str | None = None,
@@ -70,6 +71,7 @@ class MigrationDestination:
         self.clock: Clock = clock or MonotonicClock()
         self.accept_timeout = accept_timeout
         self.idle_timeout = idle_timeout
+        self.io_timeout = io_timeout
         self._on_resume = on_resume
         self._on_status = on_status
         self._endpoint = endpoint
@@ -166,7 +168,10 @@ class MigrationDestination:
         if self._endpoint is not None:
             return self._endpoint
         assert self.listener is not None
-        return ReceiverEndpoint(self.listener.accept(self.memory, self.accept_timeout))
+        receiver = self.listener.accept(
+            self.memory, self.accept_timeout, io_timeout=self.io_timeout
+        )
+        return ReceiverEndpoint(receiver)
 
     def _recv(self, ep: Endpoint, timeout: float) -> dict[str, Any] | None:
         if self._cancel is not None:
@@ -178,9 +183,11 @@ class MigrationDestination:
         self._check_hello(ep, hello)
         for h in self.handlers.values():
             h.load_setup()
+        faults.point("dest.setup")
         ep.send({"type": "hello-ack", "version": 1})
         self._set_status("active")
         idle_since = self.clock.now()
+        received = _received(ep)
         while True:
             t_work = self.clock.now()
             self._take_records(ep)
@@ -190,8 +197,13 @@ class MigrationDestination:
             self._busy = max(self._busy, self.clock.now() - t_work)
             msg = self._recv(ep, _POLL)
             if msg is None:
-                if self.clock.now() - idle_since > self.idle_timeout:
-                    raise _Abort("failed", f"no control message for {self.idle_timeout} s")
+                # A first pass of a large guest outlasts the idle timeout:
+                # data arriving on the channels counts as activity too.
+                now, before, received = self.clock.now(), received, _received(ep)
+                if received != before:
+                    idle_since = now
+                elif now - idle_since > self.idle_timeout:
+                    raise _Abort("failed", f"no control message or data for {self.idle_timeout} s")
                 continue
             idle_since = self.clock.now()
             kind = msg["type"]
@@ -202,9 +214,11 @@ class MigrationDestination:
                     target = int(msg.get("generation", 0)) * self._channels
                     self._drain_target = (target, self.clock.now())
                 self._ack_pass(ep, msg.get("pass"))
+                faults.point("dest.pass", number=self.passes)
             elif kind == "switchover":
                 self._set_status("device")
                 self._finish_digest_timing()
+                faults.point("dest.switchover")
             elif kind == "switchover-abort":
                 self._raise_bounds(msg.get("device_seqs", {}))
                 self._set_status("active")
@@ -286,6 +300,7 @@ class MigrationDestination:
         if len(self._initial_done) == len(self.handlers):
             self._acked = True
             ep.send({"type": "switchover-ack"})
+            faults.point("dest.switchover-ack")
 
     # ------------------------------------------------------- load estimate
     def _finish_digest_timing(self) -> None:
@@ -349,6 +364,7 @@ class MigrationDestination:
         self._finish_digest_timing()
         self._set_status("device")
         end = ep.wait_end(self.idle_timeout)
+        faults.point("dest.stop-copy")
         self._take_records(ep)
         self._raise_bounds(msg.get("device_seqs", {}))
         self._load_ready()
@@ -357,6 +373,7 @@ class MigrationDestination:
                 raise _Abort("failed", f"device {dev}: stop-copy records missing")
         for h in self.handlers.values():
             h.load_complete()
+        faults.point("dest.switchover-complete")
         # The receiver digested the memory once every channel ended (and checked
         # it against the end records); a second whole digest would only add
         # downtime. An endpoint that does not report one gets it computed here.
@@ -366,6 +383,7 @@ class MigrationDestination:
             raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
         self.verified = True
         self.memory_digest = digest
+        faults.point("dest.resume")
         for h in self.handlers.values():
             h.load_resume()
         if self._on_resume:
@@ -396,3 +414,8 @@ class MigrationDestination:
         self.error = reason
         self.verified = False
         self._set_status(status)
+
+
+def _received(ep: Endpoint) -> int:
+    """Bytes the data channels have received so far."""
+    return int(ep.stats().get("transferred", 0))

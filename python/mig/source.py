@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from mig import _mig
+from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.converge import NonConvergenceDetector, SyncSample, make_auto_converge
 from mig.handlers import OverBudget, RamHandler, StateHandler
@@ -67,6 +67,7 @@ PARAMETERS: dict[str, Any] = {
     "tracker_backend": "uffd",
     "connect_timeout": 10.0,
     "switchover_timeout": 30.0,  # s to wait for the destination's "resumed"
+    "io_timeout": 60.0,  # s a channel may block on a peer that stops reading
 }
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
@@ -147,6 +148,8 @@ class MigrationSource:
         p = self.params
         if not 0 < p["downtime_limit"] <= 2_000_000_000:
             raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {p['downtime_limit']}")
+        if not p["io_timeout"] > 0:
+            raise ValueError(f"io_timeout must be > 0, not {p['io_timeout']}")
         for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
             if p[key] < 0:
                 raise ValueError(f"{key} must be >= 0, not {p[key]}")
@@ -243,6 +246,9 @@ class MigrationSource:
             self._rollback(e.status, e.reason)
         except Exception as e:  # every failure rolls back, with the reason
             reason = f"{type(e).__name__}: {e}"
+            peer = self._peer_reason()
+            if peer:
+                reason = f"{peer} ({reason})"
             self._rollback("cancelled" if self._cancel else "failed", self._cancel or reason)
         finally:
             self.t_end = self.clock.now()
@@ -299,6 +305,7 @@ class MigrationSource:
                 max_bandwidth=int(p["max_bandwidth"]),
                 connect_timeout=float(p["connect_timeout"]),
                 **self.tls,
+                io_timeout=float(p["io_timeout"]),
             )
             link = SenderLink(sender, self.clock)
         self.link = _AccountingLink(link)
@@ -314,6 +321,7 @@ class MigrationSource:
         self.handlers = [self.ram, *self.handlers]
         self._check_cancel()
         self._handshake()
+        faults.point("source.setup")
         for h in self.handlers:
             h.setup(self.link)
         self._measure_digest()
@@ -581,6 +589,8 @@ class MigrationSource:
             )
         if self._on_pass:
             self._on_pass(record.to_dict())
+        if announce:
+            faults.point("source.pass", number=record.number)
 
     def _after_sync(self) -> None:
         """A RAM sync happened: record the pass, feed auto-converge and the detector."""
@@ -660,6 +670,7 @@ class MigrationSource:
         if kind == "switchover-ack":
             self.can_switchover = True
             self._event("switchover-ack")
+            faults.point("source.switchover-ack")
         elif kind == "pass-ack":
             self._on_pass_ack(msg)
         elif kind == "device-initial-done":
@@ -676,6 +687,7 @@ class MigrationSource:
         self._pause_cost = float(self.guest.pause())
         self.costs.pause = self._pause_cost
         self._event("guest-stop")
+        faults.point("source.guest-stop")
 
     def _resume_after_stop(self) -> None:
         for h in self.handlers:
@@ -720,6 +732,7 @@ class MigrationSource:
             self._record_pass(announce=False)
             for h in self.handlers[1:]:
                 self._check_cancel()
+                faults.point("source.stop-copy", device=h.name)
                 left = None if budget is None else budget - sent
                 sent += self._timed_device_work(h, lambda h=h, left=left: h.complete(link, left))
         except OverBudget as e:
@@ -733,6 +746,7 @@ class MigrationSource:
         self._check_cancel()
         t_dev = self.clock.now()
         digest = digest_job.result() if digest_job is not None else self.memory.digest()
+        faults.point("source.switchover")
         link.finish(digest)
         t_sent = self.clock.now()
         link.send(
@@ -745,6 +759,7 @@ class MigrationSource:
             }
         )
         self._committed = True
+        faults.point("source.committed")
         resumed = self._wait_resumed()
         now = self.clock.now()
         self.downtime = now - down_start
@@ -791,7 +806,8 @@ class MigrationSource:
 
     def _wait_resumed(self) -> dict[str, Any]:
         assert self.link is not None
-        deadline = self.clock.now() + float(self.params["switchover_timeout"])
+        timeout = float(self.params["switchover_timeout"])
+        deadline = self.clock.now() + timeout
         while self.clock.now() < deadline:
             msg = self.link.recv(_POLL)
             if msg is None:
@@ -802,7 +818,10 @@ class MigrationSource:
                 self._committed = False
                 raise _Stop("failed", f"destination: {msg.get('reason', msg['type'])}")
         self._committed = False
-        raise _Stop("failed", "destination did not report its guest resumed")
+        raise _Stop(
+            "failed",
+            f"destination did not report its guest resumed within {timeout} s (switchover_timeout)",
+        )
 
     def _abort_switchover(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
         assert self.link is not None
@@ -825,6 +844,21 @@ class MigrationSource:
             raise _Stop("failed", f"switchover over budget: {e}")
         self._resume_after_stop()
         self._set_status("active")
+
+    def _peer_reason(self) -> str | None:
+        """A broken stream is often the destination failing first: find why it said."""
+        if self.link is None:
+            return None
+        for _ in range(8):
+            try:
+                msg = self.link.recv(_POLL)
+            except Exception:
+                return None
+            if msg is None:
+                return None
+            if msg["type"] in ("failed", "cancel"):
+                return f"destination: {msg.get('reason', msg['type'])}"
+        return None
 
     # ----------------------------------------------------------- rollback
     def _finish_guest_aids(self) -> None:

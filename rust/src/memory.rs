@@ -303,6 +303,18 @@ impl GuestMemory {
         }
     }
 
+    /// Whether `[start, end)` was never written (a hole of the memfd): it
+    /// reads as zeros, and reading it through the mapping would allocate it.
+    /// A page written before the call is data by then. On errors, false.
+    pub fn is_hole(&self, start: usize, end: usize) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        match seek(&self.fd, SeekFrom::Data(start as u64)) {
+            Ok(data) => data as usize >= end,
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     fn pread_exact(&self, offset: usize, out: &mut [u8]) -> CoreResult<()> {
         let mut done = 0;
         while done < out.len() {
@@ -478,6 +490,16 @@ mod tests {
         let hole = GuestMemory::new(n * ps).unwrap();
         assert_eq!(hole.digest_sparse(|_| false), hole.digest());
         assert_ne!(mem.digest(), hole.digest());
+    }
+
+    #[test]
+    fn holes_are_the_ranges_never_written() {
+        let ps = host_page_size();
+        let mem = GuestMemory::new(64 * ps).unwrap();
+        assert!(mem.is_hole(0, 64 * ps));
+        mem.write_bytes(10 * ps, &vec![0u8; ps]).unwrap(); // written zeros are data
+        assert!(mem.is_hole(0, 10 * ps) && mem.is_hole(11 * ps, 64 * ps));
+        assert!(!mem.is_hole(0, 11 * ps) && !mem.is_hole(10 * ps, 11 * ps));
     }
 
     #[test]

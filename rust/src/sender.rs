@@ -71,14 +71,30 @@ impl SenderConfig {
 /// candidates in full, whose first lines are cached by then. Software
 /// prefetching of the next candidate measured slower: it competes with
 /// the hardware prefetcher streaming the current page.
+///
+/// With `check_holes`, pages that all lie in a hole of the memfd (never
+/// written) are zero pages without a read, which would allocate them: the
+/// pages were harvested before this call, so a page written before the
+/// harvest is data by now. Callers ask only after a packet of zero pages
+/// only, so memory with data pays no system call and a hole costs one packet
+/// of allocation (the packet that finds it).
 pub fn scan_pages(
     mem: &GuestMemory,
     pages: &[u64],
     normal: &mut Vec<u64>,
     zero: &mut Vec<u64>,
+    check_holes: bool,
 ) -> CoreResult<()> {
     const BATCH: usize = 256;
     let ps = mem.page_size();
+    if let (true, Some(&lo), Some(&hi)) = (check_holes, pages.iter().min(), pages.iter().max()) {
+        // Out-of-range pages fall through to the read, which reports them.
+        let in_range = (hi as usize) < mem.num_pages();
+        if in_range && mem.is_hole(lo as usize * ps, (hi as usize + 1) * ps) {
+            zero.extend(pages.iter().map(|&p| p * ps as u64));
+            return Ok(());
+        }
+    }
     let mut settled = [false; BATCH];
     for batch in pages.chunks(BATCH) {
         for (&p, s) in batch.iter().zip(settled.iter_mut()) {
@@ -857,6 +873,8 @@ struct Worker {
     packed_len: usize,
     normal: Vec<u64>,
     zero: Vec<u64>,
+    /// The last packet was all zero pages: ask for holes (`scan_pages`).
+    check_holes: bool,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -898,6 +916,7 @@ impl Worker {
             packed_len: 0,
             normal: Vec::with_capacity(pp),
             zero: Vec::with_capacity(pp),
+            check_holes: true,
             zstd,
         })
     }
@@ -988,7 +1007,14 @@ impl Worker {
     fn send_pages(&mut self, generation: u64, pages: &[u64]) -> CoreResult<u64> {
         self.normal.clear();
         self.zero.clear();
-        scan_pages(&self.mem, pages, &mut self.normal, &mut self.zero)?;
+        scan_pages(
+            &self.mem,
+            pages,
+            &mut self.normal,
+            &mut self.zero,
+            self.check_holes,
+        )?;
+        self.check_holes = self.zero.len() == pages.len();
         self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
         let s = &self.shared;
         s.normal_pages

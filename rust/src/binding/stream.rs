@@ -468,10 +468,12 @@ fn scan_pages<'py>(
             ];
             let (mut n, mut z) = (Vec::new(), Vec::new());
             let (mut normal, mut zero, mut bytes) = (0, 0, 0);
+            let mut check_holes = true;
             for chunk in pages.chunks(packet_pages) {
                 n.clear();
                 z.clear();
-                sender::scan_pages(&mem, chunk, &mut n, &mut z)?;
+                sender::scan_pages(&mem, chunk, &mut n, &mut z, check_holes)?;
+                check_holes = z.len() == chunk.len();
                 if copy {
                     bytes += sender::copy_pages(&mem, &n, &mut payload)?;
                 }
