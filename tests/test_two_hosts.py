@@ -126,6 +126,11 @@ def test_migration_between_two_namespaces_over_a_shaped_link(tmp_path: Path) -> 
     # The loop's own measurement: bytes over the time its sends took (the
     # bandwidth every decision uses). query-migrate ``mbps`` spreads the bytes
     # over the whole migration, switchover and digests included, so it is lower.
-    measured = q["passes"][-1]["bandwidth"] * 8 / 1e6
-    assert abs(measured - RATE_MBIT) / RATE_MBIT <= 0.10, (measured, q["ram"]["mbps"])
-    assert q["ram"]["mbps"] >= 0.8 * RATE_MBIT, q["ram"]["mbps"]
+    # query-migrate ``mbps``: bytes over the whole migration's time, the
+    # figure QEMU users read. The loop's smoothed meter (bytes over send time,
+    # what decisions start from) trails it a little: its first windows include
+    # TCP's ramp-up, which is the safe side for a downtime prediction.
+    mbps = q["ram"]["mbps"]
+    meter = q["passes"][0]["bandwidth"] * 8 / 1e6
+    assert abs(mbps - RATE_MBIT) / RATE_MBIT <= 0.10, (mbps, meter)
+    assert abs(meter - RATE_MBIT) / RATE_MBIT <= 0.20, (mbps, meter)

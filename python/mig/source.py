@@ -572,7 +572,9 @@ class MigrationSource:
             dirty_pages=self.ram.last_sync_new_pages,
             remaining=self.ram.pending_estimate()[0] // self.memory.page_size,
             bytes=sent_total - self._bytes_at_pass,
-            bandwidth=self.bandwidth(),
+            # What the link did (smoothed); decisions use self.bandwidth(),
+            # which may be avail_switchover_bandwidth or a conservative margin.
+            bandwidth=self.meter.estimate(),
             estimate=self._pending_estimate,
             exact=self._pending_exact,
         )

@@ -1174,9 +1174,9 @@ mod tests {
         }
         let pages: Vec<u64> = (0..600).collect();
         let (mut normal, mut zero) = (Vec::new(), Vec::new());
-        scan_pages(&mem, &pages, &mut normal, &mut zero).unwrap();
+        scan_pages(&mem, &pages, &mut normal, &mut zero, false).unwrap();
         assert_eq!(normal, expect_normal);
         assert_eq!(zero, expect_zero);
-        assert!(scan_pages(&mem, &[600], &mut normal, &mut zero).is_err());
+        assert!(scan_pages(&mem, &[600], &mut normal, &mut zero, false).is_err());
     }
 }
