@@ -380,19 +380,26 @@ STOP_SHARE = 1 / 3
 
 
 def earns_default(table: dict[str, dict[str, float]], policy: str) -> tuple[bool, str]:
-    """Whether ``policy`` has the best SLA hit rate of the table (ties allowed)
-    with at most ``STOP_SHARE`` of the guest stops of ``stop-exact-resume``."""
+    """The issue's bar: at least the SLA hit rate of ``stop-exact-resume`` with
+    at most ``STOP_SHARE`` of its guest stops; and, since a default must not
+    leave migrations running forever, the best convergence rate (ties allowed)."""
     me = table[policy]
-    best = max(t["sla-hit-rate"] for t in table.values())
     ser = table.get("stop-exact-resume")
+    hit_ok = ser is None or me["sla-hit-rate"] >= ser["sla-hit-rate"]
     stops_ok = ser is None or me["guest-stops-mean"] <= STOP_SHARE * ser["guest-stops-mean"]
-    hit_ok = me["sla-hit-rate"] >= best
+    best_conv = max(t.get("convergence-rate", 1.0) for t in table.values())
+    conv_ok = me.get("convergence-rate", 1.0) >= best_conv
+    best_hit = max(t["sla-hit-rate"] for t in table.values())
     why = (
-        f"`{policy}`: SLA hit rate {me['sla-hit-rate']:.0%} (best of all policies "
-        f"{best:.0%}), {me['guest-stops-mean']:.2f} guest stops per migration"
+        f"`{policy}`: SLA hit rate {me['sla-hit-rate']:.1%}"
+        + (f" (`stop-exact-resume` {ser['sla-hit-rate']:.1%}" if ser else " (")
+        + f", best of all policies {best_hit:.1%}), "
+        f"{me['guest-stops-mean']:.2f} guest stops per migration"
         + (f" against {ser['guest-stops-mean']:.2f} for `stop-exact-resume`" if ser else "")
+        + f", converged in {me.get('convergence-rate', 1.0):.0%} of runs"
+        f" (best {best_conv:.0%})"
     )
-    return hit_ok and stops_ok, why
+    return hit_ok and stops_ok and conv_ok, why
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -456,9 +463,9 @@ def conclusion(
     if "adaptive" in table:
         ok, why = earns_default(table, "adaptive")
         lines.append(
-            f"- {why}: it {'earns' if ok else 'does not earn'} the default (the best SLA hit "
-            f"rate with at most a third of the stops of `stop-exact-resume`); converged in "
-            f"{table['adaptive']['convergence-rate']:.0%} of runs."
+            f"- {why}: it {'earns' if ok else 'does not earn'} the default (at least the SLA "
+            f"hit rate of `stop-exact-resume` with at most a third of its stops, and the best "
+            f"convergence rate)."
         )
     return "\n".join(lines)
 
