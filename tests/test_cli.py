@@ -344,9 +344,22 @@ def test_info_reports_capabilities() -> None:
     for backend in ("uffd", "soft"):
         assert info["dirty-tracking"][backend]["available"] is caps[backend]["available"]
     flags = {f["flag"]: f["present"] for f in info["cpu-features"]}
-    assert set(flags) == {"sse2", "sse4_2"}
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    assert flags["sse4_2"] == (" sse4_2" in cpuinfo)
+    assert {"sse2", "sse4_2", "popcnt", "bmi1", "avx512_vbmi2"} <= set(flags)
+    cpu = next(
+        ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
+    )
+    words = set(cpu.split(":", 1)[1].split())
+    assert all(present == (flag in words) for flag, present in flags.items())
+
+
+def test_bench_is_listed_and_hands_over_to_the_policy_lab() -> None:
+    top = run("--help")
+    assert top.returncode == 0 and "bench" in top.stdout
+    p = run("bench", "--help")
+    assert p.returncode == 0, p.stderr
+    assert "usage: mig bench" in p.stdout and "policies" in p.stdout and "kernels" in p.stdout
+    bad = run("bench", "policies", "--frobnicate")
+    assert bad.returncode == 2 and "--frobnicate" in bad.stderr
 
 
 # ---------------------------------------------------------- bad arguments

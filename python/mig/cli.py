@@ -842,6 +842,12 @@ def _print_file_result(
 _CPU_FEATURES = (
     ("sse2", "xxh3-128 memory digests (vectorised at build time)"),
     ("sse4_2", "CRC32C packet checksums (hardware CRC32, detected at run time)"),
+    ("popcnt", "bitmap count and decode (detected at run time)"),
+    ("bmi1", "bitmap indices()/runs() branch-light decode (detected at run time)"),
+    ("avx512f", "bitmap decode with VPCOMPRESSB (with avx512bw and avx512_vbmi2)"),
+    ("avx512bw", "bitmap decode with VPCOMPRESSB (with avx512f and avx512_vbmi2)"),
+    ("avx512_vbmi2", "bitmap decode with VPCOMPRESSB (detected at run time)"),
+    ("avx512_vpopcntdq", "bitmap counting pass (detected at run time)"),
 )
 
 
