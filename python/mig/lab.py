@@ -220,14 +220,19 @@ def _metric(q: dict[str, Any], key: str) -> float:
 
 
 def compare(
-    name: str, real: dict[str, Any] | Sequence[dict[str, Any]], sim: dict[str, Any]
+    name: str,
+    real: dict[str, Any] | Sequence[dict[str, Any]],
+    sim: dict[str, Any] | Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
     """One validation row: both values of every metric and the relative error.
 
     ``real`` may be several real runs of the same case: each metric's real
     value is then their median (a shared host makes single real runs noisy).
+    ``sim`` likewise: simulated runs with different seeds of the link's
+    jitter, whose median is compared with the real median.
     """
     reals = [real] if isinstance(real, dict) else list(real)
+    sims = [sim] if isinstance(sim, dict) else list(sim)
     first = reals[0]
     row: dict[str, Any] = {
         "name": name,
@@ -237,10 +242,11 @@ def compare(
         "max-bandwidth": first["config"]["params"].get("max_bandwidth"),
         "real-runs": len(reals),
         "real-status": ",".join(sorted({q["status"] for q in reals})),
-        "sim-status": sim["status"],
+        "sim-status": ",".join(sorted({q["status"] for q in sims})),
     }
     for m in METRICS:
-        r, s = statistics.median(_metric(q, m) for q in reals), _metric(sim, m)
+        r = statistics.median(_metric(q, m) for q in reals)
+        s = statistics.median(_metric(q, m) for q in sims)
         row[f"real-{m}"] = r
         row[f"sim-{m}"] = s
         row[f"{m}-error"] = abs(s - r) / r if r else (0.0 if s == 0 else 1.0)
@@ -302,8 +308,9 @@ def run_validation(
     progress: Callable[[int], None] | None = None,
     repeats: int = 3,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each case ``repeats`` times for real (one at a time) and once simulated
-    (it is deterministic); returns (real runs, sims, rows)."""
+    """Each case ``repeats`` times for real (one at a time) and as many times
+    simulated, with one seed of the link's jitter each (the simulation is
+    otherwise deterministic); returns (real runs, sims, rows)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     reals, sims, rows = [], [], []
@@ -313,10 +320,10 @@ def run_validation(
             these.append(run_real(case.config))
             if progress:
                 progress(1)
-        sim = simulate(case.config)
+        simulated = [simulate(case.config.with_(seed=case.config.seed + k)) for k in range(repeats)]
         reals += these
-        sims.append(sim)
-        rows.append(compare(case.name, these, sim))
+        sims += simulated
+        rows.append(compare(case.name, these, simulated))
     return reals, sims, rows
 
 
@@ -675,7 +682,7 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("--dask", metavar="ADDRESS", help="send simulated runs to this Dask scheduler")
     pol.add_argument("--validation", type=int, default=0, help="number of validation cases")
     pol.add_argument(
-        "--repeats", type=int, default=3, help="real runs per validation case (median taken)"
+        "--repeats", type=int, default=5, help="real runs per validation case (median taken)"
     )
     pol.add_argument("--calibrate", action="store_true", help="measure host costs first")
     pol.add_argument(

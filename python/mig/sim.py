@@ -54,6 +54,7 @@ from mig.clock import VirtualClock
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.policies import DEFAULT_POLICY
+from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
 
 __all__ = [
@@ -76,6 +77,7 @@ PAGE_LEVEL_LIMIT = 64 << 30
 AGGREGATED_UNITS = 1 << 22
 RECORD_HEADER = 48  # wire.rs RECORD_HEADER_LEN
 OFFSET_BYTES = 8
+JITTER_WINDOW = WINDOW  # s: the bandwidth meter's window, one link state per window
 
 
 # --------------------------------------------------------------- workloads
@@ -258,6 +260,11 @@ class HostModel:
     load_base: float = 0.006  # s the destination needs to drain channels and finish loading
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
     send_per_page: float = 0.0  # s of sender CPU per page (copy, zero scan)
+    # Relative standard deviation of the link's throughput from one 100 ms
+    # window to the next. A real link varies (scheduling, TCP, the token
+    # bucket); the loop plans with the estimate less two deviations, so a
+    # link that never varies would switch over earlier than a real one.
+    link_jitter: float = 0.0
 
     @classmethod
     def calibrate(
@@ -289,9 +296,9 @@ class HostModel:
                 g.resume()
                 time.sleep(0.02)
             writes = g.stats()["rate"]
-        load_base = cls.load_base
+        load_base, link_jitter = cls.load_base, cls.link_jitter
         if switchover is not None:
-            load_base = _switchover_load(digest_rate, *switchover)
+            load_base, link_jitter = _switchover_load(digest_rate, *switchover)
         return cls(
             digest_rate=digest_rate,
             sync_base=min(t_small, 50e-6),
@@ -299,15 +306,23 @@ class HostModel:
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
+            link_jitter=link_jitter,
         )
 
 
-def _switchover_load(digest_rate: float, size: int, cap: float, runs: int = 3) -> float:
+def _switchover_load(
+    digest_rate: float, size: int, cap: float, runs: int = 3
+) -> tuple[float, float]:
+    """(load_base, link_jitter) from real loopback migrations of an idle guest.
+
+    The jitter comes from the source's bandwidth meter: its smoothed mean
+    absolute deviation over the estimate, scaled to a standard deviation
+    (E|X| = σ·√(2/π) for normal noise)."""
     from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
     from mig.destination import MigrationDestination  # noqa: PLC0415
     from mig.source import MigrationSource  # noqa: PLC0415
 
-    loads = []
+    loads, jitters = [], []
     for _ in range(runs):
         src, dst = GuestMemory(size), GuestMemory(size)
         src.array[:] = 0x5A
@@ -321,7 +336,10 @@ def _switchover_load(digest_rate: float, size: int, cap: float, runs: int = 3) -
         if q["status"] != "completed":
             raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
         loads.append(q["downtime-breakdown"]["load"] / 1000 - size / digest_rate)
-    return max(0.0, float(np.median(loads)))
+        if source.meter.smoothed > 0:
+            jitters.append(source.meter.deviation / source.meter.smoothed * math.sqrt(math.pi / 2))
+    jitter = float(np.median(jitters)) if jitters else 0.0
+    return max(0.0, float(np.median(loads))), jitter
 
 
 def _best(fn: Any, n: int) -> float:
@@ -558,7 +576,7 @@ class SimLink:
 
     def __init__(self, guest: SimGuest, tracker: SimTracker, clock: VirtualClock,
                  model: LinkModel, host: HostModel, channels: int,
-                 handlers: list[DeviceHandler]) -> None:  # fmt: skip
+                 handlers: list[DeviceHandler], seed: int = 0) -> None:  # fmt: skip
         self.guest = guest
         self.tracker = tracker
         self.clock = clock
@@ -587,10 +605,24 @@ class SimLink:
         self.verified = False
         self.aborted = False
         self.discarded = False
+        self._jitter_rng = np.random.default_rng(seed)
+        self._jitter_window = -1
+        self._jitter_factor = 1.0
 
     # --- time ---
+    def _rate(self) -> float:
+        """The link's bandwidth in the current 100 ms window of virtual time."""
+        if not self.host.link_jitter:
+            return self._bw
+        window = int(self.clock.now() / JITTER_WINDOW)
+        if window != self._jitter_window:
+            self._jitter_window = window
+            noise = self.host.link_jitter * float(self._jitter_rng.standard_normal())
+            self._jitter_factor = min(1.5, max(0.5, 1.0 + noise))
+        return self._bw * self._jitter_factor
+
     def _charge(self, wire: int, cpu: float = 0.0) -> None:
-        dt = wire / self._bw + cpu
+        dt = wire / self._rate() + cpu
         self._busy += dt
         self.clock.advance(dt)
 
@@ -807,7 +839,14 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     params = dict(config.params)
     params.setdefault("timeout", 600.0)
     link = SimLink(
-        guest, tracker, clock, config.link, host, params.get("multifd_channels", 2), handlers
+        guest,
+        tracker,
+        clock,
+        config.link,
+        host,
+        params.get("multifd_channels", 2),
+        handlers,
+        seed=config.seed,
     )
     for h in handlers:
         h.sim_link = link
