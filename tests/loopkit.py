@@ -137,6 +137,7 @@ class VirtualLink:
         self.resumed = False
         self.aborted = False
         self.fail_on: str | None = None
+        self.lose: str | None = None  # a reply of this type never arrives
 
     def _charge(self, nbytes: int) -> None:
         bw = min(self.bandwidth, self.cap) if self.cap else self.bandwidth
@@ -189,6 +190,7 @@ class VirtualLink:
             self.discarded = True
 
     def recv(self, timeout: float) -> dict[str, Any] | None:
+        self._inbox = [m for m in self._inbox if m["type"] != self.lose]
         if self._inbox:
             return self._inbox.pop(0)
         if timeout:
