@@ -391,8 +391,8 @@ def _check_commit_case(case: Case, fault: str) -> None:
         case.once("source.ready", None, fail_before_go)
     elif fault == "reset-after-go":  # the destination has "go": the reset loses "resumed"
         case.once("dest.resume", None, lambda: proxy.reset(KIND_CONTROL, 0))
-    else:  # "go" waits in the proxy: the destination never gets it
-        case.once("source.ready", None, lambda: proxy.hold(KIND_CONTROL))
+    else:  # "go" waits in the stalled proxy, as would the destination's "failed"
+        case.once("source.ready", None, proxy.stall)
     source = MigrationSource(case.guest, [case.device], uri=proxy.uri, **PARAMS)
     try:
         q = source.run()
