@@ -3,7 +3,7 @@ blob device, all driven by ``VirtualClock`` so runs are fast and repeatable.
 
 The guest writes real bytes into a real ``GuestMemory``; the link copies real
 pages into a destination ``GuestMemory`` and charges time at its bandwidth;
-its built-in destination verifies the digest before reporting "resumed".
+its built-in destination verifies the digest, reports "ready" and resumes on "go".
 """
 
 from __future__ import annotations
@@ -133,9 +133,11 @@ class VirtualLink:
         self.sent: list[dict[str, Any]] = []
         self.device_records: dict[int, list[tuple[int, bytes, bool]]] = {}
         self.discarded = False
+        self.ready = False
         self.resumed = False
         self.aborted = False
         self.fail_on: str | None = None
+        self.lose: str | None = None  # a reply of this type never arrives
 
     def _charge(self, nbytes: int) -> None:
         bw = min(self.bandwidth, self.cap) if self.cap else self.bandwidth
@@ -177,14 +179,18 @@ class VirtualLink:
             self.clock.advance(self.load_time)
             ok = format(self.dst.digest(), "032x") == msg["digest"]
             if ok:
-                self.resumed = True
-                self._inbox.append({"type": "resumed", "load": self.load_time, "verified": True})
+                self.ready = True
+                self._inbox.append({"type": "ready", "load": self.load_time, "verified": True})
             else:
                 self._inbox.append({"type": "failed", "reason": "digest mismatch"})
+        elif kind == "go" and self.ready:
+            self.resumed = True
+            self._inbox.append({"type": "resumed", "load": self.load_time, "verified": True})
         elif kind in ("cancel", "failed"):
             self.discarded = True
 
     def recv(self, timeout: float) -> dict[str, Any] | None:
+        self._inbox = [m for m in self._inbox if m["type"] != self.lose]
         if self._inbox:
             return self._inbox.pop(0)
         if timeout:

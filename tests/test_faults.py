@@ -31,6 +31,13 @@ once its complete() returns); its only arcs are RUNNING -> PRE_COPY (setup),
 PRE_COPY -> PRE_COPY_P2P (guest stop), PRE_COPY_P2P -> STOP_COPY -> STOP
 (stop-copy) and back to RUNNING on a rollback.
 
+The commit point (``ready`` then ``go``) has cases of its own
+(``test_fault_around_the_commit_point``): a fault between ``ready`` and ``go``
+rolls back like the phases above; a control channel reset after ``go``, once
+the destination acted on it, leaves the source guest paused with an unknown
+outcome while the destination runs the only guest; a ``go`` that never
+arrives leaves neither running until ``resume_source()``.
+
 Every case checks: the migration ended ``failed`` or ``cancelled`` with a
 reason naming the fault; the source guest runs at the end, its memory equal to
 what the test itself wrote into it, its device state unchanged; the run/pause
@@ -50,6 +57,7 @@ from typing import Any
 import numpy as np
 import pytest
 from faultkit import (
+    KIND_CONTROL,
     KIND_DATA,
     DestProcess,
     FaultProxy,
@@ -352,6 +360,80 @@ def test_fault_in_phase(fault: str, phase: str) -> None:
 )
 def test_fault_with_a_running_workload(fault: str, phase: str) -> None:
     run_case(fault, phase, WORKLOAD)
+
+
+COMMIT_CASES = ("fail-before-go", "reset-after-go", "go-lost")
+
+
+@pytest.mark.parametrize("fault", COMMIT_CASES)
+def test_fault_around_the_commit_point(fault: str) -> None:
+    """Never both running: before ``go`` the source rolls back; after it the
+    source guest stays paused unless the destination said it discarded."""
+    case = Case("reset", "committed")
+    try:
+        _check_commit_case(case, fault)
+    finally:
+        faults.disarm_all()
+        case.close()
+
+
+def _check_commit_case(case: Case, fault: str) -> None:
+    before = resources()
+    side = case.destination()
+    assert side.dest is not None
+    proxy = FaultProxy(side.uri)
+
+    def fail_before_go() -> None:
+        proxy.hold(KIND_CONTROL)  # not even the source's "failed" arrives
+        raise faults.InjectedFault("source failed between ready and go")
+
+    if fault == "fail-before-go":
+        case.once("source.ready", None, fail_before_go)
+    elif fault == "reset-after-go":  # the destination has "go": the reset loses "resumed"
+        case.once("dest.resume", None, lambda: proxy.reset(KIND_CONTROL, 0))
+    else:  # "go" waits in the stalled proxy, as would the destination's "failed"
+        case.once("source.ready", None, proxy.stall)
+    source = MigrationSource(case.guest, [case.device], uri=proxy.uri, **PARAMS)
+    try:
+        q = source.run()
+        d = side.wait()
+    finally:
+        faults.disarm_all()
+        proxy.close()
+    where = f"{fault} (fired: {case.fired}): {q.get('error-desc')}; {d}"
+    assert case.fired, where
+    assert q["status"] == "failed", where
+    assert not case.log.overlaps(), case.log.events
+    if fault == "fail-before-go":
+        assert "between ready and go" in q["error-desc"] and not q.get("postmigrate"), where
+        assert d["status"] == "failed" and "no go from the source" in d["error-desc"], where
+        assert case.log.runs("dest") == 0, where
+    elif fault == "reset-after-go":
+        assert q.get("postmigrate") and "outcome unknown after 'go'" in q["error-desc"], where
+        assert "left paused" in q["error-desc"], where
+        assert d["status"] == "completed" and d["verified"], where
+        assert "'resumed' was not delivered" in d["error-desc"], where
+        assert case.log.runs("dest") == 1, case.log.events
+        assert not case.raw.running, where  # the destination runs the only guest
+        assert side.memory is not None
+        assert side.memory.digest() == case.src.digest() == _digest_of(case.shadow), where
+        assert side.device.state_digest() == case.device.state_digest(), where
+    else:
+        assert q.get("postmigrate") and "did not report its guest resumed" in q["error-desc"]
+        assert d["status"] == "failed" and "no go from the source" in d["error-desc"], where
+        assert case.log.runs("dest") == 0 and not case.raw.running, where
+        source.resume_source()  # the embedder knows the destination discarded
+        assert case.raw.running and case.device.state is MigState.RUNNING, where
+        assert not source.query().get("postmigrate"), where
+        with pytest.raises(RuntimeError, match="not left paused"):
+            source.resume_source()
+    if fault != "reset-after-go":
+        assert case.raw.running and case.device.state is MigState.RUNNING, where
+        assert case.src.digest() == _digest_of(case.shadow), where
+        assert case.device.state_digest() == case.device_digest, where
+    assert not case.log.overlaps(), case.log.events
+    del source, side  # their sockets close with them
+    assert settle(before) == before, f"threads/fds leaked: {where}"
 
 
 def test_a_first_pass_longer_than_the_idle_timeout_completes() -> None:

@@ -311,6 +311,40 @@ def test_destination_failure_at_complete_rolls_back() -> None:
     assert guest.running
 
 
+def test_destination_failure_after_go_rolls_back() -> None:
+    """Its "failed" says it discarded everything: the source may run again."""
+    source, guest, link, src, *_ = setup_vm(devices=1)
+    link.fail_on = "go"
+    q = source.run()
+    assert q["status"] == "failed" and "injected at go" in q["error-desc"], q
+    assert guest.running and not q.get("postmigrate") and not link.resumed
+
+
+def test_a_lost_resumed_leaves_the_source_paused() -> None:
+    """After "go" the destination may run: the source never resumes on its own."""
+    source, guest, link, src, _, devs = setup_vm(devices=1, switchover_timeout=2.0)
+    link.lose = "resumed"
+    q = source.run()
+    assert q["status"] == "failed" and q["postmigrate"], q
+    assert "outcome unknown after 'go'" in q["error-desc"], q
+    assert "did not report its guest resumed" in q["error-desc"], q
+    assert link.resumed and not guest.running and not devs[0].aborted
+    assert not link.discarded  # no "failed" told to a destination that runs
+    assert not source.cancel()
+    source.resume_source()  # the embedder's call: here, to check what it restores
+    assert guest.running and devs[0].aborted and not q.get("downtime")
+
+
+def test_a_lost_ready_rolls_back() -> None:
+    source, guest, link, src, *_ = setup_vm(switchover_timeout=2.0)
+    link.lose = "ready"
+    q = source.run()
+    assert q["status"] == "failed" and not q.get("postmigrate"), q
+    assert "did not report its state loaded and verified ('ready')" in q["error-desc"]
+    assert guest.running and link.discarded
+    assert not any(m["type"] == "go" for m in link.sent)
+
+
 def test_bad_parameters_are_refused() -> None:
     clock = VirtualClock()
     mem = mig.GuestMemory(1 * MIB)

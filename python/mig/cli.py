@@ -525,7 +525,9 @@ def _run_source(
     render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
     with _Interrupt(src.cancel) as intr:
         q = _watch(src, render, console)
-    if q.get("status") != "completed":
+    if q.get("postmigrate"):
+        print("mig: source guest left paused: the destination may run it", file=sys.stderr)
+    elif q.get("status") != "completed":
         _report_resumed(g)
     return q, intr.hit and q.get("status") == "cancelled"
 

@@ -1,4 +1,4 @@
-"""``MigrationDestination``: receive, load, verify, resume, or discard.
+"""``MigrationDestination``: receive, load, verify, wait for "go", resume, or discard.
 
 Pages land in ``memory`` through the receiver's channel threads. Device records
 are buffered per device and handed to the device's handler in sequence order
@@ -6,7 +6,8 @@ once the source declares them sent (``pass``, ``switchover-abort``,
 ``complete``). Records of an abandoned switchover are delivered too: the
 source's device handler opens a new session after them, which the destination
 handler sees and restarts on. Before resuming, the destination checks the
-whole-memory digest against the source's.
+whole-memory digest against the source's, reports "ready" and waits for the
+source's "go": its commit point (``docs/protocol.md``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ class MigrationDestination:
 
     ``devices``: destination-side handlers (``load_*`` of the handler
     protocol, with the same names and ``device_id`` as the source's), or
-    devices that ``mig.device_handler.DeviceHandler`` wraps. ``on_resume`` is
-    called once everything is loaded and verified, just before "resumed" is
-    reported: an embedder starts its vCPUs there. ``endpoint`` replaces the
+    devices that ``mig.device_handler.DeviceHandler`` wraps. Once everything
+    is loaded and verified it reports "ready" and resumes only on the source's
+    "go"; without it within ``go_timeout`` (``idle_timeout`` by default) it
+    discards everything. ``on_resume`` is called after "go", just before
+    "resumed" is reported: an embedder starts its vCPUs there. ``endpoint`` replaces the
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
     """
@@ -59,6 +62,7 @@ class MigrationDestination:
         accept_timeout: float = 30.0,
         idle_timeout: float = 30.0,
         io_timeout: float = 60.0,
+        go_timeout: float | None = None,
         on_resume: Callable[[], None] | None = None,
         on_status: Callable[[str], None] | None = None,
         tls_cert: str | None = None,
@@ -72,6 +76,7 @@ class MigrationDestination:
         self.accept_timeout = accept_timeout
         self.idle_timeout = idle_timeout
         self.io_timeout = io_timeout
+        self.go_timeout = idle_timeout if go_timeout is None else go_timeout
         self._on_resume = on_resume
         self._on_status = on_status
         self._endpoint = endpoint
@@ -383,14 +388,41 @@ class MigrationDestination:
             raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
         self.verified = True
         self.memory_digest = digest
+        loaded = self.clock.now() - t0
+        ep.send({"type": "ready", "load": loaded, "verified": True})
+        faults.point("dest.ready")
+        self._wait_go(ep)
+        t_go = self.clock.now()
         faults.point("dest.resume")
         for h in self.handlers.values():
             h.load_resume()
         if self._on_resume:
             self._on_resume()
-        self.load_seconds = self.clock.now() - t0
-        ep.send({"type": "resumed", "load": self.load_seconds, "verified": True})
+        # From here the guest runs here: never discard, whatever the report meets.
+        self.load_seconds = loaded + self.clock.now() - t_go
         self._set_status("completed")
+        try:
+            ep.send({"type": "resumed", "load": self.load_seconds, "verified": True})
+        except Exception as e:
+            self.error = f"guest resumed, but 'resumed' was not delivered: {e}"
+
+    def _wait_go(self, ep: Endpoint) -> None:
+        """The source's commit point: without ``go`` we must never resume."""
+        deadline = self.clock.now() + self.go_timeout
+        while self.clock.now() < deadline:
+            msg = self._recv(ep, _POLL)
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "go":
+                return
+            if kind in ("cancel", "failed"):
+                raise _Abort(
+                    "cancelled" if kind == "cancel" else "failed",
+                    f"source: {msg.get('reason', kind)}",
+                )
+            raise _mig.ProtocolError(f"expected go, got {kind!r}")
+        raise _Abort("failed", f"no go from the source within {self.go_timeout} s")
 
     def _discard_all(self, ep: Endpoint | None, status: str, reason: str, tell: bool) -> None:
         """Never resume: drop buffered state, abort every load, tell the source."""

@@ -27,14 +27,17 @@ POINTS: dict[str, str] = {
     "source.guest-stop": "the guest paused (for an exact size or the switchover)",
     "source.stop-copy": "RAM stop-copy sent, before a device's complete() (info: device)",
     "source.switchover": "all state sent and digested, before the end records and 'complete'",
-    "source.committed": "'complete' sent, before the destination's 'resumed'",
+    "source.committed": "'complete' sent, before the destination's 'ready'",
+    "source.ready": "the destination's 'ready' received, before 'go' is sent",
+    "source.go": "'go' sent (the commit point), before the destination's 'resumed'",
     "dest.setup": "hello checked and every load_setup() done, before hello-ack",
     "dest.switchover-ack": "switchover-ack sent",
     "dest.pass": "a 'pass' received (info: number, counted on the destination)",
     "dest.switchover": "'switchover' received: the source guest is stopped",
     "dest.stop-copy": "'complete' received and every end record in, before the last loads",
     "dest.switchover-complete": "every handler's load_complete() done, before the digest check",
-    "dest.resume": "digest verified, before the handlers resume and on_resume",
+    "dest.ready": "digest verified and 'ready' sent, before waiting for 'go'",
+    "dest.resume": "'go' received, before the handlers resume and on_resume",
 }
 
 

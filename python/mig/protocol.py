@@ -28,6 +28,8 @@ MESSAGE_TYPES = frozenset(
         "switchover",
         "switchover-abort",
         "complete",
+        "ready",
+        "go",
         "resumed",
         "cancel",
         "failed",

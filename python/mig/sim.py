@@ -32,7 +32,8 @@ Models:
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
-  Control messages take half a round trip each way.
+  Control messages take half a round trip each way; the switchover takes
+  two (``complete``/``ready``, then ``go``/``resumed``).
 * Host costs (``HostModel``): memory digest rate (the switchover digests all
   of RAM on both sides), tracker sync cost, vCPU stop latency and the rate
   at which device state is produced and loaded. ``HostModel.calibrate()``
@@ -603,6 +604,7 @@ class SimLink:
         self._stop_copy_bytes = 0
         self._credit: dict[int, int] = {}
         self.verified = False
+        self._load = 0.0
         self.aborted = False
         self.discarded = False
         self._jitter_rng = np.random.default_rng(seed)
@@ -693,6 +695,8 @@ class SimLink:
             self._maybe_ack(rtt)
         elif kind == "complete":
             self._complete(msg)
+        elif kind == "go" and self.verified:
+            self._reply(rtt, {"type": "resumed", "load": self._load, "verified": True})
         elif kind in ("cancel", "failed"):
             self.discarded = True
 
@@ -715,8 +719,9 @@ class SimLink:
         # copy is exact unless something wrote memory after that final sync
         # (a device still doing DMA, a guest still running).
         self.verified = self.tracker.pending() == 0 and not self.guest.running
-        if self.verified:
-            reply = {"type": "resumed", "load": load, "verified": True}
+        self._load = load
+        if self.verified:  # resumes only on the source's "go" (one more rtt)
+            reply = {"type": "ready", "load": load, "verified": True}
         else:
             reply = {"type": "failed", "reason": "memory digest mismatch (pages missed)"}
         self._reply(self.model.rtt + load, reply)

@@ -82,10 +82,14 @@ _BUSY_SAMPLES = 8
 
 
 class _Stop(Exception):
-    def __init__(self, status: str, reason: str) -> None:
+    """Ends the migration. ``discarded``: the destination said it discarded
+    everything (its ``failed``), so a rollback is safe even after ``go``."""
+
+    def __init__(self, status: str, reason: str, discarded: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.discarded = discarded
 
 
 class _AccountingLink:
@@ -192,6 +196,8 @@ class MigrationSource:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._committed = False
+        self._go_sent = False
+        self.postmigrate = False
         self.handlers: list[StateHandler] = self._device_handlers()
         self._exact_cache: dict[str, tuple[int, float]] = {}
         self.can_switchover = False
@@ -243,13 +249,14 @@ class MigrationSource:
             while self.status != "completed":
                 self._iteration()
         except _Stop as e:
-            self._rollback(e.status, e.reason)
+            self._end(e.status, e.reason, e.discarded)
         except Exception as e:  # every failure rolls back, with the reason
             reason = f"{type(e).__name__}: {e}"
             peer = self._peer_reason()
             if peer:
                 reason = f"{peer} ({reason})"
-            self._rollback("cancelled" if self._cancel else "failed", self._cancel or reason)
+            status = "cancelled" if self._cancel and not self._go_sent else "failed"
+            self._end(status, self._cancel or reason, discarded=peer is not None)
         finally:
             self.t_end = self.clock.now()
             self._done.set()
@@ -264,11 +271,36 @@ class MigrationSource:
         return self.query()
 
     def cancel(self, reason: str = "cancelled by request") -> bool:
-        """Ask the loop to cancel; False once the destination may have resumed."""
+        """Ask the loop to cancel; False once ``go`` is sent (the destination may run)."""
         if self._committed or self._done.is_set():
             return False
         self._cancel = reason
         return True
+
+    def resume_source(self) -> None:
+        """Run the source guest again after an unknown outcome.
+
+        When ``resumed`` does not arrive after ``go``, the migration ends
+        ``failed`` with ``query()["postmigrate"]`` true and the source guest
+        left paused (QEMU's ``postmigrate``): the destination may run it. Only
+        the embedder can learn that the destination does not (its own status,
+        or the process is gone); then this call returns the devices to
+        RUNNING, resumes the guest and removes throttles and dirty limits.
+        """
+        if not self._done.is_set() or not self.postmigrate:
+            raise RuntimeError("the source guest is not left paused by an unknown outcome")
+        errors = []
+        for h in self.handlers[1:]:
+            try:
+                h.abort()
+            except Exception as e:
+                errors.append(f"{h.name}: {e}")
+        self.guest.resume()
+        self._paused = False
+        self.postmigrate = False
+        self._finish_guest_aids()
+        if errors:
+            raise _mig.MigError(f"source guest resumed; devices: {'; '.join(errors)}")
 
     # ------------------------------------------------------------- events
     def _set_status(self, status: str) -> None:
@@ -378,7 +410,7 @@ class MigrationSource:
             if self.clock.now() > deadline:
                 raise _Stop("failed", "destination did not answer hello")
         self.rtt = self.clock.now() - t0
-        self.costs.handshake = self.rtt
+        self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
 
     def _measure_digest(self) -> None:
         """The switchover digests all of RAM: time one whole digest now.
@@ -636,12 +668,13 @@ class MigrationSource:
     def _on_pass_ack(self, msg: dict[str, Any]) -> None:
         """The destination's loop latency and digest timing.
 
-        ``handshake`` is the control round trip plus the longest recent time
-        the destination's loop spent away from the control channel (loading
-        device state): ``complete`` meets that loop wherever it is.
+        ``handshake`` is the two control round trips of the switchover
+        (``complete``/``ready``, ``go``/``resumed``) plus the longest recent
+        time the destination's loop spent away from the control channel
+        (loading device state): ``complete`` meets that loop wherever it is.
         """
         self._dest_busy.append(float(msg.get("busy", 0.0)))
-        self.costs.handshake = self.rtt + max(self._dest_busy)
+        self.costs.handshake = 2 * self.rtt + max(self._dest_busy)
         if msg.get("drain") is not None:
             self._dest_drain.append(float(msg["drain"]))
             self.costs.drain = max(self._dest_drain)
@@ -760,9 +793,20 @@ class MigrationSource:
                 "forced": forced,
             }
         )
-        self._committed = True
         faults.point("source.committed")
-        resumed = self._wait_resumed()
+        # Until "go" the destination never resumes: any failure rolls back.
+        self._wait_for("ready", "report its state loaded and verified ('ready')")
+        faults.point("source.ready")
+        self._check_cancel()
+        # The commit point: once "go" is out the destination may run the
+        # guest, so this side never resumes it on its own again. A send that
+        # fails delivered no whole record (the destination acts only on a
+        # complete, checksummed one): that still rolls back.
+        self._committed = True
+        link.send({"type": "go"})
+        self._go_sent = True
+        faults.point("source.go")
+        resumed = self._wait_for("resumed", "report its guest resumed")
         now = self.clock.now()
         self.downtime = now - down_start
         self.load_seconds = float(resumed.get("load", 0.0))
@@ -806,24 +850,24 @@ class MigrationSource:
         pending = self._pending_exact if self._pending_exact is not None else self._pending_estimate
         return (pending or 0) / bw + self.overhead() if bw else 0.0
 
-    def _wait_resumed(self) -> dict[str, Any]:
+    def _wait_for(self, kind: str, what: str) -> dict[str, Any]:
+        """The destination's ``kind`` within ``switchover_timeout``; its
+        ``failed`` means it discarded everything and never resumed."""
         assert self.link is not None
         timeout = float(self.params["switchover_timeout"])
         deadline = self.clock.now() + timeout
         while self.clock.now() < deadline:
+            if not self._go_sent:
+                self._check_cancel()
             msg = self.link.recv(_POLL)
             if msg is None:
                 continue
-            if msg["type"] == "resumed":
+            if msg["type"] == kind:
                 return msg
             if msg["type"] in ("failed", "cancel"):
-                self._committed = False
-                raise _Stop("failed", f"destination: {msg.get('reason', msg['type'])}")
-        self._committed = False
-        raise _Stop(
-            "failed",
-            f"destination did not report its guest resumed within {timeout} s (switchover_timeout)",
-        )
+                reason = f"destination: {msg.get('reason', msg['type'])}"
+                raise _Stop("failed", reason, discarded=True)
+        raise _Stop("failed", f"destination did not {what} within {timeout} s (switchover_timeout)")
 
     def _abort_switchover(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
         assert self.link is not None
@@ -863,6 +907,41 @@ class MigrationSource:
         return None
 
     # ----------------------------------------------------------- rollback
+    def _end(self, status: str, reason: str, discarded: bool) -> None:
+        """Roll back, unless ``go`` is out and the destination may run the guest."""
+        if not self._go_sent or discarded:
+            self._rollback(status, reason)
+        elif self.status != "completed":
+            self._postmigrate(reason)
+
+    def _postmigrate(self, reason: str) -> None:
+        """Outcome unknown after ``go``: the source guest stays paused (QEMU's
+        ``postmigrate``); ``resume_source()`` runs it again on request."""
+        self.postmigrate = True
+        errors = []
+        if self.ram is not None:
+            try:
+                self.ram.abort()  # no more dirty syncs: free the tracker
+            except Exception as e:
+                errors.append(f"ram: {e}")
+        if self.link is not None:
+            try:
+                self.link.abort()  # no "failed": the destination may run the guest
+            except Exception as e:
+                errors.append(f"link: {e}")
+        self.error = (
+            f"outcome unknown after 'go': {reason}; the destination may run the guest, "
+            "so the source guest is left paused (postmigrate): call resume_source() "
+            "only once the destination is known not to run it"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
+        self.status = "failed"
+        if self._on_status:
+            try:
+                self._on_status("failed")
+            except Exception:
+                pass  # already ending
+
     def _finish_guest_aids(self) -> None:
         if self.throttle:
             self.guest.set_throttle(0.0)
@@ -944,6 +1023,8 @@ class MigrationSource:
         out["switchover-costs"] = {k: v * 1000 for k, v in self.costs.terms().items()}
         if self.error:
             out["error-desc"] = self.error
+        if self.postmigrate:
+            out["postmigrate"] = True
         if ram is not None:
             out["ram"] = {
                 "transferred": transferred,

@@ -20,9 +20,10 @@ fixed costs of a switchover, each measured by the source as it happens: the
 guest pause, the final tracker sync, the whole-memory digest (the source's,
 and the destination's over the same bytes), each device's stop-copy
 production (its destination validates the same bytes), and the control round
-trip of ``complete``/``resumed``. The loop subtracts their sum from the
-downtime limit before it converts the limit into a byte threshold, so every
-policy decides against the time that is really left for the bytes.
+trips of ``complete``/``ready`` and ``go``/``resumed``. The loop subtracts
+their sum from the downtime limit before it converts the limit into a byte
+threshold, so every policy decides against the time that is really left for
+the bytes.
 """
 
 from __future__ import annotations
