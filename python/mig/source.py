@@ -22,6 +22,7 @@ switchover is abandoned.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import uuid
 from collections import deque
@@ -669,17 +670,26 @@ class MigrationSource:
         """The destination's loop latency and digest timing.
 
         ``handshake`` is the two control round trips of the switchover
-        (``complete``/``ready``, ``go``/``resumed``) plus the longest recent
+        (``complete``/``ready``, ``go``/``resumed``) plus the median recent
         time the destination's loop spent away from the control channel
-        (loading device state): ``complete`` meets that loop wherever it is.
+        (loading device state): ``complete`` meets that loop wherever it is,
+        and a single long load (the initial device state) must not stand for
+        every later one.
+
+        ``dest_digest`` keeps the fastest timing reported: the destination
+        times its digest while pages arrive and the guest runs, which the
+        switchover, with the guest stopped and the sends done, does not
+        compete with (timed under that load the figure read twice the cost).
         """
         self._dest_busy.append(float(msg.get("busy", 0.0)))
-        self.costs.handshake = 2 * self.rtt + max(self._dest_busy)
+        self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
         if msg.get("drain") is not None:
             self._dest_drain.append(float(msg["drain"]))
             self.costs.drain = max(self._dest_drain)
         if msg.get("digest") is not None:
-            self.costs.dest_digest = float(msg["digest"])
+            seen = self.costs.dest_digest
+            digest = float(msg["digest"])
+            self.costs.dest_digest = digest if seen is None else min(seen, digest)
 
     def _costs_exceed_limit(self) -> str | None:
         """A reason once the fixed costs alone stay over the limit for 3 periods."""
