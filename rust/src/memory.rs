@@ -8,7 +8,8 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -24,7 +25,8 @@ pub fn host_page_size() -> usize {
 }
 
 pub struct GuestMemory {
-    fd: OwnedFd,
+    /// The memfd, as a `File` for positioned reads and writes.
+    fd: File,
     base: NonNull<u8>,
     len: usize,
     page_size: usize,
@@ -66,7 +68,7 @@ impl GuestMemory {
         let base = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| CoreError::invalid("mmap returned a null mapping"))?;
         Ok(GuestMemory {
-            fd,
+            fd: File::from(fd),
             base,
             len: size,
             page_size,
@@ -187,21 +189,9 @@ impl GuestMemory {
     /// page fault and no zeroing first. Bulk incoming writes use this.
     pub fn store_bytes(&self, offset: usize, data: &[u8]) -> CoreResult<()> {
         self.check_range(offset, data.len())?;
-        let mut done = 0;
-        while done < data.len() {
-            match rustix::io::pwrite(&self.fd, &data[done..], (offset + done) as u64) {
-                Ok(0) => {
-                    return Err(CoreError::io(
-                        "pwrite guest memory",
-                        std::io::ErrorKind::WriteZero.into(),
-                    ))
-                }
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(CoreError::io("pwrite guest memory", e.into())),
-            }
-        }
-        Ok(())
+        self.fd
+            .write_all_at(data, offset as u64)
+            .map_err(|e| CoreError::io("pwrite guest memory", e))
     }
 
     /// Zero-fills a byte range of guest memory.
@@ -316,21 +306,9 @@ impl GuestMemory {
     }
 
     fn pread_exact(&self, offset: usize, out: &mut [u8]) -> CoreResult<()> {
-        let mut done = 0;
-        while done < out.len() {
-            match rustix::io::pread(&self.fd, &mut out[done..], (offset + done) as u64) {
-                Ok(0) => {
-                    return Err(CoreError::io(
-                        "pread guest memory",
-                        std::io::ErrorKind::UnexpectedEof.into(),
-                    ))
-                }
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(CoreError::io("pread guest memory", e.into())),
-            }
-        }
-        Ok(())
+        self.fd
+            .read_exact_at(out, offset as u64)
+            .map_err(|e| CoreError::io("pread guest memory", e))
     }
 
     /// xxh3-128 digest of the whole memory.
