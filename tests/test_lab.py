@@ -151,3 +151,28 @@ def test_kernel_bench_summary_reads_both_report_styles() -> None:
     assert [r["ok"] for r in rows] == [True, False]
     assert rows[0]["to-limit"] == pytest.approx(10 / 12)
     assert "1 of 2 targets met" in summary_markdown(rows)
+
+
+@pytest.mark.parametrize(
+    "hidden, argv, named",
+    [
+        ("matplotlib", [], "matplotlib"),
+        ("dask.distributed", ["--dask", "127.0.0.1:1"], "dask"),
+    ],
+)
+def test_bench_policies_names_a_missing_dependency_before_any_work(
+    hidden: str,
+    argv: list[str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After a plain ``pip install .`` the lab's extras are absent: one line
+    naming the install command and exit 2, not a traceback minutes later."""
+    monkeypatch.setitem(__import__("sys").modules, hidden, None)  # import fails
+    out = tmp_path / "out"
+    assert lab.main(["policies", "--quick", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mig bench policies needs {named}: pip install '.[lab]'"]
+    assert not out.exists()  # nothing was run or written

@@ -12,10 +12,12 @@ The CLI calls ``main(argv)`` for ``mig bench ...``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -696,10 +698,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def missing_lab_dependencies(args: argparse.Namespace) -> list[str]:
+    """Modules ``mig bench policies`` will import and this environment lacks.
+
+    Checked before any work: a sweep that dies on its last step (the plots)
+    would throw away minutes of runs.
+    """
+    needed = ["matplotlib"] + (["dask.distributed"] if args.dask else [])
+    missing = []
+    for name in needed:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package itself is absent
+            found = False
+        if not found:
+            missing.append(name.partition(".")[0])
+    return missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mig bench ...``: returns the exit status."""
     args = parser().parse_args(argv)
     if args.what == "policies":
+        missing = missing_lab_dependencies(args)
+        if missing:
+            print(
+                f"mig bench policies needs {' and '.join(missing)}: pip install '.[lab]'",
+                file=sys.stderr,
+            )
+            return 2
         results = bench_policies(args)
         rows = results["validation"]
         print(f"wrote {args.out}/results.json, report.md ({len(results['runs'])} runs)")
