@@ -67,8 +67,8 @@ class ConvergenceMonitor:
 
     def periodic_sync_due(self, now: float, last_sync: float | None) -> bool:
         """Auto-converge wants a sync at least every ``sync_interval``."""
-        ac = self.auto_converge
-        return ac is not None and now - (last_sync or 0.0) >= ac.sync_interval
+        converge = self.auto_converge
+        return converge is not None and now - (last_sync or 0.0) >= converge.sync_interval
 
     def on_sync(self, figures: SyncFigures) -> None:
         self._dirty += figures.new_dirty_bytes

@@ -9,9 +9,9 @@ and ``MigrationStats`` (``query()``). The loop is written against
 ``Clock``, ``Guest`` and ``Link`` and asks a policy object for every
 decision, so the same loop runs over a real stream or in virtual time.
 
-This file owns what ends a migration: completion, rollback (the source
-guest runs again, the destination is told) and ``postmigrate`` (the outcome
-is unknown after ``go``: the guest stays paused).
+This file decides how a migration ends: completed, rolled back (the source
+guest runs again, the destination is told) or left paused after ``go``
+(``postmigrate``); ``mig.rollback`` carries the last two out.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from mig.notifier import Notifier
 from mig.params import PARAMETERS, MigrationParams
 from mig.policies import Action, make_policy
 from mig.precopy import Precopy
-from mig.protocol import Cancel, DeviceInfo, Failed, Hello, SessionParams
+from mig.protocol import DeviceInfo, Hello, SessionParams
+from mig.rollback import leave_paused, roll_back
 from mig.stats import BandwidthMeter, SwitchoverCosts
 from mig.switchover import Phase, SwitchoverRun
 
@@ -111,15 +112,29 @@ class MigrationSource:
         self._done = threading.Event()
 
     # The callbacks, settable until the migration starts.
-    on_status = property(
-        lambda self: self.notify.on_status, lambda self, f: setattr(self.notify, "on_status", f)
-    )
-    on_pass = property(
-        lambda self: self.notify.on_pass, lambda self, f: setattr(self.notify, "on_pass", f)
-    )
-    on_event = property(
-        lambda self: self.notify.on_event, lambda self, f: setattr(self.notify, "on_event", f)
-    )
+    @property
+    def on_status(self) -> Callable[[str], None] | None:
+        return self.notify.on_status
+
+    @on_status.setter
+    def on_status(self, callback: Callable[[str], None] | None) -> None:
+        self.notify.on_status = callback
+
+    @property
+    def on_pass(self) -> Callable[[dict[str, Any]], None] | None:
+        return self.notify.on_pass
+
+    @on_pass.setter
+    def on_pass(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.notify.on_pass = callback
+
+    @property
+    def on_event(self) -> Callable[[str, dict[str, Any]], None] | None:
+        return self.notify.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self.notify.on_event = callback
 
     @property
     def status(self) -> str:
@@ -256,10 +271,10 @@ class MigrationSource:
         self._set_status("active")
 
     def _open_link(self) -> Link:
-        p = self.settings
+        params = self.settings
         if self._link_override is not None:
-            if p.max_bandwidth:  # the native sender takes it at construction
-                self._link_override.set_max_bandwidth(int(p.max_bandwidth))
+            if params.max_bandwidth:  # the native sender takes it at construction
+                self._link_override.set_max_bandwidth(int(params.max_bandwidth))
             return self._link_override
         sender_cls = getattr(_mig, "Sender", None)
         if sender_cls is None:
@@ -267,18 +282,18 @@ class MigrationSource:
         sender = sender_cls(
             self.memory,
             self.uri,
-            channels=int(p.multifd_channels),
+            channels=int(params.multifd_channels),
             migration_id=self.migration_id,
-            compression=p.compression,
-            max_bandwidth=int(p.max_bandwidth),
-            connect_timeout=float(p.connect_timeout),
+            compression=params.compression,
+            max_bandwidth=int(params.max_bandwidth),
+            connect_timeout=float(params.connect_timeout),
             **self.tls,
-            io_timeout=float(p.io_timeout),
+            io_timeout=float(params.io_timeout),
         )
         return SenderLink(sender, self.clock)
 
     def _hello(self) -> Hello:
-        p = self.settings
+        params = self.settings
         return Hello(
             migration_id=self.migration_id,
             page_size=self.memory.page_size,
@@ -287,7 +302,10 @@ class MigrationSource:
                 DeviceInfo(int(getattr(h, "device_id", 0)), h.name, h.role) for h in self.devices
             ),
             params=SessionParams(
-                p.downtime_limit, p.max_bandwidth, p.multifd_channels, p.compression
+                params.downtime_limit,
+                params.max_bandwidth,
+                params.multifd_channels,
+                params.compression,
             ),
         )
 
@@ -350,21 +368,7 @@ class MigrationSource:
         assert self.switchover is not None and self.precopy is not None
         self.switchover.phase = Phase.POSTMIGRATE
         self.stats.postmigrate = True
-        errors = []
-        try:
-            self.precopy.ram.abort()  # no more dirty syncs: free the tracker
-        except Exception as e:
-            errors.append(f"ram: {e}")
-        try:
-            self.precopy.link.abort()  # no "failed": the destination may run the guest
-        except Exception as e:
-            errors.append(f"link: {e}")
-        self.stats.error = (
-            f"outcome unknown after 'go': {reason}; the destination may run the guest, "
-            "so the source guest is left paused (postmigrate): call resume_source() "
-            "only once the destination is known not to run it"
-            + (f" ({'; '.join(errors)})" if errors else "")
-        )
+        self.stats.error = leave_paused(reason, ram=self.precopy.ram, link=self.precopy.link)
         self.stats.status = "failed"
         self.notify.status_while_ending("failed")
 
@@ -372,34 +376,14 @@ class MigrationSource:
         """Source guest runs again, the destination is told, nothing is left half-done."""
         if self.switchover is not None:
             self.switchover.phase = Phase.PRECOPY
-        errors = []
-        if self.stops.paused:
-            try:
-                self.stops.run_again()
-            except Exception as e:
-                errors.append(f"resume: {e}")
-            self.stops.paused = False
-        try:
-            self.monitor.remove_aids()
-        except Exception as e:
-            errors.append(f"throttle: {e}")
-        handlers = self.precopy.handlers if self.precopy else self.devices
-        for h in handlers:
-            try:
-                h.abort()
-            except Exception as e:
-                errors.append(f"{h.name}: {e}")
-        link = self.stats.link
-        if link is not None:
-            try:
-                link.send(Cancel(reason) if status == "cancelled" else Failed(reason))
-            except Exception:
-                pass  # the link may be what failed
-            try:
-                link.abort()
-            except Exception as e:
-                errors.append(f"link: {e}")
-        self.stats.error = reason + (f" (rollback: {'; '.join(errors)})" if errors else "")
+        self.stats.error = roll_back(
+            status,
+            reason,
+            stops=self.stops,
+            monitor=self.monitor,
+            handlers=self.precopy.handlers if self.precopy else self.devices,
+            link=self.stats.link,
+        )
         self.stats.status = status
         self.notify.status_while_ending(status)
 
