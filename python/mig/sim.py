@@ -5,9 +5,10 @@
 (``SimTracker``) and a simulated network (``SimLink``), and runs the loop on
 the calling thread. The orchestrator loop, the policy objects and the device
 handlers (``mig.device_handler.DeviceHandler`` over the sample devices of
-``mig.devices``, driven by the clock instead of worker threads) are the ones
-real migrations use; only the guest, the tracker, the network and the
-destination are models.
+``mig.devices``, driven by the clock instead of worker threads) and the
+destination's protocol (``mig.destination_core``) are the ones real
+migrations use; only the guest, the tracker, the network and the
+destination's timing are models.
 
 Models:
 
