@@ -3,7 +3,9 @@ blob device, all driven by ``VirtualClock`` so runs are fast and repeatable.
 
 The guest writes real bytes into a real ``GuestMemory``; the link copies real
 pages into a destination ``GuestMemory`` and charges time at its bandwidth;
-its built-in destination verifies the digest, reports "ready" and resumes on "go".
+its destination is the real ``DestinationCore``, configured as the source's
+``hello`` describes it: it verifies the digest, reports "ready" and resumes
+on "go".
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from mig import DirtyBitmap, GuestMemory
+from mig import DirtyBitmap, GuestMemory, protocol
 from mig.clock import VirtualClock
-from mig.handlers import OverBudget
+from mig.destination_core import DestinationCore, Effect, FinishStopCopy, Resume, Send
+from mig.errors import MigrationEnded, OverBudget
+from mig.protocol import Failed, Hello, Message
+from mig.reorder import DeviceRecord
 
 PAGE_OVERHEAD = 16  # wire bytes per page header in this link
 
@@ -111,6 +116,8 @@ class VirtualLink:
     """Copies pages into ``dst`` at ``bandwidth`` bytes/s of virtual time and
     plays the destination's side of the control protocol."""
 
+    concurrent_digest = False  # digests are charged to the virtual clock
+
     def __init__(
         self,
         src: GuestMemory,
@@ -129,15 +136,15 @@ class VirtualLink:
         self._dst_pages = dst.array.reshape(dst.num_pages, dst.page_size)
         self._bytes = 0
         self._busy = 0.0
-        self._inbox: list[dict[str, Any]] = []
-        self.sent: list[dict[str, Any]] = []
+        self._inbox: list[Message] = []
+        self.sent: list[Message] = []
+        self.destination: DestinationCore | None = None
         self.device_records: dict[int, list[tuple[int, bytes, bool]]] = {}
         self.discarded = False
-        self.ready = False
         self.resumed = False
         self.aborted = False
-        self.fail_on: str | None = None
-        self.lose: str | None = None  # a reply of this type never arrives
+        self.fail_on: type | None = None  # the destination fails on this message type
+        self.lose: type | None = None  # a reply of this type never arrives
 
     def _charge(self, nbytes: int) -> None:
         bw = min(self.bandwidth, self.cap) if self.cap else self.bandwidth
@@ -157,6 +164,8 @@ class VirtualLink:
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
         self.device_records.setdefault(device_id, []).append((seq, bytes(data), final))
+        if self.destination is not None:
+            self.destination.records_arrived([DeviceRecord(device_id, seq, bytes(data), final)])
         self._charge(len(data) + PAGE_OVERHEAD)
 
     def sync(self, generation: int) -> None:
@@ -165,32 +174,58 @@ class VirtualLink:
     def finish(self, digest: int) -> None:
         self.finished_digest = digest
 
-    def send(self, msg: dict[str, Any]) -> None:
+    @property
+    def ready(self) -> bool:
+        return self.destination is not None and self.destination.verified
+
+    def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        self.sent.append(msg)
-        kind = msg["type"]
-        if self.fail_on == kind:
-            self._inbox.append({"type": "failed", "reason": f"injected at {kind}"})
+        self.sent.append(message)
+        if isinstance(message, self.fail_on or ()):
+            self._inbox.append(Failed(f"injected at {protocol.type_name(message)}"))
             return
-        if kind == "hello":
-            self._inbox += [{"type": "hello-ack", "version": 1}, {"type": "switchover-ack"}]
-        elif kind == "complete":
-            self.clock.advance(self.load_time)
-            ok = format(self.dst.digest(), "032x") == msg["digest"]
-            if ok:
-                self.ready = True
-                self._inbox.append({"type": "ready", "load": self.load_time, "verified": True})
-            else:
-                self._inbox.append({"type": "failed", "reason": "digest mismatch"})
-        elif kind == "go" and self.ready:
-            self.resumed = True
-            self._inbox.append({"type": "resumed", "load": self.load_time, "verified": True})
-        elif kind in ("cancel", "failed"):
+        if isinstance(message, Hello):
+            # Every device here has its initial data at once (BlobDevice).
+            self.destination = DestinationCore.matching(
+                message, initially_loaded=[d.id for d in message.devices]
+            )
+        elif self.destination is None:  # no hello yet: a destination that expects one
+            self.destination = DestinationCore(self.dst.page_size, self.dst.size, {})
+        try:
+            self._play(self.destination.on_message(message, self.clock.now()))
+        except MigrationEnded as e:
             self.discarded = True
+            if not e.by_peer:
+                self._inbox.append(Failed(e.reason))
 
-    def recv(self, timeout: float) -> dict[str, Any] | None:
-        self._inbox = [m for m in self._inbox if m["type"] != self.lose]
+    def _play(self, effects: list[Effect]) -> None:
+        assert self.destination is not None
+        for effect in effects:
+            match effect:
+                case Send(message=reply):
+                    self._inbox.append(reply)
+                case FinishStopCopy():
+                    t0 = self.clock.now()
+                    self.clock.advance(self.load_time)
+                    self.destination.loads()
+                    self.destination.stop_copy_received()
+                    digest = format(self.dst.digest(), "032x")
+                    self._play(self.destination.verify(digest, t0 + self.load_time))
+                case Resume():
+                    self.resumed = True
+                    self._play(self.destination.resumed(self.clock.now()))
+        self.destination.loads()
+        self._play_announcements()
+
+    def _play_announcements(self) -> None:
+        assert self.destination is not None
+        for effect in self.destination.announcements():
+            if isinstance(effect, Send):
+                self._inbox.append(effect.message)
+
+    def recv(self, timeout: float) -> Message | None:
+        self._inbox = [m for m in self._inbox if not isinstance(m, self.lose or ())]
         if self._inbox:
             return self._inbox.pop(0)
         if timeout:
@@ -221,7 +256,7 @@ class BlobDevice:
     and a stop-copy tail of ``stop_size`` bytes. With ``exact_needs_stop`` its
     running estimate omits the tail (the thread's VFIO case)."""
 
-    kind = "blob"
+    role = "device"
 
     def __init__(
         self,
@@ -255,17 +290,15 @@ class BlobDevice:
     def setup(self, link: Any) -> None:
         pass
 
-    def pending_estimate(self) -> tuple[int, int]:
+    def pending_estimate(self) -> int:
         tail = 0 if self.exact_needs_stop else self.stop_size
-        return self.pending + tail, 0
+        return self.pending + tail
 
-    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]:
+    def pending_exact(self, guest_stopped: bool) -> int:
         if guest_stopped:
             self.running = False
             self.stopped_sizings += 1
-        return self.pending + (
-            self.stop_size if guest_stopped or not self.exact_needs_stop else 0
-        ), 0
+        return self.pending + (self.stop_size if guest_stopped or not self.exact_needs_stop else 0)
 
     def _emit(self, link: Any, n: int, final: bool) -> None:
         link.send_device_state(self.device_id, self.seq, bytes([self.seq & 0xFF]) * n, final)

@@ -66,7 +66,7 @@ def test_round_trip_is_byte_exact(pair: Pair) -> None:
     assert (precopy > 0) == bool(caps & D.MigCap.PRE_COPY)
     src.quiesce()
     assert pair.src_dev.state in (S.PRE_COPY_P2P, S.RUNNING_P2P)
-    exact, _ = src.pending_exact(guest_stopped=True)
+    exact = src.pending_exact(guest_stopped=True)
     sent = src.complete(pair.link)
     if src.exact_needs_stop:
         assert sent == exact  # the kept state went out as measured
@@ -90,11 +90,11 @@ def test_opaque_exact_stops_once_and_is_not_produced_twice() -> None:
         assert p.src.exact_needs_stop
         p.dst.load_setup()
         p.src.setup(p.link)
-        est, _ = p.src.pending_exact(guest_stopped=False)  # nothing known yet
+        est = p.src.pending_exact(guest_stopped=False)  # nothing known yet
         assert est == 0
-        size, _ = p.src.pending_exact(guest_stopped=True)
+        size = p.src.pending_exact(guest_stopped=True)
         assert p.src_dev.state is S.STOP_COPY
-        assert p.src.pending_exact(guest_stopped=True)[0] == size
+        assert p.src.pending_exact(guest_stopped=True) == size
         entered = [arc for arc in p.src_dev.arcs if arc[1] is S.STOP_COPY]
         assert p.src.complete(p.link) == size
         assert [arc for arc in p.src_dev.arcs if arc[1] is S.STOP_COPY] == entered
@@ -115,10 +115,10 @@ def test_resume_after_exact_restarts_precopy_and_stays_exact() -> None:
         p.src.setup(p.link)
         p.precopy(2)
         assert p.dst.precopy_initial_loaded()
-        measured, _ = p.src.pending_exact(guest_stopped=True)
+        measured = p.src.pending_exact(guest_stopped=True)
         p.src.resume_after_exact()
         assert p.src_dev.state is S.PRE_COPY
-        assert p.src.pending_exact(guest_stopped=False)[0] >= measured  # cached
+        assert p.src.pending_exact(guest_stopped=False) >= measured  # cached
         p.src.iterate(p.link, 1000)  # first chunk of the new session
         p.deliver()
         assert not p.dst.precopy_initial_loaded()
@@ -235,7 +235,7 @@ def test_oversized_stream_is_refused_and_blows_the_budget() -> None:
         p.dst.load_setup()
         p.src.setup(p.link)
         p.src.quiesce()
-        claimed, _ = p.src.pending_exact(guest_stopped=True)
+        claimed = p.src.pending_exact(guest_stopped=True)
         with pytest.raises(mig.MigError, match="exceeds the budget"):
             p.src.complete(p.link, budget=claimed + 64)
         p.src.abort()

@@ -39,7 +39,7 @@ def pair(devices: int = 1, rate: float = 2000, **params):
 def test_two_threads_migrate_byte_exact_with_device_records_in_order() -> None:
     source, dest, guest, src, dst, sdevs, ddevs = pair(max_bandwidth=200 * MIB, timeout=30)
     resumed = []
-    dest._on_resume = lambda: resumed.append(True)
+    dest.on_resume = lambda: resumed.append(True)
     dest.start()
     source.start()
     q = source.wait(60)
@@ -65,7 +65,7 @@ def test_cancel_from_either_side_rolls_back(side: str) -> None:
         if status == "active":
             (source if side == "source" else dest).cancel(f"{side} cancel")
 
-    (source if side == "source" else dest)._on_status = on_status
+    (source if side == "source" else dest).on_status = on_status
     dest.start()
     source.start()
     q = source.wait(30)

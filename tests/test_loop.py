@@ -11,6 +11,7 @@ from loopkit import BlobDevice, SoftTracker, VirtualGuest, VirtualLink
 import mig
 from mig.clock import VirtualClock
 from mig.policies import policy_names
+from mig.protocol import Complete, Go, Ready, Resumed, SwitchoverAbort
 from mig.source import MigrationSource
 
 MIB = 1 << 20
@@ -178,8 +179,8 @@ def test_device_checks_sla_abandons_switchover_then_continues() -> None:
     )
     q = source.run()
     assert q["switchover-aborts"] >= 1
-    aborts = [m for m in link.sent if m["type"] == "switchover-abort"]
-    assert aborts and aborts[0]["aborted"]
+    aborts = [m for m in link.sent if isinstance(m, SwitchoverAbort)]
+    assert aborts and aborts[0].aborted
     assert q["guest-stops"] >= 1  # each abandoned switchover resumed the guest
     assert q["status"] == "completed" and src.digest() == dst.digest()
 
@@ -214,7 +215,7 @@ def _non_converging(**params: Any):
 def test_non_convergence_detected_with_reason() -> None:
     source, guest, *_ = _non_converging(timeout=15)
     events: list[tuple[str, dict]] = []
-    source._on_event = lambda name, info: events.append((name, info))
+    source.on_event = lambda name, info: events.append((name, info))
     q = source.run()
     assert q["status"] == "cancelled" and "timeout" in q["error-desc"]
     assert q["non-convergence"] and "exceeds what the bandwidth" in q["non-convergence"]
@@ -258,7 +259,7 @@ def test_bandwidth_estimate_follows_max_bandwidth_cap() -> None:
     cap = 20_000_000
     source, *_ = setup_vm(size=64 * MIB, rate=0, bandwidth=1e9, max_bandwidth=cap)
     samples: list[float] = []
-    source._on_pass = lambda rec: samples.append(rec["bandwidth"])
+    source.on_pass = lambda rec: samples.append(rec["bandwidth"])
     q = source.run()
     assert q["status"] == "completed"
     assert source.meter.samples >= 20
@@ -291,8 +292,8 @@ def test_rollback_in_every_phase(phase: str, how: str) -> None:
         if phase == "stopped-for-exact" and name == "guest-stop" and source.status == "active":
             trigger()
 
-    source._on_status = on_status
-    source._on_event = on_event
+    source.on_status = on_status
+    source.on_event = on_event
     q = source.run()
     want = "cancelled" if how == "cancel" else "failed"
     assert q["status"] == want, q
@@ -305,7 +306,7 @@ def test_rollback_in_every_phase(phase: str, how: str) -> None:
 
 def test_destination_failure_at_complete_rolls_back() -> None:
     source, guest, link, src, *_ = setup_vm()
-    link.fail_on = "complete"
+    link.fail_on = Complete
     q = source.run()
     assert q["status"] == "failed" and "injected at complete" in q["error-desc"]
     assert guest.running
@@ -314,7 +315,7 @@ def test_destination_failure_at_complete_rolls_back() -> None:
 def test_destination_failure_after_go_rolls_back() -> None:
     """Its "failed" says it discarded everything: the source may run again."""
     source, guest, link, src, *_ = setup_vm(devices=1)
-    link.fail_on = "go"
+    link.fail_on = Go
     q = source.run()
     assert q["status"] == "failed" and "injected at go" in q["error-desc"], q
     assert guest.running and not q.get("postmigrate") and not link.resumed
@@ -323,7 +324,7 @@ def test_destination_failure_after_go_rolls_back() -> None:
 def test_a_lost_resumed_leaves_the_source_paused() -> None:
     """After "go" the destination may run: the source never resumes on its own."""
     source, guest, link, src, _, devs = setup_vm(devices=1, switchover_timeout=2.0)
-    link.lose = "resumed"
+    link.lose = Resumed
     q = source.run()
     assert q["status"] == "failed" and q["postmigrate"], q
     assert "outcome unknown after 'go'" in q["error-desc"], q
@@ -337,12 +338,12 @@ def test_a_lost_resumed_leaves_the_source_paused() -> None:
 
 def test_a_lost_ready_rolls_back() -> None:
     source, guest, link, src, *_ = setup_vm(switchover_timeout=2.0)
-    link.lose = "ready"
+    link.lose = Ready
     q = source.run()
     assert q["status"] == "failed" and not q.get("postmigrate"), q
     assert "did not report its state loaded and verified ('ready')" in q["error-desc"]
     assert guest.running and link.discarded
-    assert not any(m["type"] == "go" for m in link.sent)
+    assert not any(isinstance(m, Go) for m in link.sent)
 
 
 def test_bad_parameters_are_refused() -> None:

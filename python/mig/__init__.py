@@ -17,7 +17,7 @@ from mig._mig import (
     capabilities,
 )
 from mig.destination import MigrationDestination
-from mig.handlers import OverBudget, RamHandler, StateHandler
+from mig.handlers import LoadHandler, OverBudget, RamHandler, SaveHandler, StateHandler
 from mig.memory import Guest
 from mig.policies import POLICIES, make_policy
 from mig.source import MigrationSource
@@ -28,6 +28,7 @@ __all__ = [
     "Guest",
     "GuestMemory",
     "Listener",
+    "LoadHandler",
     "MigError",
     "MigrationDestination",
     "MigrationSource",
@@ -36,6 +37,7 @@ __all__ = [
     "ProtocolError",
     "RamHandler",
     "Receiver",
+    "SaveHandler",
     "Sender",
     "StateHandler",
     "UnsupportedError",

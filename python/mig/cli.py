@@ -382,6 +382,12 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.policy:
         params["policy"] = args.policy
+    from mig.params import MigrationParams
+
+    try:
+        MigrationParams.from_dict(params)  # the checks MigrationSource applies
+    except ValueError as e:
+        raise UsageError("(migration parameters)", str(e)) from None
     return params
 
 

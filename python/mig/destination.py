@@ -18,8 +18,23 @@ from typing import Any
 
 from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
-from mig.handlers import StateHandler
+from mig.destination_core import (
+    AnswerPass,
+    DestinationCore,
+    DestinationPhase,
+    Effect,
+    EnterSwitchover,
+    FinishStopCopy,
+    Load,
+    Resume,
+    Send,
+    SetStatus,
+    StartLoads,
+)
+from mig.errors import MigrationEnded
+from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
+from mig.protocol import Failed, PassAck, SwitchoverAck
 from mig.stats import digest_cost
 
 __all__ = ["MigrationDestination"]
@@ -28,13 +43,6 @@ _POLL = 0.05
 # Seconds between timings of our whole digest: seldom, as one that is still
 # running when a switchover starts adds to its downtime.
 _DIGEST_TIMING_EVERY = 3.0
-
-
-class _Abort(Exception):
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class MigrationDestination:
@@ -77,8 +85,8 @@ class MigrationDestination:
         self.idle_timeout = idle_timeout
         self.io_timeout = io_timeout
         self.go_timeout = idle_timeout if go_timeout is None else go_timeout
-        self._on_resume = on_resume
-        self._on_status = on_status
+        self.on_resume = on_resume  # settable until the migration starts
+        self.on_status = on_status
         self._endpoint = endpoint
         self.listener = None
         if endpoint is None:
@@ -87,35 +95,53 @@ class MigrationDestination:
                 raise _mig.UnsupportedError("this build of mig._mig has no Listener")
             self.listener = listener_cls(uri, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self.uri = self.listener.uri if self.listener is not None else uri
-        self.handlers: dict[int, StateHandler] = {}
+        self.handlers: dict[int, LoadHandler] = {}
         for i, dev in enumerate(devices, start=1):
-            if not isinstance(dev, StateHandler):
+            if not isinstance(dev, LoadHandler):
                 from mig.device_handler import DeviceHandler  # noqa: PLC0415
 
                 dev = DeviceHandler(dev, device_id=i)
             self.handlers[int(getattr(dev, "device_id", i))] = dev
+        self.core = DestinationCore(
+            memory.page_size,
+            memory.size,
+            {d: h.name for d, h in self.handlers.items()},
+            hello_timeout=accept_timeout,
+            idle_timeout=idle_timeout,
+            go_timeout=self.go_timeout,
+        )
         self.status = "none"
         self.error: str | None = None
-        self.verified = False
-        self.memory_digest: str | None = None
-        self.load_seconds = 0.0
-        self.passes = 0
-        self.migration_id: int | None = None
-        self._buffer: dict[int, dict[int, tuple[bytes, bool]]] = {d: {} for d in self.handlers}
-        self._loaded: dict[int, int] = {d: -1 for d in self.handlers}
-        self._bound: dict[int, int] = {d: -1 for d in self.handlers}
-        self._acked = False
-        self._initial_done: set[int] = set()
         self._cancel: str | None = None
         self._digest_timer: threading.Thread | None = None
         self._digest_seconds: float | None = None
         self._digest_timed_at = 0.0
         self._busy = 0.0
-        self._channels = 1
         self._drain_target: tuple[int, float] | None = None
         self._drain: float | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+
+    # The protocol's figures live in the core; these names are the API.
+    @property
+    def verified(self) -> bool:
+        return self.core.verified
+
+    @property
+    def memory_digest(self) -> str | None:
+        return self.core.memory_digest
+
+    @property
+    def load_seconds(self) -> float:
+        return self.core.load_seconds
+
+    @property
+    def passes(self) -> int:
+        return self.core.passes
+
+    @property
+    def migration_id(self) -> int | None:
+        return self.core.migration_id
 
     # ---------------------------------------------------------------- API
     def start(self) -> None:
@@ -130,8 +156,8 @@ class MigrationDestination:
             self._set_status("setup")
             ep = self._accept()
             self._serve(ep)
-        except _Abort as e:
-            self._discard_all(ep, e.status, e.reason, tell=not e.reason.startswith("source:"))
+        except MigrationEnded as e:
+            self._discard_all(ep, e.status, e.reason, tell=not e.by_peer)
         except Exception as e:
             self._discard_all(ep, "failed", f"{type(e).__name__}: {e}", tell=True)
         finally:
@@ -166,8 +192,8 @@ class MigrationDestination:
     # ------------------------------------------------------------ serving
     def _set_status(self, status: str) -> None:
         self.status = status
-        if self._on_status:
-            self._on_status(status)
+        if self.on_status:
+            self.on_status(status)
 
     def _accept(self) -> Endpoint:
         if self._endpoint is not None:
@@ -178,134 +204,70 @@ class MigrationDestination:
         )
         return ReceiverEndpoint(receiver)
 
-    def _recv(self, ep: Endpoint, timeout: float) -> dict[str, Any] | None:
-        if self._cancel is not None:
-            raise _Abort("cancelled", self._cancel)
-        return ep.recv(timeout)
-
     def _serve(self, ep: Endpoint) -> None:
-        hello = self._expect_hello(ep)
-        self._check_hello(ep, hello)
-        for h in self.handlers.values():
-            h.load_setup()
-        faults.point("dest.setup")
-        ep.send({"type": "hello-ack", "version": 1})
-        self._set_status("active")
-        idle_since = self.clock.now()
+        """Carry out the core's effects until the guest runs here."""
+        core = self.core
+        core.await_hello(self.clock.now())
         received = _received(ep)
-        while True:
-            t_work = self.clock.now()
-            self._take_records(ep)
-            self._load_ready()
-            self._maybe_ack(ep)
+        while core.phase is not DestinationPhase.RESUMED:
+            if core.phase in (DestinationPhase.ACTIVE, DestinationPhase.SWITCHOVER):
+                t_work = self.clock.now()
+                self._take_records(ep)
+                self._busy = max(self._busy, self.clock.now() - t_work)
             self._check_drained(ep)
-            self._busy = max(self._busy, self.clock.now() - t_work)
-            msg = self._recv(ep, _POLL)
-            if msg is None:
+            if self._cancel is not None:
+                raise MigrationEnded("cancelled", self._cancel)
+            message = ep.recv(_POLL)
+            now = self.clock.now()
+            if message is None:
                 # A first pass of a large guest outlasts the idle timeout:
                 # data arriving on the channels counts as activity too.
-                now, before, received = self.clock.now(), received, _received(ep)
+                before, received = received, _received(ep)
                 if received != before:
-                    idle_since = now
-                elif now - idle_since > self.idle_timeout:
-                    raise _Abort("failed", f"no control message or data for {self.idle_timeout} s")
+                    core.activity(now)
+                core.tick(now)
                 continue
-            idle_since = self.clock.now()
-            kind = msg["type"]
-            if kind == "pass":
-                self.passes += 1
-                self._raise_bounds(msg.get("device_seqs", {}))
+            for effect in core.on_message(message, now):
+                self._apply(ep, effect)
+            core.activity(self.clock.now())
+
+    def _take_records(self, ep: Endpoint) -> None:
+        """Load every record now in order, then tell the source what became loaded."""
+        self.core.records_arrived(ep.device_records())
+        for load in self.core.loads():
+            self._apply(ep, load)
+        for dev, h in self.handlers.items():
+            if h.precopy_initial_loaded():
+                self.core.initial_loaded(dev)
+        for effect in self.core.announcements():
+            self._apply(ep, effect)
+
+    def _apply(self, ep: Endpoint, effect: Effect) -> None:
+        match effect:
+            case Send(message=message):
+                ep.send(message)
+                if isinstance(message, SwitchoverAck):
+                    faults.point("dest.switchover-ack")
+            case SetStatus(status=status):
+                self._set_status(status)
+            case StartLoads():
+                for h in self.handlers.values():
+                    h.load_setup()
+                faults.point("dest.setup")
+            case Load(record=r):
+                self.handlers[r.device].load_state(r.seq, r.data, r.final)
+            case AnswerPass(number=number, generation=generation):
                 if self._drain_target is None:
-                    target = int(msg.get("generation", 0)) * self._channels
-                    self._drain_target = (target, self.clock.now())
-                self._ack_pass(ep, msg.get("pass"))
-                faults.point("dest.pass", number=self.passes)
-            elif kind == "switchover":
-                self._set_status("device")
+                    self._drain_target = (generation * self.core.channels, self.clock.now())
+                ep.send(self._pass_ack(number))
+                faults.point("dest.pass", number=self.core.passes)
+            case EnterSwitchover():
                 self._finish_digest_timing()
                 faults.point("dest.switchover")
-            elif kind == "switchover-abort":
-                self._raise_bounds(msg.get("device_seqs", {}))
-                self._set_status("active")
-            elif kind == "complete":
-                self._complete(ep, msg)
-                return
-            elif kind == "cancel":
-                raise _Abort("cancelled", f"source: {msg.get('reason', 'cancelled')}")
-            elif kind == "failed":
-                raise _Abort("failed", f"source: {msg.get('reason', 'failed')}")
-            else:
-                raise _mig.ProtocolError(f"unexpected control message {kind!r} on the destination")
-
-    def _expect_hello(self, ep: Endpoint) -> dict[str, Any]:
-        deadline = self.clock.now() + self.accept_timeout
-        while self.clock.now() < deadline:
-            msg = self._recv(ep, _POLL)
-            if msg is not None:
-                if msg["type"] != "hello":
-                    raise _mig.ProtocolError(f"expected hello, got {msg['type']!r}")
-                return msg
-        raise _Abort("failed", "no hello from the source")
-
-    def _check_hello(self, ep: Endpoint, hello: dict[str, Any]) -> None:
-        problems = []
-        if hello.get("version") != 1:
-            problems.append(f"protocol version {hello.get('version')!r} is not 1")
-        if hello.get("page_size") != self.memory.page_size:
-            problems.append(f"page size {hello.get('page_size')} != {self.memory.page_size}")
-        if hello.get("ram_size") != self.memory.size:
-            problems.append(f"RAM size {hello.get('ram_size')} != {self.memory.size}")
-        theirs = sorted((int(d["id"]), str(d["name"])) for d in hello.get("devices", []))
-        ours = sorted((d, h.name) for d, h in self.handlers.items())
-        if theirs != ours:
-            problems.append(f"devices {theirs} != {ours}")
-        if problems:
-            raise _Abort("failed", "; ".join(problems))
-        self.migration_id = hello.get("migration_id")
-        self._channels = max(1, int(hello.get("params", {}).get("multifd_channels", 1)))
-
-    # ---------------------------------------------------- device records
-    def _take_records(self, ep: Endpoint) -> None:
-        for dev, seq, data, final in ep.device_records():
-            if dev not in self._buffer:
-                raise _mig.ProtocolError(f"device record for unknown device id {dev}")
-            if seq <= self._loaded[dev] or seq in self._buffer[dev]:
-                raise _mig.ProtocolError(f"device {dev}: duplicate record seq {seq}")
-            self._buffer[dev][seq] = (data, final)
-
-    def _raise_bounds(self, seqs: dict[str, int]) -> None:
-        for key, seq in seqs.items():
-            dev = int(key)
-            if dev not in self._bound:
-                raise _mig.ProtocolError(f"pass names unknown device id {dev}")
-            self._bound[dev] = max(self._bound[dev], int(seq))
-
-    def _load_ready(self) -> None:
-        """Load, in order, every buffered record the source declared precopy."""
-        for dev, h in self.handlers.items():
-            buf = self._buffer[dev]
-            while True:
-                nxt = self._next_seq(dev)
-                if nxt > self._bound[dev] or nxt not in buf:
-                    break
-                data, final = buf.pop(nxt)
-                h.load_state(nxt, data, final)
-                self._loaded[dev] = nxt
-
-    def _next_seq(self, dev: int) -> int:
-        return self._loaded[dev] + 1
-
-    def _maybe_ack(self, ep: Endpoint) -> None:
-        if self._acked:
-            return
-        for dev, h in self.handlers.items():
-            if dev not in self._initial_done and h.precopy_initial_loaded():
-                self._initial_done.add(dev)
-                ep.send({"type": "device-initial-done", "device": h.name})
-        if len(self._initial_done) == len(self.handlers):
-            self._acked = True
-            ep.send({"type": "switchover-ack"})
-            faults.point("dest.switchover-ack")
+            case FinishStopCopy():
+                self._finish_stop_copy(ep)
+            case Resume():
+                self._resume(ep)
 
     # ------------------------------------------------------- load estimate
     def _finish_digest_timing(self) -> None:
@@ -331,7 +293,7 @@ class MigrationDestination:
             self._drain = lag if self._drain is None else max(self._drain, lag)
             self._drain_target = None
 
-    def _ack_pass(self, ep: Endpoint, number: Any) -> None:
+    def _pass_ack(self, number: int) -> PassAck:
         """Answer a pass: how long our loop was busy away from the control
         channel since the last answer (a ``complete`` may wait that long), and
         a new timing of our whole digest when one is ready.
@@ -341,15 +303,14 @@ class MigrationDestination:
         this host under its current load. It is timed in the background, at
         most every ``_DIGEST_TIMING_EVERY`` seconds.
         """
-        ack: dict[str, Any] = {"type": "pass-ack", "pass": number, "busy": self._busy}
-        if self._drain is not None:
-            ack["drain"], self._drain = self._drain, None
-        self._busy = 0.0
+        drain, self._drain = self._drain, None
+        busy, self._busy = self._busy, 0.0
+        digest = None
         timer = self._digest_timer
         if timer is not None and not timer.is_alive():
             timer.join()
             self._digest_timer = None
-            ack["digest"] = self._digest_seconds
+            digest = self._digest_seconds
         now = self.clock.now()
         if self._digest_timer is None and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY:
             self._digest_timed_at = now
@@ -361,21 +322,18 @@ class MigrationDestination:
                 target=measure, name="mig-digest-cost", daemon=True
             )
             self._digest_timer.start()
-        ep.send(ack)
+        return PassAck(number, busy, drain, digest)
 
     # ---------------------------------------------------------- switchover
-    def _complete(self, ep: Endpoint, msg: dict[str, Any]) -> None:
-        t0 = self.clock.now()
+    def _finish_stop_copy(self, ep: Endpoint) -> None:
+        """``complete`` arrived: the last records, every load, the digest, ``ready``."""
         self._finish_digest_timing()
-        self._set_status("device")
         end = ep.wait_end(self.idle_timeout)
         faults.point("dest.stop-copy")
-        self._take_records(ep)
-        self._raise_bounds(msg.get("device_seqs", {}))
-        self._load_ready()
-        for dev in self.handlers:
-            if self._next_seq(dev) <= self._bound[dev]:
-                raise _Abort("failed", f"device {dev}: stop-copy records missing")
+        self.core.records_arrived(ep.device_records())
+        for load in self.core.loads():
+            self._apply(ep, load)
+        self.core.stop_copy_received()
         for h in self.handlers.values():
             h.load_complete()
         faults.point("dest.switchover-complete")
@@ -384,50 +342,26 @@ class MigrationDestination:
         # downtime. An endpoint that does not report one gets it computed here.
         verified = end.get("digest")
         digest = format(verified if verified is not None else self.memory.digest(), "032x")
-        if digest != msg.get("digest"):
-            raise _Abort("failed", f"memory digest {digest} != source {msg.get('digest')}")
-        self.verified = True
-        self.memory_digest = digest
-        loaded = self.clock.now() - t0
-        ep.send({"type": "ready", "load": loaded, "verified": True})
+        for effect in self.core.verify(digest, self.clock.now()):
+            self._apply(ep, effect)
         faults.point("dest.ready")
-        self._wait_go(ep)
-        t_go = self.clock.now()
+
+    def _resume(self, ep: Endpoint) -> None:
+        """``go``: the guest runs here from now on, whatever the report meets."""
         faults.point("dest.resume")
         for h in self.handlers.values():
             h.load_resume()
-        if self._on_resume:
-            self._on_resume()
-        # From here the guest runs here: never discard, whatever the report meets.
-        self.load_seconds = loaded + self.clock.now() - t_go
-        self._set_status("completed")
-        try:
-            ep.send({"type": "resumed", "load": self.load_seconds, "verified": True})
-        except Exception as e:
-            self.error = f"guest resumed, but 'resumed' was not delivered: {e}"
-
-    def _wait_go(self, ep: Endpoint) -> None:
-        """The source's commit point: without ``go`` we must never resume."""
-        deadline = self.clock.now() + self.go_timeout
-        while self.clock.now() < deadline:
-            msg = self._recv(ep, _POLL)
-            if msg is None:
-                continue
-            kind = msg["type"]
-            if kind == "go":
-                return
-            if kind in ("cancel", "failed"):
-                raise _Abort(
-                    "cancelled" if kind == "cancel" else "failed",
-                    f"source: {msg.get('reason', kind)}",
-                )
-            raise _mig.ProtocolError(f"expected go, got {kind!r}")
-        raise _Abort("failed", f"no go from the source within {self.go_timeout} s")
+        if self.on_resume:
+            self.on_resume()
+        for effect in self.core.resumed(self.clock.now()):
+            try:
+                self._apply(ep, effect)
+            except Exception as e:
+                self.error = f"guest resumed, but 'resumed' was not delivered: {e}"
 
     def _discard_all(self, ep: Endpoint | None, status: str, reason: str, tell: bool) -> None:
         """Never resume: drop buffered state, abort every load, tell the source."""
-        for buf in self._buffer.values():
-            buf.clear()
+        self.core.discard()
         for h in self.handlers.values():
             try:
                 h.load_abort()
@@ -436,7 +370,7 @@ class MigrationDestination:
         if ep is not None:
             if tell:
                 try:
-                    ep.send({"type": "failed", "reason": reason})
+                    ep.send(Failed(reason))
                 except Exception:
                     pass  # the session may be what failed
             try:
@@ -444,7 +378,6 @@ class MigrationDestination:
             except Exception as e:
                 reason += f" (abort: {e})"
         self.error = reason
-        self.verified = False
         self._set_status(status)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from mig._mig import MigError, ProtocolError
+from mig._mig import ProtocolError
 from mig.devices import (
     PRECOPY_STATES,
     DeviceError,
@@ -38,6 +38,7 @@ from mig.devices import (
     SaveStream,
     VfioDevice,
 )
+from mig.errors import OverBudget
 
 __all__ = ["FLAG_INIT_DONE", "FLAG_NEW_SESSION", "DeviceHandler", "DeviceLink"]
 
@@ -53,22 +54,10 @@ class DeviceLink(Protocol):
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None: ...
 
 
-class _OverBudget(MigError):
-    """Stand-in used only while ``mig.handlers`` is not importable."""
-
-
-def _over_budget(msg: str) -> MigError:
-    try:
-        from mig.handlers import OverBudget  # the orchestrator's exception
-    except ImportError:
-        return _OverBudget(msg)
-    return OverBudget(msg)
-
-
 class DeviceHandler:
     """State handler for one VFIO device, on the source or the destination."""
 
-    kind = "device"
+    role = "device"
 
     def __init__(
         self,
@@ -138,15 +127,15 @@ class DeviceHandler:
         self._seq += 1
         return len(chunk)
 
-    def pending_estimate(self) -> tuple[int, int]:
+    def pending_estimate(self) -> int:
         if self._produced is not None:
-            return sum(len(c) + 1 for c in self._produced), 0
+            return sum(len(c) + 1 for c in self._produced)
         if self.device.state in PRECOPY_STATES:
             initial, dirty = self.device.precopy_info()
-            return initial + dirty, 0
-        return 0, 0
+            return initial + dirty
+        return 0
 
-    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]:
+    def pending_exact(self, guest_stopped: bool) -> int:
         """Exact bytes still to send.
 
         With DATA_SIZE: ``data_size()`` in any state. Without it, only with the
@@ -155,15 +144,15 @@ class DeviceHandler:
         estimate and the last stopped measurement.
         """
         if not self.exact_needs_stop:
-            return self.device.data_size(), 0
+            return self.device.data_size()
         if self._produced is None:
             if not guest_stopped:
-                return max(self.pending_estimate()[0], self._last_exact), 0
+                return max(self.pending_estimate(), self._last_exact)
             self._produced = list(self._read_stop_copy())
             self._exact_stops += 1
         size = sum(len(c) + 1 for c in self._produced)
         self._last_exact = size
-        return size, 0
+        return size
 
     def _read_stop_copy(self) -> Iterator[bytes]:
         opened = self.device.set_state(MigState.STOP_COPY)
@@ -226,7 +215,7 @@ class DeviceHandler:
     def complete(self, link: DeviceLink, budget: int | None = None) -> int:
         """Stop-copy: send the rest, the last chunk marked final.
 
-        With a ``budget``, raise `mig.handlers.OverBudget` before sending the
+        With a ``budget``, raise `mig.errors.OverBudget` before sending the
         chunk that would take this call's total over it.
         """
         self._link = link
@@ -239,7 +228,7 @@ class DeviceHandler:
         while cur is not None:
             nxt = next(chunks, None)
             if budget is not None and total + len(cur) + 1 > budget:
-                raise _over_budget(
+                raise OverBudget(
                     f"device {self.name!r}: stop-copy state exceeds the budget of "
                     f"{budget} bytes after {total} bytes"
                 )

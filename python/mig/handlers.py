@@ -1,53 +1,43 @@
-"""State handlers: one per state source (RAM, each device).
+"""State handlers: one per state source (RAM, each device), split by role.
 
-The loop treats every handler alike. Each reports its pending state two ways:
-``pending_estimate()`` is cheap and never touches the guest;
-``pending_exact(guest_stopped)`` may be expensive (RAM: a dirty-tracker sync,
-whose cost is measured). ``exact_needs_stop`` says the exact size is only
-known with the guest (and the device) stopped.
+A ``SaveHandler`` produces state on the source; a ``LoadHandler`` consumes
+it on the destination; a device handler that serves both sides is a
+``StateHandler``. The loop treats every save handler alike. Each reports its
+pending state, in bytes, two ways: ``pending_estimate()`` is cheap and never
+touches the guest; ``pending_exact(guest_stopped)`` may be expensive (RAM: a
+dirty-tracker sync, whose cost is measured). ``exact_needs_stop`` says the
+exact size is only known with the guest (and the device) stopped. RAM has no
+load handler: its pages land in memory through the receiver.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from mig._mig import DirtyBitmap, GuestMemory, MigError
+from mig._mig import DirtyBitmap, GuestMemory
 from mig.clock import Clock
+from mig.errors import OverBudget
 from mig.link import Link
 
-__all__ = ["StateHandler", "OverBudget", "RamHandler"]
+__all__ = ["SaveHandler", "LoadHandler", "StateHandler", "OverBudget", "RamHandler"]
 
 # Page budget granted to one ``iterate`` call when the loop passes no budget.
 _MIN_ITERATE_PAGES = 64
 
 
-class OverBudget(MigError):
-    """``complete(link, budget)`` went over its byte budget: abandon switchover.
-
-    Raised as ``OverBudget(message)`` or ``OverBudget(handler, sent, budget)``.
-    """
-
-    def __init__(self, what: str, sent: int | None = None, budget: int | None = None) -> None:
-        if sent is None or budget is None:
-            super().__init__(what)
-        else:
-            super().__init__(f"{what}: {sent} bytes of stop-copy state exceed the budget {budget}")
-        self.sent = sent
-        self.budget = budget
-
-
 @runtime_checkable
-class StateHandler(Protocol):
+class SaveHandler(Protocol):
+    """Source side: ``role`` is ``"ram"`` or ``"device"``."""
+
     name: str
-    kind: str
+    role: str
     exact_needs_stop: bool
 
-    # --- source side ---
     def setup(self, link: Link) -> None: ...
 
-    def pending_estimate(self) -> tuple[int, int]: ...
+    def pending_estimate(self) -> int: ...
 
-    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]: ...
+    def pending_exact(self, guest_stopped: bool) -> int: ...
 
     def iterate(self, link: Link, budget: int) -> int: ...
 
@@ -61,7 +51,13 @@ class StateHandler(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    # --- destination side ---
+
+@runtime_checkable
+class LoadHandler(Protocol):
+    """Destination side of one device: records arrive in sequence order."""
+
+    name: str
+
     def load_setup(self) -> None: ...
 
     def load_state(self, seq: int, chunk: bytes, final: bool) -> None: ...
@@ -75,6 +71,11 @@ class StateHandler(Protocol):
     def precopy_initial_loaded(self) -> bool: ...
 
 
+@runtime_checkable
+class StateHandler(SaveHandler, LoadHandler, Protocol):
+    """A device handler that serves both sides (``DeviceHandler``)."""
+
+
 class RamHandler:
     """Guest RAM through a dirty tracker.
 
@@ -86,7 +87,7 @@ class RamHandler:
     """
 
     name = "ram"
-    kind = "ram"
+    role = "ram"
     exact_needs_stop = False
 
     def __init__(self, memory: GuestMemory, tracker: Any, clock: Clock) -> None:
@@ -119,10 +120,10 @@ class RamHandler:
         self.sync()
         self._dirty = DirtyBitmap.full(self.num_pages)
 
-    def pending_estimate(self) -> tuple[int, int]:
-        return self._dirty.count() * self.page_size, 0
+    def pending_estimate(self) -> int:
+        return self._dirty.count() * self.page_size
 
-    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]:
+    def pending_exact(self, guest_stopped: bool) -> int:
         self.sync()
         return self.pending_estimate()
 
@@ -214,25 +215,6 @@ class RamHandler:
             "bytes-sent": self.bytes_sent,
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
-            "remaining": self.pending_estimate()[0],
+            "remaining": self.pending_estimate(),
             "generation": self.generation,
         }
-
-    # --- destination side: RAM pages are applied by the receiver itself ---
-    def load_setup(self) -> None:
-        """Pages land in memory through the receiver; nothing to prepare."""
-
-    def load_state(self, seq: int, chunk: bytes, final: bool) -> None:
-        raise ValueError("RAM state travels as pages, not device records")
-
-    def load_complete(self) -> None:
-        """The receiver's end record already verified the digest."""
-
-    def load_resume(self) -> None:
-        """Nothing to start."""
-
-    def load_abort(self) -> None:
-        """Nothing buffered here."""
-
-    def precopy_initial_loaded(self) -> bool:
-        return True

@@ -13,13 +13,24 @@ from typing import Any, Protocol, runtime_checkable
 from mig import protocol
 from mig._mig import DirtyBitmap, ProtocolError
 from mig.clock import Clock
+from mig.protocol import Message
+from mig.reorder import DeviceRecord
 
 __all__ = ["Link", "SenderLink", "Endpoint", "ReceiverEndpoint"]
 
 
 @runtime_checkable
 class Link(Protocol):
-    """Source side of one migration session."""
+    """Source side of one migration session.
+
+    ``concurrent_digest``: the memory may be digested on another thread while
+    this link sends, and that costs wall time (a real stream). A link that
+    charges virtual time says False: a second thread must not advance its
+    clock, and the digest's cost is charged to that clock instead. A link
+    without the attribute counts as False.
+    """
+
+    concurrent_digest: bool
 
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
         """Send the pages set in ``bitmap``; return the wire bytes."""
@@ -37,9 +48,9 @@ class Link(Protocol):
         """End of stream with the whole-memory digest."""
         ...
 
-    def send(self, msg: dict[str, Any]) -> None: ...
+    def send(self, message: Message) -> None: ...
 
-    def recv(self, timeout: float) -> dict[str, Any] | None: ...
+    def recv(self, timeout: float) -> Message | None: ...
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None: ...
 
@@ -60,6 +71,8 @@ class Link(Protocol):
 
 class SenderLink:
     """A ``Link`` over a native ``Sender`` (or anything with its methods)."""
+
+    concurrent_digest = True
 
     def __init__(self, sender: Any, clock: Clock) -> None:
         self._s = sender
@@ -88,10 +101,10 @@ class SenderLink:
         n = self._s.finish(digest)
         self._bytes += int(n or 0)
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self._s.control_send(protocol.encode(msg))
+    def send(self, message: Message) -> None:
+        self._s.control_send(protocol.encode(message))
 
-    def recv(self, timeout: float) -> dict[str, Any] | None:
+    def recv(self, timeout: float) -> Message | None:
         data = self._s.control_recv(timeout)
         return None if data is None else protocol.decode(bytes(data))
 
@@ -118,11 +131,11 @@ class SenderLink:
 class Endpoint(Protocol):
     """Destination side of one migration session."""
 
-    def send(self, msg: dict[str, Any]) -> None: ...
+    def send(self, message: Message) -> None: ...
 
-    def recv(self, timeout: float) -> dict[str, Any] | None: ...
+    def recv(self, timeout: float) -> Message | None: ...
 
-    def device_records(self) -> list[tuple[int, int, bytes, bool]]: ...
+    def device_records(self) -> list[DeviceRecord]: ...
 
     def wait_end(self, timeout: float) -> dict[str, Any]: ...
 
@@ -137,21 +150,21 @@ class ReceiverEndpoint:
     def __init__(self, receiver: Any) -> None:
         self._r = receiver
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self._r.control_send(protocol.encode(msg))
+    def send(self, message: Message) -> None:
+        self._r.control_send(protocol.encode(message))
 
-    def recv(self, timeout: float) -> dict[str, Any] | None:
+    def recv(self, timeout: float) -> Message | None:
         data = self._r.control_recv(timeout)
         return None if data is None else protocol.decode(bytes(data))
 
-    def device_records(self) -> list[tuple[int, int, bytes, bool]]:
+    def device_records(self) -> list[DeviceRecord]:
         out = []
         for dev, seq, data, final in self._r.device_records():
             try:
                 dev_id = int(dev)
             except ValueError:
                 raise ProtocolError(f"device record for non-numeric device id {dev!r}") from None
-            out.append((dev_id, int(seq), bytes(data), bool(final)))
+            out.append(DeviceRecord(dev_id, int(seq), bytes(data), bool(final)))
         return out
 
     def wait_end(self, timeout: float) -> dict[str, Any]:

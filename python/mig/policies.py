@@ -52,7 +52,7 @@ COMPLETE = Decision(Action.COMPLETE)
 @dataclass(frozen=True)
 class HandlerView:
     name: str
-    kind: str
+    role: str  # "ram" or "device"
     exact_needs_stop: bool
     estimate: int
     # Exact size measured in this decision round, or None.
@@ -63,7 +63,7 @@ class HandlerView:
 
     @property
     def is_device(self) -> bool:
-        return self.kind != "ram"
+        return self.role != "ram"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@
 (``SimTracker``) and a simulated network (``SimLink``), and runs the loop on
 the calling thread. The orchestrator loop, the policy objects and the device
 handlers (``mig.device_handler.DeviceHandler`` over the sample devices of
-``mig.devices``, driven by the clock instead of worker threads) are the ones
-real migrations use; only the guest, the tracker, the network and the
-destination are models.
+``mig.devices``, driven by the clock instead of worker threads) and the
+destination's protocol (``mig.destination_core``) are the ones real
+migrations use; only the guest, the tracker, the network and the
+destination's timing are models.
 
 Models:
 
@@ -52,9 +53,20 @@ import numpy as np
 
 from mig._mig import DirtyBitmap
 from mig.clock import VirtualClock
+from mig.destination_core import (
+    AnswerPass,
+    DestinationCore,
+    Effect,
+    FinishStopCopy,
+    Resume,
+    Send,
+)
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
+from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
+from mig.protocol import Failed, Message, PassAck
+from mig.reorder import DeviceRecord
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
 
@@ -573,7 +585,14 @@ class SimGuest:
 
 # -------------------------------------------------------------------- link
 class SimLink:
-    """A ``Link`` that charges virtual time and plays the destination."""
+    """A ``Link`` that charges virtual time and plays the destination.
+
+    The destination's protocol is ``DestinationCore``'s; this class adds only
+    the timing (round trips, load and digest rates) and the model's verdict
+    on memory (exact unless a page was written after the final sync).
+    """
+
+    concurrent_digest = False  # the digest is charged to the virtual clock
 
     def __init__(self, guest: SimGuest, tracker: SimTracker, clock: VirtualClock,
                  model: LinkModel, host: HostModel, channels: int,
@@ -590,21 +609,19 @@ class SimLink:
         self._busy = 0.0
         self._normal = 0
         self._zero = 0
-        self._events: list[tuple[float, int, dict[str, Any]]] = []
+        self._events: list[tuple[float, int, Message]] = []
         self._n = 0
         self._g = guest.memory.granularity
-        self._precopy_devs = {
-            h.device_id for h in handlers if h.device.caps & MigCap.PRE_COPY
-        }  # fmt: skip
-        self._init_seq: dict[int, int] = {}
-        self._bound: dict[int, int] = {}
-        self._acked = False
-        self._hello = False
+        # The destination's protocol is the real one; this class only times it.
+        # Devices without precopy have no initial data to wait for.
+        self.destination = DestinationCore(
+            guest.memory.page_size,
+            guest.memory.size,
+            {h.device_id: h.name for h in handlers},
+            initially_loaded=[h.device_id for h in handlers if not h.device.caps & MigCap.PRE_COPY],
+        )
         self._device_bytes: dict[int, int] = {}
-        self._stop_copy_bytes = 0
         self._credit: dict[int, int] = {}
-        self.verified = False
-        self._load = 0.0
         self.aborted = False
         self.discarded = False
         self._jitter_rng = np.random.default_rng(seed)
@@ -628,9 +645,9 @@ class SimLink:
         self._busy += dt
         self.clock.advance(dt)
 
-    def _reply(self, delay: float, msg: dict[str, Any]) -> None:
+    def _reply(self, delay: float, message: Message) -> None:
         self._n += 1
-        heapq.heappush(self._events, (self.clock.now() + delay, self._n, msg))
+        heapq.heappush(self._events, (self.clock.now() + delay, self._n, message))
 
     def produced(self, device_id: int, nbytes: int) -> None:
         """A device produced ``nbytes`` of state ahead of sending it (stopped exact)."""
@@ -665,8 +682,8 @@ class SimLink:
         if self.aborted:
             raise OSError("link aborted")
         n = len(data)
-        if data and data[0] & FLAG_INIT_DONE:
-            self._init_seq.setdefault(device_id, seq)
+        # The model loads nothing: the flag byte is all its destination reads.
+        self.destination.records_arrived([DeviceRecord(device_id, seq, data[:1], final)])
         credit = self._credit.get(device_id, 0)
         produce = max(0, n - credit)
         self._credit[device_id] = max(0, credit - n)
@@ -680,53 +697,67 @@ class SimLink:
     def finish(self, digest: int) -> None:
         self._charge(RECORD_HEADER * self.channels)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    @property
+    def verified(self) -> bool:
+        return self.destination.verified
+
+    def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        kind = msg["type"]
-        rtt = self.model.rtt
-        if kind == "hello":
-            self._hello = True
-            self._reply(rtt, {"type": "hello-ack", "version": 1})
-            self._maybe_ack(rtt)
-        elif kind == "pass":
-            for k, v in msg.get("device_seqs", {}).items():
-                self._bound[int(k)] = max(self._bound.get(int(k), -1), int(v))
-            self._maybe_ack(rtt)
-        elif kind == "complete":
-            self._complete(msg)
-        elif kind == "go" and self.verified:
-            self._reply(rtt, {"type": "resumed", "load": self._load, "verified": True})
-        elif kind in ("cancel", "failed"):
+        try:
+            self._play(self.destination.on_message(message, self.clock.now()))
+        except MigrationEnded as e:
             self.discarded = True
+            if not e.by_peer:
+                self._reply(self.model.rtt, Failed(e.reason))
 
-    def _maybe_ack(self, delay: float) -> None:
-        if self._acked:
-            return
-        for dev in self._precopy_devs:
-            seq = self._init_seq.get(dev)
-            if seq is None or seq > self._bound.get(dev, -1):
-                return
-        self._acked = True
-        self._reply(delay, {"type": "switchover-ack"})
+    def _play(self, effects: list[Effect], delay: float = 0.0) -> None:
+        """Carry out the destination's effects; replies arrive a round trip
+        (plus ``delay`` of the destination's own work) after the request."""
+        for effect in effects:
+            match effect:
+                case Send(message=reply):
+                    self._reply(self.model.rtt + delay, reply)
+                case FinishStopCopy():
+                    self._finish_stop_copy()
+                case Resume():
+                    self._play(self.destination.resumed(self.clock.now()))
+                case AnswerPass(number=number):
+                    self._reply(self.model.rtt, PassAck(number, 0.0))
+        self._load_released()
 
-    def _complete(self, msg: dict[str, Any]) -> None:
+    def _load_released(self) -> None:
+        """Records within the announced bounds count as loaded; a chunk with
+        ``INIT_DONE`` completes its device's initial data."""
+        for load in self.destination.loads():
+            if load.record.data and load.record.data[0] & FLAG_INIT_DONE:
+                self.destination.initial_loaded(load.record.device)
+        for effect in self.destination.announcements():
+            if isinstance(effect, Send):
+                self._reply(self.model.rtt, effect.message)
+
+    def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
         load = self.host.load_base + mem.size / self.host.digest_rate
         stop_copy = sum(self._device_bytes.values())
         load += stop_copy / self.host.device_load_rate if stop_copy else 0.0
+        self._load_released()
+        self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
         # copy is exact unless something wrote memory after that final sync
         # (a device still doing DMA, a guest still running).
-        self.verified = self.tracker.pending() == 0 and not self.guest.running
-        self._load = load
-        if self.verified:  # resumes only on the source's "go" (one more rtt)
-            reply = {"type": "ready", "load": load, "verified": True}
-        else:
-            reply = {"type": "failed", "reason": "memory digest mismatch (pages missed)"}
-        self._reply(self.model.rtt + load, reply)
+        exact = self.tracker.pending() == 0 and not self.guest.running
+        expected = self.destination.expected_digest
+        digest = expected if exact else "(pages missed)"
+        try:
+            effects = self.destination.verify(digest, self.clock.now() + load)
+        except MigrationEnded as e:
+            self.discarded = True
+            self._reply(self.model.rtt + load, Failed(e.reason))
+            return
+        self._play(effects, delay=load)
 
-    def recv(self, timeout: float) -> dict[str, Any] | None:
+    def recv(self, timeout: float) -> Message | None:
         now = self.clock.now()
         if self._events and self._events[0][0] <= now + timeout:
             at, _, msg = heapq.heappop(self._events)
@@ -769,11 +800,11 @@ class _SimDeviceHandler(DeviceHandler):
 
     sim_link: SimLink | None = None
 
-    def pending_exact(self, guest_stopped: bool) -> tuple[int, int]:
+    def pending_exact(self, guest_stopped: bool) -> int:
         fresh = self.exact_needs_stop and guest_stopped and self._produced is None
         size = super().pending_exact(guest_stopped)
         if fresh and self.sim_link is not None and self._produced is not None:
-            self.sim_link.produced(self.device_id, size[0])
+            self.sim_link.produced(self.device_id, size)
         return size
 
 

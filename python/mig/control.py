@@ -1,0 +1,150 @@
+"""``ControlSession``: the source's side of the control channel.
+
+Sends the typed messages of ``mig.protocol`` and dispatches what the
+destination says: ``switchover-ack`` (the source may complete),
+``pass-ack`` (the destination's loop latency, drain lag and digest timing,
+which feed the switchover's fixed costs), ``device-initial-done``, and its
+``failed``/``cancel``, which end the migration with ``by_peer`` set: the
+destination discarded everything and never resumed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from mig import faults, protocol
+from mig._mig import ProtocolError
+from mig.clock import Clock
+from mig.errors import MigrationEnded
+from mig.link import Link
+from mig.notifier import Notifier
+from mig.protocol import (
+    Cancel,
+    DeviceInitialDone,
+    Failed,
+    Hello,
+    HelloAck,
+    Message,
+    PassAck,
+    SwitchoverAck,
+)
+from mig.stats import SwitchoverCosts
+
+__all__ = ["ControlSession"]
+
+_M = TypeVar("_M", bound=Message)
+_POLL = 0.05
+# Destination loop latencies kept; the switchover plans for the median.
+_BUSY_SAMPLES = 8
+
+
+class ControlSession:
+    def __init__(self, link: Link, clock: Clock, costs: SwitchoverCosts, notify: Notifier) -> None:
+        self.link = link
+        self.clock = clock
+        self.costs = costs
+        self.notify = notify
+        self.switchover_acked = False
+        self.rtt = 0.0
+        self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+
+    def send(self, message: Message) -> None:
+        self.link.send(message)
+
+    def handshake(self, hello: Hello, timeout: float, check_cancel: Callable[[], None]) -> None:
+        """``hello`` out, ``hello-ack`` back within ``timeout``; measures the round trip."""
+        t0 = self.clock.now()
+        self.link.send(hello)
+        deadline = t0 + timeout
+        while True:
+            check_cancel()
+            message = self.link.recv(_POLL)
+            if isinstance(message, HelloAck):
+                break
+            if message is not None:
+                self.dispatch(message)
+            if self.clock.now() > deadline:
+                raise MigrationEnded("failed", "destination did not answer hello")
+        self.rtt = self.clock.now() - t0
+        self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
+
+    def poll(self) -> None:
+        """Handle every message already waiting."""
+        while (message := self.link.recv(0)) is not None:
+            self.dispatch(message)
+
+    def dispatch(self, message: Message) -> None:
+        match message:
+            case SwitchoverAck():
+                self.switchover_acked = True
+                self.notify.event("switchover-ack")
+                faults.point("source.switchover-ack")
+            case PassAck():
+                self._on_pass_ack(message)
+            case DeviceInitialDone(device=device):
+                self.notify.event("device-initial-done", device=device)
+            case Failed(reason=reason) | Cancel(reason=reason):
+                raise MigrationEnded("failed", f"destination: {reason}", by_peer=True)
+            case _:
+                raise ProtocolError(
+                    f"unexpected control message {protocol.type_name(message)!r} on the source"
+                )
+
+    def wait_for(
+        self, kind: type[_M], what: str, timeout: float, check_cancel: Callable[[], None]
+    ) -> _M:
+        """The destination's ``kind`` within ``timeout``; its ``failed`` means
+        it discarded everything and never resumed. Other messages are stale."""
+        deadline = self.clock.now() + timeout
+        while self.clock.now() < deadline:
+            check_cancel()
+            message = self.link.recv(_POLL)
+            if isinstance(message, kind):
+                return message
+            if isinstance(message, Failed | Cancel):
+                reason = f"destination: {message.reason}"
+                raise MigrationEnded("failed", reason, by_peer=True)
+        raise MigrationEnded(
+            "failed", f"destination did not {what} within {timeout} s (switchover_timeout)"
+        )
+
+    def peer_reason(self) -> str | None:
+        """A broken stream is often the destination failing first: find why it said."""
+        for _ in range(8):
+            try:
+                message = self.link.recv(_POLL)
+            except Exception:
+                return None
+            if message is None:
+                return None
+            if isinstance(message, Failed | Cancel):
+                return f"destination: {message.reason}"
+        return None
+
+    def _on_pass_ack(self, ack: PassAck) -> None:
+        """The destination's loop latency and digest timing.
+
+        ``handshake`` is the two control round trips of the switchover
+        (``complete``/``ready``, ``go``/``resumed``) plus the median recent
+        time the destination's loop spent away from the control channel
+        (loading device state): ``complete`` meets that loop wherever it is,
+        and a single long load (the initial device state) must not stand for
+        every later one.
+
+        ``dest_digest`` keeps the fastest timing reported: the destination
+        times its digest while pages arrive and the guest runs, which the
+        switchover, with the guest stopped and the sends done, does not
+        compete with (timed under that load the figure read twice the cost).
+        """
+        self._dest_busy.append(ack.busy)
+        self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
+        if ack.drain is not None:
+            self._dest_drain.append(ack.drain)
+            self.costs.drain = max(self._dest_drain)
+        if ack.digest is not None:
+            seen = self.costs.dest_digest
+            self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)

@@ -1,0 +1,80 @@
+"""``MigrationParams``: QEMU's migration parameters, validated once, frozen.
+
+``MigrationSource`` and the command line build one with
+``MigrationParams.from_dict``; every later reader can trust the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from mig.policies import DEFAULT_POLICY
+
+__all__ = ["PARAMETERS", "MigrationParams"]
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    downtime_limit: float = 300  # ms
+    max_bandwidth: int = 0  # bytes/s, 0 = unlimited
+    avail_switchover_bandwidth: int = 0  # bytes/s, decisions only, 0 = measured
+    multifd_channels: int = 2
+    compression: str = "none"
+    auto_converge: bool | str = False  # False, True (= "proportional"), "proportional", "qemu"
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    cpu_throttle_tailslow: bool = False
+    max_cpu_throttle: int = 99
+    dirty_limit: float = 0  # page writes/s per vCPU, 0 = none
+    policy: str = DEFAULT_POLICY
+    policy_options: dict[str, Any] | None = None
+    timeout: float = 0.0  # s, 0 = none
+    timeout_action: str = "cancel"  # or "force"
+    non_convergence_action: str = "report"  # or "fail"
+    tracker_backend: str = "uffd"
+    connect_timeout: float = 10.0
+    switchover_timeout: float = 30.0  # s to wait for the destination's "resumed"
+    io_timeout: float = 60.0  # s a channel may block on a peer that stops reading
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
+        """Defaults overridden by ``params``; ``ValueError`` names what is wrong."""
+        unknown = set(params) - set(PARAMETERS)
+        if unknown:
+            raise ValueError(f"unknown migration parameters: {', '.join(sorted(unknown))}")
+        p = cls(**params)
+        p.check()
+        return p
+
+    def check(self) -> None:
+        if not 0 < self.downtime_limit <= 2_000_000_000:
+            raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {self.downtime_limit}")
+        if not self.io_timeout > 0:
+            raise ValueError(f"io_timeout must be > 0, not {self.io_timeout}")
+        for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
+        if int(self.multifd_channels) < 1:
+            raise ValueError("multifd_channels must be >= 1")
+        if self.timeout_action not in ("cancel", "force"):
+            raise ValueError("timeout_action must be 'cancel' or 'force'")
+        if self.non_convergence_action not in ("report", "fail"):
+            raise ValueError("non_convergence_action must be 'report' or 'fail'")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def downtime_limit_s(self) -> float:
+        return self.downtime_limit / 1000
+
+    @property
+    def switchover_cap(self) -> int:
+        """The cap lifted for the stopped phase: ``max_bandwidth`` when
+        ``avail_switchover_bandwidth`` says the link carries more, else 0."""
+        return int(self.max_bandwidth) if self.avail_switchover_bandwidth else 0
+
+
+# The defaults, by name: the public table of accepted parameters.
+PARAMETERS: dict[str, Any] = {f.name: f.default for f in fields(MigrationParams)}

@@ -1,0 +1,207 @@
+"""``Switchover``: stop the guest, send the rest, commit on ``ready``, end on ``resumed``.
+
+``max_bandwidth`` in the stopped phase: QEMU lifts the rate limit at every
+switchover (``migration_switchover_start()``). mig lifts it only when
+``avail_switchover_bandwidth`` is set, the user's statement that the link
+carries more than the cap once the guest is stopped (QEMU: that parameter
+"does not limit the bandwidth during switchover"). Without it the cap stays:
+mig's users and its simulator use ``max_bandwidth`` as the capacity of the
+link they model, and a stopped phase at loopback speed would report a
+downtime that link could never give. A lifted cap is restored if the
+switchover is abandoned.
+
+Phases (``Phase``)::
+
+    PRECOPY -> PAUSED -> STOP_COPY -> AWAIT_READY -> COMMITTED -> AWAIT_RESUMED -> DONE
+                  ^          |
+                  +----------+  over budget: abandoned, the guest runs again
+
+Before ``COMMITTED`` any failure rolls back: the destination never resumes
+without ``go``. From ``COMMITTED`` the source no longer cancels, and once
+``go`` is out (``AWAIT_RESUMED``) it never resumes its guest on its own: an
+unknown outcome ends in ``POSTMIGRATE`` (``docs/protocol.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from enum import Enum
+
+from mig import faults
+from mig.clock import Clock
+from mig.control import ControlSession
+from mig.convergence_monitor import ConvergenceMonitor
+from mig.digest_timing import DigestTiming
+from mig.errors import MigrationEnded, OverBudget
+from mig.guest_stops import GuestStops
+from mig.notifier import Notifier
+from mig.params import MigrationParams
+from mig.precopy import Precopy
+from mig.protocol import Complete, Go, Ready, Resumed, Switchover, SwitchoverAbort
+
+__all__ = ["Phase", "SwitchoverRun"]
+
+
+class Phase(Enum):
+    PRECOPY = "precopy"
+    PAUSED = "paused"
+    STOP_COPY = "stop-copy"
+    AWAIT_READY = "await-ready"
+    COMMITTED = "committed"  # "go" decided: no cancel from here
+    AWAIT_RESUMED = "await-resumed"  # "go" sent: the destination may run the guest
+    DONE = "done"
+    POSTMIGRATE = "postmigrate"  # outcome unknown after "go": the guest stays paused
+
+    @property
+    def go_decided(self) -> bool:
+        return self in (Phase.COMMITTED, Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+
+    @property
+    def go_sent(self) -> bool:
+        return self in (Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+
+
+class SwitchoverRun:
+    """The switchovers of one migration; ``phase`` is where the latest stands."""
+
+    def __init__(
+        self,
+        precopy: Precopy,
+        control: ControlSession,
+        stops: GuestStops,
+        monitor: ConvergenceMonitor,
+        digests: DigestTiming,
+        params: MigrationParams,
+        clock: Clock,
+        notify: Notifier,
+        fail_on_over_budget: bool,
+    ) -> None:
+        self.precopy = precopy
+        self.control = control
+        self.stops = stops
+        self.monitor = monitor
+        self.digests = digests
+        self.params = params
+        self.clock = clock
+        self.notify = notify
+        self.fail_on_over_budget = fail_on_over_budget
+        self.phase = Phase.PRECOPY
+        self.predicted_downtime: float | None = None
+        self.downtime: float | None = None
+        self.load_seconds = 0.0
+        self.verified = False
+        self.breakdown: dict[str, float] = {}
+
+    def run(self, budget: int | None, forced: bool, check_cancel: Callable[[], None]) -> bool:
+        """One switchover; True once the destination runs the guest, False if
+        abandoned over budget (the guest runs here again)."""
+        precopy = self.precopy
+        check_cancel()
+        self.predicted_downtime = precopy.expected_downtime()
+        if not forced:
+            self.monitor.clear_costs_reason()  # the policy chose to switch over: the costs fit
+        self.digests.settle()
+        if not self.stops.paused:
+            self.stops.pause()
+        self.phase = Phase.PAUSED
+        down_start = self.stops.paused_at
+        link = precopy.link
+        precopy_seqs = dict(link.last_seq)
+        self.control.send(Switchover(precopy_seqs))
+        link.stop_copy = True
+        cap = self.params.switchover_cap
+        if cap:
+            link.set_max_bandwidth(0)
+        self.phase = Phase.STOP_COPY
+        t0 = self.clock.now()
+        digest_job: Future[int] | None = None
+        try:
+            for h in precopy.handlers:
+                h.quiesce()
+            digest_job = self.digests.digest_in_background()
+            t_ram, sent = self._stop_copy(budget, check_cancel)
+        except OverBudget as e:
+            link.stop_copy = False
+            if digest_job is not None:
+                digest_job.result()
+            if cap:
+                link.set_max_bandwidth(cap)
+            self._abandon(e, precopy_seqs)
+            return False
+        check_cancel()
+        t_dev = self.clock.now()
+        digest = digest_job.result() if digest_job is not None else precopy.ram.memory.digest()
+        faults.point("source.switchover")
+        link.finish(digest)
+        t_sent = self.clock.now()
+        self.control.send(
+            Complete(format(digest, "032x"), precopy.ram.generation, dict(link.last_seq), forced)
+        )
+        faults.point("source.committed")
+        resumed = self._commit(check_cancel)
+        now = self.clock.now()
+        self.downtime = now - down_start
+        self.load_seconds = resumed.load
+        self.verified = resumed.verified
+        sync = precopy.ram.last_sync_seconds
+        parts = {
+            "pause": t0 - down_start,
+            "final-sync": sync,
+            "final-ram": max(0.0, t_ram - t0 - sync),
+            "device-state": t_dev - t_ram,
+            "digest": t_sent - t_dev,
+            "load": self.load_seconds,
+        }
+        parts["handshake"] = max(0.0, self.downtime - sum(parts.values()))
+        self.breakdown = parts
+        self.phase = Phase.DONE
+        return True
+
+    def _stop_copy(self, budget: int | None, check_cancel: Callable[[], None]) -> tuple[float, int]:
+        """RAM's last pages, then every device's stop-copy state, within ``budget``."""
+        precopy = self.precopy
+        link = precopy.link
+        sent = precopy.ram.complete(link, budget)
+        t_ram = self.clock.now()
+        precopy.record_pass(announce=False)
+        for h in precopy.devices:
+            check_cancel()
+            faults.point("source.stop-copy", device=h.name)
+            left = None if budget is None else budget - sent
+            sent += precopy.timed_device_work(h, lambda h=h, left=left: h.complete(link, left))
+        return t_ram, sent
+
+    def _commit(self, check_cancel: Callable[[], None]) -> Resumed:
+        """Until "go" the destination never resumes: any failure rolls back."""
+        timeout = self.params.switchover_timeout
+        self.phase = Phase.AWAIT_READY
+        what = "report its state loaded and verified ('ready')"
+        self.control.wait_for(Ready, what, timeout, check_cancel)
+        faults.point("source.ready")
+        check_cancel()
+        # The commit point: once "go" is out the destination may run the
+        # guest, so this side never resumes it on its own again. A send that
+        # fails delivered no whole record (the destination acts only on a
+        # complete, checksummed one): that still rolls back.
+        self.phase = Phase.COMMITTED
+        self.control.send(Go())
+        self.phase = Phase.AWAIT_RESUMED
+        faults.point("source.go")
+        return self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
+
+    def _abandon(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
+        """Over budget: tell the destination which records to drop, run the guest again."""
+        link = self.precopy.link
+        aborted = {
+            dev: (precopy_seqs.get(dev, -1) + 1, last)
+            for dev, last in link.last_seq.items()
+            if last > precopy_seqs.get(dev, -1)
+        }
+        self.control.send(SwitchoverAbort(aborted, dict(link.last_seq), str(e)))
+        self.precopy.switchover_aborts += 1
+        self.notify.event("switchover-abort", reason=str(e))
+        if self.fail_on_over_budget:
+            raise MigrationEnded("failed", f"switchover over budget: {e}")
+        self.precopy.resume_after_stop()
+        self.phase = Phase.PRECOPY

@@ -1,0 +1,205 @@
+"""The destination's protocol core, without I/O: message in, effects out."""
+
+from __future__ import annotations
+
+import pytest
+
+from mig import ProtocolError
+from mig.destination_core import (
+    AnswerPass,
+    DestinationCore,
+    DestinationPhase,
+    EnterSwitchover,
+    FinishStopCopy,
+    Load,
+    Resume,
+    Send,
+    SetStatus,
+    StartLoads,
+)
+from mig.errors import MigrationEnded
+from mig.protocol import (
+    Cancel,
+    Complete,
+    DeviceInfo,
+    DeviceInitialDone,
+    Failed,
+    Go,
+    Hello,
+    HelloAck,
+    Pass,
+    Ready,
+    Resumed,
+    SessionParams,
+    Switchover,
+    SwitchoverAbort,
+    SwitchoverAck,
+)
+from mig.reorder import DeviceRecord
+
+DIGEST = "0123456789abcdef0123456789abcdef"
+PARAMS = SessionParams(300, 0, 2, "none")
+
+
+def hello(**kw: object) -> Hello:
+    fields = dict(
+        migration_id=9,
+        page_size=4096,
+        ram_size=1 << 20,
+        devices=(DeviceInfo(1, "nic0", "device"),),
+        params=PARAMS,
+    )
+    fields.update(kw)
+    return Hello(**fields)  # type: ignore[arg-type]
+
+
+def core(**kw: object) -> DestinationCore:
+    return DestinationCore(4096, 1 << 20, {1: "nic0"}, **kw)  # type: ignore[arg-type]
+
+
+def active(**kw: object) -> DestinationCore:
+    c = core(**kw)
+    c.on_message(hello(), 0.0)
+    return c
+
+
+def ready(c: DestinationCore, at: float = 1.0) -> None:
+    c.on_message(Complete(DIGEST, 1, {}), at)
+    c.stop_copy_received()
+    c.verify(DIGEST, at + 0.25)
+
+
+# Each row: the message that arrives in the ACTIVE phase, and what the core answers.
+ACTIVE_TABLE = [
+    (Pass(1, 0, {1: 0}), [AnswerPass(1, 0)], DestinationPhase.ACTIVE),
+    (Switchover({}), [SetStatus("device"), EnterSwitchover()], DestinationPhase.SWITCHOVER),
+    (SwitchoverAbort({}, {}, "over"), [SetStatus("active")], DestinationPhase.ACTIVE),
+    (Complete(DIGEST, 1, {}), [SetStatus("device"), FinishStopCopy()], DestinationPhase.STOP_COPY),
+]
+
+
+def test_an_accepted_hello_starts_the_loads_before_acking() -> None:
+    c = core()
+    effects = c.on_message(hello(), 0.0)
+    assert effects == [StartLoads(), Send(HelloAck()), SetStatus("active")]
+    assert c.phase is DestinationPhase.ACTIVE and c.migration_id == 9 and c.channels == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"version": 2}, "protocol version 2"),
+        ({"page_size": 8192}, "page size"),
+        ({"ram_size": 1}, "RAM size"),
+        ({"devices": (DeviceInfo(1, "gpu0", "device"),)}, "devices"),
+        ({"devices": ()}, "devices"),
+    ],
+)
+def test_a_mismatched_hello_fails_and_tells_the_source(change: dict, problem: str) -> None:
+    with pytest.raises(MigrationEnded, match=problem) as e:
+        core().on_message(hello(**change), 0.0)
+    assert e.value.status == "failed" and not e.value.by_peer
+
+
+@pytest.mark.parametrize(("message", "effects", "phase"), ACTIVE_TABLE)
+def test_messages_in_the_active_phase(message, effects, phase) -> None:
+    c = active()
+    assert c.on_message(message, 0.5) == effects
+    assert c.phase is phase
+
+
+@pytest.mark.parametrize(
+    ("message", "status"), [(Cancel("stop"), "cancelled"), (Failed("broke"), "failed")]
+)
+def test_the_source_ending_it_is_by_peer_in_every_phase(message, status) -> None:
+    for c in (core(), active()):
+        with pytest.raises(MigrationEnded) as e:
+            c.on_message(message, 0.0)
+        assert e.value.status == status and e.value.by_peer and e.value.reason.startswith("source:")
+
+
+def test_messages_out_of_phase_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="expected hello"):
+        core().on_message(Pass(1, 0), 0.0)
+    with pytest.raises(ProtocolError, match="unexpected control message 'go'"):
+        active().on_message(Go(), 0.0)
+    c = active()
+    ready(c)
+    with pytest.raises(ProtocolError, match="expected go, got 'pass'"):
+        c.on_message(Pass(2, 1), 2.0)
+
+
+def test_records_load_in_order_only_up_to_the_announced_bound() -> None:
+    c = active()
+    c.records_arrived([DeviceRecord(1, 1, b"\x00b", False), DeviceRecord(1, 0, b"\x00a", False)])
+    assert c.loads() == []  # nothing announced yet
+    c.on_message(Pass(1, 0, {1: 0}), 0.1)
+    assert c.loads() == [Load(DeviceRecord(1, 0, b"\x00a", False))]
+    c.on_message(Pass(2, 1, {1: 1}), 0.2)
+    assert [ld.record.seq for ld in c.loads()] == [1]
+    with pytest.raises(ProtocolError, match="duplicate"):
+        c.records_arrived([DeviceRecord(1, 1, b"\x00b", False)])
+    with pytest.raises(ProtocolError, match="unknown device id 5"):
+        c.records_arrived([DeviceRecord(5, 0, b"\x00", False)])
+    with pytest.raises(ProtocolError, match="unknown device id 5"):
+        c.on_message(Pass(3, 1, {5: 0}), 0.3)
+
+
+def test_switchover_ack_once_every_device_has_its_initial_data() -> None:
+    c = active()
+    assert c.announcements() == []
+    c.initial_loaded(1)
+    assert c.announcements() == [Send(DeviceInitialDone("nic0")), Send(SwitchoverAck())]
+    assert c.announcements() == []  # once
+    assert active(initially_loaded=[1]).announcements() == [
+        Send(DeviceInitialDone("nic0")),
+        Send(SwitchoverAck()),
+    ]
+
+
+def test_ready_then_go_is_the_commit_point() -> None:
+    c = active()
+    c.on_message(Complete(DIGEST, 1, {}), 1.0)
+    c.stop_copy_received()
+    assert c.verify(DIGEST, 1.25) == [Send(Ready(0.25, True))]
+    assert c.phase is DestinationPhase.AWAIT_GO and c.verified
+    assert c.on_message(Go(), 3.0) == [Resume()]
+    effects = c.resumed(3.5)
+    assert effects == [SetStatus("completed"), Send(Resumed(0.75, True))]  # not the wait for go
+    assert c.phase is DestinationPhase.RESUMED and c.load_seconds == 0.75
+
+
+def test_a_lost_go_discards_after_go_timeout() -> None:
+    c = active(go_timeout=5.0)
+    ready(c, at=1.0)
+    c.tick(6.0)  # 4.75 s after ready: still waiting
+    with pytest.raises(MigrationEnded, match="no go from the source within 5.0 s") as e:
+        c.tick(6.25)
+    assert e.value.status == "failed" and not e.value.by_peer
+    c.discard()
+    assert not c.verified
+
+
+def test_missing_stop_copy_records_and_a_wrong_digest_fail() -> None:
+    c = active()
+    c.on_message(Complete(DIGEST, 1, {1: 3}), 1.0)
+    with pytest.raises(MigrationEnded, match="device 1: stop-copy records missing"):
+        c.stop_copy_received()
+    c = active()
+    c.on_message(Complete(DIGEST, 1, {}), 1.0)
+    with pytest.raises(MigrationEnded, match="memory digest 0+ != source"):
+        c.verify("0" * 32, 1.1)
+
+
+def test_timeouts_before_hello_and_while_idle() -> None:
+    c = core(hello_timeout=2.0, idle_timeout=3.0)
+    c.await_hello(10.0)
+    c.tick(11.0)
+    with pytest.raises(MigrationEnded, match="no hello"):
+        c.tick(12.0)
+    c = core(idle_timeout=3.0)
+    c.on_message(hello(), 10.0)
+    c.activity(12.0)  # data arrived: not idle
+    c.tick(14.5)
+    with pytest.raises(MigrationEnded, match="no control message or data for 3.0 s"):
+        c.tick(15.5)

@@ -1,0 +1,126 @@
+"""The control-message codec: every message round-trips, bad records get a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mig import ProtocolError, protocol
+from mig.protocol import (
+    Cancel,
+    Complete,
+    DeviceInfo,
+    DeviceInitialDone,
+    Failed,
+    Go,
+    Hello,
+    HelloAck,
+    Pass,
+    PassAck,
+    Ready,
+    Resumed,
+    SessionParams,
+    Switchover,
+    SwitchoverAbort,
+    SwitchoverAck,
+)
+
+DIGEST = "0123456789abcdef0123456789abcdef"
+HELLO = Hello(
+    migration_id=7,
+    page_size=4096,
+    ram_size=1 << 20,
+    devices=(DeviceInfo(1, "nic0", "device"), DeviceInfo(2, "gpu0", "device")),
+    params=SessionParams(300, 0, 2, "none"),
+)
+EVERY_MESSAGE = [
+    HELLO,
+    HelloAck(),
+    Pass(3, 2, {1: 4, 2: -1}),
+    PassAck(3, 0.01),
+    PassAck(3, 0.01, drain=0.002, digest=0.03),
+    DeviceInitialDone("nic0"),
+    SwitchoverAck(),
+    Switchover({1: 4}),
+    SwitchoverAbort({1: (5, 9)}, {1: 9}, "nic0: over budget"),
+    Complete(DIGEST, 4, {1: 12}, forced=True),
+    Ready(0.02, True),
+    Go(),
+    Resumed(0.03, True),
+    Cancel("by request"),
+    Failed("digest mismatch"),
+]
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message: protocol.Message) -> None:
+    assert protocol.decode(protocol.encode(message)) == message
+
+
+def test_every_message_type_is_covered() -> None:
+    assert {protocol.type_name(m) for m in EVERY_MESSAGE} == protocol.MESSAGE_TYPES
+
+
+def test_the_wire_form_keeps_its_documented_fields() -> None:
+    wire = json.loads(protocol.encode(Pass(3, 2, {1: 4})))
+    assert wire == {"type": "pass", "pass": 3, "generation": 2, "device_seqs": {"1": 4}}
+    hello = json.loads(protocol.encode(HELLO))
+    assert hello["devices"][0] == {"id": 1, "name": "nic0", "kind": "device"}
+    assert hello["version"] == 1 and hello["params"]["multifd_channels"] == 2
+    assert json.loads(protocol.encode(SwitchoverAbort({1: (5, 9)}, {}, "x")))["aborted"] == {
+        "1": [5, 9]
+    }
+
+
+def _raw(kind: str, **fields: object) -> bytes:
+    return json.dumps({"type": kind, **fields}).encode()
+
+
+def _hello(devices: object) -> bytes:
+    return _raw(
+        "hello", version=1, migration_id=1, page_size=4096, ram_size=1, devices=devices, params={}
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "no known type"),
+        (_raw("ping"), "no known type"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (_raw("pass", generation=1, device_seqs={}), "'pass' is missing"),
+        (_raw("pass", **{"pass": "3"}, generation=1, device_seqs={}), "not an integer"),
+        (_raw("pass", **{"pass": True}, generation=1, device_seqs={}), "not an integer"),
+        (_raw("pass", **{"pass": -1}, generation=1, device_seqs={}), "outside"),
+        (_raw("pass", **{"pass": 1}, generation=1, device_seqs={"nic": 1}), "not a device id"),
+        (_raw("pass", **{"pass": 1}, generation=1, device_seqs={"1": -2}), "seq"),
+        (_raw("pass", **{"pass": 1}, generation=1, device_seqs={"99999999999": 1}), "device id"),
+        (_raw("pass", **{"pass": 1}, generation=1, device_seqs=[1]), "not an object"),
+        (_raw("pass-ack", **{"pass": 1}, busy=float("nan")), "finite"),
+        (_raw("complete", digest="xyz", generation=1, device_seqs={}, forced=False), "hex"),
+        (_raw("complete", digest=DIGEST, generation=1, device_seqs={}, forced=1), "boolean"),
+        (_raw("ready", load=-1.0, verified=True), "finite number >= 0"),
+        (_raw("switchover-abort", aborted={"1": [1]}, device_seqs={}, reason="r"), "span"),
+        (_hello(devices={}), "devices"),
+        (_hello(devices=[{"id": 1, "name": "x" * 1000, "kind": "d"}]), "longer than"),
+        (_raw("cancel", reason=None), "not a string"),
+    ],
+)
+def test_bad_records_raise_a_protocol_error_naming_the_problem(data: bytes, expected: str) -> None:
+    with pytest.raises(ProtocolError, match=expected):
+        protocol.decode(data)
+
+
+def test_oversized_records_are_refused_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        protocol.decode(b" " * (protocol.MAX_MESSAGE + 1))
+    with pytest.raises(ValueError, match="exceeds"):
+        protocol.encode(Failed("x" * protocol.MAX_MESSAGE))
+
+
+def test_too_many_devices_are_refused() -> None:
+    seqs = {str(i): 0 for i in range(protocol.MAX_DEVICES + 1)}
+    with pytest.raises(ProtocolError, match="more than"):
+        protocol.decode(_raw("switchover", device_seqs=seqs))
