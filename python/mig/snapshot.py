@@ -70,7 +70,7 @@ def save(
             "devices": [
                 {
                     "name": d.name,
-                    "type": d.kind,
+                    "type": d.model,
                     "bytes": len(s),
                     "state-digest": _hex(d.state_digest()),
                 }
@@ -224,6 +224,6 @@ def _load_devices(
             raise _mig.ProtocolError(f"device {dev.name}: state digest {got} != recorded {want}")
         dev.set_state(MigState.RUNNING)
         report.append(
-            {"name": dev.name, "type": dev.kind, "status": "verified", "state-digest": got}
+            {"name": dev.name, "type": dev.model, "status": "verified", "state-digest": got}
         )
     return report

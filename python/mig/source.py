@@ -1077,9 +1077,9 @@ class MigrationSource:
 
 
 def _device_type(h: StateHandler) -> str:
-    """The device's own type (nic, gpu, ...), else the handler's kind."""
+    """The device model (nic, gpu, ...), else the handler's kind."""
     device = getattr(h, "device", None)
-    return str(getattr(device, "kind", None) or h.kind)
+    return str(getattr(device, "model", None) or h.kind)
 
 
 def _str_keys(d: dict[int, int]) -> dict[str, int]:
