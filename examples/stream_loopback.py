@@ -41,7 +41,7 @@ def main(uri: str = "tcp:127.0.0.1:0") -> None:
             pages[touched, :8] = generation + 1
             dirty = mig.DirtyBitmap.from_indices(np.unique(touched), src.num_pages)
         sender.send_pages(dirty, 3)
-        sender.send_device_state("example-device", 0, b"device state", True)
+        sender.send_device_state(1, 0, b"device state", True)
         sender.finish(src.digest())
         if uri.startswith("file:"):
             accept.start()

@@ -25,7 +25,7 @@ def main(out: Path) -> None:
         )
 
     def devs(n: int) -> bytes:
-        return record(b"DEVS", number=n, generation=2, flags=1, c0=3, body=b"nicabc")
+        return record(b"DEVS", number=n, generation=2, flags=1, c0=7, body=b"abc")
 
     stream = (
         page(0)

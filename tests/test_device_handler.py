@@ -80,7 +80,7 @@ def test_round_trip_is_byte_exact(pair: Pair) -> None:
     dst.load_resume()
     assert pair.dst_dev.state is S.RUNNING and pair.dst_dev.active
     st = src.stats()
-    assert st["type"] == pair.src_dev.kind and st["name"] == pair.src_dev.name
+    assert st["type"] == pair.src_dev.model and st["name"] == pair.src_dev.name
     assert st["precopy-bytes"] == precopy and st["stop-copy-bytes"] == sent
 
 

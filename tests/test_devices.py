@@ -35,9 +35,9 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
 
 def test_parse_specs_splits_devices_and_fields() -> None:
     specs = D.parse_specs("nic:state=64MiB,rate=20MiB/s,fixed")
-    assert [s.kind for s in specs] == ["nic", "fixed"]
+    assert [s.model for s in specs] == ["nic", "fixed"]
     assert specs[0].options == {"state": "64MiB", "rate": "20MiB/s"}
-    assert [s.kind for s in D.parse_specs(["gpu:state=4MiB", "opaque; dma:dma=1MiB/s"])] == [
+    assert [s.model for s in D.parse_specs(["gpu:state=4MiB", "opaque; dma:dma=1MiB/s"])] == [
         "gpu",
         "opaque",
         "dma",
@@ -69,7 +69,7 @@ def test_dma_needs_memory() -> None:
 
 def test_default_gpu_state_is_large_but_tests_pick_small() -> None:
     # Defaults are checked without allocating them.
-    assert D._build_kwargs(D.parse_specs("gpu")[0])["size"] >= 256 << 20
+    assert D.config_from_spec(D.parse_specs("gpu")[0]).state >= 256 << 20
     with D.create("gpu:state=2MiB,rate=8MiB/s") as gpu:
         assert gpu.state_size == 2 << 20
 

@@ -82,8 +82,8 @@ def test_live_transfer_is_byte_exact(kind: str, tmp_path: Path) -> None:
         generation += 1
         sender.send_pages(guest.harvest(), generation)
         sender.sync(generation)
-        sender.send_device_state("nic0", 0, b"\x01" * 1000, False)
-        sender.send_device_state("nic0", 1, b"\x02" * 10, True)
+        sender.send_device_state(1, 0, b"\x01" * 1000, False)
+        sender.send_device_state(1, 1, b"\x02" * 10, True)
         sender.control_send(b'{"event": "complete"}')
         sender.finish(src.digest())
         stats = sender.stats()
@@ -94,8 +94,8 @@ def test_live_transfer_is_byte_exact(kind: str, tmp_path: Path) -> None:
     assert receiver.control_recv(5.0) == b'{"event": "complete"}'
     records = receiver.device_records()
     assert [(r[0], r[1], len(r[2]), r[3]) for r in records] == [
-        ("nic0", 0, 1000, False),
-        ("nic0", 1, 10, True),
+        (1, 0, 1000, False),
+        (1, 1, 10, True),
     ]
     # The guest dirties some zero pages before the first pass reads them.
     assert stats["zero-pages"] > 0
@@ -283,7 +283,7 @@ def test_device_state_is_capped_and_back_pressured() -> None:
 
         def send_all() -> None:
             for seq in range(5):
-                sender.send_device_state("gpu", seq, chunk, seq == 4)
+                sender.send_device_state(2, seq, chunk, seq == 4)
 
         feeder = threading.Thread(target=send_all)
         feeder.start()
@@ -297,8 +297,8 @@ def test_device_state_is_capped_and_back_pressured() -> None:
         feeder.join()
         assert [r[1] for r in drained] == [0, 1, 2, 3, 4] and drained[-1][3]
         with pytest.raises(ValueError, match="exceeds the limit"):
-            sender.send_device_state("gpu", 5, b"x" * (9 << 20), True)
-        sender.send_device_state("gpu", 6, b"x" * 200_000, True)  # larger than the cap
+            sender.send_device_state(2, 5, b"x" * (9 << 20), True)
+        sender.send_device_state(2, 6, b"x" * 200_000, True)  # larger than the cap
         sender.finish(mem.digest())
         with pytest.raises(mig.ProtocolError, match="channel 0, packet 5.*exceeds the buffer"):
             receiver.wait_end(10.0)

@@ -264,7 +264,7 @@ def snapshot(tmp_path: Path) -> tuple[Path, mig.GuestMemory]:
     path = tmp_path / "snap"
     with mig.Sender(src, f"file:{path}", migration_id=1) as s:
         s.send_pages(mig.DirtyBitmap.full(src.num_pages), 0)
-        s.send_device_state("disk", 0, b"abc", True)
+        s.send_device_state(3, 0, b"abc", True)
         s.finish(src.digest())
     return path, src
 
@@ -282,7 +282,7 @@ def test_snapshot_roundtrip_reference(tmp_path: Path) -> None:
     dst = memory()
     r = mig.Listener(f"file:{path}").accept(dst, 1.0)
     assert r.wait_end(10.0)["digest"] == src.digest()
-    assert r.device_records() == [("disk", 0, b"abc", True)]
+    assert r.device_records() == [(3, 0, b"abc", True)]
 
 
 def test_snapshot_bad_magic(tmp_path: Path) -> None:
@@ -517,3 +517,11 @@ def test_hostile_sessions_keep_memory_bounded() -> None:
     # buffers of one session's size (bounded by device_buffer + packets),
     # never an amount that grows with the claims or the session count.
     assert grown < 40 * mib, f"resident memory grew by {grown / mib:.1f} MiB"
+
+
+@pytest.mark.parametrize("device_id", [-1, 1 << 32])
+def test_device_id_outside_u32_is_refused_by_name(device_id: int, tmp_path: Path) -> None:
+    src = mig.GuestMemory(SIZE)
+    with mig.Sender(src, f"file:{tmp_path / 'snap'}", migration_id=1) as s:
+        with pytest.raises(ValueError, match=r"device id must be in \[0, 4294967295\]"):
+            s.send_device_state(device_id, 0, b"abc", True)

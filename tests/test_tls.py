@@ -70,7 +70,7 @@ def test_session_over_tls_is_byte_exact(pki: dict[str, Any], scheme: str, tmp_pa
     sender.sync(0)
     src.write(4096 * 7, b"\x99" * 4096)
     sender.send_pages(mig.DirtyBitmap.from_indices([7], src.num_pages), 1)
-    sender.send_device_state("nic", 0, b"state" * 1000, True)
+    sender.send_device_state(1, 0, b"state" * 1000, True)
     sender.control_send(b'{"type": "ping"}')
     assert r.control_recv(5.0) == b'{"type": "ping"}'
     r.control_send(b'{"type": "pong"}')
@@ -80,7 +80,7 @@ def test_session_over_tls_is_byte_exact(pki: dict[str, Any], scheme: str, tmp_pa
     # the source's side, so the close is a clean FIN and no byte is lost.
     sender.close()
     assert r.wait_end(10.0)["digest"] == src.digest() == dst.digest()
-    assert r.device_records() == [("nic", 0, b"state" * 1000, True)]
+    assert r.device_records() == [(1, 0, b"state" * 1000, True)]
 
 
 def refused(listen: dict[str, str], connect: dict[str, str]) -> tuple[str, str, bool]:

@@ -788,7 +788,7 @@ class _ResumeDigests:
                 seen.devices.append(
                     {
                         "name": self.device.name,
-                        "type": self.device.kind,
+                        "type": self.device.model,
                         "state-digest": format(self.device.state_digest(), "032x"),
                     }
                 )

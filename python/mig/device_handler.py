@@ -1,4 +1,4 @@
-"""The state handler that plugs a `VfioDevice` into a migration.
+"""The state handler that plugs a `MigrationDevice` into a migration.
 
 Source side, as QEMU's ``hw/vfio/migration.c`` does: setup enters PRE_COPY,
 the estimate is the precopy ``initial + dirty`` bytes, iterate() sends
@@ -24,21 +24,21 @@ they are queued (bounded) and written in sequence.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from mig._mig import ProtocolError
-from mig.devices import (
+from mig.errors import OverBudget
+from mig.vfio import (
     PRECOPY_STATES,
     DeviceError,
     DeviceStreamError,
     MigCap,
+    MigrationDevice,
     MigState,
     NoData,
-    ResumeStream,
-    SaveStream,
-    VfioDevice,
+    ResumeSession,
+    SaveSession,
 )
-from mig.errors import OverBudget
 
 __all__ = ["FLAG_INIT_DONE", "FLAG_NEW_SESSION", "DeviceHandler", "DeviceLink"]
 
@@ -61,7 +61,7 @@ class DeviceHandler:
 
     def __init__(
         self,
-        device: VfioDevice,
+        device: MigrationDevice,
         device_id: int = 0,
         *,
         buffer_size: int = 1 << 20,
@@ -94,7 +94,7 @@ class DeviceHandler:
     # -- source --------------------------------------------------------------
     def _reset_source(self) -> None:
         self._link: DeviceLink | None = None
-        self._stream: SaveStream | None = None
+        self._stream: SaveSession | None = None
         self._seq = 0
         self._flags = 0  # flags for the next chunk
         self._init_announced = False
@@ -113,8 +113,8 @@ class DeviceHandler:
         self._init_announced = False
         if self.device.caps & MigCap.PRE_COPY:
             opened = self.device.set_state(MigState.PRE_COPY)
-            assert isinstance(opened, SaveStream)
-            self._stream = opened
+            assert opened is not None and hasattr(opened, "read")
+            self._stream = cast(SaveSession, opened)
             self._sessions += 1
         else:
             self._stream = None
@@ -156,7 +156,7 @@ class DeviceHandler:
 
     def _read_stop_copy(self) -> Iterator[bytes]:
         opened = self.device.set_state(MigState.STOP_COPY)
-        stream = opened if isinstance(opened, SaveStream) else self._stream
+        stream = cast(SaveSession, opened) if opened is not None else self._stream
         assert stream is not None
         self._stream = stream
         while data := stream.read(self.buffer_size):
@@ -256,7 +256,7 @@ class DeviceHandler:
     def stats(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "type": self.device.kind,
+            "type": self.device.model,
             "device-id": self.device_id,
             "state": self.device.state.name.lower(),
             "precopy-bytes": self._precopy_bytes,
@@ -267,7 +267,7 @@ class DeviceHandler:
 
     # -- destination ---------------------------------------------------------
     def _reset_dest(self) -> None:
-        self._writer: ResumeStream | None = None
+        self._writer: ResumeSession | None = None
         self._expect = 0
         self._queued: dict[int, tuple[bytes, bool]] = {}
         self._queued_bytes = 0
@@ -283,8 +283,8 @@ class DeviceHandler:
         if dev.state is MigState.RESUMING:
             dev.reset()
         opened = dev.set_state(MigState.RESUMING)
-        assert isinstance(opened, ResumeStream)
-        self._writer = opened
+        assert opened is not None and hasattr(opened, "write")
+        self._writer = cast(ResumeSession, opened)
         # Without PRE_COPY there is no initial data to wait for.
         self._initial_loaded = not dev.caps & MigCap.PRE_COPY
 

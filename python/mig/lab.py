@@ -206,7 +206,7 @@ def run_real(cfg: SimConfig) -> dict[str, Any]:
         guest.close()
         for d in sdevs + ddevs:
             d.close()
-    q["devices"] = [{**d, "type": dev.kind} for d, dev in zip(q["devices"], sdevs, strict=True)]
+    q["devices"] = [{**d, "type": dev.model} for d, dev in zip(q["devices"], sdevs, strict=True)]
     q["digest-match"] = q["status"] == "completed" and src.digest() == dst.digest()
     q["config"] = cfg.to_dict()
     q["workload"] = cfg.workload

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from mig import protocol
-from mig._mig import DirtyBitmap, ProtocolError
+from mig._mig import DirtyBitmap
 from mig.clock import Clock
 from mig.protocol import Message
 from mig.reorder import DeviceRecord
@@ -37,7 +37,7 @@ class Link(Protocol):
         ...
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
-        """One device-state record; the wire carries ``device_id`` as text."""
+        """One device-state record; ``device_id`` is a u32, carried in the record header."""
         ...
 
     def sync(self, generation: int) -> None:
@@ -89,7 +89,7 @@ class SenderLink:
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
         t0 = self._clock.now()
-        n = self._s.send_device_state(str(device_id), seq, data, final)
+        n = self._s.send_device_state(device_id, seq, data, final)
         self._busy += self._clock.now() - t0
         self._bytes += int(n) if n is not None else len(data)
 
@@ -158,14 +158,10 @@ class ReceiverEndpoint:
         return None if data is None else protocol.decode(bytes(data))
 
     def device_records(self) -> list[DeviceRecord]:
-        out = []
-        for dev, seq, data, final in self._r.device_records():
-            try:
-                dev_id = int(dev)
-            except ValueError:
-                raise ProtocolError(f"device record for non-numeric device id {dev!r}") from None
-            out.append(DeviceRecord(dev_id, int(seq), bytes(data), bool(final)))
-        return out
+        return [
+            DeviceRecord(int(dev), int(seq), bytes(data), bool(final))
+            for dev, seq, data, final in self._r.device_records()
+        ]
 
     def wait_end(self, timeout: float) -> dict[str, Any]:
         return dict(self._r.wait_end(timeout))

@@ -129,7 +129,7 @@ class MigrationStats:
 def _device_type(h: SaveHandler) -> str:
     """The device's own type (nic, gpu, ...), else the handler's role."""
     device = getattr(h, "device", None)
-    return str(getattr(device, "kind", None) or h.role)
+    return str(getattr(device, "model", None) or h.role)
 
 
 def _safe_stats(link: Any) -> dict[str, Any]:

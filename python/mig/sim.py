@@ -895,7 +895,7 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         for d in devices:
             d.close()
     q["devices"] = [
-        {**d, "type": h.device.kind, "exact-stops": h.stats()["exact-stops"]}
+        {**d, "type": h.device.model, "exact-stops": h.stats()["exact-stops"]}
         for d, h in zip(q["devices"], handlers, strict=True)
     ]
     q["sim"] = {

@@ -69,12 +69,13 @@ def save(
             "memory-digest": _hex(digest),
             "devices": [
                 {
+                    "id": dev_id,
                     "name": d.name,
-                    "type": d.kind,
+                    "type": d.model,
                     "bytes": len(s),
                     "state-digest": _hex(d.state_digest()),
                 }
-                for d, s in states
+                for dev_id, (d, s) in enumerate(states, start=1)
             ],
         }
         sender = _mig.Sender(
@@ -83,10 +84,10 @@ def save(
         try:
             sender.control_send(json.dumps(description).encode())
             sender.send_pages(_mig.DirtyBitmap.full(memory.num_pages), 1)
-            for dev, state in states:
+            for dev_id, (_, state) in enumerate(states, start=1):
                 chunks = [state[i : i + _CHUNK] for i in range(0, len(state), _CHUNK)] or [b""]
                 for seq, chunk in enumerate(chunks):
-                    sender.send_device_state(dev.name, seq, chunk, seq == len(chunks) - 1)
+                    sender.send_device_state(dev_id, seq, chunk, seq == len(chunks) - 1)
             sender.finish(digest)
             stats = dict(sender.stats())
         finally:
@@ -158,7 +159,7 @@ def load(path: str, timeout: float = 60.0) -> dict[str, Any]:
         description = json.loads(raw) if raw else {}
         if description.get("type") != SNAPSHOT_TYPE or description.get("version") != 1:
             raise _mig.ProtocolError(f"snapshot {path}: no snapshot description record")
-        records: list[tuple[str, int, bytes, bool]] = []
+        records: list[tuple[int, int, bytes, bool]] = []
         deadline = time.monotonic() + timeout
         while True:
             # Drain device records as they come: the receiver buffers a bounded amount.
@@ -197,20 +198,30 @@ def load(path: str, timeout: float = 60.0) -> dict[str, Any]:
 
 def _load_devices(
     devices: Sequence[SampleDevice],
-    records: Sequence[tuple[str, int, bytes, bool]],
+    records: Sequence[tuple[int, int, bytes, bool]],
     description: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    by_name: dict[str, list[tuple[int, bytes, bool]]] = {}
-    for name, seq, data, final in records:
-        by_name.setdefault(name, []).append((seq, data, final))
-    recorded = {d["name"]: d for d in description.get("devices", [])}
-    if sorted(recorded) != sorted(d.name for d in devices) or set(by_name) - set(recorded):
+    by_id: dict[int, list[tuple[int, bytes, bool]]] = {}
+    for dev_id, seq, data, final in records:
+        by_id.setdefault(dev_id, []).append((seq, data, final))
+    recorded = description.get("devices", [])
+    if not isinstance(recorded, list) or not all(isinstance(d, dict) for d in recorded):
+        raise _mig.ProtocolError("snapshot description: 'devices' is not a list of objects")
+    names = [str(d.get("name")) for d in recorded]
+    ids = [d.get("id") for d in recorded]
+    # Devices are numbered 1..n in the order of the spec, on save and here.
+    if (
+        names != [d.name for d in devices]
+        or ids != list(range(1, len(devices) + 1))
+        or set(by_id) - set(ids)
+    ):
         raise _mig.ProtocolError(
-            f"snapshot devices {sorted(recorded)} do not match its state records {sorted(by_name)}"
+            f"snapshot devices {names} (ids {ids}) do not match its devices-spec "
+            f"{[d.name for d in devices]} or its state records (ids {sorted(by_id)})"
         )
     report = []
-    for dev in devices:
-        chunks = sorted(by_name.get(dev.name, []))
+    for dev_id, dev in enumerate(devices, start=1):
+        chunks = sorted(by_id.get(dev_id, []))
         if not chunks or [s for s, _, _ in chunks] != list(range(len(chunks))) or not chunks[-1][2]:
             raise _mig.ProtocolError(f"device {dev.name}: state records missing or out of order")
         stream = dev.set_state(MigState.RESUMING)
@@ -219,11 +230,11 @@ def _load_devices(
             stream.write(data)
         dev.set_state(MigState.STOP)  # the device validates its stream here
         got = _hex(dev.state_digest())
-        want = recorded[dev.name]["state-digest"]
+        want = recorded[dev_id - 1]["state-digest"]
         if got != want:
             raise _mig.ProtocolError(f"device {dev.name}: state digest {got} != recorded {want}")
         dev.set_state(MigState.RUNNING)
         report.append(
-            {"name": dev.name, "type": dev.kind, "status": "verified", "state-digest": got}
+            {"name": dev.name, "type": dev.model, "status": "verified", "state-digest": got}
         )
     return report

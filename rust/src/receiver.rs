@@ -53,8 +53,8 @@ impl Default for ReceiverConfig {
     }
 }
 
-/// One device-state record as it arrived.
-pub type DeviceRecord = (String, u64, Vec<u8>, bool);
+/// One device-state record as it arrived: device id, sequence number, chunk, last.
+pub type DeviceRecord = (u32, u64, Vec<u8>, bool);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -517,25 +517,22 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                 current = Some(g);
                 sh.apply(idx, &pages.normal, &pages.zero, data)?;
             }
-            RecordKind::Device { seq, id_len, last } => {
+            RecordKind::Device {
+                seq,
+                device_id,
+                last,
+            } => {
                 // Bounded by MAX_DEVICE_CHUNK in decode, and by the device
                 // buffer's free room before it is allocated.
-                let chunk_len = len - id_len as usize;
-                sh.reserve_device(idx, expect, chunk_len)?;
-                let mut buf = vec![0u8; len];
-                let parsed = transport::read_full(r, &mut buf)
+                sh.reserve_device(idx, expect, len)?;
+                let mut chunk = vec![0u8; len];
+                let read = transport::read_full(r, &mut chunk)
                     .map_err(|f| read_err(expect, "DEVS body", f))
-                    .and_then(|()| h.verify_crc(&raw, &buf).map_err(|m| perr(expect, m)))
-                    .and_then(|()| {
-                        let chunk = buf.split_off(id_len as usize);
-                        String::from_utf8(buf)
-                            .map(|id| (id, chunk))
-                            .map_err(|_| perr(expect, "device id is not UTF-8".into()))
-                    });
-                match parsed {
-                    Ok((id, chunk)) => sh.push_device((id, seq, chunk, last)),
+                    .and_then(|()| h.verify_crc(&raw, &chunk).map_err(|m| perr(expect, m)));
+                match read {
+                    Ok(()) => sh.push_device((device_id, seq, chunk, last)),
                     Err(e) => {
-                        sh.release_device(chunk_len);
+                        sh.release_device(len);
                         return Err(e);
                     }
                 }

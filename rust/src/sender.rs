@@ -25,7 +25,7 @@ use crate::memory::GuestMemory;
 use crate::transport::{self, Conn, ControlLink, Endpoint};
 use crate::wire::{
     self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
-    MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_DEVICE_ID_LEN, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
+    MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
 };
 
 #[derive(Clone, Debug)]
@@ -284,7 +284,7 @@ enum Job {
         generation: u64,
         body: Vec<u8>,
         seq: u64,
-        id_len: u32,
+        device_id: u32,
         last: bool,
         reply: Reply,
     },
@@ -574,18 +574,12 @@ impl Sender {
 
     pub fn send_device_state(
         &self,
-        device_id: &str,
+        device_id: u32,
         seq: u64,
         data: &[u8],
         last: bool,
     ) -> CoreResult<u64> {
         self.shared.check()?;
-        if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
-            return Err(CoreError::invalid(format!(
-                "device id must be 1 to {MAX_DEVICE_ID_LEN} bytes, got {}",
-                device_id.len()
-            )));
-        }
         if data.len() > MAX_DEVICE_CHUNK {
             return Err(CoreError::invalid(format!(
                 "device-state chunk of {} bytes exceeds the limit of {MAX_DEVICE_CHUNK}: \
@@ -593,12 +587,13 @@ impl Sender {
                 data.len()
             )));
         }
-        let mut body = Vec::with_capacity(device_id.len() + data.len());
-        body.extend_from_slice(device_id.as_bytes());
-        body.extend_from_slice(data);
-        let id_len = device_id.len() as u32;
+        let body = data.to_vec();
         let generation = lock(&self.gen).current.unwrap_or(0);
-        let kind = RecordKind::Device { seq, id_len, last };
+        let kind = RecordKind::Device {
+            seq,
+            device_id,
+            last,
+        };
         if let Some(f) = &self.file {
             return f.append(kind, generation, &body);
         }
@@ -607,14 +602,14 @@ impl Sender {
         if private.is_empty() {
             return Err(closed());
         }
-        let ch = crc32c::crc32c(device_id.as_bytes()) as usize % private.len();
+        let ch = device_id as usize % private.len();
         let (reply, result) = unbounded();
         private[ch]
             .send(Job::Device {
                 generation,
                 body,
                 seq,
-                id_len,
+                device_id,
                 last,
                 reply,
             })
@@ -957,11 +952,15 @@ impl Worker {
                 generation,
                 body,
                 seq,
-                id_len,
+                device_id,
                 last,
                 reply,
             } => {
-                let kind = RecordKind::Device { seq, id_len, last };
+                let kind = RecordKind::Device {
+                    seq,
+                    device_id,
+                    last,
+                };
                 (reply, self.send_record(kind, generation, &body))
             }
             Job::End {

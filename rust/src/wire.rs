@@ -17,7 +17,6 @@ pub const MAX_PACKET_PAGES: u32 = 1024;
 pub const MIN_PAGE_SIZE: u32 = 4096;
 pub const MAX_PAGE_SIZE: u32 = 65536;
 pub const MAX_MEMORY_SIZE: u64 = 1 << 46;
-pub const MAX_DEVICE_ID_LEN: usize = 255;
 pub const MAX_DEVICE_CHUNK: usize = 8 << 20;
 pub const MAX_CONTROL_FRAME: usize = 1 << 20;
 pub const CONTROL_FRAME_HEADER_LEN: usize = 8;
@@ -214,9 +213,10 @@ pub enum RecordKind {
         normal: u32,
         zero: u32,
     },
+    /// A chunk of one device's migration state; the body is the chunk.
     Device {
         seq: u64,
-        id_len: u32,
+        device_id: u32,
         last: bool,
     },
     Sync,
@@ -245,11 +245,15 @@ impl RecordHeader {
                 normal,
                 zero,
             } => (TAG_PAGES, compression as u32, 0, normal, zero),
-            RecordKind::Device { seq, id_len, last } => (
+            RecordKind::Device {
+                seq,
+                device_id,
+                last,
+            } => (
                 TAG_DEVICE,
                 if last { FLAG_FINAL } else { 0 },
                 seq,
-                id_len,
+                device_id,
                 0,
             ),
             RecordKind::Sync => (TAG_SYNC, 0, 0, 0, 0),
@@ -340,20 +344,14 @@ impl RecordHeader {
                 if flags & !FLAG_FINAL != 0 || c1 != 0 {
                     return Err(format!("DEVS record: bad flags {flags:#x} or count {c1}"));
                 }
-                if c0 == 0 || c0 as usize > MAX_DEVICE_ID_LEN {
+                if body > MAX_DEVICE_CHUNK {
                     return Err(format!(
-                        "DEVS record: device id length {c0} outside [1, {MAX_DEVICE_ID_LEN}]"
-                    ));
-                }
-                if body < c0 as usize || body - c0 as usize > MAX_DEVICE_CHUNK {
-                    return Err(format!(
-                        "DEVS record: chunk of {} bytes exceeds the limit of {MAX_DEVICE_CHUNK}",
-                        body.saturating_sub(c0 as usize)
+                        "DEVS record: chunk of {body} bytes exceeds the limit of {MAX_DEVICE_CHUNK}"
                     ));
                 }
                 RecordKind::Device {
                     seq: arg,
-                    id_len: c0,
+                    device_id: c0,
                     last: flags & FLAG_FINAL != 0,
                 }
             }
@@ -625,7 +623,7 @@ mod tests {
         let mut dev = RecordHeader::record(
             RecordKind::Device {
                 seq: 0,
-                id_len: 1,
+                device_id: 1,
                 last: false,
             },
             0,
@@ -660,19 +658,18 @@ mod tests {
             }),
             (
                 any::<u64>(),
+                any::<u32>(),
                 any::<bool>(),
                 proptest::collection::vec(any::<u8>(), 0..100)
             )
-                .prop_map(|(seq, last, chunk)| {
-                    let mut body = b"dev".to_vec();
-                    body.extend_from_slice(&chunk);
+                .prop_map(|(seq, device_id, last, chunk)| {
                     (
                         RecordKind::Device {
                             seq,
-                            id_len: 3,
+                            device_id,
                             last,
                         },
-                        body,
+                        chunk,
                     )
                 }),
             Just((RecordKind::Sync, vec![])),

@@ -169,11 +169,19 @@ impl PySender {
     fn send_device_state(
         &self,
         py: Python<'_>,
-        device_id: &str,
+        device_id: i64,
         seq: u64,
         data: &[u8],
         r#final: bool,
     ) -> PyResult<u64> {
+        // The wire carries a u32; anything else is refused by name, not
+        // with a bare integer-overflow error.
+        let device_id = u32::try_from(device_id).map_err(|_| {
+            PyValueError::new_err(format!(
+                "device id must be in [0, {}], got {device_id}",
+                u32::MAX
+            ))
+        })?;
         let s = self.inner.clone();
         Ok(py.detach(move || s.send_device_state(device_id, seq, data, r#final))?)
     }
@@ -382,10 +390,7 @@ impl PyReceiver {
     }
 
     /// Drains the device-state records received so far, in arrival order.
-    fn device_records<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> Vec<(String, u64, Bound<'py, PyBytes>, bool)> {
+    fn device_records<'py>(&self, py: Python<'py>) -> Vec<(u32, u64, Bound<'py, PyBytes>, bool)> {
         self.inner
             .device_records()
             .into_iter()

@@ -1,0 +1,136 @@
+"""The in-memory state of a sample device, in chunks, with what is left to send.
+
+A saving session sends the state chunk by chunk: first every chunk of the
+image it started from (the precopy initial data), then chunks dirtied after
+they were sent. The sizes reported by ``precopy_info()`` and ``data_size()``
+are the stream bytes of those chunks, so they match what a read returns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mig._mig import digest_bytes
+from mig.sample_devices.stream import DATA_OVERHEAD
+
+__all__ = ["StateStorage"]
+
+
+class StateStorage:
+    """State bytes up to ``capacity``, of which the first ``size`` are the state.
+
+    Not thread-safe: the owning device holds its lock around every call.
+    """
+
+    def __init__(self, size: int, capacity: int, chunk: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.chunk = chunk
+        self.rng = np.random.default_rng(seed)
+        self._data = np.zeros(capacity, dtype=np.uint8)
+        self._data[:size] = self.rng.integers(0, 256, size, dtype=np.uint8)
+        self.size = size
+        nchunks = -(-capacity // chunk)
+        # Chunks still to send from the initial image / re-dirtied after being sent.
+        self._initial = np.zeros(nchunks, dtype=bool)
+        self._dirty = np.zeros(nchunks, dtype=bool)
+        self._tracking = False
+
+    @property
+    def state(self) -> np.ndarray:
+        """The state bytes (a view: valid until the next change)."""
+        return self._data[: self.size]
+
+    def digest(self) -> int:
+        return digest_bytes(self.state)
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.size // self.chunk)
+
+    # -- what a saving session still has to send ------------------------------
+    def start_tracking(self) -> None:
+        """A saving session opens: every chunk is initial data, none dirty."""
+        self._initial[:] = False
+        self._initial[: self.nchunks] = True
+        self._dirty[:] = False
+        self._tracking = True
+
+    def stop_tracking(self) -> None:
+        self._initial[:] = False
+        self._dirty[:] = False
+        self._tracking = False
+
+    def pending_cost(self) -> tuple[int, int]:
+        """Stream bytes of the initial and of the dirty chunks still to send."""
+        return self._cost(self._initial), self._cost(self._dirty)
+
+    def full_cost(self) -> int:
+        """Stream bytes of the DATA records of the whole state."""
+        return self._cost(np.ones(self.nchunks, dtype=bool))
+
+    def _cost(self, mask: np.ndarray) -> int:
+        n = self.nchunks
+        count = int(np.count_nonzero(mask[:n]))
+        if not count:
+            return 0
+        cost = count * (DATA_OVERHEAD + self.chunk)
+        if mask[n - 1]:
+            tail = self.size - (n - 1) * self.chunk
+            cost -= self.chunk - tail
+        return cost
+
+    def take_next(self) -> tuple[int, bytes, bool] | None:
+        """The next chunk to send, initial data first: ``(offset, bytes, initial)``."""
+        n = self.nchunks
+        for mask, initial in ((self._initial, True), (self._dirty, False)):
+            idx = np.flatnonzero(mask[:n])
+            if idx.size:
+                c = int(idx[0])
+                mask[c] = False
+                off = c * self.chunk
+                end = min(off + self.chunk, self.size)
+                return off, self._data[off:end].tobytes(), initial
+        return None
+
+    # -- changes ----------------------------------------------------------------
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a change of ``[offset, offset + length)``."""
+        if not self._tracking or length <= 0:
+            return
+        first, last = offset // self.chunk, (offset + length - 1) // self.chunk
+        sel = slice(first, last + 1)
+        self._dirty[sel] |= ~self._initial[sel]
+
+    def rewrite(self, offset: int, length: int) -> None:
+        """Overwrite ``length`` bytes at ``offset`` with new random bytes."""
+        self._data[offset : offset + length] = self.rng.integers(0, 256, length, dtype=np.uint8)
+        self.mark_dirty(offset, length)
+
+    def write(self, offset: int, payload: bytes) -> None:
+        self._data[offset : offset + len(payload)] = np.frombuffer(payload, np.uint8)
+        self.mark_dirty(offset, len(payload))
+
+    def resize(self, new_size: int) -> None:
+        """Change the state size (growing tables), within 1..capacity."""
+        new_size = max(1, min(new_size, self.capacity))
+        old = self.size
+        if new_size == old:
+            return
+        if new_size > old:
+            self._data[old:new_size] = self.rng.integers(0, 256, new_size - old, dtype=np.uint8)
+        self.size = new_size
+        n = self.nchunks
+        self._initial[n:] = False
+        self._dirty[n:] = False
+        if new_size > old:
+            self.mark_dirty(old, new_size - old)
+        elif self._tracking and n:
+            # The last chunk shrank: send its new extent again.
+            self.mark_dirty((n - 1) * self.chunk, 1)
+
+    def install(self, staging: np.ndarray, size: int) -> None:
+        """Take a loaded state (the decoder's staging buffer) as this state."""
+        if staging.shape != self._data.shape:
+            raise ValueError("a loaded state must have this storage's capacity")
+        self._data = staging
+        self.size = size
