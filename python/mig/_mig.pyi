@@ -40,6 +40,37 @@ class GuestMemory:
     def write(self, offset: int, data: bytes) -> None: ...
     def __len__(self) -> int: ...
 
+class ChunkDigest:
+    """An order-independent digest of ``memory`` kept current by
+    ``mark_written``: per-chunk keyed xxh3 hashes summed into a root that
+    equals ``memory.digest()`` when every write was marked."""
+
+    def __init__(self, memory: GuestMemory, chunk_bytes: int | None = None) -> None: ...
+    @property
+    def chunk_bytes(self) -> int: ...
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def stale_chunks(self) -> int: ...
+    def mark_written(self, first: int, count: int = 1) -> None:
+        """Pages ``[first, first + count)`` were written (call after the write)."""
+    def root(self) -> int:
+        """The root now; rehashes only the chunks written since their hash."""
+    def root_timed(self) -> dict[str, int | float]:
+        """``root`` with ``rehashed-chunks`` and ``seconds`` it took."""
+    def rehash_settled(self, limit: int) -> int:
+        """One background step here: rehash up to ``limit`` settled chunks."""
+    def start_rehasher(self, period: float = 0.02, batch: int = 16, duty: float = 0.5) -> None:
+        """A low-priority thread rehashing settled chunks, at most ``duty``
+        of a core."""
+    def stop_rehasher(self) -> None: ...
+
+def digest_frozen(
+    memory: GuestMemory, threads: int | None = None, chunk_bytes: int | None = None
+) -> int:
+    """The chunk root of all of ``memory``, read in full with ``threads``
+    threads (``GuestMemory.digest()``; ``chunk_bytes`` for measurements)."""
+
 class DirtyBitmap:
     """One bit per page in u64 words."""
 

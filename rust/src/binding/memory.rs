@@ -94,12 +94,7 @@ impl PyGuestMemory {
     ) -> PyResult<u128> {
         let mem = self.inner.clone();
         if first.is_none() && count.is_none() {
-            let threads = threads.unwrap_or_else(chunk_digest::default_threads);
-            if threads == 0 || threads > 256 {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "threads must be 1..=256, not {threads}"
-                )));
-            }
+            let threads = super::chunk_digest::threads(threads)?;
             return Ok(py.detach(move || chunk_digest::digest_frozen(&mem, threads)));
         }
         if threads.is_some() {
