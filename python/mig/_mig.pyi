@@ -71,6 +71,9 @@ def digest_frozen(
     """The chunk root of all of ``memory``, read in full with ``threads``
     threads (``GuestMemory.digest()``; ``chunk_bytes`` for measurements)."""
 
+def mark_pages(digest: ChunkDigest, pages: int, run: int) -> None:
+    """Marks pages ``[0, pages)`` in calls of ``run`` pages (benchmarks)."""
+
 class DirtyBitmap:
     """One bit per page in u64 words."""
 

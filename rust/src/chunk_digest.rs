@@ -276,6 +276,10 @@ pub fn digest_frozen_with(
 struct Table {
     hashes: Vec<u128>,
     sum: u128,
+    /// Chunks the rehasher claimed and is hashing without the lock. `root`
+    /// takes them over (hashes them itself); the rehasher then drops its
+    /// result. Only changed under the lock.
+    in_flight: Vec<u64>,
 }
 
 impl Table {
@@ -287,10 +291,15 @@ impl Table {
 
 /// The destination's running digest: see the module documentation.
 ///
-/// Invariant: a chunk whose `stale` bit is clear has its current bytes'
-/// hash in the table, provided every write was followed by `mark_written`.
-/// A chunk is claimed (its bit cleared) before it is read, under the table
-/// lock, so a write marked during the hash sets the bit again.
+/// Invariant: a chunk whose `stale` bit is clear and that is not in flight
+/// has its current bytes' hash in the table, provided every write was
+/// followed by `mark_written`. A chunk is claimed (its stale bit cleared)
+/// under the table lock before it is read, so a write marked during the
+/// hash sets the bit again.
+///
+/// The rehasher holds the lock only to claim and to store results, never
+/// while it hashes: it runs at the lowest priority, and `root` (in the
+/// downtime) must not wait for it.
 pub struct ChunkDigest {
     mem: Arc<GuestMemory>,
     geo: Geometry,
@@ -348,7 +357,11 @@ impl ChunkDigest {
             geo,
             data,
             stale,
-            table: Mutex::new(Table { hashes, sum }),
+            table: Mutex::new(Table {
+                hashes,
+                sum,
+                in_flight: vec![0; geo.chunks.div_ceil(64)],
+            }),
             threads: default_threads(),
         })
     }
@@ -400,9 +413,10 @@ impl ChunkDigest {
     }
 
     /// Claims the stale chunks `pick` selects from each word of stale bits
-    /// (given the word's index and its bits) and rehashes them. The caller
-    /// holds the table lock.
-    fn rehash(&self, t: &mut Table, threads: usize, pick: impl Fn(usize, u64) -> u64) -> usize {
+    /// (given the word's index and its bits). The caller holds the table
+    /// lock.
+    fn claim(&self, pick: impl FnMut(usize, u64) -> u64) -> Vec<usize> {
+        let mut pick = pick;
         let mut claimed = Vec::new();
         for (w, word) in self.stale.iter().enumerate() {
             let bits = pick(w, word.load(Ordering::Relaxed));
@@ -410,17 +424,10 @@ impl ChunkDigest {
                 continue;
             }
             // Acquire pairs with mark_written's release.
-            let mut got = word.fetch_and(!bits, Ordering::AcqRel) & bits;
-            while got != 0 {
-                claimed.push(w * 64 + got.trailing_zeros() as usize);
-                got &= got - 1;
-            }
+            let got = word.fetch_and(!bits, Ordering::AcqRel) & bits;
+            push_bits(&mut claimed, w, got);
         }
-        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &claimed, threads);
-        for (&c, h) in claimed.iter().zip(hashes) {
-            t.replace(c, h);
-        }
-        claimed.len()
+        claimed
     }
 
     /// The root of memory as it is now: rehashes only the stale chunks.
@@ -434,9 +441,17 @@ impl ChunkDigest {
     pub fn root_timed(&self) -> (u128, Rehashed) {
         let t0 = Instant::now();
         let mut t = lock(&self.table);
-        let chunks = self.rehash(&mut t, self.threads, |_, bits| bits);
+        let mut chunks = self.claim(|_, bits| bits);
+        // Chunks the rehasher is hashing right now: take them over.
+        for (w, word) in t.in_flight.iter_mut().enumerate() {
+            push_bits(&mut chunks, w, std::mem::take(word));
+        }
+        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &chunks, self.threads);
+        for (&c, h) in chunks.iter().zip(hashes) {
+            t.replace(c, h);
+        }
         let rehashed = Rehashed {
-            chunks,
+            chunks: chunks.len(),
             seconds: t0.elapsed().as_secs_f64(),
         };
         (
@@ -450,27 +465,61 @@ impl ChunkDigest {
     /// being written would only be hashed twice), then starts a new settling
     /// window. Returns the chunks rehashed.
     pub fn rehash_settled(&self, limit: usize) -> usize {
+        let claimed = self.claim_settled(limit);
+        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &claimed, 1);
+        self.store_in_flight(&claimed, hashes)
+    }
+
+    /// Claims up to `limit` settled chunks and marks them in flight; opens
+    /// the next settling window once every settled chunk is claimed.
+    fn claim_settled(&self, limit: usize) -> Vec<usize> {
+        let mut left = limit;
         let mut t = lock(&self.table);
-        let left = std::cell::Cell::new(limit);
-        let n = self.rehash(&mut t, 1, |w, bits| {
+        let claimed = self.claim(|w, bits| {
             let mut settled = bits & !self.recent[w].load(Ordering::Relaxed);
             // Keep the lowest `left` bits.
-            while settled.count_ones() as usize > left.get() {
+            while settled.count_ones() as usize > left {
                 settled &= !(1u64 << (63 - settled.leading_zeros()));
             }
-            left.set(left.get() - settled.count_ones() as usize);
+            left -= settled.count_ones() as usize;
             settled
         });
+        for &c in &claimed {
+            t.in_flight[c / 64] |= 1 << (c % 64);
+        }
         drop(t);
-        if left.get() > 0 {
-            // Everything settled was hashed: open the next window.
+        if left > 0 {
             for w in &self.recent {
                 if w.load(Ordering::Relaxed) != 0 {
                     w.store(0, Ordering::Relaxed);
                 }
             }
         }
-        n
+        claimed
+    }
+
+    /// Stores the hashes of chunks claimed by `claim_settled`, except those
+    /// `root` took over meanwhile. Returns how many were stored.
+    fn store_in_flight(&self, claimed: &[usize], hashes: Vec<u128>) -> usize {
+        let mut t = lock(&self.table);
+        let mut stored = 0;
+        for (&c, h) in claimed.iter().zip(hashes) {
+            let (w, bit) = (c / 64, 1u64 << (c % 64));
+            if t.in_flight[w] & bit != 0 {
+                t.in_flight[w] &= !bit;
+                t.replace(c, h);
+                stored += 1;
+            }
+        }
+        stored
+    }
+}
+
+/// Appends the chunk indices of the set bits of word `w`.
+fn push_bits(out: &mut Vec<usize>, w: usize, mut bits: u64) {
+    while bits != 0 {
+        out.push(w * 64 + bits.trailing_zeros() as usize);
+        bits &= bits - 1;
     }
 }
 
@@ -517,10 +566,20 @@ impl Rehasher {
         })
     }
 
-    pub fn stop(&mut self) {
+    /// Asks the thread to stop without waiting for it: `root` does not
+    /// need it gone (it takes over chunks in flight), and a thread of the
+    /// lowest priority may wait long for a core on a busy host.
+    pub fn signal_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = &self.thread {
             t.thread().unpark();
+        }
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.signal_stop();
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
@@ -671,6 +730,48 @@ mod tests {
         assert_eq!(d.stale_chunks(), 0);
         let (root, work) = d.root_timed();
         assert_eq!((root, work.chunks), (frozen(&mem), 0));
+    }
+
+    /// `root` runs while the rehasher hashes old bytes of a chunk that is
+    /// written again meanwhile: root takes the chunk over, and the
+    /// rehasher's late result for the old bytes is dropped.
+    #[test]
+    fn root_takes_over_chunks_in_flight_and_late_results_are_dropped() {
+        let (mem, d) = setup(16);
+        write(&mem, &d, 5, 1);
+        assert_eq!(d.rehash_settled(1), 0); // opens the window: the chunk settles
+        let claimed = d.claim_settled(10);
+        assert_eq!(claimed, vec![1]);
+        let old = hash_chunks(&d.geo, &mem, &d.data, &claimed, 1);
+        assert_eq!(d.root_timed().1.chunks, 1, "the chunk in flight");
+        assert_eq!(d.root(), frozen(&mem));
+        write(&mem, &d, 5, 2);
+        let root = d.root();
+        assert_eq!(d.store_in_flight(&claimed, old), 0);
+        assert_eq!(d.root(), root);
+        assert_eq!(root, frozen(&mem));
+    }
+
+    #[test]
+    fn roots_taken_while_the_rehasher_runs_are_right() {
+        let (mem, d) = setup(256);
+        let d = Arc::new(d);
+        let _r = Rehasher::start(
+            d.clone(),
+            Throttle {
+                period: Duration::from_micros(100),
+                batch: 8,
+                duty: 1.0,
+            },
+        )
+        .unwrap();
+        for round in 0..50usize {
+            for k in 0..20 {
+                write(&mem, &d, (round * 31 + k * 13) % 256, (round + k) as u8);
+            }
+            std::thread::sleep(Duration::from_micros(300));
+            assert_eq!(d.root(), frozen(&mem), "round {round}");
+        }
     }
 
     #[test]

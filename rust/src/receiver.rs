@@ -814,7 +814,9 @@ impl Receiver {
         }
         // Every channel ended: nothing writes memory any more, and the
         // rest is cheaper hashed here at once than paced in the background.
-        self.stop_rehasher();
+        if let Some(r) = &*lock(&self.rehasher) {
+            r.signal_stop();
+        }
         let (dest, rehashed) = self.shared.digest.root_timed();
         if check == EndCheck::Now && dest != source {
             return Err(CoreError::Protocol {

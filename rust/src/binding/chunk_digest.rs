@@ -151,7 +151,29 @@ impl PyChunkDigest {
     }
 }
 
+/// Marks pages `[0, pages)` written in calls of `run` pages each, as the
+/// receive path marks every run of pages it stores. For benchmarks.
+#[pyfunction]
+fn mark_pages(
+    py: Python<'_>,
+    digest: &Bound<'_, PyChunkDigest>,
+    pages: usize,
+    run: usize,
+) -> PyResult<()> {
+    if run == 0 {
+        return Err(PyValueError::new_err("run must be at least one page"));
+    }
+    let d = digest.get().inner.clone();
+    Ok(py.detach(move || -> crate::CoreResult<()> {
+        for first in (0..pages).step_by(run) {
+            d.mark_written(first, run.min(pages - first))?;
+        }
+        Ok(())
+    })?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChunkDigest>()?;
-    m.add_function(wrap_pyfunction!(digest_frozen, m)?)
+    m.add_function(wrap_pyfunction!(digest_frozen, m)?)?;
+    m.add_function(wrap_pyfunction!(mark_pages, m)?)
 }
