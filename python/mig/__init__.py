@@ -4,6 +4,7 @@ The Rust core (``mig._mig``) owns the hot loops; this package orchestrates.
 """
 
 from mig._mig import (
+    ChunkDigest,
     DirtyBitmap,
     DirtyTracker,
     GuestMemory,
@@ -15,6 +16,7 @@ from mig._mig import (
     UnsupportedError,
     WorkloadGuest,
     capabilities,
+    digest_frozen,
 )
 from mig.destination import MigrationDestination
 from mig.handlers import LoadHandler, OverBudget, RamHandler, SaveHandler, StateHandler
@@ -23,6 +25,7 @@ from mig.policies import POLICIES, make_policy
 from mig.source import MigrationSource
 
 __all__ = [
+    "ChunkDigest",
     "DirtyBitmap",
     "DirtyTracker",
     "Guest",
@@ -43,5 +46,6 @@ __all__ = [
     "UnsupportedError",
     "WorkloadGuest",
     "capabilities",
+    "digest_frozen",
     "make_policy",
 ]

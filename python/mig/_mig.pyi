@@ -30,10 +30,49 @@ class GuestMemory:
     def fd(self) -> int: ...
     @property
     def array(self) -> npt.NDArray[np.uint8]: ...
-    def digest(self, first: int | None = None, count: int | None = None) -> int: ...
+    def digest(
+        self, first: int | None = None, count: int | None = None, threads: int | None = None
+    ) -> int:
+        """Without a range: the chunk root of all of memory (what the end
+        records carry), read with ``threads`` threads. With ``first``/``count``:
+        the plain xxh3-128 of those pages' bytes."""
     def read(self, offset: int, len: int) -> bytes: ...
     def write(self, offset: int, data: bytes) -> None: ...
     def __len__(self) -> int: ...
+
+class ChunkDigest:
+    """An order-independent digest of ``memory`` kept current by
+    ``mark_written``: per-chunk keyed xxh3 hashes summed into a root that
+    equals ``memory.digest()`` when every write was marked."""
+
+    def __init__(self, memory: GuestMemory, chunk_bytes: int | None = None) -> None: ...
+    @property
+    def chunk_bytes(self) -> int: ...
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def stale_chunks(self) -> int: ...
+    def mark_written(self, first: int, count: int = 1) -> None:
+        """Pages ``[first, first + count)`` were written (call after the write)."""
+    def root(self) -> int:
+        """The root now; rehashes only the chunks written since their hash."""
+    def root_timed(self) -> dict[str, int | float]:
+        """``root`` with ``rehashed-chunks`` and ``seconds`` it took."""
+    def rehash_settled(self, limit: int) -> int:
+        """One background step here: rehash up to ``limit`` settled chunks."""
+    def start_rehasher(self, period: float = 0.02, batch: int = 16, duty: float = 0.5) -> None:
+        """A low-priority thread rehashing settled chunks, at most ``duty``
+        of a core."""
+    def stop_rehasher(self) -> None: ...
+
+def digest_frozen(
+    memory: GuestMemory, threads: int | None = None, chunk_bytes: int | None = None
+) -> int:
+    """The chunk root of all of ``memory``, read in full with ``threads``
+    threads (``GuestMemory.digest()``; ``chunk_bytes`` for measurements)."""
+
+def mark_pages(digest: ChunkDigest, pages: int, run: int) -> None:
+    """Marks pages ``[0, pages)`` in calls of ``run`` pages (benchmarks)."""
 
 class DirtyBitmap:
     """One bit per page in u64 words."""
@@ -110,7 +149,7 @@ class Capabilities(TypedDict):
 
 def capabilities() -> Capabilities: ...
 def digest_bytes(data: npt.NDArray[np.uint8]) -> int:
-    """xxh3-128 of a contiguous uint8 array (the digest ``GuestMemory`` uses)."""
+    """xxh3-128 of a contiguous uint8 array (as ``GuestMemory.digest(first, count)``)."""
     ...
 
 class WorkloadGuest:
@@ -232,7 +271,12 @@ class Receiver:
     def control_send(self, data: bytes) -> None: ...
     def control_recv(self, timeout: float) -> bytes | None: ...
     def device_records(self) -> list[tuple[int, int, bytes, bool]]: ...
-    def wait_end(self, timeout: float) -> dict[str, int | float]: ...
+    def wait_end(self, timeout: float, verify: bool = True) -> dict[str, int | float]:
+        """Waits for the end records and takes the destination's chunk root
+        (``digest``; ``source-digest``, ``verify-time``, ``rehashed-chunks``).
+        With ``verify``, raises unless the root equals the source's digest."""
+    def memory_root(self) -> int:
+        """The destination memory's chunk root now (rehashes stale chunks)."""
     def stats(self) -> dict[str, object]: ...
     def abort(self) -> None: ...
 

@@ -6,6 +6,7 @@
 //! tested with `cargo test`.
 
 pub mod bitmap;
+pub mod chunk_digest;
 pub mod error;
 pub mod memory;
 pub mod receiver;

@@ -270,12 +270,6 @@ impl GuestMemory {
         Ok(hasher.digest128())
     }
 
-    /// xxh3-128 digest of the whole memory for a caller that knows a
-    /// superset of the pages that may hold data: see [`SparseDigest`].
-    pub fn digest_sparse(&self, may_hold_data: impl Fn(usize) -> bool) -> u128 {
-        SparseDigest::default().finish(self, may_hold_data)
-    }
-
     /// The first data extent at or after `pos` as `[start, end)`, clipped
     /// to `limit` (`(limit, limit)` if none). On errors the whole rest counts
     /// as data, which is always hashed correctly.
@@ -321,62 +315,6 @@ impl GuestMemory {
 /// xxh3-128 of a plain buffer (device state): the digest guest memory uses.
 pub fn digest_bytes(data: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(data)
-}
-
-/// The whole-memory digest (equal to [`GuestMemory::digest`]) computed
-/// front to back in steps, for a caller that knows a superset of the pages
-/// that may hold data (the receiver tracks every page it stores): other
-/// pages are memfd holes, hashed as zeros without a syscall or a read; the
-/// rest is hashed straight from the mapping.
-#[derive(Default)]
-pub struct SparseDigest {
-    hasher: Xxh3,
-    next: usize,
-}
-
-impl SparseDigest {
-    /// Pages below this one are in the digest.
-    pub fn next_page(&self) -> usize {
-        self.next
-    }
-
-    /// Hashes pages `[next_page, end)`.
-    pub fn advance(
-        &mut self,
-        mem: &GuestMemory,
-        end: usize,
-        may_hold_data: impl Fn(usize) -> bool,
-    ) {
-        const CHUNK: usize = 1 << 20;
-        static ZEROS: [u8; CHUNK] = [0; CHUNK];
-        let ps = mem.page_size;
-        let end = end.min(mem.num_pages());
-        let mut p = self.next;
-        while p < end {
-            let data = may_hold_data(p);
-            let start = p;
-            p += 1;
-            while p < end && p - start < CHUNK / ps && may_hold_data(p) == data {
-                p += 1;
-            }
-            let (off, len) = (start * ps, (p - start) * ps);
-            if data {
-                // SAFETY: as in `digest_pages`: a racing writer only makes
-                // the digest a mixture of old and new bytes.
-                let bytes = unsafe { mem.racy_slice(off, len) }.expect("pages are in range");
-                self.hasher.update(bytes);
-            } else {
-                self.hasher.update(&ZEROS[..len]);
-            }
-        }
-        self.next = self.next.max(end);
-    }
-
-    /// Hashes the rest of memory and returns the digest.
-    pub fn finish(mut self, mem: &GuestMemory, may_hold_data: impl Fn(usize) -> bool) -> u128 {
-        self.advance(mem, mem.num_pages(), may_hold_data);
-        self.hasher.digest128()
-    }
 }
 
 enum Extent {
@@ -445,29 +383,6 @@ mod tests {
             mem.digest_pages(n / 3 - 1, 5).unwrap(),
             xxhash_rust::xxh3::xxh3_128(&plain[(n / 3 - 1) * ps..(n / 3 + 4) * ps])
         );
-    }
-
-    #[test]
-    fn sparse_digest_matches_the_plain_digest() {
-        let ps = host_page_size();
-        let n = (2 << 20) / ps + 3;
-        let mem = GuestMemory::new(n * ps).unwrap();
-        let data: Vec<usize> = (0..n).filter(|p| p % 3 == 1 || *p > n - 5).collect();
-        for &p in &data {
-            mem.write_bytes(p * ps, &vec![p as u8 | 1; ps]).unwrap();
-        }
-        let is_data = |p: usize| data.contains(&p);
-        assert_eq!(mem.digest_sparse(is_data), mem.digest());
-        assert_eq!(mem.digest_sparse(|_| true), mem.digest());
-        let mut steps = SparseDigest::default();
-        for end in [0, 5, 5, 300, 301, n + 10] {
-            steps.advance(&mem, end, is_data);
-        }
-        assert_eq!(steps.next_page(), n);
-        assert_eq!(steps.finish(&mem, is_data), mem.digest());
-        let hole = GuestMemory::new(n * ps).unwrap();
-        assert_eq!(hole.digest_sparse(|_| false), hole.digest());
-        assert_ne!(mem.digest(), hole.digest());
     }
 
     #[test]

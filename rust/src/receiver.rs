@@ -8,8 +8,9 @@
 //! sync(k) until every channel has reached it, and the sender never sends
 //! generation k+1 pages before sync(k). So the k+1 copy is applied last.
 //!
-//! The end digest is computed while pages arrive (see [`Verify`]), so for a
-//! single pass in address order `wait_end` has only the tail left to hash.
+//! The end digest is kept current while pages arrive (see [`ChunkDigest`]):
+//! every write marks its chunks stale, a background rehasher hashes them
+//! once they settle, and `wait_end` rehashes only the chunks still stale.
 //!
 //! Memory beyond the destination: per channel one wire buffer and (only
 //! with compression) one decompression buffer of a packet each, a one-bit
@@ -20,13 +21,14 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::chunk_digest::{ChunkDigest, Rehasher, Throttle};
 use crate::error::{CoreError, CoreResult};
-use crate::memory::{GuestMemory, SparseDigest};
+use crate::memory::GuestMemory;
 use crate::transport::{self, Conn, ControlLink, Listener, ReadFailure};
 use crate::wire::{
     self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
@@ -130,47 +132,12 @@ struct Shared {
     devices_cv: Condvar,
     controls: Mutex<VecDeque<Vec<u8>>>,
     controls_cv: Condvar,
-    /// Pages that may hold non-zero bytes: a zero page elsewhere needs no
-    /// write (and no allocation) on a fresh destination.
-    maybe_data: Vec<AtomicU64>,
+    /// The digest of destination memory, marked by every write. It also
+    /// knows which pages may hold non-zero bytes: a zero page elsewhere
+    /// needs no write (and no allocation) on a fresh destination.
+    digest: Arc<ChunkDigest>,
     counters: Counters,
     channel_packets: Vec<AtomicU64>,
-    verify: Verify,
-}
-
-/// The end digest, computed while pages arrive: a thread hashes memory
-/// front to back up to the pages every channel has passed (streams send
-/// pages in address order within a pass). A write below the hashed prefix
-/// afterwards (a page sent again in a later generation, or a stream out of
-/// order) marks the running digest stale and `wait_end` starts over, so
-/// the result never depends on that guess.
-struct Verify {
-    digest: Mutex<SparseDigest>,
-    /// Pages below this are hashed (or being hashed).
-    hashed: AtomicUsize,
-    stale: AtomicBool,
-    stop: AtomicBool,
-    /// Per channel: one past the highest page it applied; `usize::MAX` once
-    /// it can apply no more.
-    progress: Vec<AtomicUsize>,
-}
-
-impl Verify {
-    fn new(channels: usize) -> Self {
-        Verify {
-            digest: Mutex::new(SparseDigest::default()),
-            hashed: AtomicUsize::new(0),
-            stale: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            progress: (0..channels).map(|_| AtomicUsize::new(0)).collect(),
-        }
-    }
-
-    fn done(&self, channel: u32) {
-        if let Some(p) = self.progress.get(channel as usize) {
-            p.store(usize::MAX, Ordering::Release);
-        }
-    }
 }
 
 const POLL: Duration = Duration::from_millis(100);
@@ -285,19 +252,14 @@ impl Shared {
         self.counters.device_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
-    fn mark_data(&self, page: u64) {
-        self.maybe_data[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
-    }
-
     fn may_have_data(&self, page: u64) -> bool {
-        self.maybe_data[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
+        self.digest.may_hold_data(page as usize)
     }
 
     /// The one place pages enter destination memory. Offsets were checked
     /// by `wire::parse_pages`; `data` holds exactly one page per offset.
-    fn apply(&self, channel: u32, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
+    fn apply(&self, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
         let ps = self.stream.page_size as usize;
-        let mut lowest = normal.iter().min().copied();
         debug_assert_eq!(data.len(), normal.len() * ps);
         // Runs of adjacent pages, alike in whether they may hold data, are
         // stored with one write each: pages that do are populated and are
@@ -319,15 +281,13 @@ impl Shared {
             } else {
                 self.mem.store_bytes(off, bytes)?;
             }
-            for &off in &normal[i..j] {
-                self.mark_data(off / ps as u64);
-            }
+            self.digest.mark_written(off / ps, j - i)?;
             i = j;
         }
         for &off in zero {
             if self.may_have_data(off / ps as u64) {
                 self.mem.zero_bytes(off as usize, ps)?;
-                lowest = lowest.min(Some(off)).or(Some(off));
+                self.digest.mark_written(off as usize / ps, 1)?;
                 self.counters.zero_filled.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -337,58 +297,7 @@ impl Shared {
         self.counters
             .zero
             .fetch_add(zero.len() as u64, Ordering::Relaxed);
-        let v = &self.verify;
-        if let Some(lowest) = lowest {
-            // Pairs with the store of `hashed` before the hashing thread
-            // reads: either it read these bytes, or this sees its claim.
-            std::sync::atomic::fence(Ordering::SeqCst);
-            if (lowest / ps as u64) < v.hashed.load(Ordering::SeqCst) as u64 {
-                v.stale.store(true, Ordering::Relaxed);
-            }
-        }
-        if let (Some(p), Some(&top)) = (
-            v.progress.get(channel as usize),
-            normal.iter().chain(zero).max(),
-        ) {
-            p.fetch_max(top as usize / ps + 1, Ordering::Release);
-        }
         Ok(())
-    }
-
-    /// The digest thread: hashes in 1 MiB steps what every channel has
-    /// passed, until stopped or stale.
-    fn run_verify(&self) {
-        let step = (1 << 20) / self.mem.page_size();
-        let v = &self.verify;
-        // Polls while nothing new arrives, backing off to 20 ms (a
-        // throttled stream may crawl for minutes).
-        let mut idle = 0;
-        loop {
-            let frontier = v
-                .progress
-                .iter()
-                .map(|p| p.load(Ordering::Acquire))
-                .min()
-                .unwrap_or(0);
-            let mut d = lock(&v.digest);
-            if v.stop.load(Ordering::SeqCst)
-                || v.stale.load(Ordering::Relaxed)
-                || self.abort.load(Ordering::Relaxed)
-                || d.next_page() >= self.mem.num_pages()
-            {
-                return;
-            }
-            let end = frontier.min(d.next_page() + step).min(self.mem.num_pages());
-            if end <= d.next_page() {
-                drop(d);
-                idle = (idle + 1).min(20);
-                std::thread::sleep(Duration::from_millis(idle));
-                continue;
-            }
-            idle = 0;
-            v.hashed.store(end, Ordering::SeqCst);
-            d.advance(&self.mem, end, |p| self.may_have_data(p as u64));
-        }
     }
 }
 
@@ -515,7 +424,7 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                     }
                 };
                 current = Some(g);
-                sh.apply(idx, &pages.normal, &pages.zero, data)?;
+                sh.apply(&pages.normal, &pages.zero, data)?;
             }
             RecordKind::Device {
                 seq,
@@ -563,9 +472,6 @@ fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> Cor
                 transport::read_full(r, &mut d).map_err(|f| read_err(expect, "END body", f))?;
                 h.verify_crc(&raw, &d).map_err(|m| perr(expect, m))?;
                 lock(&sh.done).digests.push((idx, u128::from_le_bytes(d)));
-                if role == StreamRole::Data {
-                    sh.verify.done(idx);
-                }
                 account(sh, idx, RECORD_HEADER_LEN + len);
                 return Ok(());
             }
@@ -582,37 +488,6 @@ fn account(sh: &Shared, idx: u32, bytes: usize) {
     }
 }
 
-/// Pages that may already hold data: the memfd's data extents (holes read
-/// as zero). On any doubt every page counts as possibly non-zero.
-fn data_extents(mem: &GuestMemory) -> Vec<AtomicU64> {
-    let n = mem.num_pages() as u64;
-    let ps = mem.page_size() as u64;
-    let words: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    let set = |from: u64, to: u64| {
-        for p in from / ps..to.div_ceil(ps).min(n) {
-            words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
-        }
-    };
-    let len = mem.len() as u64;
-    let mut off = 0u64;
-    while off < len {
-        use rustix::fs::{seek, SeekFrom};
-        match seek(mem.as_fd(), SeekFrom::Data(off)) {
-            Ok(start) => {
-                let end = seek(mem.as_fd(), SeekFrom::Hole(start)).unwrap_or(len);
-                set(start, end.max(start + 1));
-                off = end.max(start + 1);
-            }
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => {
-                set(0, len);
-                break;
-            }
-        }
-    }
-    words
-}
-
 enum ControlSide {
     Link(ControlLink),
     /// A snapshot: control messages come from its record log.
@@ -622,7 +497,7 @@ enum ControlSide {
 pub struct Receiver {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    verifier: Mutex<Option<JoinHandle<()>>>,
+    rehasher: Mutex<Option<Rehasher>>,
     thread_count: usize,
     control: ControlSide,
     sockets: Vec<Conn>,
@@ -643,6 +518,20 @@ pub struct ReceiverStats {
     pub refused: Vec<String>,
     pub failure: Option<String>,
     pub elapsed: f64,
+    /// Chunks of the memory digest written since they were last hashed:
+    /// what `wait_end` would rehash now.
+    pub stale_chunks: usize,
+    pub chunk_bytes: usize,
+}
+
+/// What `wait_end` does with the source's digest from the end records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndCheck {
+    /// Fail unless the destination's root equals it.
+    Now,
+    /// Only report both roots: the caller compares them later (a source
+    /// that sends its digest after the destination resumed).
+    Later,
 }
 
 #[derive(Clone, Debug)]
@@ -650,8 +539,12 @@ pub struct EndInfo {
     pub digest: u128,
     pub channels: usize,
     pub generation_syncs: u64,
-    /// Time spent computing the destination digest.
+    /// The source's digest from the end records.
+    pub source_digest: u128,
+    /// Time spent rehashing the chunks still stale at the end.
     pub verify_seconds: f64,
+    /// Chunks rehashed at the end.
+    pub rehashed_chunks: usize,
 }
 
 fn check_geometry(mem: &GuestMemory, h: &StreamHeader) -> CoreResult<()> {
@@ -677,10 +570,9 @@ impl Receiver {
         stream: StreamHeader,
         channels: usize,
         cfg: ReceiverConfig,
-    ) -> Arc<Shared> {
-        let verify = Verify::new(stream.channel_count as usize);
-        Arc::new(Shared {
-            maybe_data: data_extents(&mem),
+    ) -> CoreResult<Arc<Shared>> {
+        Ok(Arc::new(Shared {
+            digest: Arc::new(ChunkDigest::new(mem.clone())?),
             mem,
             channel_packets: (0..stream.channel_count)
                 .map(|_| AtomicU64::new(0))
@@ -699,8 +591,7 @@ impl Receiver {
             controls: Mutex::new(VecDeque::new()),
             controls_cv: Condvar::new(),
             counters: Counters::default(),
-            verify,
-        })
+        }))
     }
 
     fn spawn(
@@ -726,14 +617,10 @@ impl Receiver {
     }
 
     fn with_threads(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> Self {
-        let sh = shared.clone();
-        // Without this thread the digest is simply computed in wait_end.
-        let verifier = std::thread::Builder::new()
-            .name("mig-verify".into())
-            .spawn(move || sh.run_verify())
-            .ok();
+        // Without this thread every stale chunk is simply hashed in wait_end.
+        let rehasher = Rehasher::start(shared.digest.clone(), Throttle::default()).ok();
         Receiver {
-            verifier: Mutex::new(verifier),
+            rehasher: Mutex::new(rehasher),
             shared,
             thread_count: threads.len(),
             threads: Mutex::new(threads),
@@ -753,7 +640,7 @@ impl Receiver {
         cfg: ReceiverConfig,
     ) -> CoreResult<Self> {
         check_geometry(&mem, &stream)?;
-        let sh = Self::new_shared(mem, stream, streams.len(), cfg);
+        let sh = Self::new_shared(mem, stream, streams.len(), cfg)?;
         let mut threads = Vec::new();
         for (i, mut s) in streams.into_iter().enumerate() {
             threads.push(Self::spawn(&sh, format!("mig-recv-{i}"), move |sh| {
@@ -845,7 +732,7 @@ impl Receiver {
         let n = header.channel_count as usize;
         // Page threads do not take part in barriers: a snapshot holds one
         // copy of each page.
-        let sh = Self::new_shared(mem, header.clone(), 0, cfg);
+        let sh = Self::new_shared(mem, header.clone(), 0, cfg)?;
         let mut threads = Vec::new();
         let pages = sh.mem.num_pages();
         let stripe = pages.div_ceil(n).div_ceil(64) * 64;
@@ -878,9 +765,10 @@ impl Receiver {
         self.shared.stream.channel_count as usize
     }
 
-    /// Waits for every channel's end record, then checks that they agree and
-    /// that the destination memory has the source's digest.
-    pub fn wait_end(&self, timeout: Duration) -> CoreResult<EndInfo> {
+    /// Waits for every channel's end record, checks that they agree, and
+    /// takes the root of destination memory; with [`EndCheck::Now`] also
+    /// checks that it equals the source's digest.
+    pub fn wait_end(&self, timeout: Duration, check: EndCheck) -> CoreResult<EndInfo> {
         let deadline = Instant::now() + timeout;
         let mut d = lock(&self.shared.done);
         while d.running > 0 {
@@ -921,22 +809,13 @@ impl Receiver {
                 msg: format!("end records disagree: digest {other:032x} vs {source:032x}"),
             });
         }
-        // Only the channels write destination memory while it is received,
-        // so pages outside `maybe_data` are still holes (zeros).
-        let verify = Instant::now();
-        let sh = &self.shared;
-        sh.verify.stop.store(true, Ordering::SeqCst);
-        let dest = {
-            let running = std::mem::take(&mut *lock(&sh.verify.digest));
-            let may_hold_data = |p: usize| sh.may_have_data(p as u64);
-            if sh.verify.stale.load(Ordering::SeqCst) {
-                sh.mem.digest_sparse(may_hold_data)
-            } else {
-                running.finish(&sh.mem, may_hold_data)
-            }
-        };
-        let verify_seconds = verify.elapsed().as_secs_f64();
-        if dest != source {
+        // Every channel ended: nothing writes memory any more, and the
+        // rest is cheaper hashed here at once than paced in the background.
+        if let Some(r) = &*lock(&self.rehasher) {
+            r.signal_stop();
+        }
+        let (dest, rehashed) = self.shared.digest.root_timed();
+        if check == EndCheck::Now && dest != source {
             return Err(CoreError::Protocol {
                 channel: 0,
                 packet: self.shared.channel_packets[0].load(Ordering::Relaxed),
@@ -947,10 +826,17 @@ impl Receiver {
         }
         Ok(EndInfo {
             digest: dest,
+            source_digest: source,
             channels: digests.len(),
             generation_syncs: self.shared.counters.syncs.load(Ordering::Relaxed),
-            verify_seconds,
+            verify_seconds: rehashed.seconds,
+            rehashed_chunks: rehashed.chunks,
         })
+    }
+
+    /// The root of destination memory now (rehashing the stale chunks).
+    pub fn memory_root(&self) -> u128 {
+        self.shared.digest.root()
     }
 
     /// Takes every device-state record received so far.
@@ -1011,6 +897,8 @@ impl Receiver {
             refused: self.refused.clone(),
             failure: self.shared.first_error().map(|e| e.to_string()),
             elapsed: self.started.elapsed().as_secs_f64(),
+            stale_chunks: self.shared.digest.stale_chunks(),
+            chunk_bytes: self.shared.digest.chunk_bytes(),
         }
     }
 
@@ -1027,14 +915,12 @@ impl Receiver {
         for t in threads {
             let _ = t.join();
         }
-        self.stop_verifier();
+        self.stop_rehasher();
     }
 
-    fn stop_verifier(&self) {
-        self.shared.verify.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = lock(&self.verifier).take() {
-            let _ = t.join();
-        }
+    fn stop_rehasher(&self) {
+        // Dropping it stops and joins the thread.
+        drop(lock(&self.rehasher).take());
     }
 }
 
@@ -1043,7 +929,7 @@ impl Drop for Receiver {
         if !lock(&self.threads).is_empty() {
             self.abort();
         }
-        self.stop_verifier();
+        self.stop_rehasher();
     }
 }
 
@@ -1105,7 +991,7 @@ fn restore_pages(
                     msg: format!("truncated stream: page data at {start:#x}: {e}"),
                 })?;
         }
-        sh.apply(idx, &normal, &zero, data)?;
+        sh.apply(&normal, &zero, data)?;
         if let Some(c) = sh.channel_packets.get(idx as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -1114,7 +1000,6 @@ fn restore_pages(
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         packet += 1;
     }
-    sh.verify.done(idx);
     Ok(())
 }
 
@@ -1185,7 +1070,11 @@ mod tests {
     fn expected_digest(fill: u8) -> u128 {
         let m = GuestMemory::new(PS * 16).unwrap();
         m.write_bytes(3 * PS, &[fill; PS]).unwrap();
-        m.digest()
+        crate::chunk_digest::digest_frozen(&m, 1)
+    }
+
+    fn wait(r: &Receiver) -> CoreResult<EndInfo> {
+        r.wait_end(Duration::from_secs(10), EndCheck::Now)
     }
 
     /// Page 3 goes out in generation 1 on channel 0 (content 0xAA) and in
@@ -1200,7 +1089,7 @@ mod tests {
         let ch1 = channel(&[sync(0, 1), page_record(1, 2, 3, 0xBB), end(2, d)], 0);
         let r =
             Receiver::start(mem.clone(), header(2), vec![ch0, ch1], Default::default()).unwrap();
-        let info = r.wait_end(Duration::from_secs(10)).unwrap();
+        let info = wait(&r).unwrap();
         assert_eq!(info.digest, d);
         let mut page = vec![0u8; PS];
         mem.read_bytes(3 * PS, &mut page).unwrap();
@@ -1218,7 +1107,7 @@ mod tests {
         let ch1 = channel(&[page_record(0, 2, 3, 0xBB), end(1, d)], 0);
         let r =
             Receiver::start(mem.clone(), header(2), vec![ch0, ch1], Default::default()).unwrap();
-        r.wait_end(Duration::from_secs(10)).unwrap();
+        wait(&r).unwrap();
     }
 
     /// Delivers `first`, then waits before delivering `rest`.
@@ -1240,11 +1129,11 @@ mod tests {
         }
     }
 
-    /// The digest thread hashes generation 1 while the stream pauses; the
-    /// page sent again in generation 2 lies below what it hashed, so the
-    /// running digest is dropped and the end check still sees the new page.
+    /// The rehasher hashes generation 1 while the stream pauses; the page
+    /// sent again in generation 2 lands in a chunk it already hashed, which
+    /// is marked stale again, so the end check still sees the new page.
     #[test]
-    fn a_page_sent_again_below_the_hashed_prefix_still_verifies() {
+    fn a_page_sent_again_into_a_hashed_chunk_still_verifies() {
         let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
         let d = expected_digest(0xBB);
         let first = [page_record(0, 1, 3, 0xAA), page_record(1, 1, 9, 0)].concat();
@@ -1256,9 +1145,9 @@ mod tests {
         });
         let r = Receiver::start(mem.clone(), header(1), vec![ch], Default::default()).unwrap();
         std::thread::sleep(Duration::from_millis(150));
-        assert!(r.shared.verify.hashed.load(Ordering::SeqCst) > 3);
-        assert_eq!(r.wait_end(Duration::from_secs(10)).unwrap().digest, d);
-        assert!(r.shared.verify.stale.load(Ordering::SeqCst));
+        assert_eq!(r.stats().stale_chunks, 0, "generation 1 was hashed");
+        let end = wait(&r).unwrap();
+        assert_eq!((end.digest, end.rehashed_chunks), (d, 1));
     }
 
     #[test]
@@ -1267,7 +1156,7 @@ mod tests {
         let before = mem.digest();
         let ch0 = channel(&[page_record(0, 2, 5, 1), page_record(1, 3, 6, 1)], 0);
         let r = Receiver::start(mem.clone(), header(1), vec![ch0], Default::default()).unwrap();
-        let e = r.wait_end(Duration::from_secs(10)).unwrap_err().to_string();
+        let e = wait(&r).unwrap_err().to_string();
         assert!(
             e.contains("channel 0, packet 1") && e.contains("before sync(2)"),
             "{e}"
@@ -1284,7 +1173,7 @@ mod tests {
         let ch0 = channel(&[sync(0, 1)], 0);
         let ch1 = channel(&[sync(0, 2)], 100);
         let r = Receiver::start(mem, header(2), vec![ch0, ch1], Default::default()).unwrap();
-        let e = r.wait_end(Duration::from_secs(10)).unwrap_err().to_string();
+        let e = wait(&r).unwrap_err().to_string();
         assert!(
             e.contains("sync(2) while other channels are at sync(1)"),
             "{e}"

@@ -7,6 +7,7 @@ use numpy::ndarray::ArrayViewMut1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
+use crate::chunk_digest;
 use crate::memory::GuestMemory;
 
 #[pyclass(name = "GuestMemory", module = "mig._mig", frozen)]
@@ -79,10 +80,28 @@ impl PyGuestMemory {
         Ok(arr)
     }
 
-    /// xxh3-128 digest of the whole memory, or of pages `[first, first+count)`.
-    #[pyo3(signature = (first=None, count=None))]
-    fn digest(&self, py: Python<'_>, first: Option<usize>, count: Option<usize>) -> PyResult<u128> {
+    /// The memory digest: without a range, the chunk root of all of memory
+    /// (`chunk_digest`, the digest the end records carry), read in full with
+    /// `threads` threads (default: the host's cores, at most four). With
+    /// `first`/`count`, the plain xxh3-128 of the bytes of those pages.
+    #[pyo3(signature = (first=None, count=None, threads=None))]
+    fn digest(
+        &self,
+        py: Python<'_>,
+        first: Option<usize>,
+        count: Option<usize>,
+        threads: Option<usize>,
+    ) -> PyResult<u128> {
         let mem = self.inner.clone();
+        if first.is_none() && count.is_none() {
+            let threads = super::chunk_digest::threads(threads)?;
+            return Ok(py.detach(move || chunk_digest::digest_frozen(&mem, threads)));
+        }
+        if threads.is_some() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "threads applies to the whole-memory digest, not to a page range",
+            ));
+        }
         let first = first.unwrap_or(0);
         let count = count.unwrap_or(mem.num_pages().saturating_sub(first));
         Ok(py.detach(move || mem.digest_pages(first, count))?)

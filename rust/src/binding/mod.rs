@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use crate::error::CoreError;
 
 mod bitmap;
+mod chunk_digest;
 mod memory;
 mod stream;
 mod tracker;
@@ -45,6 +46,7 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
     m.add("page_size", crate::memory::host_page_size())?;
     memory::register(m)?;
+    chunk_digest::register(m)?;
     bitmap::register(m)?;
     tracker::register(m)?;
     workload::register(m)?;

@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::bitmap::PyDirtyBitmap;
 use super::memory::PyGuestMemory;
-use crate::receiver::{Receiver, ReceiverConfig};
+use crate::receiver::{EndCheck, Receiver, ReceiverConfig};
 use crate::sender::{self, Sender, SenderConfig};
 use crate::transport::{Listener, TlsConfig};
 use crate::wire::Compression;
@@ -398,17 +398,40 @@ impl PyReceiver {
             .collect()
     }
 
-    /// Waits for every channel's end record and verifies the digest.
-    fn wait_end<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyDict>> {
+    /// Waits for every channel's end record and takes the root of the
+    /// destination memory (rehashing only the chunks still stale); with
+    /// `verify`, fails unless it equals the source's digest from the end
+    /// records.
+    #[pyo3(signature = (timeout, verify=true))]
+    fn wait_end<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+        verify: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let t = seconds("timeout", timeout)?;
         let r = self.inner.clone();
-        let end = py.detach(move || r.wait_end(t))?;
+        let check = if verify {
+            EndCheck::Now
+        } else {
+            EndCheck::Later
+        };
+        let end = py.detach(move || r.wait_end(t, check))?;
         let d = PyDict::new(py);
         d.set_item("digest", end.digest)?;
+        d.set_item("source-digest", end.source_digest)?;
         d.set_item("channels", end.channels)?;
         d.set_item("syncs", end.generation_syncs)?;
         d.set_item("verify-time", end.verify_seconds)?;
+        d.set_item("rehashed-chunks", end.rehashed_chunks)?;
         Ok(d)
+    }
+
+    /// The root of the destination memory now, as `GuestMemory.digest()`
+    /// computes it (rehashing only the chunks written since their hash).
+    fn memory_root(&self, py: Python<'_>) -> u128 {
+        let r = self.inner.clone();
+        py.detach(move || r.memory_root())
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -425,6 +448,8 @@ impl PyReceiver {
         d.set_item("refused", st.refused)?;
         d.set_item("failure", st.failure)?;
         d.set_item("elapsed", st.elapsed)?;
+        d.set_item("stale-chunks", st.stale_chunks)?;
+        d.set_item("chunk-bytes", st.chunk_bytes)?;
         Ok(d)
     }
 
