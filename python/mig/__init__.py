@@ -15,6 +15,8 @@ from mig._mig import (
     UnsupportedError,
     WorkloadGuest,
     capabilities,
+    fastest_backing,
+    memory_backings,
 )
 from mig.destination import MigrationDestination
 from mig.handlers import OverBudget, RamHandler, StateHandler
@@ -41,5 +43,7 @@ __all__ = [
     "UnsupportedError",
     "WorkloadGuest",
     "capabilities",
+    "fastest_backing",
     "make_policy",
+    "memory_backings",
 ]

@@ -169,6 +169,11 @@ def destination_table(q: dict[str, Any], title: str = "incoming migration") -> T
         t.add_row("RAM", format_size(int(ram.get("total", 0))))
     if q.get("memory-digest"):
         t.add_row("memory digest", str(q["memory-digest"]))
+    if q.get("memory-backing"):
+        got = f"{q['memory-backing']}, pages of {format_size(int(q.get('memory-page-size', 0)))}"
+        if "memory-huge-bytes" in q:
+            got += f", {format_size(int(q['memory-huge-bytes']))} in huge pages"
+        t.add_row("memory backing", got)
     for dev in q.get("devices") or []:
         what = dev.get("status") or format_size(int(dev.get("bytes", 0)))
         t.add_row(f"device {dev.get('name')}", f"{dev.get('type')}: {what}")

@@ -314,11 +314,8 @@ impl Shared {
                 j += 1;
             }
             let (off, bytes) = (normal[i] as usize, &data[i * ps..j * ps]);
-            if populated {
-                self.mem.write_bytes(off, bytes)?;
-            } else {
-                self.mem.store_bytes(off, bytes)?;
-            }
+            let _ = populated;
+            self.mem.write_bytes(off, bytes)?;
             for &off in &normal[i..j] {
                 self.mark_data(off / ps as u64);
             }
@@ -585,32 +582,14 @@ fn account(sh: &Shared, idx: u32, bytes: usize) {
     }
 }
 
-/// Pages that may already hold data: the memfd's data extents (holes read
-/// as zero). On any doubt every page counts as possibly non-zero.
+/// Pages that may already hold data (see [`GuestMemory::data_ranges`]).
 fn data_extents(mem: &GuestMemory) -> Vec<AtomicU64> {
-    let n = mem.num_pages() as u64;
-    let ps = mem.page_size() as u64;
+    let n = mem.num_pages();
+    let ps = mem.page_size();
     let words: Vec<AtomicU64> = (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    let set = |from: u64, to: u64| {
+    for (from, to) in mem.data_ranges() {
         for p in from / ps..to.div_ceil(ps).min(n) {
-            words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
-        }
-    };
-    let len = mem.len() as u64;
-    let mut off = 0u64;
-    while off < len {
-        use rustix::fs::{seek, SeekFrom};
-        match seek(mem.as_fd(), SeekFrom::Data(off)) {
-            Ok(start) => {
-                let end = seek(mem.as_fd(), SeekFrom::Hole(start)).unwrap_or(len);
-                set(start, end.max(start + 1));
-                off = end.max(start + 1);
-            }
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => {
-                set(0, len);
-                break;
-            }
+            words[p / 64].fetch_or(1 << (p % 64), Ordering::Relaxed);
         }
     }
     words
