@@ -9,6 +9,7 @@ pub mod backing;
 pub mod bitmap;
 pub mod error;
 pub mod memory;
+pub mod order;
 pub mod pagemap;
 pub mod receiver;
 pub mod sender;

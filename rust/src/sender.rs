@@ -22,6 +22,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver as Rx, Sender as Tx
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
+use crate::order::{ChannelOrder, OrderError};
 use crate::transport::{self, Conn, ControlLink, Endpoint};
 use crate::wire::{
     self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
@@ -322,12 +323,11 @@ enum Sink {
     File(Arc<FileSink>),
 }
 
-/// Generation bookkeeping that lets the receiver order pages: within one
-/// generation a page is sent at most once, and a new generation needs a
-/// sync first.
+/// Generation bookkeeping that lets the receiver order pages: the order
+/// the receiver checks, and within one generation a page is sent at most
+/// once.
 struct GenState {
-    current: Option<u64>,
-    synced: Option<u64>,
+    order: ChannelOrder,
     sent: DirtyBitmap,
     finished: bool,
 }
@@ -428,8 +428,7 @@ impl Sender {
         }
         Ok(Sender {
             gen: Mutex::new(GenState {
-                current: None,
-                synced: None,
+                order: ChannelOrder::default(),
                 sent: DirtyBitmap::new(mem.num_pages()),
                 finished: false,
             }),
@@ -477,7 +476,7 @@ impl Sender {
                 )));
             }
             g.sent.or_assign(bitmap)?;
-            g.current = Some(generation);
+            g.order.on_pages(generation).map_err(out_of_order)?;
         }
         let (reply, results) = unbounded();
         let pages_tx = lock(&self.pages_tx).clone().ok_or_else(closed)?;
@@ -553,12 +552,7 @@ impl Sender {
         if g.finished {
             return Err(CoreError::invalid("the stream is already finished"));
         }
-        if g.current.is_some_and(|c| generation < c) || g.synced.is_some_and(|s| generation <= s) {
-            return Err(CoreError::invalid(format!(
-                "sync({generation}) goes backwards (pages sent in generation {:?}, last sync {:?})",
-                g.current, g.synced
-            )));
-        }
+        g.order.check_sync(generation).map_err(out_of_order)?;
         let bytes = if self.file.is_some() {
             // send_pages already waited for every write; a file needs no
             // barrier record, the order of writes is the order of syncs.
@@ -566,8 +560,7 @@ impl Sender {
         } else {
             self.broadcast(|reply| Job::Sync { generation, reply })?
         };
-        g.synced = Some(generation);
-        g.current = None;
+        g.order.on_sync(generation).map_err(out_of_order)?;
         g.sent.clear_all();
         Ok(bytes)
     }
@@ -597,7 +590,7 @@ impl Sender {
         body.extend_from_slice(device_id.as_bytes());
         body.extend_from_slice(data);
         let id_len = device_id.len() as u32;
-        let generation = lock(&self.gen).current.unwrap_or(0);
+        let generation = lock(&self.gen).order.open().unwrap_or(0);
         let kind = RecordKind::Device { seq, id_len, last };
         if let Some(f) = &self.file {
             return f.append(kind, generation, &body);
@@ -629,7 +622,7 @@ impl Sender {
         if g.finished {
             return Err(CoreError::invalid("finish() was already called"));
         }
-        let generation = g.current.or(g.synced).unwrap_or(0);
+        let generation = g.order.latest().unwrap_or(0);
         let bytes = match &self.file {
             Some(f) => finish_snapshot(f, generation, digest)?,
             None => self.broadcast(|reply| Job::End {
@@ -738,21 +731,12 @@ fn check_generation(g: &GenState, generation: u64) -> CoreResult<()> {
     if g.finished {
         return Err(CoreError::invalid("the stream is already finished"));
     }
-    if let Some(s) = g.synced {
-        if generation <= s {
-            return Err(CoreError::invalid(format!(
-                "generation {generation} was already closed by sync({s})"
-            )));
-        }
-    }
-    if let Some(c) = g.current {
-        if generation != c {
-            return Err(CoreError::invalid(format!(
-                "generation {generation} follows generation {c} without sync({c})"
-            )));
-        }
-    }
-    Ok(())
+    g.order.check_pages(generation).map_err(out_of_order)
+}
+
+/// The caller asked for a record the receiver would refuse.
+fn out_of_order(e: OrderError) -> CoreError {
+    CoreError::invalid(e.to_string())
 }
 
 fn closed() -> CoreError {
