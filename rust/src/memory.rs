@@ -213,6 +213,14 @@ impl GuestMemory {
         Some(out)
     }
 
+    /// A raw pointer to `[offset, offset + len)` after checking that the
+    /// range lies inside the mapping: for the kernel to write into (`readv`).
+    pub fn range_ptr(&self, offset: usize, len: usize) -> CoreResult<*mut u8> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range was checked against the mapping.
+        Ok(unsafe { self.base.as_ptr().add(offset) })
+    }
+
     fn check_range(&self, offset: usize, len: usize) -> CoreResult<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
