@@ -9,9 +9,7 @@
 //! that must reach every channel (sync, end) go through per-channel queues.
 //! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
 
-use std::fs::File;
 use std::io::{IoSlice, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,14 +17,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver as Rx, Sender as Tx};
 
+mod snapshot;
+use snapshot::SnapshotFile;
+
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
 use crate::order::{ChannelOrder, OrderError};
 use crate::transport::{self, Conn, ControlLink, Endpoint};
 use crate::wire::{
-    self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
-    MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_DEVICE_ID_LEN, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
+    self, ChannelKind, Compression, RecordHeader, RecordKind, StreamHeader, MAX_CHANNELS,
+    MAX_DEVICE_CHUNK, MAX_DEVICE_ID_LEN, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
 };
 
 #[derive(Clone, Debug)]
@@ -296,31 +297,9 @@ enum Job {
     },
 }
 
-/// The snapshot file shared by the channel threads of a `file:` target.
-struct FileSink {
-    file: File,
-    layout: FileLayout,
-    presence: Vec<AtomicU64>,
-    /// Next free byte of the record log and next record number.
-    log: Mutex<(u64, u64)>,
-}
-
-impl FileSink {
-    fn append(&self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
-        let mut log = lock(&self.log);
-        let rec = RecordHeader::record(kind, log.1, generation, body);
-        self.file
-            .write_all_at(&rec, self.layout.log_offset + log.0)
-            .map_err(|e| CoreError::io("snapshot: write record", e))?;
-        log.0 += rec.len() as u64;
-        log.1 += 1;
-        Ok(rec.len() as u64)
-    }
-}
-
 enum Sink {
     Socket(Conn),
-    File(Arc<FileSink>),
+    File(Arc<SnapshotFile>),
 }
 
 /// Generation bookkeeping that lets the receiver order pages: the order
@@ -341,7 +320,7 @@ pub struct Sender {
     threads: Mutex<Vec<JoinHandle<()>>>,
     control: Option<ControlLink>,
     sockets: Vec<Conn>,
-    file: Option<Arc<FileSink>>,
+    file: Option<Arc<SnapshotFile>>,
     gen: Mutex<GenState>,
 }
 
@@ -371,7 +350,7 @@ impl Sender {
                     "file: snapshots store pages at fixed offsets and cannot be compressed".into(),
                 ));
             }
-            let sink = Arc::new(open_snapshot(path, &header(ChannelKind::File, 0))?);
+            let sink = Arc::new(SnapshotFile::create(path, &header(ChannelKind::File, 0))?);
             sinks = (0..cfg.channels)
                 .map(|_| Sink::File(sink.clone()))
                 .collect();
@@ -624,7 +603,7 @@ impl Sender {
         }
         let generation = g.order.latest().unwrap_or(0);
         let bytes = match &self.file {
-            Some(f) => finish_snapshot(f, generation, digest)?,
+            Some(f) => f.finish(generation, digest)?,
             None => self.broadcast(|reply| Job::End {
                 generation,
                 digest,
@@ -784,62 +763,6 @@ pub struct SenderStats {
     pub bandwidth: f64,
     pub max_bandwidth: u64,
     pub failure: Option<String>,
-}
-
-fn open_snapshot(path: &std::path::Path, header: &StreamHeader) -> CoreResult<FileSink> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| CoreError::io(format!("create snapshot {}", path.display()), e))?;
-    let layout = FileLayout::new(header.memory_size, header.page_size);
-    let io = |e| CoreError::io(format!("write snapshot {}", path.display()), e);
-    file.write_all_at(&header.encode(), 0).map_err(io)?;
-    let incomplete = FileState {
-        complete: false,
-        bitmap_crc: 0,
-        log_len: 0,
-    };
-    file.write_all_at(&incomplete.encode(), wire::FILE_STATE_OFFSET)
-        .map_err(io)?;
-    // Sized up front so untouched pages stay holes.
-    file.set_len(layout.log_offset).map_err(io)?;
-    Ok(FileSink {
-        file,
-        layout,
-        presence: (0..layout.bitmap_len / 8)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-        log: Mutex::new((0, 0)),
-    })
-}
-
-/// Presence bitmap, end record, then the completion block, each made durable
-/// before the next so a torn snapshot is refused as incomplete.
-fn finish_snapshot(f: &FileSink, generation: u64, digest: u128) -> CoreResult<u64> {
-    let io = |e| CoreError::io("snapshot: finish", e);
-    let bitmap: Vec<u8> = f
-        .presence
-        .iter()
-        .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-        .collect();
-    f.file
-        .write_all_at(&bitmap, f.layout.bitmap_offset)
-        .map_err(io)?;
-    let end = f.append(RecordKind::End, generation, &digest.to_le_bytes())?;
-    f.file.sync_all().map_err(io)?;
-    let state = FileState {
-        complete: true,
-        bitmap_crc: crc32c::crc32c(&bitmap),
-        log_len: lock(&f.log).0,
-    };
-    f.file
-        .write_all_at(&state.encode(), wire::FILE_STATE_OFFSET)
-        .map_err(io)?;
-    f.file.sync_all().map_err(io)?;
-    Ok(end + bitmap.len() as u64)
 }
 
 /// One channel thread's state: its sink and reusable buffers.
@@ -1082,37 +1005,19 @@ impl Worker {
         Ok(wire)
     }
 
-    /// Writes normal pages at their fixed offsets (runs of adjacent pages in
-    /// one write) and records presence; zero pages just clear their bit.
-    fn write_file(&mut self, f: Arc<FileSink>) -> CoreResult<u64> {
-        let ps = self.mem.page_size();
-        let bit = |off: u64| {
-            let p = off / ps as u64;
-            (&f.presence[(p / 64) as usize], 1u64 << (p % 64))
-        };
-        let mut i = 0;
-        while i < self.normal.len() {
-            let mut j = i + 1;
-            while j < self.normal.len() && self.normal[j] == self.normal[j - 1] + ps as u64 {
-                j += 1;
-            }
-            let data = &self.payload[i * ps..j * ps];
-            self.shared
-                .bucket
-                .take(data.len() as u64, &self.shared.abort);
-            f.file
-                .write_all_at(data, f.layout.pages_offset + self.normal[i])
-                .map_err(|e| self.error("write snapshot pages", e))?;
-            i = j;
-        }
-        for &off in &self.normal {
-            let (w, m) = bit(off);
-            w.fetch_or(m, Ordering::Relaxed);
-        }
-        for &off in &self.zero {
-            let (w, m) = bit(off);
-            w.fetch_and(!m, Ordering::Relaxed);
-        }
+    /// Writes the packet's pages into the snapshot file at their fixed
+    /// offsets.
+    fn write_file(&mut self, f: Arc<SnapshotFile>) -> CoreResult<u64> {
+        let shared = &self.shared;
+        let payload = &self.payload[..self.payload_len];
+        f.write_pages(
+            &self.normal,
+            &self.zero,
+            payload,
+            self.mem.page_size(),
+            |n| shared.bucket.take(n as u64, &shared.abort),
+        )
+        .map_err(|e| self.error("write snapshot pages", e))?;
         let wire = self.payload_len as u64;
         self.shared.payload_bytes.fetch_add(wire, Ordering::Relaxed);
         self.number += 1;
