@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
-use super::pages::{DecodeError, PageDecoder};
+use super::pages::{DecodeError, Destination, PageDecoder, PageRecord};
 use super::{lock, Shared};
 use crate::error::{CoreError, CoreResult};
 use crate::order::ChannelOrder;
@@ -157,17 +157,15 @@ impl ChannelReader<'_> {
             .map_err(|e| self.perr(e.to_string()))?;
         let sh = self.sh;
         let direct = input.direct.as_ref().map(|fd| fd.as_fd());
+        let rec = PageRecord { header: h, raw };
+        let to = Destination {
+            stream: &sh.stream,
+            mem: &sh.mem,
+            data: &sh.data,
+        };
         let pages = self
             .pages
-            .decode(
-                &mut *input.reader,
-                direct,
-                h,
-                raw,
-                &sh.stream,
-                &sh.mem,
-                &sh.data,
-            )
+            .decode(&mut *input.reader, direct, &rec, &to)
             .map_err(|e| match e {
                 DecodeError::Read(what, f) => self.read_err(what, f),
                 DecodeError::Bad(m) => self.perr(m),

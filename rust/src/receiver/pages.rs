@@ -37,6 +37,20 @@ impl From<CoreError> for DecodeError {
     }
 }
 
+/// Where pages land: the destination memory, the stream it was checked
+/// against, and which of its pages may hold data.
+pub struct Destination<'a> {
+    pub stream: &'a StreamHeader,
+    pub mem: &'a GuestMemory,
+    pub data: &'a DataMap,
+}
+
+/// A PAGE record's header, decoded and as the raw bytes its CRC covers.
+pub struct PageRecord<'a> {
+    pub header: &'a RecordHeader,
+    pub raw: &'a [u8; RECORD_HEADER_LEN],
+}
+
 /// The pages of an applied record, as validated byte offsets.
 pub struct Pages {
     pub normal: Vec<u64>,
@@ -89,25 +103,21 @@ impl PageDecoder {
         }
     }
 
-    /// Reads the body of the PAGE record `h` (whose header bytes are `raw`)
-    /// from `reader`, or with `readv` from `direct` when given, and lands
-    /// the normal pages in `mem`. Zero pages are left to the caller.
-    #[allow(clippy::too_many_arguments)]
+    /// Reads the body of `rec` from `reader`, or with `readv` from
+    /// `direct` when given, and lands the normal pages in `to.mem`. Zero
+    /// pages are left to the caller.
     pub fn decode(
         &mut self,
         reader: &mut dyn Read,
         direct: Option<BorrowedFd<'_>>,
-        h: &RecordHeader,
-        raw: &[u8; RECORD_HEADER_LEN],
-        stream: &StreamHeader,
-        mem: &GuestMemory,
-        data: &DataMap,
+        rec: &PageRecord<'_>,
+        to: &Destination<'_>,
     ) -> Result<Pages, DecodeError> {
         let wire::RecordKind::Pages {
             compression,
             normal,
             zero,
-        } = h.kind
+        } = rec.header.kind
         else {
             return Err(DecodeError::Bad("not a PAGE record".into()));
         };
@@ -117,12 +127,12 @@ impl PageDecoder {
         transport::read_full(reader, &mut self.table)
             .map_err(|f| DecodeError::Read("PAGE offsets", f))?;
         let (normal, zero) =
-            wire::parse_offsets(normal, &self.table, stream).map_err(DecodeError::Bad)?;
+            wire::parse_offsets(normal, &self.table, to.stream).map_err(DecodeError::Bad)?;
         match compression {
-            Compression::None => self.receive_plain(reader, direct, h, raw, &normal, mem, data)?,
+            Compression::None => self.receive_plain(reader, direct, rec, &normal, to)?,
             c => {
-                let payload = h.body_len as usize - table_len;
-                self.receive_packed(reader, h, raw, c, payload, &normal, mem, data)?
+                let payload = rec.header.body_len as usize - table_len;
+                self.receive_packed(reader, rec, c, payload, &normal, to)?
             }
         }
         Ok(Pages { normal, zero })
@@ -164,18 +174,16 @@ impl PageDecoder {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn receive_plain(
         &mut self,
         reader: &mut dyn Read,
         direct: Option<BorrowedFd<'_>>,
-        h: &RecordHeader,
-        raw: &[u8; RECORD_HEADER_LEN],
+        rec: &PageRecord<'_>,
         normal: &[u64],
-        mem: &GuestMemory,
-        data: &DataMap,
+        to: &Destination<'_>,
     ) -> Result<(), DecodeError> {
-        self.plan(normal, direct.is_some(), data);
+        let mem = to.mem;
+        self.plan(normal, direct.is_some(), to.data);
         let read = match direct {
             Some(fd) => self.readv_runs(fd, mem)?,
             None => {
@@ -197,18 +205,14 @@ impl PageDecoder {
                 Via::Direct => unsafe { mem.racy_slice(r.dest, r.len) }.unwrap_or(&[]),
                 Via::Bounce(at) => &bounce[at..at + r.len],
             });
-            h.verify_crc_parts(raw, std::iter::once(&self.table[..]).chain(parts))
+            rec.header
+                .verify_crc_parts(rec.raw, std::iter::once(&self.table[..]).chain(parts))
         };
         if let Err(m) = crc {
             self.undo_direct(mem)?;
             return Err(DecodeError::Bad(m));
         }
-        for r in &self.runs {
-            if let Via::Bounce(at) = r.via {
-                mem.write_bytes(r.dest, &self.bounce[at..at + r.len])?;
-            }
-        }
-        Ok(())
+        self.store_bounced(mem)
     }
 
     /// Receives the planned runs with `readv`, each at its place.
@@ -244,23 +248,21 @@ impl PageDecoder {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn receive_packed(
         &mut self,
         reader: &mut dyn Read,
-        h: &RecordHeader,
-        raw: &[u8; RECORD_HEADER_LEN],
+        rec: &PageRecord<'_>,
         c: Compression,
         payload: usize,
         normal: &[u64],
-        mem: &GuestMemory,
-        data: &DataMap,
+        to: &Destination<'_>,
     ) -> Result<(), DecodeError> {
         // `payload` is below the raw size (`RecordHeader::decode`).
         self.packed.resize(payload, 0);
         transport::read_full(reader, &mut self.packed)
             .map_err(|f| DecodeError::Read("PAGE body", f))?;
-        h.verify_crc_parts(raw, [&self.table[..], &self.packed[..]])
+        rec.header
+            .verify_crc_parts(rec.raw, [&self.table[..], &self.packed[..]])
             .map_err(DecodeError::Bad)?;
         let raw_len = normal.len() * self.page_size;
         if self.bounce.len() < self.max_payload {
@@ -287,7 +289,12 @@ impl PageDecoder {
                 "payload decompresses to {n} bytes, not {raw_len}"
             )));
         }
-        self.plan(normal, false, data);
+        self.plan(normal, false, to.data);
+        self.store_bounced(to.mem)
+    }
+
+    /// Copies the bounced runs into memory, once their record checked out.
+    fn store_bounced(&self, mem: &GuestMemory) -> Result<(), DecodeError> {
         for r in &self.runs {
             if let Via::Bounce(at) = r.via {
                 mem.write_bytes(r.dest, &self.bounce[at..at + r.len])?;
