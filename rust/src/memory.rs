@@ -188,19 +188,31 @@ impl GuestMemory {
     pub fn data_ranges(&self) -> Vec<(usize, usize)> {
         let found = match self.seekable() {
             Some(fd) => seek_data_ranges(fd, self.len),
-            None => self.present_ranges(0, self.len),
+            None => self.present_ranges(0, self.len, false),
         };
         found.unwrap_or_else(|| vec![(0, self.len)])
     }
 
-    /// Present or swapped pages of `[offset, offset + len)` as byte ranges.
-    fn present_ranges(&self, offset: usize, len: usize) -> Option<Vec<(usize, usize)>> {
+    /// Pages of `[offset, offset + len)` that hold data as byte ranges:
+    /// present or swapped in this process's page tables, and not the shared
+    /// zero page (which a read of a hole maps). With `first_only`, the first
+    /// range only.
+    fn present_ranges(
+        &self,
+        offset: usize,
+        len: usize,
+        first_only: bool,
+    ) -> Option<Vec<(usize, usize)>> {
         let pagemap = pagemap::open_pagemap().ok()?;
-        let mut buf = vec![pagemap::PageRegion::default(); pagemap::SCAN_REGIONS];
+        let regions = if first_only { 1 } else { pagemap::SCAN_REGIONS };
+        let mut buf = vec![pagemap::PageRegion::default(); regions];
         let query = pagemap::Query {
+            flags: 0,
+            category_mask: pagemap::PAGE_IS_PFNZERO,
+            inverted: pagemap::PAGE_IS_PFNZERO,
             anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
             return_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-            ..Default::default()
+            first_only,
         };
         let base = self.base.as_ptr() as u64;
         let (start, end) = (base + offset as u64, base + (offset + len) as u64);
@@ -323,6 +335,12 @@ impl GuestMemory {
                     // writers first when they need a stable answer.
                     hasher.update(unsafe { self.racy_slice(pos, n)? })
                 }
+                // Anonymous memory has no fd to pread; reading its holes
+                // through the mapping maps the shared zero page, no memory.
+                Extent::Mixed if self.seekable().is_none() => {
+                    // SAFETY: as for `Extent::Data`.
+                    hasher.update(unsafe { self.racy_slice(pos, n)? })
+                }
                 Extent::Mixed => {
                     self.pread_exact(pos, &mut buf[..n])?;
                     hasher.update(&buf[..n]);
@@ -345,7 +363,12 @@ impl GuestMemory {
     fn data_extent(&self, pos: usize, limit: usize) -> (usize, usize) {
         use rustix::fs::{seek, SeekFrom};
         let Some(fd) = self.seekable() else {
-            return (pos, limit);
+            return match self.present_ranges(pos, limit - pos, true) {
+                Some(r) => r
+                    .first()
+                    .map_or((limit, limit), |&(s, e)| (s, e.max(s + 1))),
+                None => (pos, limit),
+            };
         };
         match seek(fd, SeekFrom::Data(pos as u64)) {
             Ok(start) => {
@@ -378,7 +401,7 @@ impl GuestMemory {
             return self
                 .check_range(start, end.saturating_sub(start))
                 .ok()
-                .and_then(|()| self.present_ranges(start, end - start))
+                .and_then(|()| self.present_ranges(start, end - start, true))
                 .is_some_and(|r| r.is_empty());
         };
         match seek(fd, SeekFrom::Data(start as u64)) {
@@ -588,6 +611,33 @@ mod tests {
         mem.write_bytes(10 * ps, &vec![0u8; ps]).unwrap(); // written zeros are data
         assert!(mem.is_hole(0, 10 * ps) && mem.is_hole(11 * ps, 64 * ps));
         assert!(!mem.is_hole(0, 11 * ps) && !mem.is_hole(10 * ps, 11 * ps));
+    }
+
+    #[test]
+    fn holes_of_anonymous_memory_are_the_pages_never_touched() {
+        let ps = host_page_size();
+        let mem = GuestMemory::with_backing(64 * ps, Backing::Anon).unwrap();
+        assert!(mem.fd().is_none());
+        assert!(mem.is_hole(0, 64 * ps));
+        assert!(mem.data_ranges().is_empty());
+        mem.write_bytes(10 * ps, &[1u8; 8]).unwrap();
+        mem.write_bytes(11 * ps, &[1u8; 8]).unwrap();
+        assert!(mem.is_hole(0, 10 * ps) && mem.is_hole(12 * ps, 64 * ps));
+        assert!(!mem.is_hole(0, 11 * ps) && !mem.is_hole(11 * ps, 64 * ps));
+        assert_eq!(mem.data_ranges(), vec![(10 * ps, 12 * ps)]);
+        // Holes are hashed as zeros, written pages read: the same digest.
+        let plain = GuestMemory::new(64 * ps).unwrap();
+        plain.write_bytes(10 * ps, &[1u8; 8]).unwrap();
+        plain.write_bytes(11 * ps, &[1u8; 8]).unwrap();
+        assert_eq!(mem.digest(), plain.digest());
+        assert_eq!(
+            mem.digest_pages(9, 4).unwrap(),
+            plain.digest_pages(9, 4).unwrap()
+        );
+        // Reading a hole maps the zero page: still a hole.
+        let mut out = [0u8; 8];
+        mem.read_bytes(30 * ps, &mut out).unwrap();
+        assert!(mem.is_hole(12 * ps, 64 * ps));
     }
 
     #[test]

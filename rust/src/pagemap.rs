@@ -19,6 +19,8 @@ pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// Mapped to the shared zero page (a read of a never-written page).
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
@@ -85,7 +87,12 @@ pub struct Query {
     pub category_mask: u64,
     /// At least one of these categories must hold.
     pub anyof_mask: u64,
+    /// Categories whose meaning is inverted in both masks ("must not").
+    pub inverted: u64,
     pub return_mask: u64,
+    /// End the scan after the first call that reports a region (with a
+    /// one-region buffer: the first matching region).
+    pub first_only: bool,
 }
 
 pub fn open_pagemap() -> Result<File, Errno> {
@@ -125,6 +132,7 @@ pub fn scan(
         vec_len: buf.len() as u64,
         category_mask: query.category_mask,
         category_anyof_mask: query.anyof_mask,
+        category_inverted: query.inverted,
         return_mask: query.return_mask,
         ..Default::default()
     };
@@ -140,7 +148,7 @@ pub fn scan(
         for r in &buf[..n] {
             f(r.start, r.end);
         }
-        if arg.walk_end >= end {
+        if arg.walk_end >= end || (query.first_only && n > 0) {
             return Ok(());
         }
         if arg.walk_end <= arg.start && n == 0 {

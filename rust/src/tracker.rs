@@ -118,6 +118,7 @@ fn harvest(
         category_mask: PAGE_IS_WRITTEN,
         anyof_mask: 0,
         return_mask: PAGE_IS_WRITTEN,
+        ..Default::default()
     };
     pagemap::scan(pagemap, buf, query, start, end, f)
 }
