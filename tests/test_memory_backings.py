@@ -177,3 +177,21 @@ def test_migration_into_a_backing_reports_what_it_got(backing: str) -> None:
     assert d["memory-huge-bytes"] == dst.huge_bytes()
     if backing == "anon":
         assert d["memory-huge-bytes"] == 0
+
+
+def test_demo_destination_uses_the_fastest_backing_and_says_so() -> None:
+    size = 64 << 20
+    p = subprocess.run(
+        [sys.executable, "-m", "mig.cli", "demo", "--size", "64MiB", "--workload", "idle"]
+        + ["--devices", "none", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    q = json.loads(p.stdout)
+    assert q["status"] == "completed" and q["end-to-end-check"] == "passed"
+    got = q["destination-memory"]
+    assert got["memory-backing"] == mig.fastest_backing(size)
+    assert got["memory-page-size"] == OFFERS[got["memory-backing"]]["page-size"]
+    assert 0 <= got["memory-huge-bytes"] <= size

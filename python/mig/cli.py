@@ -604,11 +604,18 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         if q.get("status") == "completed":
             check = ("failed" if problems else "passed") if args.verify else "skipped"
             q = {**q, "end-to-end-check": check}
+        mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
+        if mem:
+            q = {**q, "destination-memory": mem}
         return _finish_source(args, q, interrupted, console, problems)
     finally:
         if child is not None:
             _reap(child, 5.0)
         g.close()
+
+
+# What the destination's query() says its memory got (docs/memory.md).
+_DEST_MEMORY = ("memory-backing", "memory-page-size", "memory-huge-bytes")
 
 
 def _spawn_destination(
