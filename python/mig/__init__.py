@@ -17,6 +17,8 @@ from mig._mig import (
     WorkloadGuest,
     capabilities,
     digest_frozen,
+    fastest_backing,
+    memory_backings,
 )
 from mig.destination import MigrationDestination
 from mig.handlers import LoadHandler, OverBudget, RamHandler, SaveHandler, StateHandler
@@ -47,5 +49,7 @@ __all__ = [
     "WorkloadGuest",
     "capabilities",
     "digest_frozen",
+    "fastest_backing",
     "make_policy",
+    "memory_backings",
 ]

@@ -13,12 +13,17 @@ class MigError(Exception): ...
 class UnsupportedError(MigError): ...
 class ProtocolError(MigError): ...
 
-class GuestMemory:
-    """memfd-backed, page-aligned guest memory shared by every thread."""
+Backing = Literal["memfd", "memfd-thp", "anon", "anon-thp", "hugetlb"]
 
-    def __init__(self, size: int) -> None: ...
+class GuestMemory:
+    """Page-aligned guest memory shared by every thread; memfd-backed unless
+    another backing is asked for ("auto": the fastest to fill the host offers)."""
+
+    def __init__(self, size: int, backing: Backing | Literal["auto"] = "memfd") -> None: ...
     @staticmethod
-    def from_image(path: str | PathLike[str]) -> GuestMemory: ...
+    def from_image(
+        path: str | PathLike[str], backing: Backing | Literal["auto"] = "memfd"
+    ) -> GuestMemory: ...
     def to_image(self, path: str | PathLike[str]) -> None: ...
     @property
     def size(self) -> int: ...
@@ -27,7 +32,17 @@ class GuestMemory:
     @property
     def num_pages(self) -> int: ...
     @property
-    def fd(self) -> int: ...
+    def fd(self) -> int | None:
+        """The memfd; None for anonymous memory."""
+    @property
+    def backing(self) -> Backing: ...
+    @property
+    def backing_page_size(self) -> int:
+        """The unit the kernel allocates in when it can (huge page size for THP, hugetlb)."""
+    def huge_bytes(self) -> int:
+        """Bytes the kernel backs with huge pages right now (/proc/self/smaps)."""
+    def populate(self, offset: int = 0, len: int | None = None) -> None:
+        """Allocate and zero the range now (MADV_POPULATE_WRITE); content is kept."""
     @property
     def array(self) -> npt.NDArray[np.uint8]: ...
     def digest(
@@ -148,6 +163,13 @@ class Capabilities(TypedDict):
     soft: BackendCapability
 
 def capabilities() -> Capabilities: ...
+def memory_backings() -> list[dict[str, Any]]:
+    """What the host offers per backing, fastest to fill first: backing,
+    available, page-size, reason."""
+
+def fastest_backing(size: int) -> Backing:
+    """The backing "auto" picks for memory of ``size`` bytes."""
+
 def digest_bytes(data: npt.NDArray[np.uint8]) -> int:
     """xxh3-128 of a contiguous uint8 array (as ``GuestMemory.digest(first, count)``)."""
     ...

@@ -303,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="wait this long for a source (default: forever)",
     )
+    serve.add_argument(
+        "--backing",
+        choices=("auto", "memfd", "memfd-thp", "anon", "anon-thp", "hugetlb"),
+        default="auto",
+        help="destination memory backing (default auto: the fastest to fill the host "
+        "offers; `mig info` lists them)",
+    )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     send = sub.add_parser(
@@ -603,11 +610,18 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         if q.get("status") == "completed":
             check = ("failed" if problems else "passed") if args.verify else "skipped"
             q = {**q, "end-to-end-check": check}
+        mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
+        if mem:
+            q = {**q, "destination-memory": mem}
         return _finish_source(args, q, interrupted, console, problems)
     finally:
         if child is not None:
             _reap(child, 5.0)
         g.close()
+
+
+# What the destination's query() says its memory got (docs/memory.md).
+_DEST_MEMORY = ("memory-backing", "memory-page-size", "memory-huge-bytes")
 
 
 def _spawn_destination(
@@ -730,7 +744,10 @@ def _serve_one(
     from mig.destination import MigrationDestination
     from mig.devices import create_all
 
-    memory = mig.GuestMemory(args.size)
+    try:
+        memory = mig.GuestMemory(args.size, args.backing)
+    except (ValueError, mig.MigError) as e:
+        raise UsageError("--backing", str(e)) from None
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
@@ -881,6 +898,7 @@ def host_info() -> dict[str, Any]:
             k: v for k, v in caps.items() if isinstance(v, dict) and "available" in v
         },
         "shmem-thp": caps.get("shmem_thp"),
+        "memory-backings": mig.memory_backings(),
         "cpu-features": [
             {"flag": flag, "present": flag in flags, "used-for": use} for flag, use in _CPU_FEATURES
         ],
@@ -904,6 +922,17 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         t.add_column(col)
     for name, cap in info["dirty-tracking"].items():
         t.add_row(name, "yes" if cap["available"] else "no", str(cap.get("reason", "")))
+    out.print(t)
+    t = Table(title="memory backings (fastest to fill first)", title_justify="left")
+    for col in ("backing", "available", "page size", "reason"):
+        t.add_column(col)
+    for offer in info["memory-backings"]:
+        t.add_row(
+            offer["backing"],
+            "yes" if offer["available"] else "no",
+            format_size(offer["page-size"]),
+            offer["reason"],
+        )
     out.print(t)
     t = Table(title="CPU features used", title_justify="left")
     for col in ("flag", "present", "used for"):

@@ -112,6 +112,7 @@ class MigrationDestination:
         )
         self.status = "none"
         self.error: str | None = None
+        self._huge_bytes: int | None = None
         self._cancel: str | None = None
         self._digest_timer: threading.Thread | None = None
         self._digest_seconds: float | None = None
@@ -185,8 +186,26 @@ class MigrationDestination:
         }
         if self.memory_digest is not None:
             out["memory-digest"] = self.memory_digest
+        out.update(self._memory_backing())
         if self.error:
             out["error-desc"] = self.error
+        return out
+
+    def _memory_backing(self) -> dict[str, Any]:
+        """Which backing the memory got; once the migration is over, also how
+        many bytes the kernel actually backs with huge pages (read from
+        /proc/self/smaps, too costly to poll while pages arrive)."""
+        backing = getattr(self.memory, "backing", None)
+        if backing is None:
+            return {}
+        out: dict[str, Any] = {
+            "memory-backing": backing,
+            "memory-page-size": self.memory.backing_page_size,
+        }
+        if self.status in ("completed", "failed", "cancelled"):
+            if self._huge_bytes is None:
+                self._huge_bytes = self.memory.huge_bytes()
+            out["memory-huge-bytes"] = self._huge_bytes
         return out
 
     # ------------------------------------------------------------ serving

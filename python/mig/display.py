@@ -148,7 +148,17 @@ def summary_table(q: dict[str, Any], title: str = "migration summary") -> Table:
             f"{format_size(int(dev.get('stop-copy-bytes', 0)))} stop-copy",
         )
     t.add_row("verified", "yes" if q.get("verified") else "no")
+    if q.get("destination-memory"):
+        t.add_row("destination memory", _memory_backing(q["destination-memory"]))
     return t
+
+
+def _memory_backing(q: dict[str, Any]) -> str:
+    """``anon-thp, pages of 2.0 MiB, 64.0 MiB in huge pages``."""
+    got = f"{q['memory-backing']}, pages of {format_size(int(q.get('memory-page-size', 0)))}"
+    if "memory-huge-bytes" in q:
+        got += f", {format_size(int(q['memory-huge-bytes']))} in huge pages"
+    return got
 
 
 def destination_table(q: dict[str, Any], title: str = "incoming migration") -> Table:
@@ -169,6 +179,8 @@ def destination_table(q: dict[str, Any], title: str = "incoming migration") -> T
         t.add_row("RAM", format_size(int(ram.get("total", 0))))
     if q.get("memory-digest"):
         t.add_row("memory digest", str(q["memory-digest"]))
+    if q.get("memory-backing"):
+        t.add_row("memory backing", _memory_backing(q))
     for dev in q.get("devices") or []:
         what = dev.get("status") or format_size(int(dev.get("bytes", 0)))
         t.add_row(f"device {dev.get('name')}", f"{dev.get('type')}: {what}")

@@ -88,31 +88,20 @@ fn get_bit(words: &[AtomicU64], i: usize) -> bool {
     words[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
 }
 
-/// Pages that may hold data: the memfd's data extents (holes read as zero).
-/// On any doubt every page counts as possibly data, which only costs reads.
+/// Pages that may hold data ([`GuestMemory::data_ranges`]: a memfd's data
+/// extents, or the pages present in anonymous memory); the rest are holes
+/// that read as zeros. On any doubt every page counts as data, which only
+/// costs reads.
 pub fn data_pages(mem: &GuestMemory) -> Vec<AtomicU64> {
-    use rustix::fs::{seek, SeekFrom};
     let pages = mem.num_pages();
-    let ps = mem.page_size() as u64;
+    let ps = mem.page_size();
     let words: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    let len = mem.len() as u64;
-    let mut off = 0u64;
-    while off < len {
-        match seek(mem.as_fd(), SeekFrom::Data(off)) {
-            Ok(start) => {
-                let end = seek(mem.as_fd(), SeekFrom::Hole(start))
-                    .unwrap_or(len)
-                    .max(start + 1);
-                let pages_in = (start / ps) as usize..(end.div_ceil(ps) as usize).min(pages);
-                set_bits(&words, pages_in, Ordering::Relaxed);
-                off = end;
-            }
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => {
-                set_bits(&words, 0..pages, Ordering::Relaxed);
-                break;
-            }
-        }
+    for (start, end) in mem.data_ranges() {
+        set_bits(
+            &words,
+            start / ps..end.div_ceil(ps).min(pages),
+            Ordering::Relaxed,
+        );
     }
     words
 }

@@ -5,10 +5,13 @@
 //! Only [`binding`] knows about Python; everything else is plain Rust and is
 //! tested with `cargo test`.
 
+pub mod backing;
 pub mod bitmap;
 pub mod chunk_digest;
 pub mod error;
 pub mod memory;
+pub mod order;
+pub mod pagemap;
 pub mod receiver;
 pub mod sender;
 pub mod tracker;

@@ -1,4 +1,5 @@
-//! Guest memory: one memfd-backed shared mapping, page aligned.
+//! Guest memory: one page-aligned mapping, backed as [`crate::backing`]
+//! describes (memfd by default).
 //!
 //! The mapping is shared by every thread of the process: vCPU threads write
 //! it, the sender reads it while they run, the receiver writes it on the
@@ -8,16 +9,17 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
 
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use rustix::mm::munmap;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::backing::{self, Backing};
 use crate::error::{CoreError, CoreResult};
+use crate::pagemap;
 
 /// The host page size, which is also mig's unit of tracking and transfer.
 pub fn host_page_size() -> usize {
@@ -25,11 +27,15 @@ pub fn host_page_size() -> usize {
 }
 
 pub struct GuestMemory {
-    /// The memfd, as a `File` for positioned reads and writes.
-    fd: File,
+    /// The memfd, as a `File` for positioned reads; `None` for anonymous
+    /// memory.
+    fd: Option<File>,
     base: NonNull<u8>,
     len: usize,
     page_size: usize,
+    backing: Backing,
+    /// The unit the kernel allocates this memory in when it can.
+    alloc_page_size: usize,
 }
 
 // SAFETY: the mapping lives as long as the struct; all access is through raw
@@ -43,47 +49,37 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Allocates `size` bytes of zeroed, memfd-backed shared memory.
     pub fn new(size: usize) -> CoreResult<Self> {
+        Self::with_backing(size, Backing::Memfd)
+    }
+
+    /// Allocates `size` bytes of zeroed memory with the given backing.
+    pub fn with_backing(size: usize, backing: Backing) -> CoreResult<Self> {
         let page_size = host_page_size();
         if size == 0 || !size.is_multiple_of(page_size) {
             return Err(CoreError::invalid(format!(
                 "memory size {size} is not a positive multiple of the page size {page_size}"
             )));
         }
-        let fd = memfd_create("mig-guest", MemfdFlags::CLOEXEC)
-            .map_err(|e| CoreError::io("memfd_create", e.into()))?;
-        ftruncate(&fd, size as u64).map_err(|e| CoreError::io("ftruncate memfd", e.into()))?;
-        // SAFETY: a fresh shared mapping of a file we own, of exactly its size;
-        // the kernel picks the address, so nothing else is overlapped.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                size,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|e| CoreError::io(format!("mmap {size} bytes"), e.into()))?;
-        let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| CoreError::invalid("mmap returned a null mapping"))?;
+        let m = backing::map(size, backing)?;
         Ok(GuestMemory {
-            fd: File::from(fd),
-            base,
-            len: size,
+            fd: m.fd,
+            base: m.base,
+            len: m.len,
             page_size,
+            backing,
+            alloc_page_size: m.alloc_page_size,
         })
     }
 
     /// Loads a raw memory image; its size must be a multiple of the page size.
-    pub fn from_image(path: &Path) -> CoreResult<Self> {
+    pub fn from_image(path: &Path, backing: Backing) -> CoreResult<Self> {
         let mut file =
             File::open(path).map_err(|e| CoreError::io(format!("open {}", path.display()), e))?;
         let size = file
             .metadata()
             .map_err(|e| CoreError::io(format!("stat {}", path.display()), e))?
             .len() as usize;
-        let mem = GuestMemory::new(size)?;
+        let mem = GuestMemory::with_backing(size, backing)?;
         let mut off = 0;
         let mut buf = vec![0u8; 1 << 20];
         while off < size {
@@ -140,12 +136,101 @@ impl GuestMemory {
         self.base.as_ptr()
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// The memfd, for sharing the memory with another process; `None` for
+    /// anonymous memory.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
     }
 
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The unit the kernel allocates this memory in when it can: the huge
+    /// page size for the THP and hugetlb backings.
+    pub fn alloc_page_size(&self) -> usize {
+        self.alloc_page_size
+    }
+
+    /// Bytes the kernel backs with huge pages right now: what the memory
+    /// actually got, which for THP depends on the kernel finding free huge
+    /// pages at fault time.
+    pub fn huge_bytes(&self) -> usize {
+        backing::huge_bytes(self.base.as_ptr() as usize, self.len)
+    }
+
+    /// Populates `[offset, offset + len)` for writing (`MADV_POPULATE_WRITE`,
+    /// Linux 5.14): the kernel allocates and zeroes the pages now, so later
+    /// stores do not fault. Pages already present keep their content.
+    pub fn populate(&self, offset: usize, len: usize) -> CoreResult<()> {
+        self.check_range(offset, len)?;
+        // SAFETY: advice on a checked range of our mapping; populating only
+        // faults pages in, it never changes their content.
+        unsafe {
+            rustix::mm::madvise(
+                self.base.as_ptr().add(offset).cast(),
+                len,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )
+        }
+        .map_err(|e| match e {
+            rustix::io::Errno::INVAL => CoreError::Unsupported(
+                "MADV_POPULATE_WRITE is not supported (needs Linux 5.14)".into(),
+            ),
+            e => CoreError::io("MADV_POPULATE_WRITE", e.into()),
+        })
+    }
+
+    /// Byte ranges that may hold data; everything else reads as zeros and
+    /// is not allocated. memfd: its data extents (`SEEK_DATA`); anonymous
+    /// and hugetlb memory: the pages present or swapped in this process's
+    /// page tables (`PAGEMAP_SCAN`). On any doubt the whole memory counts.
+    pub fn data_ranges(&self) -> Vec<(usize, usize)> {
+        let found = match self.seekable() {
+            Some(fd) => seek_data_ranges(fd, self.len),
+            None => self.present_ranges(0, self.len, false),
+        };
+        found.unwrap_or_else(|| vec![(0, self.len)])
+    }
+
+    /// Pages of `[offset, offset + len)` that hold data as byte ranges:
+    /// present or swapped in this process's page tables, and not the shared
+    /// zero page (which a read of a hole maps). With `first_only`, the first
+    /// range only.
+    fn present_ranges(
+        &self,
+        offset: usize,
+        len: usize,
+        first_only: bool,
+    ) -> Option<Vec<(usize, usize)>> {
+        let pagemap = pagemap::open_pagemap().ok()?;
+        let regions = if first_only { 1 } else { pagemap::SCAN_REGIONS };
+        let mut buf = vec![pagemap::PageRegion::default(); regions];
+        let query = pagemap::Query {
+            flags: 0,
+            category_mask: pagemap::PAGE_IS_PFNZERO,
+            inverted: pagemap::PAGE_IS_PFNZERO,
+            anyof_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            return_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            first_only,
+        };
+        let base = self.base.as_ptr() as u64;
+        let (start, end) = (base + offset as u64, base + (offset + len) as u64);
+        let mut out = Vec::new();
+        pagemap::scan(&pagemap, &mut buf, query, start, end, |s, e| {
+            let (s, e) = (s.clamp(start, end), e.clamp(start, end));
+            out.push(((s - base) as usize, (e - base) as usize));
+        })
+        .ok()?;
+        Some(out)
+    }
+
+    /// A raw pointer to `[offset, offset + len)` after checking that the
+    /// range lies inside the mapping: for the kernel to write into (`readv`).
+    pub fn range_ptr(&self, offset: usize, len: usize) -> CoreResult<*mut u8> {
+        self.check_range(offset, len)?;
+        // SAFETY: the range was checked against the mapping.
+        Ok(unsafe { self.base.as_ptr().add(offset) })
     }
 
     fn check_range(&self, offset: usize, len: usize) -> CoreResult<()> {
@@ -182,16 +267,6 @@ impl GuestMemory {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(offset), data.len())
         };
         Ok(())
-    }
-
-    /// Copies bytes into guest memory through the memfd (`pwrite`): a page
-    /// not yet populated is allocated and filled by that one copy, with no
-    /// page fault and no zeroing first. Bulk incoming writes use this.
-    pub fn store_bytes(&self, offset: usize, data: &[u8]) -> CoreResult<()> {
-        self.check_range(offset, data.len())?;
-        self.fd
-            .write_all_at(data, offset as u64)
-            .map_err(|e| CoreError::io("pwrite guest memory", e))
     }
 
     /// Zero-fills a byte range of guest memory.
@@ -260,6 +335,12 @@ impl GuestMemory {
                     // writers first when they need a stable answer.
                     hasher.update(unsafe { self.racy_slice(pos, n)? })
                 }
+                // Anonymous memory has no fd to pread; reading its holes
+                // through the mapping maps the shared zero page, no memory.
+                Extent::Mixed if self.seekable().is_none() => {
+                    // SAFETY: as for `Extent::Data`.
+                    hasher.update(unsafe { self.racy_slice(pos, n)? })
+                }
                 Extent::Mixed => {
                     self.pread_exact(pos, &mut buf[..n])?;
                     hasher.update(&buf[..n]);
@@ -275,10 +356,18 @@ impl GuestMemory {
     /// as data, which is always hashed correctly.
     fn data_extent(&self, pos: usize, limit: usize) -> (usize, usize) {
         use rustix::fs::{seek, SeekFrom};
-        match seek(&self.fd, SeekFrom::Data(pos as u64)) {
+        let Some(fd) = self.seekable() else {
+            return match self.present_ranges(pos, limit - pos, true) {
+                Some(r) => r
+                    .first()
+                    .map_or((limit, limit), |&(s, e)| (s, e.max(s + 1))),
+                None => (pos, limit),
+            };
+        };
+        match seek(fd, SeekFrom::Data(pos as u64)) {
             Ok(start) => {
                 let start = (start as usize).clamp(pos, limit);
-                let stop = seek(&self.fd, SeekFrom::Hole(start as u64))
+                let stop = seek(fd, SeekFrom::Hole(start as u64))
                     .map_or(limit, |h| (h as usize).min(limit));
                 (start, stop.max(start + 1).min(limit.max(start + 1)))
             }
@@ -287,21 +376,43 @@ impl GuestMemory {
         }
     }
 
-    /// Whether `[start, end)` was never written (a hole of the memfd): it
-    /// reads as zeros, and reading it through the mapping would allocate it.
-    /// A page written before the call is data by then. On errors, false.
+    /// The memfd when it answers `SEEK_DATA`/`SEEK_HOLE` (shmem does;
+    /// hugetlbfs reports everything as data).
+    fn seekable(&self) -> Option<&File> {
+        match self.backing {
+            Backing::Memfd | Backing::MemfdThp => self.fd.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether `[start, end)` was never written (a hole: a memfd's, or
+    /// pages absent from the page tables of anonymous memory): it reads as
+    /// zeros, and reading it through a memfd mapping would allocate it. A
+    /// page written before the call is data by then. On errors, false.
     pub fn is_hole(&self, start: usize, end: usize) -> bool {
         use rustix::fs::{seek, SeekFrom};
-        match seek(&self.fd, SeekFrom::Data(start as u64)) {
+        let Some(fd) = self.seekable() else {
+            return self
+                .check_range(start, end.saturating_sub(start))
+                .ok()
+                .and_then(|()| self.present_ranges(start, end - start, true))
+                .is_some_and(|r| r.is_empty());
+        };
+        match seek(fd, SeekFrom::Data(start as u64)) {
             Ok(data) => data as usize >= end,
             Err(rustix::io::Errno::NXIO) => true,
             Err(_) => false,
         }
     }
 
+    /// Reads through the memfd; only for memory that has one (`Extent::Mixed`
+    /// is found only through `seekable`).
     fn pread_exact(&self, offset: usize, out: &mut [u8]) -> CoreResult<()> {
-        self.fd
-            .read_exact_at(out, offset as u64)
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| CoreError::invalid("anonymous memory has no fd to read"))?;
+        fd.read_exact_at(out, offset as u64)
             .map_err(|e| CoreError::io("pread guest memory", e))
     }
 
@@ -310,6 +421,28 @@ impl GuestMemory {
         self.digest_pages(0, self.num_pages())
             .expect("the whole memory is always in range")
     }
+}
+
+/// A memfd's data extents as byte ranges (`None` if the file system cannot
+/// tell).
+fn seek_data_ranges(fd: &File, len: usize) -> Option<Vec<(usize, usize)>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < len as u64 {
+        match seek(fd, SeekFrom::Data(off)) {
+            Ok(start) => {
+                let end = seek(fd, SeekFrom::Hole(start))
+                    .unwrap_or(len as u64)
+                    .max(start + 1);
+                out.push((start as usize, (end as usize).min(len)));
+                off = end;
+            }
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return None,
+        }
+    }
+    Some(out)
 }
 
 /// xxh3-128 of a plain buffer (device state): the digest guest memory uses.
@@ -396,13 +529,40 @@ mod tests {
     }
 
     #[test]
+    fn holes_of_anonymous_memory_are_the_pages_never_touched() {
+        let ps = host_page_size();
+        let mem = GuestMemory::with_backing(64 * ps, Backing::Anon).unwrap();
+        assert!(mem.fd().is_none());
+        assert!(mem.is_hole(0, 64 * ps));
+        assert!(mem.data_ranges().is_empty());
+        mem.write_bytes(10 * ps, &[1u8; 8]).unwrap();
+        mem.write_bytes(11 * ps, &[1u8; 8]).unwrap();
+        assert!(mem.is_hole(0, 10 * ps) && mem.is_hole(12 * ps, 64 * ps));
+        assert!(!mem.is_hole(0, 11 * ps) && !mem.is_hole(11 * ps, 64 * ps));
+        assert_eq!(mem.data_ranges(), vec![(10 * ps, 12 * ps)]);
+        // Holes are hashed as zeros, written pages read: the same digest.
+        let plain = GuestMemory::new(64 * ps).unwrap();
+        plain.write_bytes(10 * ps, &[1u8; 8]).unwrap();
+        plain.write_bytes(11 * ps, &[1u8; 8]).unwrap();
+        assert_eq!(mem.digest(), plain.digest());
+        assert_eq!(
+            mem.digest_pages(9, 4).unwrap(),
+            plain.digest_pages(9, 4).unwrap()
+        );
+        // Reading a hole maps the zero page: still a hole.
+        let mut out = [0u8; 8];
+        mem.read_bytes(30 * ps, &mut out).unwrap();
+        assert!(mem.is_hole(12 * ps, 64 * ps));
+    }
+
+    #[test]
     fn image_roundtrip() {
         let ps = host_page_size();
         let mem = GuestMemory::new(ps * 4).unwrap();
         mem.write_bytes(ps + 1, &[7u8; 100]).unwrap();
         let path = std::env::temp_dir().join(format!("mig-img-{}", std::process::id()));
         mem.to_image(&path).unwrap();
-        let back = GuestMemory::from_image(&path).unwrap();
+        let back = GuestMemory::from_image(&path, Backing::Anon).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(back.digest(), mem.digest());
     }

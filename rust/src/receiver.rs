@@ -1,6 +1,8 @@
-//! The receiver: N channel threads that validate every record completely
-//! (header bounds, CRC, record order, generation, offsets, decompressed
-//! size) before touching destination memory, then copy or zero-fill pages.
+//! The receiver: N channel threads ([`channel`]) that validate every record
+//! (header bounds, record order, generation, offsets, CRC, decompressed
+//! size) and land its pages in destination memory ([`pages`]: holes straight
+//! from the socket, the rest through a bounce buffer, nothing left of a bad
+//! record).
 //!
 //! Ordering across channels: a page may travel in generation k on channel A
 //! and again in generation k+1 on channel B. Each channel applies its own
@@ -12,15 +14,18 @@
 //! every write marks its chunks stale, a background rehasher hashes them
 //! once they settle, and `wait_end` rehashes only the chunks still stale.
 //!
-//! Memory beyond the destination: per channel one wire buffer and (only
-//! with compression) one decompression buffer of a packet each, a one-bit
-//! per page "may hold data" map, and device chunks bounded in total by
+//! Memory beyond the destination: per channel an offset table, a bounce
+//! buffer of a packet's pages (allocated when first needed) and (only with
+//! compression) a buffer of a compressed payload, the digest's table (16
+//! bytes a chunk, one bit a page of "may hold data"), and device chunks bounded in total by
 //! [`ReceiverConfig::device_buffer`].
 
+mod channel;
+mod pages;
+mod snapshot;
+
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -29,11 +34,10 @@ use std::time::{Duration, Instant};
 use crate::chunk_digest::{ChunkDigest, Rehasher, Throttle};
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
-use crate::transport::{self, Conn, ControlLink, Listener, ReadFailure};
-use crate::wire::{
-    self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
-    DIGEST_LEN, FILE_STATE_LEN, RECORD_HEADER_LEN, STREAM_HEADER_LEN,
-};
+use crate::transport::{self, Conn, ControlLink, Listener};
+use crate::wire::StreamHeader;
+
+use channel::{run_channel, ChannelInput, StreamRole};
 
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -55,7 +59,7 @@ impl Default for ReceiverConfig {
     }
 }
 
-/// One device-state record as it arrived: device id, sequence number, chunk, last.
+/// One device-state record as it arrived.
 pub type DeviceRecord = (u32, u64, Vec<u8>, bool);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,7 +138,8 @@ struct Shared {
     controls_cv: Condvar,
     /// The digest of destination memory, marked by every write. It also
     /// knows which pages may hold non-zero bytes: a zero page elsewhere
-    /// needs no write (and no allocation) on a fresh destination.
+    /// needs no write (and no allocation) on a fresh destination, and a
+    /// normal page there can be received straight from the socket.
     digest: Arc<ChunkDigest>,
     counters: Counters,
     channel_packets: Vec<AtomicU64>,
@@ -256,32 +261,38 @@ impl Shared {
         self.digest.may_hold_data(page as usize)
     }
 
-    /// The one place pages enter destination memory. Offsets were checked
-    /// by `wire::parse_pages`; `data` holds exactly one page per offset.
+    /// Copies pages whose bytes are in a buffer (a snapshot's) into
+    /// destination memory: `data` holds one page per offset of `normal`,
+    /// which are validated offsets. Runs of adjacent pages go in one copy.
     fn apply(&self, normal: &[u64], zero: &[u64], data: &[u8]) -> CoreResult<()> {
         let ps = self.stream.page_size as usize;
         debug_assert_eq!(data.len(), normal.len() * ps);
-        // Runs of adjacent pages, alike in whether they may hold data, are
-        // stored with one write each: pages that do are populated and are
-        // copied through the mapping (no syscall); holes get `pwrite`, which
-        // allocates and fills them without a page fault or zeroing first.
         let mut i = 0;
         while i < normal.len() {
-            let populated = self.may_have_data(normal[i] / ps as u64);
             let mut j = i + 1;
-            while j < normal.len()
-                && normal[j] == normal[j - 1] + ps as u64
-                && self.may_have_data(normal[j] / ps as u64) == populated
-            {
+            while j < normal.len() && normal[j] == normal[j - 1] + ps as u64 {
                 j += 1;
             }
-            let (off, bytes) = (normal[i] as usize, &data[i * ps..j * ps]);
-            if populated {
-                self.mem.write_bytes(off, bytes)?;
-            } else {
-                self.mem.store_bytes(off, bytes)?;
+            self.mem
+                .write_bytes(normal[i] as usize, &data[i * ps..j * ps])?;
+            i = j;
+        }
+        self.applied(normal, zero)
+    }
+
+    /// Completes a record whose normal pages are in destination memory
+    /// (validated offsets): zero-fills its zero pages where memory may hold
+    /// data, counts, and marks what changed in the digest, after the writes
+    /// (a chunk hashed meanwhile is hashed again).
+    fn applied(&self, normal: &[u64], zero: &[u64]) -> CoreResult<()> {
+        let ps = self.stream.page_size as usize;
+        let mut i = 0;
+        while i < normal.len() {
+            let mut j = i + 1;
+            while j < normal.len() && normal[j] == normal[j - 1] + ps as u64 {
+                j += 1;
             }
-            self.digest.mark_written(off / ps, j - i)?;
+            self.digest.mark_written(normal[i] as usize / ps, j - i)?;
             i = j;
         }
         for &off in zero {
@@ -298,193 +309,6 @@ impl Shared {
             .zero
             .fetch_add(zero.len() as u64, Ordering::Relaxed);
         Ok(())
-    }
-}
-
-/// Which records a stream may carry.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum StreamRole {
-    /// A data channel: pages, device state, syncs, end.
-    Data,
-    /// A snapshot's record log: device state, control messages, end.
-    Log,
-}
-
-/// A channel's reading loop: every record is read in full and validated
-/// before anything is applied. Returns at the end record.
-fn run_channel(sh: &Shared, idx: u32, role: StreamRole, r: &mut dyn Read) -> CoreResult<()> {
-    let st = &sh.stream;
-    let ps = st.page_size as usize;
-    let mut body = vec![
-        0u8;
-        if role == StreamRole::Data {
-            st.max_pages_body()
-        } else {
-            0
-        }
-    ];
-    let mut plain: Vec<u8> = Vec::new();
-    let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
-    let mut expect = 0u64;
-    let mut synced: Option<u64> = None;
-    let mut current: Option<u64> = None;
-    let perr = |packet: u64, msg: String| CoreError::Protocol {
-        channel: idx,
-        packet,
-        msg,
-    };
-    let read_err = |packet: u64, what: &str, f: ReadFailure| match f {
-        ReadFailure::Stalled => transport::timeout_error(format!(
-            "channel {idx}, packet {packet}: {what}: stalled peer, no data for {:?}",
-            sh.cfg.io_timeout
-        )),
-        f => perr(packet, format!("{what}: {f}")),
-    };
-    loop {
-        sh.check_abort(idx, expect)?;
-        let mut raw = [0u8; RECORD_HEADER_LEN];
-        transport::read_full(r, &mut raw).map_err(|f| read_err(expect, "record header", f))?;
-        let h = RecordHeader::decode(&raw, st).map_err(|m| perr(expect, m))?;
-        if h.number != expect {
-            return Err(perr(
-                expect,
-                format!("record number {} where {expect} was expected", h.number),
-            ));
-        }
-        let len = h.body_len as usize;
-        let allowed = matches!(
-            (role, h.kind),
-            (
-                StreamRole::Data,
-                RecordKind::Pages { .. } | RecordKind::Sync
-            ) | (StreamRole::Log, RecordKind::Control)
-                | (_, RecordKind::Device { .. } | RecordKind::End)
-        );
-        if !allowed {
-            return Err(perr(
-                expect,
-                format!("record {:?} is not allowed on this stream", h.kind),
-            ));
-        }
-        match h.kind {
-            RecordKind::Pages {
-                compression,
-                normal,
-                zero,
-            } => {
-                let body = &mut body[..len];
-                transport::read_full(r, body).map_err(|f| read_err(expect, "PAGE body", f))?;
-                h.verify_crc(&raw, body).map_err(|m| perr(expect, m))?;
-                let g = h.generation;
-                if let Some(s) = synced.filter(|&s| g <= s) {
-                    return Err(perr(
-                        expect,
-                        format!("generation {g} pages after sync({s}) closed it"),
-                    ));
-                }
-                if let Some(c) = current.filter(|&c| c != g) {
-                    return Err(perr(
-                        expect,
-                        format!("generation {g} pages before sync({c}) on this channel"),
-                    ));
-                }
-                let pages =
-                    wire::parse_pages(normal, zero, body, st).map_err(|m| perr(expect, m))?;
-                let raw_len = normal as usize * ps;
-                let data: &[u8] = match compression {
-                    Compression::None => pages.payload,
-                    c => {
-                        if plain.is_empty() {
-                            plain = vec![0u8; st.packet_pages as usize * ps];
-                        }
-                        let out = &mut plain[..raw_len];
-                        let n = match c {
-                            Compression::Zstd => {
-                                let z = match &mut zstd {
-                                    Some(z) => z,
-                                    None => zstd.insert(
-                                        zstd::bulk::Decompressor::new()
-                                            .map_err(|e| CoreError::io("zstd decompressor", e))?,
-                                    ),
-                                };
-                                z.decompress_to_buffer(pages.payload, out)
-                                    .map_err(|e| e.to_string())
-                            }
-                            _ => lz4_flex::block::decompress_into(pages.payload, out)
-                                .map_err(|e| e.to_string()),
-                        }
-                        .map_err(|m| perr(expect, format!("{} payload: {m}", c.name())))?;
-                        if n != raw_len {
-                            return Err(perr(
-                                expect,
-                                format!("payload decompresses to {n} bytes, not {raw_len}"),
-                            ));
-                        }
-                        &plain[..raw_len]
-                    }
-                };
-                current = Some(g);
-                sh.apply(&pages.normal, &pages.zero, data)?;
-            }
-            RecordKind::Device {
-                seq,
-                device_id,
-                last,
-            } => {
-                // Bounded by MAX_DEVICE_CHUNK in decode, and by the device
-                // buffer's free room before it is allocated.
-                sh.reserve_device(idx, expect, len)?;
-                let mut chunk = vec![0u8; len];
-                let read = transport::read_full(r, &mut chunk)
-                    .map_err(|f| read_err(expect, "DEVS body", f))
-                    .and_then(|()| h.verify_crc(&raw, &chunk).map_err(|m| perr(expect, m)));
-                match read {
-                    Ok(()) => sh.push_device((device_id, seq, chunk, last)),
-                    Err(e) => {
-                        sh.release_device(len);
-                        return Err(e);
-                    }
-                }
-            }
-            RecordKind::Sync => {
-                h.verify_crc(&raw, &[]).map_err(|m| perr(expect, m))?;
-                let g = h.generation;
-                if current.is_some_and(|c| g < c) || synced.is_some_and(|s| g <= s) {
-                    return Err(perr(
-                        expect,
-                        format!("sync({g}) goes backwards (pages {current:?}, synced {synced:?})"),
-                    ));
-                }
-                sh.barrier(idx, expect, g)?;
-                sh.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                synced = Some(g);
-                current = None;
-            }
-            RecordKind::Control => {
-                let mut buf = vec![0u8; len];
-                transport::read_full(r, &mut buf).map_err(|f| read_err(expect, "CTRL body", f))?;
-                h.verify_crc(&raw, &buf).map_err(|m| perr(expect, m))?;
-                lock(&sh.controls).push_back(buf);
-                sh.controls_cv.notify_all();
-            }
-            RecordKind::End => {
-                let mut d = [0u8; DIGEST_LEN];
-                transport::read_full(r, &mut d).map_err(|f| read_err(expect, "END body", f))?;
-                h.verify_crc(&raw, &d).map_err(|m| perr(expect, m))?;
-                lock(&sh.done).digests.push((idx, u128::from_le_bytes(d)));
-                account(sh, idx, RECORD_HEADER_LEN + len);
-                return Ok(());
-            }
-        }
-        account(sh, idx, RECORD_HEADER_LEN + len);
-        expect += 1;
-    }
-}
-
-fn account(sh: &Shared, idx: u32, bytes: usize) {
-    sh.counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-    if let Some(c) = sh.channel_packets.get(idx as usize) {
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -639,12 +463,22 @@ impl Receiver {
         streams: Vec<Box<dyn Read + Send>>,
         cfg: ReceiverConfig,
     ) -> CoreResult<Self> {
+        let inputs = streams.into_iter().map(ChannelInput::buffered).collect();
+        Self::start_channels(mem, stream, inputs, cfg)
+    }
+
+    fn start_channels(
+        mem: Arc<GuestMemory>,
+        stream: StreamHeader,
+        inputs: Vec<ChannelInput>,
+        cfg: ReceiverConfig,
+    ) -> CoreResult<Self> {
         check_geometry(&mem, &stream)?;
-        let sh = Self::new_shared(mem, stream, streams.len(), cfg)?;
+        let sh = Self::new_shared(mem, stream, inputs.len(), cfg)?;
         let mut threads = Vec::new();
-        for (i, mut s) in streams.into_iter().enumerate() {
+        for (i, mut input) in inputs.into_iter().enumerate() {
             threads.push(Self::spawn(&sh, format!("mig-recv-{i}"), move |sh| {
-                run_channel(sh, i as u32, StreamRole::Data, &mut *s)
+                run_channel(sh, i as u32, StreamRole::Data, &mut input)
             })?);
         }
         Ok(Self::with_threads(sh, threads))
@@ -658,103 +492,24 @@ impl Receiver {
         cfg: ReceiverConfig,
     ) -> CoreResult<Self> {
         if let Listener::File(path) = listener {
-            return Self::restore(path, mem, cfg);
+            return snapshot::restore(path, mem, cfg);
         }
         let session = listener.accept_session(timeout, cfg.io_timeout, cfg.tls.as_deref())?;
         let mut sockets = Vec::new();
-        let mut streams: Vec<Box<dyn Read + Send>> = Vec::new();
+        let mut inputs = Vec::new();
         for c in session.data {
-            sockets.push(
-                c.try_clone()
-                    .map_err(|e| CoreError::io("clone socket", e))?,
-            );
-            streams.push(Box::new(c));
+            let clone = |e| CoreError::io("clone socket", e);
+            sockets.push(c.try_clone().map_err(clone)?);
+            inputs.push(ChannelInput {
+                direct: c.direct_fd().map_err(clone)?,
+                reader: Box::new(c),
+            });
         }
-        let mut r = Self::start(mem, session.header, streams, cfg)?;
+        let mut r = Self::start_channels(mem, session.header, inputs, cfg)?;
         r.control = ControlSide::Link(ControlLink::new(session.control)?);
         r.sockets = sockets;
         r.refused = session.refused;
         Ok(r)
-    }
-
-    /// Restores a `file:` snapshot: pages are read from their fixed offsets
-    /// by N threads (random access, no replay) and applied through the same
-    /// validation; the record log is parsed like a channel.
-    fn restore(
-        path: &std::path::Path,
-        mem: Arc<GuestMemory>,
-        cfg: ReceiverConfig,
-    ) -> CoreResult<Self> {
-        let io = |what: &str, e| CoreError::io(format!("snapshot {}: {what}", path.display()), e);
-        let file = File::open(path).map_err(|e| io("open", e))?;
-        let perr = |msg: String| CoreError::Protocol {
-            channel: 0,
-            packet: 0,
-            msg: format!("snapshot {}: {msg}", path.display()),
-        };
-        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
-        let mut raw = [0u8; STREAM_HEADER_LEN];
-        file.read_exact_at(&mut raw, 0)
-            .map_err(|_| perr("truncated stream header".into()))?;
-        let header = StreamHeader::decode(&raw).map_err(perr)?;
-        if header.kind != ChannelKind::File {
-            return Err(perr("not a snapshot file (channel kind)".into()));
-        }
-        check_geometry(&mem, &header)?;
-        let mut st = [0u8; FILE_STATE_LEN];
-        file.read_exact_at(&mut st, wire::FILE_STATE_OFFSET)
-            .map_err(|_| perr("truncated completion block".into()))?;
-        let state = FileState::decode(&st).map_err(perr)?;
-        let layout = FileLayout::new(header.memory_size, header.page_size);
-        let log_end = layout.log_offset.checked_add(state.log_len);
-        if log_end.is_none_or(|end| end > file_len) {
-            return Err(perr(format!(
-                "truncated stream: file has {file_len} bytes, record log claims to end at {}",
-                layout.log_offset.saturating_add(state.log_len)
-            )));
-        }
-        // The bitmap's size follows from the destination's geometry, which
-        // the header was just checked against.
-        let mut bitmap = vec![0u8; layout.bitmap_len as usize];
-        file.read_exact_at(&mut bitmap, layout.bitmap_offset)
-            .map_err(|_| perr("truncated presence bitmap".into()))?;
-        if crc32c::crc32c(&bitmap) != state.bitmap_crc {
-            return Err(perr("presence bitmap: CRC mismatch".into()));
-        }
-        let words: Vec<u64> = bitmap
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-            .collect();
-        let present = crate::bitmap::DirtyBitmap::from_words(words, mem.num_pages())
-            .map_err(|e| perr(format!("presence bitmap: {e}")))?;
-        let present = Arc::new(present);
-        let file = Arc::new(file);
-        let n = header.channel_count as usize;
-        // Page threads do not take part in barriers: a snapshot holds one
-        // copy of each page.
-        let sh = Self::new_shared(mem, header.clone(), 0, cfg)?;
-        let mut threads = Vec::new();
-        let pages = sh.mem.num_pages();
-        let stripe = pages.div_ceil(n).div_ceil(64) * 64;
-        for i in 0..n {
-            let (file, present) = (file.clone(), present.clone());
-            let range = (i * stripe).min(pages)..((i + 1) * stripe).min(pages);
-            threads.push(Self::spawn(&sh, format!("mig-restore-{i}"), move |sh| {
-                restore_pages(sh, i as u32, &file, &present, layout.pages_offset, range)
-            })?);
-        }
-        let log = (*file).try_clone().map_err(|e| io("reopen", e))?;
-        let log_offset = layout.log_offset;
-        let log_len = state.log_len;
-        threads.push(Self::spawn(&sh, "mig-restore-log".into(), move |sh| {
-            let mut r = BufReader::new(OffsetReader {
-                file: log,
-                pos: log_offset,
-                end: log_offset + log_len,
-            });
-            run_channel(sh, 0, StreamRole::Log, &mut r)
-        })?);
-        Ok(Self::with_threads(sh, threads))
     }
 
     pub fn migration_id(&self) -> u128 {
@@ -933,79 +688,10 @@ impl Drop for Receiver {
     }
 }
 
-/// Reads `[pos, end)` of a file with positioned reads.
-struct OffsetReader {
-    file: File,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for OffsetReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = (self.end - self.pos).min(buf.len() as u64) as usize;
-        let n = self.file.read_at(&mut buf[..left], self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-/// Restores pages `range` of a snapshot: runs of present pages are read in
-/// packets of at most `packet_pages` and applied; absent pages are zero.
-fn restore_pages(
-    sh: &Shared,
-    idx: u32,
-    file: &File,
-    present: &crate::bitmap::DirtyBitmap,
-    pages_offset: u64,
-    range: std::ops::Range<usize>,
-) -> CoreResult<()> {
-    let ps = sh.stream.page_size as usize;
-    let pp = sh.stream.packet_pages as usize;
-    let mut buf = vec![0u8; pp * ps];
-    let mut normal = Vec::with_capacity(pp);
-    let mut zero = Vec::with_capacity(pp);
-    let mut packet = 0u64;
-    let mut p = range.start;
-    while p < range.end {
-        sh.check_abort(idx, packet)?;
-        normal.clear();
-        zero.clear();
-        let end = (p + pp).min(range.end);
-        // A batch is either a contiguous run of present pages (one read) or
-        // absent pages.
-        let first = present.get(p);
-        while p < end && present.get(p) == first {
-            if first {
-                normal.push((p * ps) as u64);
-            } else {
-                zero.push((p * ps) as u64);
-            }
-            p += 1;
-        }
-        let data = &mut buf[..normal.len() * ps];
-        if let Some(&start) = normal.first() {
-            file.read_exact_at(data, pages_offset + start)
-                .map_err(|e| CoreError::Protocol {
-                    channel: idx,
-                    packet,
-                    msg: format!("truncated stream: page data at {start:#x}: {e}"),
-                })?;
-        }
-        sh.apply(&normal, &zero, data)?;
-        if let Some(c) = sh.channel_packets.get(idx as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-        sh.counters
-            .bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        packet += 1;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{ChannelKind, Compression, RecordHeader, RecordKind};
     use std::io::Cursor;
 
     const PS: usize = 4096;
@@ -1151,23 +837,6 @@ mod tests {
     }
 
     #[test]
-    fn newer_generation_before_its_sync_is_refused() {
-        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
-        let before = mem.digest();
-        let ch0 = channel(&[page_record(0, 2, 5, 1), page_record(1, 3, 6, 1)], 0);
-        let r = Receiver::start(mem.clone(), header(1), vec![ch0], Default::default()).unwrap();
-        let e = wait(&r).unwrap_err().to_string();
-        assert!(
-            e.contains("channel 0, packet 1") && e.contains("before sync(2)"),
-            "{e}"
-        );
-        let mut page = vec![0u8; PS];
-        mem.read_bytes(6 * PS, &mut page).unwrap();
-        assert!(page.iter().all(|&b| b == 0));
-        assert_ne!(mem.digest(), before, "the valid first packet was applied");
-    }
-
-    #[test]
     fn mismatched_sync_generations_fail_instead_of_hanging() {
         let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
         let ch0 = channel(&[sync(0, 1)], 0);
@@ -1178,5 +847,100 @@ mod tests {
             e.contains("sync(2) while other channels are at sync(1)"),
             "{e}"
         );
+    }
+
+    /// A record of adjacent and scattered pages, each filled with its own
+    /// byte.
+    fn pages_record(number: u64, generation: u64, pages: &[(u64, u8)]) -> Vec<u8> {
+        let mut body: Vec<u8> = pages
+            .iter()
+            .flat_map(|(p, _)| (p * PS as u64).to_le_bytes())
+            .collect();
+        for &(_, fill) in pages {
+            body.extend(std::iter::repeat_n(fill, PS));
+        }
+        let kind = RecordKind::Pages {
+            compression: Compression::None,
+            normal: pages.len() as u32,
+            zero: 0,
+        };
+        RecordHeader::record(kind, number, generation, &body)
+    }
+
+    /// Feeds `bytes` through a socket pair and receives with `readv`
+    /// straight into memory; returns the outcome of `wait_end`.
+    fn receive_direct(mem: &Arc<GuestMemory>, bytes: Vec<u8>) -> CoreResult<EndInfo> {
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = tx.write_all(&bytes);
+        });
+        let mut h = header(1);
+        h.packet_pages = 8;
+        let input = ChannelInput {
+            direct: Some(std::os::fd::AsFd::as_fd(&rx).try_clone_to_owned().unwrap()),
+            reader: Box::new(rx),
+        };
+        let r = Receiver::start_channels(mem.clone(), h, vec![input], Default::default())?;
+        let out = wait(&r);
+        writer.join().unwrap();
+        out
+    }
+
+    fn page(mem: &GuestMemory, p: usize) -> Vec<u8> {
+        let mut out = vec![0u8; PS];
+        mem.read_bytes(p * PS, &mut out).unwrap();
+        out
+    }
+
+    /// Holes take their pages straight from the socket, pages with data
+    /// through the bounce buffer, in one record; the result is byte exact.
+    #[test]
+    fn pages_received_straight_into_memory_are_byte_exact() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        mem.write_bytes(5 * PS, &[9; PS]).unwrap();
+        let want = GuestMemory::new(PS * 16).unwrap();
+        let pages = [(4, 1), (5, 2), (6, 3), (7, 4), (12, 5), (0, 6)];
+        for &(p, fill) in &pages {
+            want.write_bytes(p as usize * PS, &[fill; PS]).unwrap();
+        }
+        let d = crate::chunk_digest::digest_frozen(&want, 1);
+        let bytes = [pages_record(0, 1, &pages), end(1, d)].concat();
+        assert_eq!(receive_direct(&mem, bytes).unwrap().digest, d);
+        for &(p, fill) in &pages {
+            assert_eq!(page(&mem, p as usize), vec![fill; PS]);
+        }
+    }
+
+    /// A bad CRC is found after the pages landed: holes are zero again and
+    /// a page that held data keeps it.
+    #[test]
+    fn a_bad_crc_leaves_memory_as_it_was() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        mem.write_bytes(5 * PS, &[9; PS]).unwrap();
+        let before = mem.digest();
+        let mut rec = pages_record(0, 1, &[(4, 1), (5, 2), (6, 3)]);
+        let last = rec.len() - 1;
+        rec[last] ^= 0xFF;
+        let e = receive_direct(&mem, rec).unwrap_err().to_string();
+        assert!(
+            e.contains("channel 0, packet 0") && e.contains("CRC mismatch"),
+            "{e}"
+        );
+        assert_eq!(mem.digest(), before);
+        assert_eq!(page(&mem, 5), vec![9; PS]);
+    }
+
+    /// A peer that closes in the middle of a payload: the same.
+    #[test]
+    fn a_truncated_payload_leaves_memory_as_it_was() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        mem.write_bytes(5 * PS, &[9; PS]).unwrap();
+        let before = mem.digest();
+        let mut rec = pages_record(0, 1, &[(4, 1), (5, 2), (6, 3)]);
+        rec.truncate(rec.len() - PS / 2);
+        let e = receive_direct(&mem, rec).unwrap_err().to_string();
+        assert!(e.contains("truncated stream"), "{e}");
+        assert_eq!(mem.digest(), before);
     }
 }

@@ -9,9 +9,7 @@
 //! that must reach every channel (sync, end) go through per-channel queues.
 //! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
 
-use std::fs::File;
 use std::io::{IoSlice, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,13 +17,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver as Rx, Sender as Tx};
 
+mod snapshot;
+use snapshot::SnapshotFile;
+
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
+use crate::order::{ChannelOrder, OrderError};
 use crate::transport::{self, Conn, ControlLink, Endpoint};
 use crate::wire::{
-    self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
-    MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
+    self, ChannelKind, Compression, RecordHeader, RecordKind, StreamHeader, MAX_CHANNELS,
+    MAX_DEVICE_CHUNK, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
 };
 
 #[derive(Clone, Debug)]
@@ -295,39 +297,16 @@ enum Job {
     },
 }
 
-/// The snapshot file shared by the channel threads of a `file:` target.
-struct FileSink {
-    file: File,
-    layout: FileLayout,
-    presence: Vec<AtomicU64>,
-    /// Next free byte of the record log and next record number.
-    log: Mutex<(u64, u64)>,
-}
-
-impl FileSink {
-    fn append(&self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
-        let mut log = lock(&self.log);
-        let rec = RecordHeader::record(kind, log.1, generation, body);
-        self.file
-            .write_all_at(&rec, self.layout.log_offset + log.0)
-            .map_err(|e| CoreError::io("snapshot: write record", e))?;
-        log.0 += rec.len() as u64;
-        log.1 += 1;
-        Ok(rec.len() as u64)
-    }
-}
-
 enum Sink {
     Socket(Conn),
-    File(Arc<FileSink>),
+    File(Arc<SnapshotFile>),
 }
 
-/// Generation bookkeeping that lets the receiver order pages: within one
-/// generation a page is sent at most once, and a new generation needs a
-/// sync first.
+/// Generation bookkeeping that lets the receiver order pages: the order
+/// the receiver checks, and within one generation a page is sent at most
+/// once.
 struct GenState {
-    current: Option<u64>,
-    synced: Option<u64>,
+    order: ChannelOrder,
     sent: DirtyBitmap,
     finished: bool,
 }
@@ -341,7 +320,7 @@ pub struct Sender {
     threads: Mutex<Vec<JoinHandle<()>>>,
     control: Option<ControlLink>,
     sockets: Vec<Conn>,
-    file: Option<Arc<FileSink>>,
+    file: Option<Arc<SnapshotFile>>,
     gen: Mutex<GenState>,
 }
 
@@ -371,7 +350,7 @@ impl Sender {
                     "file: snapshots store pages at fixed offsets and cannot be compressed".into(),
                 ));
             }
-            let sink = Arc::new(open_snapshot(path, &header(ChannelKind::File, 0))?);
+            let sink = Arc::new(SnapshotFile::create(path, &header(ChannelKind::File, 0))?);
             sinks = (0..cfg.channels)
                 .map(|_| Sink::File(sink.clone()))
                 .collect();
@@ -428,8 +407,7 @@ impl Sender {
         }
         Ok(Sender {
             gen: Mutex::new(GenState {
-                current: None,
-                synced: None,
+                order: ChannelOrder::default(),
                 sent: DirtyBitmap::new(mem.num_pages()),
                 finished: false,
             }),
@@ -477,7 +455,7 @@ impl Sender {
                 )));
             }
             g.sent.or_assign(bitmap)?;
-            g.current = Some(generation);
+            g.order.on_pages(generation).map_err(out_of_order)?;
         }
         let (reply, results) = unbounded();
         let pages_tx = lock(&self.pages_tx).clone().ok_or_else(closed)?;
@@ -553,12 +531,7 @@ impl Sender {
         if g.finished {
             return Err(CoreError::invalid("the stream is already finished"));
         }
-        if g.current.is_some_and(|c| generation < c) || g.synced.is_some_and(|s| generation <= s) {
-            return Err(CoreError::invalid(format!(
-                "sync({generation}) goes backwards (pages sent in generation {:?}, last sync {:?})",
-                g.current, g.synced
-            )));
-        }
+        g.order.check_sync(generation).map_err(out_of_order)?;
         let bytes = if self.file.is_some() {
             // send_pages already waited for every write; a file needs no
             // barrier record, the order of writes is the order of syncs.
@@ -566,8 +539,7 @@ impl Sender {
         } else {
             self.broadcast(|reply| Job::Sync { generation, reply })?
         };
-        g.synced = Some(generation);
-        g.current = None;
+        g.order.on_sync(generation).map_err(out_of_order)?;
         g.sent.clear_all();
         Ok(bytes)
     }
@@ -588,7 +560,7 @@ impl Sender {
             )));
         }
         let body = data.to_vec();
-        let generation = lock(&self.gen).current.unwrap_or(0);
+        let generation = lock(&self.gen).order.open().unwrap_or(0);
         let kind = RecordKind::Device {
             seq,
             device_id,
@@ -624,9 +596,9 @@ impl Sender {
         if g.finished {
             return Err(CoreError::invalid("finish() was already called"));
         }
-        let generation = g.current.or(g.synced).unwrap_or(0);
+        let generation = g.order.latest().unwrap_or(0);
         let bytes = match &self.file {
-            Some(f) => finish_snapshot(f, generation, digest)?,
+            Some(f) => f.finish(generation, digest)?,
             None => self.broadcast(|reply| Job::End {
                 generation,
                 digest,
@@ -733,21 +705,12 @@ fn check_generation(g: &GenState, generation: u64) -> CoreResult<()> {
     if g.finished {
         return Err(CoreError::invalid("the stream is already finished"));
     }
-    if let Some(s) = g.synced {
-        if generation <= s {
-            return Err(CoreError::invalid(format!(
-                "generation {generation} was already closed by sync({s})"
-            )));
-        }
-    }
-    if let Some(c) = g.current {
-        if generation != c {
-            return Err(CoreError::invalid(format!(
-                "generation {generation} follows generation {c} without sync({c})"
-            )));
-        }
-    }
-    Ok(())
+    g.order.check_pages(generation).map_err(out_of_order)
+}
+
+/// The caller asked for a record the receiver would refuse.
+fn out_of_order(e: OrderError) -> CoreError {
+    CoreError::invalid(e.to_string())
 }
 
 fn closed() -> CoreError {
@@ -795,62 +758,6 @@ pub struct SenderStats {
     pub bandwidth: f64,
     pub max_bandwidth: u64,
     pub failure: Option<String>,
-}
-
-fn open_snapshot(path: &std::path::Path, header: &StreamHeader) -> CoreResult<FileSink> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| CoreError::io(format!("create snapshot {}", path.display()), e))?;
-    let layout = FileLayout::new(header.memory_size, header.page_size);
-    let io = |e| CoreError::io(format!("write snapshot {}", path.display()), e);
-    file.write_all_at(&header.encode(), 0).map_err(io)?;
-    let incomplete = FileState {
-        complete: false,
-        bitmap_crc: 0,
-        log_len: 0,
-    };
-    file.write_all_at(&incomplete.encode(), wire::FILE_STATE_OFFSET)
-        .map_err(io)?;
-    // Sized up front so untouched pages stay holes.
-    file.set_len(layout.log_offset).map_err(io)?;
-    Ok(FileSink {
-        file,
-        layout,
-        presence: (0..layout.bitmap_len / 8)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-        log: Mutex::new((0, 0)),
-    })
-}
-
-/// Presence bitmap, end record, then the completion block, each made durable
-/// before the next so a torn snapshot is refused as incomplete.
-fn finish_snapshot(f: &FileSink, generation: u64, digest: u128) -> CoreResult<u64> {
-    let io = |e| CoreError::io("snapshot: finish", e);
-    let bitmap: Vec<u8> = f
-        .presence
-        .iter()
-        .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-        .collect();
-    f.file
-        .write_all_at(&bitmap, f.layout.bitmap_offset)
-        .map_err(io)?;
-    let end = f.append(RecordKind::End, generation, &digest.to_le_bytes())?;
-    f.file.sync_all().map_err(io)?;
-    let state = FileState {
-        complete: true,
-        bitmap_crc: crc32c::crc32c(&bitmap),
-        log_len: lock(&f.log).0,
-    };
-    f.file
-        .write_all_at(&state.encode(), wire::FILE_STATE_OFFSET)
-        .map_err(io)?;
-    f.file.sync_all().map_err(io)?;
-    Ok(end + bitmap.len() as u64)
 }
 
 /// One channel thread's state: its sink and reusable buffers.
@@ -1097,37 +1004,19 @@ impl Worker {
         Ok(wire)
     }
 
-    /// Writes normal pages at their fixed offsets (runs of adjacent pages in
-    /// one write) and records presence; zero pages just clear their bit.
-    fn write_file(&mut self, f: Arc<FileSink>) -> CoreResult<u64> {
-        let ps = self.mem.page_size();
-        let bit = |off: u64| {
-            let p = off / ps as u64;
-            (&f.presence[(p / 64) as usize], 1u64 << (p % 64))
-        };
-        let mut i = 0;
-        while i < self.normal.len() {
-            let mut j = i + 1;
-            while j < self.normal.len() && self.normal[j] == self.normal[j - 1] + ps as u64 {
-                j += 1;
-            }
-            let data = &self.payload[i * ps..j * ps];
-            self.shared
-                .bucket
-                .take(data.len() as u64, &self.shared.abort);
-            f.file
-                .write_all_at(data, f.layout.pages_offset + self.normal[i])
-                .map_err(|e| self.error("write snapshot pages", e))?;
-            i = j;
-        }
-        for &off in &self.normal {
-            let (w, m) = bit(off);
-            w.fetch_or(m, Ordering::Relaxed);
-        }
-        for &off in &self.zero {
-            let (w, m) = bit(off);
-            w.fetch_and(!m, Ordering::Relaxed);
-        }
+    /// Writes the packet's pages into the snapshot file at their fixed
+    /// offsets.
+    fn write_file(&mut self, f: Arc<SnapshotFile>) -> CoreResult<u64> {
+        let shared = &self.shared;
+        let payload = &self.payload[..self.payload_len];
+        f.write_pages(
+            &self.normal,
+            &self.zero,
+            payload,
+            self.mem.page_size(),
+            |n| shared.bucket.take(n as u64, &shared.abort),
+        )
+        .map_err(|e| self.error("write snapshot pages", e))?;
         let wire = self.payload_len as u64;
         self.shared.payload_bytes.fetch_add(wire, Ordering::Relaxed);
         self.number += 1;

@@ -27,8 +27,8 @@
 //!   lock-free (atomic words), and exact for what is marked; nothing else.
 //!
 //! The system headers are older than the kernel this runs on, so the uAPI
-//! constants and structs are defined here (from `linux/userfaultfd.h` and
-//! `linux/fs.h`).
+//! constants and structs are defined here (from `linux/userfaultfd.h`; the
+//! `PAGEMAP_SCAN` ones are in [`crate::pagemap`]).
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -37,11 +37,15 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use rustix::ioctl::{ioctl, opcode, Ioctl, IoctlOutput, Opcode, Updater};
+use rustix::ioctl::{ioctl, opcode, Opcode, Updater};
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
+use crate::pagemap::{
+    self, open_pagemap, PageRegion, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+    SCAN_REGIONS,
+};
 
 // ---- uAPI: linux/userfaultfd.h -------------------------------------------
 
@@ -100,113 +104,23 @@ struct UffdioRegister {
 const UFFDIO_API: Opcode = opcode::read_write::<UffdioApi>(0xAA, 0x3F);
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<UffdioRegister>(0xAA, 0x00);
 
-// ---- uAPI: linux/fs.h (PAGEMAP_SCAN, Linux 6.7) ----------------------------
-
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-const PAGEMAP_SCAN: Opcode = opcode::read_write::<PmScanArg>(b'f', 16);
-
-/// `PAGEMAP_SCAN` returns how many regions it filled; rustix's `Updater`
-/// discards the return value, hence this small `Ioctl`.
-struct PmScan<'a>(&'a mut PmScanArg);
-
-// SAFETY: the opcode is `_IOWR('f', 16, struct pm_scan_arg)` and the pointer
-// is to a `#[repr(C)]` copy of that struct; the kernel writes `walk_end` and
-// at most `vec_len` regions into `vec`, which the caller sizes.
-unsafe impl Ioctl for PmScan<'_> {
-    type Output = usize;
-    const IS_MUTATING: bool = true;
-
-    fn opcode(&self) -> Opcode {
-        PAGEMAP_SCAN
-    }
-
-    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
-        (self.0 as *mut PmScanArg).cast()
-    }
-
-    unsafe fn output_from_ptr(
-        out: IoctlOutput,
-        _: *mut std::ffi::c_void,
-    ) -> rustix::io::Result<usize> {
-        Ok(out as usize)
-    }
-}
-
-/// Regions fetched per `PAGEMAP_SCAN` call (96 KiB of `page_region`).
-const SCAN_REGIONS: usize = 4096;
-
 /// One `PAGEMAP_SCAN` harvest of `[start, end)`: reports each written
-/// region (byte addresses) to `f` and write-protects it again. Loops until
-/// the kernel's `walk_end` reaches `end` (it stops early when `buf` fills).
+/// region (byte addresses) to `f` and write-protects it again.
 fn harvest(
     pagemap: &File,
     buf: &mut [PageRegion],
     start: u64,
     end: u64,
-    mut f: impl FnMut(u64, u64),
+    f: impl FnMut(u64, u64),
 ) -> CoreResult<()> {
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
+    let query = pagemap::Query {
         flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        start,
-        end,
-        vec: buf.as_mut_ptr() as u64,
-        vec_len: buf.len() as u64,
         category_mask: PAGE_IS_WRITTEN,
+        anyof_mask: 0,
         return_mask: PAGE_IS_WRITTEN,
         ..Default::default()
     };
-    loop {
-        arg.walk_end = 0;
-        // SAFETY: `arg` describes `buf`, which outlives the call; the range is
-        // a mapping owned by the tracker's `GuestMemory`.
-        let n = match unsafe { ioctl(pagemap, PmScan(&mut arg)) } {
-            Ok(n) => n.min(buf.len()),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(CoreError::io("PAGEMAP_SCAN", e.into())),
-        };
-        for r in &buf[..n] {
-            f(r.start, r.end);
-        }
-        if arg.walk_end >= end {
-            return Ok(());
-        }
-        if arg.walk_end <= arg.start && n == 0 {
-            return Err(CoreError::invalid(format!(
-                "PAGEMAP_SCAN made no progress at {:#x}",
-                arg.start
-            )));
-        }
-        arg.start = arg.walk_end;
-    }
+    pagemap::scan(pagemap, buf, query, start, end, f)
 }
 
 // ---- capability probing ----------------------------------------------------
@@ -276,21 +190,6 @@ fn uffd_api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
     Ok(api.features)
 }
 
-fn open_pagemap() -> Result<File, Errno> {
-    File::open("/proc/self/pagemap")
-        .map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
-}
-
-fn probe_pagemap_scan() -> Result<(), Errno> {
-    let file = open_pagemap()?;
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        ..Default::default()
-    };
-    // SAFETY: an empty range with no output vector: the kernel only validates.
-    unsafe { ioctl(&file, PmScan(&mut arg)) }.map(|_| ())
-}
-
 fn real_facts() -> ProbeFacts {
     static FACTS: OnceLock<ProbeFacts> = OnceLock::new();
     FACTS
@@ -307,7 +206,7 @@ fn real_facts() -> ProbeFacts {
                 kernel,
                 open,
                 features,
-                pagemap_scan: probe_pagemap_scan(),
+                pagemap_scan: pagemap::probe(),
             }
         })
         .clone()

@@ -135,6 +135,18 @@ impl Conn {
         }
     }
 
+    /// A descriptor of the plain socket that a reader may `readv` into
+    /// memory directly (the receiver lands pages in guest memory so); `None`
+    /// under TLS, whose bytes must be decrypted in a buffer. Reading through
+    /// it and through `self` interleaves correctly because neither buffers.
+    pub fn direct_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
+        match self {
+            Conn::Tcp(s) => Ok(Some(s.as_fd().try_clone_to_owned()?)),
+            Conn::Unix(s) => Ok(Some(s.as_fd().try_clone_to_owned()?)),
+            Conn::Tls(_) => Ok(None),
+        }
+    }
+
     /// Waits up to `timeout` for bytes (or EOF) to read.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         if let Conn::Tls(t) = self {
@@ -208,6 +220,59 @@ pub fn is_timeout(e: &io::Error) -> bool {
 
 pub fn timeout_error(context: String) -> CoreError {
     CoreError::io(context, io::Error::from_raw_os_error(libc::ETIMEDOUT))
+}
+
+/// Reads exactly the bytes the `iov` entries describe from `fd` with
+/// `readv`, straight into their memory; the error says whether the peer
+/// closed, stalled, or failed.
+///
+/// # Safety
+/// Every entry must describe memory valid for writes for as long as the
+/// call runs, which no Rust reference covers (other threads may only touch
+/// it through raw pointers).
+pub unsafe fn readv_full(
+    fd: std::os::fd::BorrowedFd<'_>,
+    iov: &mut [libc::iovec],
+) -> Result<(), ReadFailure> {
+    use std::os::fd::AsRawFd;
+    let want: usize = iov.iter().map(|v| v.iov_len).sum();
+    let mut got = 0;
+    let mut at = 0;
+    while at < iov.len() {
+        if iov[at].iov_len == 0 {
+            at += 1;
+            continue;
+        }
+        let count = (iov.len() - at).min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the entries describe writable memory (the caller's
+        // contract); the kernel writes at most their lengths.
+        let n = unsafe { libc::readv(fd.as_raw_fd(), iov[at..].as_ptr(), count) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                _ if is_timeout(&e) => return Err(ReadFailure::Stalled),
+                _ => return Err(ReadFailure::Io(e)),
+            }
+        }
+        if n == 0 {
+            return Err(ReadFailure::Truncated { got, want });
+        }
+        let mut n = n as usize;
+        got += n;
+        while n > 0 {
+            let v = &mut iov[at];
+            let step = n.min(v.iov_len);
+            // SAFETY: advancing within the entry the kernel just filled.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(step) }.cast();
+            v.iov_len -= step;
+            n -= step;
+            if v.iov_len == 0 {
+                at += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes; the error says whether the peer closed

@@ -388,7 +388,19 @@ impl RecordHeader {
 
     /// Checks the CRC over the raw header bytes and the body.
     pub fn verify_crc(&self, raw: &[u8; RECORD_HEADER_LEN], body: &[u8]) -> Result<(), String> {
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw[..44]), body);
+        self.verify_crc_parts(raw, [body])
+    }
+
+    /// Checks the CRC over the raw header bytes and a body that lies in
+    /// several places, given in order.
+    pub fn verify_crc_parts<'a>(
+        &self,
+        raw: &[u8; RECORD_HEADER_LEN],
+        body: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), String> {
+        let crc = body
+            .into_iter()
+            .fold(crc32c::crc32c(&raw[..44]), crc32c::crc32c_append);
         if crc != self.crc {
             return Err(format!(
                 "CRC mismatch (record says {:#010x}, computed {crc:#010x})",
@@ -416,9 +428,25 @@ pub fn parse_pages<'a>(
     stream: &StreamHeader,
 ) -> Result<PagesBody<'a>, String> {
     let total = normal as usize + zero as usize;
+    let (normal, zero) = parse_offsets(normal, &body[..total * 8], stream)?;
+    Ok(PagesBody {
+        normal,
+        zero,
+        payload: &body[total * 8..],
+    })
+}
+
+/// Validates a PAGE record's offset table (`count0 + count1` u64, normal
+/// pages first): every offset is a page inside memory. Returns the normal
+/// and the zero pages' offsets.
+pub fn parse_offsets(
+    normal: u32,
+    table: &[u8],
+    stream: &StreamHeader,
+) -> Result<(Vec<u64>, Vec<u64>), String> {
     let ps = stream.page_size as u64;
-    let mut offsets = Vec::with_capacity(total);
-    for (i, chunk) in body[..total * 8].chunks_exact(8).enumerate() {
+    let mut offsets = Vec::with_capacity(table.len() / 8);
+    for (i, chunk) in table.chunks_exact(8).enumerate() {
         let off = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
         if off % ps != 0 || off >= stream.memory_size {
             return Err(format!(
@@ -428,12 +456,8 @@ pub fn parse_pages<'a>(
         }
         offsets.push(off);
     }
-    let zero = offsets.split_off(normal as usize);
-    Ok(PagesBody {
-        normal: offsets,
-        zero,
-        payload: &body[total * 8..],
-    })
+    let zero = offsets.split_off((normal as usize).min(offsets.len()));
+    Ok((offsets, zero))
 }
 
 /// Encodes a control frame: u32 length, u32 CRC32C of the payload, payload.

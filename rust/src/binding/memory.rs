@@ -7,6 +7,7 @@ use numpy::ndarray::ArrayViewMut1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
+use crate::backing::{self, Backing};
 use crate::chunk_digest;
 use crate::memory::GuestMemory;
 
@@ -18,8 +19,10 @@ pub struct PyGuestMemory {
 #[pymethods]
 impl PyGuestMemory {
     #[new]
-    fn new(py: Python<'_>, size: usize) -> PyResult<Self> {
-        let inner = py.detach(|| GuestMemory::new(size))?;
+    #[pyo3(signature = (size, backing="memfd"))]
+    fn new(py: Python<'_>, size: usize, backing: &str) -> PyResult<Self> {
+        let backing = Backing::choose(backing, size)?;
+        let inner = py.detach(|| GuestMemory::with_backing(size, backing))?;
         Ok(PyGuestMemory {
             inner: Arc::new(inner),
         })
@@ -27,8 +30,11 @@ impl PyGuestMemory {
 
     /// Loads a raw memory image.
     #[staticmethod]
-    fn from_image(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| GuestMemory::from_image(&path))?;
+    #[pyo3(signature = (path, backing="memfd"))]
+    fn from_image(py: Python<'_>, path: PathBuf, backing: &str) -> PyResult<Self> {
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len() as usize);
+        let backing = Backing::choose(backing, size)?;
+        let inner = py.detach(|| GuestMemory::from_image(&path, backing))?;
         Ok(PyGuestMemory {
             inner: Arc::new(inner),
         })
@@ -59,9 +65,39 @@ impl PyGuestMemory {
         self.inner.num_pages()
     }
 
+    /// The memfd, or None for anonymous memory.
     #[getter]
-    fn fd(&self) -> i32 {
+    fn fd(&self) -> Option<i32> {
         self.inner.fd()
+    }
+
+    /// The backing this memory got: memfd, memfd-thp, anon, anon-thp or
+    /// hugetlb.
+    #[getter]
+    fn backing(&self) -> &'static str {
+        self.inner.backing().name()
+    }
+
+    /// The unit the kernel allocates this memory in when it can (the huge
+    /// page size for the THP and hugetlb backings).
+    #[getter]
+    fn backing_page_size(&self) -> usize {
+        self.inner.alloc_page_size()
+    }
+
+    /// Bytes the kernel backs with huge pages right now.
+    fn huge_bytes(&self, py: Python<'_>) -> usize {
+        let mem = self.inner.clone();
+        py.detach(move || mem.huge_bytes())
+    }
+
+    /// Allocates and zeroes `[offset, offset + len)` now
+    /// (MADV_POPULATE_WRITE), without changing pages already present.
+    #[pyo3(signature = (offset=0, len=None))]
+    fn populate(&self, py: Python<'_>, offset: usize, len: Option<usize>) -> PyResult<()> {
+        let mem = self.inner.clone();
+        let len = len.unwrap_or(mem.len().saturating_sub(offset));
+        Ok(py.detach(move || mem.populate(offset, len))?)
     }
 
     /// A writable uint8 numpy view of the whole memory, without a copy. The
@@ -129,10 +165,13 @@ impl PyGuestMemory {
 
     fn __repr__(&self) -> String {
         format!(
-            "GuestMemory(size={}, page_size={}, fd={})",
+            "GuestMemory(size={}, page_size={}, backing={:?}, fd={})",
             self.inner.len(),
             self.inner.page_size(),
-            self.inner.fd()
+            self.inner.backing().name(),
+            self.inner
+                .fd()
+                .map_or_else(|| "None".to_string(), |fd| fd.to_string())
         )
     }
 }
@@ -149,7 +188,34 @@ fn digest_bytes(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u128
     Ok(py.detach(|| crate::memory::digest_bytes(bytes)))
 }
 
+/// What the host offers for each memory backing, fastest to fill first:
+/// a list of {"backing", "available", "page-size", "reason"}.
+#[pyfunction]
+fn memory_backings(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>>> {
+    use pyo3::types::PyDict;
+    backing::offers()
+        .into_iter()
+        .map(|o| {
+            let d = PyDict::new(py);
+            d.set_item("backing", o.backing.name())?;
+            d.set_item("available", o.available)?;
+            d.set_item("page-size", o.page_size)?;
+            d.set_item("reason", o.reason)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// The fastest backing to fill that the host offers for `size` bytes (what
+/// "auto" picks).
+#[pyfunction]
+fn fastest_backing(size: usize) -> &'static str {
+    backing::fastest_for(size).name()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGuestMemory>()?;
+    m.add_function(wrap_pyfunction!(memory_backings, m)?)?;
+    m.add_function(wrap_pyfunction!(fastest_backing, m)?)?;
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)
 }
