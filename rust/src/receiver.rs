@@ -302,6 +302,10 @@ impl Shared {
                 self.counters.zero_filled.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Every page of the record is final for its generation now: hash
+        // the chunks it wholly holds while they are in this thread's cache.
+        let pages = normal.iter().chain(zero).map(|&off| off as usize / ps);
+        self.digest.rehash_covered(pages);
         self.counters
             .normal
             .fetch_add(normal.len() as u64, Ordering::Relaxed);
