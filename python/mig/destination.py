@@ -130,6 +130,7 @@ class MigrationDestination:
         self._digest_seconds: float | None = None
         self._digest_timed_at = 0.0
         self._busy = 0.0
+        self._rehashed: int | None = None  # chunks still stale when the root was taken
         self._drain_target: tuple[int, float] | None = None
         self._drain: float | None = None
         self._thread: threading.Thread | None = None
@@ -202,6 +203,8 @@ class MigrationDestination:
             out["memory-digest"] = self.memory_digest
         if core.verify_time is not None:
             out["verify-time"] = core.verify_time * 1000
+        if self._rehashed is not None:
+            out["rehashed-chunks"] = self._rehashed
         if core.verify_error is not None:
             out["verify-error"] = core.verify_error
         if self.error:
@@ -392,6 +395,8 @@ class MigrationDestination:
         # downtime. An endpoint that does not report one gets it computed here.
         root = end.get("digest")
         seconds = end.get("verify-time")
+        rehashed = end.get("rehashed-chunks")
+        self._rehashed = None if rehashed is None else int(rehashed)
         if root is None:
             t0 = self.clock.now()
             root = self.memory.digest()
