@@ -97,6 +97,9 @@ def test_demo_verifies_end_to_end_by_default_and_no_verify_skips_it(
     # By default the demo compares the destination's memory and device
     # digests with the stopped source's after the migration.
     assert demo_json["end-to-end-check"] == "passed"
+    # The default verify mode answered after the guest resumed on the destination.
+    assert demo_json["verify"] == "after-resume" and demo_json["verified"] is True
+    assert demo_json["verify-time"] >= 0 and "verify-error" not in demo_json
     p = run("demo", *SMALL, "--devices", SMALL_NIC, "--json", "--no-verify")
     assert p.returncode == 0, p.stderr
     q = only_json(p.stdout)
@@ -289,6 +292,40 @@ def test_send_to_a_mismatched_destination_fails_with_the_reason() -> None:
     assert str(64 * MIB) in d["error-desc"] and str(16 * MIB) in d["error-desc"]
 
 
+@pytest.mark.parametrize("mode", ["strict", "off"])
+def test_demo_verify_modes_reach_both_sides(mode: str) -> None:
+    p = run("demo", *SMALL, "--devices", "none", "--json", "--verify", mode)
+    assert p.returncode == 0, p.stderr
+    q = only_json(p.stdout)
+    assert q["status"] == "completed" and q["verify"] == mode
+    assert q["verified"] is (mode == "strict")
+    # The demo's own comparison of the two memories runs in every mode.
+    assert q["end-to-end-check"] == "passed"
+    assert ("digest" in q["downtime-breakdown"]) is (mode == "strict")
+
+
+def test_serve_refuses_a_source_with_another_verify_mode() -> None:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "mig.cli", "serve", "--listen", uri, "--once", "--json"]
+        + ["--size", "16MiB", "--devices", "none", "--timeout", "30s", "--verify", "strict"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        p = run("send", "--connect", uri, "--size", "16MiB", "--devices", "none", "--json",
+                "--verify", "off")  # fmt: skip
+        out, _ = serve.communicate(timeout=30)
+    finally:
+        serve.kill()
+    assert p.returncode == 1 and serve.returncode == 1
+    q, d = only_json(p.stdout), only_json(out)
+    assert q["status"] == d["status"] == "failed"
+    assert "verify mode 'off' != 'strict'" in d["error-desc"]
+    assert "verify mode 'off' != 'strict'" in q["error-desc"]
+
+
 # ------------------------------------------------------- snapshot / restore
 def test_snapshot_and_restore_verify(tmp_path: Path) -> None:
     image = tmp_path / "guest.img"
@@ -374,6 +411,8 @@ BAD = [
     (["demo", "--devices", "warpdrive"], "--devices"),
     (["demo", "--devices", "nic:state=lots"], "--devices"),
     (["demo", "--policy", "yolo"], "--policy"),
+    (["demo", "--verify", "sometimes"], "--verify"),
+    (["serve", "--listen", "tcp:127.0.0.1:0", "--verify", "later"], "--verify"),
     (["demo", "--compress", "gzip"], "--compress"),
     (["demo", "--auto-converge", "sometimes"], "--auto-converge"),
     (["demo", "--dirty-limit", "many"], "--dirty-limit"),

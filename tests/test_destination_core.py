@@ -34,11 +34,15 @@ from mig.protocol import (
     Switchover,
     SwitchoverAbort,
     SwitchoverAck,
+    VerifyDigest,
+    VerifyResult,
 )
 from mig.reorder import DeviceRecord
 
 DIGEST = "0123456789abcdef0123456789abcdef"
-PARAMS = SessionParams(300, 0, 2, "none")
+OTHER = "f" * 32
+# The table and commit-point tests below use strict: the digest checked before ready.
+PARAMS = SessionParams(300, 0, 2, "none", "strict")
 
 
 def hello(**kw: object) -> Hello:
@@ -203,3 +207,84 @@ def test_timeouts_before_hello_and_while_idle() -> None:
     c.tick(14.5)
     with pytest.raises(MigrationEnded, match="no control message or data for 3.0 s"):
         c.tick(15.5)
+
+
+def _after(mode: str, **kw: object) -> DestinationCore:
+    """A core past ``ready`` in ``mode``, its root ``DIGEST`` taken in 4 ms."""
+    c = core(**kw)
+    c.on_message(hello(params=SessionParams(300, 0, 2, "none", mode)), 0.0)
+    c.on_message(Complete(None, 1, {}), 1.0)
+    c.stop_copy_received()
+    assert c.verify(DIGEST, 1.25, 0.004) == [Send(Ready(0.25, False, 0.004))]
+    assert c.phase is DestinationPhase.AWAIT_GO and not c.verified
+    return c
+
+
+def test_after_resume_resumes_unverified_then_compares_the_sources_digest() -> None:
+    c = _after("after-resume")
+    assert c.on_message(Go(), 2.0) == [Resume()]
+    assert c.phase is DestinationPhase.AWAIT_VERIFY
+    assert c.resumed(2.5) == [SetStatus("completed"), Send(Resumed(0.75, False))]
+    assert c.on_message(VerifyDigest(DIGEST), 3.0) == [Send(VerifyResult(True, ""))]
+    assert c.phase is DestinationPhase.RESUMED and c.verified
+    assert c.verify_time == pytest.approx(0.5) and c.verify_error is None
+
+
+def test_after_resume_mismatch_is_reported_not_discarded() -> None:
+    c = _after("after-resume")
+    c.on_message(Go(), 2.0)
+    c.resumed(2.0)
+    (effect,) = c.on_message(VerifyDigest(OTHER), 2.5)
+    assert isinstance(effect, Send) and isinstance(effect.message, VerifyResult)
+    assert not effect.message.ok and OTHER in effect.message.reason
+    assert c.phase is DestinationPhase.RESUMED and not c.verified
+    assert c.verify_error is not None and "mismatch" in c.verify_error
+
+
+def test_after_resume_timeout_and_a_source_failure_end_unverified() -> None:
+    c = _after("after-resume", verify_timeout=5.0)
+    c.on_message(Go(), 2.0)
+    c.resumed(2.0)
+    c.tick(6.5)
+    assert c.phase is DestinationPhase.AWAIT_VERIFY
+    c.tick(7.0)  # no exception: the guest runs here, nothing to discard
+    assert c.phase is DestinationPhase.RESUMED and not c.verified
+    assert "no memory digest from the source within 5.0 s" in (c.verify_error or "")
+    c = _after("after-resume")
+    c.on_message(Go(), 2.0)
+    c.resumed(2.0)
+    assert c.on_message(Failed("disk full"), 2.5) == []
+    assert c.verify_error == "source: disk full" and not c.verified
+    c = _after("after-resume")
+    c.on_message(Go(), 2.0)
+    with pytest.raises(ProtocolError, match="expected verify"):
+        c.on_message(Pass(1, 1, {}), 2.5)
+
+
+def test_off_resumes_and_never_compares() -> None:
+    c = _after("off")
+    c.on_message(Go(), 2.0)
+    assert c.phase is DestinationPhase.RESUMED
+    c.resumed(2.0)
+    assert not c.verified and c.verify_time is None and c.memory_digest == DIGEST
+    with pytest.raises(ProtocolError, match="unexpected control message 'verify'"):
+        c.on_message(VerifyDigest(DIGEST), 2.5)
+
+
+def test_complete_must_match_the_verify_mode() -> None:
+    c = active()  # strict
+    with pytest.raises(ProtocolError, match="complete without a digest in verify mode 'strict'"):
+        c.on_message(Complete(None, 1, {}), 1.0)
+    c = core()
+    c.on_message(hello(params=SessionParams(300, 0, 2, "none", "after-resume")), 0.0)
+    with pytest.raises(ProtocolError, match="complete with a digest"):
+        c.on_message(Complete(DIGEST, 1, {}), 1.0)
+
+
+def test_a_required_verify_mode_refuses_another() -> None:
+    c = core(verify="strict")
+    with pytest.raises(MigrationEnded, match="verify mode 'off' != 'strict' required here"):
+        c.on_message(hello(params=SessionParams(300, 0, 2, "none", "off")), 0.0)
+    c = core(verify="strict")
+    c.on_message(hello(), 0.0)
+    assert c.verify_mode == "strict" and c.phase is DestinationPhase.ACTIVE

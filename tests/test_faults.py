@@ -133,6 +133,9 @@ PARAMS: dict[str, Any] = {
 }
 
 
+STRICT = {**PARAMS, "verify": "strict"}
+
+
 @dataclass
 class Side:
     """The destination of one attempt: in this process or in its own."""
@@ -363,6 +366,7 @@ def test_fault_with_a_running_workload(fault: str, phase: str) -> None:
 
 
 COMMIT_CASES = ("fail-before-go", "reset-after-go", "go-lost")
+AFTER_RESUME_CASES = ("digest-after-resume", "verify-lost", "dest-killed-after-go")
 
 
 @pytest.mark.parametrize("fault", COMMIT_CASES)
@@ -393,7 +397,8 @@ def _check_commit_case(case: Case, fault: str) -> None:
         case.once("dest.resume", None, lambda: proxy.reset(KIND_CONTROL, 0))
     else:  # "go" waits in the stalled proxy, as would the destination's "failed"
         case.once("source.ready", None, proxy.stall)
-    source = MigrationSource(case.guest, [case.device], uri=proxy.uri, **PARAMS)
+    # Strict: "ready" means verified, so the destination's verdict is known at "go".
+    source = MigrationSource(case.guest, [case.device], uri=proxy.uri, **STRICT)
     try:
         q = source.run()
         d = side.wait()
@@ -433,6 +438,88 @@ def _check_commit_case(case: Case, fault: str) -> None:
         assert case.device.state_digest() == case.device_digest, where
     assert not case.log.overlaps(), case.log.events
     del source, side  # their sockets close with them
+    assert settle(before) == before, f"threads/fds leaked: {where}"
+
+
+@pytest.mark.parametrize("fault", AFTER_RESUME_CASES)
+def test_after_resume_verification_faults(fault: str) -> None:
+    """After-resume: the source's digest comes once the destination runs the
+    guest. Its delay changes nothing but the time of the verdict; a session
+    lost before the verdict leaves both sides completed and unverified, with
+    the reason; a destination killed after ``go`` leaves the source paused in
+    postmigrate, as in strict mode."""
+    case = Case("dest-killed" if fault == "dest-killed-after-go" else "reset", "committed")
+    try:
+        _check_after_resume_case(case, fault)
+    finally:
+        faults.disarm_all()
+        case.close()
+
+
+def _destination_looker(
+    dest: MigrationDestination | None, case: Case, seen: dict[str, Any]
+) -> Callable[[], None]:
+    """Record the destination's state once it runs the guest."""
+
+    def look() -> None:
+        assert dest is not None
+        _wait_for(lambda: dest.status == "completed", "the destination did not resume")
+        seen.update(dest.query(), runs=case.log.runs("dest"))
+
+    return look
+
+
+def _check_after_resume_case(case: Case, fault: str) -> None:
+    before = resources()
+    side = case.destination()
+    proxy = FaultProxy(side.uri) if side.dest is not None else None
+    seen: dict[str, Any] = {}
+    look_at_the_destination = _destination_looker(side.dest, case, seen)
+
+    if fault == "digest-after-resume":
+        case.once("source.verify", None, look_at_the_destination)
+    elif fault == "verify-lost":
+        assert proxy is not None
+        case.once("source.verify", None, lambda: proxy.reset(KIND_CONTROL, 0))
+    else:
+        assert side.proc is not None
+        case.once("source.ready", None, side.proc.stop)  # it cannot act on "go"
+        case.once("source.go", None, side.proc.kill)
+    uri = proxy.uri if proxy is not None else side.uri
+    source = MigrationSource(case.guest, [case.device], uri=uri, **PARAMS)
+    try:
+        q = source.run()
+        d = side.wait()
+    finally:
+        faults.disarm_all()
+        if proxy is not None:
+            proxy.close()
+    where = f"{fault} (fired: {case.fired}): {q.get('error-desc')}; {d}"
+    assert case.fired, where
+    assert q["verify"] == "after-resume", where
+    assert not case.log.overlaps(), case.log.events
+    if fault == "dest-killed-after-go":
+        assert q["status"] == "failed" and q.get("postmigrate"), where
+        assert not case.raw.running and not q["verified"], where
+        source.resume_source()  # the embedder knows the destination is gone
+        assert case.raw.running and case.device.state is MigState.RUNNING, where
+        assert case.src.digest() == _digest_of(case.shadow), where
+    else:
+        assert side.memory is not None
+        assert q["status"] == "completed" and d["status"] == "completed", where
+        assert case.log.runs("dest") == 1 and not case.raw.running, where
+        assert side.memory.digest() == case.src.digest() == _digest_of(case.shadow), where
+        if fault == "digest-after-resume":
+            # The guest ran on the destination before the source's digest left.
+            assert seen["runs"] == 1 and seen["status"] == "completed", seen
+            assert seen["verified"] is False and "verify-time" not in seen, seen
+            assert q["verified"] and d["verified"], where
+            assert q["verify-time"] > 0 and d["verify-time"] > 0, where
+        else:
+            assert not q["verified"] and "no verification" in q["verify-error"], where
+            assert not d["verified"] and d["verify-error"], where
+    del source, side
+    seen.clear()
     assert settle(before) == before, f"threads/fds leaked: {where}"
 
 

@@ -65,13 +65,14 @@ def test_sla_downtime_at_most_the_limit_when_the_engine_switches_over() -> None:
         policy="adaptive",
         max_bandwidth=100 * MIB,
         downtime_limit=300,
+        verify="strict",  # the whole digest is in the downtime, and in the plan
     )
     assert q["status"] == "completed", q.get("error-desc")
     assert src.digest() == dst.digest()
     # The engine planned for the fixed costs it measured (and the bandwidth's
     # own variation), so what it predicted fits, and so does what it got.
     costs = q["switchover-costs"]
-    assert costs["digest"] > 0 and costs["load"] > 0 and costs["handshake"] > 0
+    assert costs["digest"] > 0 and costs["dest-digest"] > 0 and costs["handshake"] > 0
     assert q["predicted-downtime"] <= 300
     assert q["downtime"] <= 300, (q["downtime-breakdown"], costs)
 
@@ -81,17 +82,25 @@ def test_destination_reports_its_share_of_the_switchover() -> None:
     # and the source plans with the digest and drain lag it measured there.
     # exact-running: it keeps iterating past the pass whose ack carries the
     # destination's first digest timing (the default may finish sooner).
+    # Strict: the destination times its whole digest (what it checks before ready).
     q, d, src, dst, source = migrate(
-        "uniform:rate=1000", size=32 * MIB, max_bandwidth=12 * MIB, policy="exact-running"
+        "uniform:rate=1000",
+        size=32 * MIB,
+        max_bandwidth=12 * MIB,
+        policy="exact-running",
+        verify="strict",
     )
     assert q["status"] == "completed", q.get("error-desc")
     assert src.digest() == dst.digest()
     costs = source.costs
     assert costs.dest_digest is not None and costs.dest_digest > 0
     assert costs.drain > 0
-    assert q["switchover-costs"]["load"] == pytest.approx(
-        (costs.dest_digest + costs.drain + costs.device) * 1000
-    )
+    plan = q["switchover-costs"]
+    assert plan["dest-digest"] == pytest.approx(costs.dest_digest * 1000)
+    assert plan["load"] == pytest.approx((costs.drain + costs.device) * 1000)
+    # The breakdown names the same terms, the destination's root on its own.
+    assert set(plan) <= set(q["downtime-breakdown"])
+    assert q["downtime-breakdown"]["dest-digest"] > 0
 
 
 PHASES = ["setup", "active", "stopped-for-exact", "device"]

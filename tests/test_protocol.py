@@ -24,6 +24,8 @@ from mig.protocol import (
     Switchover,
     SwitchoverAbort,
     SwitchoverAck,
+    VerifyDigest,
+    VerifyResult,
 )
 
 DIGEST = "0123456789abcdef0123456789abcdef"
@@ -45,9 +47,14 @@ EVERY_MESSAGE = [
     Switchover({1: 4}),
     SwitchoverAbort({1: (5, 9)}, {1: 9}, "nic0: over budget"),
     Complete(DIGEST, 4, {1: 12}, forced=True),
+    Complete(None, 4, {1: 12}),
     Ready(0.02, True),
+    Ready(0.02, False, digest=0.004),
     Go(),
     Resumed(0.03, True),
+    VerifyDigest(DIGEST),
+    VerifyResult(True, ""),
+    VerifyResult(False, "memory digest mismatch"),
     Cancel("by request"),
     Failed("digest mismatch"),
 ]
@@ -71,15 +78,43 @@ def test_the_wire_form_keeps_its_documented_fields() -> None:
     assert json.loads(protocol.encode(SwitchoverAbort({1: (5, 9)}, {}, "x")))["aborted"] == {
         "1": [5, 9]
     }
+    assert hello["params"]["verify"] == "after-resume"
+
+
+def test_optional_digests_are_omitted_on_the_wire() -> None:
+    assert "digest" not in json.loads(protocol.encode(Complete(None, 1, {})))
+    assert "digest" not in json.loads(protocol.encode(Ready(0.1, False)))
+    assert json.loads(protocol.encode(Ready(0.1, False, 0.002)))["digest"] == 0.002
+
+
+@pytest.mark.parametrize("mode", protocol.VERIFY_MODES)
+def test_hello_carries_every_verify_mode(mode: str) -> None:
+    hello = Hello(7, 4096, 1 << 20, (), SessionParams(300, 0, 2, "none", mode))
+    assert protocol.decode(protocol.encode(hello)).params.verify == mode
+
+
+def _params(**over: object) -> dict[str, object]:
+    p: dict[str, object] = {
+        "downtime_limit": 300, "max_bandwidth": 0, "multifd_channels": 2, "compression": "none",
+        "verify": "strict",
+    }  # fmt: skip
+    p.update(over)
+    return p
 
 
 def _raw(kind: str, **fields: object) -> bytes:
     return json.dumps({"type": kind, **fields}).encode()
 
 
-def _hello(devices: object) -> bytes:
+def _hello(devices: object, params: object = None) -> bytes:
     return _raw(
-        "hello", version=1, migration_id=1, page_size=4096, ram_size=1, devices=devices, params={}
+        "hello",
+        version=1,
+        migration_id=1,
+        page_size=4096,
+        ram_size=1,
+        devices=devices,
+        params=params or {},
     )
 
 
@@ -106,6 +141,19 @@ def _hello(devices: object) -> bytes:
         (_hello(devices={}), "devices"),
         (_hello(devices=[{"id": 1, "name": "x" * 1000, "kind": "d"}]), "longer than"),
         (_raw("cancel", reason=None), "not a string"),
+        (_raw("complete", digest="ABC", generation=1, device_seqs={}, forced=False), "hex"),
+        (_raw("complete", digest=7, generation=1, device_seqs={}, forced=False), "not a string"),
+        (_raw("ready", load=0.1, verified=False, digest=-0.5), "finite number >= 0"),
+        (_raw("ready", load=0.1, verified=False, digest="fast"), "not a number"),
+        (_raw("verify"), "'digest' is missing"),
+        (_raw("verify", digest=DIGEST.upper()), "hex"),
+        (_raw("verify", digest=DIGEST + "00"), "longer than"),
+        (_raw("verify-result", ok="yes", reason=""), "boolean"),
+        (_raw("verify-result", ok=False), "'reason' is missing"),
+        (_raw("verify-result", ok=False, reason="x" * 5000), "longer than"),
+        (_hello([], _params(verify="sometimes")), "not one of after-resume, strict, off"),
+        (_hello([], _params(verify=1)), "not a string"),
+        (_hello([], _params(verify="x" * 1000)), "longer than"),
     ],
 )
 def test_bad_records_raise_a_protocol_error_naming_the_problem(data: bytes, expected: str) -> None:

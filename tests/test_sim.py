@@ -98,11 +98,16 @@ def test_a_dma_device_not_quiesced_is_caught() -> None:
     assert ok["status"] == "completed" and ok["sim"]["verified"]
     original = DeviceHandler.quiesce
     DeviceHandler.quiesce = lambda self: None  # the wrong order: DMA runs past the final sync
+    params = {"max_bandwidth": 64 * MIB, "downtime_limit": 300, "timeout": 60.0}
     try:
-        bad = simulate(small(devices=("dma:dma=8MiB/s",)))
+        bad = simulate(small(devices=("dma:dma=8MiB/s",), params={**params, "verify": "strict"}))
+        late = simulate(small(devices=("dma:dma=8MiB/s",)))  # after-resume, the default
     finally:
         DeviceHandler.quiesce = original
+    # Strict refuses to resume; after-resume resumes, then reports the mismatch.
     assert bad["status"] == "failed" and "digest" in bad["error-desc"]
+    assert late["status"] == "completed" and not late["verified"]
+    assert "mismatch" in late["verify-error"] and not late["sim"]["verified"]
 
 
 def test_aggregated_model_tracks_coarse_units() -> None:

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mig.protocol import VERIFY_MODES
 from mig.units import format_size, parse_duration, parse_rate, parse_size
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -260,10 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default cancel; mig demo at its default timeout: force)",
     )
     m.add_argument(
+        "--verify",
+        dest="verify_mode",
+        choices=VERIFY_MODES,
+        default=None,
+        metavar="MODE",
+        help="compare the memory digests after-resume (default: a mismatch is detected once "
+        "the guest runs on the destination), strict (before resume, a full digest in the "
+        "downtime) or off",
+    )
+    m.add_argument(
         "--no-verify",
-        dest="verify",
+        dest="end_to_end",
         action="store_false",
-        help="skip the end-to-end digest check (on by default)",
+        help="skip the demo's own end-to-end digest check (on by default)",
     )
 
     parser = _Parser(
@@ -290,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
     serve.add_argument("--once", action="store_true", help="exit after one migration")
+    serve.add_argument(
+        "--verify",
+        dest="verify_mode",
+        choices=VERIFY_MODES,
+        default=None,
+        metavar="MODE",
+        help="accept only sources with this verify mode: after-resume, strict or off "
+        "(default: the source's)",
+    )
     serve.add_argument(
         "--size",
         type=_typed(parse_size, _positive),
@@ -389,6 +409,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.policy:
         params["policy"] = args.policy
+    if args.verify_mode:
+        params["verify"] = args.verify_mode
     from mig.params import MigrationParams
 
     try:
@@ -563,7 +585,9 @@ def _finish_source(
 
     status = q.get("status")
     problems = list(problems)
-    if status == "completed" and args.verify and not q.get("verified"):
+    if status == "completed" and q.get("verify-error"):
+        problems.append(q["verify-error"])  # after-resume: the guest already runs there
+    elif status == "completed" and q.get("verify") != "off" and not q.get("verified"):
         problems.append("the destination did not verify the memory digest")
     if args.json:
         _stdout_json(q)
@@ -606,9 +630,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         dest = _parse_json(out)
         if err.strip():
             log.info("destination: %s", err.strip())
-        problems = _cross_check(g, q, dest) if args.verify else []
+        problems = _cross_check(g, q, dest) if args.end_to_end else []
         if q.get("status") == "completed":
-            check = ("failed" if problems else "passed") if args.verify else "skipped"
+            check = ("failed" if problems else "passed") if args.end_to_end else "skipped"
             q = {**q, "end-to-end-check": check}
         mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
         if mem:
@@ -758,6 +782,7 @@ def _serve_one(
                 memory,
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
+                verify=args.verify_mode,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:

@@ -5,9 +5,12 @@ are buffered per device and handed to the device's handler in sequence order
 once the source declares them sent (``pass``, ``switchover-abort``,
 ``complete``). Records of an abandoned switchover are delivered too: the
 source's device handler opens a new session after them, which the destination
-handler sees and restarts on. Before resuming, the destination checks the
-whole-memory digest against the source's, reports "ready" and waits for the
-source's "go": its commit point (``docs/protocol.md``).
+handler sees and restarts on. Before resuming, the destination takes the
+chunk root of its memory (only the chunks written since their last hash are
+rehashed), checks it against the source's digest when ``verify`` is strict,
+reports "ready" and waits for the source's "go": its commit point
+(``docs/protocol.md``). With ``verify`` after-resume the source's digest
+comes after the guest resumed here and is compared with that root.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from mig.destination_core import (
 from mig.errors import MigrationEnded
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
-from mig.protocol import Failed, PassAck, SwitchoverAck
+from mig.protocol import VERIFY_MODES, Failed, PassAck, SwitchoverAck
 from mig.stats import digest_cost
 
 __all__ = ["MigrationDestination"]
@@ -53,8 +56,12 @@ class MigrationDestination:
     devices that ``mig.device_handler.DeviceHandler`` wraps. Once everything
     is loaded and verified it reports "ready" and resumes only on the source's
     "go"; without it within ``go_timeout`` (``idle_timeout`` by default) it
-    discards everything. ``on_resume`` is called after "go", just before
-    "resumed" is reported: an embedder starts its vCPUs there. ``endpoint`` replaces the
+    discards everything. ``verify``: the only verify mode accepted (a
+    ``hello`` with another is refused); None follows the source's.
+    ``verify_timeout`` (``idle_timeout`` by default): how long, after resume,
+    to wait for the source's digest in after-resume mode. ``on_resume`` is
+    called after "go", just before "resumed" is reported: an embedder starts
+    its vCPUs there. ``endpoint`` replaces the
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
     """
@@ -71,6 +78,8 @@ class MigrationDestination:
         idle_timeout: float = 30.0,
         io_timeout: float = 60.0,
         go_timeout: float | None = None,
+        verify: str | None = None,
+        verify_timeout: float | None = None,
         on_resume: Callable[[], None] | None = None,
         on_status: Callable[[str], None] | None = None,
         tls_cert: str | None = None,
@@ -85,6 +94,8 @@ class MigrationDestination:
         self.idle_timeout = idle_timeout
         self.io_timeout = io_timeout
         self.go_timeout = idle_timeout if go_timeout is None else go_timeout
+        if verify is not None and verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.on_resume = on_resume  # settable until the migration starts
         self.on_status = on_status
         self._endpoint = endpoint
@@ -109,6 +120,8 @@ class MigrationDestination:
             hello_timeout=accept_timeout,
             idle_timeout=idle_timeout,
             go_timeout=self.go_timeout,
+            verify=verify,
+            verify_timeout=idle_timeout if verify_timeout is None else verify_timeout,
         )
         self.status = "none"
         self.error: str | None = None
@@ -118,6 +131,7 @@ class MigrationDestination:
         self._digest_seconds: float | None = None
         self._digest_timed_at = 0.0
         self._busy = 0.0
+        self._rehashed: int | None = None  # chunks still stale when the root was taken
         self._drain_target: tuple[int, float] | None = None
         self._drain: float | None = None
         self._thread: threading.Thread | None = None
@@ -178,14 +192,22 @@ class MigrationDestination:
         self._cancel = reason
 
     def query(self) -> dict[str, Any]:
+        core = self.core
         out: dict[str, Any] = {
             "status": self.status,
+            "verify": core.verify_mode,
             "verified": self.verified,
             "load-time": self.load_seconds * 1000,
             "passes": self.passes,
         }
         if self.memory_digest is not None:
             out["memory-digest"] = self.memory_digest
+        if core.verify_time is not None:
+            out["verify-time"] = core.verify_time * 1000
+        if self._rehashed is not None:
+            out["rehashed-chunks"] = self._rehashed
+        if core.verify_error is not None:
+            out["verify-error"] = core.verify_error
         out.update(self._memory_backing())
         if self.error:
             out["error-desc"] = self.error
@@ -228,7 +250,7 @@ class MigrationDestination:
         core = self.core
         core.await_hello(self.clock.now())
         received = _received(ep)
-        while core.phase is not DestinationPhase.RESUMED:
+        while core.phase not in (DestinationPhase.RESUMED, DestinationPhase.AWAIT_VERIFY):
             if core.phase in (DestinationPhase.ACTIVE, DestinationPhase.SWITCHOVER):
                 t_work = self.clock.now()
                 self._take_records(ep)
@@ -249,6 +271,28 @@ class MigrationDestination:
             for effect in core.on_message(message, now):
                 self._apply(ep, effect)
             core.activity(self.clock.now())
+        if core.phase is DestinationPhase.AWAIT_VERIFY:
+            self._await_verify(ep)
+
+    def _await_verify(self, ep: Endpoint) -> None:
+        """The guest runs here: wait for the source's digest and answer it.
+        Nothing here may discard: every end is a reported verification failure."""
+        core = self.core
+        try:
+            while core.phase is DestinationPhase.AWAIT_VERIFY:
+                message = ep.recv(_POLL)
+                now = self.clock.now()
+                if message is None:
+                    core.tick(now)
+                    continue
+                for effect in core.on_message(message, now):
+                    self._apply(ep, effect)
+        except Exception as e:
+            if core.phase is DestinationPhase.AWAIT_VERIFY:
+                core.verify_abandoned(f"{type(e).__name__}: {e}", self.clock.now())
+            else:  # the answer was decided; only its delivery failed
+                self.error = f"verification answer not delivered: {e}"
+        faults.point("dest.verified")
 
     def _take_records(self, ep: Endpoint) -> None:
         """Load every record now in order, then tell the source what became loaded."""
@@ -331,7 +375,14 @@ class MigrationDestination:
             self._digest_timer = None
             digest = self._digest_seconds
         now = self.clock.now()
-        if self._digest_timer is None and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY:
+        # Only strict digests all memory before resuming; otherwise the root
+        # rehashes stale chunks and a whole timing would only steal CPU.
+        strict = self.core.verify_mode == "strict"
+        if (
+            strict
+            and self._digest_timer is None
+            and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY
+        ):
             self._digest_timed_at = now
 
             def measure() -> None:
@@ -347,7 +398,8 @@ class MigrationDestination:
     def _finish_stop_copy(self, ep: Endpoint) -> None:
         """``complete`` arrived: the last records, every load, the digest, ``ready``."""
         self._finish_digest_timing()
-        end = ep.wait_end(self.idle_timeout)
+        strict = self.core.verify_mode == "strict"
+        end = ep.wait_end(self.idle_timeout, verify=strict)
         faults.point("dest.stop-copy")
         self.core.records_arrived(ep.device_records())
         for load in self.core.loads():
@@ -356,12 +408,21 @@ class MigrationDestination:
         for h in self.handlers.values():
             h.load_complete()
         faults.point("dest.switchover-complete")
-        # The receiver digested the memory once every channel ended (and checked
-        # it against the end records); a second whole digest would only add
+        # The receiver took the root once every channel ended, rehashing only
+        # the chunks written since their last hash (and, strict, checked it
+        # against the end records); a whole digest here would only add
         # downtime. An endpoint that does not report one gets it computed here.
-        verified = end.get("digest")
-        digest = format(verified if verified is not None else self.memory.digest(), "032x")
-        for effect in self.core.verify(digest, self.clock.now()):
+        root = end.get("digest")
+        seconds = end.get("verify-time")
+        rehashed = end.get("rehashed-chunks")
+        self._rehashed = None if rehashed is None else int(rehashed)
+        if root is None:
+            t0 = self.clock.now()
+            root = self.memory.digest()
+            seconds = self.clock.now() - t0
+        digest = format(int(root), "032x")
+        seconds = None if seconds is None else float(seconds)
+        for effect in self.core.verify(digest, self.clock.now(), seconds):
             self._apply(ep, effect)
         faults.point("dest.ready")
 

@@ -9,7 +9,12 @@ and differ only in how they carry out the effects and what time they pass.
 
 Phases (``DestinationPhase``)::
 
-    AWAIT_HELLO -> ACTIVE <-> SWITCHOVER -> STOP_COPY -> AWAIT_GO -> RESUMED
+    AWAIT_HELLO -> ACTIVE <-> SWITCHOVER -> STOP_COPY -> AWAIT_GO -> [AWAIT_VERIFY ->] RESUMED
+
+``AWAIT_VERIFY`` (``verify`` after-resume only): the guest already runs here;
+the source's digest of its frozen memory is compared with the root taken
+before resume. Whatever happens then (a mismatch, a timeout, a broken
+session) is reported, never a discard: the guest cannot be taken back.
 
 Everything the protocol decides lives here: the ``hello`` checks, the device
 records' bounds (``mig.reorder``), ``device-initial-done`` and
@@ -44,6 +49,8 @@ from mig.protocol import (
     Switchover,
     SwitchoverAbort,
     SwitchoverAck,
+    VerifyDigest,
+    VerifyResult,
 )
 from mig.reorder import DeviceRecord, ReorderBuffer
 
@@ -68,6 +75,7 @@ class DestinationPhase(Enum):
     SWITCHOVER = "switchover"  # guest paused on the source, stop-copy coming
     STOP_COPY = "stop-copy"  # ``complete`` received: finish loading, verify
     AWAIT_GO = "await-go"  # ``ready`` sent: the source's commit point
+    AWAIT_VERIFY = "await-verify"  # resumed; the source's digest still to compare
     RESUMED = "resumed"
 
 
@@ -150,6 +158,8 @@ class DestinationCore:
         hello_timeout: float = math.inf,
         idle_timeout: float = math.inf,
         go_timeout: float = math.inf,
+        verify: str | None = None,
+        verify_timeout: float = math.inf,
     ) -> None:
         self.page_size = page_size
         self.ram_size = ram_size
@@ -157,6 +167,12 @@ class DestinationCore:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.go_timeout = go_timeout
+        # ``verify``: the only mode this side accepts (None: the source's).
+        self.required_verify = verify
+        self.verify_timeout = verify_timeout
+        self.verify_mode = verify or "after-resume"
+        self.verify_error: str | None = None
+        self.verify_time: float | None = None
         self.phase = DestinationPhase.AWAIT_HELLO
         self.records = ReorderBuffer(self.devices)
         self.migration_id: int | None = None
@@ -204,10 +220,16 @@ class DestinationCore:
                 )
             case DestinationPhase.AWAIT_GO if now - self._ready_at >= self.go_timeout:
                 raise MigrationEnded("failed", f"no go from the source within {self.go_timeout} s")
+            case DestinationPhase.AWAIT_VERIFY if now - self._go_at >= self.verify_timeout:
+                self.verify_abandoned(
+                    f"no memory digest from the source within {self.verify_timeout} s", now
+                )
 
     # -------------------------------------------------------- messages
     def on_message(self, message: Message, now: float) -> list[Effect]:
         self._last_activity = now
+        if self.phase is DestinationPhase.AWAIT_VERIFY:
+            return self._verify_digest(message, now)
         match message:
             case Cancel(reason=reason) | Failed(reason=reason):
                 status = "cancelled" if isinstance(message, Cancel) else "failed"
@@ -217,7 +239,8 @@ class DestinationCore:
             case _ if self.phase is DestinationPhase.AWAIT_HELLO:
                 raise ProtocolError(f"expected hello, got {protocol.type_name(message)!r}")
             case Go() if self.phase is DestinationPhase.AWAIT_GO:
-                self.phase = DestinationPhase.RESUMED
+                after = self.verify_mode == "after-resume"
+                self.phase = DestinationPhase.AWAIT_VERIFY if after else DestinationPhase.RESUMED
                 self._go_at = now
                 return [Resume()]
             case _ if self.phase is DestinationPhase.AWAIT_GO:
@@ -240,9 +263,13 @@ class DestinationCore:
         ours = sorted(self.devices.items())
         if theirs != ours:
             problems.append(f"devices {theirs} != {ours}")
+        mode = hello.params.verify
+        if self.required_verify is not None and mode != self.required_verify:
+            problems.append(f"verify mode {mode!r} != {self.required_verify!r} required here")
         if problems:
             raise MigrationEnded("failed", "; ".join(problems))
         self.migration_id = hello.migration_id
+        self.verify_mode = mode
         self.channels = max(1, hello.params.multifd_channels)
         self.phase = DestinationPhase.ACTIVE
         return [StartLoads(), Send(HelloAck()), SetStatus("active")]
@@ -260,6 +287,11 @@ class DestinationCore:
                 self.records.announce(message.device_seqs)
                 self.phase = DestinationPhase.ACTIVE
                 return [SetStatus("active")]
+            case Complete() if (message.digest is None) == (self.verify_mode == "strict"):
+                raise ProtocolError(
+                    f"complete {'without' if message.digest is None else 'with'} a digest "
+                    f"in verify mode {self.verify_mode!r}"
+                )
             case Complete():
                 self.records.announce(message.device_seqs)
                 self.phase = DestinationPhase.STOP_COPY
@@ -311,26 +343,65 @@ class DestinationCore:
         if missing:
             raise MigrationEnded("failed", f"device {missing[0]}: stop-copy records missing")
 
-    def verify(self, memory_digest: str, now: float) -> list[Effect]:
-        """The end records are in and every device loaded: check the digest,
-        report ``ready`` and wait for ``go``."""
+    def verify(
+        self, memory_digest: str, now: float, digest_seconds: float | None = None
+    ) -> list[Effect]:
+        """The end records are in and every device loaded; ``memory_digest`` is
+        the root of the memory the guest will start from (taken in
+        ``digest_seconds``). Strict: it must equal the source's. Then report
+        ``ready`` and wait for ``go``."""
         if self.phase is not DestinationPhase.STOP_COPY or self._expected is None:
             raise ProtocolError(f"verify in phase {self.phase.value}")
-        expected = self._expected.digest
-        if memory_digest != expected:
-            raise MigrationEnded("failed", f"memory digest {memory_digest} != source {expected}")
-        self.verified = True
+        if self.verify_mode == "strict":
+            expected = self._expected.digest
+            if memory_digest != expected:
+                raise MigrationEnded(
+                    "failed", f"memory digest {memory_digest} != source {expected}"
+                )
+            self.verified = True
+            self.verify_time = 0.0
         self.memory_digest = memory_digest
         self._loaded = now - self._complete_at
         self._ready_at = now
         self.phase = DestinationPhase.AWAIT_GO
-        return [Send(Ready(self._loaded, True))]
+        return [Send(Ready(self._loaded, self.verified, digest_seconds))]
 
     def resumed(self, now: float) -> list[Effect]:
         """The guest runs here now. ``load``: our work from ``complete`` to
         ``ready`` and from ``go`` to here, not our wait for ``go``."""
         self.load_seconds = self._loaded + now - self._go_at
-        return [SetStatus("completed"), Send(Resumed(self.load_seconds, True))]
+        self._go_at = now  # the after-resume verification is timed from here
+        return [SetStatus("completed"), Send(Resumed(self.load_seconds, self.verified))]
+
+    def _verify_digest(self, message: Message, now: float) -> list[Effect]:
+        """The guest runs here: compare the source's digest with our root
+        taken before resume; any other end is reported, never a discard."""
+        match message:
+            case VerifyDigest(digest=digest) if digest == self.memory_digest:
+                self.verified = True
+                self._verify_done(now)
+                return [Send(VerifyResult(True, ""))]
+            case VerifyDigest(digest=digest):
+                reason = (
+                    f"memory digest mismatch: the destination resumed from {self.memory_digest},"
+                    f" the source's frozen memory is {digest}"
+                )
+                self.verify_abandoned(reason, now)
+                return [Send(VerifyResult(False, reason))]
+            case Cancel(reason=reason) | Failed(reason=reason):
+                self.verify_abandoned(f"source: {reason}", now)
+                return []
+        raise ProtocolError(f"expected verify, got {protocol.type_name(message)!r}")
+
+    def verify_abandoned(self, reason: str, now: float) -> None:
+        """The after-resume verification ends unverified (mismatch, timeout, lost session)."""
+        self.verified = False
+        self.verify_error = reason
+        self._verify_done(now)
+
+    def _verify_done(self, now: float) -> None:
+        self.verify_time = now - self._go_at
+        self.phase = DestinationPhase.RESUMED
 
     def discard(self) -> None:
         """Never resume: drop every record held."""

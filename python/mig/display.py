@@ -147,7 +147,7 @@ def summary_table(q: dict[str, Any], title: str = "migration summary") -> Table:
             f"{dev.get('type')}: {format_size(int(dev.get('precopy-bytes', 0)))} precopy, "
             f"{format_size(int(dev.get('stop-copy-bytes', 0)))} stop-copy",
         )
-    t.add_row("verified", "yes" if q.get("verified") else "no")
+    _verified_rows(t, q)
     if q.get("destination-memory"):
         t.add_row("destination memory", _memory_backing(q["destination-memory"]))
     return t
@@ -159,6 +159,19 @@ def _memory_backing(q: dict[str, Any]) -> str:
     if "memory-huge-bytes" in q:
         got += f", {format_size(int(q['memory-huge-bytes']))} in huge pages"
     return got
+
+
+def _verified_rows(t: Table, q: dict[str, Any]) -> None:
+    """Whether the memory digests agreed, in which ``verify`` mode, and why not."""
+    mode = q.get("verify")
+    verdict = "yes" if q.get("verified") else "no"
+    if mode:
+        verdict += f" ({mode}" + (
+            f", {format_ms(q['verify-time'])} after completion)" if "verify-time" in q else ")"
+        )
+    t.add_row("verified", verdict)
+    if q.get("verify-error"):
+        t.add_row("verify error", Text(str(q["verify-error"]), style="red"))
 
 
 def destination_table(q: dict[str, Any], title: str = "incoming migration") -> Table:
@@ -185,5 +198,5 @@ def destination_table(q: dict[str, Any], title: str = "incoming migration") -> T
         what = dev.get("status") or format_size(int(dev.get("bytes", 0)))
         t.add_row(f"device {dev.get('name')}", f"{dev.get('type')}: {what}")
     if "verified" in q:
-        t.add_row("verified", "yes" if q["verified"] else "no")
+        _verified_rows(t, q)
     return t

@@ -30,6 +30,7 @@ POINTS: dict[str, str] = {
     "source.committed": "'complete' sent, before the destination's 'ready'",
     "source.ready": "the destination's 'ready' received, before 'go' is sent",
     "source.go": "'go' sent (the commit point), before the destination's 'resumed'",
+    "source.verify": "'resumed' received (after-resume), before the source's digest is sent",
     "dest.setup": "hello checked and every load_setup() done, before hello-ack",
     "dest.switchover-ack": "switchover-ack sent",
     "dest.pass": "a 'pass' received (info: number, counted on the destination)",
@@ -38,6 +39,7 @@ POINTS: dict[str, str] = {
     "dest.switchover-complete": "every handler's load_complete() done, before the digest check",
     "dest.ready": "digest verified and 'ready' sent, before waiting for 'go'",
     "dest.resume": "'go' received, before the handlers resume and on_resume",
+    "dest.verified": "after-resume verification answered (or abandoned)",
 }
 
 

@@ -137,7 +137,10 @@ class Endpoint(Protocol):
 
     def device_records(self) -> list[DeviceRecord]: ...
 
-    def wait_end(self, timeout: float) -> dict[str, Any]: ...
+    def wait_end(self, timeout: float, verify: bool = True) -> dict[str, Any]:
+        """The end records are in: the destination's root (``digest``), and
+        with ``verify`` raise unless it equals the source's."""
+        ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -163,8 +166,8 @@ class ReceiverEndpoint:
             for dev, seq, data, final in self._r.device_records()
         ]
 
-    def wait_end(self, timeout: float) -> dict[str, Any]:
-        return dict(self._r.wait_end(timeout))
+    def wait_end(self, timeout: float, verify: bool = True) -> dict[str, Any]:
+        return dict(self._r.wait_end(timeout, verify=verify))
 
     def stats(self) -> dict[str, Any]:
         return dict(self._r.stats())

@@ -33,6 +33,7 @@ class MigrationStats:
     meter: BandwidthMeter
     monitor: ConvergenceMonitor
     stops: GuestStops
+    verify_mode: str = "after-resume"
     status: str = "none"
     error: str | None = None
     postmigrate: bool = False
@@ -58,6 +59,7 @@ class MigrationStats:
             "downtime-breakdown": {
                 k: v * 1000 for k, v in (switchover.breakdown if switchover else {}).items()
             },
+            "verify": self.verify_mode,
             "verified": switchover.verified if switchover else False,
             "non-convergence": self.monitor.reason,
             "switchover-aborts": precopy.switchover_aborts if precopy else 0,
@@ -72,6 +74,10 @@ class MigrationStats:
         if switchover is not None and switchover.predicted_downtime is not None:
             out["predicted-downtime"] = switchover.predicted_downtime * 1000
         out["switchover-costs"] = {k: v * 1000 for k, v in self.costs.terms().items()}
+        if switchover is not None and switchover.verify_time is not None:
+            out["verify-time"] = switchover.verify_time * 1000
+        if switchover is not None and switchover.verify_error is not None:
+            out["verify-error"] = switchover.verify_error
         if self.error:
             out["error-desc"] = self.error
         if self.postmigrate:

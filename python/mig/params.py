@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mig.policies import DEFAULT_POLICY
+from mig.protocol import VERIFY_MODES
 
 __all__ = ["PARAMETERS", "MigrationParams"]
 
@@ -36,6 +37,11 @@ class MigrationParams:
     connect_timeout: float = 10.0
     switchover_timeout: float = 30.0  # s to wait for the destination's "resumed"
     io_timeout: float = 60.0  # s a channel may block on a peer that stops reading
+    # When the memory digests are compared: "after-resume" (after the guest
+    # runs on the destination: a mismatch is detected, not prevented),
+    # "strict" (before resume, a full digest inside the downtime) or "off".
+    verify: str = "after-resume"
+    verify_timeout: float | None = None  # s for the after-resume answer; None: switchover_timeout
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
@@ -61,9 +67,19 @@ class MigrationParams:
             raise ValueError("timeout_action must be 'cancel' or 'force'")
         if self.non_convergence_action not in ("report", "fail"):
             raise ValueError("non_convergence_action must be 'report' or 'fail'")
+        if self.verify not in VERIFY_MODES:
+            modes = ", ".join(repr(m) for m in VERIFY_MODES)
+            raise ValueError(f"verify must be one of {modes}, not {self.verify!r}")
+        if self.verify_timeout is not None and not self.verify_timeout > 0:
+            raise ValueError(f"verify_timeout must be > 0, not {self.verify_timeout}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def verify_wait(self) -> float:
+        """Seconds to wait for the after-resume verification's answer."""
+        return self.switchover_timeout if self.verify_timeout is None else self.verify_timeout
 
     @property
     def downtime_limit_s(self) -> float:

@@ -40,6 +40,9 @@ __all__ = [
     "Ready",
     "Go",
     "Resumed",
+    "VerifyDigest",
+    "VerifyResult",
+    "VERIFY_MODES",
     "Cancel",
     "Failed",
     "Message",
@@ -55,6 +58,9 @@ MAX_DEVICE_ID = (1 << 32) - 1
 # More devices than any VM has; bounds the lists a peer can make us build.
 MAX_DEVICES = 4096
 MAX_NAME = 256
+# ``verify``: when the source's memory digest is compared with the
+# destination's (``docs/protocol.md``): before resume, after it, or never.
+VERIFY_MODES = ("after-resume", "strict", "off")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class SessionParams:
     max_bandwidth: int
     multifd_channels: int
     compression: str
+    verify: str = "after-resume"
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,9 @@ class SwitchoverAbort:
 
 @dataclass(frozen=True)
 class Complete:
-    digest: str
+    """``digest``: the source's chunk root, sent only when ``verify`` is strict."""
+
+    digest: str | None
     generation: int
     device_seqs: Mapping[int, int]
     forced: bool = False
@@ -138,8 +147,11 @@ class Complete:
 
 @dataclass(frozen=True)
 class Ready:
+    """``digest``: seconds the destination spent taking its memory's root."""
+
     load: float
     verified: bool
+    digest: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,21 @@ class Go:
 class Resumed:
     load: float
     verified: bool
+
+
+@dataclass(frozen=True)
+class VerifyDigest:
+    """After ``resumed`` (``verify`` after-resume): the frozen source memory's root."""
+
+    digest: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The destination's comparison of ``verify`` with its root before resume."""
+
+    ok: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -176,6 +203,8 @@ Message = (
     | Ready
     | Go
     | Resumed
+    | VerifyDigest
+    | VerifyResult
     | Cancel
     | Failed
 )
@@ -193,6 +222,8 @@ _TYPE_NAMES: dict[type, str] = {
     Ready: "ready",
     Go: "go",
     Resumed: "resumed",
+    VerifyDigest: "verify",
+    VerifyResult: "verify-result",
     Cancel: "cancel",
     Failed: "failed",
 }
@@ -224,6 +255,7 @@ def _fields(message: Message) -> dict[str, Any]:
                     "max_bandwidth": p.max_bandwidth,
                     "multifd_channels": p.multifd_channels,
                     "compression": p.compression,
+                    "verify": p.verify,
                 },
             }
         case HelloAck():
@@ -254,14 +286,25 @@ def _fields(message: Message) -> dict[str, Any]:
                 "reason": message.reason,
             }
         case Complete():
-            return {
-                "digest": message.digest,
+            out = {
                 "generation": message.generation,
                 "device_seqs": _seqs(message.device_seqs),
                 "forced": message.forced,
             }
-        case Ready() | Resumed():
+            if message.digest is not None:
+                out["digest"] = message.digest
+            return out
+        case Ready():
+            out = {"load": message.load, "verified": message.verified}
+            if message.digest is not None:
+                out["digest"] = message.digest
+            return out
+        case Resumed():
             return {"load": message.load, "verified": message.verified}
+        case VerifyDigest():
+            return {"digest": message.digest}
+        case VerifyResult():
+            return {"ok": message.ok, "reason": message.reason}
         case Cancel() | Failed():
             return {"reason": message.reason}
     raise TypeError(f"not a control message: {message!r}")
@@ -368,6 +411,7 @@ def _decode_hello(f: _Fields) -> Hello:
         max_bandwidth=p.integer("max_bandwidth"),
         multifd_channels=p.integer("multifd_channels", low=1, high=1 << 16),
         compression=p.text("compression", MAX_NAME),
+        verify=_verify_mode(p),
     )
     return Hello(
         version=f.integer("version"),
@@ -389,10 +433,22 @@ def _decode_abort(f: _Fields) -> SwitchoverAbort:
     return SwitchoverAbort(aborted, f.device_seqs("device_seqs"), f.text("reason"))
 
 
-def _decode_complete(f: _Fields) -> Complete:
+def _verify_mode(f: _Fields) -> str:
+    mode = f.text("verify", MAX_NAME)
+    if mode not in VERIFY_MODES:
+        raise f._bad("verify", f"is not one of {', '.join(VERIFY_MODES)}: {mode[:40]!r}")
+    return mode
+
+
+def _digest(f: _Fields) -> str:
     digest = f.text("digest", 32)
     if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
         raise f._bad("digest", f"is not 32 lowercase hex digits: {digest!r}")
+    return digest
+
+
+def _decode_complete(f: _Fields) -> Complete:
+    digest = None if f.obj.get("digest") is None else _digest(f)
     return Complete(
         digest, f.integer("generation"), f.device_seqs("device_seqs"), forced=f.flag("forced")
     )
@@ -420,11 +476,15 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
         case "complete":
             return _decode_complete(f)
         case "ready":
-            return Ready(f.number("load"), f.flag("verified"))
+            return Ready(f.number("load"), f.flag("verified"), f.optional_number("digest"))
         case "go":
             return Go()
         case "resumed":
             return Resumed(f.number("load"), f.flag("verified"))
+        case "verify":
+            return VerifyDigest(_digest(f))
+        case "verify-result":
+            return VerifyResult(f.flag("ok"), f.text("reason", MAX_NAME * 16))
         case "cancel":
             return Cancel(f.text("reason"))
         case "failed":

@@ -93,14 +93,14 @@ class MigrationSource:
         self.notify = Notifier(on_status, on_pass, on_event)
         self.policy = make_policy(self.settings.policy, **(self.settings.policy_options or {}))
         self.meter = BandwidthMeter()
-        self.costs = SwitchoverCosts()
+        self.costs = SwitchoverCosts(source_digest=self.settings.verify == "strict")
         self.migration_id = uuid.uuid4().int & ((1 << 63) - 1)
         self.devices: list[SaveHandler] = _device_handlers(devices)
         self.stops = GuestStops(guest, self.clock, self.costs, self.notify)
         self.monitor = ConvergenceMonitor(self.settings, guest, self.clock, self.notify)
         self.stats = MigrationStats(
             self.memory, self.policy.name, self.devices, self.costs, self.meter,
-            self.monitor, self.stops,
+            self.monitor, self.stops, self.settings.verify,
         )  # fmt: skip
         self._link_override = link
         self._tracker_override = tracker
@@ -176,7 +176,8 @@ class MigrationSource:
             status = "cancelled" if self._cancel and not self.phase.go_sent else "failed"
             self._end(status, self._cancel or reason, discarded=peer is not None)
         finally:
-            self.stats.ended_at = self.clock.now()
+            if self.stats.ended_at is None or self.status != "completed":
+                self.stats.ended_at = self.clock.now()
             self._done.set()
         return self.query()
 
@@ -262,7 +263,8 @@ class MigrationSource:
         faults.point("source.setup")
         for h in self.precopy.handlers:
             h.setup(link)
-        digests.measure()
+        if self.costs.source_digest:
+            digests.measure()
         if self.settings.dirty_limit:
             self.guest.set_dirty_limit(self.settings.dirty_limit)  # type: ignore[attr-defined]
         now = self.clock.now()
@@ -306,6 +308,7 @@ class MigrationSource:
                 params.max_bandwidth,
                 params.multifd_channels,
                 params.compression,
+                params.verify,
             ),
         )
 
@@ -323,7 +326,7 @@ class MigrationSource:
             self._switch_over(None, forced=True)
             return
         decision = precopy.decide(self._check_cancel)
-        if precopy.switchover_near():
+        if precopy.switchover_near() and self.costs.source_digest:
             self.switchover.digests.refresh()
         if decision.action is Action.COMPLETE:
             self._switch_over(decision.budget, forced=False)
@@ -347,12 +350,15 @@ class MigrationSource:
             return
         self.monitor.remove_aids()
         self.precopy.ram.abort()
+        self.stats.ended_at = self.clock.now()
+        self._set_status("completed")
+        if self.settings.verify == "after-resume":
+            # The guest runs on the destination now; wait() returns after the verdict.
+            self.switchover.verify_after_resume()
         try:
             self.precopy.link.close()
         except Exception as e:  # the migration is complete; report, do not fail
             self.notify.event("close-error", error=str(e))
-        self.stats.ended_at = self.clock.now()
-        self._set_status("completed")
 
     # ----------------------------------------------------------- the end
     def _end(self, status: str, reason: str, discarded: bool) -> None:

@@ -121,9 +121,14 @@ def digest_cost(memory: Any) -> float:
 class SwitchoverCosts:
     """Fixed switchover costs in seconds, as last measured (0 until measured).
 
-    ``digest`` is the source's whole-memory digest; the destination digests
-    the same bytes again before it resumes: ``dest_digest`` is its own timing
-    of that (``pass-ack``), the source's figure stands in until then.
+    ``digest`` is the source's whole-memory digest, inside the downtime only
+    when ``verify`` is strict (``source_digest``). ``dest-digest`` is the
+    destination's root before ``ready``. Strict, it is checked against the
+    source's: ``dest_digest`` is the destination's own timing of a whole
+    digest (``pass-ack``), the source's figure standing in until then.
+    Otherwise the destination rehashes only the chunks written since their
+    last hash: ``dest_root`` is the figure its last ``ready`` reported (0
+    before a first switchover).
     ``drain`` is how long its channels trail the control channel (the end
     records of a switchover wait behind that lag).
     ``devices`` maps a device to the seconds its stop-copy state took to
@@ -136,28 +141,40 @@ class SwitchoverCosts:
     digest: float = 0.0
     handshake: float = 0.0
     dest_digest: float | None = None
+    dest_root: float | None = None
     drain: float = 0.0
     devices: dict[str, float] = field(default_factory=dict)
+    source_digest: bool = True  # verify strict: the source digests in the downtime
 
     @property
     def device(self) -> float:
         return sum(self.devices.values())
 
     @property
+    def dest_digest_cost(self) -> float:
+        """The destination's root before ``ready``."""
+        if not self.source_digest:
+            return self.dest_root or 0.0
+        return self.digest if self.dest_digest is None else self.dest_digest
+
+    @property
     def load(self) -> float:
-        digest = self.digest if self.dest_digest is None else self.dest_digest
-        return digest + self.device + self.drain
+        """The destination's work besides its digest."""
+        return self.device + self.drain
 
     def terms(self) -> dict[str, float]:
         """Each term of the sum, seconds, named as in ``downtime-breakdown``."""
-        return {
+        out = {
             "pause": self.pause,
             "final-sync": self.final_sync,
             "device-state": self.device,
-            "digest": self.digest,
-            "load": self.load,
-            "handshake": self.handshake,
         }
+        if self.source_digest:
+            out["digest"] = self.digest
+        out["dest-digest"] = self.dest_digest_cost
+        out["load"] = self.load
+        out["handshake"] = self.handshake
+        return out
 
     def total(self) -> float:
         return sum(self.terms().values())

@@ -20,6 +20,14 @@ Before ``COMMITTED`` any failure rolls back: the destination never resumes
 without ``go``. From ``COMMITTED`` the source no longer cancels, and once
 ``go`` is out (``AWAIT_RESUMED``) it never resumes its guest on its own: an
 unknown outcome ends in ``POSTMIGRATE`` (``docs/protocol.md``).
+
+``verify`` decides where the source's whole-memory digest is paid. Strict:
+inside the downtime, on a second thread while the stop-copy state goes out,
+and nothing resumes before the destination's root equals it. After-resume:
+once ``resumed`` is in (``verify_after_resume``), so it competes with
+nothing in the downtime; the source guest never runs again after ``go``, so
+its memory is still the frozen memory that was sent. A mismatch then is
+detected, not prevented: the destination already runs the guest.
 """
 
 from __future__ import annotations
@@ -38,7 +46,16 @@ from mig.guest_stops import GuestStops
 from mig.notifier import Notifier
 from mig.params import MigrationParams
 from mig.precopy import Precopy
-from mig.protocol import Complete, Go, Ready, Resumed, Switchover, SwitchoverAbort
+from mig.protocol import (
+    Complete,
+    Go,
+    Ready,
+    Resumed,
+    Switchover,
+    SwitchoverAbort,
+    VerifyDigest,
+    VerifyResult,
+)
 
 __all__ = ["Phase", "SwitchoverRun"]
 
@@ -91,6 +108,8 @@ class SwitchoverRun:
         self.downtime: float | None = None
         self.load_seconds = 0.0
         self.verified = False
+        self.verify_time: float | None = None  # s from "resumed" to the verdict
+        self.verify_error: str | None = None
         self.breakdown: dict[str, float] = {}
 
     def run(self, budget: int | None, forced: bool, check_cancel: Callable[[], None]) -> bool:
@@ -115,11 +134,13 @@ class SwitchoverRun:
             link.set_max_bandwidth(0)
         self.phase = Phase.STOP_COPY
         t0 = self.clock.now()
+        strict = self.params.verify == "strict"
         digest_job: Future[int] | None = None
         try:
             for h in precopy.handlers:
                 h.quiesce()
-            digest_job = self.digests.digest_in_background()
+            if strict:
+                digest_job = self.digests.digest_in_background()
             t_ram, sent = self._stop_copy(budget, check_cancel)
         except OverBudget as e:
             link.stop_copy = False
@@ -131,28 +152,41 @@ class SwitchoverRun:
             return False
         check_cancel()
         t_dev = self.clock.now()
-        digest = digest_job.result() if digest_job is not None else precopy.ram.memory.digest()
+        digest: int | None = None
+        if strict:
+            digest = digest_job.result() if digest_job is not None else precopy.ram.memory.digest()
         faults.point("source.switchover")
-        link.finish(digest)
+        link.finish(digest or 0)
         t_sent = self.clock.now()
         self.control.send(
-            Complete(format(digest, "032x"), precopy.ram.generation, dict(link.last_seq), forced)
+            Complete(
+                None if digest is None else format(digest, "032x"),
+                precopy.ram.generation,
+                dict(link.last_seq),
+                forced,
+            )
         )
         faults.point("source.committed")
-        resumed = self._commit(check_cancel)
+        ready, resumed = self._commit(check_cancel)
         now = self.clock.now()
         self.downtime = now - down_start
         self.load_seconds = resumed.load
         self.verified = resumed.verified
+        self.verify_time = 0.0 if strict else None
+        dest_digest = ready.digest or 0.0
+        if ready.digest is not None:
+            self.precopy.costs.dest_root = ready.digest
         sync = precopy.ram.last_sync_seconds
         parts = {
             "pause": t0 - down_start,
             "final-sync": sync,
             "final-ram": max(0.0, t_ram - t0 - sync),
             "device-state": t_dev - t_ram,
-            "digest": t_sent - t_dev,
-            "load": self.load_seconds,
         }
+        if strict:
+            parts["digest"] = t_sent - t_dev
+        parts["dest-digest"] = dest_digest
+        parts["load"] = max(0.0, self.load_seconds - dest_digest)
         parts["handshake"] = max(0.0, self.downtime - sum(parts.values()))
         self.breakdown = parts
         self.phase = Phase.DONE
@@ -172,12 +206,12 @@ class SwitchoverRun:
             sent += precopy.timed_device_work(h, lambda h=h, left=left: h.complete(link, left))
         return t_ram, sent
 
-    def _commit(self, check_cancel: Callable[[], None]) -> Resumed:
+    def _commit(self, check_cancel: Callable[[], None]) -> tuple[Ready, Resumed]:
         """Until "go" the destination never resumes: any failure rolls back."""
         timeout = self.params.switchover_timeout
         self.phase = Phase.AWAIT_READY
         what = "report its state loaded and verified ('ready')"
-        self.control.wait_for(Ready, what, timeout, check_cancel)
+        ready = self.control.wait_for(Ready, what, timeout, check_cancel)
         faults.point("source.ready")
         check_cancel()
         # The commit point: once "go" is out the destination may run the
@@ -188,7 +222,34 @@ class SwitchoverRun:
         self.control.send(Go())
         self.phase = Phase.AWAIT_RESUMED
         faults.point("source.go")
-        return self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
+        resumed = self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
+        return ready, resumed
+
+    def verify_after_resume(self) -> None:
+        """After-resume: digest the frozen memory, send it, wait for the verdict.
+
+        The destination runs the guest already, so nothing here fails the
+        migration: every end (mismatch, no answer, a broken session) is
+        ``verified`` false with the reason, and a ``verify-failed`` event.
+        """
+        t0 = self.clock.now()
+        timeout = self.params.verify_wait
+        try:
+            faults.point("source.verify")
+            # Two threads: the whole read is memory-bound, and the host's
+            # other cores belong to the destination and everything else.
+            digest = self.precopy.ram.memory.digest(threads=2)
+            self.control.send(VerifyDigest(format(digest, "032x")))
+            what = "answer the source's memory digest ('verify-result')"
+            result = self.control.wait_for(VerifyResult, what, timeout, lambda: None)
+            ok, reason = result.ok, result.reason
+        except Exception as e:
+            ok, reason = False, f"no verification: {getattr(e, 'reason', None) or e}"
+        self.verify_time = self.clock.now() - t0
+        self.verified = ok
+        if not ok:
+            self.verify_error = reason or "memory digests differ"
+            self.notify.event("verify-failed", reason=self.verify_error)
 
     def _abandon(self, e: OverBudget, precopy_seqs: dict[int, int]) -> None:
         """Over budget: tell the destination which records to drop, run the guest again."""
