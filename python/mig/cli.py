@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the destination",
         description="Receive migrations on URI; the size and devices must match the source's.",
     )
-    serve.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    serve.add_argument("--listen", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
     serve.add_argument("--once", action="store_true", help="exit after one migration")
     serve.add_argument(
         "--size",
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for a source (default: forever)",
     )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _add_qmp_options(serve, incoming=True)
 
     send = sub.add_parser(
         "send",
@@ -311,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a guest and migrate it to a destination",
         description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
     )
-    send.add_argument("--connect", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    send.add_argument("--connect", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    _add_qmp_options(send, incoming=False)
 
     snap = sub.add_parser(
         "snapshot",
@@ -353,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `mig bench ...` to mig.lab's own parser.
     sub.add_parser("bench", help="policy lab and micro-benchmarks (mig bench --help)")
     return parser
+
+
+def _add_qmp_options(parser: argparse.ArgumentParser, incoming: bool) -> None:
+    """``--qmp`` (and ``--incoming defer`` on serve): the command driven through QMP."""
+    parser.add_argument(
+        "--qmp",
+        metavar="ADDRESS",
+        help="serve QMP on unix:PATH or tcp:HOST:PORT and run until its quit"
+        + ("" if incoming else "; migrations start on its migrate"),
+    )
+    if incoming:
+        parser.add_argument(
+            "--incoming",
+            choices=("defer",),
+            help="with --qmp: listen only on migrate-incoming (instead of --listen)",
+        )
 
 
 # ----------------------------------------------------------------- helpers
@@ -686,6 +704,12 @@ def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str
 
 
 def cmd_send(args: argparse.Namespace, console: Console) -> int:
+    if args.qmp:
+        from mig.cli_qmp import send_qmp
+
+        return send_qmp(args, console)
+    if not args.connect:
+        raise UsageError("--connect", "give the destination's URI (or --qmp)")
     g = _Guest(args)
     try:
         q, interrupted = _run_source(args, g, args.connect, console)
@@ -697,6 +721,14 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from mig.display import destination_table
 
+    if args.incoming and not args.qmp:
+        raise UsageError("--incoming", "defer waits for QMP's migrate-incoming: give --qmp")
+    if bool(args.listen) == bool(args.incoming):
+        raise UsageError("--listen", "give --listen URI, or --qmp with --incoming defer")
+    if args.qmp:
+        from mig.cli_qmp import serve_qmp
+
+        return serve_qmp(args, console)
     uri = args.listen
     ready_fd = args.ready_fd
     while True:
