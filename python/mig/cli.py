@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for a source (default: forever)",
     )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
     _add_qmp_options(serve, incoming=True)
 
     send = sub.add_parser(
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
     )
     send.add_argument("--connect", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    _add_go_timeout(
+        send, "wait this long for the destination's ready, then its resumed (default 30s)"
+    )
     _add_qmp_options(send, incoming=False)
 
     snap = sub.add_parser(
@@ -355,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `mig bench ...` to mig.lab's own parser.
     sub.add_parser("bench", help="policy lab and micro-benchmarks (mig bench --help)")
     return parser
+
+
+def _add_go_timeout(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--go-timeout``: each side's wait across the commit point (docs/protocol.md)."""
+    parser.add_argument(
+        "--go-timeout",
+        type=_typed(parse_duration, _positive),
+        default=None,
+        metavar="TIME",
+        help=help,
+    )
 
 
 def _add_qmp_options(parser: argparse.ArgumentParser, incoming: bool) -> None:
@@ -400,6 +415,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.policy:
         params["policy"] = args.policy
+    if getattr(args, "go_timeout", None):
+        params["switchover_timeout"] = float(args.go_timeout)
     return params
 
 
@@ -419,12 +436,16 @@ class _Guest:
         from mig.devices import create_all
 
         if args.image:
-            if args.size is not None:
-                raise UsageError("--image", "give either --image or --size, not both")
             try:
                 self.memory = mig.GuestMemory.from_image(args.image)
             except (OSError, ValueError, mig.MigError) as e:
                 raise UsageError("--image", str(e)) from None
+            if args.size is not None and args.size != self.memory.size:
+                raise UsageError(
+                    "--size",
+                    f"{format_size(args.size)} disagrees with --image "
+                    f"({format_size(self.memory.size)})",
+                )
         else:
             size = args.size if args.size is not None else parse_size(DEFAULT_SIZE)
             try:
@@ -767,6 +788,7 @@ def _serve_one(
                 memory,
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
+                go_timeout=args.go_timeout,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:

@@ -103,6 +103,7 @@ class _Incoming:
                 self.memory,
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
+                go_timeout=args.go_timeout,
                 **kwargs,
             )
         except (mig.MigError, OSError, ValueError) as e:
