@@ -21,7 +21,11 @@ DEVICES = ["--devices", "nic:state=4MiB,rate=2MiB/s"]
 class Process:
     """A ``mig`` subprocess serving QMP on a unix socket."""
 
+    # Every process started, so a failed test leaves none behind (``kill_all``).
+    started: list[Process] = []
+
     def __init__(self, qmp: Path, args: Sequence[str]) -> None:
+        Process.started.append(self)
         self.qmp = qmp
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mig.cli", *args, "--qmp", f"unix:{qmp}"],
@@ -57,6 +61,15 @@ class Process:
             self.proc.kill()
             out, err = self.proc.communicate()
         return out, err
+
+
+def kill_all() -> None:
+    """Kill what a test left running."""
+    while Process.started:
+        p = Process.started.pop()
+        if p.proc.poll() is None:
+            p.proc.kill()
+        p.proc.communicate()
 
 
 def serve(tmp: Path, *extra: str) -> Process:

@@ -4,11 +4,40 @@ management script drives QEMU: ``mig serve --qmp`` and ``mig send --qmp`` proces
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError
-from qmpkit import collect_until, quit_all, send, serve, wait_event
+from qmpkit import (
+    DEVICES,
+    GUEST,
+    Process,
+    collect_until,
+    kill_all,
+    quit_all,
+    send,
+    serve,
+    wait_event,
+)
+from tlskit import Authority
+
+_ENDED = ("completed", "failed", "cancelled")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    yield
+    kill_all()
+
+
+def _same_devices(ours: dict, theirs: dict) -> bool:
+    mine = {d["name"]: d["state-digest"] for d in ours["devices"]}
+    return bool(mine) and mine == {d["name"]: d["state-digest"] for d in theirs["devices"]}
 
 
 def test_migration_driven_by_qmp_completes_verified_and_byte_exact(tmp_path: Path) -> None:
@@ -59,10 +88,7 @@ def test_migration_driven_by_qmp_completes_verified_and_byte_exact(tmp_path: Pat
         theirs = await dst.execute("query-migrate")
         assert theirs["status"] == "completed" and theirs["verified"] is True
         assert theirs["memory-digest"] == ours["memory"]
-        assert {d["name"]: d["state-digest"] for d in theirs["devices"]} == {
-            d["name"]: d["state-digest"] for d in ours["devices"]
-        }
-        assert ours["devices"], "the NIC's state is compared too"
+        assert _same_devices(ours, theirs)  # the NIC's state too
         assert await dst.execute("query-status") == {"status": "running", "running": True}
         await quit_all(src, dst)
 
@@ -107,6 +133,7 @@ def test_migrate_cancel_ends_cancelled_with_the_guest_running_then_a_new_migrati
         ours = await src.execute("x-mig-query-digests")
         theirs = await dst.execute("query-migrate")
         assert theirs["verified"] is True and theirs["memory-digest"] == ours["memory"]
+        assert _same_devices(ours, theirs)  # fresh devices loaded the whole state again
         await quit_all(src, dst)
 
     asyncio.run(drive())
@@ -183,7 +210,8 @@ def test_two_clients_one_disconnecting_mid_migration(tmp_path: Path) -> None:
         q = await c.execute("query-migrate")
         assert q["status"] == "completed" and q["verified"] is True
         ours = await c.execute("x-mig-query-digests")
-        assert (await dst.execute("query-migrate"))["memory-digest"] == ours["memory"]
+        theirs = await dst.execute("query-migrate")
+        assert theirs["memory-digest"] == ours["memory"] and _same_devices(ours, theirs)
         await c.disconnect()
         await quit_all(a, dst)
 
@@ -191,3 +219,79 @@ def test_two_clients_one_disconnecting_mid_migration(tmp_path: Path) -> None:
     for proc in (src_proc, dst_proc):
         out, err = proc.finish()
         assert proc.proc.returncode == 0, err
+
+
+def test_tls_creds_directories_and_a_refused_plaintext_peer(tmp_path: Path) -> None:
+    ca = Authority(tmp_path)
+    for side, identity in (("client", ca.issue("src")), ("server", ca.issue("dest"))):
+        d = tmp_path / side
+        d.mkdir()
+        shutil.copy(identity.ca, d / "ca-cert.pem")
+        shutil.copy(identity.cert, d / f"{side}-cert.pem")
+        shutil.copy(identity.key, d / f"{side}-key.pem")
+    dst_proc, src_proc = serve(tmp_path), send(tmp_path)
+    mig_sock = tmp_path / "mig.sock"
+
+    async def drive() -> None:
+        dst = await dst_proc.client("dst")
+        src = await src_proc.client("src")
+        await dst.execute("migrate-set-parameters", {"tls-creds": str(tmp_path / "server")})
+        await src.execute("migrate-set-parameters", {"tls-creds": str(tmp_path / "client")})
+        await dst.execute("migrate-incoming", {"uri": f"unix:{mig_sock}"})
+        with socket.socket(socket.AF_UNIX) as plain:  # no TLS: refused, logged
+            plain.connect(str(mig_sock))
+            plain.sendall(b"MIGS" + bytes(60))
+            plain.recv(1)
+        await src.execute("migrate", {"uri": f"unix:{mig_sock}"})
+        async with asyncio.timeout(60):
+            while (q := await src.execute("query-migrate"))["status"] not in _ENDED:
+                await asyncio.sleep(0.1)
+        assert q["status"] == "completed" and q["verified"] is True, q
+        ours = await src.execute("x-mig-query-digests")
+        theirs = await dst.execute("query-migrate")
+        assert theirs["memory-digest"] == ours["memory"] and _same_devices(ours, theirs)
+        await quit_all(src, dst)
+
+    asyncio.run(drive())
+    out, err = dst_proc.finish()
+    refused = [line for line in err.splitlines() if "refused a connection" in line]
+    assert len(refused) == 1 and "TLS handshake" in refused[0], err
+    assert str(mig_sock) in refused[0]  # names the peer as far as a unix socket can
+    src_proc.finish()
+
+
+def test_serve_with_listen_rearms_after_each_migration(tmp_path: Path) -> None:
+    mig_sock = tmp_path / "mig.sock"
+    dst_proc = Process(
+        tmp_path / "dst.qmp",
+        ["serve", "--listen", f"unix:{mig_sock}", "--size", "64MiB", *DEVICES, "--json"],
+    )
+
+    async def drive() -> None:
+        dst = await dst_proc.client("dst")
+        await dst.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+        )
+        for _ in range(2):
+            sender = subprocess.run(
+                [sys.executable, "-m", "mig.cli", "send", "--connect", f"unix:{mig_sock}"]
+                + [*GUEST, *DEVICES, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sender.returncode == 0, sender.stderr
+            assert json.loads(sender.stdout)["verified"] is True
+            await wait_event(dst, "MIGRATION", status="completed")
+        await quit_all(dst)
+
+    asyncio.run(drive())
+    out, err = dst_proc.finish()
+    assert dst_proc.proc.returncode == 0, err
+    decoder, results, i = json.JSONDecoder(), [], 0
+    while out[i:].strip():
+        obj, i = decoder.raw_decode(out, len(out) - len(out[i:].lstrip()))
+        results.append(obj)
+    assert [(r["status"], r["verified"]) for r in results] == [("completed", True)] * 2
+    assert results[0]["memory-digest"] != results[1]["memory-digest"]  # two guests' memory
+    assert err.count("mig: listening on") == 3  # re-armed on the same socket after each

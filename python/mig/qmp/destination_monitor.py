@@ -57,7 +57,7 @@ class DestinationMonitor:
             "migrate_cancel": Command(self._cancel),
             "query-status": Command(self._query_status),
             "quit": Command(lambda _: None, then=self.quit_requested.set),
-            **settings_commands(self.settings, self._busy),
+            **settings_commands(self.settings, self._loading),
         }
         self.server = QMPServer(address, commands, **package_version())
 
@@ -85,11 +85,16 @@ class DestinationMonitor:
         return dest
 
     def close(self) -> None:
-        """Stop serving; an incoming migration still running is cancelled and awaited."""
+        """Stop serving; an incoming migration still running is cancelled and awaited.
+
+        One still waiting for its source's connection cannot be woken (the
+        accept runs in the native listener): it is left to end with the process.
+        """
         dest = self.destination
         if dest is not None and self._busy():
             dest.cancel("the QMP monitor closed")
-            dest.wait()
+            if self._status != "setup":
+                dest.wait()
         self.server.close()
 
     @property
@@ -99,6 +104,11 @@ class DestinationMonitor:
     # ----------------------------------------------------------- commands
     def _busy(self) -> bool:
         return self.destination is not None and self._status not in _ENDED
+
+    def _loading(self) -> bool:
+        """A source is connected: settings wait (while waiting for one they may change,
+        as a management tool sets both sides after starting the destination)."""
+        return self._status in ("active", "device")
 
     def _incoming(self, args: dict[str, Any]) -> None:
         self.incoming(args["uri"])
