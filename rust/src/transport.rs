@@ -333,12 +333,31 @@ pub struct RefusalHook(pub Arc<RefusalFn>);
 /// `(peer, reason)` of one refused connection.
 pub type RefusalFn = dyn Fn(&str, &str) + Send + Sync;
 
+/// What a refused connection was taken for, as the `refused` list names it.
+#[derive(Clone, Copy)]
+enum Refused {
+    /// Refused before its stream header said what it is.
+    NewChannel,
+    /// A channel whose header names what it is.
+    Channel,
+}
+
 impl RefusalHook {
-    fn refuse(hook: Option<&RefusalHook>, refused: &mut Vec<String>, peer: &str, why: String) {
+    fn refuse(
+        hook: Option<&RefusalHook>,
+        refused: &mut Vec<String>,
+        peer: &str,
+        what: Refused,
+        why: String,
+    ) {
         if let Some(h) = hook {
             (h.0)(peer, &why);
         }
-        refused.push(format!("{peer}: {why}"));
+        let label = match what {
+            Refused::NewChannel => "a new channel: ",
+            Refused::Channel => "",
+        };
+        refused.push(format!("{label}{why} (from {peer})"));
     }
 }
 
@@ -429,7 +448,7 @@ impl Listener {
             if let Some((_, h)) = &control {
                 for (c, dh, peer) in std::mem::take(&mut early) {
                     if let Err(why) = place(h, &mut data, c, &dh) {
-                        RefusalHook::refuse(on_refused, &mut refused, &peer, why);
+                        RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
                     }
                 }
                 if data.iter().all(Option::is_some) {
@@ -485,6 +504,7 @@ impl Listener {
                             on_refused,
                             &mut refused,
                             &peer,
+                            Refused::NewChannel,
                             format!("TLS handshake: {e}{hint}"),
                         );
                         continue;
@@ -499,7 +519,7 @@ impl Listener {
             let header = match header {
                 Ok(h) => h,
                 Err(msg) => {
-                    RefusalHook::refuse(on_refused, &mut refused, &peer, msg);
+                    RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::NewChannel, msg);
                     continue;
                 }
             };
@@ -513,6 +533,7 @@ impl Listener {
                     on_refused,
                     &mut refused,
                     &peer,
+                    Refused::Channel,
                     format!(
                         "a second control channel of migration {:032x} (session {:032x})",
                         header.migration_id, h.migration_id
@@ -520,7 +541,7 @@ impl Listener {
                 ),
                 (ChannelKind::Data, Some((_, h))) => {
                     if let Err(why) = place(h, &mut data, conn, &header) {
-                        RefusalHook::refuse(on_refused, &mut refused, &peer, why);
+                        RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
                     }
                 }
                 (ChannelKind::Data, None) if early.len() < MAX_CHANNELS as usize => {
@@ -530,6 +551,7 @@ impl Listener {
                     on_refused,
                     &mut refused,
                     &peer,
+                    Refused::Channel,
                     format!(
                         "channel {} of kind {kind:?} (unexpected here)",
                         header.channel_index
