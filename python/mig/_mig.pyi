@@ -1,5 +1,6 @@
 """Type stubs for the native module ``mig._mig`` (the Rust core)."""
 
+from collections.abc import Callable
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict
@@ -273,7 +274,12 @@ class Listener:
         *,
         io_timeout: float = 60.0,
         device_buffer: int = 33554432,
-    ) -> Receiver: ...
+        on_refused: Callable[[str, str], object] | None = None,
+    ) -> Receiver:
+        """Each connection refused while waiting goes to ``on_refused(peer,
+        reason)`` as it happens; by default one warning on the ``mig.listener``
+        logger."""
+        ...
     def close(self) -> None: ...
     def __enter__(self) -> Listener: ...
     def __exit__(

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the destination",
         description="Receive migrations on URI; the size and devices must match the source's.",
     )
-    serve.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    serve.add_argument("--listen", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
     serve.add_argument("--once", action="store_true", help="exit after one migration")
     serve.add_argument(
         "--verify",
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "offers; `mig info` lists them)",
     )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
+    _add_qmp_options(serve, incoming=True)
 
     send = sub.add_parser(
         "send",
@@ -338,7 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a guest and migrate it to a destination",
         description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
     )
-    send.add_argument("--connect", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    send.add_argument("--connect", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    _add_go_timeout(
+        send, "wait this long for the destination's ready, then its resumed (default 30s)"
+    )
+    _add_qmp_options(send, incoming=False)
 
     snap = sub.add_parser(
         "snapshot",
@@ -382,6 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_go_timeout(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--go-timeout``: each side's wait across the commit point (docs/protocol.md)."""
+    parser.add_argument(
+        "--go-timeout",
+        type=_typed(parse_duration, _positive),
+        default=None,
+        metavar="TIME",
+        help=help,
+    )
+
+
+def _add_qmp_options(parser: argparse.ArgumentParser, incoming: bool) -> None:
+    """``--qmp`` (and ``--incoming defer`` on serve): the command driven through QMP."""
+    parser.add_argument(
+        "--qmp",
+        metavar="ADDRESS",
+        help="serve QMP on unix:PATH or tcp:HOST:PORT and run until its quit"
+        + ("" if incoming else "; migrations start on its migrate"),
+    )
+    if incoming:
+        parser.add_argument(
+            "--incoming",
+            choices=("defer",),
+            help="with --qmp: listen only on migrate-incoming (instead of --listen)",
+        )
+
+
 # ----------------------------------------------------------------- helpers
 def _stdout_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -411,6 +444,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         params["policy"] = args.policy
     if args.verify_mode:
         params["verify"] = args.verify_mode
+    if getattr(args, "go_timeout", None):
+        params["switchover_timeout"] = float(args.go_timeout)
     from mig.params import MigrationParams
 
     try:
@@ -436,12 +471,16 @@ class _Guest:
         from mig.devices import create_all
 
         if args.image:
-            if args.size is not None:
-                raise UsageError("--image", "give either --image or --size, not both")
             try:
                 self.memory = mig.GuestMemory.from_image(args.image)
             except (OSError, ValueError, mig.MigError) as e:
                 raise UsageError("--image", str(e)) from None
+            if args.size is not None and args.size != self.memory.size:
+                raise UsageError(
+                    "--size",
+                    f"{format_size(args.size)} disagrees with --image "
+                    f"({format_size(self.memory.size)})",
+                )
         else:
             size = args.size if args.size is not None else parse_size(DEFAULT_SIZE)
             try:
@@ -730,6 +769,12 @@ def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str
 
 
 def cmd_send(args: argparse.Namespace, console: Console) -> int:
+    if args.qmp:
+        from mig.cli_qmp import send_qmp
+
+        return send_qmp(args, console)
+    if not args.connect:
+        raise UsageError("--connect", "give the destination's URI (or --qmp)")
     g = _Guest(args)
     try:
         q, interrupted = _run_source(args, g, args.connect, console)
@@ -741,6 +786,14 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from mig.display import destination_table
 
+    if args.incoming and not args.qmp:
+        raise UsageError("--incoming", "defer waits for QMP's migrate-incoming: give --qmp")
+    if bool(args.listen) == bool(args.incoming):
+        raise UsageError("--listen", "give --listen URI, or --qmp with --incoming defer")
+    if args.qmp:
+        from mig.cli_qmp import serve_qmp
+
+        return serve_qmp(args, console)
     uri = args.listen
     ready_fd = args.ready_fd
     while True:
@@ -783,6 +836,7 @@ def _serve_one(
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
                 verify=args.verify_mode,
+                go_timeout=args.go_timeout,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:

@@ -488,17 +488,20 @@ impl Receiver {
         Ok(Self::with_threads(sh, threads))
     }
 
-    /// Waits for a session on `listener` and starts applying it to `mem`.
+    /// Waits for a session on `listener` and starts applying it to `mem`;
+    /// `on_refused` hears of each connection refused meanwhile.
     pub fn accept(
         listener: &Listener,
         mem: Arc<GuestMemory>,
         timeout: Duration,
         cfg: ReceiverConfig,
+        on_refused: Option<&transport::RefusalHook>,
     ) -> CoreResult<Self> {
         if let Listener::File(path) = listener {
             return snapshot::restore(path, mem, cfg);
         }
-        let session = listener.accept_session(timeout, cfg.io_timeout, cfg.tls.as_deref())?;
+        let tls = cfg.tls.as_deref();
+        let session = listener.accept_session(timeout, cfg.io_timeout, tls, on_refused)?;
         let mut sockets = Vec::new();
         let mut inputs = Vec::new();
         for c in session.data {

@@ -388,6 +388,44 @@ fn tcp_connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     Err(last)
 }
 
+/// Told of every refused connection as it is refused: the peer and why.
+///
+/// A daemon logs each one at once; without it a refusal shows only in the
+/// session's `refused` list, or in the timeout message much later.
+#[derive(Clone)]
+pub struct RefusalHook(pub Arc<RefusalFn>);
+
+/// `(peer, reason)` of one refused connection.
+pub type RefusalFn = dyn Fn(&str, &str) + Send + Sync;
+
+/// What a refused connection was taken for, as the `refused` list names it.
+#[derive(Clone, Copy)]
+enum Refused {
+    /// Refused before its stream header said what it is.
+    NewChannel,
+    /// A channel whose header names what it is.
+    Channel,
+}
+
+impl RefusalHook {
+    fn refuse(
+        hook: Option<&RefusalHook>,
+        refused: &mut Vec<String>,
+        peer: &str,
+        what: Refused,
+        why: String,
+    ) {
+        if let Some(h) = hook {
+            (h.0)(peer, &why);
+        }
+        let label = match what {
+            Refused::NewChannel => "a new channel: ",
+            Refused::Channel => "",
+        };
+        refused.push(format!("{label}{why} (from {peer})"));
+    }
+}
+
 /// A bound endpoint waiting for a session.
 pub enum Listener {
     Tcp(TcpListener),
@@ -432,7 +470,8 @@ impl Listener {
         }
     }
 
-    fn accept_conn(&self, timeout: Duration) -> CoreResult<Option<Conn>> {
+    /// The next connection and its peer's address.
+    fn accept_conn(&self, timeout: Duration) -> CoreResult<Option<(Conn, String)>> {
         let ready = match self {
             Listener::Tcp(l) => wait_fd(l.as_fd(), timeout),
             Listener::Unix(l, _) => wait_fd(l.as_fd(), timeout),
@@ -443,11 +482,13 @@ impl Listener {
             return Ok(None);
         }
         let conn = match self {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+            Listener::Tcp(l) => l.accept().map(|(s, addr)| {
                 let _ = s.set_nodelay(true);
-                Conn::Tcp(s)
+                (Conn::Tcp(s), addr.to_string())
             }),
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Unix(l, path) => l
+                .accept()
+                .map(|(s, _)| (Conn::Unix(s), format!("a peer on {}", path.display()))),
             Listener::File(_) => unreachable!("handled above"),
         };
         conn.map(Some).map_err(|e| CoreError::io("accept", e))
@@ -455,22 +496,25 @@ impl Listener {
 
     /// Gathers one control and N data channels of a single migration; with
     /// `tls`, a channel whose handshake fails is refused before its stream
-    /// header is read.
+    /// header is read. Each refusal goes to `on_refused` as it happens.
     pub fn accept_session(
         &self,
         timeout: Duration,
         io_timeout: Duration,
         tls: Option<&TlsConfig>,
+        on_refused: Option<&RefusalHook>,
     ) -> CoreResult<Session> {
         let deadline = Instant::now() + timeout;
         let mut control: Option<(Conn, StreamHeader)> = None;
-        let mut early: Vec<(Conn, StreamHeader)> = Vec::new();
+        let mut early: Vec<(Conn, StreamHeader, String)> = Vec::new();
         let mut data: Vec<Option<Conn>> = Vec::new();
         let mut refused = Vec::new();
         loop {
             if let Some((_, h)) = &control {
-                for (c, dh) in std::mem::take(&mut early) {
-                    place(h, &mut data, c, &dh, &mut refused);
+                for (c, dh, peer) in std::mem::take(&mut early) {
+                    if let Err(why) = place(h, &mut data, c, &dh) {
+                        RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
+                    }
                 }
                 if data.iter().all(Option::is_some) {
                     let (control, header) = control.take().expect("checked above");
@@ -501,7 +545,7 @@ impl Listener {
                     }
                 )));
             }
-            let Some(mut conn) = self.accept_conn(left)? else {
+            let Some((mut conn, peer)) = self.accept_conn(left)? else {
                 continue;
             };
             let wait = io_timeout.min(left);
@@ -521,7 +565,13 @@ impl Listener {
                         } else {
                             ""
                         };
-                        refused.push(format!("a new channel: TLS handshake: {e}{hint}"));
+                        RefusalHook::refuse(
+                            on_refused,
+                            &mut refused,
+                            &peer,
+                            Refused::NewChannel,
+                            format!("TLS handshake: {e}{hint}"),
+                        );
                         continue;
                     }
                 }
@@ -534,7 +584,7 @@ impl Listener {
             let header = match header {
                 Ok(h) => h,
                 Err(msg) => {
-                    refused.push(format!("a new channel: {msg}"));
+                    RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::NewChannel, msg);
                     continue;
                 }
             };
@@ -544,33 +594,46 @@ impl Listener {
                     data = (0..header.channel_count).map(|_| None).collect();
                     control = Some((conn, header));
                 }
-                (ChannelKind::Control, Some((_, h))) => refused.push(format!(
-                    "a second control channel of migration {:032x} (session {:032x})",
-                    header.migration_id, h.migration_id
-                )),
+                (ChannelKind::Control, Some((_, h))) => RefusalHook::refuse(
+                    on_refused,
+                    &mut refused,
+                    &peer,
+                    Refused::Channel,
+                    format!(
+                        "a second control channel of migration {:032x} (session {:032x})",
+                        header.migration_id, h.migration_id
+                    ),
+                ),
                 (ChannelKind::Data, Some((_, h))) => {
-                    place(h, &mut data, conn, &header, &mut refused)
+                    if let Err(why) = place(h, &mut data, conn, &header) {
+                        RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
+                    }
                 }
                 (ChannelKind::Data, None) if early.len() < MAX_CHANNELS as usize => {
-                    early.push((conn, header))
+                    early.push((conn, header, peer))
                 }
-                (kind, _) => refused.push(format!(
-                    "channel {} of kind {kind:?} (unexpected here)",
-                    header.channel_index
-                )),
+                (kind, _) => RefusalHook::refuse(
+                    on_refused,
+                    &mut refused,
+                    &peer,
+                    Refused::Channel,
+                    format!(
+                        "channel {} of kind {kind:?} (unexpected here)",
+                        header.channel_index
+                    ),
+                ),
             }
         }
     }
 }
 
-/// Slots a data channel into its session, or refuses it with a reason.
+/// Slots a data channel into its session, or closes it and says why not.
 fn place(
     session: &StreamHeader,
     data: &mut [Option<Conn>],
     conn: Conn,
     h: &StreamHeader,
-    refused: &mut Vec<String>,
-) {
+) -> Result<(), String> {
     let why = if h.migration_id != session.migration_id {
         format!(
             "data channel {} of migration {:032x} (session is {:032x})",
@@ -592,10 +655,10 @@ fn place(
         format!("duplicate data channel {}", h.channel_index)
     } else {
         data[h.channel_index as usize] = Some(conn);
-        return;
+        return Ok(());
     };
     conn.shutdown();
-    refused.push(why);
+    Err(why)
 }
 
 impl Drop for Listener {

@@ -13,8 +13,29 @@ use super::bitmap::PyDirtyBitmap;
 use super::memory::PyGuestMemory;
 use crate::receiver::{EndCheck, Receiver, ReceiverConfig};
 use crate::sender::{self, Sender, SenderConfig};
-use crate::transport::{Listener, TlsConfig};
+use crate::transport::{Listener, RefusalHook, TlsConfig};
 use crate::wire::Compression;
+
+/// Hands each refused connection to `callback`, or logs it as one warning.
+fn refusal_hook(callback: Option<Py<PyAny>>) -> RefusalHook {
+    RefusalHook(Arc::new(move |peer: &str, why: &str| {
+        Python::attach(|py| {
+            let told = match &callback {
+                Some(f) => f.call1(py, (peer, why)).map(drop),
+                None => py
+                    .import("logging")
+                    .and_then(|m| m.call_method1("getLogger", ("mig.listener",)))
+                    .and_then(|log| {
+                        log.call_method1("warning", ("refused a connection from %s: %s", peer, why))
+                    })
+                    .map(drop),
+            };
+            if let Err(e) = told {
+                e.write_unraisable(py, None); // a refusal must not stop the listener
+            }
+        })
+    }))
+}
 
 fn seconds(name: &str, s: f64) -> PyResult<Duration> {
     if !s.is_finite() || s < 0.0 {
@@ -307,8 +328,10 @@ impl PyListener {
     }
 
     /// Waits up to `timeout` seconds for a control channel and its data
-    /// channels, then starts applying them to `memory`.
-    #[pyo3(signature = (memory, timeout, *, io_timeout=60.0, device_buffer=32 << 20))]
+    /// channels, then starts applying them to `memory`. Each connection
+    /// refused meanwhile goes to `on_refused(peer, reason)`, by default one
+    /// warning on the `mig.listener` logger.
+    #[pyo3(signature = (memory, timeout, *, io_timeout=60.0, device_buffer=32 << 20, on_refused=None))]
     fn accept(
         &self,
         py: Python<'_>,
@@ -316,6 +339,7 @@ impl PyListener {
         timeout: f64,
         io_timeout: f64,
         device_buffer: usize,
+        on_refused: Option<Py<PyAny>>,
     ) -> PyResult<PyReceiver> {
         let listener = self
             .inner
@@ -330,7 +354,8 @@ impl PyListener {
         };
         let t = seconds("timeout", timeout)?;
         let mem = memory.get().inner.clone();
-        let r = py.detach(move || Receiver::accept(&listener, mem, t, cfg))?;
+        let hook = refusal_hook(on_refused);
+        let r = py.detach(move || Receiver::accept(&listener, mem, t, cfg, Some(&hook)))?;
         Ok(PyReceiver { inner: Arc::new(r) })
     }
 
