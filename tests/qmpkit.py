@@ -108,6 +108,22 @@ async def collect_until(client: QMPClient, status: str, timeout: float = 60) -> 
     raise AssertionError("unreachable")
 
 
+async def answered_query(client: QMPClient, timeout: float = 30) -> Any:
+    """``query-migrate`` once verification has its answer.
+
+    With ``verify`` ``after-resume`` (the default) ``completed`` comes when
+    the destination runs the guest; the source digests its frozen memory
+    after that, and ``verified`` turns true only when the destination's
+    answer arrives (``verify-time`` is then present).
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            q = await client.execute("query-migrate")
+            if q.get("verify") != "after-resume" or "verify-time" in q or "verify-error" in q:
+                return q
+            await asyncio.sleep(0.05)
+
+
 async def quit_all(*clients: QMPClient) -> None:
     """``quit`` each process; it closes the connection, as QEMU does."""
     for c in clients:

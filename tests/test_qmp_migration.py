@@ -17,6 +17,7 @@ from qmpkit import (
     DEVICES,
     GUEST,
     Process,
+    answered_query,
     collect_until,
     kill_all,
     quit_all,
@@ -66,7 +67,7 @@ def test_migration_driven_by_qmp_completes_verified_and_byte_exact(tmp_path: Pat
         assert (params["downtime-limit"], params["multifd-channels"]) == (500, 3)
         await src.execute("migrate", {"uri": f"unix:{tmp_path}/mig.sock"})
         events = await collect_until(src, "completed")
-        q = await src.execute("query-migrate")
+        q = await answered_query(src)
         assert q["status"] == "completed" and q["verified"] is True, q
         assert q["policy"] == "stop-exact-resume"
         assert q["ram"]["total"] == 64 << 20
@@ -130,6 +131,7 @@ def test_migrate_cancel_ends_cancelled_with_the_guest_running_then_a_new_migrati
         await dst.execute("migrate-incoming", {"uri": uri})
         await src.execute("migrate", {"uri": uri})
         await collect_until(src, "completed")
+        await answered_query(src)
         ours = await src.execute("x-mig-query-digests")
         theirs = await dst.execute("query-migrate")
         assert theirs["verified"] is True and theirs["memory-digest"] == ours["memory"]
@@ -207,7 +209,7 @@ def test_two_clients_one_disconnecting_mid_migration(tmp_path: Path) -> None:
         passes = [e["data"]["pass"] for e in events if e["event"] == "MIGRATION_PASS"]
         assert len(passes) >= 2 and passes == list(range(1, len(passes) + 1))
         c = await src_proc.client("c")
-        q = await c.execute("query-migrate")
+        q = await answered_query(c)
         assert q["status"] == "completed" and q["verified"] is True
         ours = await c.execute("x-mig-query-digests")
         theirs = await dst.execute("query-migrate")
@@ -246,6 +248,7 @@ def test_tls_creds_directories_and_a_refused_plaintext_peer(tmp_path: Path) -> N
         async with asyncio.timeout(60):
             while (q := await src.execute("query-migrate"))["status"] not in _ENDED:
                 await asyncio.sleep(0.1)
+        q = await answered_query(src)
         assert q["status"] == "completed" and q["verified"] is True, q
         ours = await src.execute("x-mig-query-digests")
         theirs = await dst.execute("query-migrate")

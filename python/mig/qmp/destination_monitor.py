@@ -136,6 +136,15 @@ class DestinationMonitor:
             if status == "completed":
                 self.server.emit("RESUME")
             if status in _ENDED and self.destination is not None:
-                self.finished.put(self.destination.query())
+                # The final figures come when the destination's run ends: with
+                # verify after-resume that is after "completed", once the
+                # source's digest is checked. This callback runs on that very
+                # thread, so another one waits for it.
+                incoming = self.destination
+                threading.Thread(
+                    target=lambda: self.finished.put(incoming.wait()),
+                    name="mig-qmp-final",
+                    daemon=True,
+                ).start()
         except Exception:
             log.exception("QMP: MIGRATION event")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mig.policies import POLICIES
+from mig.protocol import VERIFY_MODES
 from mig.qmp.arguments import check_type
 from mig.qmp.errors import QMPError
 from mig.qmp.server import Command
@@ -91,7 +92,10 @@ _X_CHOICES: dict[str, tuple[str, ...]] = {
     "policy": tuple(POLICIES),
     "timeout_action": ("cancel", "force"),
     "non_convergence_action": ("report", "fail"),
+    "verify": VERIFY_MODES,
 }
+# Seconds parameters whose default (None) means "follow another one": 0 here.
+_OPTIONAL_SECONDS = frozenset({"verify_timeout"})
 
 
 def _x_params() -> dict[str, _Param]:
@@ -101,7 +105,10 @@ def _x_params() -> dict[str, _Param]:
     for key, default in PARAMETERS.items():
         if key in mapped:
             continue
-        kind = dict if default is None else type(default)
+        if key in _OPTIONAL_SECONDS:
+            kind: type = float
+        else:
+            kind = dict if default is None else type(default)
         out["x-mig-" + key.replace("_", "-")] = _Param(key, kind, choices=_X_CHOICES.get(key, ()))
     return out
 
@@ -139,7 +146,9 @@ class MigrationSettings:
         for name, spec in _PARAMS.items():
             if spec.key is not None:
                 value = p[spec.key]
-                self.values[name] = {} if value is None and spec.kind is dict else value
+                if value is None:
+                    value = {} if spec.kind is dict else 0.0
+                self.values[name] = value
         channels = int(p["multifd_channels"])
         self.capabilities["multifd"] = channels > 1 or p["compression"] != "none"
         self.values["multifd-channels"] = channels
@@ -219,6 +228,9 @@ class MigrationSettings:
         )
         if out.get("policy_options") == {}:
             out["policy_options"] = None
+        for key in _OPTIONAL_SECONDS:
+            if not out.get(key):
+                out[key] = None
         return out
 
     def tls(self, side: str) -> dict[str, str]:
