@@ -9,6 +9,7 @@ use crate::error::CoreError;
 
 mod bitmap;
 mod memory;
+mod postcopy;
 mod stream;
 mod tracker;
 mod workload;
@@ -47,6 +48,7 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     bitmap::register(m)?;
     tracker::register(m)?;
+    postcopy::register(m)?;
     workload::register(m)?;
     stream::register(m)?;
     Ok(())
