@@ -289,6 +289,38 @@ mod tests {
         blocked_reader_gets_exactly_the_placed_bytes(mem, base);
     }
 
+    /// Records what the placer shows it, for the digest hook.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(u64, Option<Vec<u8>>)>>);
+
+    impl PlaceObserver for Seen {
+        fn placed(&self, page: u64, data: Option<&[u8]>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((page, data.map(<[u8]>::to_vec)));
+        }
+    }
+
+    #[test]
+    fn the_observer_sees_each_placed_page_once_with_its_bytes() {
+        if !available() {
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        let seen = Arc::new(Seen::default());
+        let r = PostcopyRegion::new(0, Some(seen.clone()));
+        let mem = Arc::new(GuestMemory::new(4 * ps).unwrap());
+        mem.write_bytes(3 * ps, &page_of(9, ps)).unwrap(); // held: EEXIST
+        r.register(mem, &[]).unwrap();
+        r.place(0, &page_of(1, ps)).unwrap();
+        r.place(0, &page_of(2, ps)).unwrap();
+        r.place_zero(1).unwrap();
+        r.place(3, &page_of(3, ps)).unwrap();
+        let got = seen.0.lock().unwrap().clone();
+        assert_eq!(got, vec![(0, Some(page_of(1, ps))), (1, None)]);
+    }
+
     #[test]
     fn discard_drops_stale_content_and_keeps_the_rest() {
         if !available() {
