@@ -33,8 +33,6 @@ pub struct PageRequest {
 pub struct FaultCounters {
     /// Page requests handed on (one per page).
     pub requests: AtomicU64,
-    /// Fault messages read, duplicates included.
-    pub messages: AtomicU64,
 }
 
 pub struct FaultThread {
@@ -90,7 +88,6 @@ impl<F: FnMut(PageRequest)> Loop<F> {
         let Some(page) = self.region.page_of(addr) else {
             return;
         };
-        self.counters.messages.fetch_add(1, Ordering::Relaxed);
         self.blocktime.fault(page, tid, now);
         if self.present.contains(page as usize) {
             // Placed after the fault was raised: the copy woke the thread.

@@ -29,7 +29,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub struct RegionStats {
     /// `postcopy-requests`: pages asked of the source (once per page).
     pub requests: u64,
-    /// Fault messages read (one per blocked thread and page).
+    /// Faults recorded (one per blocked thread and page).
     pub faults: u64,
     pub placer: PlacerStats,
     pub discarded: u64,
