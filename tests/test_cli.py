@@ -380,6 +380,9 @@ def test_info_reports_capabilities() -> None:
     assert info["page-size"] == os.sysconf("SC_PAGE_SIZE")
     for backend in ("uffd", "soft"):
         assert info["dirty-tracking"][backend]["available"] is caps[backend]["available"]
+    assert "postcopy" not in info["dirty-tracking"]
+    assert info["postcopy"]["available"] is caps["postcopy"]["available"]
+    assert info["postcopy"]["kernel_faults"] is caps["postcopy"]["kernel_faults"]
     flags = {f["flag"]: f["present"] for f in info["cpu-features"]}
     assert {"sse2", "sse4_2", "popcnt", "bmi1", "avx512_vbmi2"} <= set(flags)
     cpu = next(

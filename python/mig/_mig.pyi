@@ -156,12 +156,69 @@ class BackendCapability(TypedDict):
     reason: str
     missing: list[str]
 
+class PostcopyCapability(BackendCapability):
+    kernel_faults: bool
+    """Faults raised inside the kernel (a recv() into a missing page) wait for
+    the page; False under UFFD_USER_MODE_ONLY, where they fail with EFAULT."""
+    kernel_faults_note: str
+    thread_ids: bool
+
 class Capabilities(TypedDict):
     kernel: str
     faked: bool
     shmem_thp: str
     uffd: BackendCapability
     soft: BackendCapability
+    postcopy: PostcopyCapability
+
+PostcopyStats = TypedDict(
+    "PostcopyStats",
+    {
+        "postcopy-requests": int,
+        "postcopy-faults": int,
+        "pages-placed": int,
+        "zero-pages-placed": int,
+        "already-present": int,
+        "pages-discarded": int,
+        "faults-resolved": int,
+        "fault-latency-p50": float | None,
+        "fault-latency-p99": float | None,
+        "postcopy-blocktime": float | None,
+        "postcopy-vcpu-blocktime": dict[int, float],
+        "kernel-faults": bool,
+        "thread-ids": bool,
+    },
+)
+
+class PostcopyRegion:
+    """The destination's memory during post-copy: registered with userfaultfd
+    in MISSING mode, so a guest access to a page not yet placed blocks until
+    ``place()``/``place_zero()`` puts it there. Times in the stats are ms.
+    """
+
+    def __init__(self, vcpus: int = 0) -> None: ...
+    def register(self, memory: GuestMemory, discard: list[tuple[int, int]] = ...) -> None:
+        """Registers ``memory``, discards the stale ``(start_page, n)`` ranges and
+        starts the fault thread. Raises ``UnsupportedError`` naming the missing
+        feature on a host without userfaultfd MISSING mode."""
+    def place(self, page: int, data: bytes | bytearray) -> bool:
+        """Places one page atomically (UFFDIO_COPY); False if already present."""
+    def place_zero(self, page: int) -> bool:
+        """Places a zero page (UFFDIO_ZEROPAGE); False if already present."""
+    def next_requests(self, timeout: float = 0.0) -> list[int]:
+        """Pages newly waited for: up to ``timeout`` s for the first, then all queued."""
+    def is_placed(self, page: int) -> bool: ...
+    def stats(self) -> PostcopyStats: ...
+    @property
+    def registered(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 def capabilities() -> Capabilities: ...
 def memory_backings() -> list[dict[str, Any]]:

@@ -974,8 +974,11 @@ def host_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "page-size": _page_size(),
         "dirty-tracking": {
-            k: v for k, v in caps.items() if isinstance(v, dict) and "available" in v
+            k: v
+            for k, v in caps.items()
+            if isinstance(v, dict) and "available" in v and k != "postcopy"
         },
+        "postcopy": caps.get("postcopy"),
         "shmem-thp": caps.get("shmem_thp"),
         "memory-backings": mig.memory_backings(),
         "cpu-features": [
@@ -1012,6 +1015,14 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
             format_size(offer["page-size"]),
             offer["reason"],
         )
+    out.print(t)
+    pc = info["postcopy"]
+    t = Table(title="post-copy (userfaultfd MISSING)", show_header=False, title_justify="left")
+    t.add_column("field", style="dim")
+    t.add_column("value")
+    t.add_row("available", "yes" if pc["available"] else "no")
+    t.add_row("reason", str(pc["reason"]))
+    t.add_row("kernel faults", str(pc["kernel_faults_note"]))
     out.print(t)
     t = Table(title="CPU features used", title_justify="left")
     for col in ("flag", "present", "used for"):

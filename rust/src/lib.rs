@@ -12,6 +12,7 @@ pub mod error;
 pub mod memory;
 pub mod order;
 pub mod pagemap;
+pub mod postcopy;
 pub mod receiver;
 pub mod sender;
 pub mod tracker;

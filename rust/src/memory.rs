@@ -138,6 +138,12 @@ impl GuestMemory {
 
     /// The memfd, for sharing the memory with another process; `None` for
     /// anonymous memory.
+    /// The memfd behind the mapping, if it has one (anonymous memory has not).
+    pub fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
     pub fn fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(|f| f.as_raw_fd())
     }

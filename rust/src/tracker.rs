@@ -49,12 +49,12 @@ use crate::pagemap::{
 
 // ---- uAPI: linux/userfaultfd.h -------------------------------------------
 
-const UFFD_API: u64 = 0xAA;
+pub(crate) const UFFD_API: u64 = 0xAA;
 /// `userfaultfd()` flag: only user-mode faults are delivered; lets an
 /// unprivileged process open a userfaultfd even with
 /// `vm.unprivileged_userfaultfd = 0` (Linux ≥ 5.11). WP-async faults are
 /// resolved by the kernel before that distinction matters.
-const UFFD_USER_MODE_ONLY: u32 = 1;
+pub(crate) const UFFD_USER_MODE_ONLY: u32 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
@@ -80,29 +80,29 @@ fn required_mask() -> u64 {
 
 #[repr(C)]
 #[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
+pub(crate) struct UffdioApi {
+    pub(crate) api: u64,
+    pub(crate) features: u64,
+    pub(crate) ioctls: u64,
 }
 
 #[repr(C)]
 #[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 
 #[repr(C)]
 #[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
+pub(crate) struct UffdioRegister {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+    pub(crate) ioctls: u64,
 }
 
-const UFFDIO_API: Opcode = opcode::read_write::<UffdioApi>(0xAA, 0x3F);
-const UFFDIO_REGISTER: Opcode = opcode::read_write::<UffdioRegister>(0xAA, 0x00);
+pub(crate) const UFFDIO_API: Opcode = opcode::read_write::<UffdioApi>(0xAA, 0x3F);
+pub(crate) const UFFDIO_REGISTER: Opcode = opcode::read_write::<UffdioRegister>(0xAA, 0x00);
 
 /// One `PAGEMAP_SCAN` harvest of `[start, end)`: reports each written
 /// region (byte addresses) to `f` and write-protects it again.
@@ -179,7 +179,7 @@ fn open_uffd() -> Result<OwnedFd, Errno> {
 }
 
 /// `UFFDIO_API` handshake; returns the features the kernel grants.
-fn uffd_api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
+pub(crate) fn uffd_api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
     let mut api = UffdioApi {
         api: UFFD_API,
         features,
@@ -190,7 +190,7 @@ fn uffd_api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
     Ok(api.features)
 }
 
-fn real_facts() -> ProbeFacts {
+pub(crate) fn real_facts() -> ProbeFacts {
     static FACTS: OnceLock<ProbeFacts> = OnceLock::new();
     FACTS
         .get_or_init(|| {
@@ -212,7 +212,7 @@ fn real_facts() -> ProbeFacts {
         .clone()
 }
 
-fn parse_errno(key: &str, v: &str) -> CoreResult<Result<(), Errno>> {
+pub(crate) fn parse_errno(key: &str, v: &str) -> CoreResult<Result<(), Errno>> {
     let e = match v.to_ascii_uppercase().as_str() {
         "OK" | "0" => return Ok(Ok(())),
         "EPERM" => Errno::PERM,
@@ -232,6 +232,16 @@ fn parse_errno(key: &str, v: &str) -> CoreResult<Result<(), Errno>> {
     Ok(Err(e))
 }
 
+/// A fake-probe integer, decimal or `0x` hexadecimal.
+pub(crate) fn parse_int(key: &str, v: &str) -> CoreResult<u64> {
+    let v = v.trim();
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    }
+    .map_err(|_| CoreError::invalid(format!("{FAKE_PROBE_ENV}: {key}={v} is not an integer")))
+}
+
 /// Applies a `MIG_FAKE_PROBE` specification on top of `facts`.
 pub fn apply_fake(mut facts: ProbeFacts, spec: &str) -> CoreResult<ProbeFacts> {
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -246,22 +256,15 @@ pub fn apply_fake(mut facts: ProbeFacts, spec: &str) -> CoreResult<ProbeFacts> {
                     facts.features = None;
                 }
             }
-            "features" => {
-                let v = v.trim();
-                let n = match v.strip_prefix("0x") {
-                    Some(hex) => u64::from_str_radix(hex, 16),
-                    None => v.parse(),
-                }
-                .map_err(|_| {
-                    CoreError::invalid(format!("{FAKE_PROBE_ENV}: features={v} is not an integer"))
-                })?;
-                facts.features = Some(n);
-            }
+            "features" => facts.features = Some(parse_int(k, v)?),
             "pagemap_scan" => facts.pagemap_scan = parse_errno(k, v)?,
+            // Facts of the post-copy probe, applied by `postcopy::capability`.
+            other if crate::postcopy::capability::FAKE_KEYS.contains(&other) => {}
             other => {
                 return Err(CoreError::invalid(format!(
                     "{FAKE_PROBE_ENV}: unknown key {other:?} \
-                     (expected kernel, open, features, pagemap_scan)"
+                     (expected kernel, open, features, pagemap_scan, \
+                     or a post-copy key: kernel_faults, missing_anon, missing_shmem, missing_ioctls)"
                 )))
             }
         }
@@ -286,6 +289,19 @@ fn kernel_at_least(release: &str, major: u32, minor: u32) -> Option<bool> {
     Some((ma, mi) >= (major, minor))
 }
 
+/// Why opening a userfaultfd failed, in terms a user can act on.
+pub(crate) fn open_error_text(e: Errno) -> String {
+    match e {
+        Errno::PERM => "permission denied: vm.unprivileged_userfaultfd is 0 and the process \
+                        lacks CAP_SYS_PTRACE, or a seccomp/LSM policy forbids userfaultfd"
+            .to_string(),
+        Errno::NOSYS => "the kernel has no userfaultfd syscall (CONFIG_USERFAULTFD off) \
+                         or seccomp blocks it"
+            .to_string(),
+        e => format!("opening a userfaultfd failed: {}", std::io::Error::from(e)),
+    }
+}
+
 /// Decides whether the uffd backend works, with a reason a user can act on.
 pub fn uffd_verdict(f: &ProbeFacts) -> Capability {
     let old = match kernel_at_least(&f.kernel, 6, 7) {
@@ -301,16 +317,7 @@ pub fn uffd_verdict(f: &ProbeFacts) -> Capability {
         missing,
     };
     if let Err(e) = f.open {
-        let why = match e {
-            Errno::PERM => "permission denied: vm.unprivileged_userfaultfd is 0 and the process \
-                            lacks CAP_SYS_PTRACE, or a seccomp/LSM policy forbids userfaultfd"
-                .to_string(),
-            Errno::NOSYS => "the kernel has no userfaultfd syscall (CONFIG_USERFAULTFD off) \
-                             or seccomp blocks it"
-                .to_string(),
-            e => format!("opening a userfaultfd failed: {}", std::io::Error::from(e)),
-        };
-        return no(format!("userfaultfd: {why}{old}"), vec![]);
+        return no(format!("userfaultfd: {}{old}", open_error_text(e)), vec![]);
     }
     let have = f.features.unwrap_or(0);
     let missing: Vec<&'static str> = REQUIRED_FEATURES

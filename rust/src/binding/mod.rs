@@ -10,6 +10,7 @@ use crate::error::CoreError;
 mod bitmap;
 mod chunk_digest;
 mod memory;
+mod postcopy;
 mod stream;
 mod tracker;
 mod workload;
@@ -49,6 +50,7 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     chunk_digest::register(m)?;
     bitmap::register(m)?;
     tracker::register(m)?;
+    postcopy::register(m)?;
     workload::register(m)?;
     stream::register(m)?;
     Ok(())

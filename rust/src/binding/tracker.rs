@@ -114,7 +114,10 @@ impl PyDirtyTracker {
     }
 }
 
-fn capability_dict<'py>(py: Python<'py>, c: &Capability) -> PyResult<Bound<'py, PyDict>> {
+pub(super) fn capability_dict<'py>(
+    py: Python<'py>,
+    c: &Capability,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("available", c.available)?;
     d.set_item("reason", &c.reason)?;
@@ -122,17 +125,24 @@ fn capability_dict<'py>(py: Python<'py>, c: &Capability) -> PyResult<Bound<'py, 
     Ok(d)
 }
 
-/// Which tracker backends work on this host, and why not where they don't.
+/// Which tracker backends work on this host, and why not where they don't;
+/// likewise post-copy (userfaultfd MISSING mode).
 /// `MIG_FAKE_PROBE` replaces the probed facts (see `docs/tracking.md`).
 #[pyfunction]
 fn capabilities(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let caps = py.detach(tracker::capabilities)?;
+    let (caps, postcopy) = py.detach(|| -> crate::CoreResult<_> {
+        Ok((
+            tracker::capabilities()?,
+            crate::postcopy::capability::capability()?,
+        ))
+    })?;
     let d = PyDict::new(py);
     d.set_item("kernel", &caps.kernel)?;
     d.set_item("faked", caps.faked)?;
     d.set_item("shmem_thp", &caps.shmem_thp)?;
     d.set_item("uffd", capability_dict(py, &caps.uffd)?)?;
     d.set_item("soft", capability_dict(py, &caps.soft)?)?;
+    d.set_item("postcopy", super::postcopy::capability_dict(py, &postcopy)?)?;
     Ok(d)
 }
 

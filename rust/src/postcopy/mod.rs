@@ -1,0 +1,25 @@
+//! The destination side of post-copy: the guest runs before all of its
+//! memory has arrived, and each access to a page still missing blocks the
+//! accessing thread until the page is placed.
+//!
+//! * [`capability`]: does this host offer userfaultfd MISSING mode on the
+//!   backings mig uses;
+//! * [`fault_region`]: a mapping registered in MISSING mode, stale pages
+//!   discarded, the raw `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` placements;
+//! * [`placer`]: atomic, at-most-once placement with an observer hook;
+//! * [`fault_thread`]: reads faults, requests each missing page once;
+//! * [`blocktime`], [`latency`]: fault latency and `postcopy-blocktime`;
+//! * [`region`]: all of the above behind one handle (`PostcopyRegion`).
+
+pub mod anon_memory;
+pub mod blocktime;
+pub mod capability;
+pub mod fault_region;
+pub mod fault_thread;
+pub mod latency;
+pub mod page_set;
+pub mod placer;
+pub mod region;
+mod uapi;
+
+pub use region::{PostcopyRegion, RegionStats};

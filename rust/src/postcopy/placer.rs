@@ -1,0 +1,156 @@
+//! Places pages into a fault region: each page atomically (`UFFDIO_COPY`
+//! fills a fresh page and maps it in one step, so no thread ever sees it
+//! half-written) and at most once.
+//!
+//! A page is claimed in an atomic set before it is copied, so two placers
+//! racing on the same page (a requested page that the background push also
+//! carries) copy it once; the loser reports `AlreadyPresent`. A page the
+//! kernel already holds (never discarded) answers EEXIST and is also
+//! `AlreadyPresent`, with its content untouched.
+//!
+//! Each placed page is shown to the [`PlaceObserver`] with exactly the bytes
+//! that went in (for the destination's digest: hashed from the source
+//! buffer, so a guest write right after placement cannot change the hash).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustix::io::Errno;
+
+use super::blocktime::Blocktime;
+use super::fault_region::FaultRegion;
+use super::page_set::PageSet;
+use crate::error::{CoreError, CoreResult};
+
+/// Sees every page as it is placed. `data` is `None` for a zero page.
+pub trait PlaceObserver: Send + Sync {
+    fn placed(&self, page: u64, data: Option<&[u8]>);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Placed,
+    AlreadyPresent,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlacerStats {
+    pub pages_placed: u64,
+    pub zero_pages_placed: u64,
+    pub already_present: u64,
+}
+
+pub struct Placer {
+    region: Arc<FaultRegion>,
+    claimed: PageSet,
+    present: Arc<PageSet>,
+    blocktime: Arc<Blocktime>,
+    observer: Option<Arc<dyn PlaceObserver>>,
+    placed: AtomicU64,
+    zero_placed: AtomicU64,
+    already: AtomicU64,
+}
+
+impl Placer {
+    pub fn new(
+        region: Arc<FaultRegion>,
+        present: Arc<PageSet>,
+        blocktime: Arc<Blocktime>,
+        observer: Option<Arc<dyn PlaceObserver>>,
+    ) -> Self {
+        Placer {
+            claimed: PageSet::new(region.num_pages()),
+            region,
+            present,
+            blocktime,
+            observer,
+            placed: AtomicU64::new(0),
+            zero_placed: AtomicU64::new(0),
+            already: AtomicU64::new(0),
+        }
+    }
+
+    /// Places `data` (one page) at `page`.
+    pub fn place(&self, page: u64, data: &[u8]) -> CoreResult<Placement> {
+        self.place_with(page, Some(data))
+    }
+
+    /// Places a page of zeros at `page` without copying.
+    pub fn place_zero(&self, page: u64) -> CoreResult<Placement> {
+        self.place_with(page, None)
+    }
+
+    fn place_with(&self, page: u64, data: Option<&[u8]>) -> CoreResult<Placement> {
+        let n = self.region.num_pages() as u64;
+        if page >= n {
+            return Err(CoreError::invalid(format!(
+                "page {page} is outside the region's {n} pages"
+            )));
+        }
+        if let Some(d) = data {
+            if d.len() != self.region.page_size() {
+                return Err(CoreError::invalid(format!(
+                    "page data is {} bytes, expected {}",
+                    d.len(),
+                    self.region.page_size()
+                )));
+            }
+        }
+        if !self.claimed.insert(page as usize) {
+            self.already.fetch_add(1, Ordering::Relaxed);
+            return Ok(Placement::AlreadyPresent);
+        }
+        let r = match data {
+            Some(d) => self.region.copy_page(page, d),
+            None => self.region.zero_page(page),
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.claimed.remove(page as usize);
+                return Err(e);
+            }
+        };
+        let placement = match r {
+            Ok(()) => {
+                if let Some(o) = &self.observer {
+                    o.placed(page, data);
+                }
+                let counter = if data.is_some() {
+                    &self.placed
+                } else {
+                    &self.zero_placed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Placement::Placed
+            }
+            Err(Errno::EXIST) => {
+                self.already.fetch_add(1, Ordering::Relaxed);
+                Placement::AlreadyPresent
+            }
+            Err(e) => {
+                self.claimed.remove(page as usize);
+                let what = if data.is_some() {
+                    "UFFDIO_COPY"
+                } else {
+                    "UFFDIO_ZEROPAGE"
+                };
+                return Err(CoreError::io(format!("{what} page {page}"), e.into()));
+            }
+        };
+        // Present before resolving waiters: the fault thread checks `present`
+        // after recording a fault, so a fault read late is still resolved.
+        self.present.insert(page as usize);
+        self.blocktime.placed(page, Instant::now());
+        Ok(placement)
+    }
+
+    pub fn stats(&self) -> PlacerStats {
+        PlacerStats {
+            pages_placed: self.placed.load(Ordering::Relaxed),
+            zero_pages_placed: self.zero_placed.load(Ordering::Relaxed),
+            already_present: self.already.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! `PostcopyRegion`: the destination's memory during post-copy — registered
+//! for missing-page faults, with its placer, its fault thread and the queue
+//! of page requests for the source.
+//!
+//! Lifecycle: `register` (discard stale pages, start the fault thread) →
+//! `place` / `place_zero` as pages arrive, `next_requests` to learn what the
+//! guest is waiting for → `close` (stop the thread, unregister). Closing
+//! wakes any thread still blocked on a missing page, which then reads that
+//! page as zeros (shmem hole / anonymous zero page): close only once every
+//! page has arrived, or when the guest is lost anyway.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::blocktime::{Blocktime, BlocktimeStats};
+use super::fault_region::{Backing, FaultRegion};
+use super::fault_thread::{FaultThread, PageRequest};
+use super::page_set::PageSet;
+use super::placer::{PlaceObserver, Placement, Placer, PlacerStats};
+use crate::error::{CoreError, CoreResult};
+
+/// How often the fault thread checks whether it should stop.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Figures of one region; names follow QEMU where it has them.
+#[derive(Clone, Debug, Default)]
+pub struct RegionStats {
+    /// `postcopy-requests`: pages asked of the source (once per page).
+    pub requests: u64,
+    /// Faults recorded (one per blocked thread and page).
+    pub faults: u64,
+    pub placer: PlacerStats,
+    pub discarded: u64,
+    pub blocktime: BlocktimeStats,
+    pub kernel_faults: bool,
+    pub thread_ids: bool,
+}
+
+struct Active {
+    region: Arc<FaultRegion>,
+    placer: Arc<Placer>,
+    fault_thread: FaultThread,
+    blocktime: Arc<Blocktime>,
+    present: Arc<PageSet>,
+    requests: Receiver<PageRequest>,
+    discarded: u64,
+}
+
+pub struct PostcopyRegion {
+    vcpus: usize,
+    observer: Option<Arc<dyn PlaceObserver>>,
+    active: Mutex<Option<Arc<Active>>>,
+    /// Figures kept after `close`.
+    last: Mutex<Option<RegionStats>>,
+}
+
+impl PostcopyRegion {
+    /// `vcpus`: the number of guest threads, for `postcopy-blocktime`
+    /// (0 if unknown). `observer` sees each placed page.
+    pub fn new(vcpus: usize, observer: Option<Arc<dyn PlaceObserver>>) -> Self {
+        PostcopyRegion {
+            vcpus,
+            observer,
+            active: Mutex::new(None),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn active(&self) -> CoreResult<Arc<Active>> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| CoreError::invalid("the post-copy region is not registered"))
+    }
+
+    /// Registers `memory` in MISSING mode, then discards the `(start_page, n)`
+    /// ranges (validated first; nothing is registered if one is bad).
+    pub fn register(&self, memory: Arc<dyn Backing>, discard: &[(u64, u64)]) -> CoreResult<()> {
+        let mut slot = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Err(CoreError::invalid(
+                "the post-copy region is already registered",
+            ));
+        }
+        let region = Arc::new(FaultRegion::register(memory)?);
+        let discarded = region.discard(discard)?;
+        let n = region.num_pages();
+        let present = Arc::new(PageSet::new(n));
+        let blocktime = Arc::new(Blocktime::new(n, self.vcpus));
+        let placer = Arc::new(Placer::new(
+            region.clone(),
+            present.clone(),
+            blocktime.clone(),
+            self.observer.clone(),
+        ));
+        // One request per page at most: the queue is bounded by the region.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let fault_thread = FaultThread::spawn(
+            region.clone(),
+            present.clone(),
+            blocktime.clone(),
+            POLL_INTERVAL,
+            move |r| {
+                let _ = tx.send(r);
+            },
+        )?;
+        *slot = Some(Arc::new(Active {
+            region,
+            placer,
+            fault_thread,
+            blocktime,
+            present,
+            requests: rx,
+            discarded,
+        }));
+        Ok(())
+    }
+
+    pub fn place(&self, page: u64, data: &[u8]) -> CoreResult<Placement> {
+        self.active()?.placer.place(page, data)
+    }
+
+    pub fn place_zero(&self, page: u64) -> CoreResult<Placement> {
+        self.active()?.placer.place_zero(page)
+    }
+
+    /// Waits up to `timeout` for the first request, then takes every request
+    /// already queued.
+    pub fn next_requests(&self, timeout: Duration) -> CoreResult<Vec<PageRequest>> {
+        let a = self.active()?;
+        let first = match a.requests.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => return Ok(vec![]),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(CoreError::invalid("the fault thread has stopped"))
+            }
+        };
+        let mut out = vec![first];
+        out.extend(a.requests.try_iter());
+        Ok(out)
+    }
+
+    /// Whether `page` was placed through this region.
+    pub fn is_placed(&self, page: u64) -> CoreResult<bool> {
+        Ok(self.active()?.present.contains(page as usize))
+    }
+
+    fn stats_of(a: &Active) -> RegionStats {
+        let c = a.fault_thread.counters();
+        RegionStats {
+            requests: c.requests.load(std::sync::atomic::Ordering::Relaxed),
+            faults: a.blocktime.stats().faults,
+            placer: a.placer.stats(),
+            discarded: a.discarded,
+            blocktime: a.blocktime.stats(),
+            kernel_faults: a.region.kernel_faults(),
+            thread_ids: a.region.thread_ids(),
+        }
+    }
+
+    pub fn stats(&self) -> RegionStats {
+        match self.active().ok() {
+            Some(a) => Self::stats_of(&a),
+            None => self
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn is_registered(&self) -> bool {
+        self.active().is_ok()
+    }
+
+    /// Stops the fault thread and unregisters the memory. Idempotent.
+    pub fn close(&self) -> CoreResult<()> {
+        let taken = self.active.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(a) = taken else { return Ok(()) };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Self::stats_of(&a));
+        // A place() running now holds its own reference; the registration
+        // ends when the last one is dropped.
+        match Arc::try_unwrap(a) {
+            Ok(mut a) => a.fault_thread.stop(),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for PostcopyRegion {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestMemory;
+    use crate::postcopy::anon_memory::AnonMemory;
+    use crate::postcopy::capability;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn available() -> bool {
+        let c = capability::capability().expect("probe");
+        if !c.cap.available {
+            eprintln!(
+                "skipping: host lacks userfaultfd MISSING mode: {}",
+                c.cap.reason
+            );
+        }
+        c.cap.available
+    }
+
+    fn page_of(fill: u8, ps: usize) -> Vec<u8> {
+        (0..ps).map(|i| fill ^ (i as u8)).collect()
+    }
+
+    /// Reads one page through the mapping (faulting if it is missing).
+    fn read_page(base: usize, page: u64, ps: usize) -> Vec<u8> {
+        let mut out = vec![0u8; ps];
+        // SAFETY: `base` is a live mapping of at least `page + 1` pages.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (base as *const u8).add(page as usize * ps),
+                out.as_mut_ptr(),
+                ps,
+            )
+        };
+        out
+    }
+
+    fn blocked_reader_gets_exactly_the_placed_bytes(backing: Arc<dyn Backing>, base: usize) {
+        let ps = crate::memory::host_page_size();
+        let r = PostcopyRegion::new(1, None);
+        r.register(backing, &[]).unwrap();
+        let reader = std::thread::spawn(move || read_page(base, 3, ps));
+        let reqs = r.next_requests(WAIT).unwrap();
+        assert_eq!(reqs.iter().map(|q| q.page).collect::<Vec<_>>(), vec![3]);
+        assert!(
+            !reader.is_finished(),
+            "the reader ran before its page arrived"
+        );
+        let data = page_of(0x5a, ps);
+        assert_eq!(r.place(3, &data).unwrap(), Placement::Placed);
+        assert_eq!(reader.join().unwrap(), data);
+        // Zero pages, and a page placed twice is a no-op.
+        assert_eq!(r.place_zero(4).unwrap(), Placement::Placed);
+        assert_eq!(read_page(base, 4, ps), vec![0u8; ps]);
+        assert_eq!(
+            r.place(3, &page_of(0x11, ps)).unwrap(),
+            Placement::AlreadyPresent
+        );
+        assert_eq!(r.place_zero(3).unwrap(), Placement::AlreadyPresent);
+        assert_eq!(read_page(base, 3, ps), data);
+        let s = r.stats();
+        assert_eq!((s.requests, s.faults), (1, 1));
+        assert_eq!(s.placer.pages_placed, 1);
+        assert_eq!(s.placer.zero_pages_placed, 1);
+        assert_eq!(s.placer.already_present, 2);
+        assert_eq!(s.blocktime.resolved, 1);
+        assert!(s.blocktime.latency_p50.is_some());
+        r.close().unwrap();
+        assert_eq!(r.stats().placer.pages_placed, 1);
+    }
+
+    #[test]
+    fn shmem_reader_blocks_until_placed() {
+        if !available() {
+            return;
+        }
+        let mem = Arc::new(GuestMemory::new(16 * crate::memory::host_page_size()).unwrap());
+        let base = mem.as_ptr() as usize;
+        blocked_reader_gets_exactly_the_placed_bytes(mem, base);
+    }
+
+    #[test]
+    fn anon_reader_blocks_until_placed() {
+        if !available() {
+            return;
+        }
+        let mem = Arc::new(AnonMemory::new(16 * crate::memory::host_page_size()).unwrap());
+        let base = mem.as_ptr() as usize;
+        blocked_reader_gets_exactly_the_placed_bytes(mem, base);
+    }
+
+    /// Records what the placer shows it, for the digest hook.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(u64, Option<Vec<u8>>)>>);
+
+    impl PlaceObserver for Seen {
+        fn placed(&self, page: u64, data: Option<&[u8]>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((page, data.map(<[u8]>::to_vec)));
+        }
+    }
+
+    #[test]
+    fn the_observer_sees_each_placed_page_once_with_its_bytes() {
+        if !available() {
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        let seen = Arc::new(Seen::default());
+        let r = PostcopyRegion::new(0, Some(seen.clone()));
+        let mem = Arc::new(GuestMemory::new(4 * ps).unwrap());
+        mem.write_bytes(3 * ps, &page_of(9, ps)).unwrap(); // held: EEXIST
+        r.register(mem, &[]).unwrap();
+        r.place(0, &page_of(1, ps)).unwrap();
+        r.place(0, &page_of(2, ps)).unwrap();
+        r.place_zero(1).unwrap();
+        r.place(3, &page_of(3, ps)).unwrap();
+        let got = seen.0.lock().unwrap().clone();
+        assert_eq!(got, vec![(0, Some(page_of(1, ps))), (1, None)]);
+    }
+
+    #[test]
+    fn discard_drops_stale_content_and_keeps_the_rest() {
+        if !available() {
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        for anon in [false, true] {
+            let (backing, base): (Arc<dyn Backing>, usize) = if anon {
+                let m = Arc::new(AnonMemory::new(8 * ps).unwrap());
+                let b = m.as_ptr() as usize;
+                (m, b)
+            } else {
+                let m = Arc::new(GuestMemory::new(8 * ps).unwrap());
+                let b = m.as_ptr() as usize;
+                (m, b)
+            };
+            for p in 0..8u64 {
+                // SAFETY: inside the 8-page mapping made above.
+                unsafe { std::ptr::write_bytes((base as *mut u8).add(p as usize * ps), 0xee, ps) };
+            }
+            let r = PostcopyRegion::new(0, None);
+            assert!(
+                r.register(backing.clone(), &[(7, 2)]).is_err(),
+                "out of range"
+            );
+            r.register(backing, &[(1, 2), (6, 1)]).unwrap();
+            assert_eq!(r.stats().discarded, 3);
+            // Kept pages read without faulting.
+            assert_eq!(read_page(base, 0, ps), vec![0xee; ps]);
+            let reader = std::thread::spawn(move || read_page(base, 2, ps));
+            let reqs = r.next_requests(WAIT).unwrap();
+            assert_eq!(reqs[0].page, 2, "anon={anon}");
+            let fresh = page_of(1, ps);
+            r.place(2, &fresh).unwrap();
+            assert_eq!(reader.join().unwrap(), fresh, "anon={anon}");
+            // A page held (never discarded) is left as it is.
+            assert_eq!(r.place(0, &fresh).unwrap(), Placement::AlreadyPresent);
+            assert_eq!(read_page(base, 0, ps), vec![0xee; ps]);
+            assert!(r.place(8, &fresh).is_err());
+            assert!(r.place(1, &fresh[1..]).is_err());
+            r.close().unwrap();
+        }
+    }
+}
