@@ -139,3 +139,42 @@ def test_link_jitter_varies_per_window_and_repeats_per_seed() -> None:
     assert steady["passes"][0]["bandwidth"] == pytest.approx(64 * MIB, rel=0.02)
     wire = a["ram"]["transferred"]
     assert a["total-time"] / 1000 == pytest.approx(wire / (64 * MIB), rel=0.15)
+
+
+def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
+    """Device precopy is loaded while the guest runs; the switchover's load
+    charges only what was sent after ``switchover``. A gpu-like device whose
+    precopy grows 16-fold keeps the same load time; a device whose state all
+    arrives at stop-copy (no precopy) pays for every byte of it."""
+    from dataclasses import replace
+
+    from mig.sim import HostModel
+
+    host = replace(HostModel(), device_load_rate=100e6)  # slow, to make the term visible
+
+    def run(device: str) -> dict:
+        q = simulate(small(workload="uniform:rate=2000", devices=(device,), host=host))
+        assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
+        return q
+
+    def expected_load_ms(q: dict) -> float:
+        stop_copy = sum(d["stop-copy-bytes"] for d in q["devices"])
+        fixed = host.load_base + 64 * MIB / host.digest_rate
+        return 1000 * (fixed + stop_copy / host.device_load_rate)
+
+    small_gpu = run("gpu:state=2MiB,rate=64KiB/s,chunk=64KiB")
+    big_gpu = run("gpu:state=32MiB,rate=64KiB/s,chunk=64KiB")
+    assert big_gpu["devices"][0]["precopy-bytes"] > 30 * MIB
+    assert big_gpu["devices"][0]["stop-copy-bytes"] < MIB
+    for q in (small_gpu, big_gpu):
+        assert q["downtime-breakdown"]["load"] == pytest.approx(expected_load_ms(q), rel=1e-6)
+    assert big_gpu["downtime-breakdown"]["load"] == pytest.approx(
+        small_gpu["downtime-breakdown"]["load"], abs=1.0
+    )
+    # No precopy: all 8 MiB arrive at stop-copy and are loaded in the downtime.
+    stopped = run("gpu:state=8MiB,rate=64KiB/s,chunk=64KiB,precopy=off")
+    assert stopped["devices"][0]["stop-copy-bytes"] >= 8 * MIB
+    assert stopped["downtime-breakdown"]["load"] == pytest.approx(
+        expected_load_ms(stopped), rel=1e-6
+    )
+    assert stopped["downtime-breakdown"]["load"] > small_gpu["downtime-breakdown"]["load"] + 80

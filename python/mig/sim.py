@@ -64,7 +64,7 @@ from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
-from mig.protocol import Failed, Message, PassAck
+from mig.protocol import Failed, Message, PassAck, Switchover, SwitchoverAbort
 from mig.reorder import DeviceRecord
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -619,7 +619,11 @@ class SimLink:
             {h.device_id: h.name for h in handlers},
             initially_loaded=[h.device_id for h in handlers if not h.device.caps & MigCap.PRE_COPY],
         )
-        self._device_bytes: dict[int, int] = {}
+        # Device bytes sent since the current switchover began: the only
+        # device state the destination loads inside the downtime. What a
+        # device sent during precopy was loaded while the guest still ran.
+        self._stop_copy_bytes: dict[int, int] = {}
+        self._in_stop_copy = False
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -687,7 +691,8 @@ class SimLink:
         produce = max(0, n - credit)
         self._credit[device_id] = max(0, credit - n)
         self._bytes += n
-        self._device_bytes[device_id] = self._device_bytes.get(device_id, 0) + n
+        if self._in_stop_copy:
+            self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
         self._charge(RECORD_HEADER + n, produce / self.host.device_rate)
 
     def sync(self, generation: int) -> None:
@@ -703,6 +708,11 @@ class SimLink:
     def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
+        if isinstance(message, Switchover):
+            self._in_stop_copy, self._stop_copy_bytes = True, {}
+        elif isinstance(message, SwitchoverAbort):
+            # The destination drops the aborted records; precopy resumes.
+            self._in_stop_copy, self._stop_copy_bytes = False, {}
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
         except MigrationEnded as e:
@@ -738,8 +748,7 @@ class SimLink:
     def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
         load = self.host.load_base + mem.size / self.host.digest_rate
-        stop_copy = sum(self._device_bytes.values())
-        load += stop_copy / self.host.device_load_rate if stop_copy else 0.0
+        load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate
         self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
