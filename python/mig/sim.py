@@ -398,10 +398,18 @@ class SimMemory:
         self._clock = clock
         self._host = host
         self.digests = 0
+        # Virtual time the switchover's digest started: a real source digests
+        # on another thread while the stop-copy state goes out, so only what
+        # is left of it when the last byte is sent lengthens the downtime.
+        self.digest_started: float | None = None
 
     def digest(self, first: int | None = None, count: int | None = None) -> int:
         pages = self.num_pages if count is None else count
-        self._clock.advance(pages * self.page_size / self._host.digest_rate)
+        cost = pages * self.page_size / self._host.digest_rate
+        if self.digest_started is not None:
+            cost = max(0.0, cost - (self._clock.now() - self.digest_started))
+            self.digest_started = None
+        self._clock.advance(cost)
         self.digests += 1
         return 0x5EED
 
@@ -710,9 +718,11 @@ class SimLink:
             raise OSError("link aborted")
         if isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
+            self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
             # The destination drops the aborted records; precopy resumes.
             self._in_stop_copy, self._stop_copy_bytes = False, {}
+            self.guest.memory.digest_started = None
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
         except MigrationEnded as e:
