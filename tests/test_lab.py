@@ -151,6 +151,13 @@ def test_earns_default_needs_the_hit_rate_few_stops_and_convergence() -> None:
     assert not lab.earns_default(table, "adaptive")[0]
     table["adaptive"].update({"sla-hit-rate": 0.5, "convergence-rate": 0.95})
     assert not lab.earns_default(table, "adaptive")[0]
+    # 0 against 0 proves nothing: no hits, or a baseline that never stopped.
+    table["adaptive"]["convergence-rate"] = 1.0
+    assert lab.earns_default(table, "adaptive")[0]
+    zero = {k: {**v, "sla-hit-rate": 0.0} for k, v in table.items()}
+    assert not lab.earns_default(zero, "adaptive")[0]
+    never_stopped = {k: {**v, "guest-stops-mean": 0.0} for k, v in table.items()}
+    assert not lab.earns_default(never_stopped, "adaptive")[0]
 
 
 def test_matrix_covers_every_device_type_and_policy_and_bounds_its_runs() -> None:

@@ -42,10 +42,14 @@ Models:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +83,9 @@ __all__ = [
     "SimMemory",
     "SimTracker",
     "WorkloadSpec",
+    "host_model_path",
+    "load_host_model",
+    "save_host_model",
     "parse_workload",
     "simulate",
 ]
@@ -352,6 +359,60 @@ def _switchover_load(
             jitters.append(source.meter.deviation / source.meter.smoothed * math.sqrt(math.pi / 2))
     jitter = float(np.median(jitters)) if jitters else 0.0
     return max(0.0, float(np.median(loads))), jitter
+
+
+HOST_MODEL_ENV = "MIG_HOST_MODEL"
+
+
+def host_model_path() -> Path:
+    """Where ``mig bench calibrate`` saves this host's model: ``$MIG_HOST_MODEL``,
+    else ``$XDG_CONFIG_HOME/mig/host-model.json`` (``~/.config`` by default)."""
+    env = os.environ.get(HOST_MODEL_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "mig" / "host-model.json"
+
+
+def save_host_model(model: HostModel, path: Path, stamp: dict[str, str]) -> None:
+    """Write ``model`` as JSON (with when and where it was measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"host-model": asdict(model), **stamp}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
+    """This host's saved model and where it came from; the shipped default
+    (``HostModel()``) when none was saved. A file that exists but is not a
+    model raises ``ValueError`` naming the file and the problem."""
+    path = path or host_model_path()
+    if not path.exists():
+        return HostModel(), f"default (no calibration at {path}; run `mig bench calibrate`)"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"host model {path}: not readable JSON ({e})") from None
+    fields = doc.get("host-model") if isinstance(doc, dict) else None
+    if not isinstance(fields, dict):
+        raise ValueError(f"host model {path}: no 'host-model' object")
+    known = {f.name for f in dataclasses.fields(HostModel)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"host model {path}: unknown fields {', '.join(unknown)}")
+    for key, value in fields.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0:
+            raise ValueError(f"host model {path}: field {key}={value!r} is not a number >= 0")
+        if value == 0 and key in _RATES:
+            raise ValueError(f"host model {path}: field {key} must be positive")
+    when = doc.get("date", "an unknown date")
+    return HostModel(**fields), f"{path} (calibrated {when})"
+
+
+# Fields the model divides by: zero is never a measurement.
+_RATES = ("digest_rate", "device_rate", "device_load_rate", "max_rate_per_vcpu")
 
 
 def _best(fn: Any, n: int) -> float:
