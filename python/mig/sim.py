@@ -273,6 +273,7 @@ class HostModel:
     digest_rate: float = 8e9  # bytes/s of GuestMemory.digest
     sync_base: float = 30e-6  # s per tracker sync
     sync_per_page: float = 0.5e-9  # s per guest page scanned by a sync
+    sync_per_dirty_page: float = 0.0  # s per dirty page harvested (and re-protected)
     pause_latency: float = 100e-6  # s until every vCPU is parked
     device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
     device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
@@ -296,17 +297,14 @@ class HostModel:
         loopback migrations of an idle guest of that size at that cap (what
         the destination does after the source's last byte: drain the
         channels, validate, resume; it grows with the host's load)."""
-        from mig._mig import DirtyTracker, GuestMemory, WorkloadGuest  # noqa: PLC0415
+        from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
         mem.array[:] = 1
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
-        tracker = DirtyTracker(mem, backend="soft")
-        tracker.sync()
-        t_small = _best(tracker.sync, 5)
-        tracker.close()
-        sync_per_page = t_small / mem.num_pages
+        sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
+        device_rate, device_load_rate = _device_rates()
         with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
             time.sleep(0.2)
             lat = []
@@ -320,13 +318,99 @@ class HostModel:
             load_base, link_jitter = _switchover_load(digest_rate, *switchover)
         return cls(
             digest_rate=digest_rate,
-            sync_base=min(t_small, 50e-6),
+            sync_base=sync_base,
             sync_per_page=sync_per_page,
+            sync_per_dirty_page=sync_per_dirty_page,
+            device_rate=device_rate,
+            device_load_rate=device_load_rate,
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
             link_jitter=link_jitter,
         )
+
+
+# Share of pages written before each timed sync: a scattered quarter of
+# memory, so the harvest walks many short runs as a busy guest's does.
+SYNC_DIRTY_STRIDE = 4
+
+
+def _tracker_costs(mem: Any) -> tuple[float, float, float]:
+    """(sync_base, sync_per_page, sync_per_dirty_page) of the tracker
+    migrations use on this host.
+
+    The userfaultfd backend (write-protect + ``PAGEMAP_SCAN``) with real
+    dirty pages: a clean sync of a tiny memory is the base, a clean sync of
+    ``mem`` the scan per page, and a sync after every
+    ``SYNC_DIRTY_STRIDE``-th page was written the harvest and re-protection
+    per dirty page. Without userfaultfd write-protect (``capabilities()
+    ["uffd"]`` names what is missing) migrations use the soft tracker, so
+    that is what is timed.
+    """
+    from mig._mig import DirtyTracker, GuestMemory, capabilities  # noqa: PLC0415
+
+    backend = "uffd" if capabilities()["uffd"]["available"] else "soft"
+    tiny = GuestMemory(16 * mem.page_size)
+    tiny.array[:] = 1
+    with DirtyTracker(tiny, backend=backend) as t:
+        t.sync()
+        base = _best(t.sync, 5)
+    tracker = DirtyTracker(mem, backend=backend)
+    pages = mem.num_pages
+    stride = mem.page_size // mem.array.itemsize * SYNC_DIRTY_STRIDE
+    try:
+        tracker.sync()
+        clean = _best(tracker.sync, 5)
+        busy = math.inf
+        for _ in range(5):
+            # The writes (and their write-protect faults) are the guest's
+            # cost: only the sync that harvests them is timed.
+            mem.array[::stride] += 1
+            t0 = time.perf_counter()
+            tracker.sync()
+            busy = min(busy, time.perf_counter() - t0)
+    finally:
+        tracker.close()
+    per_page = max(clean - base, 0.0) / pages
+    per_dirty = max(busy - clean, 0.0) / -(-pages // SYNC_DIRTY_STRIDE)
+    return base, per_page, per_dirty
+
+
+# The device the production and load rates are timed on: no precopy, so
+# all of its state goes through one stop-copy save and one resume.
+CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
+
+
+def _device_rates() -> tuple[float, float]:
+    """(device_rate, device_load_rate): bytes/s a sample device's stop-copy
+    state is read from its saving session, and written to and validated by a
+    destination device's resuming session (through the load at RESUMING ->
+    STOP), best of three."""
+    from mig.devices import MigState, create  # noqa: PLC0415
+
+    save, load = math.inf, math.inf
+    for _ in range(3):
+        src = create(CALIBRATION_DEVICE)
+        dst = create(CALIBRATION_DEVICE, active=False)
+        try:
+            src.set_state(MigState.STOP)
+            t0 = time.perf_counter()
+            stream = src.set_state(MigState.STOP_COPY)
+            chunks = []
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+            save = min(save, time.perf_counter() - t0)
+            nbytes = sum(map(len, chunks))
+            t0 = time.perf_counter()
+            resume = dst.set_state(MigState.RESUMING)
+            for chunk in chunks:
+                resume.write(chunk)
+            dst.set_state(MigState.STOP)
+            load = min(load, time.perf_counter() - t0)
+        finally:
+            src.close()
+            dst.close()
+    return nbytes / save, nbytes / load
 
 
 def _switchover_load(
@@ -507,6 +591,7 @@ class SimTracker:
         self._bm = DirtyBitmap(memory.num_pages)
         self._clock = clock
         self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
+        self._per_dirty = host.sync_per_dirty_page * memory.granularity
         self.last_sync_seconds = 0.0
         self.syncs = 0
         self.guest: SimGuest | None = None
@@ -521,12 +606,14 @@ class SimTracker:
         return self._bm.count()
 
     def sync(self) -> DirtyBitmap:
-        self._clock.advance(self._cost)
-        self.last_sync_seconds = self._cost
-        self.syncs += 1
         if self.guest is not None:
             self.guest.flush()
-        return self._bm.take()
+        dirty = self._bm.take()
+        cost = self._cost + self._per_dirty * dirty.count()
+        self._clock.advance(cost)
+        self.last_sync_seconds = cost
+        self.syncs += 1
+        return dirty
 
     def close(self) -> None:
         pass
