@@ -126,6 +126,7 @@ def test_the_default_policy_earns_its_place_on_the_quick_sim_set() -> None:
     table = lab.policy_table(lab.run_sweep(configs))
     ok, why = lab.earns_default(table, DEFAULT_POLICY)
     assert ok, why
+    assert lab.choose_default(table) == DEFAULT_POLICY, table
     # Among the policies with the same hit rate, the default converges most
     # often and stops the guest least.
     me = table[DEFAULT_POLICY]
@@ -158,6 +159,24 @@ def test_earns_default_needs_the_hit_rate_few_stops_and_convergence() -> None:
     assert not lab.earns_default(zero, "adaptive")[0]
     never_stopped = {k: {**v, "guest-stops-mean": 0.0} for k, v in table.items()}
     assert not lab.earns_default(never_stopped, "adaptive")[0]
+
+
+def test_choose_default_takes_the_best_qualifying_policy() -> None:
+    row = {"sla-hit-rate": 0.5, "guest-stops-mean": 0.3, "convergence-rate": 1.0}
+    table = {
+        "stop-exact-resume": {**row, "guest-stops-mean": 0.9, "convergence-rate": 0.9},
+        "cached-exact": {**row, "sla-hit-rate": 0.6, "convergence-rate": 0.95},  # never converges
+        "adaptive": dict(row),
+        "exact-running": {**row, "guest-stops-mean": 0.1},
+    }
+    assert lab.choose_default(table) == "exact-running"  # same hits, fewer stops
+    table["adaptive"]["sla-hit-rate"] = 0.55
+    assert lab.choose_default(table) == "adaptive"  # more hits
+    table["cached-exact"]["convergence-rate"] = 1.0
+    assert lab.choose_default(table) == "cached-exact"  # now it qualifies
+    for t in table.values():
+        t["sla-hit-rate"] = 0.0
+    assert lab.choose_default(table) is None
 
 
 def test_matrix_covers_every_device_type_and_policy_and_bounds_its_runs() -> None:
@@ -205,3 +224,21 @@ def test_kernel_bench_summary_reads_both_report_styles() -> None:
     assert [r["ok"] for r in rows] == [True, False]
     assert rows[0]["to-limit"] == pytest.approx(10 / 12)
     assert "1 of 2 targets met" in summary_markdown(rows)
+
+
+def test_bench_policies_without_the_lab_extras_exits_2_naming_the_install(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
+    """Checked before any work: one line naming ``pip install '.[lab]'``."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    monkeypatch.setattr(lab, "bench_policies", lambda args: pytest.fail("ran without the extras"))
+    assert lab.main(["policies", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mig bench policies needs matplotlib: pip install '.[lab]'"]

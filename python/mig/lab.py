@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -34,9 +35,11 @@ __all__ = [
     "ValidationCase",
     "compare",
     "bound_failures",
+    "choose_default",
     "error_summary",
     "live_cases",
     "main",
+    "missing_lab_extras",
     "matrix",
     "run_real",
     "run_sweep",
@@ -523,6 +526,16 @@ def earns_default(table: dict[str, dict[str, float]], policy: str) -> tuple[bool
     return hit_ok and stops_ok and conv_ok, why
 
 
+def choose_default(table: dict[str, dict[str, float]]) -> str | None:
+    """The default policy by the rule docs/lab.md writes down: of the policies
+    that ``earns_default``, the highest SLA hit rate, then the fewest guest
+    stops, then the name; None if none qualifies."""
+    ok = [p for p in table if earns_default(table, p)[0]]
+    if not ok:
+        return None
+    return min(ok, key=lambda p: (-table[p]["sla-hit-rate"], table[p]["guest-stops-mean"], p))
+
+
 def _fmt(x: float, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -814,6 +827,22 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def missing_lab_extras(dask: bool) -> list[str]:
+    """The optional packages ``mig bench policies`` needs that are not installed,
+    checked before any work (the plots come last)."""
+    import importlib.util  # noqa: PLC0415
+
+    wanted = ["matplotlib"] + (["dask.distributed"] if dask else [])
+    return [m for m in wanted if _find_spec(importlib.util, m) is None]
+
+
+def _find_spec(util: Any, name: str) -> Any:
+    try:
+        return util.find_spec(name)
+    except ModuleNotFoundError:  # a missing parent package
+        return None
+
+
 def calibrate_command(out: Path | None) -> int:
     """``mig bench calibrate``: measure this host's model and save it for ``--simulate``."""
     from mig.sim import host_model_path, save_host_model  # noqa: PLC0415
@@ -870,6 +899,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mig bench ...``: returns the exit status."""
     args = parser().parse_args(argv)
     if args.what == "policies":
+        missing = missing_lab_extras(dask=bool(args.dask))
+        if missing:
+            print(
+                f"mig bench policies needs {', '.join(missing)}: pip install '.[lab]'",
+                file=sys.stderr,
+            )
+            return 2
         results = bench_policies(args)
         rows = results["validation"]
         print(f"wrote {args.out}/results.json, report.md ({len(results['runs'])} runs)")
