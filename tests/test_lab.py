@@ -14,16 +14,17 @@ from mig.sim import HostModel, SimConfig
 
 
 def test_the_live_sample_predicts_real_runs_within_the_bounds() -> None:
-    """Three configurations, each migrated three times for real over loopback
-    and simulated three times with this host's calibrated model; the medians
+    """Three configurations, each migrated ``LIVE_REPEATS`` times for real over
+    loopback and simulated as often with this host's calibrated model; the medians
     must agree on total time, downtime, bytes and passes (``lab.bound_failures``:
     15 % median, 30 % max beyond each metric's slack). Any change to the engine
     or the simulator that moves one side away from the other fails here."""
     host = HostModel.calibrate(lab.LIVE_MEMORY, switchover=(lab.LIVE_MEMORY, lab.LIVE_BANDWIDTH))
     cases = lab.live_cases(host)
     assert len(cases) >= 3
-    reals, sims, rows = lab.run_validation(cases, repeats=3)
-    assert len(reals) == len(sims) == 3 * len(cases)
+    reals, sims, rows = lab.run_validation(cases, repeats=lab.LIVE_REPEATS)
+    assert lab.LIVE_REPEATS >= 3
+    assert len(reals) == len(sims) == lab.LIVE_REPEATS * len(cases)
     for q in reals:
         assert q["status"] == "completed", q.get("error-desc")
         assert q["digest-match"] and q["devices-match"], q["config"]["label"]
