@@ -35,9 +35,13 @@ Models:
   Control messages take half a round trip each way; the switchover takes
   two (``complete``/``ready``, then ``go``/``resumed``).
 * Host costs (``HostModel``): memory digest rate (the switchover digests all
-  of RAM on both sides), tracker sync cost, vCPU stop latency and the rate
-  at which device state is produced and loaded. ``HostModel.calibrate()``
-  measures them on this host.
+  of RAM on both sides; the source's digest overlaps its stop-copy sends, as
+  a real source digests on another thread), tracker sync cost (a base, a
+  scan per guest page, a harvest per dirty page), vCPU stop latency and the
+  rate at which device state is produced and loaded (only the stop-copy
+  bytes, sent after ``switchover``, are loaded inside the downtime).
+  ``HostModel.calibrate()`` measures them on this host;
+  ``save_host_model``/``load_host_model`` keep them for ``--simulate``.
 """
 
 from __future__ import annotations
@@ -290,7 +294,10 @@ class HostModel:
     def calibrate(
         cls, size: int = 64 << 20, switchover: tuple[int, float] | None = None
     ) -> HostModel:
-        """Measure the costs on this host (about a second).
+        """Measure the costs on this host (a few seconds): the digest rate,
+        the tracker migrations use on real dirty pages (``_tracker_costs``),
+        a sample device's stop-copy save and load rates (``_device_rates``),
+        vCPU stop latency and the guest's maximum write rate.
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``:
         the destination's switchover time beyond its digest, from three real
