@@ -271,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
         "downtime) or off",
     )
     m.add_argument(
+        "--simulate",
+        action="store_true",
+        help="predict the migration in virtual time instead of running it "
+        "(this host's model from `mig bench calibrate`, or the shipped default)",
+    )
+    m.add_argument(
+        "--host-model",
+        metavar="FILE",
+        default=None,
+        help="host model for --simulate (default: $MIG_HOST_MODEL or "
+        "~/.config/mig/host-model.json)",
+    )
+    m.add_argument(
         "--no-verify",
         dest="end_to_end",
         action="store_false",
@@ -631,7 +644,8 @@ def _finish_source(
     if args.json:
         _stdout_json(q)
     else:
-        Console().print(summary_table(q))
+        title = "simulated migration summary" if q.get("simulated") else "migration summary"
+        Console().print(summary_table(q, title=title))
     if interrupted:
         return EXIT_INTERRUPTED
     if status != "completed":
@@ -649,12 +663,45 @@ def _failed(reason: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- commands
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    """``--simulate``: the same options, run in virtual time; the same summary or JSON."""
+    from pathlib import Path
+
+    from mig.predict import predict, sim_config
+
+    if args.image:
+        raise UsageError("--image", "--simulate models a built-in guest: give --size instead")
+    size = args.size if args.size is not None else parse_size(DEFAULT_SIZE)
+    try:
+        config, origin = sim_config(
+            _params(args),
+            size=size,
+            workload=args.workload,
+            vcpus=args.vcpus,
+            devices=args.devices,
+            host_model=Path(args.host_model) if args.host_model else None,
+        )
+        q = predict(config, origin)
+    except ValueError as e:
+        raise UsageError("--simulate", str(e)) from None
+    print(f"mig: simulated, not run; host model: {origin}", file=sys.stderr)
+    if "assumed-link" in q["sim"]:
+        print(
+            f"mig: no --max-bandwidth: assumed a {format_size(int(q['sim']['assumed-link']))}/s "
+            "link",
+            file=sys.stderr,
+        )
+    return _finish_source(args, q, False, console)
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     if args.timeout is None:
         # A demo always ends: when the downtime limit cannot be met (the
         # summary says why), it switches over anyway and shows what it cost.
         args.timeout = DEMO_TIMEOUT
         args.timeout_action = args.timeout_action or "force"
+    if args.simulate:
+        return cmd_simulate(args, console)
     g = _Guest(args)
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -769,6 +816,8 @@ def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str
 
 
 def cmd_send(args: argparse.Namespace, console: Console) -> int:
+    if args.simulate:
+        return cmd_simulate(args, console)
     if args.qmp:
         from mig.cli_qmp import send_qmp
 

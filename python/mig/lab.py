@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mig.device_handler import DeviceHandler
 from mig.policies import policy_names
 from mig.sim import HostModel, LinkModel, SimConfig, simulate
 from mig.units import parse_size
@@ -34,7 +35,10 @@ __all__ = [
     "METRICS",
     "ValidationCase",
     "compare",
+    "bound_failures",
+    "choose_default",
     "error_summary",
+    "live_cases",
     "main",
     "matrix",
     "run_real",
@@ -181,6 +185,47 @@ def validation_cases(host: HostModel | None = None) -> list[ValidationCase]:
     return out
 
 
+# The live sample CI runs (``tests/test_lab.py``): small guests at a capped
+# bandwidth, so three configurations × three runs per side take well under a
+# minute on two shared cores, with a device of each way of sizing state.
+LIVE_MEMORY = 64 * MIB
+# Runs per side and case: a real downtime varies widely from run to run on a
+# loaded host (see SLACK), and a median of five is steadier than one of three.
+LIVE_REPEATS = 5
+LIVE_BANDWIDTH = 64 * MIB
+LIVE_ROWS = (
+    # (workload, policy, devices)
+    ("uniform:rate=4000", "exact-running", ("nic:state=4MiB,rate=1MiB/s",)),
+    ("hotset:rate=20000,wss=32MiB", "adaptive", ("opaque:state=4MiB,rate=1MiB/s",)),
+    ("sequential:rate=4000,wss=16MiB", "stop-exact-resume", ("fixed",)),
+)
+
+
+def live_cases(host: HostModel | None = None) -> list[ValidationCase]:
+    """The live validation sample: each case run for real and simulated."""
+    out = []
+    for i, (workload, pol, devs) in enumerate(LIVE_ROWS):
+        cfg = SimConfig(
+            memory=LIVE_MEMORY,
+            workload=workload,
+            vcpus=1,
+            devices=devs,
+            policy=pol,
+            params={
+                "max_bandwidth": LIVE_BANDWIDTH,
+                "downtime_limit": 300,
+                "multifd_channels": 2,
+                "timeout": 60.0,
+            },
+            link=LinkModel(rtt=100e-6),
+            host=host or HostModel(),
+            seed=i + 1,
+            label=f"live{i + 1}",
+        )
+        out.append(ValidationCase(f"live{i + 1}", cfg))
+    return out
+
+
 def run_real(cfg: SimConfig) -> dict[str, Any]:
     """Run ``cfg`` for real: a ``WorkloadGuest`` migrated over loopback TCP."""
     from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
@@ -196,21 +241,41 @@ def run_real(cfg: SimConfig) -> dict[str, Any]:
     sdevs = create_all(specs, src) if specs else []
     ddevs = create_all(specs, dst, active=False) if specs else []
     try:
-        dest = MigrationDestination("tcp:127.0.0.1:0", dst, ddevs)
+        loaders = [_DigestOnResume(d, device_id=i) for i, d in enumerate(ddevs, start=1)]
+        dest = MigrationDestination("tcp:127.0.0.1:0", dst, loaders)
         source = MigrationSource(guest, sdevs, uri=dest.uri, policy=cfg.policy, **cfg.params)
         dest.start()
         source.start()
         q = source.wait(float(cfg.params.get("timeout", 60)) + 60)
-        dest.wait(60)
+        d = dest.wait(60)
+        # The stopped source against what the destination loaded, before
+        # anything ran there (a running device changes its state, a DMA
+        # device the memory).
+        memory_match = d.get("memory-digest") == format(src.digest(), "032x")
+        devices_match = all(
+            s.state_digest() == h.loaded_digest for s, h in zip(sdevs, loaders, strict=True)
+        )
     finally:
         guest.close()
         for d in sdevs + ddevs:
             d.close()
     q["devices"] = [{**d, "type": dev.model} for d, dev in zip(q["devices"], sdevs, strict=True)]
-    q["digest-match"] = q["status"] == "completed" and src.digest() == dst.digest()
+    # Memory and every device's state equal on both sides, byte for byte.
+    q["digest-match"] = q["status"] == "completed" and memory_match
+    q["devices-match"] = q["status"] == "completed" and devices_match
     q["config"] = cfg.to_dict()
     q["workload"] = cfg.workload
     return q
+
+
+class _DigestOnResume(DeviceHandler):
+    """A destination device handler that digests the loaded state before it runs."""
+
+    loaded_digest: int | None = None
+
+    def load_resume(self) -> None:
+        self.loaded_digest = self.device.state_digest()
+        super().load_resume()
 
 
 def _metric(q: dict[str, Any], key: str) -> float:
@@ -247,12 +312,50 @@ def compare(
         "sim-status": ",".join(sorted({q["status"] for q in sims})),
     }
     for m in METRICS:
-        r = statistics.median(_metric(q, m) for q in reals)
-        s = statistics.median(_metric(q, m) for q in sims)
+        values = [_metric(q, m) for q in reals]
+        simulated = [_metric(q, m) for q in sims]
+        r = statistics.median(values)
+        s = statistics.median(simulated)
         row[f"real-{m}"] = r
         row[f"sim-{m}"] = s
-        row[f"{m}-error"] = abs(s - r) / r if r else (0.0 if s == 0 else 1.0)
+        # A real value of 0 measured nothing: no error can be small against it.
+        row[f"{m}-error"] = abs(s - r) / r if r > 0 else math.inf
+        slack = max(SLACK.get(m, 0.0), _mad(values) + _mad(simulated))
+        row[f"{m}-slack"] = slack
+        row[f"{m}-excess"] = max(0.0, abs(s - r) - slack) / r if r > 0 else math.inf
     return row
+
+
+def _mad(xs: Sequence[float]) -> float:
+    """Median absolute deviation from the median: how far one median of a few
+    runs may sit from the value more runs would give."""
+    mid = statistics.median(xs)
+    return statistics.median(abs(x - mid) for x in xs)
+
+
+# What a validation row may miss by before its relative error counts
+# (``*-excess``), in the metric's unit: the spread of the runs themselves
+# (median absolute deviation of the real runs plus that of the simulated
+# ones), and at least these floors. Downtime: a migration switches over once
+# what is left fits the limit, and what is left at that moment lies anywhere
+# below it, so one run's downtime varies widely from the next (on a loaded
+# two-core host by more than 100 ms for a 300 ms limit); a median of three
+# runs is only known to within that spread. Passes: a count; one pass more
+# or less is the sync that lands either side of the threshold.
+SLACK = {"downtime": 20.0, "passes": 1.0}
+MEDIAN_BOUND, MAX_BOUND = 0.15, 0.30
+
+
+def bound_failures(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every metric whose median ``*-excess`` over the rows is above
+    ``MEDIAN_BOUND`` or whose largest is above ``MAX_BOUND``; empty if none."""
+    out = []
+    for m in METRICS:
+        excess = [r[f"{m}-excess"] for r in rows]
+        med, worst = statistics.median(excess), max(excess)
+        if med > MEDIAN_BOUND or worst > MAX_BOUND:
+            out.append(f"{m}: median excess {med:.1%}, max {worst:.1%}")
+    return out
 
 
 def error_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -260,7 +363,17 @@ def error_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]
     out = {}
     for m in METRICS:
         errs = [r[f"{m}-error"] for r in rows]
-        out[m] = {"median": statistics.median(errs), "max": max(errs)} if errs else {}
+        excess = [r.get(f"{m}-excess", e) for r, e in zip(rows, errs, strict=True)]
+        out[m] = (
+            {
+                "median": statistics.median(errs),
+                "max": max(errs),
+                "median-excess": statistics.median(excess),
+                "max-excess": max(excess),
+            }
+            if errs
+            else {}
+        )
     return out
 
 
@@ -394,8 +507,13 @@ def earns_default(table: dict[str, dict[str, float]], policy: str) -> tuple[bool
     leave migrations running forever, the best convergence rate (ties allowed)."""
     me = table[policy]
     ser = table.get("stop-exact-resume")
-    hit_ok = ser is None or me["sla-hit-rate"] >= ser["sla-hit-rate"]
-    stops_ok = ser is None or me["guest-stops-mean"] <= STOP_SHARE * ser["guest-stops-mean"]
+    # Runs that never hit the SLA, or in which stopping for the exact size
+    # never stopped the guest, compare nothing: 0 against 0 is not a pass.
+    hit_ok = me["sla-hit-rate"] > 0 and (ser is None or me["sla-hit-rate"] >= ser["sla-hit-rate"])
+    stops_ok = ser is None or (
+        ser["guest-stops-mean"] > 0
+        and me["guest-stops-mean"] <= STOP_SHARE * ser["guest-stops-mean"]
+    )
     best_conv = max(t.get("convergence-rate", 1.0) for t in table.values())
     conv_ok = me.get("convergence-rate", 1.0) >= best_conv
     best_hit = max(t["sla-hit-rate"] for t in table.values())
@@ -409,6 +527,16 @@ def earns_default(table: dict[str, dict[str, float]], policy: str) -> tuple[bool
         f" (best {best_conv:.0%})"
     )
     return hit_ok and stops_ok and conv_ok, why
+
+
+def choose_default(table: dict[str, dict[str, float]]) -> str | None:
+    """The default policy by the rule docs/lab.md writes down: of the policies
+    that ``earns_default``, the highest SLA hit rate, then the fewest guest
+    stops, then the name; None if none qualifies."""
+    ok = [p for p in table if earns_default(table, p)[0]]
+    if not ok:
+        return None
+    return min(ok, key=lambda p: (-table[p]["sla-hit-rate"], table[p]["guest-stops-mean"], p))
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -510,9 +638,16 @@ def validation_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{r['real-transferred'] / MIB:.0f} / {r['sim-transferred'] / MIB:.0f} | "
             f"{r['real-passes']:.0f} / {r['sim-passes']:.0f}"
         )
-    lines += ["", "metric | median error | max error", "---|---|---"]
+    lines += [
+        "",
+        "metric | median error | max error | median beyond slack | max beyond slack",
+        "---|---|---|---|---",
+    ]
     for m, s in error_summary(rows).items():
-        lines.append(f"{m} | {s['median']:.1%} | {s['max']:.1%}")
+        lines.append(
+            f"{m} | {s['median']:.1%} | {s['max']:.1%} | {s['median-excess']:.1%} | "
+            f"{s['max-excess']:.1%}"
+        )
     return lines
 
 
@@ -617,6 +752,27 @@ def _strip(q: dict[str, Any]) -> dict[str, Any]:
     return q
 
 
+def stamp() -> dict[str, str]:
+    """The commit the results describe (``-dirty`` if the tree had changes) and the date."""
+    import datetime  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *argv], capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"commit": commit, "date": now}
+
+
 def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import Progress  # noqa: PLC0415
 
@@ -626,13 +782,14 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
     host = HostModel()
     if args.calibrate:
         # The switchover latency measured at the validation's size and a typical cap.
-        host = HostModel.calibrate(switchover=(VALIDATION_MEMORY, 96 * MIB))
+        size, cap = (LIVE_MEMORY, LIVE_BANDWIDTH) if args.live else (VALIDATION_MEMORY, 96 * MIB)
+        host = HostModel.calibrate(switchover=(size, cap))
     runs: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
-    cases = validation_cases(host)
-    if args.quick:
+    cases = live_cases(host) if args.live else validation_cases(host)
+    if args.quick and not args.live:
         cases = cases[: args.validation or 4]
-    elif args.validation:
+    elif args.validation and not args.live:
         cases = cases[: args.validation]
     configs = [c.with_(host=host) for c in matrix(args.quick)] if not args.real else []
     with Progress() as bar:
@@ -657,6 +814,7 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": time.monotonic() - t0,
             "load-average": os.getloadavg(),
             "host": host.__dict__ if hasattr(host, "__dict__") else {},
+            **stamp(),
         }
         results = {"meta": meta, "runs": runs, "validation": validation}
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -670,6 +828,20 @@ def bench_policies(args: argparse.Namespace) -> dict[str, Any]:
             write_plots(out, runs)
         bar.advance(wtask)
     return results
+
+
+def calibrate_command(out: Path | None) -> int:
+    """``mig bench calibrate``: measure this host's model and save it for ``--simulate``."""
+    from mig.sim import host_model_path, save_host_model  # noqa: PLC0415
+
+    path = out or host_model_path()
+    print("measuring this host (digest, tracker, vCPU stops, devices, 3 loopback migrations)")
+    model = HostModel.calibrate(switchover=(LIVE_MEMORY, LIVE_BANDWIDTH))
+    save_host_model(model, path, stamp())
+    for key, value in model.__dict__.items():
+        print(f"  {key} = {value:.4g}")
+    print(f"saved {path}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -688,9 +860,21 @@ def parser() -> argparse.ArgumentParser:
     )
     pol.add_argument("--calibrate", action="store_true", help="measure host costs first")
     pol.add_argument(
+        "--live",
+        action="store_true",
+        help="validate on the live sample CI runs (3 small configurations) instead",
+    )
+    pol.add_argument(
         "--save-validation",
         metavar="PATH",
-        help="also write the validation rows to PATH (tests/data/lab_validation.json)",
+        help="also write the validation rows, stamped with the commit and date, to PATH "
+        "(tests/data/lab_validation.json)",
+    )
+    cal = sub.add_parser("calibrate", help="measure this host's costs for --simulate and save them")
+    cal.add_argument(
+        "--out",
+        default=None,
+        help="where to save the model (default: $MIG_HOST_MODEL or ~/.config/mig/host-model.json)",
     )
     kern = sub.add_parser("kernels", help="run benches/ and summarise ratios to their limits")
     kern.add_argument("--out", default="bench-out", help="output directory")
@@ -732,8 +916,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}/results.json, report.md ({len(results['runs'])} runs)")
         if rows:
             for m, s in error_summary(rows).items():
-                print(f"  {m}: median error {s['median']:.1%}, max {s['max']:.1%}")
+                print(
+                    f"  {m}: median error {s['median']:.1%}, max {s['max']:.1%}; beyond the "
+                    f"slack {s['median-excess']:.1%}, max {s['max-excess']:.1%}"
+                )
+            failures = bound_failures(rows)
+            for f in failures:
+                print(f"  out of bounds ({MEDIAN_BOUND:.0%} median, {MAX_BOUND:.0%} max): {f}")
+            return 1 if failures else 0
         return 0
+    if args.what == "calibrate":
+        return calibrate_command(Path(args.out) if args.out else None)
     from mig.benchrun import run_benches  # noqa: PLC0415
 
     return run_benches(Path(args.out), args.pytest_args)

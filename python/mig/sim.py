@@ -36,19 +36,28 @@ Models:
   Control messages take half a round trip each way; the switchover takes
   two (``complete``/``ready``, then ``go``/``resumed``).
 * Host costs (``HostModel``): memory digest rate (with ``verify`` strict the
-  switchover digests all of RAM on both sides; otherwise the source digests
-  after the destination resumed, and the destination's root before ``ready``
-  rehashes only the stale bytes, the final dirty set), tracker sync cost,
-  vCPU stop latency and the rate at which device state is produced and
-  loaded. ``HostModel.calibrate()`` measures them on this host.
+  switchover digests all of RAM on both sides, the source's digest
+  overlapping its stop-copy sends as a real source digests on another
+  thread; otherwise the source digests after the destination resumed, and
+  the destination's root before ``ready`` rehashes only the stale bytes, the
+  final dirty set), tracker sync cost (a base, a scan per guest page, a
+  harvest per dirty page), vCPU stop latency and the rate at which device
+  state is produced and loaded (only the stop-copy bytes, sent after
+  ``switchover``, are loaded inside the downtime). ``HostModel.calibrate()``
+  measures them on this host; ``save_host_model``/``load_host_model`` keep
+  them for ``--simulate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,7 +76,7 @@ from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
-from mig.protocol import Failed, Message, PassAck, Switchover
+from mig.protocol import Failed, Message, PassAck, Switchover, SwitchoverAbort
 from mig.reorder import DeviceRecord
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -82,6 +91,9 @@ __all__ = [
     "SimMemory",
     "SimTracker",
     "WorkloadSpec",
+    "host_model_path",
+    "load_host_model",
+    "save_host_model",
     "parse_workload",
     "simulate",
 ]
@@ -269,6 +281,7 @@ class HostModel:
     digest_rate: float = 8e9  # bytes/s of GuestMemory.digest
     sync_base: float = 30e-6  # s per tracker sync
     sync_per_page: float = 0.5e-9  # s per guest page scanned by a sync
+    sync_per_dirty_page: float = 0.0  # s per dirty page harvested (and re-protected)
     pause_latency: float = 100e-6  # s until every vCPU is parked
     device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
     device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
@@ -285,24 +298,24 @@ class HostModel:
     def calibrate(
         cls, size: int = 64 << 20, switchover: tuple[int, float] | None = None
     ) -> HostModel:
-        """Measure the costs on this host (about a second).
+        """Measure the costs on this host (a few seconds): the digest rate,
+        the tracker migrations use on real dirty pages (``_tracker_costs``),
+        a sample device's stop-copy save and load rates (``_device_rates``),
+        vCPU stop latency and the guest's maximum write rate.
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``:
         the destination's switchover time beyond its digest, from three real
         loopback migrations of an idle guest of that size at that cap (what
         the destination does after the source's last byte: drain the
         channels, validate, resume; it grows with the host's load)."""
-        from mig._mig import DirtyTracker, GuestMemory, WorkloadGuest  # noqa: PLC0415
+        from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
         mem.array[:] = 1
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
-        tracker = DirtyTracker(mem, backend="soft")
-        tracker.sync()
-        t_small = _best(tracker.sync, 5)
-        tracker.close()
-        sync_per_page = t_small / mem.num_pages
+        sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
+        device_rate, device_load_rate = _device_rates()
         with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
             time.sleep(0.2)
             lat = []
@@ -316,13 +329,99 @@ class HostModel:
             load_base, link_jitter = _switchover_load(digest_rate, *switchover)
         return cls(
             digest_rate=digest_rate,
-            sync_base=min(t_small, 50e-6),
+            sync_base=sync_base,
             sync_per_page=sync_per_page,
+            sync_per_dirty_page=sync_per_dirty_page,
+            device_rate=device_rate,
+            device_load_rate=device_load_rate,
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
             link_jitter=link_jitter,
         )
+
+
+# Share of pages written before each timed sync: a scattered quarter of
+# memory, so the harvest walks many short runs as a busy guest's does.
+SYNC_DIRTY_STRIDE = 4
+
+
+def _tracker_costs(mem: Any) -> tuple[float, float, float]:
+    """(sync_base, sync_per_page, sync_per_dirty_page) of the tracker
+    migrations use on this host.
+
+    The userfaultfd backend (write-protect + ``PAGEMAP_SCAN``) with real
+    dirty pages: a clean sync of a tiny memory is the base, a clean sync of
+    ``mem`` the scan per page, and a sync after every
+    ``SYNC_DIRTY_STRIDE``-th page was written the harvest and re-protection
+    per dirty page. Without userfaultfd write-protect (``capabilities()
+    ["uffd"]`` names what is missing) migrations use the soft tracker, so
+    that is what is timed.
+    """
+    from mig._mig import DirtyTracker, GuestMemory, capabilities  # noqa: PLC0415
+
+    backend = "uffd" if capabilities()["uffd"]["available"] else "soft"
+    tiny = GuestMemory(16 * mem.page_size)
+    tiny.array[:] = 1
+    with DirtyTracker(tiny, backend=backend) as t:
+        t.sync()
+        base = _best(t.sync, 5)
+    tracker = DirtyTracker(mem, backend=backend)
+    pages = mem.num_pages
+    stride = mem.page_size // mem.array.itemsize * SYNC_DIRTY_STRIDE
+    try:
+        tracker.sync()
+        clean = _best(tracker.sync, 5)
+        busy = math.inf
+        for _ in range(5):
+            # The writes (and their write-protect faults) are the guest's
+            # cost: only the sync that harvests them is timed.
+            mem.array[::stride] += 1
+            t0 = time.perf_counter()
+            tracker.sync()
+            busy = min(busy, time.perf_counter() - t0)
+    finally:
+        tracker.close()
+    per_page = max(clean - base, 0.0) / pages
+    per_dirty = max(busy - clean, 0.0) / -(-pages // SYNC_DIRTY_STRIDE)
+    return base, per_page, per_dirty
+
+
+# The device the production and load rates are timed on: no precopy, so
+# all of its state goes through one stop-copy save and one resume.
+CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
+
+
+def _device_rates() -> tuple[float, float]:
+    """(device_rate, device_load_rate): bytes/s a sample device's stop-copy
+    state is read from its saving session, and written to and validated by a
+    destination device's resuming session (through the load at RESUMING ->
+    STOP), best of three."""
+    from mig.devices import MigState, create  # noqa: PLC0415
+
+    save, load = math.inf, math.inf
+    for _ in range(3):
+        src = create(CALIBRATION_DEVICE)
+        dst = create(CALIBRATION_DEVICE, active=False)
+        try:
+            src.set_state(MigState.STOP)
+            t0 = time.perf_counter()
+            stream = src.set_state(MigState.STOP_COPY)
+            chunks = []
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+            save = min(save, time.perf_counter() - t0)
+            nbytes = sum(map(len, chunks))
+            t0 = time.perf_counter()
+            resume = dst.set_state(MigState.RESUMING)
+            for chunk in chunks:
+                resume.write(chunk)
+            dst.set_state(MigState.STOP)
+            load = min(load, time.perf_counter() - t0)
+        finally:
+            src.close()
+            dst.close()
+    return nbytes / save, nbytes / load
 
 
 def _switchover_load(
@@ -356,6 +455,60 @@ def _switchover_load(
             jitters.append(source.meter.deviation / source.meter.smoothed * math.sqrt(math.pi / 2))
     jitter = float(np.median(jitters)) if jitters else 0.0
     return max(0.0, float(np.median(loads))), jitter
+
+
+HOST_MODEL_ENV = "MIG_HOST_MODEL"
+
+
+def host_model_path() -> Path:
+    """Where ``mig bench calibrate`` saves this host's model: ``$MIG_HOST_MODEL``,
+    else ``$XDG_CONFIG_HOME/mig/host-model.json`` (``~/.config`` by default)."""
+    env = os.environ.get(HOST_MODEL_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "mig" / "host-model.json"
+
+
+def save_host_model(model: HostModel, path: Path, stamp: dict[str, str]) -> None:
+    """Write ``model`` as JSON (with when and where it was measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"host-model": asdict(model), **stamp}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
+    """This host's saved model and where it came from; the shipped default
+    (``HostModel()``) when none was saved. A file that exists but is not a
+    model raises ``ValueError`` naming the file and the problem."""
+    path = path or host_model_path()
+    if not path.exists():
+        return HostModel(), f"default (no calibration at {path}; run `mig bench calibrate`)"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"host model {path}: not readable JSON ({e})") from None
+    fields = doc.get("host-model") if isinstance(doc, dict) else None
+    if not isinstance(fields, dict):
+        raise ValueError(f"host model {path}: no 'host-model' object")
+    known = {f.name for f in dataclasses.fields(HostModel)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"host model {path}: unknown fields {', '.join(unknown)}")
+    for key, value in fields.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0:
+            raise ValueError(f"host model {path}: field {key}={value!r} is not a number >= 0")
+        if value == 0 and key in _RATES:
+            raise ValueError(f"host model {path}: field {key} must be positive")
+    when = doc.get("date", "an unknown date")
+    return HostModel(**fields), f"{path} (calibrated {when})"
+
+
+# Fields the model divides by: zero is never a measurement.
+_RATES = ("digest_rate", "device_rate", "device_load_rate", "max_rate_per_vcpu")
 
 
 def _best(fn: Any, n: int) -> float:
@@ -402,6 +555,10 @@ class SimMemory:
         self._clock = clock
         self._host = host
         self.digests = 0
+        # Virtual time the switchover's digest started: a real source digests
+        # on another thread while the stop-copy state goes out, so only what
+        # is left of it when the last byte is sent lengthens the downtime.
+        self.digest_started: float | None = None
 
     ROOT = 0x5EED  # the model's memory holds no bytes: every exact copy has this root
 
@@ -409,7 +566,11 @@ class SimMemory:
         self, first: int | None = None, count: int | None = None, threads: int | None = None
     ) -> int:
         pages = self.num_pages if count is None else count
-        self._clock.advance(pages * self.page_size / self._host.digest_rate)
+        cost = pages * self.page_size / self._host.digest_rate
+        if self.digest_started is not None:
+            cost = max(0.0, cost - (self._clock.now() - self.digest_started))
+            self.digest_started = None
+        self._clock.advance(cost)
         self.digests += 1
         return self.ROOT
 
@@ -446,6 +607,7 @@ class SimTracker:
         self._bm = DirtyBitmap(memory.num_pages)
         self._clock = clock
         self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
+        self._per_dirty = host.sync_per_dirty_page * memory.granularity
         self.last_sync_seconds = 0.0
         self.syncs = 0
         self.guest: SimGuest | None = None
@@ -460,12 +622,14 @@ class SimTracker:
         return self._bm.count()
 
     def sync(self) -> DirtyBitmap:
-        self._clock.advance(self._cost)
-        self.last_sync_seconds = self._cost
-        self.syncs += 1
         if self.guest is not None:
             self.guest.flush()
-        return self._bm.take()
+        dirty = self._bm.take()
+        cost = self._cost + self._per_dirty * dirty.count()
+        self._clock.advance(cost)
+        self.last_sync_seconds = cost
+        self.syncs += 1
+        return dirty
 
     def close(self) -> None:
         pass
@@ -627,7 +791,11 @@ class SimLink:
             {h.device_id: h.name for h in handlers},
             initially_loaded=[h.device_id for h in handlers if not h.device.caps & MigCap.PRE_COPY],
         )
-        self._device_bytes: dict[int, int] = {}
+        # Device bytes sent since the current switchover began: the only
+        # device state the destination loads inside the downtime. What a
+        # device sent during precopy was loaded while the guest still ran.
+        self._stop_copy_bytes: dict[int, int] = {}
+        self._in_stop_copy = False
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -697,7 +865,8 @@ class SimLink:
         produce = max(0, n - credit)
         self._credit[device_id] = max(0, credit - n)
         self._bytes += n
-        self._device_bytes[device_id] = self._device_bytes.get(device_id, 0) + n
+        if self._in_stop_copy:
+            self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
         self._charge(RECORD_HEADER + n, produce / self.host.device_rate)
 
     def sync(self, generation: int) -> None:
@@ -715,6 +884,13 @@ class SimLink:
             raise OSError("link aborted")
         if isinstance(message, Switchover):
             self._stale_bytes = 0
+            self._in_stop_copy, self._stop_copy_bytes = True, {}
+            if self.destination.verify_mode == "strict":
+                self.guest.memory.digest_started = self.clock.now()
+        elif isinstance(message, SwitchoverAbort):
+            # The destination drops the aborted records; precopy resumes.
+            self._in_stop_copy, self._stop_copy_bytes = False, {}
+            self.guest.memory.digest_started = None
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
         except MigrationEnded as e:
@@ -755,8 +931,7 @@ class SimLink:
         root_bytes = mem.size if strict else self._stale_bytes
         digest_seconds = root_bytes / self.host.digest_rate
         load = self.host.load_base + digest_seconds
-        stop_copy = sum(self._device_bytes.values())
-        load += stop_copy / self.host.device_load_rate if stop_copy else 0.0
+        load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate
         self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the

@@ -1,0 +1,69 @@
+"""``mig demo --simulate`` / ``mig send --simulate``: a migration predicted before it runs.
+
+The command line's guest, devices and migration parameters become a
+``SimConfig``; ``mig.sim.simulate`` runs the real loop, policies and device
+handlers on it in virtual time, with this host's model (``mig bench
+calibrate``) or, until the host is calibrated, the shipped default. The result
+is the ``query()`` a real run returns, plus ``"simulated": true`` and the model
+it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mig.policies import DEFAULT_POLICY
+from mig.sim import LinkModel, SimConfig, load_host_model, simulate
+
+__all__ = ["UNCAPPED_LINK", "VIRTUAL_TIMEOUT", "predict", "sim_config"]
+
+# Without --max-bandwidth the network is unknown: the prediction assumes a
+# 10 Gbit/s link and says so.
+UNCAPPED_LINK = 10e9 / 8
+# Virtual seconds a prediction without --timeout may run: a migration that
+# never converges is reported as cancelled here instead of running forever.
+VIRTUAL_TIMEOUT = 600.0
+
+
+def sim_config(
+    params: dict[str, Any],
+    *,
+    size: int,
+    workload: str,
+    vcpus: int,
+    devices: str,
+    host_model: Path | None = None,
+) -> tuple[SimConfig, str]:
+    """The simulated twin of a command line, and the host model's origin."""
+    host, origin = load_host_model(host_model)
+    params = dict(params)
+    if params.get("compression", "none") != "none":
+        raise ValueError("--simulate does not model compression: leave out --compress")
+    policy = params.pop("policy", DEFAULT_POLICY)
+    if not params.get("timeout"):
+        params["timeout"] = VIRTUAL_TIMEOUT
+        params["timeout_action"] = "cancel"
+    link = LinkModel(bottleneck=0.0 if params.get("max_bandwidth") else UNCAPPED_LINK)
+    config = SimConfig(
+        memory=size,
+        workload=workload,
+        vcpus=vcpus,
+        devices=() if devices == "none" else (devices,),
+        policy=policy,
+        params=params,
+        link=link,
+        host=host,
+        label="simulate",
+    )
+    return config, origin
+
+
+def predict(config: SimConfig, origin: str) -> dict[str, Any]:
+    """Run ``config`` in virtual time: ``query()`` with ``simulated`` and ``host-model``."""
+    q = simulate(config)
+    q["simulated"] = True
+    q["host-model"] = {"source": origin, **q["config"]["host"]}
+    if not config.params.get("max_bandwidth"):
+        q["sim"]["assumed-link"] = UNCAPPED_LINK
+    return q

@@ -1,0 +1,105 @@
+"""``mig demo --simulate`` / ``mig send --simulate`` and ``mig bench calibrate``'s model file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mig.cli import EXIT_OK, EXIT_USAGE, main
+from mig.sim import HostModel, load_host_model, save_host_model
+
+SMALL = ["--size", "64MiB", "--workload", "uniform:rate=2000", "--max-bandwidth", "64MiB/s",
+         "--devices", "nic:state=2MiB,rate=1MiB/s", "--downtime-limit", "300ms"]  # fmt: skip
+
+
+@pytest.fixture
+def model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "host-model.json"
+    monkeypatch.setenv("MIG_HOST_MODEL", str(path))
+    return path
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, json.loads(out) if out.strip() else {}, err
+
+
+def test_demo_simulate_json_predicts_a_completed_migration(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, q, err = run_json(capsys, "demo", "--simulate", "--json", *SMALL)
+    assert status == EXIT_OK, err
+    assert q["status"] == "completed" and q["simulated"] is True and q["verified"]
+    # One pass of 64 MiB at 64 MiB/s and a little more: about a second.
+    assert 1000 <= q["total-time"] <= 3000
+    assert 0 < q["downtime"] <= 300
+    assert q["ram"]["transferred"] >= 64 << 20 and len(q["passes"]) >= 1
+    assert [d["type"] for d in q["devices"]] == ["nic"]
+    assert q["devices"][0]["precopy-bytes"] > 0
+    # Not calibrated: the shipped default, and the output says so.
+    assert q["host-model"]["source"].startswith("default")
+    assert "host model: default" in err and "mig bench calibrate" in err
+
+
+def test_send_simulate_uses_the_calibrated_model(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slow = HostModel(digest_rate=0.5e9)  # a slow digest: a visibly longer downtime
+    save_host_model(slow, model_file, {"commit": "x", "date": "2026-01-01T00:00:00Z"})
+    argv = ["send", "--connect", "tcp:192.0.2.1:1", "--simulate", "--json", *SMALL]
+    status, q, err = run_json(capsys, *argv)
+    assert status == EXIT_OK, err
+    assert q["simulated"] and q["status"] == "completed"
+    assert q["host-model"]["source"].startswith(str(model_file))
+    assert q["host-model"]["digest_rate"] == 0.5e9
+    model_file.unlink()
+    _, fast, _ = run_json(capsys, *argv)
+    # The destination digests all 64 MiB in the downtime: 128 ms at 0.5 GB/s.
+    slower = q["downtime-breakdown"]["load"] - fast["downtime-breakdown"]["load"]
+    assert slower == pytest.approx(1000 * (64 << 20) * (1 / 0.5e9 - 1 / 8e9), rel=0.05)
+
+
+def test_simulate_prints_the_same_summary(model_file: Path, capsys) -> None:
+    assert main(["demo", "--simulate", *SMALL]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert "simulated migration summary" in out and "downtime" in out
+    assert "simulated, not run" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not readable JSON"),
+        ('{"digest_rate": 1}', "no 'host-model' object"),
+        ('{"host-model": {"digest_rate": -1}}', "digest_rate=-1"),
+        ('{"host-model": {"digest_rate": 0}}', "digest_rate must be positive"),
+        ('{"host-model": {"bogus": 1}}', "unknown fields bogus"),
+        ('{"host-model": {"sync_base": "fast"}}', "sync_base='fast'"),
+    ],
+)
+def test_a_bad_host_model_file_is_a_clear_usage_error(
+    model_file: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    model_file.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_host_model(model_file)
+    status, q, err = run_json(capsys, "demo", "--simulate", "--json", *SMALL)
+    assert status == EXIT_USAGE and q == {}
+    assert str(model_file) in err and message.split("=")[0] in err
+    assert "Traceback" not in err
+
+
+def test_simulate_refuses_what_it_does_not_model(model_file: Path, capsys) -> None:
+    assert main(["demo", "--simulate", "--compress", "zstd", *SMALL]) == EXIT_USAGE
+    assert "compression" in capsys.readouterr().err
+
+
+def test_a_saved_model_round_trips(tmp_path: Path) -> None:
+    model = HostModel(digest_rate=3e9, sync_per_page=2.3e-9, link_jitter=0.1)
+    path = tmp_path / "deep" / "m.json"
+    save_host_model(model, path, {"commit": "abc", "date": "2026-11-30T00:00:00Z"})
+    loaded, origin = load_host_model(path)
+    assert loaded == model and "2026-11-30" in origin
