@@ -532,8 +532,11 @@ impl ChunkDigest {
         claimed
     }
 
-    /// Stores the hashes of chunks claimed by `claim_settled`, except those
-    /// `root` took over meanwhile. Returns how many were stored.
+    /// Stores the hashes of chunks claimed in flight, except those another
+    /// hasher finished first (`root` taking them over, or the receive path
+    /// and the rehasher hashing one chunk at once). A hash not stored may be
+    /// the newer one, so its chunk is marked stale again: some later hash
+    /// (or `root`) covers it. Returns how many were stored.
     fn store_in_flight(&self, claimed: &[usize], hashes: Vec<u128>) -> usize {
         let mut t = lock(&self.table);
         let mut stored = 0;
@@ -543,6 +546,8 @@ impl ChunkDigest {
                 t.in_flight[w] &= !bit;
                 t.replace(c, h);
                 stored += 1;
+            } else {
+                self.stale[w].fetch_or(bit, Ordering::Release);
             }
         }
         stored
