@@ -37,15 +37,12 @@ from mig.destination_core import (
 from mig.errors import MigrationEnded
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
-from mig.protocol import VERIFY_MODES, Failed, PassAck, SwitchoverAck
-from mig.stats import digest_cost
+from mig.pass_ack_timings import PassAckTimings
+from mig.protocol import VERIFY_MODES, Failed, SwitchoverAck
 
 __all__ = ["MigrationDestination"]
 
 _POLL = 0.05
-# Seconds between timings of our whole digest: seldom, as one that is still
-# running when a switchover starts adds to its downtime.
-_DIGEST_TIMING_EVERY = 3.0
 
 
 class MigrationDestination:
@@ -127,13 +124,8 @@ class MigrationDestination:
         self.error: str | None = None
         self._huge_bytes: int | None = None
         self._cancel: str | None = None
-        self._digest_timer: threading.Thread | None = None
-        self._digest_seconds: float | None = None
-        self._digest_timed_at = 0.0
-        self._busy = 0.0
+        self.timings = PassAckTimings(memory, self.clock)
         self._rehashed: int | None = None  # chunks still stale when the root was taken
-        self._drain_target: tuple[int, float] | None = None
-        self._drain: float | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -254,8 +246,9 @@ class MigrationDestination:
             if core.phase in (DestinationPhase.ACTIVE, DestinationPhase.SWITCHOVER):
                 t_work = self.clock.now()
                 self._take_records(ep)
-                self._busy = max(self._busy, self.clock.now() - t_work)
-            self._check_drained(ep)
+                self.timings.busy(self.clock.now() - t_work)
+            syncs = ep.stats().get("syncs")
+            self.timings.channels_hold(None if syncs is None else int(syncs))
             if self._cancel is not None:
                 raise MigrationEnded("cancelled", self._cancel)
             message = ep.recv(_POLL)
@@ -320,84 +313,21 @@ class MigrationDestination:
             case Load(record=r):
                 self.handlers[r.device].load_state(r.seq, r.data, r.final)
             case AnswerPass(number=number, generation=generation):
-                if self._drain_target is None:
-                    self._drain_target = (generation * self.core.channels, self.clock.now())
-                ep.send(self._pass_ack(number))
+                self.timings.pass_announced(generation * self.core.channels)
+                ep.send(self.timings.answer(number, strict=self.core.verify_mode == "strict"))
                 faults.point("dest.pass", number=self.core.passes)
             case EnterSwitchover():
-                self._finish_digest_timing()
+                self.timings.settle()
                 faults.point("dest.switchover")
             case FinishStopCopy():
                 self._finish_stop_copy(ep)
             case Resume():
                 self._resume(ep)
 
-    # ------------------------------------------------------- load estimate
-    def _finish_digest_timing(self) -> None:
-        """A switchover started: let a digest being timed end before ours runs."""
-        if self._digest_timer is not None:
-            self._digest_timer.join()
-            self._digest_timer = None
-
-    def _check_drained(self, ep: Endpoint) -> None:
-        """Time from a ``pass`` to our channels holding every sync it follows.
-
-        That lag is how long the channels trail the control channel: after
-        ``complete`` the end records wait behind it the same way.
-        """
-        if self._drain_target is None:
-            return
-        target, since = self._drain_target
-        syncs = ep.stats().get("syncs")
-        if syncs is None:
-            self._drain_target = None  # an endpoint without the counter
-        elif int(syncs) >= target:
-            lag = self.clock.now() - since
-            self._drain = lag if self._drain is None else max(self._drain, lag)
-            self._drain_target = None
-
-    def _pass_ack(self, number: int) -> PassAck:
-        """Answer a pass: how long our loop was busy away from the control
-        channel since the last answer (a ``complete`` may wait that long), and
-        a new timing of our whole digest when one is ready.
-
-        The digest check runs between ``complete`` and resume and its cost
-        grows as pages land, so the source learns it from here, measured on
-        this host under its current load. It is timed in the background, at
-        most every ``_DIGEST_TIMING_EVERY`` seconds.
-        """
-        drain, self._drain = self._drain, None
-        busy, self._busy = self._busy, 0.0
-        digest = None
-        timer = self._digest_timer
-        if timer is not None and not timer.is_alive():
-            timer.join()
-            self._digest_timer = None
-            digest = self._digest_seconds
-        now = self.clock.now()
-        # Only strict digests all memory before resuming; otherwise the root
-        # rehashes stale chunks and a whole timing would only steal CPU.
-        strict = self.core.verify_mode == "strict"
-        if (
-            strict
-            and self._digest_timer is None
-            and now - self._digest_timed_at >= _DIGEST_TIMING_EVERY
-        ):
-            self._digest_timed_at = now
-
-            def measure() -> None:
-                self._digest_seconds = digest_cost(self.memory)
-
-            self._digest_timer = threading.Thread(
-                target=measure, name="mig-digest-cost", daemon=True
-            )
-            self._digest_timer.start()
-        return PassAck(number, busy, drain, digest)
-
     # ---------------------------------------------------------- switchover
     def _finish_stop_copy(self, ep: Endpoint) -> None:
         """``complete`` arrived: the last records, every load, the digest, ``ready``."""
-        self._finish_digest_timing()
+        self.timings.settle()
         strict = self.core.verify_mode == "strict"
         end = ep.wait_end(self.idle_timeout, verify=strict)
         faults.point("dest.stop-copy")
