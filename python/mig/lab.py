@@ -880,12 +880,17 @@ def parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("kernels", help="run benches/ and summarise ratios to their limits")
     kern.add_argument("--out", default="bench-out", help="output directory")
     kern.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
-    user = sub.add_parser(
-        "user-path",
-        help="mig demo on 1-4 GiB images against iperf3 (benches/transfer_user_path.py)",
-    )
-    user.add_argument("bench_args", nargs=argparse.REMAINDER, help="--quick, --sizes, ...")
+    for name, (script, what) in USER_PATH_BENCHES.items():
+        user = sub.add_parser(name, help=f"{what} (benches/{script})")
+        user.add_argument("bench_args", nargs=argparse.REMAINDER, help="--quick, --sizes, ...")
     return p
+
+
+# `mig bench NAME`: benchmarks of the path users run, as scripts in benches/.
+USER_PATH_BENCHES = {
+    "user-path": ("transfer_user_path.py", "mig demo on 1-4 GiB images against iperf3"),
+    "downtime-scale": ("downtime_scale.py", "downtime against guest size through mig demo"),
+}
 
 
 def missing_lab_dependencies(args: argparse.Namespace) -> list[str]:
@@ -935,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return calibrate_command(Path(args.out) if args.out else None)
     from mig.benchrun import find_benches, run_benches  # noqa: PLC0415
 
-    if args.what == "user-path":
-        script = find_benches() / "transfer_user_path.py"
+    if args.what in USER_PATH_BENCHES:
+        script = find_benches() / USER_PATH_BENCHES[args.what][0]
         return subprocess.call([sys.executable, str(script), *args.bench_args])
     return run_benches(Path(args.out), args.pytest_args)

@@ -1,0 +1,216 @@
+"""Downtime against guest size, through the path users run.
+
+Each case is one ``mig demo --image IMG --workload W --devices none
+--channels 2 --downtime-limit 300ms --json`` (a source and a destination
+process over loopback TCP, the default policy and verification mode), on
+raw images that are half random pages and half zero pages, with the
+workloads ``idle`` and ``hotset:rate=20000``; and a sparse 8 GiB guest (no
+image: memory never written is sent as zero pages without being read)
+under ``hotset:rate=20000``. Three runs each by default.
+
+Reported per case: downtime median and max, the median of every
+``downtime-breakdown`` term, predicted (``predicted-downtime``) against
+measured downtime run by run, total time, and whether every run ended
+``verified``. The verdicts of the switchover targets follow: every run
+verified and within 300 ms; idle medians within 30 ms; the hotset median at
+4 GiB within 1.5x the one at 1 GiB; predicted within 25 % or 20 ms of
+measured in 90 % of runs.
+
+Results go to ``benches/results/downtime_scale-<commit>.json``.
+
+    python benches/downtime_scale.py               # 1, 2, 4 GiB and 8 GiB sparse, 3 runs
+    python benches/downtime_scale.py --quick       # 1 and 2 GiB, 2 runs
+    mig bench downtime-scale [--quick] [...]       # the same, from an installed mig
+
+Both processes share the host's cores: on a 2-core machine the destination
+loads and resumes while the source still runs, so downtime here includes
+that contention. Absolute figures are this host's; compare runs of the same
+sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this directory is on sys.path.
+from transfer_user_path import GIB, commit, make_image
+
+HERE = Path(__file__).resolve().parent
+LIMIT_MS = 300.0
+IDLE_TARGET_MS = 30.0
+GROWTH_TARGET = 1.5
+PREDICTION_BOUND = (0.25, 20.0)  # relative, or absolute ms
+PREDICTION_SHARE = 0.9
+WORKLOADS = ("idle", "hotset:rate=20000")
+
+
+def run_case(mig: list[str], size: int, image: Path | None, workload: str,
+             extra: list[str], timeout: float) -> dict[str, Any]:  # fmt: skip
+    """One migration; returns the figures this benchmark reads."""
+    source = ["--image", str(image)] if image is not None else ["--size", f"{size >> 20}MiB"]
+    cmd = [
+        *mig, "demo", *source, "--workload", workload, "--devices", "none",
+        "--channels", "2", "--downtime-limit", f"{LIMIT_MS:g}ms", "--json",
+        "--timeout", f"{timeout:g}s", "--timeout-action", "cancel", *extra,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 180)
+    wall = time.perf_counter() - t0
+    try:
+        q = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"mig demo failed ({out.returncode}): {out.stderr[-2000:]}") from None
+    if q.get("status") != "completed":
+        raise RuntimeError(f"mig demo ended {q.get('status')}: {q.get('error-desc')}")
+    return {
+        "downtime": float(q["downtime"]),
+        "predicted": q.get("predicted-downtime"),
+        "breakdown": q.get("downtime-breakdown", {}),
+        "total": float(q["total-time"]),
+        "wall": wall,
+        "verified": bool(q.get("verified")),
+        "verify": q.get("verify"),
+        "verify-time": q.get("verify-time"),
+        "end-to-end-check": q.get("end-to-end-check"),
+        "passes": q.get("ram", {}).get("dirty-sync-count"),
+        "exit": out.returncode,
+    }
+
+
+def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    med = statistics.median
+    down = [r["downtime"] for r in runs]
+    terms = sorted({k for r in runs for k in r["breakdown"]})
+    return {
+        "case": name,
+        "runs": len(runs),
+        "downtime-median": med(down),
+        "downtime-max": max(down),
+        "total-median": med(r["total"] for r in runs),
+        "breakdown-median": {k: med(r["breakdown"].get(k, 0.0) for r in runs) for k in terms},
+        "predicted": [r["predicted"] for r in runs],
+        "measured": down,
+        "all-verified": all(r["verified"] for r in runs),
+    }
+
+
+def within_prediction(predicted: float | None, measured: float) -> bool:
+    if predicted is None:
+        return False
+    rel, absolute = PREDICTION_BOUND
+    return abs(predicted - measured) <= max(rel * measured, absolute)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    by_case = {r["case"]: r for r in rows}
+    runs = [(p, m) for r in rows for p, m in zip(r["predicted"], r["measured"], strict=True)]
+    out = {
+        "every run verified": all(r["all-verified"] for r in rows),
+        f"every downtime <= {LIMIT_MS:g} ms": all(r["downtime-max"] <= LIMIT_MS for r in rows),
+        f"idle medians <= {IDLE_TARGET_MS:g} ms": all(
+            r["downtime-median"] <= IDLE_TARGET_MS for r in rows if r["case"].endswith(" idle")
+        ),
+        f"predicted within 25 % or 20 ms in >= {PREDICTION_SHARE:.0%} of runs": (
+            sum(within_prediction(p, m) for p, m in runs) >= PREDICTION_SHARE * len(runs)
+        ),
+    }
+    small, large = by_case.get("1 GiB hotset"), by_case.get("4 GiB hotset")
+    if small and large:
+        growth = large["downtime-median"] / small["downtime-median"]
+        out[f"hotset 4 GiB / 1 GiB median <= {GROWTH_TARGET} (is {growth:.2f})"] = (
+            growth <= GROWTH_TARGET
+        )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    terms = sorted({k for r in rows for k in r["breakdown-median"]})
+    head = ["case", "downtime median", "max", "predicted / measured", "total", *terms]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        pairs = ", ".join(
+            f"{p:.0f}/{m:.0f}" if p is not None else f"-/{m:.0f}"
+            for p, m in zip(r["predicted"], r["measured"], strict=True)
+        )
+        cells = [
+            r["case"], f"{r['downtime-median']:.0f} ms", f"{r['downtime-max']:.0f} ms", pairs,
+            f"{r['total-median'] / 1000:.1f} s",
+            *(f"{r['breakdown-median'].get(k, 0.0):.1f}" for k in terms),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="downtime_scale", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 2 GiB, no sparse guest, 2 runs")
+    ap.add_argument("--sizes", default="1,2,4", help="image sizes in GiB (default 1,2,4)")
+    ap.add_argument("--sparse", default="8", help="sparse guest size in GiB, 0 for none")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--verify", default=None, help="pass --verify MODE to mig demo")
+    ap.add_argument("--image-dir", default=tempfile.gettempdir(), help="where images are kept")
+    ap.add_argument("--out", default=str(HERE / "results"), help="result directory")
+    ap.add_argument("--timeout", type=float, default=180.0, help="per migration, seconds")
+    args = ap.parse_args(argv)
+    sizes = [1, 2] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sparse = 0 if args.quick else int(args.sparse)
+    runs = 2 if args.quick else args.runs
+    mig_exe = shutil.which("mig")
+    mig = [mig_exe] if mig_exe else [sys.executable, "-m", "mig.cli"]
+    extra = ["--verify", args.verify] if args.verify else []
+    cases: list[tuple[str, int, Path | None, str]] = []
+    for gib in sizes:
+        image = Path(args.image_dir) / f"mig-half-random-{gib << 10}MiB.raw"
+        make_image(image, gib * GIB)
+        for w in WORKLOADS:
+            cases.append((f"{gib} GiB {w.split(':')[0]}", gib * GIB, image, w))
+    if sparse:
+        cases.append((f"{sparse} GiB sparse hotset", sparse * GIB, None, WORKLOADS[1]))
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in cases}
+    for rnd in range(runs):
+        for name, size, image, workload in cases:  # interleaved: each case sees every load
+            r = run_case(mig, size, image, workload, extra, args.timeout)
+            results[name].append(r)
+            predicted = r["predicted"] or 0
+            print(
+                f"run {rnd + 1}: {name}: downtime {r['downtime']:.0f} ms "
+                f"(predicted {predicted:.0f}), verified {r['verified']}",
+                flush=True,
+            )
+    rows = [summarise(name, results[name]) for name, *_ in cases]
+    verdict = verdicts(rows)
+    sha = commit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"downtime_scale-{sha}.json"
+    path.write_text(json.dumps({
+        "benchmark": "downtime_scale",
+        "commit": sha,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load-average-at-end": os.getloadavg(),
+        "command": "mig demo --image IMG --workload W --devices none --channels 2 "
+                   "--downtime-limit 300ms --json" + (f" --verify {args.verify}" if extra else ""),
+        "rows": rows,
+        "verdicts": verdict,
+        "raw": results,
+    }, indent=2) + "\n")  # fmt: skip
+    print(markdown(rows))
+    for what, ok in verdict.items():
+        print(f"{'met' if ok else 'NOT MET'}: {what}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
