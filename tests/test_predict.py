@@ -49,7 +49,8 @@ def test_send_simulate_uses_the_calibrated_model(
 ) -> None:
     slow = HostModel(digest_rate=0.5e9)  # a slow digest: a visibly longer downtime
     save_host_model(slow, model_file, {"commit": "x", "date": "2026-01-01T00:00:00Z"})
-    argv = ["send", "--connect", "tcp:192.0.2.1:1", "--simulate", "--json", *SMALL]
+    argv = ["send", "--connect", "tcp:192.0.2.1:1", "--simulate", "--json", "--verify", "strict"]
+    argv += SMALL
     status, q, err = run_json(capsys, *argv)
     assert status == EXIT_OK, err
     assert q["simulated"] and q["status"] == "completed"
@@ -57,8 +58,9 @@ def test_send_simulate_uses_the_calibrated_model(
     assert q["host-model"]["digest_rate"] == 0.5e9
     model_file.unlink()
     _, fast, _ = run_json(capsys, *argv)
-    # The destination digests all 64 MiB in the downtime: 128 ms at 0.5 GB/s.
-    slower = q["downtime-breakdown"]["load"] - fast["downtime-breakdown"]["load"]
+    # With verify strict the destination digests all 64 MiB in the downtime:
+    # 128 ms at 0.5 GB/s.
+    slower = q["downtime-breakdown"]["dest-digest"] - fast["downtime-breakdown"]["dest-digest"]
     assert slower == pytest.approx(1000 * (64 << 20) * (1 / 0.5e9 - 1 / 8e9), rel=0.05)
 
 
