@@ -16,6 +16,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -693,6 +695,11 @@ def parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("kernels", help="run benches/ and summarise ratios to their limits")
     kern.add_argument("--out", default="bench-out", help="output directory")
     kern.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
+    user = sub.add_parser(
+        "user-path",
+        help="mig demo on 1-4 GiB images against iperf3 (benches/transfer_user_path.py)",
+    )
+    user.add_argument("bench_args", nargs=argparse.REMAINDER, help="--quick, --sizes, ...")
     return p
 
 
@@ -707,6 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m, s in error_summary(rows).items():
                 print(f"  {m}: median error {s['median']:.1%}, max {s['max']:.1%}")
         return 0
-    from mig.benchrun import run_benches  # noqa: PLC0415
+    from mig.benchrun import find_benches, run_benches  # noqa: PLC0415
 
+    if args.what == "user-path":
+        script = find_benches() / "transfer_user_path.py"
+        return subprocess.call([sys.executable, str(script), *args.bench_args])
     return run_benches(Path(args.out), args.pytest_args)
