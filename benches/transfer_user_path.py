@@ -42,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+# Run as a script, this directory is on sys.path.
+from bench_transfer import iperf3_seconds
+
 HERE = Path(__file__).resolve().parent
 GIB = 1 << 30
 PAGE = 4096
@@ -84,36 +87,6 @@ def make_image(path: Path, size: int, seed: int = 1) -> None:
             )
             f.write(block.tobytes())
     tmp.rename(path)
-
-
-def iperf3_seconds(iperf3: str, nbytes: int) -> float:
-    """Receiver-side seconds for ``nbytes`` over loopback, one stream."""
-    with tempfile.TemporaryDirectory() as d:
-        import socket  # noqa: PLC0415
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            [iperf3, "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT, cwd=d,
-        )  # fmt: skip
-        try:
-            out = None
-            for _ in range(100):
-                out = subprocess.run(
-                    [iperf3, "-c", "127.0.0.1", "-p", str(port), "-n", str(nbytes), "-J"],
-                    capture_output=True, text=True,
-                )  # fmt: skip
-                result = json.loads(out.stdout) if out.stdout.strip() else {}
-                received = result.get("end", {}).get("sum_received")
-                if out.returncode == 0 and received:
-                    return float(received["seconds"])
-                time.sleep(0.1)  # server not listening yet
-            raise RuntimeError(f"iperf3 client failed: {out.stdout[-500:] if out else ''}")
-        finally:
-            server.kill()
-            server.wait()
 
 
 def mig_demo(mig: list[str], image: Path, channels: int, timeout: float) -> dict[str, Any]:
