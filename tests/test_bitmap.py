@@ -1,5 +1,10 @@
 """DirtyBitmap: scans and set operations against plain numpy/Python models."""
 
+import sys
+import threading
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -111,3 +116,84 @@ def test_large_outputs_reuse_freed_arrays_without_stale_data() -> None:
     view = got[:10].copy()
     del runs
     assert np.array_equal(got[:10], view)
+
+
+GIL_PAGES = 1 << 26
+
+
+def _gil_ops() -> dict[str, Callable[[], object]]:
+    """Every O(n) method, each on 2^26-page bitmaps."""
+    rng = np.random.default_rng(9)
+    a = mig.DirtyBitmap.from_indices(
+        np.unique(rng.integers(0, GIL_PAGES, 1 << 18, dtype=np.uint64)), GIL_PAGES
+    )
+    b = mig.DirtyBitmap.full(GIL_PAGES)
+    words = b.to_numpy()
+    idx = np.arange(0, GIL_PAGES, 64, dtype=np.uint64)
+
+    def ior() -> None:
+        c = a.copy()
+        c |= b
+
+    def and_not() -> None:
+        a.copy().and_not(b)
+
+    return {
+        "|=": ior,
+        "|": lambda: a | b,
+        "and_not": and_not,
+        "copy": a.copy,
+        "take": lambda: b.copy().take(),
+        "test_and_clear": lambda: b.copy().test_and_clear(0, GIL_PAGES),
+        "from_indices": lambda: mig.DirtyBitmap.from_indices(idx, GIL_PAGES),
+        "from_numpy": lambda: mig.DirtyBitmap.from_numpy(words, GIL_PAGES),
+        "to_numpy": b.to_numpy,
+        "==": lambda: a == b,
+        "set_range": lambda: mig.DirtyBitmap(GIL_PAGES).set_range(1, GIL_PAGES - 2),
+    }
+
+
+def _ticks_during(op: Callable[[], object], seconds: float = 0.25) -> int:
+    """How often another Python thread ran while this one called ``op`` in a loop.
+
+    The switch interval is raised so that the interpreter never takes the
+    GIL from this thread by itself: the ticker only runs while ``op``
+    releases it.
+    """
+    ticks = 0
+    stop = threading.Event()
+
+    def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.0001)
+
+    old = sys.getswitchinterval()
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        time.sleep(0.01)
+        sys.setswitchinterval(30.0)
+        before = ticks
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            op()
+        during = ticks - before
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+        t.join()
+    return during
+
+
+def test_the_gil_test_sees_an_operation_that_holds_the_gil() -> None:
+    # The control: an O(1) method holds the GIL, so nothing else runs.
+    bm = mig.DirtyBitmap(GIL_PAGES)
+    assert _ticks_during(lambda: bm.get(5)) == 0
+
+
+@pytest.mark.parametrize("name", list(_gil_ops()))
+def test_o_n_bitmap_methods_release_the_gil(name: str) -> None:
+    op = _gil_ops()[name]
+    assert _ticks_during(op) >= 3, f"{name} held the GIL for its whole 2^26-page run"

@@ -51,6 +51,63 @@ pub struct PyDirtyBitmap {
     pub inner: Arc<Mutex<DirtyBitmap>>,
 }
 
+type Shared = Arc<Mutex<DirtyBitmap>>;
+
+fn lock(m: &Mutex<DirtyBitmap>) -> MutexGuard<'_, DirtyBitmap> {
+    // A panic while holding the lock cannot leave the words half-written
+    // in a way that breaks invariants, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f(a, b)` with both bitmaps locked. Two distinct bitmaps are locked
+/// in address order, so `a |= b` and `b |= a` in two threads cannot
+/// deadlock; `a |= a` works on a copy of `a`.
+fn with_pair<R>(a: &Shared, b: &Shared, f: impl FnOnce(&mut DirtyBitmap, &DirtyBitmap) -> R) -> R {
+    if Arc::ptr_eq(a, b) {
+        let mut g = lock(a);
+        let copy = g.clone();
+        return f(&mut g, &copy);
+    }
+    if Arc::as_ptr(a) < Arc::as_ptr(b) {
+        let mut ga = lock(a);
+        let gb = lock(b);
+        f(&mut ga, &gb)
+    } else {
+        let gb = lock(b);
+        let mut ga = lock(a);
+        f(&mut ga, &gb)
+    }
+}
+
+/// A numpy array's words, readable from a thread without the GIL.
+struct RawWords {
+    ptr: *const u64,
+    len: usize,
+}
+
+// SAFETY: only read inside `detach` while the caller keeps the array (and its
+// readonly borrow) alive on its stack.
+unsafe impl Send for RawWords {}
+
+impl RawWords {
+    fn of(array: &PyReadonlyArray1<'_, u64>) -> PyResult<Self> {
+        let s = array.as_slice()?;
+        Ok(RawWords {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        })
+    }
+
+    /// # Safety
+    /// The array `of` was called on is alive and not resized for `'a`.
+    unsafe fn slice<'a>(&self) -> &'a [u64] {
+        // SAFETY: per the contract above; a Python thread writing the array
+        // meanwhile only changes which values are read (as with any buffer
+        // handed to native code without the GIL).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
 impl PyDirtyBitmap {
     pub fn wrap(bm: DirtyBitmap) -> Self {
         PyDirtyBitmap {
@@ -59,47 +116,77 @@ impl PyDirtyBitmap {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, DirtyBitmap> {
-        // A panic while holding the lock cannot leave the words half-written
-        // in a way that breaks invariants, so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
-    /// A consistent copy of `other`, taken before locking `self`, so that
-    /// `a |= a` cannot deadlock.
-    fn snapshot(other: &Bound<'_, PyDirtyBitmap>) -> DirtyBitmap {
-        other.get().lock().clone()
+    /// Runs `f` on the locked bitmap with the GIL released (every O(n)
+    /// method goes through here, so other Python threads keep running).
+    fn detached<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut DirtyBitmap) -> R + Send) -> R {
+        let inner = self.inner.clone();
+        py.detach(move || f(&mut lock(&inner)))
+    }
+
+    /// Like `detached`, with `other` locked too (see `with_pair`).
+    fn detached_pair<R: Send>(
+        &self,
+        py: Python<'_>,
+        other: &Bound<'_, PyDirtyBitmap>,
+        f: impl FnOnce(&mut DirtyBitmap, &DirtyBitmap) -> R + Send,
+    ) -> R {
+        let (a, b) = (self.inner.clone(), other.get().inner.clone());
+        py.detach(move || with_pair(&a, &b, f))
     }
 }
 
 #[pymethods]
 impl PyDirtyBitmap {
     #[new]
-    fn new(num_pages: usize) -> Self {
-        Self::wrap(DirtyBitmap::new(num_pages))
+    fn new(py: Python<'_>, num_pages: usize) -> Self {
+        Self::wrap(py.detach(|| DirtyBitmap::new(num_pages)))
     }
 
     /// A bitmap with every page set.
     #[staticmethod]
-    fn full(num_pages: usize) -> Self {
-        Self::wrap(DirtyBitmap::full(num_pages))
+    fn full(py: Python<'_>, num_pages: usize) -> Self {
+        Self::wrap(py.detach(|| DirtyBitmap::full(num_pages)))
     }
 
     /// From a numpy uint64 array of words (bit i of word w is page 64*w+i).
     #[staticmethod]
-    fn from_numpy(words: PyReadonlyArray1<'_, u64>, num_pages: usize) -> PyResult<Self> {
-        let v = words.as_slice()?.to_vec();
-        Ok(Self::wrap(DirtyBitmap::from_words(v, num_pages)?))
+    fn from_numpy(
+        py: Python<'_>,
+        words: PyReadonlyArray1<'_, u64>,
+        num_pages: usize,
+    ) -> PyResult<Self> {
+        let raw = RawWords::of(&words)?;
+        // SAFETY: `words` outlives the detached call.
+        let bm =
+            py.detach(move || DirtyBitmap::from_words(unsafe { raw.slice() }.to_vec(), num_pages))?;
+        Ok(Self::wrap(bm))
     }
 
     /// From page indices (any integer sequence or numpy uint64 array).
     #[staticmethod]
-    fn from_indices(indices: Vec<u64>, num_pages: usize) -> PyResult<Self> {
-        Ok(Self::wrap(DirtyBitmap::from_indices(&indices, num_pages)?))
+    fn from_indices(
+        py: Python<'_>,
+        indices: &Bound<'_, PyAny>,
+        num_pages: usize,
+    ) -> PyResult<Self> {
+        let bm = if let Ok(array) = indices.extract::<PyReadonlyArray1<'_, u64>>() {
+            let raw = RawWords::of(&array)?;
+            // SAFETY: `array` outlives the detached call.
+            py.detach(move || DirtyBitmap::from_indices(unsafe { raw.slice() }, num_pages))?
+        } else {
+            // A Python sequence: converting its ints needs the GIL.
+            let v: Vec<u64> = indices.extract()?;
+            py.detach(move || DirtyBitmap::from_indices(&v, num_pages))?
+        };
+        Ok(Self::wrap(bm))
     }
 
     /// The words as a numpy uint64 array (a copy).
     fn to_numpy<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        let words = self.lock().words().to_vec();
+        let words = self.detached(py, |bm| bm.words().to_vec());
         words.into_pyarray(py)
     }
 
@@ -113,22 +200,19 @@ impl PyDirtyBitmap {
     }
 
     fn count(&self, py: Python<'_>) -> usize {
-        let inner = self.inner.clone();
-        py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).count())
+        self.detached(py, |bm| bm.count())
     }
 
     /// The set pages as a numpy uint64 array, ascending.
     fn indices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let inner = self.inner.clone();
-        let v = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).indices());
+        let v = self.detached(py, |bm| bm.indices());
         let n = v.len();
         decoded_array(py, v, Ix1(n))
     }
 
     /// Maximal runs of set pages as an (n, 2) uint64 array of (start, length).
     fn runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
-        let inner = self.inner.clone();
-        let flat = py.detach(move || inner.lock().unwrap_or_else(|p| p.into_inner()).runs_flat());
+        let flat = self.detached(py, |bm| bm.runs_flat());
         let n = flat.len() / 2;
         decoded_array(py, flat, Ix2(n, 2))
     }
@@ -141,55 +225,55 @@ impl PyDirtyBitmap {
         Ok(self.lock().try_set(page)?)
     }
 
-    fn set_range(&self, start: usize, length: usize) -> PyResult<()> {
-        Ok(self.lock().set_range(start, length)?)
+    fn set_range(&self, py: Python<'_>, start: usize, length: usize) -> PyResult<()> {
+        Ok(self.detached(py, |bm| bm.set_range(start, length))?)
     }
 
-    fn clear(&self) {
-        self.lock().clear_all();
+    fn clear(&self, py: Python<'_>) {
+        self.detached(py, |bm| bm.clear_all());
     }
 
-    fn copy(&self) -> Self {
-        Self::wrap(self.lock().clone())
+    fn copy(&self, py: Python<'_>) -> Self {
+        Self::wrap(self.detached(py, |bm| bm.clone()))
     }
 
     /// Returns the set pages of `[start, start+length)` as a new bitmap and
     /// clears them here, atomically.
-    fn test_and_clear(&self, start: usize, length: usize) -> PyResult<Self> {
-        Ok(Self::wrap(self.lock().test_and_clear_range(start, length)?))
+    fn test_and_clear(&self, py: Python<'_>, start: usize, length: usize) -> PyResult<Self> {
+        let taken = self.detached(py, |bm| bm.test_and_clear_range(start, length))?;
+        Ok(Self::wrap(taken))
     }
 
     /// Moves every set page into a new bitmap, leaving this one empty.
-    fn take(&self) -> Self {
-        Self::wrap(self.lock().take())
+    fn take(&self, py: Python<'_>) -> Self {
+        Self::wrap(self.detached(py, |bm| bm.take()))
     }
 
-    fn __ior__(&self, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<()> {
-        let o = Self::snapshot(other);
-        Ok(self.lock().or_assign(&o)?)
+    fn __ior__(&self, py: Python<'_>, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<()> {
+        Ok(self.detached_pair(py, other, |a, b| a.or_assign(b))?)
     }
 
-    fn __or__(&self, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<Self> {
-        let o = Self::snapshot(other);
-        let mut out = self.lock().clone();
-        out.or_assign(&o)?;
+    fn __or__(&self, py: Python<'_>, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<Self> {
+        let out = self.detached_pair(py, other, |a, b| {
+            let mut out = a.clone();
+            out.or_assign(b).map(|()| out)
+        })?;
         Ok(Self::wrap(out))
     }
 
     /// Drops from this bitmap every page set in `other`.
-    fn and_not(&self, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<()> {
-        let o = Self::snapshot(other);
-        Ok(self.lock().and_not_assign(&o)?)
+    fn and_not(&self, py: Python<'_>, other: &Bound<'_, PyDirtyBitmap>) -> PyResult<()> {
+        Ok(self.detached_pair(py, other, |a, b| a.and_not_assign(b))?)
     }
 
-    fn __eq__(&self, other: &Bound<'_, PyDirtyBitmap>) -> bool {
-        let o = Self::snapshot(other);
-        *self.lock() == o
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyDirtyBitmap>) -> bool {
+        self.detached_pair(py, other, |a, b| *a == *b)
     }
 
-    fn __repr__(&self) -> String {
-        let bm = self.lock();
-        format!("DirtyBitmap(num_pages={}, count={})", bm.len(), bm.count())
+    fn __repr__(&self, py: Python<'_>) -> String {
+        self.detached(py, |bm| {
+            format!("DirtyBitmap(num_pages={}, count={})", bm.len(), bm.count())
+        })
     }
 }
 
