@@ -8,6 +8,7 @@
 pub mod bitmap;
 pub mod error;
 pub mod memory;
+pub mod ram_stream;
 pub mod receiver;
 pub mod sender;
 pub mod tracker;

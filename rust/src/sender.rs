@@ -479,14 +479,49 @@ impl Sender {
             g.sent.or_assign(bitmap)?;
             g.current = Some(generation);
         }
+        self.dispatch(bitmap.iter().map(|p| p as u64), generation)
+    }
+
+    /// Sends `pages` (page indices, each at most once per generation) as
+    /// part of `generation`; blocks until every packet is written. The check
+    /// and the bookkeeping cost O(pages), not O(guest): this is the path of
+    /// the RAM stream, one chunk at a time.
+    pub fn send_page_list(&self, pages: &[u64], generation: u64) -> CoreResult<u64> {
+        self.shared.check()?;
+        let n = self.mem.num_pages() as u64;
+        if let Some(&p) = pages.iter().find(|&&p| p >= n) {
+            return Err(CoreError::invalid(format!(
+                "page {p} is outside a memory of {n} pages"
+            )));
+        }
+        {
+            let mut g = lock(&self.gen);
+            check_generation(&g, generation)?;
+            if let Some(&p) = pages.iter().find(|&&p| g.sent.get(p as usize)) {
+                return Err(CoreError::invalid(format!(
+                    "page {p} was already sent in generation {generation}: sync and start a \
+                     new generation to resend it"
+                )));
+            }
+            for &p in pages {
+                g.sent.set(p as usize);
+            }
+            g.current = Some(generation);
+        }
+        self.dispatch(pages.iter().copied(), generation)
+    }
+
+    /// Splits `pages` into packets for whichever channel is idle and waits
+    /// for all of them.
+    fn dispatch(&self, pages: impl Iterator<Item = u64>, generation: u64) -> CoreResult<u64> {
         let (reply, results) = unbounded();
         let pages_tx = lock(&self.pages_tx).clone().ok_or_else(closed)?;
         let pages_tx = &pages_tx;
         let mut jobs = 0usize;
         let mut batch = Vec::with_capacity(self.cfg.packet_pages as usize);
         let mut outcome = Outcome::default();
-        for p in bitmap.iter() {
-            batch.push(p as u64);
+        for p in pages {
+            batch.push(p);
             if batch.len() == self.cfg.packet_pages as usize {
                 let pages = std::mem::replace(
                     &mut batch,

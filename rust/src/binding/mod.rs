@@ -9,6 +9,7 @@ use crate::error::CoreError;
 
 mod bitmap;
 mod memory;
+mod ram_stream;
 mod stream;
 mod tracker;
 mod workload;
@@ -49,5 +50,6 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tracker::register(m)?;
     workload::register(m)?;
     stream::register(m)?;
+    ram_stream::register(m)?;
     Ok(())
 }

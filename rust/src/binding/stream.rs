@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -86,7 +87,7 @@ fn control_recv<'py>(
 /// Streams guest memory to a destination over N channels.
 #[pyclass(name = "Sender", module = "mig._mig", frozen)]
 pub struct PySender {
-    inner: Arc<Sender>,
+    pub(super) inner: Arc<Sender>,
     uri: String,
     compression: Compression,
     migration_id: u128,
@@ -163,6 +164,19 @@ impl PySender {
         let bm = bitmap.get().lock().clone();
         let s = self.inner.clone();
         Ok(py.detach(move || s.send_pages(&bm, generation))?)
+    }
+
+    /// Sends the pages at these indices (each at most once per generation)
+    /// as part of `generation`; returns the bytes written to the channels.
+    fn send_page_list(
+        &self,
+        py: Python<'_>,
+        pages: PyReadonlyArray1<'_, u64>,
+        generation: u64,
+    ) -> PyResult<u64> {
+        let pages = pages.as_slice()?.to_vec();
+        let s = self.inner.clone();
+        Ok(py.detach(move || s.send_page_list(&pages, generation))?)
     }
 
     #[pyo3(signature = (device_id, seq, data, r#final))]
