@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-dir", default=tempfile.gettempdir(), help="where images are kept")
     ap.add_argument("--out", default=str(HERE / "results"), help="result directory")
     ap.add_argument("--timeout", type=float, default=120.0, help="per migration, seconds")
+    ap.add_argument(
+        "--mig",
+        action="append",
+        metavar="LABEL=COMMAND",
+        help="compare builds in the same run: a label and a mig command line (repeatable; "
+        "default: the mig on PATH, labelled by the checked-out commit)",
+    )
     args = ap.parse_args(argv)
     iperf3 = shutil.which("iperf3")
     if iperf3 is None:
@@ -179,27 +186,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = [int(float(s) * GIB) for s in ("1,2" if args.quick else args.sizes).split(",")]
     channels = [int(c) for c in args.channels.split(",")]
-    mig_exe = shutil.which("mig")
-    mig = [mig_exe] if mig_exe else [sys.executable, "-m", "mig.cli"]
+    sha = commit()
+    if args.mig:
+        builds = {k: v.split() for k, v in (m.split("=", 1) for m in args.mig)}
+    else:
+        mig_exe = shutil.which("mig")
+        builds = {sha: [mig_exe] if mig_exe else [sys.executable, "-m", "mig.cli"]}
     images = {}
     for size in sizes:
         images[size] = Path(args.image_dir) / f"mig-half-random-{size >> 20}MiB.raw"
         make_image(images[size], size)
-    runs: dict[str, list[dict[str, Any]]] = {f"{s}:{c}": [] for s in sizes for c in channels}
+    runs = {b: {f"{s}:{c}": [] for s in sizes for c in channels} for b in builds}
     base: dict[int, list[float]] = {s: [] for s in sizes}
     for rnd in range(args.rounds):
         for size in sizes:
             base[size].append(iperf3_seconds(iperf3, size // 2))
             for ch in channels:
-                r = mig_demo(mig, images[size], ch, args.timeout)
-                runs[f"{size}:{ch}"].append(r)
-                print(
-                    f"round {rnd + 1}: {size / GIB:g} GiB, {ch} channel(s): mig {r['total']:.3f} s "
-                    f"(wall {r['wall']:.3f} s), iperf3 {base[size][-1]:.3f} s",
-                    flush=True,
-                )
-    rows = summarise(sizes, channels, runs, base)
-    sha = commit()
+                for label, mig in builds.items():
+                    r = mig_demo(mig, images[size], ch, args.timeout)
+                    runs[label][f"{size}:{ch}"].append(r)
+                    print(
+                        f"round {rnd + 1}: {label}: {size / GIB:g} GiB, {ch} channel(s): "
+                        f"mig {r['total']:.3f} s (wall {r['wall']:.3f} s), "
+                        f"iperf3 {base[size][-1]:.3f} s",
+                        flush=True,
+                    )
+    rows = {b: summarise(sizes, channels, runs[b], base) for b in builds}
     result = {
         "benchmark": "transfer_user_path",
         "commit": sha,
@@ -209,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "image": "half random pages, half zero pages (chosen at random per 128 MiB)",
         "command": "mig demo --image IMG --workload idle --devices none --channels N --json",
         "baseline": "iperf3 -n <half the image> over loopback, receiver seconds",
+        "builds": {b: " ".join(m) for b, m in builds.items()},
         "rows": rows,
         "raw": {"mig": runs, "iperf3": {str(k): v for k, v in base.items()}},
     }
@@ -216,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"transfer_user_path-{sha}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(rows))
+    for b, r in rows.items():
+        print(f"\n{b}:\n{markdown(r)}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"wrote {path}")
     return 0
