@@ -302,3 +302,51 @@ def test_device_state_is_capped_and_back_pressured() -> None:
         sender.finish(mem.digest())
         with pytest.raises(mig.ProtocolError, match="channel 0, packet 5.*exceeds the buffer"):
             receiver.wait_end(10.0)
+
+
+def test_pages_rewritten_during_a_live_send_are_resent_not_refused() -> None:
+    # Uncompressed pages go out straight from guest memory, their CRC read
+    # from the mapping just before the write. A vCPU rewriting a page in
+    # between makes the payload differ from that CRC: the destination must
+    # apply it (the tracker has the page dirty again, and the next
+    # generation carries it), not refuse the stream.
+    size = 4 << 20
+    src = mig.GuestMemory(size)
+    fill(src)
+    dst = mig.GuestMemory(size)
+    dest = Destination("tcp:127.0.0.1:0", dst)
+    tracker = mig.DirtyTracker(src)
+    tracker.sync()
+    pages = src.array.reshape(src.num_pages, src.page_size)
+    stop = threading.Event()
+
+    def vcpu() -> None:
+        while not stop.is_set():
+            pages[:, 100] += 1
+
+    writer = threading.Thread(target=vcpu)
+    writer.start()
+    try:
+        with mig.Sender(src, dest.listener.uri, migration_id=0xFEED, channels=2) as sender:
+            receiver = dest.get()
+            todo = mig.DirtyBitmap.full(src.num_pages)
+            generation = 0
+            for generation in range(300):
+                sender.send_pages(todo, generation)
+                sender.sync(generation)
+                todo = tracker.sync()
+                if receiver.stats()["live-rewritten"] > 0 and generation >= 2:
+                    break
+            stop.set()
+            writer.join()
+            generation += 1
+            sender.send_pages(todo | tracker.sync(), generation)
+            sender.sync(generation)
+            sender.finish(src.digest())
+            end = receiver.wait_end(20.0)
+    finally:
+        stop.set()
+        writer.join()
+        tracker.close()
+    assert receiver.stats()["live-rewritten"] > 0, "no page was rewritten during a send"
+    assert end["digest"] == src.digest() == dst.digest()

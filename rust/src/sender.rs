@@ -1,11 +1,14 @@
 //! The sender: pages → packets → N channels.
 //!
-//! The caller hands over a harvested bitmap and a generation. Page lists of
-//! `packet_pages` go to a shared queue; whichever channel thread is idle
-//! takes the next one, reads the pages from guest memory (the guest may be
-//! running: a page written after the harvest is dirty again and is resent in
-//! the next generation), separates zero pages word-wise, compresses if asked,
-//! and writes header + offsets + payload with one vectored write. Records
+//! The caller hands over a page list (or a bitmap) and a generation. Page
+//! lists of `packet_pages` go to a shared queue; whichever channel thread is
+//! idle takes the next one, reads the pages from guest memory (the guest may
+//! be running: a page written after the harvest is dirty again and is resent
+//! in the next generation) and separates zero pages word-wise. Uncompressed
+//! pages on a plain socket then go out with one vectored write whose iovecs
+//! point straight at the guest pages, after the header and offsets (QEMU
+//! multifd's layout; `wire::FLAG_LIVE` says what the CRC covers). Compression,
+//! TLS and files work on a copy of the pages. Records
 //! that must reach every channel (sync, end) go through per-channel queues.
 //! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
 
@@ -910,6 +913,11 @@ struct Worker {
     zero: Vec<u64>,
     /// The last packet was all zero pages: ask for holes (`scan_pages`).
     check_holes: bool,
+    /// Normal pages go out straight from guest memory (plain socket, no
+    /// compression): see `write_live_packet`.
+    live: bool,
+    /// Runs of adjacent normal pages of the current packet (offset, bytes).
+    runs: Vec<(usize, usize)>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -952,6 +960,8 @@ impl Worker {
             normal: Vec::with_capacity(pp),
             zero: Vec::with_capacity(pp),
             check_holes: true,
+            live: cfg.compression == Compression::None && cfg.tls.is_none(),
+            runs: Vec::with_capacity(pp),
             zstd,
         })
     }
@@ -1011,16 +1021,7 @@ impl Worker {
     }
 
     fn error(&self, what: &str, e: std::io::Error) -> CoreError {
-        if transport::is_timeout(&e) {
-            return transport::timeout_error(format!(
-                "channel {}, packet {}: {what}: stalled peer (I/O timeout)",
-                self.index, self.number
-            ));
-        }
-        CoreError::io(
-            format!("channel {}, packet {}: {what}", self.index, self.number),
-            e,
-        )
+        channel_error(self.index, self.number, what, e)
     }
 
     fn send_record(&mut self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
@@ -1050,12 +1051,16 @@ impl Worker {
             self.check_holes,
         )?;
         self.check_holes = self.zero.len() == pages.len();
-        self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
         let s = &self.shared;
         s.normal_pages
             .fetch_add(self.normal.len() as u64, Ordering::Relaxed);
         s.zero_pages
             .fetch_add(self.zero.len() as u64, Ordering::Relaxed);
+        if self.live && matches!(self.sink, Sink::Socket(_)) {
+            return self.write_live_packet(generation);
+        }
+        // Compression and TLS transform a copy; a file gets the copy too.
+        self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
         let wire = match &self.sink {
             Sink::File(f) => self.write_file(f.clone())?,
             Sink::Socket(_) => self.write_packet(generation)?,
@@ -1096,6 +1101,7 @@ impl Worker {
             compression: used,
             normal: self.normal.len() as u32,
             zero: self.zero.len() as u32,
+            live_crc: None,
         };
         self.head.clear();
         self.head.resize(RECORD_HEADER_LEN, 0);
@@ -1128,6 +1134,71 @@ impl Worker {
         self.shared
             .payload_bytes
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.number += 1;
+        self.shared.account(self.index, wire);
+        Ok(wire)
+    }
+
+    /// QEMU multifd's layout without its copy: one vectored write of the
+    /// header and offsets, then iovecs straight on the guest pages (one per
+    /// run of adjacent pages). The payload CRC is read from the mapping just
+    /// before the write (a read, not a copy) and travels in the header
+    /// (`wire::FLAG_LIVE`): a page the guest rewrites in between is already
+    /// dirty again in the tracker and goes out again in a later generation.
+    fn write_live_packet(&mut self, generation: u64) -> CoreResult<u64> {
+        let ps = self.mem.page_size();
+        self.runs.clear();
+        for &off in &self.normal {
+            let off = off as usize;
+            match self.runs.last_mut() {
+                Some((start, len)) if *start + *len == off => *len += ps,
+                _ => self.runs.push((off, ps)),
+            }
+        }
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(self.runs.len());
+        let mut crc = 0u32;
+        for &(off, len) in &self.runs {
+            // SAFETY: a racy read of guest memory is the point of pre-copy
+            // (see `scan_pages`); the slice lives as long as `self.mem`.
+            let page = unsafe { self.mem.racy_slice(off, len)? };
+            crc = crc32c::crc32c_append(crc, page);
+            slices.push(page);
+        }
+        let payload_len = self.normal.len() * ps;
+        self.head.clear();
+        self.head.resize(RECORD_HEADER_LEN, 0);
+        for off in self.normal.iter().chain(&self.zero) {
+            self.head.extend_from_slice(&off.to_le_bytes());
+        }
+        let (h, offsets) = self.head.split_at_mut(RECORD_HEADER_LEN);
+        RecordHeader {
+            kind: RecordKind::Pages {
+                compression: Compression::None,
+                normal: self.normal.len() as u32,
+                zero: self.zero.len() as u32,
+                live_crc: Some(crc),
+            },
+            number: self.number,
+            generation,
+            body_len: 0,
+            crc: 0,
+        }
+        .encode_live_into(h, offsets, payload_len);
+        let wire = (self.head.len() + payload_len) as u64;
+        self.shared.bucket.take(wire, &self.shared.abort);
+        let Sink::Socket(conn) = &mut self.sink else {
+            unreachable!("live packets are only written to sockets")
+        };
+        let mut bufs: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&self.head))
+            .chain(slices.iter().map(|s| IoSlice::new(s)))
+            .collect();
+        if let Err(e) = transport::write_all_vectored(conn, &mut bufs) {
+            let (index, number) = (self.index, self.number);
+            return Err(channel_error(index, number, "send packet", e));
+        }
+        self.shared
+            .payload_bytes
+            .fetch_add(payload_len as u64, Ordering::Relaxed);
         self.number += 1;
         self.shared.account(self.index, wire);
         Ok(wire)
@@ -1170,6 +1241,15 @@ impl Worker {
         self.shared.account(self.index, wire);
         Ok(wire)
     }
+}
+
+fn channel_error(index: usize, number: u64, what: &str, e: std::io::Error) -> CoreError {
+    if transport::is_timeout(&e) {
+        return transport::timeout_error(format!(
+            "channel {index}, packet {number}: {what}: stalled peer (I/O timeout)"
+        ));
+    }
+    CoreError::io(format!("channel {index}, packet {number}: {what}"), e)
 }
 
 fn job_reply(job: Job) -> Reply {

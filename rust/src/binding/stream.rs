@@ -428,6 +428,7 @@ impl PyReceiver {
         d.set_item("zero-pages", st.zero_pages)?;
         d.set_item("zero-filled", st.zero_filled)?;
         d.set_item("syncs", st.syncs)?;
+        d.set_item("live-rewritten", st.live_rewritten)?;
         d.set_item("device-records", st.device_records)?;
         d.set_item("device-bytes", st.device_bytes)?;
         d.set_item("channel-packets", st.channel_packets)?;
