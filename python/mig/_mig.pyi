@@ -188,7 +188,11 @@ class Sender:
         tls_cert: str | PathLike[str] | None = None,
         tls_key: str | PathLike[str] | None = None,
         tls_ca: str | PathLike[str] | None = None,
-    ) -> None: ...
+        zero_copy_send: bool = False,
+    ) -> None:
+        """``zero_copy_send``: MSG_ZEROCOPY sends (QEMU's ``zero-copy-send``),
+        completions reaped at every sync; ``tcp:`` only, no compression or
+        TLS. On loopback the kernel always copies, so it cannot pay there."""
     @property
     def uri(self) -> str: ...
     @property

@@ -69,6 +69,9 @@ PARAMETERS: dict[str, Any] = {
     "connect_timeout": 10.0,
     "switchover_timeout": 30.0,  # s to wait for the destination's "resumed"
     "io_timeout": 60.0,  # s a channel may block on a peer that stops reading
+    # MSG_ZEROCOPY sends (QEMU's zero-copy-send): tcp:, no compression, no TLS;
+    # on loopback the kernel copies anyway, so it cannot pay there.
+    "zero_copy_send": False,
 }
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
@@ -339,6 +342,7 @@ class MigrationSource:
                 connect_timeout=float(p["connect_timeout"]),
                 **self.tls,
                 io_timeout=float(p["io_timeout"]),
+                zero_copy_send=bool(p["zero_copy_send"]),
             )
             link = SenderLink(sender, self.clock)
         self.link = _AccountingLink(link)

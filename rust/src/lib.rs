@@ -15,6 +15,7 @@ pub mod tracker;
 pub mod transport;
 pub mod wire;
 pub mod workload;
+pub mod zero_copy;
 
 mod binding;
 

@@ -30,6 +30,7 @@ use crate::wire::{
     self, ChannelKind, Compression, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
     MAX_CHANNELS, MAX_DEVICE_CHUNK, MAX_DEVICE_ID_LEN, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
 };
+use crate::zero_copy::{self, ZeroCopy};
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -42,6 +43,9 @@ pub struct SenderConfig {
     pub io_timeout: Duration,
     /// Mutual TLS on every channel.
     pub tls: Option<Arc<transport::TlsConfig>>,
+    /// `MSG_ZEROCOPY` sends of live pages (QEMU's `zero-copy-send`; see
+    /// `zero_copy`): plain TCP without compression only.
+    pub zero_copy_send: bool,
 }
 
 impl SenderConfig {
@@ -51,6 +55,12 @@ impl SenderConfig {
                 "channels must be in [1, {MAX_CHANNELS}], got {}",
                 self.channels
             )));
+        }
+        if self.zero_copy_send && (self.compression != Compression::None || self.tls.is_some()) {
+            return Err(CoreError::Unsupported(
+                "zero_copy_send cannot be combined with compression or TLS (both copy the pages)"
+                    .into(),
+            ));
         }
         if self.packet_pages == 0 || self.packet_pages > MAX_PACKET_PAGES {
             return Err(CoreError::invalid(format!(
@@ -219,6 +229,9 @@ struct Shared {
     payload_bytes: AtomicU64,
     normal_pages: AtomicU64,
     zero_pages: AtomicU64,
+    /// Zero-copy completions, and those where the kernel copied anyway.
+    zero_copy_done: AtomicU64,
+    zero_copy_copied: AtomicU64,
     channels: Vec<ChannelStats>,
     window: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
@@ -352,6 +365,11 @@ impl Sender {
     pub fn connect(mem: Arc<GuestMemory>, uri: &str, cfg: SenderConfig) -> CoreResult<Self> {
         cfg.check()?;
         let ep = transport::parse_uri(uri)?;
+        if cfg.zero_copy_send && !matches!(ep, Endpoint::Tcp(_)) {
+            return Err(CoreError::Unsupported(
+                "zero_copy_send needs tcp: channels (MSG_ZEROCOPY)".into(),
+            ));
+        }
         let header = |kind, index| StreamHeader {
             kind,
             page_size: mem.page_size() as u32,
@@ -400,6 +418,12 @@ impl Sender {
                     c.try_clone()
                         .map_err(|e| CoreError::io("clone socket", e))?,
                 );
+                if cfg.zero_copy_send {
+                    let fd = raw_fd(&c).ok_or_else(|| CoreError::invalid("no socket fd"))?;
+                    zero_copy::enable(fd).map_err(|e| {
+                        CoreError::Unsupported(format!("zero_copy_send: SO_ZEROCOPY: {e}"))
+                    })?;
+                }
                 sinks.push(Sink::Socket(c));
             }
         }
@@ -411,6 +435,8 @@ impl Sender {
             payload_bytes: AtomicU64::new(0),
             normal_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            zero_copy_done: AtomicU64::new(0),
+            zero_copy_copied: AtomicU64::new(0),
             channels: (0..cfg.channels).map(|_| ChannelStats::default()).collect(),
             window: Mutex::new(Default::default()),
         });
@@ -729,6 +755,8 @@ impl Sender {
                 .collect(),
             bandwidth: s.bandwidth(),
             max_bandwidth: s.bucket.rate.load(Ordering::Relaxed),
+            zero_copy_done: s.zero_copy_done.load(Ordering::Relaxed),
+            zero_copy_copied: s.zero_copy_copied.load(Ordering::Relaxed),
             failure: lock(&s.failure).clone(),
         }
     }
@@ -837,6 +865,8 @@ pub struct SenderStats {
     pub channel_busy: Vec<f64>,
     pub bandwidth: f64,
     pub max_bandwidth: u64,
+    pub zero_copy_done: u64,
+    pub zero_copy_copied: u64,
     pub failure: Option<String>,
 }
 
@@ -918,6 +948,10 @@ struct Worker {
     live: bool,
     /// Runs of adjacent normal pages of the current packet (offset, bytes).
     runs: Vec<(usize, usize)>,
+    /// Outstanding `MSG_ZEROCOPY` sends, reaped at every sync and the end.
+    zero_copy: Option<ZeroCopy>,
+    /// Completions and copies already added to the shared statistics.
+    zero_copy_reported: (u64, u64),
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -962,6 +996,8 @@ impl Worker {
             check_holes: true,
             live: cfg.compression == Compression::None && cfg.tls.is_none(),
             runs: Vec::with_capacity(pp),
+            zero_copy: cfg.zero_copy_send.then(ZeroCopy::default),
+            zero_copy_reported: (0, 0),
             zstd,
         })
     }
@@ -1024,7 +1060,28 @@ impl Worker {
         channel_error(self.index, self.number, what, e)
     }
 
+    /// Waits for every zero-copy send of this channel to complete, so the
+    /// kernel holds no pinned pages across a sync (QEMU flushes likewise).
+    fn reap_zero_copy(&mut self) -> CoreResult<()> {
+        let (Some(zc), Sink::Socket(conn)) = (&mut self.zero_copy, &self.sink) else {
+            return Ok(());
+        };
+        let fd = raw_fd(conn).ok_or_else(|| CoreError::invalid("no socket fd"))?;
+        let r = zc.reap(fd, true);
+        // Completions are also reaped during sends: report all since last.
+        let (done, copied) = (zc.completed(), zc.copied);
+        let (done0, copied0) = std::mem::replace(&mut self.zero_copy_reported, (done, copied));
+        let s = &self.shared;
+        s.zero_copy_done.fetch_add(done - done0, Ordering::Relaxed);
+        s.zero_copy_copied
+            .fetch_add(copied - copied0, Ordering::Relaxed);
+        r.map_err(|e| self.error("reap zero-copy completions", e))
+    }
+
     fn send_record(&mut self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
+        if matches!(kind, RecordKind::Sync | RecordKind::End) {
+            self.reap_zero_copy()?;
+        }
         let Sink::Socket(conn) = &mut self.sink else {
             return Err(CoreError::invalid("records of a file go to its log"));
         };
@@ -1192,7 +1249,15 @@ impl Worker {
         let mut bufs: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&self.head))
             .chain(slices.iter().map(|s| IoSlice::new(s)))
             .collect();
-        if let Err(e) = transport::write_all_vectored(conn, &mut bufs) {
+        let written = match (&mut self.zero_copy, raw_fd(conn)) {
+            // The kernel reads zero-copy buffers until their completion: the
+            // header buffer is reused by the next packet, so it is copied
+            // by a plain write; only the guest pages go out zero-copy.
+            (Some(zc), Some(fd)) => transport::write_all_vectored(conn, &mut bufs[..1])
+                .and_then(|()| zc.write_all(fd, &mut bufs[1..])),
+            _ => transport::write_all_vectored(conn, &mut bufs),
+        };
+        if let Err(e) = written {
             let (index, number) = (self.index, self.number);
             return Err(channel_error(index, number, "send packet", e));
         }
@@ -1240,6 +1305,15 @@ impl Worker {
         self.number += 1;
         self.shared.account(self.index, wire);
         Ok(wire)
+    }
+}
+
+/// The fd of a plain TCP connection (the only kind zero-copy sends use).
+fn raw_fd(c: &Conn) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    match c {
+        Conn::Tcp(s) => Some(s.as_raw_fd()),
+        _ => None,
     }
 }
 

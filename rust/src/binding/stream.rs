@@ -98,7 +98,7 @@ impl PySender {
     #[new]
     #[pyo3(signature = (memory, uri, *, migration_id, channels=2, packet_pages=128,
         compression="none", max_bandwidth=0, connect_timeout=10.0, io_timeout=60.0,
-        tls_cert=None, tls_key=None, tls_ca=None))]
+        tls_cert=None, tls_key=None, tls_ca=None, zero_copy_send=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -114,6 +114,7 @@ impl PySender {
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
         tls_ca: Option<PathBuf>,
+        zero_copy_send: bool,
     ) -> PyResult<Self> {
         let tls = tls_config(&uri, tls_cert, tls_key, tls_ca)?;
         let cfg = SenderConfig {
@@ -125,6 +126,7 @@ impl PySender {
             connect_timeout: seconds("connect_timeout", connect_timeout)?,
             io_timeout: seconds("io_timeout", io_timeout)?,
             tls,
+            zero_copy_send,
         };
         let mem = memory.get().inner.clone();
         let (c, id) = (cfg.compression, cfg.migration_id);
@@ -235,6 +237,8 @@ impl PySender {
         d.set_item("channel-busy-seconds", st.channel_busy)?;
         d.set_item("bandwidth", st.bandwidth)?;
         d.set_item("max-bandwidth", st.max_bandwidth)?;
+        d.set_item("zero-copy-completions", st.zero_copy_done)?;
+        d.set_item("zero-copy-copied", st.zero_copy_copied)?;
         d.set_item("compression", self.compression.name())?;
         d.set_item("failure", st.failure)?;
         Ok(d)
