@@ -116,6 +116,8 @@ struct Counters {
     zero: AtomicU64,
     zero_filled: AtomicU64,
     syncs: AtomicU64,
+    /// Live PAGE payloads that differ from what the sender read.
+    live_rewritten: AtomicU64,
     device_records: AtomicU64,
     device_bytes: AtomicU64,
 }
@@ -340,6 +342,7 @@ pub struct ReceiverStats {
     pub zero_pages: u64,
     pub zero_filled: u64,
     pub syncs: u64,
+    pub live_rewritten: u64,
     pub device_records: u64,
     pub device_bytes: u64,
     pub channel_packets: Vec<u64>,
@@ -653,6 +656,7 @@ impl Receiver {
             zero_pages: get(&c.zero),
             zero_filled: get(&c.zero_filled),
             syncs: get(&c.syncs),
+            live_rewritten: get(&c.live_rewritten),
             device_records: get(&c.device_records),
             device_bytes: get(&c.device_bytes),
             channel_packets: self.shared.channel_packets.iter().map(get).collect(),
@@ -723,6 +727,7 @@ mod tests {
                 compression: Compression::None,
                 normal: 1,
                 zero: 0,
+                live_crc: None,
             },
             number,
             generation,
@@ -870,6 +875,7 @@ mod tests {
             compression: Compression::None,
             normal: pages.len() as u32,
             zero: 0,
+            live_crc: None,
         };
         RecordHeader::record(kind, number, generation, &body)
     }
