@@ -259,6 +259,34 @@ impl DirtyBitmap {
         self.nbits
     }
 
+    /// Clears every set page in `[start, start + len)`, in ascending order,
+    /// appending them to `out`; returns how many. The work is proportional
+    /// to the words of the range, never to the whole bitmap.
+    pub fn take_range(&mut self, start: usize, len: usize, out: &mut Vec<u64>) -> usize {
+        let end = start.saturating_add(len).min(self.nbits);
+        if start >= end {
+            return 0;
+        }
+        let before = out.len();
+        let last = (end - 1) / 64;
+        for wi in start / 64..=last {
+            let mut mask = u64::MAX;
+            if wi == start / 64 {
+                mask &= u64::MAX << (start % 64);
+            }
+            if wi == last && !end.is_multiple_of(64) {
+                mask &= u64::MAX >> (64 - end % 64);
+            }
+            let mut w = self.words[wi] & mask;
+            self.words[wi] &= !mask;
+            while w != 0 {
+                out.push((wi * 64 + w.trailing_zeros() as usize) as u64);
+                w &= w - 1;
+            }
+        }
+        out.len() - before
+    }
+
     /// Moves every set page out, leaving this bitmap empty.
     pub fn take(&mut self) -> DirtyBitmap {
         let nbits = self.nbits;
