@@ -358,6 +358,10 @@ def test_bad_parameters_are_refused() -> None:
         MigrationSource(guest, uri="tcp:x:1", timeout_action="explode")
     with pytest.raises(ValueError, match="auto_converge"):
         MigrationSource(guest, uri="tcp:x:1", auto_converge="fast")
+    with pytest.raises(ValueError, match="zero_copy_send must be a bool"):
+        MigrationSource(guest, uri="tcp:x:1", zero_copy_send="yes")
+    with pytest.raises(ValueError, match="zero_copy_send needs compression 'none'"):
+        MigrationSource(guest, uri="tcp:x:1", zero_copy_send=True, compression="lz4")
 
 
 def test_query_uses_query_migrate_names() -> None:

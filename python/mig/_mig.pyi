@@ -260,6 +260,31 @@ class WorkloadGuest:
         tb: TracebackType | None,
     ) -> None: ...
 
+class RamStream:
+    """Guest RAM from a tracker to a link, one chunk per call, with the GIL
+    released: the known dirty set, the cursor, the generation and the send
+    path. ``tracker``: a native ``DirtyTracker`` or any object with
+    ``sync() -> DirtyBitmap`` (and optionally ``last_sync_seconds``, ``close()``);
+    ``start(link)``: a native ``Sender`` or any object with
+    ``send_pages(bitmap, generation)`` and ``sync(generation)``."""
+
+    def __init__(self, num_pages: int, page_size: int, tracker: Any) -> None: ...
+    def start(self, link: Any) -> None: ...
+    def sync(self) -> tuple[DirtyBitmap, int, float]:
+        """(new pages, their count, harvest seconds); closes the generation first
+        if pages went out in it."""
+    def iterate(self, budget: int) -> int: ...
+    def complete(self, budget: int | None = None) -> tuple[int | None, int, tuple[int, float]]:
+        """(wire bytes, or None over budget with nothing sent; bytes known;
+        (new pages, harvest seconds) of the final sync)."""
+    def pending(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def num_pages(self) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
 class Sender:
     """Streams guest memory to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``,
     ``file:PATH``) over one control channel and ``channels`` data channels.
@@ -282,7 +307,11 @@ class Sender:
         tls_cert: str | PathLike[str] | None = None,
         tls_key: str | PathLike[str] | None = None,
         tls_ca: str | PathLike[str] | None = None,
-    ) -> None: ...
+        zero_copy_send: bool = False,
+    ) -> None:
+        """``zero_copy_send``: MSG_ZEROCOPY sends (QEMU's ``zero-copy-send``),
+        completions reaped at every sync; ``tcp:`` only, no compression or
+        TLS. On loopback the kernel always copies, so it cannot pay there."""
     @property
     def uri(self) -> str: ...
     @property
@@ -290,6 +319,8 @@ class Sender:
     @property
     def migration_id(self) -> int: ...
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int: ...
+    def send_page_list(self, pages: npt.NDArray[np.uint64], generation: int) -> int:
+        """The pages by index (each once per generation); O(pages) checks."""
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> int: ...
     def sync(self, generation: int) -> int: ...
     def finish(self, digest: int) -> int: ...

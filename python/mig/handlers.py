@@ -14,15 +14,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from mig._mig import DirtyBitmap, GuestMemory
+from mig._mig import DirtyBitmap, GuestMemory, RamStream
 from mig.clock import Clock
 from mig.errors import OverBudget
 from mig.link import Link
 
 __all__ = ["SaveHandler", "LoadHandler", "StateHandler", "OverBudget", "RamHandler"]
-
-# Page budget granted to one ``iterate`` call when the loop passes no budget.
-_MIN_ITERATE_PAGES = 64
 
 
 @runtime_checkable
@@ -77,13 +74,20 @@ class StateHandler(SaveHandler, LoadHandler, Protocol):
 
 
 class RamHandler:
-    """Guest RAM through a dirty tracker.
+    """Guest RAM through a dirty tracker: an adapter over the native ``RamStream``.
 
-    Estimate: the dirty pages already known (not yet sent) times the page size,
-    with no sync. Exact: a tracker sync merged into the known set; each sync's
-    cost is measured and reported. Every sync after pages went out starts a
-    new generation, preceded by a ``link.sync`` barrier, so a page re-sent in
-    a later pass never loses against its older copy on another channel.
+    The stream owns the known dirty set, the cursor, the generation and the
+    send path; every call does its work in Rust with the GIL released, one
+    chunk at a time. Estimate: the dirty pages already known (not yet sent)
+    times the page size, with no sync. Exact: a tracker sync merged into the
+    known set; each sync's cost is measured and reported here, on the loop's
+    clock. Every sync after pages went out starts a new generation, preceded
+    by a sync barrier, so a page re-sent in a later pass never loses against
+    its older copy on another channel.
+
+    A native ``Sender`` behind the link (``link.ram_target()``) is driven
+    directly, and the link is told the bytes (``link.account_pages``); any
+    other link (a simulator's) gets ``send_pages``/``sync`` calls.
     """
 
     name = "ram"
@@ -96,86 +100,95 @@ class RamHandler:
         self.clock = clock
         self.page_size = memory.page_size
         self.num_pages = memory.num_pages
+        self._stream = RamStream(self.num_pages, self.page_size, tracker)
         self._link: Link | None = None
-        self._dirty = DirtyBitmap(self.num_pages)
-        self._cursor = 0
-        self.generation = 0
-        self._sent_in_generation = 0
-        self.sync_count = 0
+        self._account: Any = None
+        self._wire_seen = 0
         self.sync_seconds = 0.0
         self.last_sync_seconds = 0.0
         self.last_sync_time: float | None = None
         self.last_sync_new_pages = 0
         self.dirty_pages_rate = 0.0
-        self.pages_sent = 0
-        self.bytes_sent = 0
-        self.precopy_bytes = 0
-        self.downtime_bytes = 0
-        self.final_pages = 0
+
+    def _stat(self, key: str) -> int:
+        return int(self._stream.stats()[key])
+
+    @property
+    def generation(self) -> int:
+        return int(self._stream.generation)
+
+    @property
+    def sync_count(self) -> int:
+        return self._stat("dirty-sync-count")
+
+    @property
+    def pages_sent(self) -> int:
+        return self._stat("pages-sent")
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._stat("bytes-sent")
+
+    @property
+    def precopy_bytes(self) -> int:
+        return self._stat("precopy-bytes")
+
+    @property
+    def downtime_bytes(self) -> int:
+        return self._stat("downtime-bytes")
+
+    @property
+    def final_pages(self) -> int:
+        return self._stat("final-pages")
 
     # --- source side ---
     def setup(self, link: Link) -> None:
         """Everything is dirty at the start; the tracker's first sync clears it."""
         self._link = link
         self.sync()
-        self._dirty = DirtyBitmap.full(self.num_pages)
+        target = getattr(link, "ram_target", None)
+        native = target() if callable(target) else None
+        self._account = getattr(link, "account_pages", None) if native is not None else None
+        self._stream.start(native if native is not None else link)
+
+    def _accounted(self, t0: float | None) -> None:
+        """Tells a link whose native sender the stream drives what went out,
+        and for how long it sent (None: a barrier, no send time, as a link's
+        own ``sync`` counts it)."""
+        if self._account is None:
+            return
+        wire = self._stat("wire-bytes")
+        self._account(wire - self._wire_seen, 0.0 if t0 is None else self.clock.now() - t0)
+        self._wire_seen = wire
 
     def pending_estimate(self) -> int:
-        return self._dirty.count() * self.page_size
+        return int(self._stream.pending())
 
     def pending_exact(self, guest_stopped: bool) -> int:
         self.sync()
         return self.pending_estimate()
 
+    def _synced(self, new_pages: int, cost: float, t1: float) -> None:
+        self.last_sync_seconds = float(cost)
+        self.sync_seconds += self.last_sync_seconds
+        self.last_sync_new_pages = new_pages
+        if self.last_sync_time is not None and t1 > self.last_sync_time:
+            self.dirty_pages_rate = new_pages / (t1 - self.last_sync_time)
+        self.last_sync_time = t1
+
     def sync(self) -> DirtyBitmap:
         """Harvest the tracker into the known dirty set; returns the new pages."""
-        if self._link is not None and self._sent_in_generation:
-            self._link.sync(self.generation)
-            self.generation += 1
-            self._sent_in_generation = 0
-        t0 = self.clock.now()
-        new = self.tracker.sync()
-        t1 = self.clock.now()
-        cost = getattr(self.tracker, "last_sync_seconds", None)
-        self.last_sync_seconds = float(cost) if cost is not None else t1 - t0
-        self.sync_seconds += self.last_sync_seconds
-        self.last_sync_new_pages = new.count()
-        if self.last_sync_time is not None and t1 > self.last_sync_time:
-            self.dirty_pages_rate = self.last_sync_new_pages / (t1 - self.last_sync_time)
-        self.last_sync_time = t1
-        self.sync_count += 1
-        self._dirty |= new
+        new, count, cost = self._stream.sync()
+        self._synced(count, cost, self.clock.now())
+        self._accounted(None)
         return new
 
     def iterate(self, link: Link, budget: int) -> int:
         """Send about ``budget`` bytes of known dirty pages, walking round-robin."""
-        dirty = self._dirty.count()
-        if dirty == 0:
-            return 0
-        want = max(_MIN_ITERATE_PAGES, budget // self.page_size)
-        # Scan a range whose expected dirty count is ``want``.
-        span = min(self.num_pages, max(want, want * self.num_pages // dirty))
-        sent = 0
-        pages = 0
-        while pages < want and self._dirty.count():
-            start = self._cursor
-            length = min(span, self.num_pages - start)
-            chunk = self._dirty.test_and_clear(start, length)
-            self._cursor = (start + length) % self.num_pages
-            n = chunk.count()
-            if n:
-                sent += self._send(link, chunk)
-                pages += n
-        self.precopy_bytes += sent
+        t0 = self.clock.now()
+        sent = int(self._stream.iterate(max(0, int(budget))))
+        self._accounted(t0)
         return sent
-
-    def _send(self, link: Link, chunk: DirtyBitmap) -> int:
-        n = link.send_pages(chunk, self.generation)
-        count = chunk.count()
-        self._sent_in_generation += count
-        self.pages_sent += count
-        self.bytes_sent += n
-        return n
 
     def quiesce(self) -> None:
         """RAM has no DMA of its own to stop."""
@@ -186,24 +199,19 @@ class RamHandler:
         With a budget, the size is checked before anything is sent; on
         ``OverBudget`` nothing was lost: the known set still holds every page.
         """
-        self.sync()
-        remaining = self._dirty.count() * self.page_size
-        if budget is not None and remaining > budget:
+        t0 = self.clock.now()
+        sent, remaining, (count, cost) = self._stream.complete(budget)
+        self._synced(count, cost, t0 + cost)
+        self._accounted(t0)
+        if sent is None:
             raise OverBudget(self.name, remaining, budget)
-        self.final_pages = self._dirty.count()
-        chunk = self._dirty.take()
-        sent = self._send(link, chunk) if chunk.count() else 0
-        link.sync(self.generation)
-        self.downtime_bytes += sent
-        return sent
+        return int(sent)
 
     def resume_after_exact(self) -> None:
         """Nothing to undo: the synced pages stay in the known set."""
 
     def abort(self) -> None:
-        close = getattr(self.tracker, "close", None)
-        if callable(close):
-            close()
+        self._stream.close()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from mig import protocol
-from mig._mig import DirtyBitmap
+from mig._mig import DirtyBitmap, Sender
 from mig.clock import Clock
 from mig.protocol import Message
 from mig.reorder import DeviceRecord
@@ -86,6 +86,16 @@ class SenderLink:
         self._busy += self._clock.now() - t0
         self._bytes += n
         return n
+
+    def ram_target(self) -> Sender | None:
+        """The native ``Sender`` the RAM stream may drive directly (then it
+        reports its bytes through ``account_pages``), or None."""
+        return self._s if isinstance(self._s, Sender) else None
+
+    def account_pages(self, nbytes: int, seconds: float) -> None:
+        """Counts bytes the RAM stream sent on the native sender itself."""
+        self._bytes += int(nbytes)
+        self._busy += float(seconds)
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
         t0 = self._clock.now()

@@ -37,6 +37,9 @@ class MigrationParams:
     connect_timeout: float = 10.0
     switchover_timeout: float = 30.0  # s to wait for the destination's "resumed"
     io_timeout: float = 60.0  # s a channel may block on a peer that stops reading
+    # MSG_ZEROCOPY sends (QEMU's zero-copy-send): tcp:, no compression, no TLS;
+    # on loopback the kernel copies anyway, so it cannot pay there.
+    zero_copy_send: bool = False
     # When the memory digests are compared: "after-resume" (after the guest
     # runs on the destination: a mismatch is detected, not prevented),
     # "strict" (before resume, a full digest inside the downtime) or "off".
@@ -67,6 +70,10 @@ class MigrationParams:
             raise ValueError("timeout_action must be 'cancel' or 'force'")
         if self.non_convergence_action not in ("report", "fail"):
             raise ValueError("non_convergence_action must be 'report' or 'fail'")
+        if not isinstance(self.zero_copy_send, bool):
+            raise ValueError(f"zero_copy_send must be a bool, not {self.zero_copy_send!r}")
+        if self.zero_copy_send and self.compression != "none":
+            raise ValueError("zero_copy_send needs compression 'none': compressed pages are copied")
         if self.verify not in VERIFY_MODES:
             modes = ", ".join(repr(m) for m in VERIFY_MODES)
             raise ValueError(f"verify must be one of {modes}, not {self.verify!r}")

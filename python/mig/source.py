@@ -291,6 +291,7 @@ class MigrationSource:
             connect_timeout=float(params.connect_timeout),
             **self.tls,
             io_timeout=float(params.io_timeout),
+            zero_copy_send=params.zero_copy_send,
         )
         return SenderLink(sender, self.clock)
 

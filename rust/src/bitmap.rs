@@ -228,6 +228,65 @@ impl DirtyBitmap {
         Ok(taken)
     }
 
+    /// Clears up to `want` set pages at or after page `from`, in ascending
+    /// order, appending them to `out`; returns the page after the last one
+    /// examined (the next cursor: the bitmap's length when it reached the
+    /// end). The work is proportional to the words walked and the pages
+    /// taken, never to the whole bitmap (like vm-memory's range API).
+    pub fn take_from(&mut self, from: usize, want: usize, out: &mut Vec<u64>) -> usize {
+        if from >= self.nbits || want == 0 {
+            return from.min(self.nbits);
+        }
+        let mut taken = 0;
+        let mut wi = from / 64;
+        // Bits below `from` in its word are not ours to take.
+        let mut mask = u64::MAX << (from % 64);
+        while wi < self.words.len() {
+            let mut w = self.words[wi] & mask;
+            while w != 0 {
+                let bit = w.trailing_zeros() as usize;
+                self.words[wi] &= !(1u64 << bit);
+                out.push((wi * 64 + bit) as u64);
+                taken += 1;
+                if taken == want {
+                    return (wi * 64 + bit + 1).min(self.nbits);
+                }
+                w &= w - 1;
+            }
+            wi += 1;
+            mask = u64::MAX;
+        }
+        self.nbits
+    }
+
+    /// Clears every set page in `[start, start + len)`, in ascending order,
+    /// appending them to `out`; returns how many. The work is proportional
+    /// to the words of the range, never to the whole bitmap.
+    pub fn take_range(&mut self, start: usize, len: usize, out: &mut Vec<u64>) -> usize {
+        let end = start.saturating_add(len).min(self.nbits);
+        if start >= end {
+            return 0;
+        }
+        let before = out.len();
+        let last = (end - 1) / 64;
+        for wi in start / 64..=last {
+            let mut mask = u64::MAX;
+            if wi == start / 64 {
+                mask &= u64::MAX << (start % 64);
+            }
+            if wi == last && !end.is_multiple_of(64) {
+                mask &= u64::MAX >> (64 - end % 64);
+            }
+            let mut w = self.words[wi] & mask;
+            self.words[wi] &= !mask;
+            while w != 0 {
+                out.push((wi * 64 + w.trailing_zeros() as usize) as u64);
+                w &= w - 1;
+            }
+        }
+        out.len() - before
+    }
+
     /// Moves every set page out, leaving this bitmap empty.
     pub fn take(&mut self) -> DirtyBitmap {
         let nbits = self.nbits;
@@ -303,6 +362,25 @@ impl Iterator for SetBits {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn take_from_stops_at_want_and_reports_where() {
+        let mut bm = DirtyBitmap::from_indices(&[1, 3, 64, 65, 200, 299], 300).unwrap();
+        let mut out = Vec::new();
+        // Page 1 is behind the cursor: left alone.
+        assert_eq!(bm.take_from(2, 3, &mut out), 66);
+        assert_eq!(out, vec![3, 64, 65]);
+        assert!(bm.get(1) && !bm.get(3) && !bm.get(65));
+        out.clear();
+        // Fewer than wanted: runs to the end.
+        assert_eq!(bm.take_from(66, 10, &mut out), 300);
+        assert_eq!(out, vec![200, 299]);
+        out.clear();
+        assert_eq!(bm.take_from(300, 1, &mut out), 300);
+        assert_eq!(bm.take_from(0, 0, &mut out), 0);
+        assert!(out.is_empty());
+        assert_eq!(bm.count(), 1);
+    }
 
     fn naive_runs(bits: &[bool]) -> Vec<(u64, u64)> {
         let mut out = Vec::new();

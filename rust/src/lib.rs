@@ -13,12 +13,14 @@ pub mod memory;
 pub mod order;
 pub mod pagemap;
 pub mod postcopy;
+pub mod ram_stream;
 pub mod receiver;
 pub mod sender;
 pub mod tracker;
 pub mod transport;
 pub mod wire;
 pub mod workload;
+pub mod zero_copy;
 
 mod binding;
 

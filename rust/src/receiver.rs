@@ -116,6 +116,8 @@ struct Counters {
     zero: AtomicU64,
     zero_filled: AtomicU64,
     syncs: AtomicU64,
+    /// Live PAGE payloads that differ from what the sender read.
+    live_rewritten: AtomicU64,
     device_records: AtomicU64,
     device_bytes: AtomicU64,
 }
@@ -340,6 +342,7 @@ pub struct ReceiverStats {
     pub zero_pages: u64,
     pub zero_filled: u64,
     pub syncs: u64,
+    pub live_rewritten: u64,
     pub device_records: u64,
     pub device_bytes: u64,
     pub channel_packets: Vec<u64>,
@@ -653,6 +656,7 @@ impl Receiver {
             zero_pages: get(&c.zero),
             zero_filled: get(&c.zero_filled),
             syncs: get(&c.syncs),
+            live_rewritten: get(&c.live_rewritten),
             device_records: get(&c.device_records),
             device_bytes: get(&c.device_bytes),
             channel_packets: self.shared.channel_packets.iter().map(get).collect(),
@@ -698,7 +702,7 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{ChannelKind, Compression, RecordHeader, RecordKind};
+    use crate::wire::{ChannelKind, Compression, RecordHeader, RecordKind, RECORD_HEADER_LEN};
     use std::io::Cursor;
 
     const PS: usize = 4096;
@@ -723,6 +727,7 @@ mod tests {
                 compression: Compression::None,
                 normal: 1,
                 zero: 0,
+                live_crc: None,
             },
             number,
             generation,
@@ -870,6 +875,7 @@ mod tests {
             compression: Compression::None,
             normal: pages.len() as u32,
             zero: 0,
+            live_crc: None,
         };
         RecordHeader::record(kind, number, generation, &body)
     }
@@ -877,6 +883,14 @@ mod tests {
     /// Feeds `bytes` through a socket pair and receives with `readv`
     /// straight into memory; returns the outcome of `wait_end`.
     fn receive_direct(mem: &Arc<GuestMemory>, bytes: Vec<u8>) -> CoreResult<EndInfo> {
+        receive_direct_stats(mem, bytes).0
+    }
+
+    /// `receive_direct`, with the receiver's statistics afterwards.
+    fn receive_direct_stats(
+        mem: &Arc<GuestMemory>,
+        bytes: Vec<u8>,
+    ) -> (CoreResult<EndInfo>, ReceiverStats) {
         let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
         let writer = std::thread::spawn(move || {
             use std::io::Write;
@@ -888,10 +902,93 @@ mod tests {
             direct: Some(std::os::fd::AsFd::as_fd(&rx).try_clone_to_owned().unwrap()),
             reader: Box::new(rx),
         };
-        let r = Receiver::start_channels(mem.clone(), h, vec![input], Default::default())?;
+        let r = match Receiver::start_channels(mem.clone(), h, vec![input], Default::default()) {
+            Ok(r) => r,
+            Err(e) => panic!("receiver did not start: {e}"),
+        };
         let out = wait(&r);
         writer.join().unwrap();
+        (out, r.stats())
+    }
+
+    /// A live PAGE record (`FLAG_LIVE`): `read` is what the sender read
+    /// (its CRC goes in the header), `sent` what went out, each a fill
+    /// byte per page of `pages`.
+    fn live_record(
+        number: u64,
+        generation: u64,
+        pages: &[u64],
+        read: &[u8],
+        sent: &[u8],
+    ) -> Vec<u8> {
+        let offsets: Vec<u8> = pages
+            .iter()
+            .flat_map(|p| (p * PS as u64).to_le_bytes())
+            .collect();
+        let payload = |fills: &[u8]| -> Vec<u8> {
+            fills
+                .iter()
+                .flat_map(|&f| std::iter::repeat_n(f, PS))
+                .collect()
+        };
+        let h = RecordHeader {
+            kind: RecordKind::Pages {
+                compression: Compression::None,
+                normal: pages.len() as u32,
+                zero: 0,
+                live_crc: Some(crc32c::crc32c(&payload(read))),
+            },
+            number,
+            generation,
+            body_len: 0,
+            crc: 0,
+        };
+        let mut out = vec![0u8; RECORD_HEADER_LEN];
+        h.encode_live_into(&mut out, &offsets, pages.len() * PS);
+        out.extend_from_slice(&offsets);
+        out.extend_from_slice(&payload(sent));
         out
+    }
+
+    /// A live payload the guest rewrote during its send is applied (holes
+    /// straight from the socket, a page with data through the bounce
+    /// buffer) and counted, not refused; one that matches is not counted.
+    #[test]
+    fn a_rewritten_live_payload_is_applied_and_counted() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        mem.write_bytes(5 * PS, &[9; PS]).unwrap();
+        let want = GuestMemory::new(PS * 16).unwrap();
+        for (p, fill) in [(4, 7), (5, 2), (6, 3), (9, 4)] {
+            want.write_bytes(p * PS, &[fill; PS]).unwrap();
+        }
+        let d = crate::chunk_digest::digest_frozen(&want, 1);
+        let bytes = [
+            live_record(0, 1, &[4, 5, 6], &[1, 2, 3], &[7, 2, 3]),
+            live_record(1, 1, &[9], &[4], &[4]),
+            end(2, d),
+        ]
+        .concat();
+        let (end, stats) = receive_direct_stats(&mem, bytes);
+        assert_eq!(end.unwrap().digest, d);
+        assert_eq!(stats.live_rewritten, 1);
+        assert_eq!(page(&mem, 4), vec![7; PS]);
+        assert_eq!(page(&mem, 5), vec![2; PS]);
+    }
+
+    /// A live record's offsets stay under the record CRC: a damaged one is
+    /// refused and memory is as it was.
+    #[test]
+    fn a_live_record_with_damaged_offsets_is_refused() {
+        let mem = Arc::new(GuestMemory::new(PS * 16).unwrap());
+        mem.write_bytes(5 * PS, &[9; PS]).unwrap();
+        let before = mem.digest();
+        let mut rec = live_record(0, 1, &[4, 5], &[1, 2], &[1, 2]);
+        // Page 4 becomes page 2: still a valid offset, so only the CRC can
+        // tell.
+        rec[RECORD_HEADER_LEN + 1] ^= 0x60;
+        let e = receive_direct(&mem, rec).unwrap_err().to_string();
+        assert!(e.contains("CRC mismatch"), "{e}");
+        assert_eq!(mem.digest(), before);
     }
 
     fn page(mem: &GuestMemory, p: usize) -> Vec<u8> {

@@ -1,11 +1,14 @@
 //! The sender: pages → packets → N channels.
 //!
-//! The caller hands over a harvested bitmap and a generation. Page lists of
-//! `packet_pages` go to a shared queue; whichever channel thread is idle
-//! takes the next one, reads the pages from guest memory (the guest may be
-//! running: a page written after the harvest is dirty again and is resent in
-//! the next generation), separates zero pages word-wise, compresses if asked,
-//! and writes header + offsets + payload with one vectored write. Records
+//! The caller hands over a page list (or a bitmap) and a generation. Page
+//! lists of `packet_pages` go to a shared queue; whichever channel thread is
+//! idle takes the next one, reads the pages from guest memory (the guest may
+//! be running: a page written after the harvest is dirty again and is resent
+//! in the next generation) and separates zero pages word-wise. Uncompressed
+//! pages on a plain socket then go out with one vectored write whose iovecs
+//! point straight at the guest pages, after the header and offsets (QEMU
+//! multifd's layout; `wire::FLAG_LIVE` says what the CRC covers). Compression,
+//! TLS and files work on a copy of the pages. Records
 //! that must reach every channel (sync, end) go through per-channel queues.
 //! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
 
@@ -29,6 +32,7 @@ use crate::wire::{
     self, ChannelKind, Compression, RecordHeader, RecordKind, StreamHeader, MAX_CHANNELS,
     MAX_DEVICE_CHUNK, MAX_PACKET_PAGES, RECORD_HEADER_LEN,
 };
+use crate::zero_copy::{self, ZeroCopy};
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -41,6 +45,9 @@ pub struct SenderConfig {
     pub io_timeout: Duration,
     /// Mutual TLS on every channel.
     pub tls: Option<Arc<transport::TlsConfig>>,
+    /// `MSG_ZEROCOPY` sends of live pages (QEMU's `zero-copy-send`; see
+    /// `zero_copy`): plain TCP without compression only.
+    pub zero_copy_send: bool,
 }
 
 impl SenderConfig {
@@ -50,6 +57,12 @@ impl SenderConfig {
                 "channels must be in [1, {MAX_CHANNELS}], got {}",
                 self.channels
             )));
+        }
+        if self.zero_copy_send && (self.compression != Compression::None || self.tls.is_some()) {
+            return Err(CoreError::Unsupported(
+                "zero_copy_send cannot be combined with compression or TLS (both copy the pages)"
+                    .into(),
+            ));
         }
         if self.packet_pages == 0 || self.packet_pages > MAX_PACKET_PAGES {
             return Err(CoreError::invalid(format!(
@@ -218,6 +231,9 @@ struct Shared {
     payload_bytes: AtomicU64,
     normal_pages: AtomicU64,
     zero_pages: AtomicU64,
+    /// Zero-copy completions, and those where the kernel copied anyway.
+    zero_copy_done: AtomicU64,
+    zero_copy_copied: AtomicU64,
     channels: Vec<ChannelStats>,
     window: Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
@@ -328,6 +344,11 @@ impl Sender {
     pub fn connect(mem: Arc<GuestMemory>, uri: &str, cfg: SenderConfig) -> CoreResult<Self> {
         cfg.check()?;
         let ep = transport::parse_uri(uri)?;
+        if cfg.zero_copy_send && !matches!(ep, Endpoint::Tcp(_)) {
+            return Err(CoreError::Unsupported(
+                "zero_copy_send needs tcp: channels (MSG_ZEROCOPY)".into(),
+            ));
+        }
         let header = |kind, index| StreamHeader {
             kind,
             page_size: mem.page_size() as u32,
@@ -376,6 +397,12 @@ impl Sender {
                     c.try_clone()
                         .map_err(|e| CoreError::io("clone socket", e))?,
                 );
+                if cfg.zero_copy_send {
+                    let fd = raw_fd(&c).ok_or_else(|| CoreError::invalid("no socket fd"))?;
+                    zero_copy::enable(fd).map_err(|e| {
+                        CoreError::Unsupported(format!("zero_copy_send: SO_ZEROCOPY: {e}"))
+                    })?;
+                }
                 sinks.push(Sink::Socket(c));
             }
         }
@@ -387,6 +414,8 @@ impl Sender {
             payload_bytes: AtomicU64::new(0),
             normal_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            zero_copy_done: AtomicU64::new(0),
+            zero_copy_copied: AtomicU64::new(0),
             channels: (0..cfg.channels).map(|_| ChannelStats::default()).collect(),
             window: Mutex::new(Default::default()),
         });
@@ -457,14 +486,49 @@ impl Sender {
             g.sent.or_assign(bitmap)?;
             g.order.on_pages(generation).map_err(out_of_order)?;
         }
+        self.dispatch(bitmap.iter().map(|p| p as u64), generation)
+    }
+
+    /// Sends `pages` (page indices, each at most once per generation) as
+    /// part of `generation`; blocks until every packet is written. The check
+    /// and the bookkeeping cost O(pages), not O(guest): this is the path of
+    /// the RAM stream, one chunk at a time.
+    pub fn send_page_list(&self, pages: &[u64], generation: u64) -> CoreResult<u64> {
+        self.shared.check()?;
+        let n = self.mem.num_pages() as u64;
+        if let Some(&p) = pages.iter().find(|&&p| p >= n) {
+            return Err(CoreError::invalid(format!(
+                "page {p} is outside a memory of {n} pages"
+            )));
+        }
+        {
+            let mut g = lock(&self.gen);
+            check_generation(&g, generation)?;
+            if let Some(&p) = pages.iter().find(|&&p| g.sent.get(p as usize)) {
+                return Err(CoreError::invalid(format!(
+                    "page {p} was already sent in generation {generation}: sync and start a \
+                     new generation to resend it"
+                )));
+            }
+            for &p in pages {
+                g.sent.set(p as usize);
+            }
+            g.order.on_pages(generation).map_err(out_of_order)?;
+        }
+        self.dispatch(pages.iter().copied(), generation)
+    }
+
+    /// Splits `pages` into packets for whichever channel is idle and waits
+    /// for all of them.
+    fn dispatch(&self, pages: impl Iterator<Item = u64>, generation: u64) -> CoreResult<u64> {
         let (reply, results) = unbounded();
         let pages_tx = lock(&self.pages_tx).clone().ok_or_else(closed)?;
         let pages_tx = &pages_tx;
         let mut jobs = 0usize;
         let mut batch = Vec::with_capacity(self.cfg.packet_pages as usize);
         let mut outcome = Outcome::default();
-        for p in bitmap.iter() {
-            batch.push(p as u64);
+        for p in pages {
+            batch.push(p);
             if batch.len() == self.cfg.packet_pages as usize {
                 let pages = std::mem::replace(
                     &mut batch,
@@ -658,6 +722,8 @@ impl Sender {
                 .collect(),
             bandwidth: s.bandwidth(),
             max_bandwidth: s.bucket.rate.load(Ordering::Relaxed),
+            zero_copy_done: s.zero_copy_done.load(Ordering::Relaxed),
+            zero_copy_copied: s.zero_copy_copied.load(Ordering::Relaxed),
             failure: lock(&s.failure).clone(),
         }
     }
@@ -757,6 +823,8 @@ pub struct SenderStats {
     pub channel_busy: Vec<f64>,
     pub bandwidth: f64,
     pub max_bandwidth: u64,
+    pub zero_copy_done: u64,
+    pub zero_copy_copied: u64,
     pub failure: Option<String>,
 }
 
@@ -777,6 +845,15 @@ struct Worker {
     zero: Vec<u64>,
     /// The last packet was all zero pages: ask for holes (`scan_pages`).
     check_holes: bool,
+    /// Normal pages go out straight from guest memory (plain socket, no
+    /// compression): see `write_live_packet`.
+    live: bool,
+    /// Runs of adjacent normal pages of the current packet (offset, bytes).
+    runs: Vec<(usize, usize)>,
+    /// Outstanding `MSG_ZEROCOPY` sends, reaped at every sync and the end.
+    zero_copy: Option<ZeroCopy>,
+    /// Completions and copies already added to the shared statistics.
+    zero_copy_reported: (u64, u64),
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
@@ -819,6 +896,10 @@ impl Worker {
             normal: Vec::with_capacity(pp),
             zero: Vec::with_capacity(pp),
             check_holes: true,
+            live: cfg.compression == Compression::None && cfg.tls.is_none(),
+            runs: Vec::with_capacity(pp),
+            zero_copy: cfg.zero_copy_send.then(ZeroCopy::default),
+            zero_copy_reported: (0, 0),
             zstd,
         })
     }
@@ -882,19 +963,31 @@ impl Worker {
     }
 
     fn error(&self, what: &str, e: std::io::Error) -> CoreError {
-        if transport::is_timeout(&e) {
-            return transport::timeout_error(format!(
-                "channel {}, packet {}: {what}: stalled peer (I/O timeout)",
-                self.index, self.number
-            ));
-        }
-        CoreError::io(
-            format!("channel {}, packet {}: {what}", self.index, self.number),
-            e,
-        )
+        channel_error(self.index, self.number, what, e)
+    }
+
+    /// Waits for every zero-copy send of this channel to complete, so the
+    /// kernel holds no pinned pages across a sync (QEMU flushes likewise).
+    fn reap_zero_copy(&mut self) -> CoreResult<()> {
+        let (Some(zc), Sink::Socket(conn)) = (&mut self.zero_copy, &self.sink) else {
+            return Ok(());
+        };
+        let fd = raw_fd(conn).ok_or_else(|| CoreError::invalid("no socket fd"))?;
+        let r = zc.reap(fd, true);
+        // Completions are also reaped during sends: report all since last.
+        let (done, copied) = (zc.completed(), zc.copied);
+        let (done0, copied0) = std::mem::replace(&mut self.zero_copy_reported, (done, copied));
+        let s = &self.shared;
+        s.zero_copy_done.fetch_add(done - done0, Ordering::Relaxed);
+        s.zero_copy_copied
+            .fetch_add(copied - copied0, Ordering::Relaxed);
+        r.map_err(|e| self.error("reap zero-copy completions", e))
     }
 
     fn send_record(&mut self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
+        if matches!(kind, RecordKind::Sync | RecordKind::End) {
+            self.reap_zero_copy()?;
+        }
         let Sink::Socket(conn) = &mut self.sink else {
             return Err(CoreError::invalid("records of a file go to its log"));
         };
@@ -921,12 +1014,16 @@ impl Worker {
             self.check_holes,
         )?;
         self.check_holes = self.zero.len() == pages.len();
-        self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
         let s = &self.shared;
         s.normal_pages
             .fetch_add(self.normal.len() as u64, Ordering::Relaxed);
         s.zero_pages
             .fetch_add(self.zero.len() as u64, Ordering::Relaxed);
+        if self.live && matches!(self.sink, Sink::Socket(_)) {
+            return self.write_live_packet(generation);
+        }
+        // Compression and TLS transform a copy; a file gets the copy too.
+        self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
         let wire = match &self.sink {
             Sink::File(f) => self.write_file(f.clone())?,
             Sink::Socket(_) => self.write_packet(generation)?,
@@ -967,6 +1064,7 @@ impl Worker {
             compression: used,
             normal: self.normal.len() as u32,
             zero: self.zero.len() as u32,
+            live_crc: None,
         };
         self.head.clear();
         self.head.resize(RECORD_HEADER_LEN, 0);
@@ -1004,6 +1102,79 @@ impl Worker {
         Ok(wire)
     }
 
+    /// QEMU multifd's layout without its copy: one vectored write of the
+    /// header and offsets, then iovecs straight on the guest pages (one per
+    /// run of adjacent pages). The payload CRC is read from the mapping just
+    /// before the write (a read, not a copy) and travels in the header
+    /// (`wire::FLAG_LIVE`): a page the guest rewrites in between is already
+    /// dirty again in the tracker and goes out again in a later generation.
+    fn write_live_packet(&mut self, generation: u64) -> CoreResult<u64> {
+        let ps = self.mem.page_size();
+        self.runs.clear();
+        for &off in &self.normal {
+            let off = off as usize;
+            match self.runs.last_mut() {
+                Some((start, len)) if *start + *len == off => *len += ps,
+                _ => self.runs.push((off, ps)),
+            }
+        }
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(self.runs.len());
+        let mut crc = 0u32;
+        for &(off, len) in &self.runs {
+            // SAFETY: a racy read of guest memory is the point of pre-copy
+            // (see `scan_pages`); the slice lives as long as `self.mem`.
+            let page = unsafe { self.mem.racy_slice(off, len)? };
+            crc = crc32c::crc32c_append(crc, page);
+            slices.push(page);
+        }
+        let payload_len = self.normal.len() * ps;
+        self.head.clear();
+        self.head.resize(RECORD_HEADER_LEN, 0);
+        for off in self.normal.iter().chain(&self.zero) {
+            self.head.extend_from_slice(&off.to_le_bytes());
+        }
+        let (h, offsets) = self.head.split_at_mut(RECORD_HEADER_LEN);
+        RecordHeader {
+            kind: RecordKind::Pages {
+                compression: Compression::None,
+                normal: self.normal.len() as u32,
+                zero: self.zero.len() as u32,
+                live_crc: Some(crc),
+            },
+            number: self.number,
+            generation,
+            body_len: 0,
+            crc: 0,
+        }
+        .encode_live_into(h, offsets, payload_len);
+        let wire = (self.head.len() + payload_len) as u64;
+        self.shared.bucket.take(wire, &self.shared.abort);
+        let Sink::Socket(conn) = &mut self.sink else {
+            unreachable!("live packets are only written to sockets")
+        };
+        let mut bufs: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&self.head))
+            .chain(slices.iter().map(|s| IoSlice::new(s)))
+            .collect();
+        let written = match (&mut self.zero_copy, raw_fd(conn)) {
+            // The kernel reads zero-copy buffers until their completion: the
+            // header buffer is reused by the next packet, so it is copied
+            // by a plain write; only the guest pages go out zero-copy.
+            (Some(zc), Some(fd)) => transport::write_all_vectored(conn, &mut bufs[..1])
+                .and_then(|()| zc.write_all(fd, &mut bufs[1..])),
+            _ => transport::write_all_vectored(conn, &mut bufs),
+        };
+        if let Err(e) = written {
+            let (index, number) = (self.index, self.number);
+            return Err(channel_error(index, number, "send packet", e));
+        }
+        self.shared
+            .payload_bytes
+            .fetch_add(payload_len as u64, Ordering::Relaxed);
+        self.number += 1;
+        self.shared.account(self.index, wire);
+        Ok(wire)
+    }
+
     /// Writes the packet's pages into the snapshot file at their fixed
     /// offsets.
     fn write_file(&mut self, f: Arc<SnapshotFile>) -> CoreResult<u64> {
@@ -1023,6 +1194,24 @@ impl Worker {
         self.shared.account(self.index, wire);
         Ok(wire)
     }
+}
+
+/// The fd of a plain TCP connection (the only kind zero-copy sends use).
+fn raw_fd(c: &Conn) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    match c {
+        Conn::Tcp(s) => Some(s.as_raw_fd()),
+        _ => None,
+    }
+}
+
+fn channel_error(index: usize, number: u64, what: &str, e: std::io::Error) -> CoreError {
+    if transport::is_timeout(&e) {
+        return transport::timeout_error(format!(
+            "channel {index}, packet {number}: {what}: stalled peer (I/O timeout)"
+        ));
+    }
+    CoreError::io(format!("channel {index}, packet {number}: {what}"), e)
 }
 
 fn job_reply(job: Job) -> Reply {

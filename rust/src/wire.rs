@@ -31,6 +31,16 @@ pub const TAG_END: [u8; 4] = *b"END!";
 
 /// PAGE flags: bits 0–1 select the payload compression.
 pub const FLAG_COMPRESSION_MASK: u32 = 0b11;
+/// PAGE flags: the payload went out straight from live guest memory (no
+/// copy). The record CRC then covers the header and the offsets only, and
+/// the header's `arg` carries the payload's CRC32C as read from the guest
+/// mapping just before the send. The guest may rewrite a page between that
+/// read and the kernel's copy: the tracker has then marked the page dirty
+/// again, it is resent in a later generation (applied after this one), and
+/// the payload CRC differs. A receiver applies such a payload and counts
+/// it; the end-of-stream digest of the whole memory still has to match, so
+/// a payload damaged in transit cannot pass unnoticed.
+pub const FLAG_LIVE: u32 = 1 << 2;
 /// DEVS flags: this chunk is the device's last.
 pub const FLAG_FINAL: u32 = 1;
 
@@ -212,6 +222,8 @@ pub enum RecordKind {
         compression: Compression,
         normal: u32,
         zero: u32,
+        /// Sent from live memory (`FLAG_LIVE`): the payload's CRC32C.
+        live_crc: Option<u32>,
     },
     /// A chunk of one device's migration state; the body is the chunk.
     Device {
@@ -244,7 +256,17 @@ impl RecordHeader {
                 compression,
                 normal,
                 zero,
-            } => (TAG_PAGES, compression as u32, 0, normal, zero),
+                live_crc,
+            } => match live_crc {
+                Some(c) => (
+                    TAG_PAGES,
+                    compression as u32 | FLAG_LIVE,
+                    c as u64,
+                    normal,
+                    zero,
+                ),
+                None => (TAG_PAGES, compression as u32, 0, normal, zero),
+            },
             RecordKind::Device {
                 seq,
                 device_id,
@@ -273,6 +295,18 @@ impl RecordHeader {
         let crc = body
             .iter()
             .fold(crc32c::crc32c(&h[..44]), |c, b| crc32c::crc32c_append(c, b));
+        h[44..48].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Writes the header of a `FLAG_LIVE` PAGE record: `covered` (the
+    /// offsets) is under the record CRC, the `payload_len` bytes after it
+    /// are not (their CRC is in the kind's `live_crc`).
+    pub fn encode_live_into(&self, out: &mut [u8], covered: &[u8], payload_len: usize) {
+        self.encode_into(out, &[covered]);
+        let h = &mut out[..RECORD_HEADER_LEN];
+        let body_len = covered.len() + payload_len;
+        h[40..44].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..44]), covered);
         h[44..48].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -308,9 +342,14 @@ impl RecordHeader {
         let ps = stream.page_size as usize;
         let kind = match tag {
             TAG_PAGES => {
+                let live = flags & FLAG_LIVE != 0;
                 let compression = Compression::from_bits(flags & FLAG_COMPRESSION_MASK)
-                    .filter(|_| flags & !FLAG_COMPRESSION_MASK == 0)
-                    .ok_or_else(|| format!("PAGE record: bad flags {flags:#x}"))?;
+                    .filter(|_| flags & !(FLAG_COMPRESSION_MASK | FLAG_LIVE) == 0)
+                    // Only a raw payload can come from live memory, and its
+                    // CRC fits 32 bits.
+                    .filter(|&c| !live || (c == Compression::None && arg >> 32 == 0))
+                    .filter(|_| live || arg == 0)
+                    .ok_or_else(|| format!("PAGE record: bad flags {flags:#x} or arg {arg:#x}"))?;
                 let total = c0 as u64 + c1 as u64;
                 if total == 0 || total > stream.packet_pages as u64 {
                     return Err(format!(
@@ -338,6 +377,7 @@ impl RecordHeader {
                     compression,
                     normal: c0,
                     zero: c1,
+                    live_crc: live.then_some(arg as u32),
                 }
             }
             TAG_DEVICE => {
@@ -384,6 +424,31 @@ impl RecordHeader {
             body_len,
             crc,
         })
+    }
+
+    /// Checks a PAGE record's CRCs: `table` is its offset table, `payload`
+    /// its payload, which may lie in several places, given in order. A bad
+    /// record CRC is an error. Returns whether the payload matches: always
+    /// for a copied payload (the record CRC covers it), and for a live one
+    /// (`FLAG_LIVE`) whether it is what the sender read.
+    pub fn verify_pages<'a>(
+        &self,
+        raw: &[u8; RECORD_HEADER_LEN],
+        table: &'a [u8],
+        payload: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<bool, String> {
+        match self.kind {
+            RecordKind::Pages {
+                live_crc: Some(want),
+                ..
+            } => {
+                self.verify_crc(raw, table)?;
+                Ok(payload.into_iter().fold(0, crc32c::crc32c_append) == want)
+            }
+            _ => self
+                .verify_crc_parts(raw, std::iter::once(table).chain(payload))
+                .map(|()| true),
+        }
     }
 
     /// Checks the CRC over the raw header bytes and the body.
@@ -634,6 +699,7 @@ mod tests {
                 compression: Compression::None,
                 normal: 1,
                 zero: 0,
+                live_crc: None,
             },
             0,
             0,
@@ -663,6 +729,49 @@ mod tests {
         assert!(control_frame_header(&frame).is_err());
     }
 
+    /// A live PAGE record: the offsets are under the record CRC, a changed
+    /// payload is reported (not refused), and live flags on a compressed
+    /// payload are refused.
+    #[test]
+    fn live_pages_cover_offsets_strictly_and_report_the_payload() {
+        let s = stream();
+        let offsets: Vec<u8> = [0u64, 4096].iter().flat_map(|o| o.to_le_bytes()).collect();
+        let payload = vec![9u8; 4096];
+        let kind = RecordKind::Pages {
+            compression: Compression::None,
+            normal: 1,
+            zero: 1,
+            live_crc: Some(crc32c::crc32c(&payload)),
+        };
+        let h = RecordHeader {
+            kind,
+            number: 4,
+            generation: 2,
+            body_len: 0,
+            crc: 0,
+        };
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        h.encode_live_into(&mut head, &offsets, payload.len());
+        let d = RecordHeader::decode(&head, &s).unwrap();
+        assert_eq!(d.kind, kind);
+        assert_eq!(d.body_len as usize, offsets.len() + payload.len());
+        let (mut table, mut payload) = (offsets.clone(), payload);
+        assert_eq!(d.verify_pages(&head, &table, [&payload[..]]), Ok(true));
+        // The guest rewrote the page during the send.
+        payload[5] = 1;
+        assert_eq!(d.verify_pages(&head, &table, [&payload[..]]), Ok(false));
+        // A damaged offset is refused.
+        table[3] ^= 1;
+        assert!(d.verify_pages(&head, &table, [&payload[..]]).is_err());
+        let mut lz = head;
+        lz[4..8].copy_from_slice(&(FLAG_LIVE | Compression::Lz4 as u32).to_le_bytes());
+        assert!(RecordHeader::decode(&lz, &s).is_err());
+        // Without the flag, `arg` must stay zero.
+        let mut plain = head;
+        plain[4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert!(RecordHeader::decode(&plain, &s).is_err());
+    }
+
     fn arb_kind() -> impl Strategy<Value = (RecordKind, Vec<u8>)> {
         prop_oneof![
             (1u32..4, 0u32..4).prop_map(|(n, z)| {
@@ -676,6 +785,7 @@ mod tests {
                         compression: Compression::None,
                         normal: n,
                         zero: z,
+                        live_crc: None,
                     },
                     body,
                 )

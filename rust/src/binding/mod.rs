@@ -11,6 +11,7 @@ mod bitmap;
 mod chunk_digest;
 mod memory;
 mod postcopy;
+mod ram_stream;
 mod stream;
 mod tracker;
 mod workload;
@@ -53,5 +54,6 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     postcopy::register(m)?;
     workload::register(m)?;
     stream::register(m)?;
+    ram_stream::register(m)?;
     Ok(())
 }

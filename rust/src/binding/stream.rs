@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -107,7 +108,7 @@ fn control_recv<'py>(
 /// Streams guest memory to a destination over N channels.
 #[pyclass(name = "Sender", module = "mig._mig", frozen)]
 pub struct PySender {
-    inner: Arc<Sender>,
+    pub(super) inner: Arc<Sender>,
     uri: String,
     compression: Compression,
     migration_id: u128,
@@ -118,7 +119,7 @@ impl PySender {
     #[new]
     #[pyo3(signature = (memory, uri, *, migration_id, channels=2, packet_pages=128,
         compression="none", max_bandwidth=0, connect_timeout=10.0, io_timeout=60.0,
-        tls_cert=None, tls_key=None, tls_ca=None))]
+        tls_cert=None, tls_key=None, tls_ca=None, zero_copy_send=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -134,6 +135,7 @@ impl PySender {
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
         tls_ca: Option<PathBuf>,
+        zero_copy_send: bool,
     ) -> PyResult<Self> {
         let tls = tls_config(&uri, tls_cert, tls_key, tls_ca)?;
         let cfg = SenderConfig {
@@ -145,6 +147,7 @@ impl PySender {
             connect_timeout: seconds("connect_timeout", connect_timeout)?,
             io_timeout: seconds("io_timeout", io_timeout)?,
             tls,
+            zero_copy_send,
         };
         let mem = memory.get().inner.clone();
         let (c, id) = (cfg.compression, cfg.migration_id);
@@ -184,6 +187,19 @@ impl PySender {
         let bm = bitmap.get().lock().clone();
         let s = self.inner.clone();
         Ok(py.detach(move || s.send_pages(&bm, generation))?)
+    }
+
+    /// Sends the pages at these indices (each at most once per generation)
+    /// as part of `generation`; returns the bytes written to the channels.
+    fn send_page_list(
+        &self,
+        py: Python<'_>,
+        pages: PyReadonlyArray1<'_, u64>,
+        generation: u64,
+    ) -> PyResult<u64> {
+        let pages = pages.as_slice()?.to_vec();
+        let s = self.inner.clone();
+        Ok(py.detach(move || s.send_page_list(&pages, generation))?)
     }
 
     #[pyo3(signature = (device_id, seq, data, r#final))]
@@ -250,6 +266,8 @@ impl PySender {
         d.set_item("channel-busy-seconds", st.channel_busy)?;
         d.set_item("bandwidth", st.bandwidth)?;
         d.set_item("max-bandwidth", st.max_bandwidth)?;
+        d.set_item("zero-copy-completions", st.zero_copy_done)?;
+        d.set_item("zero-copy-copied", st.zero_copy_copied)?;
         d.set_item("compression", self.compression.name())?;
         d.set_item("failure", st.failure)?;
         Ok(d)
@@ -467,6 +485,7 @@ impl PyReceiver {
         d.set_item("zero-pages", st.zero_pages)?;
         d.set_item("zero-filled", st.zero_filled)?;
         d.set_item("syncs", st.syncs)?;
+        d.set_item("live-rewritten", st.live_rewritten)?;
         d.set_item("device-records", st.device_records)?;
         d.set_item("device-bytes", st.device_bytes)?;
         d.set_item("channel-packets", st.channel_packets)?;

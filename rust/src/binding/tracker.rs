@@ -12,7 +12,7 @@ use crate::tracker::{self, Backend, Capability, DirtyTracker};
 
 #[pyclass(name = "DirtyTracker", module = "mig._mig", frozen)]
 pub struct PyDirtyTracker {
-    inner: Arc<DirtyTracker>,
+    pub(super) inner: Arc<DirtyTracker>,
 }
 
 #[pymethods]

@@ -171,6 +171,9 @@ impl ChannelReader<'_> {
                 DecodeError::Bad(m) => self.perr(m),
                 DecodeError::Core(e) => e,
             })?;
+        if pages.rewritten {
+            sh.counters.live_rewritten.fetch_add(1, Ordering::Relaxed);
+        }
         sh.applied(&pages.normal, &pages.zero)
     }
 

@@ -55,6 +55,11 @@ pub struct PageRecord<'a> {
 pub struct Pages {
     pub normal: Vec<u64>,
     pub zero: Vec<u64>,
+    /// A live payload (`FLAG_LIVE`) that differs from what the sender read:
+    /// the guest rewrote it during the send. It is applied all the same;
+    /// the page is dirty again at the source and resent in a later
+    /// generation, and the end digest settles the memory.
+    pub rewritten: bool,
 }
 
 /// Where a run of adjacent normal pages is received.
@@ -117,6 +122,7 @@ impl PageDecoder {
             compression,
             normal,
             zero,
+            ..
         } = rec.header.kind
         else {
             return Err(DecodeError::Bad("not a PAGE record".into()));
@@ -128,14 +134,19 @@ impl PageDecoder {
             .map_err(|f| DecodeError::Read("PAGE offsets", f))?;
         let (normal, zero) =
             wire::parse_offsets(normal, &self.table, to.stream).map_err(DecodeError::Bad)?;
-        match compression {
+        let matches = match compression {
             Compression::None => self.receive_plain(reader, direct, rec, &normal, to)?,
             c => {
                 let payload = rec.header.body_len as usize - table_len;
-                self.receive_packed(reader, rec, c, payload, &normal, to)?
+                self.receive_packed(reader, rec, c, payload, &normal, to)?;
+                true
             }
-        }
-        Ok(Pages { normal, zero })
+        };
+        Ok(Pages {
+            normal,
+            zero,
+            rewritten: !matches,
+        })
     }
 
     /// Plans where each normal page goes: holes straight into memory when
@@ -171,6 +182,8 @@ impl PageDecoder {
         }
     }
 
+    /// Returns whether the payload is what the sender read (see
+    /// [`RecordHeader::verify_pages`]).
     fn receive_plain(
         &mut self,
         reader: &mut dyn Read,
@@ -178,7 +191,7 @@ impl PageDecoder {
         rec: &PageRecord<'_>,
         normal: &[u64],
         to: &Destination<'_>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<bool, DecodeError> {
         let mem = to.mem;
         self.plan(normal, direct.is_some(), to.digest);
         let read = match direct {
@@ -202,14 +215,18 @@ impl PageDecoder {
                 Via::Direct => unsafe { mem.racy_slice(r.dest, r.len) }.unwrap_or(&[]),
                 Via::Bounce(at) => &bounce[at..at + r.len],
             });
-            rec.header
-                .verify_crc_parts(rec.raw, std::iter::once(&self.table[..]).chain(parts))
+            rec.header.verify_pages(rec.raw, &self.table, parts)
         };
-        if let Err(m) = crc {
-            self.undo_direct(mem)?;
-            return Err(DecodeError::Bad(m));
+        match crc {
+            Ok(matches) => {
+                self.store_bounced(mem)?;
+                Ok(matches)
+            }
+            Err(m) => {
+                self.undo_direct(mem)?;
+                Err(DecodeError::Bad(m))
+            }
         }
-        self.store_bounced(mem)
     }
 
     /// Receives the planned runs with `readv`, each at its place.
