@@ -9,11 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from migratekit import migrate_loopback
 from streamkit import WritingGuest
 
 import mig
-from mig.destination import MigrationDestination
-from mig.source import MigrationSource
 
 MIB = 1 << 20
 CAPS = mig.capabilities()
@@ -175,16 +174,7 @@ def test_a_page_the_source_missed_is_caught_at_the_end() -> None:
 def test_loopback_migration_with_a_writing_workload_verifies_the_chunk_root() -> None:
     src, dst = mig.GuestMemory(32 * MIB), mig.GuestMemory(32 * MIB)
     src.array[:: src.page_size] = 7
-    guest = mig.WorkloadGuest(src, vcpus=1, workload="uniform:wss=8MiB,rate=3000")
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
-    source = MigrationSource(guest, uri=dest.uri, multifd_channels=2, timeout=45)
-    dest.start()
-    source.start()
-    try:
-        q = source.wait(60)
-        d = dest.wait(30)
-    finally:
-        guest.close()
+    q, d, _ = migrate_loopback(src, dst, "uniform:wss=8MiB,rate=3000")
     assert q["status"] == "completed" and d["status"] == "completed" and d["verified"]
     root = format(mig.digest_frozen(src, threads=1), "032x")
     assert d["memory-digest"] == root == format(mig.ChunkDigest(dst).root(), "032x")

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from migratekit import migrate_loopback
 
 import mig
 
@@ -153,23 +154,11 @@ def test_info_lists_the_backings() -> None:
 def test_migration_into_a_backing_reports_what_it_got(backing: str) -> None:
     """A live migration into destination memory of another backing is byte
     exact, and the destination's query() says what its memory got."""
-    from mig.destination import MigrationDestination
-    from mig.source import MigrationSource
-
     offered(backing)
     size = HUGE * 16
     src, dst = mig.GuestMemory(size), mig.GuestMemory(size, backing)
     src.array[::PAGE] = 7
-    guest = mig.WorkloadGuest(src, vcpus=1, workload="idle")
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
-    source = MigrationSource(guest, uri=dest.uri, multifd_channels=2, timeout=45)
-    dest.start()
-    source.start()
-    try:
-        q = source.wait(60)
-        d = dest.wait(30)
-    finally:
-        guest.close()
+    q, d, _ = migrate_loopback(src, dst)
     assert q["status"] == "completed" and d["status"] == "completed" and d["verified"]
     assert src.digest() == dst.digest()
     assert d["memory-backing"] == backing

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from migratekit import migrate_loopback
 
 import mig
-from mig.destination import MigrationDestination
 from mig.policies import policy_names
 from mig.source import MigrationSource
 
@@ -30,20 +30,9 @@ def migrate(
 ) -> tuple[dict, dict, mig.GuestMemory, mig.GuestMemory, Any]:
     src, dst = mig.GuestMemory(size), mig.GuestMemory(size)
     src.array[:: src.page_size] = 7  # non-zero content in every page
-    guest = mig.WorkloadGuest(src, vcpus=1, workload=workload)
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
-    params.setdefault("multifd_channels", 2)
-    params.setdefault("timeout", 45)
-    source = MigrationSource(guest, uri=dest.uri, on_status=on_status, on_event=on_event, **params)
-    if before:
-        before(source, guest)
-    dest.start()
-    source.start()
-    try:
-        q = source.wait(60)
-        d = dest.wait(30)
-    finally:
-        guest.close()
+    q, d, source = migrate_loopback(
+        src, dst, workload, before, on_status=on_status, on_event=on_event, **params
+    )
     return q, d, src, dst, source
 
 
