@@ -290,6 +290,12 @@ impl RamStream {
         }
         let g = self.generation;
         let bytes = self.sink()?.sync(g)?;
+        // The barrier closed `g` on every channel. A switchover can still be
+        // abandoned after this (the destination refuses, or `go` is lost
+        // before the commit point) and precopy go on: its pages must start a
+        // new generation, or the channels refuse them as sent after sync(g).
+        self.generation += 1;
+        self.sent_in_generation = 0;
         self.stats.wire_bytes += bytes;
         self.stats.downtime_bytes += sent;
         Ok((Completion::Sent(sent), report))
@@ -316,26 +322,33 @@ mod tests {
         fn close(&mut self) {}
     }
 
-    /// Records every call: (generation, pages) per send, barriers apart.
+    /// Records every call: (generation, pages) per send, barriers apart,
+    /// and every call in order through the channel's own order checks.
     #[derive(Default)]
     struct Log {
         sends: Vec<(u64, Vec<u64>)>,
         syncs: Vec<u64>,
+        order: crate::order::ChannelOrder,
+        order_errors: Vec<String>,
     }
 
     struct Recorder(Arc<Mutex<Log>>);
 
     impl PageSink for Recorder {
         fn send(&mut self, pages: &[u64], generation: u64) -> CoreResult<u64> {
-            self.0
-                .lock()
-                .unwrap()
-                .sends
-                .push((generation, pages.to_vec()));
+            let mut log = self.0.lock().unwrap();
+            if let Err(e) = log.order.on_pages(generation) {
+                log.order_errors.push(e.to_string());
+            }
+            log.sends.push((generation, pages.to_vec()));
             Ok(pages.len() as u64 * 4096)
         }
         fn sync(&mut self, generation: u64) -> CoreResult<u64> {
-            self.0.lock().unwrap().syncs.push(generation);
+            let mut log = self.0.lock().unwrap();
+            if let Err(e) = log.order.on_sync(generation) {
+                log.order_errors.push(e.to_string());
+            }
+            log.syncs.push(generation);
             Ok(48)
         }
     }
@@ -461,6 +474,23 @@ mod tests {
         expect.sort();
         assert_eq!(last, expect);
         assert_eq!(s.stats().final_pages, 522);
+    }
+
+    #[test]
+    fn precopy_after_an_abandoned_switchover_keeps_the_channel_order() {
+        let (mut s, marks, log) = stream(256);
+        s.iterate(128 * 4096).unwrap();
+        assert!(matches!(s.complete(None).unwrap().0, Completion::Sent(_)));
+        // The switchover was abandoned; the guest runs on and dirties pages.
+        marks.lock().unwrap().set_range(0, 4).unwrap();
+        s.sync().unwrap();
+        s.iterate(4 * 4096).unwrap();
+        marks.lock().unwrap().set(9);
+        assert!(matches!(s.complete(None).unwrap().0, Completion::Sent(_)));
+        let log = log.lock().unwrap();
+        assert_eq!(log.order_errors, Vec::<String>::new());
+        assert!(log.syncs.windows(2).all(|w| w[0] < w[1]), "{:?}", log.syncs);
+        assert_eq!(s.pending(), 0);
     }
 
     #[test]
