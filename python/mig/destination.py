@@ -40,6 +40,7 @@ from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
 from mig.protocol import VERIFY_MODES, Failed, SwitchoverAck
+from mig.reorder import DRAIN_BYTES
 
 __all__ = ["MigrationDestination"]
 
@@ -115,7 +116,7 @@ class MigrationDestination:
             {d: h.name for d, h in self.handlers.items()},
             # A DeviceHandler names its bound; other handlers get the default.
             max_queued_bytes={
-                d: h.max_queued_bytes
+                d: h.max_queued_bytes + DRAIN_BYTES
                 for d, h in self.handlers.items()
                 if isinstance(h, DeviceHandler)
             },

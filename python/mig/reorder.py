@@ -21,6 +21,7 @@ from mig._mig import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_QUEUED_BYTES",
+    "DRAIN_BYTES",
     "MAX_QUEUED_RECORDS",
     "DeviceRecord",
     "ReorderBuffer",
@@ -31,6 +32,10 @@ __all__ = [
 MAX_QUEUED_RECORDS = 1 << 16
 # Bytes one device may hold when its handler names no bound of its own.
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20
+# What one drain of the receiver's device records can bring at once (its
+# ``device_buffer`` default): a destination adds them all before it releases
+# any, so a device's bound allows for them on top of a pass not yet announced.
+DRAIN_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
