@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from mig.cli_values import device_specs, dirty_limit, int_range, policy_names, positive, typed
 from mig.protocol import VERIFY_MODES
@@ -33,7 +33,8 @@ MAX_VCPUS = 256
 
 # ``add_argument`` target: a parser or one of its argument groups.
 Options = argparse.ArgumentParser | argparse._ArgumentGroup
-Commands = Any  # argparse's private _SubParsersAction
+# The subcommand list ``add_subparsers`` returns.
+Commands = argparse._SubParsersAction
 
 
 class OptionParser(argparse.ArgumentParser):
