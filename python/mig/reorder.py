@@ -27,8 +27,8 @@ __all__ = [
     "ReorderBuffer",
 ]
 
-# Records one device may hold: a pass of sample-device state in 16 KiB chunks
-# is a few thousand; the bound only stops a peer from growing the table.
+# Records one device may hold: a 64 MiB device state in 16 KiB chunks is
+# 4096 records; the bound only stops a peer from growing the table.
 MAX_QUEUED_RECORDS = 1 << 16
 # Bytes one device may hold when its handler names no bound of its own.
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20
@@ -79,9 +79,10 @@ class ReorderBuffer:
         if held > self.max_bytes[dev] or len(waiting) >= self.max_records:
             raise ProtocolError(
                 f"device {dev}: record seq {record.seq} would leave {len(waiting) + 1} records "
-                f"({held} bytes) queued out of order, over the bound of {self.max_records} "
-                f"records or {self.max_bytes[dev]} bytes per device (next in sequence: "
-                f"{self._released[dev] + 1}, announced up to {self._bound[dev]})"
+                f"({held} bytes) queued out of order or unannounced, over the bound of "
+                f"{self.max_records} records or {self.max_bytes[dev]} bytes per device "
+                f"(next in sequence: {self._released[dev] + 1}, "
+                f"announced up to {self._bound[dev]})"
             )
         waiting[record.seq] = record
         self._waiting_bytes[dev] = held
