@@ -37,7 +37,7 @@ from mig.protocol import (
     VerifyDigest,
     VerifyResult,
 )
-from mig.reorder import DeviceRecord
+from mig.reorder import DEFAULT_MAX_QUEUED_BYTES, DeviceRecord, ReorderBuffer
 
 DIGEST = "0123456789abcdef0123456789abcdef"
 OTHER = "f" * 32
@@ -147,6 +147,44 @@ def test_records_load_in_order_only_up_to_the_announced_bound() -> None:
         c.records_arrived([DeviceRecord(5, 0, b"\x00", False)])
     with pytest.raises(ProtocolError, match="unknown device id 5"):
         c.on_message(Pass(3, 1, {5: 0}), 0.3)
+
+
+def test_a_peer_that_never_fills_the_gap_hits_the_byte_bound() -> None:
+    # Hostile: record 0 never comes, so nothing is ever released, while the
+    # later records announced as sent pile up; the bound stops them.
+    c = active(max_queued_bytes={1: 10_000})
+    c.on_message(Pass(1, 0, {1: 1_000}), 0.1)
+    for seq in range(1, 10):
+        c.records_arrived([DeviceRecord(1, seq, b"\x00" * 1_000, False)])
+    assert c.loads() == []
+    with pytest.raises(ProtocolError, match="10 records .*11000 bytes.*10000 bytes per device"):
+        c.records_arrived([DeviceRecord(1, 10, b"\x00" * 2_000, False)])
+
+
+def test_a_peer_that_never_announces_hits_the_record_bound() -> None:
+    # Hostile: tiny in-sequence records, never covered by a pass: each is held.
+    buf = ReorderBuffer([1], max_records=100)
+    for seq in range(100):
+        buf.add(DeviceRecord(1, seq, b"\x00", False))
+    assert list(buf.release()) == []
+    with pytest.raises(ProtocolError, match="101 records .*bound of 100 records"):
+        buf.add(DeviceRecord(1, 100, b"\x00", False))
+    # Released records free their room again.
+    buf.announce({1: 49})
+    assert [r.seq for r in buf.release()] == list(range(50))
+    for seq in range(101, 151):
+        buf.add(DeviceRecord(1, seq, b"\x00", False))
+    with pytest.raises(ProtocolError, match="bound of 100 records"):
+        buf.add(DeviceRecord(1, 151, b"\x00", False))
+
+
+def test_the_default_byte_bound_applies_to_every_device() -> None:
+    buf = ReorderBuffer([1, 2])
+    assert buf.max_bytes == {1: DEFAULT_MAX_QUEUED_BYTES, 2: DEFAULT_MAX_QUEUED_BYTES}
+    buf.add(DeviceRecord(2, 1, b"\x00" * DEFAULT_MAX_QUEUED_BYTES, False))
+    with pytest.raises(ProtocolError, match=f"device 2: .*{DEFAULT_MAX_QUEUED_BYTES} bytes"):
+        buf.add(DeviceRecord(2, 2, b"\x00", False))
+    buf.add(DeviceRecord(1, 1, b"\x00", False))  # the other device has its own room
 
 
 def test_switchover_ack_once_every_device_has_its_initial_data() -> None:

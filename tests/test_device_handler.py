@@ -150,9 +150,10 @@ def test_switchover_ack_waits_for_initial_data() -> None:
         p.src.iterate(p.link, initial)
         assert any(rec[2][0] & FLAG_INIT_DONE for rec in p.link.records)
         # Out of order: the flag counts only once everything before it is loaded.
-        last = p.link.records.pop()
-        p.dst.load_state(last[1], last[2], last[3])
-        assert p.link.records and not p.dst.precopy_initial_loaded()
+        rest, p.link.records = p.link.records[:-1], p.link.records[-1:]
+        p.deliver()
+        assert rest and not p.dst.precopy_initial_loaded()
+        p.link.records = rest
         p.deliver()
         assert p.dst.precopy_initial_loaded()
     finally:
@@ -266,6 +267,10 @@ def test_destination_rejects_bad_sequences() -> None:
         p.dst.load_state(first[1], first[2], first[3])
         with pytest.raises(mig.ProtocolError, match="duplicate"):
             p.dst.load_state(first[1], first[2], first[3])
+        # Reordering is the destination's ReorderBuffer's job: a handler
+        # takes only the next chunk.
+        with pytest.raises(mig.ProtocolError, match="out of sequence, expected 1"):
+            p.dst.load_state(2, b"\0", False)
         with pytest.raises(D.DeviceStreamError, match="final chunk never arrived"):
             p.dst.load_complete()
         # A nic stream into a gpu device names both.
@@ -275,12 +280,14 @@ def test_destination_rejects_bad_sequences() -> None:
         p.dst.load_setup()
         with pytest.raises(D.DeviceStreamError, match="'nic' device, this is a 'gpu'"):
             other.link.deliver({7: p.dst})
-        # Out-of-order queueing is bounded.
+        # Out-of-order queueing is bounded by the handler's max_queued_bytes.
         p.dst.load_abort()
         small = DeviceHandler(p.dst_dev, 7, max_queued_bytes=1000)
         small.load_setup()
-        with pytest.raises(D.DeviceStreamError, match="queued out of order"):
-            small.load_state(5, b"\0" * 2000, False)
+        hostile = LoopbackLink()
+        hostile.send_device_state(7, 5, b"\0" * 2000, False)
+        with pytest.raises(mig.ProtocolError, match="queued out of order.*1000 bytes"):
+            hostile.deliver({7: small})
     finally:
         p.close()
         other.close()

@@ -20,34 +20,34 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from mig.protocol import VERIFY_MODES
-from mig.units import format_size, parse_duration, parse_rate, parse_size
+from mig.cli_options import (
+    DEFAULT_SIZE,
+    DEMO_TIMEOUT,
+    EXIT_USAGE,
+    add_bench,
+    add_demo,
+    add_info,
+    add_restore,
+    add_send,
+    add_serve,
+    add_snapshot,
+    new_parser,
+)
+from mig.cli_values import page_size
+from mig.units import format_size, parse_size
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-DEFAULT_SIZE = "1GiB"
-# A hot set of 10 % of RAM written at a pace a loopback link outruns, so the
-# default run converges and shows several passes; raise ``rate`` to see
-# auto-converge and the policies work harder.
-DEFAULT_WORKLOAD = "hotset:rate=50000"
-DEFAULT_DEVICES = "nic"
-DEFAULT_VCPUS = 2
-DEMO_TIMEOUT = 60.0
-COMPRESSIONS = ("none", "zstd", "lz4")
-AUTO_CONVERGE_MODES = ("proportional", "qemu")
-MAX_CHANNELS = 64
-MAX_VCPUS = 256
 SNAPSHOT_TYPE = "mig-snapshot"
 
 log = logging.getLogger("mig.cli")
@@ -60,372 +60,18 @@ class UsageError(Exception):
         super().__init__(f"argument {option}: {message}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """One-line errors that name the argument, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"mig: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-# ------------------------------------------------------------ argument types
-def _typed(parse: Callable[[str], Any], check: Callable[[Any], str | None] | None = None):
-    def convert(text: str) -> Any:
-        try:
-            value = parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        problem = check(value) if check else None
-        if problem:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {problem}")
-        return value
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-def _int_range(lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"invalid integer {text!r}") from None
-
-    return _typed(parse, lambda v: None if lo <= v <= hi else f"must be in {lo}..{hi}")
-
-
-def _devices(text: str) -> str:
-    """A device spec list, checked now; ``none`` (or empty) for no devices."""
-    if text.strip().lower() in ("", "none"):
-        return "none"
-    from mig.devices import parse_specs
-
-    try:
-        specs = parse_specs(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return ";".join(str(s) for s in specs)
-
-
-def _dirty_limit(text: str) -> float:
-    """Page writes/s per vCPU: a plain number, or a rate with units (``8MiB/s``)."""
-    try:
-        return float(text) if _is_number(text) else parse_rate(text) / _page_size()
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _page_size() -> int:
-    from mig import _mig
-
-    return int(_mig.page_size)
-
-
-def _policy_names() -> list[str] | None:
-    try:
-        from mig.policies import policy_names
-    except ImportError:
-        return None
-    return list(policy_names())
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "--log-level",
-        default="warning",
-        choices=("debug", "info", "warning", "error", "critical"),
-        help="logging level on stderr (default: warning)",
-    )
-    common.add_argument(
-        "--json",
-        action="store_true",
-        help="print only the final statistics object as JSON on stdout",
-    )
-
-    guest = _Parser(add_help=False)
-    g = guest.add_argument_group("guest")
-    g.add_argument(
-        "--size",
-        type=_typed(parse_size, _positive),
-        default=None,
-        help=f"guest memory size (default {DEFAULT_SIZE})",
-    )
-    g.add_argument("--image", metavar="FILE", help="load guest memory from a raw image")
-    g.add_argument(
-        "--workload",
-        metavar="SPEC",
-        default=DEFAULT_WORKLOAD,
-        help=f"vCPU workload: idle, sequential, uniform, hotset, zipf (default {DEFAULT_WORKLOAD})",
-    )
-    g.add_argument(
-        "--vcpus",
-        type=_int_range(1, MAX_VCPUS),
-        default=DEFAULT_VCPUS,
-        help=f"number of vCPUs (default {DEFAULT_VCPUS})",
-    )
-
-    devices = _Parser(add_help=False)
-    devices.add_argument(
-        "--devices",
-        metavar="SPEC[,SPEC]",
-        type=_devices,
-        default=DEFAULT_DEVICES,
-        help=f"devices such as nic:state=64MiB,rate=20MiB/s, or none (default {DEFAULT_DEVICES})",
-    )
-
-    tls = _Parser(add_help=False)
-    t = tls.add_argument_group("mutual TLS on every channel (all three, PEM files)")
-    t.add_argument("--tls-cert", metavar="FILE", help="this side's certificate (chain)")
-    t.add_argument("--tls-key", metavar="FILE", help="its private key")
-    t.add_argument("--tls-ca", metavar="FILE", help="CA that the peer's certificate must chain to")
-
-    mig = _Parser(add_help=False)
-    m = mig.add_argument_group("migration")
-    policies = _policy_names()
-    m.add_argument(
-        "--policy",
-        choices=policies,
-        default=None,
-        help="completion policy" + (f": {', '.join(policies)}" if policies else ""),
-    )
-    m.add_argument(
-        "--downtime-limit",
-        type=_typed(parse_duration, _positive),
-        default=0.3,
-        metavar="TIME",
-        help="downtime limit, e.g. 300ms (default 300ms)",
-    )
-    m.add_argument(
-        "--max-bandwidth",
-        type=_typed(parse_rate),
-        default=0,
-        metavar="RATE",
-        help="bandwidth cap, e.g. 100MiB/s (default unlimited)",
-    )
-    m.add_argument(
-        "--avail-switchover-bandwidth",
-        type=_typed(parse_rate),
-        default=0,
-        metavar="RATE",
-        help="bandwidth assumed for the switchover decision (default: measured)",
-    )
-    m.add_argument(
-        "--channels",
-        type=_int_range(1, MAX_CHANNELS),
-        default=2,
-        help="parallel data channels (default 2)",
-    )
-    m.add_argument("--compress", choices=COMPRESSIONS, default="none", help="page compression")
-    m.add_argument(
-        "--auto-converge",
-        nargs="?",
-        const="proportional",
-        default=None,
-        choices=AUTO_CONVERGE_MODES,
-        metavar="MODE",
-        help="throttle vCPUs to converge: proportional (default mode) or qemu",
-    )
-    m.add_argument(
-        "--dirty-limit",
-        type=_dirty_limit,
-        default=0.0,
-        metavar="RATE",
-        help="per-vCPU cap on page writes/s (a number, or a rate such as 8MiB/s)",
-    )
-    m.add_argument(
-        "--timeout",
-        type=_typed(parse_duration, _positive),
-        default=None,
-        metavar="TIME",
-        help=f"give up after this long (default: never; mig demo: {DEMO_TIMEOUT:.0f}s)",
-    )
-    m.add_argument(
-        "--timeout-action",
-        choices=("cancel", "force"),
-        default=None,
-        help="at the timeout, cancel or force the switchover "
-        "(default cancel; mig demo at its default timeout: force)",
-    )
-    m.add_argument(
-        "--verify",
-        dest="verify_mode",
-        choices=VERIFY_MODES,
-        default=None,
-        metavar="MODE",
-        help="compare the memory digests after-resume (default: a mismatch is detected once "
-        "the guest runs on the destination), strict (before resume, a full digest in the "
-        "downtime) or off",
-    )
-    m.add_argument(
-        "--simulate",
-        action="store_true",
-        help="predict the migration in virtual time instead of running it "
-        "(this host's model from `mig bench calibrate`, or the shipped default)",
-    )
-    m.add_argument(
-        "--host-model",
-        metavar="FILE",
-        default=None,
-        help="host model for --simulate (default: $MIG_HOST_MODEL or "
-        "~/.config/mig/host-model.json)",
-    )
-    m.add_argument(
-        "--no-verify",
-        dest="end_to_end",
-        action="store_false",
-        help="skip the demo's own end-to-end digest check (on by default)",
-    )
-
-    parser = _Parser(
-        prog="mig",
-        description="Pre-copy live migration of memory and device state.",
-        parents=[],
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    sub.add_parser(
-        "demo",
-        parents=[common, guest, devices, mig, tls],
-        help="migrate a running guest live between two local processes",
-        description="Start a destination process and migrate a running guest to it over "
-        "loopback TCP, with a live progress view.",
-    )
-
-    serve = sub.add_parser(
-        "serve",
-        parents=[common, devices, tls],
-        help="run the destination",
-        description="Receive migrations on URI; the size and devices must match the source's.",
-    )
-    serve.add_argument("--listen", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
-    serve.add_argument("--once", action="store_true", help="exit after one migration")
-    serve.add_argument(
-        "--verify",
-        dest="verify_mode",
-        choices=VERIFY_MODES,
-        default=None,
-        metavar="MODE",
-        help="accept only sources with this verify mode: after-resume, strict or off "
-        "(default: the source's)",
-    )
-    serve.add_argument(
-        "--size",
-        type=_typed(parse_size, _positive),
-        default=DEFAULT_SIZE,
-        help=f"guest memory size (default {DEFAULT_SIZE})",
-    )
-    serve.add_argument(
-        "--timeout",
-        type=_typed(parse_duration, _positive),
-        default=None,
-        metavar="TIME",
-        help="wait this long for a source (default: forever)",
-    )
-    serve.add_argument(
-        "--backing",
-        choices=("auto", "memfd", "memfd-thp", "anon", "anon-thp", "hugetlb"),
-        default="auto",
-        help="destination memory backing (default auto: the fastest to fill the host "
-        "offers; `mig info` lists them)",
-    )
-    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    _add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
-    _add_qmp_options(serve, incoming=True)
-
-    send = sub.add_parser(
-        "send",
-        parents=[common, guest, devices, mig, tls],
-        help="run a guest and migrate it to a destination",
-        description="Run the built-in guest and migrate it live to a `mig serve` at URI.",
-    )
-    send.add_argument("--connect", metavar="URI", help="tcp:HOST:PORT or unix:PATH")
-    _add_go_timeout(
-        send, "wait this long for the destination's ready, then its resumed (default 30s)"
-    )
-    _add_qmp_options(send, incoming=False)
-
-    snap = sub.add_parser(
-        "snapshot",
-        parents=[common, guest, devices],
-        help="save a running guest to a file",
-        description="Run the built-in guest, stop it, save memory and device state to FILE "
-        "with the file: transport, and resume it.",
-    )
-    snap.add_argument("--out", required=True, metavar="FILE", help="snapshot file to write")
-    snap.add_argument(
-        "--warmup",
-        type=_typed(parse_duration),
-        default=0.5,
-        metavar="TIME",
-        help="let the workload run this long first (default 500ms)",
-    )
-    snap.add_argument(
-        "--channels",
-        type=_int_range(1, MAX_CHANNELS),
-        default=2,
-        help="parallel writer channels (default 2)",
-    )
-
-    restore = sub.add_parser(
-        "restore",
-        parents=[common],
-        help="load and verify a snapshot",
-        description="Load a snapshot written by `mig snapshot` and verify memory and devices.",
-    )
-    restore.add_argument("file", metavar="FILE")
-
-    sub.add_parser(
-        "info",
-        parents=[common],
-        help="host capabilities",
-        description="Dirty-tracking backends, kernel version and the CPU features mig uses.",
-    )
-
-    # Listed for --help only: main() hands `mig bench ...` to mig.lab's own parser.
-    sub.add_parser("bench", help="policy lab and micro-benchmarks (mig bench --help)")
+    """``mig``'s parser: one builder per command (mig.cli_options defines every option)."""
+    parser, commands = new_parser()
+    add_demo(commands)
+    add_serve(commands)
+    add_send(commands)
+    add_snapshot(commands)
+    add_restore(commands)
+    add_info(commands)
+    add_bench(commands)
     return parser
-
-
-def _add_go_timeout(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--go-timeout``: each side's wait across the commit point (docs/protocol.md)."""
-    parser.add_argument(
-        "--go-timeout",
-        type=_typed(parse_duration, _positive),
-        default=None,
-        metavar="TIME",
-        help=help,
-    )
-
-
-def _add_qmp_options(parser: argparse.ArgumentParser, incoming: bool) -> None:
-    """``--qmp`` (and ``--incoming defer`` on serve): the command driven through QMP."""
-    parser.add_argument(
-        "--qmp",
-        metavar="ADDRESS",
-        help="serve QMP on unix:PATH or tcp:HOST:PORT and run until its quit"
-        + ("" if incoming else "; migrations start on its migrate"),
-    )
-    if incoming:
-        parser.add_argument(
-            "--incoming",
-            choices=("defer",),
-            help="with --qmp: listen only on migrate-incoming (instead of --listen)",
-        )
 
 
 # ----------------------------------------------------------------- helpers
@@ -1021,7 +667,7 @@ def host_info() -> dict[str, Any]:
         "kernel": caps.get("kernel", platform.release()),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
-        "page-size": _page_size(),
+        "page-size": page_size(),
         "dirty-tracking": {
             k: v
             for k, v in caps.items()

@@ -34,11 +34,13 @@ from mig.destination_core import (
     SetStatus,
     StartLoads,
 )
+from mig.device_handler import DeviceHandler
 from mig.errors import MigrationEnded
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
 from mig.protocol import VERIFY_MODES, Failed, SwitchoverAck
+from mig.reorder import DRAIN_BYTES
 
 __all__ = ["MigrationDestination"]
 
@@ -106,14 +108,18 @@ class MigrationDestination:
         self.handlers: dict[int, LoadHandler] = {}
         for i, dev in enumerate(devices, start=1):
             if not isinstance(dev, LoadHandler):
-                from mig.device_handler import DeviceHandler  # noqa: PLC0415
-
                 dev = DeviceHandler(dev, device_id=i)
             self.handlers[int(getattr(dev, "device_id", i))] = dev
         self.core = DestinationCore(
             memory.page_size,
             memory.size,
             {d: h.name for d, h in self.handlers.items()},
+            # A DeviceHandler names its bound; other handlers get the default.
+            max_queued_bytes={
+                d: h.max_queued_bytes + DRAIN_BYTES
+                for d, h in self.handlers.items()
+                if isinstance(h, DeviceHandler)
+            },
             hello_timeout=accept_timeout,
             idle_timeout=idle_timeout,
             go_timeout=self.go_timeout,

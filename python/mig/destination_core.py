@@ -52,7 +52,7 @@ from mig.protocol import (
     VerifyDigest,
     VerifyResult,
 )
-from mig.reorder import DeviceRecord, ReorderBuffer
+from mig.reorder import DEFAULT_MAX_QUEUED_BYTES, DeviceRecord, ReorderBuffer
 
 __all__ = [
     "DestinationPhase",
@@ -142,7 +142,9 @@ Effect = (
 class DestinationCore:
     """The protocol state of one incoming migration.
 
-    ``devices``: device id -> name, as the destination has them.
+    ``devices``: device id -> name, as the destination has them;
+    ``max_queued_bytes``: device id -> the bytes of its records the
+    destination may hold out of order (`mig.reorder.ReorderBuffer`'s bound).
     ``initially_loaded``: devices with no precopy initial data to wait for
     (more can be marked with ``initial_loaded``). Timeouts are in seconds of
     whatever clock the driver passes as ``now``; ``tick`` enforces them.
@@ -154,6 +156,7 @@ class DestinationCore:
         ram_size: int,
         devices: Mapping[int, str],
         *,
+        max_queued_bytes: Mapping[int, int] | None = None,
         initially_loaded: Iterable[int] = (),
         hello_timeout: float = math.inf,
         idle_timeout: float = math.inf,
@@ -174,7 +177,10 @@ class DestinationCore:
         self.verify_error: str | None = None
         self.verify_time: float | None = None
         self.phase = DestinationPhase.AWAIT_HELLO
-        self.records = ReorderBuffer(self.devices)
+        bounds = max_queued_bytes or {}
+        self.records = ReorderBuffer(
+            {d: bounds.get(d, DEFAULT_MAX_QUEUED_BYTES) for d in self.devices}
+        )
         self.migration_id: int | None = None
         self.channels = 1
         self.passes = 0

@@ -18,7 +18,9 @@ Each chunk sent carries a one-byte flag header: ``INIT_DONE`` when the
 device's precopy initial bytes have all been read (switchover-ack: the
 destination reports them loaded), ``NEW_SESSION`` when a new saving session
 starts. Destination chunks may arrive out of order over parallel channels;
-they are queued (bounded) and written in sequence.
+the destination's `mig.reorder.ReorderBuffer` puts them back in sequence
+(within ``max_queued_bytes``) before ``load_state`` sees them, so this
+handler only checks that each chunk is the next one.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ __all__ = ["FLAG_INIT_DONE", "FLAG_NEW_SESSION", "DeviceHandler", "DeviceLink"]
 FLAG_INIT_DONE = 1
 FLAG_NEW_SESSION = 2
 _KNOWN_FLAGS = FLAG_INIT_DONE | FLAG_NEW_SESSION
-_MAX_QUEUED_CHUNKS = 1 << 16
 
 
 class DeviceLink(Protocol):
@@ -72,7 +73,8 @@ class DeviceHandler:
         self.device = device
         self.device_id = device_id
         self.buffer_size = buffer_size
-        # Bounds what an out-of-order sender can make the destination queue.
+        # Bounds what an out-of-order sender can make the destination hold
+        # for this device (the destination's ReorderBuffer enforces it).
         self.max_queued_bytes = (
             max_queued_bytes if max_queued_bytes is not None else 2 * device.capacity + (16 << 20)
         )
@@ -269,8 +271,6 @@ class DeviceHandler:
     def _reset_dest(self) -> None:
         self._writer: ResumeSession | None = None
         self._expect = 0
-        self._queued: dict[int, tuple[bytes, bool]] = {}
-        self._queued_bytes = 0
         self._final_seen = False
         self._initial_loaded = False
 
@@ -289,36 +289,29 @@ class DeviceHandler:
         self._initial_loaded = not dev.caps & MigCap.PRE_COPY
 
     def load_state(self, seq: int, chunk: bytes, final: bool) -> None:
-        """Queue one chunk and write every chunk now in sequence into the device."""
+        """Write the next chunk in sequence into the device."""
         if self._writer is None:
             raise ProtocolError(f"device {self.name!r}: state arrived before load_setup()")
         if not chunk or chunk[0] & ~_KNOWN_FLAGS:
             raise ProtocolError(f"device {self.name!r}: malformed chunk {seq}")
-        if seq < self._expect or seq in self._queued:
+        if seq < self._expect:
             raise ProtocolError(f"device {self.name!r}: duplicate chunk {seq}")
         if self._final_seen:
             raise ProtocolError(f"device {self.name!r}: chunk {seq} after the final one")
-        self._queued_bytes += len(chunk)
-        if self._queued_bytes > self.max_queued_bytes or len(self._queued) >= _MAX_QUEUED_CHUNKS:
-            raise DeviceStreamError(
-                f"device {self.name!r}: more than {self.max_queued_bytes} bytes or "
-                f"{_MAX_QUEUED_CHUNKS} chunks queued out of order"
+        if seq != self._expect:
+            raise ProtocolError(
+                f"device {self.name!r}: chunk {seq} out of sequence, expected {self._expect} "
+                "(the destination's ReorderBuffer orders chunks before loading)"
             )
-        self._queued[seq] = (bytes(chunk), final)
-        while self._expect in self._queued:
-            data, fin = self._queued.pop(self._expect)
-            self._queued_bytes -= len(data)
-            self._expect += 1
-            if data[0] & FLAG_NEW_SESSION:
-                self._open_resume()
-            assert self._writer is not None
-            self._writer.write(memoryview(data)[1:])
-            if data[0] & FLAG_INIT_DONE:
-                self._initial_loaded = True
-            if fin:
-                self._final_seen = True
-                if self._queued:
-                    raise ProtocolError(f"device {self.name!r}: chunks queued past the final one")
+        self._expect += 1
+        if chunk[0] & FLAG_NEW_SESSION:
+            self._open_resume()
+        assert self._writer is not None
+        self._writer.write(memoryview(chunk)[1:])
+        if chunk[0] & FLAG_INIT_DONE:
+            self._initial_loaded = True
+        if final:
+            self._final_seen = True
 
     def precopy_initial_loaded(self) -> bool:
         """True once the source's precopy initial data is loaded (switchover-ack)."""
@@ -329,7 +322,7 @@ class DeviceHandler:
         if not self._final_seen:
             raise DeviceStreamError(
                 f"device {self.name!r}: state incomplete, the final chunk never arrived "
-                f"({self._expect} in sequence, {len(self._queued)} queued)"
+                f"({self._expect} loaded in sequence)"
             )
         self.device.set_state(MigState.STOP)
         self._writer = None

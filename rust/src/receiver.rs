@@ -21,6 +21,7 @@
 //! [`ReceiverConfig::device_buffer`].
 
 mod channel;
+mod no_peer;
 mod pages;
 mod snapshot;
 
@@ -38,6 +39,7 @@ use crate::transport::{self, Conn, ControlLink, Listener};
 use crate::wire::StreamHeader;
 
 use channel::{run_channel, ChannelInput, StreamRole};
+use no_peer::NoPeer;
 
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -136,8 +138,6 @@ struct Shared {
     done_cv: Condvar,
     devices: Mutex<Devices>,
     devices_cv: Condvar,
-    controls: Mutex<VecDeque<Vec<u8>>>,
-    controls_cv: Condvar,
     /// The digest of destination memory, marked by every write. It also
     /// knows which pages may hold non-zero bytes: a zero page elsewhere
     /// needs no write (and no allocation) on a fresh destination, and a
@@ -159,7 +159,6 @@ impl Shared {
         self.abort.store(true, Ordering::SeqCst);
         self.barrier_cv.notify_all();
         self.devices_cv.notify_all();
-        self.controls_cv.notify_all();
     }
 
     fn first_error(&self) -> Option<CoreError> {
@@ -318,10 +317,27 @@ impl Shared {
     }
 }
 
-enum ControlSide {
-    Link(ControlLink),
-    /// A snapshot: control messages come from its record log.
-    Log,
+/// The destination's end of the control messages: the session's control
+/// link, or what stands in for a peer when there is none (a snapshot's
+/// record log, see `snapshot.rs`).
+trait ControlPort: Send + Sync {
+    fn send(&self, payload: &[u8]) -> CoreResult<()>;
+    fn recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>>;
+    fn shutdown(&self) {}
+}
+
+impl ControlPort for ControlLink {
+    fn send(&self, payload: &[u8]) -> CoreResult<()> {
+        ControlLink::send(self, payload)
+    }
+
+    fn recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>> {
+        ControlLink::recv(self, timeout)
+    }
+
+    fn shutdown(&self) {
+        ControlLink::shutdown(self)
+    }
 }
 
 pub struct Receiver {
@@ -329,7 +345,7 @@ pub struct Receiver {
     threads: Mutex<Vec<JoinHandle<()>>>,
     rehasher: Mutex<Option<Rehasher>>,
     thread_count: usize,
-    control: ControlSide,
+    control: Arc<dyn ControlPort>,
     sockets: Vec<Conn>,
     refused: Vec<String>,
     started: Instant,
@@ -419,8 +435,6 @@ impl Receiver {
             done_cv: Condvar::new(),
             devices: Mutex::new(Devices::default()),
             devices_cv: Condvar::new(),
-            controls: Mutex::new(VecDeque::new()),
-            controls_cv: Condvar::new(),
             counters: Counters::default(),
         }))
     }
@@ -447,7 +461,11 @@ impl Receiver {
             })
     }
 
-    fn with_threads(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> Self {
+    fn with_threads(
+        shared: Arc<Shared>,
+        threads: Vec<JoinHandle<()>>,
+        control: Arc<dyn ControlPort>,
+    ) -> Self {
         // Without this thread every stale chunk is simply hashed in wait_end.
         let rehasher = Rehasher::start(shared.digest.clone(), Throttle::default()).ok();
         Receiver {
@@ -455,7 +473,7 @@ impl Receiver {
             shared,
             thread_count: threads.len(),
             threads: Mutex::new(threads),
-            control: ControlSide::Log,
+            control,
             sockets: Vec::new(),
             refused: Vec::new(),
             started: Instant::now(),
@@ -488,7 +506,7 @@ impl Receiver {
                 run_channel(sh, i as u32, StreamRole::Data, &mut input)
             })?);
         }
-        Ok(Self::with_threads(sh, threads))
+        Ok(Self::with_threads(sh, threads, Arc::new(NoPeer::default())))
     }
 
     /// Waits for a session on `listener` and starts applying it to `mem`;
@@ -516,7 +534,7 @@ impl Receiver {
             });
         }
         let mut r = Self::start_channels(mem, session.header, inputs, cfg)?;
-        r.control = ControlSide::Link(ControlLink::new(session.control)?);
+        r.control = Arc::new(ControlLink::new(session.control)?);
         r.sockets = sockets;
         r.refused = session.refused;
         Ok(r)
@@ -614,37 +632,11 @@ impl Receiver {
     }
 
     pub fn control_send(&self, payload: &[u8]) -> CoreResult<()> {
-        match &self.control {
-            ControlSide::Link(c) => c.send(payload),
-            ControlSide::Log => Err(CoreError::Unsupported(
-                "a file: snapshot is one-way; there is no source to answer".into(),
-            )),
-        }
+        self.control.send(payload)
     }
 
     pub fn control_recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>> {
-        match &self.control {
-            ControlSide::Link(c) => c.recv(timeout),
-            ControlSide::Log => {
-                let deadline = Instant::now() + timeout;
-                let mut q = lock(&self.shared.controls);
-                loop {
-                    if let Some(m) = q.pop_front() {
-                        return Ok(Some(m));
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    q = self
-                        .shared
-                        .controls_cv
-                        .wait_timeout(q, left.min(POLL))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        }
+        self.control.recv(timeout)
     }
 
     pub fn stats(&self) -> ReceiverStats {
@@ -674,9 +666,7 @@ impl Receiver {
         for s in &self.sockets {
             s.shutdown();
         }
-        if let ControlSide::Link(c) = &self.control {
-            c.shutdown();
-        }
+        self.control.shutdown();
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         for t in threads {
             let _ = t.join();

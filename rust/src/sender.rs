@@ -10,7 +10,8 @@
 //! multifd's layout; `wire::FLAG_LIVE` says what the CRC covers). Compression,
 //! TLS and files work on a copy of the pages. Records
 //! that must reach every channel (sync, end) go through per-channel queues.
-//! A `file:` target gets the mapped-ram layout: every page at a fixed offset.
+//! A `file:` target replaces the channels with a `Sink` (`sink.rs`): the
+//! threads scan and copy pages the same way and hand them to it.
 
 use std::io::{IoSlice, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver as Rx, Sender as Tx};
 
+mod sink;
 mod snapshot;
-use snapshot::SnapshotFile;
+use sink::Sink;
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
@@ -313,9 +315,11 @@ enum Job {
     },
 }
 
-enum Sink {
+/// Where one channel thread writes: its socket, or the sink that replaces
+/// the channels.
+enum Output {
     Socket(Conn),
-    File(Arc<SnapshotFile>),
+    Sink(Arc<dyn Sink>),
 }
 
 /// Generation bookkeeping that lets the receiver order pages: the order
@@ -336,7 +340,8 @@ pub struct Sender {
     threads: Mutex<Vec<JoinHandle<()>>>,
     control: Option<ControlLink>,
     sockets: Vec<Conn>,
-    file: Option<Arc<SnapshotFile>>,
+    /// Takes the stream in place of the channels (`None`: stream on them).
+    sink: Option<Arc<dyn Sink>>,
     gen: Mutex<GenState>,
 }
 
@@ -358,28 +363,20 @@ impl Sender {
             channel_count: cfg.channels as u16,
             migration_id: cfg.migration_id,
         };
-        header(ChannelKind::Control, 0)
-            .check_bounds()
-            .map_err(CoreError::invalid)?;
-        let mut sinks = Vec::new();
+        let control_header = header(ChannelKind::Control, 0);
+        control_header.check_bounds().map_err(CoreError::invalid)?;
+        let mut outputs = Vec::new();
         let mut control = None;
         let mut sockets = Vec::new();
-        let mut file = None;
-        if let Endpoint::File(path) = &ep {
-            if cfg.compression != Compression::None {
-                return Err(CoreError::Unsupported(
-                    "file: snapshots store pages at fixed offsets and cannot be compressed".into(),
-                ));
-            }
-            let sink = Arc::new(SnapshotFile::create(path, &header(ChannelKind::File, 0))?);
-            sinks = (0..cfg.channels)
-                .map(|_| Sink::File(sink.clone()))
+        let sink = sink::open(&ep, &control_header, &cfg)?;
+        if let Some(sink) = &sink {
+            outputs = (0..cfg.channels)
+                .map(|_| Output::Sink(sink.clone()))
                 .collect();
-            file = Some(sink);
         } else {
             let c = transport::connect(
                 &ep,
-                &header(ChannelKind::Control, 0),
+                &control_header,
                 cfg.connect_timeout,
                 cfg.io_timeout,
                 cfg.tls.as_deref(),
@@ -403,7 +400,7 @@ impl Sender {
                         CoreError::Unsupported(format!("zero_copy_send: SO_ZEROCOPY: {e}"))
                     })?;
                 }
-                sinks.push(Sink::Socket(c));
+                outputs.push(Output::Socket(c));
             }
         }
         let shared = Arc::new(Shared {
@@ -422,10 +419,10 @@ impl Sender {
         let (pages_tx, pages_rx) = bounded::<Job>(cfg.channels * 2);
         let mut private = Vec::new();
         let mut threads = Vec::new();
-        for (i, sink) in sinks.into_iter().enumerate() {
+        for (i, output) in outputs.into_iter().enumerate() {
             let (tx, rx) = unbounded::<Job>();
             private.push(tx);
-            let worker = Worker::new(i, sink, mem.clone(), shared.clone(), &cfg)?;
+            let worker = Worker::new(i, output, mem.clone(), shared.clone(), &cfg)?;
             let pages_rx = pages_rx.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -448,7 +445,7 @@ impl Sender {
             threads: Mutex::new(threads),
             control,
             sockets,
-            file,
+            sink,
         })
     }
 
@@ -596,12 +593,10 @@ impl Sender {
             return Err(CoreError::invalid("the stream is already finished"));
         }
         g.order.check_sync(generation).map_err(out_of_order)?;
-        let bytes = if self.file.is_some() {
-            // send_pages already waited for every write; a file needs no
-            // barrier record, the order of writes is the order of syncs.
-            0
-        } else {
-            self.broadcast(|reply| Job::Sync { generation, reply })?
+        // send_pages already waited for every write of the generation.
+        let bytes = match &self.sink {
+            Some(sink) => sink.sync(generation)?,
+            None => self.broadcast(|reply| Job::Sync { generation, reply })?,
         };
         g.order.on_sync(generation).map_err(out_of_order)?;
         g.sent.clear_all();
@@ -630,8 +625,8 @@ impl Sender {
             device_id,
             last,
         };
-        if let Some(f) = &self.file {
-            return f.append(kind, generation, &body);
+        if let Some(sink) = &self.sink {
+            return sink.append(kind, generation, &body);
         }
         // One channel per device keeps its records in order.
         let private = lock(&self.private).clone();
@@ -661,8 +656,8 @@ impl Sender {
             return Err(CoreError::invalid("finish() was already called"));
         }
         let generation = g.order.latest().unwrap_or(0);
-        let bytes = match &self.file {
-            Some(f) => f.finish(generation, digest)?,
+        let bytes = match &self.sink {
+            Some(sink) => sink.finish(generation, digest)?,
             None => self.broadcast(|reply| Job::End {
                 generation,
                 digest,
@@ -674,15 +669,15 @@ impl Sender {
     }
 
     pub fn control_send(&self, payload: &[u8]) -> CoreResult<()> {
-        match (&self.control, &self.file) {
+        match (&self.control, &self.sink) {
             (Some(c), _) => c.send(payload),
-            (None, Some(f)) => f.append(RecordKind::Control, 0, payload).map(|_| ()),
+            (None, Some(sink)) => sink.append(RecordKind::Control, 0, payload).map(|_| ()),
             (None, None) => Err(CoreError::invalid("no control channel")),
         }
     }
 
-    /// The next control message; a `file:` target never answers, so this
-    /// waits out `timeout` and returns `None`.
+    /// The next control message; a sink (a `file:` target) never answers,
+    /// so this waits out `timeout` and returns `None`.
     pub fn control_recv(&self, timeout: Duration) -> CoreResult<Option<Vec<u8>>> {
         match &self.control {
             Some(c) => c.recv(timeout),
@@ -828,10 +823,10 @@ pub struct SenderStats {
     pub failure: Option<String>,
 }
 
-/// One channel thread's state: its sink and reusable buffers.
+/// One channel thread's state: its output and reusable buffers.
 struct Worker {
     index: usize,
-    sink: Sink,
+    output: Output,
     mem: Arc<GuestMemory>,
     shared: Arc<Shared>,
     compression: Compression,
@@ -860,7 +855,7 @@ struct Worker {
 impl Worker {
     fn new(
         index: usize,
-        sink: Sink,
+        output: Output,
         mem: Arc<GuestMemory>,
         shared: Arc<Shared>,
         cfg: &SenderConfig,
@@ -875,7 +870,7 @@ impl Worker {
         };
         Ok(Worker {
             index,
-            sink,
+            output,
             mem,
             shared,
             compression: cfg.compression,
@@ -969,7 +964,7 @@ impl Worker {
     /// Waits for every zero-copy send of this channel to complete, so the
     /// kernel holds no pinned pages across a sync (QEMU flushes likewise).
     fn reap_zero_copy(&mut self) -> CoreResult<()> {
-        let (Some(zc), Sink::Socket(conn)) = (&mut self.zero_copy, &self.sink) else {
+        let (Some(zc), Output::Socket(conn)) = (&mut self.zero_copy, &self.output) else {
             return Ok(());
         };
         let fd = raw_fd(conn).ok_or_else(|| CoreError::invalid("no socket fd"))?;
@@ -988,8 +983,8 @@ impl Worker {
         if matches!(kind, RecordKind::Sync | RecordKind::End) {
             self.reap_zero_copy()?;
         }
-        let Sink::Socket(conn) = &mut self.sink else {
-            return Err(CoreError::invalid("records of a file go to its log"));
+        let Output::Socket(conn) = &mut self.output else {
+            return Err(CoreError::invalid("records of a sink go to Sink::append"));
         };
         let rec = RecordHeader::record(kind, self.number, generation, body);
         self.shared
@@ -1019,14 +1014,14 @@ impl Worker {
             .fetch_add(self.normal.len() as u64, Ordering::Relaxed);
         s.zero_pages
             .fetch_add(self.zero.len() as u64, Ordering::Relaxed);
-        if self.live && matches!(self.sink, Sink::Socket(_)) {
+        if self.live && matches!(self.output, Output::Socket(_)) {
             return self.write_live_packet(generation);
         }
-        // Compression and TLS transform a copy; a file gets the copy too.
+        // Compression and TLS transform a copy; a sink gets the copy too.
         self.payload_len = copy_pages(&self.mem, &self.normal, &mut self.payload)?;
-        let wire = match &self.sink {
-            Sink::File(f) => self.write_file(f.clone())?,
-            Sink::Socket(_) => self.write_packet(generation)?,
+        let wire = match &self.output {
+            Output::Sink(sink) => self.write_to_sink(sink.clone())?,
+            Output::Socket(_) => self.write_packet(generation)?,
         };
         Ok(wire)
     }
@@ -1087,7 +1082,7 @@ impl Worker {
         .encode_into(h, &[offsets, payload]);
         let wire = (self.head.len() + payload.len()) as u64;
         self.shared.bucket.take(wire, &self.shared.abort);
-        let Sink::Socket(conn) = &mut self.sink else {
+        let Output::Socket(conn) = &mut self.output else {
             unreachable!("write_packet is only called for sockets")
         };
         let mut bufs = [IoSlice::new(&self.head), IoSlice::new(payload)];
@@ -1149,7 +1144,7 @@ impl Worker {
         .encode_live_into(h, offsets, payload_len);
         let wire = (self.head.len() + payload_len) as u64;
         self.shared.bucket.take(wire, &self.shared.abort);
-        let Sink::Socket(conn) = &mut self.sink else {
+        let Output::Socket(conn) = &mut self.output else {
             unreachable!("live packets are only written to sockets")
         };
         let mut bufs: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&self.head))
@@ -1175,19 +1170,18 @@ impl Worker {
         Ok(wire)
     }
 
-    /// Writes the packet's pages into the snapshot file at their fixed
-    /// offsets.
-    fn write_file(&mut self, f: Arc<SnapshotFile>) -> CoreResult<u64> {
+    /// Hands the packet's copied pages to the sink.
+    fn write_to_sink(&mut self, sink: Arc<dyn Sink>) -> CoreResult<u64> {
         let shared = &self.shared;
         let payload = &self.payload[..self.payload_len];
-        f.write_pages(
+        sink.write_pages(
             &self.normal,
             &self.zero,
             payload,
             self.mem.page_size(),
-            |n| shared.bucket.take(n as u64, &shared.abort),
+            &mut |n| shared.bucket.take(n as u64, &shared.abort),
         )
-        .map_err(|e| self.error("write snapshot pages", e))?;
+        .map_err(|e| self.error("write pages to the sink", e))?;
         let wire = self.payload_len as u64;
         self.shared.payload_bytes.fetch_add(wire, Ordering::Relaxed);
         self.number += 1;

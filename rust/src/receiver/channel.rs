@@ -4,7 +4,9 @@
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use super::no_peer::NoPeer;
 use super::pages::{DecodeError, Destination, PageDecoder, PageRecord};
 use super::{lock, Shared};
 use crate::error::{CoreError, CoreResult};
@@ -13,12 +15,13 @@ use crate::transport::{self, ReadFailure};
 use crate::wire::{RecordHeader, RecordKind, DIGEST_LEN, RECORD_HEADER_LEN};
 
 /// Which records a stream may carry.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum StreamRole {
     /// A data channel: pages, device state, syncs, end.
     Data,
-    /// A snapshot's record log: device state, control messages, end.
-    Log,
+    /// A snapshot's record log: device state, control messages (queued in
+    /// its `NoPeer` port for `control_recv`), end.
+    Log(Arc<NoPeer>),
 }
 
 /// Where a channel's bytes come from.
@@ -119,11 +122,11 @@ impl ChannelReader<'_> {
             )));
         }
         let allowed = matches!(
-            (self.role, h.kind),
+            (&self.role, h.kind),
             (
                 StreamRole::Data,
                 RecordKind::Pages { .. } | RecordKind::Sync
-            ) | (StreamRole::Log, RecordKind::Control)
+            ) | (StreamRole::Log(_), RecordKind::Control)
                 | (_, RecordKind::Device { .. } | RecordKind::End)
         );
         if !allowed {
@@ -226,8 +229,10 @@ impl ChannelReader<'_> {
     ) -> CoreResult<()> {
         let mut buf = vec![0u8; h.body_len as usize];
         self.read_body(r, h, raw, "CTRL body", &mut buf)?;
-        lock(&self.sh.controls).push_back(buf);
-        self.sh.controls_cv.notify_all();
+        let StreamRole::Log(port) = &self.role else {
+            unreachable!("next_header admits control records only on a log")
+        };
+        port.push(buf);
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::channel::{run_channel, ChannelInput, StreamRole};
+use super::no_peer::NoPeer;
 use super::{check_geometry, Receiver, ReceiverConfig, Shared};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
@@ -84,6 +85,9 @@ pub fn restore(path: &Path, mem: Arc<GuestMemory>, cfg: ReceiverConfig) -> CoreR
         )?);
     }
     let log = (*file).try_clone().map_err(|e| io("reopen", e))?;
+    // The log's control records are the snapshot's control messages.
+    let controls = Arc::new(NoPeer::default());
+    let role = StreamRole::Log(controls.clone());
     let log_offset = layout.log_offset;
     let log_len = state.log_len;
     threads.push(Receiver::spawn(&sh, "mig-restore-log".into(), move |sh| {
@@ -93,9 +97,9 @@ pub fn restore(path: &Path, mem: Arc<GuestMemory>, cfg: ReceiverConfig) -> CoreR
             end: log_offset + log_len,
         });
         let mut input = ChannelInput::buffered(Box::new(reader));
-        run_channel(sh, 0, StreamRole::Log, &mut input)
+        run_channel(sh, 0, role, &mut input)
     })?);
-    Ok(Receiver::with_threads(sh, threads))
+    Ok(Receiver::with_threads(sh, threads, controls))
 }
 
 /// Reads `[pos, end)` of a file with positioned reads.

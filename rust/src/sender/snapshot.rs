@@ -1,8 +1,8 @@
 //! Snapshot mode on the sending side: a `file:` target gets QEMU's
 //! mapped-ram layout (every page at a fixed offset, a presence bitmap, a
 //! record log and a completion block; see `docs/wire-format.md`). The
-//! channel threads share one file; the streaming types only hand it pages
-//! and records.
+//! channel threads share one file through the `Sink` trait; the streaming
+//! types never see it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -11,8 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::lock;
+use super::sink::Sink;
 use crate::error::{CoreError, CoreResult};
-use crate::wire::{self, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader};
+use crate::wire::{
+    self, ChannelKind, FileLayout, FileState, RecordHeader, RecordKind, StreamHeader,
+};
 
 /// The snapshot file shared by the channel threads of a `file:` target.
 pub struct SnapshotFile {
@@ -28,6 +31,10 @@ impl SnapshotFile {
     /// incomplete completion block, and sizes it so untouched pages stay
     /// holes.
     pub fn create(path: &Path, header: &StreamHeader) -> CoreResult<Self> {
+        let header = StreamHeader {
+            kind: ChannelKind::File,
+            ..header.clone()
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -55,9 +62,13 @@ impl SnapshotFile {
             log: Mutex::new((0, 0)),
         })
     }
+}
 
+/// Pages at their fixed offsets, records in the log, the end as the
+/// bitmap and completion block.
+impl Sink for SnapshotFile {
     /// Appends a record to the log; returns its size.
-    pub fn append(&self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
+    fn append(&self, kind: RecordKind, generation: u64, body: &[u8]) -> CoreResult<u64> {
         let mut log = lock(&self.log);
         let rec = RecordHeader::record(kind, log.1, generation, body);
         self.file
@@ -72,13 +83,13 @@ impl SnapshotFile {
     /// `normal`) at their fixed offsets, runs of adjacent pages in one write
     /// each after `pace(bytes)`, and records presence; zero pages just clear
     /// their bit.
-    pub fn write_pages(
+    fn write_pages(
         &self,
         normal: &[u64],
         zero: &[u64],
         payload: &[u8],
         page_size: usize,
-        mut pace: impl FnMut(usize),
+        pace: &mut dyn FnMut(usize),
     ) -> std::io::Result<()> {
         let ps = page_size;
         let bit = |off: u64| {
@@ -108,9 +119,15 @@ impl SnapshotFile {
         Ok(())
     }
 
+    /// A file needs no barrier record: the sender waited for every write
+    /// of the generation, so the order of writes is the order of syncs.
+    fn sync(&self, _generation: u64) -> CoreResult<u64> {
+        Ok(0)
+    }
+
     /// Presence bitmap, end record, then the completion block, each made
     /// durable before the next so a torn snapshot is refused as incomplete.
-    pub fn finish(&self, generation: u64, digest: u128) -> CoreResult<u64> {
+    fn finish(&self, generation: u64, digest: u128) -> CoreResult<u64> {
         let io = |e| CoreError::io("snapshot: finish", e);
         let bitmap: Vec<u8> = self
             .presence
