@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the demo's own end-to-end digest check (on by default)",
     )
+    _add_stall_timeout(m)
 
     parser = _Parser(
         prog="mig",
@@ -412,6 +413,21 @@ def _add_go_timeout(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def _add_stall_timeout(group: Any) -> None:
+    """``--stall-timeout``: how long a precopy may make no progress (``mig.stall_watch``)."""
+    from mig.params import PARAMETERS
+
+    group.add_argument(
+        "--stall-timeout",
+        type=_typed(parse_duration, _positive),
+        default=None,
+        metavar="TIME",
+        help="fail a precopy that makes no progress this long: no bytes acknowledged by the "
+        "destination, or a destination that stopped reading (default "
+        f"{PARAMETERS['stall_timeout']:g}s)",
+    )
+
+
 def _add_qmp_options(parser: argparse.ArgumentParser, incoming: bool) -> None:
     """``--qmp`` (and ``--incoming defer`` on serve): the command driven through QMP."""
     parser.add_argument(
@@ -459,6 +475,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         params["verify"] = args.verify_mode
     if getattr(args, "go_timeout", None):
         params["switchover_timeout"] = float(args.go_timeout)
+    if getattr(args, "stall_timeout", None):
+        params["stall_timeout"] = float(args.stall_timeout)
     from mig.params import MigrationParams
 
     try:
