@@ -5,9 +5,11 @@ whose source froze ends that migration and serves the next."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -101,22 +103,29 @@ def test_a_destination_that_stops_reading_is_named_and_the_guest_runs_on() -> No
     assert np.array_equal(memory.array, expected), "source memory changed"
 
 
-def test_a_frozen_source_ends_the_incoming_migration_and_the_daemon_serves_the_next(
-    tmp_path: Path,
-) -> None:
+def _slow_send(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], Output]:
+    """``mig send`` of random pages at 4 MiB/s (a first pass of 8 s) with
+    stall-timeout 2 s, once a second of it is on the wire; and its stderr."""
     image = tmp_path / "guest.img"  # random pages: none goes out as a cheap zero page
     image.write_bytes(os.urandom(SIZE))
-    port = free_port()
-    daemon = serve(port, "32MiB")
-    results = Output(daemon.stdout)
-    first = send(
+    proc = send(
         port, "32MiB", "--image", str(image), "--max-bandwidth", "4MiB/s",
         "--stall-timeout", "2s", "--log-level", "info",
     )  # fmt: skip
-    progress = Output(first.stderr)
+    progress = Output(proc.stderr)
+    wait_for(lambda: progress.has(": active"), "the source's precopy", timeout=60)
+    time.sleep(1.0)
+    return proc, progress
+
+
+def test_a_frozen_source_ends_the_incoming_migration_and_the_daemon_serves_the_next(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    daemon = serve(port, "32MiB")
+    results = Output(daemon.stdout)
+    first, _ = _slow_send(tmp_path, port)
     try:
-        wait_for(lambda: progress.has(": active"), "the source's precopy", timeout=60)
-        time.sleep(1.0)  # some of the first pass on the wire
         os.kill(first.pid, signal.SIGSTOP)
         stopped = time.monotonic()
         wait_for(lambda: len(results.objects()) >= 1, "the daemon's first result", timeout=30)
@@ -138,3 +147,26 @@ def test_a_frozen_source_ends_the_incoming_migration_and_the_daemon_serves_the_n
         if first.poll() is None:
             kill(first)
         kill(daemon)
+
+
+def test_mig_send_to_a_frozen_destination_fails_within_the_stall_timeout(tmp_path: Path) -> None:
+    port = free_port()
+    dest = serve(port, "32MiB", "--once")
+    source, progress = _slow_send(tmp_path, port)
+    try:
+        os.kill(dest.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        source.wait(timeout=IO_TIMEOUT / 2)
+        elapsed = time.monotonic() - stopped
+        out = source.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if source.poll() is None:
+            kill(source)
+        os.kill(dest.pid, signal.SIGCONT)
+        kill(dest)
+    assert source.returncode == 1, progress.text
+    q = json.loads(out)
+    peer = re.escape(f"destination 127.0.0.1:{port}")
+    _failed_with(q, rf"(no bytes acknowledged by the {peer} for 2 s|the {peer} stopped reading)")
+    assert elapsed <= STALL + 4.0, (elapsed, q["error-desc"])
+    wait_for(lambda: "source guest resumed: running" in progress.text, "the rollback report", 10)
