@@ -50,6 +50,11 @@ PEER = "destination 127.0.0.1:4444"
             f"{PEER} refused the connection during pass 3 (nothing listens there)",
         ),
         (
+            OSError(errno.ECONNRESET, "connect channel Control 0: TLS handshake with x (hint)"),
+            f"{PEER} failed the TLS handshake during pass 3 "
+            "(connect channel Control 0: TLS handshake with x (hint))",
+        ),
+        (
             ProtocolError("control message 'pass': field 'pass' is missing"),
             f"{PEER} sent what the protocol forbids during pass 3 "
             "(control message 'pass': field 'pass' is missing)",

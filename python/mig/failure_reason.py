@@ -59,6 +59,8 @@ def _what_happened(error: BaseException) -> tuple[str, str] | None:
         return "sent what the protocol forbids", text
     if not isinstance(error, OSError):
         return None
+    if "TLS handshake" in text:  # the handshake's own words say who refused what
+        return "failed the TLS handshake", text
     where = _channel(text)
     code = error.errno or 0
     if code == errno.EBADMSG and "closed by peer" in text:
