@@ -59,6 +59,7 @@ def _what_happened(error: BaseException) -> tuple[str, str] | None:
         return "sent what the protocol forbids", text
     if not isinstance(error, OSError):
         return None
+    text = error.strerror or text  # without the "[Errno N]" prefix
     if "TLS handshake" in text:  # the handshake's own words say who refused what
         return "failed the TLS handshake", text
     where = _channel(text)

@@ -215,12 +215,8 @@ class MigrationSource:
         return True
 
     def migrate_continue(self) -> None:
-        """QEMU's ``migrate-continue``: end the ``pre-switchover`` pause.
-
-        With ``pause_before_switchover`` the switchover pauses the guest and
-        waits in status ``pre-switchover``; this lets it go on. ``cancel()``
-        instead rolls back and the source guest runs again.
-        """
+        """QEMU's ``migrate-continue``: end the ``pre-switchover`` pause of
+        ``pause_before_switchover`` (``cancel()`` there rolls back instead)."""
         if not self.pre_switchover.release():
             raise RuntimeError(f"migration not in pre-switchover (status {self.status})")
 
@@ -265,10 +261,8 @@ class MigrationSource:
             raise MigrationEnded("failed", self.watch.reason)
 
     def _where(self) -> str:
-        """The phase, for a failure's reason: "during pass 3", "after 'go'", ...
-
-        Read from the recorded passes, not the RAM stream: the stall watch
-        asks while the main thread holds the stream in a blocked send."""
+        """The phase for a reason ("during pass 3"); from the pass records, as
+        the stall watch asks while a blocked send holds the RAM stream."""
         records = self.precopy.passes if self.precopy else []
         passes = records[-1].number if records else 1  # the bulk pass is pass 1
         return source_phase(self.status, self.phase, passes)
@@ -297,9 +291,7 @@ class MigrationSource:
             self.precopy, self.control, self.stops, self.monitor, digests, self.settings,
             self.clock, self.notify, self.policy.fail_on_over_budget, self.pre_switchover,
         )  # fmt: skip
-        # Stalls are watched on a real stream only: a link that charges
-        # virtual time (a simulator's) cannot stall, and a thread must not
-        # read its clock.
+        # Only a real stream can stall (and a thread must not read a virtual clock).
         if getattr(link, "concurrent_digest", False):
             self.watch = StallWatch(
                 link, self.clock, self.settings.stall_timeout, self.peer,
