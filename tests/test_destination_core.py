@@ -28,6 +28,7 @@ from mig.protocol import (
     Hello,
     HelloAck,
     Pass,
+    Progress,
     Ready,
     Resumed,
     SessionParams,
@@ -245,6 +246,28 @@ def test_timeouts_before_hello_and_while_idle() -> None:
     c.tick(14.5)
     with pytest.raises(MigrationEnded, match="no control message or data for 3.0 s"):
         c.tick(15.5)
+
+
+def test_a_source_silent_for_its_stall_timeout_ends_the_precopy() -> None:
+    """hello's stall_timeout: heartbeats keep it alive; silence ends it, well
+    before idle_timeout, naming the source and the pass."""
+    c = core(idle_timeout=30.0)
+    c.source_name = "source 10.0.0.1:5555"
+    c.on_message(hello(params=SessionParams(300, 0, 2, "none", "strict", stall_timeout=2.0)), 0.0)
+    c.on_message(Pass(4, 3, {}), 1.0)
+    assert c.on_message(Progress(123), 2.5) == []  # a heartbeat: activity, nothing else
+    c.tick(4.4)
+    with pytest.raises(MigrationEnded, match=(
+        r"precopy stalled during pass 4: the source 10\.0\.0\.1:5555 sent nothing for 2 s"
+    )):  # fmt: skip
+        c.tick(4.6)
+
+
+def test_heartbeats_are_ignored_in_every_phase() -> None:
+    c = active()
+    ready(c)
+    assert c.on_message(Progress(1), 2.0) == []  # waiting for go: not a protocol error
+    assert c.phase is DestinationPhase.AWAIT_GO
 
 
 def _after(mode: str, **kw: object) -> DestinationCore:

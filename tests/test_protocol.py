@@ -18,6 +18,7 @@ from mig.protocol import (
     HelloAck,
     Pass,
     PassAck,
+    Progress,
     Ready,
     Resumed,
     SessionParams,
@@ -57,6 +58,8 @@ EVERY_MESSAGE = [
     VerifyResult(False, "memory digest mismatch"),
     Cancel("by request"),
     Failed("digest mismatch"),
+    Progress(123 << 20),
+    Hello(7, 4096, 1 << 20, (), SessionParams(300, 0, 2, "none", stall_timeout=2.5)),
 ]
 
 
@@ -154,6 +157,10 @@ def _hello(devices: object, params: object = None) -> bytes:
         (_hello([], _params(verify="sometimes")), "not one of after-resume, strict, off"),
         (_hello([], _params(verify=1)), "not a string"),
         (_hello([], _params(verify="x" * 1000)), "longer than"),
+        (_hello([], _params(verify="off", stall_timeout=-1)), "finite number >= 0"),
+        (_raw("progress"), "'bytes' is missing"),
+        (_raw("progress", bytes=-5), "outside"),
+        (_raw("progress", bytes=1.5), "not an integer"),
     ],
 )
 def test_bad_records_raise_a_protocol_error_naming_the_problem(data: bytes, expected: str) -> None:
@@ -172,3 +179,9 @@ def test_too_many_devices_are_refused() -> None:
     seqs = {str(i): 0 for i in range(protocol.MAX_DEVICES + 1)}
     with pytest.raises(ProtocolError, match="more than"):
         protocol.decode(_raw("switchover", device_seqs=seqs))
+
+
+def test_a_hello_without_stall_timeout_means_none() -> None:
+    """An older source's hello carries no stall_timeout: the destination watches nothing."""
+    hello = protocol.decode(_hello([], _params(verify="off")))
+    assert isinstance(hello, Hello) and hello.params.stall_timeout == 0.0

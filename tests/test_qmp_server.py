@@ -167,6 +167,21 @@ def test_settings_map_qemu_names_onto_mig_parameters() -> None:
     assert s.query_parameters()["downtime-limit"] == 120  # all or nothing
 
 
+def test_stall_timeout_and_pause_before_switchover_under_qemu_names() -> None:
+    s = MigrationSettings(page_size=4096)
+    assert s.query_parameters()["x-mig-stall-timeout"] == 10.0
+    caps = {c["capability"]: c["state"] for c in s.query_capabilities()}
+    assert caps["pause-before-switchover"] is False
+    s.set_capabilities([{"capability": "pause-before-switchover", "state": True}])
+    s.set_parameters({"x-mig-stall-timeout": 2.5})
+    p = s.to_params()
+    assert p["pause_before_switchover"] is True and p["stall_timeout"] == 2.5
+    assert "x-mig-pause-before-switchover" not in s.query_parameters()  # a capability
+    with pytest.raises(QMPError, match="stall_timeout must be in"):
+        s.set_parameters({"x-mig-stall-timeout": 0})
+    assert s.query_parameters()["x-mig-stall-timeout"] == 2.5  # all or nothing
+
+
 def test_tls_creds_names_a_qemu_style_x509_directory(tmp_path: Path) -> None:
     s = MigrationSettings()
     s.set_parameters({"tls-creds": str(tmp_path)})

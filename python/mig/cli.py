@@ -105,6 +105,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         params["verify"] = args.verify_mode
     if getattr(args, "go_timeout", None):
         params["switchover_timeout"] = float(args.go_timeout)
+    if getattr(args, "stall_timeout", None):
+        params["stall_timeout"] = float(args.stall_timeout)
     from mig.params import MigrationParams
 
     try:

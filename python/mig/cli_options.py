@@ -325,6 +325,22 @@ def add_run_control(m: Options) -> None:
         action="store_false",
         help="skip the demo's own end-to-end digest check (on by default)",
     )
+    add_stall_timeout(m)
+
+
+def add_stall_timeout(group: Options) -> None:
+    """``--stall-timeout``: how long a precopy may make no progress (``mig.stall_watch``)."""
+    from mig.params import PARAMETERS
+
+    group.add_argument(
+        "--stall-timeout",
+        type=typed(parse_duration, positive),
+        default=None,
+        metavar="TIME",
+        help="fail a precopy that makes no progress this long: no bytes acknowledged by the "
+        "destination, or a destination that stopped reading (default "
+        f"{PARAMETERS['stall_timeout']:g}s)",
+    )
 
 
 # ------------------------------------- single options several commands take

@@ -3,7 +3,8 @@
 Sends the typed messages of ``mig.protocol`` and dispatches what the
 destination says: ``switchover-ack`` (the source may complete),
 ``pass-ack`` (the destination's loop latency, drain lag and digest timing,
-which feed the switchover's fixed costs), ``device-initial-done``, and its
+which feed the switchover's fixed costs), ``progress`` (its heartbeat, into
+``peer_progress`` for ``mig.stall_watch``), ``device-initial-done``, and its
 ``failed``/``cancel``, which end the migration with ``by_peer`` set: the
 destination discarded everything and never resumed.
 """
@@ -29,8 +30,10 @@ from mig.protocol import (
     HelloAck,
     Message,
     PassAck,
+    Progress,
     SwitchoverAck,
 )
+from mig.stall_watch import PeerProgress
 from mig.stats import SwitchoverCosts
 
 __all__ = ["ControlSession"]
@@ -48,6 +51,7 @@ class ControlSession:
         self.costs = costs
         self.notify = notify
         self.switchover_acked = False
+        self.peer_progress = PeerProgress(clock)
         self.rtt = 0.0
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
         self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
@@ -76,6 +80,7 @@ class ControlSession:
         """Handle every message already waiting."""
         while (message := self.link.recv(0)) is not None:
             self.dispatch(message)
+        self.peer_progress.polled()
 
     def dispatch(self, message: Message) -> None:
         match message:
@@ -85,6 +90,8 @@ class ControlSession:
                 faults.point("source.switchover-ack")
             case PassAck():
                 self._on_pass_ack(message)
+            case Progress(bytes=received):
+                self.peer_progress.heard(received, self.link.transferred())
             case DeviceInitialDone(device=device):
                 self.notify.event("device-initial-done", device=device)
             case Failed(reason=reason) | Cancel(reason=reason):

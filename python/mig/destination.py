@@ -11,6 +11,11 @@ rehashed), checks it against the source's digest when ``verify`` is strict,
 reports "ready" and waits for the source's "go": its commit point
 (``docs/protocol.md``). With ``verify`` after-resume the source's digest
 comes after the guest resumed here and is compared with that root.
+
+While the precopy runs, each side sends a ``progress`` heartbeat (the bytes
+received here) when the source's ``hello`` gave a ``stall_timeout``
+(``mig.stall_watch``). A failure the source caused is told as what it did,
+naming it and the phase (``mig.failure_reason``).
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from mig.destination_core import (
 )
 from mig.device_handler import DeviceHandler
 from mig.errors import MigrationEnded
+from mig.failure_reason import describe, destination_phase
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
-from mig.protocol import VERIFY_MODES, Failed, SwitchoverAck
+from mig.protocol import VERIFY_MODES, Failed, Progress, SwitchoverAck
 from mig.reorder import DRAIN_BYTES
+from mig.stall_watch import heartbeat
 
 __all__ = ["MigrationDestination"]
 
@@ -132,6 +139,7 @@ class MigrationDestination:
         self._cancel: str | None = None
         self.timings = PassAckTimings(memory, self.clock)
         self._rehashed: int | None = None  # chunks still stale when the root was taken
+        self._beat_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -172,7 +180,7 @@ class MigrationDestination:
         except MigrationEnded as e:
             self._discard_all(ep, e.status, e.reason, tell=not e.by_peer)
         except Exception as e:
-            self._discard_all(ep, "failed", f"{type(e).__name__}: {e}", tell=True)
+            self._discard_all(ep, "failed", self._describe(e), tell=True)
         finally:
             if self.listener is not None:
                 self.listener.close()
@@ -185,6 +193,11 @@ class MigrationDestination:
         if self._thread is not None:
             self._thread.join()
         return self.query()
+
+    def _describe(self, error: BaseException) -> str:
+        """What the source did, and when: "source 10.0.0.1:5555 closed the connection ..."."""
+        where = destination_phase(self.core.phase, self.core.pass_number)
+        return describe(error, self.core.source_name, where)
 
     def cancel(self, reason: str = "cancelled on the destination") -> None:
         self._cancel = reason
@@ -241,6 +254,8 @@ class MigrationDestination:
         receiver = self.listener.accept(
             self.memory, self.accept_timeout, io_timeout=self.io_timeout
         )
+        if receiver.peer:
+            self.core.source_name = f"source {receiver.peer}"
         return ReceiverEndpoint(receiver)
 
     def _serve(self, ep: Endpoint) -> None:
@@ -259,6 +274,7 @@ class MigrationDestination:
                 raise MigrationEnded("cancelled", self._cancel)
             message = ep.recv(_POLL)
             now = self.clock.now()
+            self._beat(ep, now)
             if message is None:
                 # A first pass of a large guest outlasts the idle timeout:
                 # data arriving on the channels counts as activity too.
@@ -272,6 +288,15 @@ class MigrationDestination:
             core.activity(self.clock.now())
         if core.phase is DestinationPhase.AWAIT_VERIFY:
             self._await_verify(ep)
+
+    def _beat(self, ep: Endpoint, now: float) -> None:
+        """The precopy's heartbeat to the source: the bytes received so far."""
+        stall = self.core.stall_timeout
+        if not stall or self.core.phase is not DestinationPhase.ACTIVE:
+            return
+        if now - self._beat_at >= heartbeat(stall):
+            self._beat_at = now
+            ep.send(Progress(_received(ep)))
 
     def _await_verify(self, ep: Endpoint) -> None:
         """The guest runs here: wait for the source's digest and answer it.
@@ -288,9 +313,9 @@ class MigrationDestination:
                     self._apply(ep, effect)
         except Exception as e:
             if core.phase is DestinationPhase.AWAIT_VERIFY:
-                core.verify_abandoned(f"{type(e).__name__}: {e}", self.clock.now())
+                core.verify_abandoned(self._describe(e), self.clock.now())
             else:  # the answer was decided; only its delivery failed
-                self.error = f"verification answer not delivered: {e}"
+                self.error = f"verification answer not delivered: {self._describe(e)}"
         faults.point("dest.verified")
 
     def _take_records(self, ep: Endpoint) -> None:
@@ -373,7 +398,7 @@ class MigrationDestination:
             try:
                 self._apply(ep, effect)
             except Exception as e:
-                self.error = f"guest resumed, but 'resumed' was not delivered: {e}"
+                self.error = f"guest resumed, but 'resumed' was not delivered: {self._describe(e)}"
 
     def _discard_all(self, ep: Endpoint | None, status: str, reason: str, tell: bool) -> None:
         """Never resume: drop buffered state, abort every load, tell the source."""

@@ -19,8 +19,10 @@ session) is reported, never a discard: the guest cannot be taken back.
 Everything the protocol decides lives here: the ``hello`` checks, the device
 records' bounds (``mig.reorder``), ``device-initial-done`` and
 ``switchover-ack``, the stop-copy completeness and digest checks before
-``ready``, and the commit point: resume only on ``go``, discard on a ``go``
-that does not come within ``go_timeout``. Any end is a ``MigrationEnded``
+``ready``, the commit point: resume only on ``go``, discard on a ``go``
+that does not come within ``go_timeout``, and the precopy's liveness: a
+source that sends nothing (no message, no data) for the ``stall_timeout``
+its ``hello`` gave ends the migration (``mig.stall_watch``). Any end is a ``MigrationEnded``
 (``by_peer`` when the source ended it, so there is nobody to tell).
 """
 
@@ -44,6 +46,7 @@ from mig.protocol import (
     HelloAck,
     Message,
     Pass,
+    Progress,
     Ready,
     Resumed,
     Switchover,
@@ -174,6 +177,8 @@ class DestinationCore:
         self.required_verify = verify
         self.verify_timeout = verify_timeout
         self.verify_mode = verify or "after-resume"
+        self.stall_timeout = 0.0  # from hello; 0: the source sends no heartbeats
+        self.source_name = "source"  # who, for the reasons: "source 10.0.0.1:5555"
         self.verify_error: str | None = None
         self.verify_time: float | None = None
         self.phase = DestinationPhase.AWAIT_HELLO
@@ -184,6 +189,7 @@ class DestinationCore:
         self.migration_id: int | None = None
         self.channels = 1
         self.passes = 0
+        self.pass_number = 1  # the source's pass in progress: the bulk pass is pass 1
         self.verified = False
         self.memory_digest: str | None = None
         self.load_seconds = 0.0
@@ -218,11 +224,21 @@ class DestinationCore:
         match self.phase:
             case DestinationPhase.AWAIT_HELLO if now >= self._hello_deadline:
                 raise MigrationEnded("failed", "no hello from the source")
+            case DestinationPhase.ACTIVE if (
+                self.stall_timeout and now - self._last_activity > self.stall_timeout
+            ):
+                raise MigrationEnded(
+                    "failed",
+                    f"precopy stalled during pass {self.pass_number}: the {self.source_name} sent "
+                    f"nothing for {self.stall_timeout:g} s (stall-timeout)",
+                )
             case DestinationPhase.ACTIVE | DestinationPhase.SWITCHOVER if (
                 now - self._last_activity > self.idle_timeout
             ):
                 raise MigrationEnded(
-                    "failed", f"no control message or data for {self.idle_timeout} s"
+                    "failed",
+                    f"no control message or data for {self.idle_timeout} s "
+                    f"from the {self.source_name}",
                 )
             case DestinationPhase.AWAIT_GO if now - self._ready_at >= self.go_timeout:
                 raise MigrationEnded("failed", f"no go from the source within {self.go_timeout} s")
@@ -234,6 +250,8 @@ class DestinationCore:
     # -------------------------------------------------------- messages
     def on_message(self, message: Message, now: float) -> list[Effect]:
         self._last_activity = now
+        if isinstance(message, Progress):  # a heartbeat: its arrival is the point
+            return []
         if self.phase is DestinationPhase.AWAIT_VERIFY:
             return self._verify_digest(message, now)
         match message:
@@ -276,6 +294,7 @@ class DestinationCore:
             raise MigrationEnded("failed", "; ".join(problems))
         self.migration_id = hello.migration_id
         self.verify_mode = mode
+        self.stall_timeout = hello.params.stall_timeout
         self.channels = max(1, hello.params.multifd_channels)
         self.phase = DestinationPhase.ACTIVE
         return [StartLoads(), Send(HelloAck()), SetStatus("active")]
@@ -284,6 +303,7 @@ class DestinationCore:
         match message:
             case Pass():
                 self.passes += 1
+                self.pass_number = message.number
                 self.records.announce(message.device_seqs)
                 return [AnswerPass(message.number, message.generation)]
             case Switchover():

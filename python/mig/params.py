@@ -45,6 +45,16 @@ class MigrationParams:
     # "strict" (before resume, a full digest inside the downtime) or "off".
     verify: str = "after-resume"
     verify_timeout: float | None = None  # s for the after-resume answer; None: switchover_timeout
+    # Precopy liveness (docs/qmp.md): a precopy whose destination acknowledges
+    # no new bytes, or whose data-channel writes stay blocked, for this long
+    # fails naming what stalled; the destination ends an incoming migration
+    # whose source sends nothing for as long. Well under io_timeout, which
+    # only fires once the socket buffers are full and a write times out.
+    stall_timeout: float = 10.0
+    # QEMU's pause-before-switchover capability: at switchover the guest is
+    # paused and the migration waits in status pre-switchover for
+    # migrate_continue() (the wait counts as downtime, as in QEMU).
+    pause_before_switchover: bool = False
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
@@ -61,6 +71,12 @@ class MigrationParams:
             raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {self.downtime_limit}")
         if not self.io_timeout > 0:
             raise ValueError(f"io_timeout must be > 0, not {self.io_timeout}")
+        if not 0 < self.stall_timeout <= 86400:
+            raise ValueError(f"stall_timeout must be in (0, 86400] s, not {self.stall_timeout}")
+        if not isinstance(self.pause_before_switchover, bool):
+            raise ValueError(
+                f"pause_before_switchover must be a bool, not {self.pause_before_switchover!r}"
+            )
         for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")

@@ -45,6 +45,7 @@ __all__ = [
     "VERIFY_MODES",
     "Cancel",
     "Failed",
+    "Progress",
     "Message",
     "encode",
     "decode",
@@ -81,6 +82,9 @@ class SessionParams:
     multifd_channels: int
     compression: str
     verify: str = "after-resume"
+    # Seconds without progress that end the precopy (``Progress``); 0: the
+    # source watches for no stall and the destination neither.
+    stall_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,15 @@ class Failed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Progress:
+    """The heartbeat of stall detection: data-channel bytes this side has sent
+    (the source) or received (the destination) so far. Each side sends one
+    every few tenths of ``stall_timeout`` while the precopy runs."""
+
+    bytes: int
+
+
 Message = (
     Hello
     | HelloAck
@@ -207,6 +220,7 @@ Message = (
     | VerifyResult
     | Cancel
     | Failed
+    | Progress
 )
 
 _TYPE_NAMES: dict[type, str] = {
@@ -226,6 +240,7 @@ _TYPE_NAMES: dict[type, str] = {
     VerifyResult: "verify-result",
     Cancel: "cancel",
     Failed: "failed",
+    Progress: "progress",
 }
 MESSAGE_TYPES = frozenset(_TYPE_NAMES.values())
 
@@ -256,6 +271,7 @@ def _fields(message: Message) -> dict[str, Any]:
                     "multifd_channels": p.multifd_channels,
                     "compression": p.compression,
                     "verify": p.verify,
+                    "stall_timeout": p.stall_timeout,
                 },
             }
         case HelloAck():
@@ -307,6 +323,8 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"ok": message.ok, "reason": message.reason}
         case Cancel() | Failed():
             return {"reason": message.reason}
+        case Progress():
+            return {"bytes": message.bytes}
     raise TypeError(f"not a control message: {message!r}")
 
 
@@ -412,6 +430,7 @@ def _decode_hello(f: _Fields) -> Hello:
         multifd_channels=p.integer("multifd_channels", low=1, high=1 << 16),
         compression=p.text("compression", MAX_NAME),
         verify=_verify_mode(p),
+        stall_timeout=p.optional_number("stall_timeout") or 0.0,
     )
     return Hello(
         version=f.integer("version"),
@@ -489,6 +508,8 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
             return Cancel(f.text("reason"))
         case "failed":
             return Failed(f.text("reason"))
+        case "progress":
+            return Progress(f.integer("bytes"))
     raise ProtocolError(f"control message has no known type: {kind[:40]!r}")
 
 

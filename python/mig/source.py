@@ -11,11 +11,14 @@ decision, so the same loop runs over a real stream or in virtual time.
 
 This file decides how a migration ends: completed, rolled back (the source
 guest runs again, the destination is told) or left paused after ``go``
-(``postmigrate``); ``mig.rollback`` carries the last two out.
+(``postmigrate``); ``mig.rollback`` carries the last two out. Over a real
+stream a ``StallWatch`` ends a precopy that makes no progress, and a failure
+the destination caused is told as what it did, where (``mig.failure_reason``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +31,7 @@ from mig.convergence_monitor import ConvergenceMonitor
 from mig.counting_link import CountingLink
 from mig.digest_timing import DigestTiming
 from mig.errors import MigrationEnded
+from mig.failure_reason import describe, peer_name, source_phase
 from mig.guest_stops import GuestStops
 from mig.handlers import RamHandler, SaveHandler
 from mig.link import Link, SenderLink
@@ -36,15 +40,19 @@ from mig.migration_stats import MigrationStats
 from mig.notifier import Notifier
 from mig.params import PARAMETERS, MigrationParams
 from mig.policies import Action, make_policy
+from mig.pre_switchover import PreSwitchover
 from mig.precopy import Precopy
 from mig.protocol import DeviceInfo, Hello, SessionParams
 from mig.rollback import leave_paused, roll_back
+from mig.stall_watch import StallWatch
 from mig.stats import BandwidthMeter, SwitchoverCosts
 from mig.switchover import Phase, SwitchoverRun
 
 __all__ = ["MigrationSource", "PARAMETERS", "STATUSES"]
 
-STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
+STATUSES = (
+    "none", "setup", "active", "pre-switchover", "device", "completed", "failed", "cancelled",
+)  # fmt: skip
 
 
 class MigrationSource:
@@ -88,6 +96,7 @@ class MigrationSource:
         self.guest = guest
         self.memory = guest.memory
         self.uri = uri
+        self.peer = f"destination {peer_name(uri)}"
         self.tls = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca}
         self.clock: Clock = clock or MonotonicClock()
         self.notify = Notifier(on_status, on_pass, on_event)
@@ -107,6 +116,10 @@ class MigrationSource:
         self.control: ControlSession | None = None
         self.precopy: Precopy | None = None
         self.switchover: SwitchoverRun | None = None
+        self.pre_switchover = PreSwitchover(
+            self.settings.pause_before_switchover, self.clock, self._set_status
+        )
+        self.watch: StallWatch | None = None
         self._cancel: str | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -165,17 +178,22 @@ class MigrationSource:
         try:
             self._setup()
             while self.status != "completed":
-                self._iteration()
+                # Every step may write (a send slice, an exact size's sync barrier).
+                with self.watch.sending() if self.watch else contextlib.nullcontext():
+                    self._iteration()
         except MigrationEnded as e:
             self._end(e.status, e.reason, discarded=e.by_peer)
         except Exception as e:  # every failure rolls back, with the reason
-            reason = f"{type(e).__name__}: {e}"
-            peer = self.control.peer_reason() if self.control else None
+            stalled = self.watch.reason if self.watch else None
+            reason = stalled or describe(e, self.peer, self._where())
+            peer = self.control.peer_reason() if self.control and not stalled else None
             if peer:
                 reason = f"{peer} ({reason})"
             status = "cancelled" if self._cancel and not self.phase.go_sent else "failed"
             self._end(status, self._cancel or reason, discarded=peer is not None)
         finally:
+            if self.watch is not None:
+                self.watch.close()
             if self.stats.ended_at is None or self.status != "completed":
                 self.stats.ended_at = self.clock.now()
             self._done.set()
@@ -195,6 +213,12 @@ class MigrationSource:
             return False
         self._cancel = reason
         return True
+
+    def migrate_continue(self) -> None:
+        """QEMU's ``migrate-continue``: end the ``pre-switchover`` pause of
+        ``pause_before_switchover`` (``cancel()`` there rolls back instead)."""
+        if not self.pre_switchover.release():
+            raise RuntimeError(f"migration not in pre-switchover (status {self.status})")
 
     def query(self) -> dict[str, Any]:
         """``query-migrate``: QEMU's field names plus mig's own keys."""
@@ -233,6 +257,15 @@ class MigrationSource:
     def _check_cancel(self) -> None:
         if self._cancel is not None:
             raise MigrationEnded("cancelled", self._cancel)
+        if self.watch is not None and self.watch.reason is not None:
+            raise MigrationEnded("failed", self.watch.reason)
+
+    def _where(self) -> str:
+        """The phase for a reason ("during pass 3"); from the pass records, as
+        the stall watch asks while a blocked send holds the RAM stream."""
+        records = self.precopy.passes if self.precopy else []
+        passes = records[-1].number if records else 1  # the bulk pass is pass 1
+        return source_phase(self.status, self.phase, passes)
 
     def _setup(self) -> None:
         started = self.stats.started_at = self.clock.now()
@@ -256,10 +289,19 @@ class MigrationSource:
         )
         self.switchover = self.stats.switchover = SwitchoverRun(
             self.precopy, self.control, self.stops, self.monitor, digests, self.settings,
-            self.clock, self.notify, self.policy.fail_on_over_budget,
+            self.clock, self.notify, self.policy.fail_on_over_budget, self.pre_switchover,
         )  # fmt: skip
+        # Only a real stream can stall (and a thread must not read a virtual clock).
+        if getattr(link, "concurrent_digest", False):
+            self.watch = StallWatch(
+                link, self.clock, self.settings.stall_timeout, self.peer,
+                self.control.peer_progress,
+                lambda: self.status, self._where,
+            )  # fmt: skip
         self._check_cancel()
         self.control.handshake(self._hello(), self.settings.connect_timeout, self._check_cancel)
+        if self.watch is not None:
+            self.watch.start()
         faults.point("source.setup")
         for h in self.precopy.handlers:
             h.setup(link)
@@ -310,6 +352,7 @@ class MigrationSource:
                 params.multifd_channels,
                 params.compression,
                 params.verify,
+                stall_timeout=params.stall_timeout if self.watch is not None else 0.0,
             ),
         )
 
@@ -345,7 +388,8 @@ class MigrationSource:
 
     def _switch_over(self, budget: int | None, forced: bool) -> None:
         assert self.switchover is not None and self.precopy is not None
-        self._set_status("device")
+        if not self.pre_switchover.enabled:  # else pre-switchover comes first, then device
+            self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):
             self._set_status("active")
             return
@@ -355,7 +399,7 @@ class MigrationSource:
         self._set_status("completed")
         if self.settings.verify == "after-resume":
             # The guest runs on the destination now; wait() returns after the verdict.
-            self.switchover.verify_after_resume()
+            self.switchover.verify_after_resume(lambda e: describe(e, self.peer, self._where()))
         try:
             self.precopy.link.close()
         except Exception as e:  # the migration is complete; report, do not fail
@@ -364,6 +408,8 @@ class MigrationSource:
     # ----------------------------------------------------------- the end
     def _end(self, status: str, reason: str, discarded: bool) -> None:
         """Roll back, unless ``go`` is out and the destination may run the guest."""
+        if self.watch is not None:
+            self.watch.close()  # no heartbeat after the end
         if not self.phase.go_sent or discarded:
             self._rollback(status, reason)
         elif self.status != "completed":

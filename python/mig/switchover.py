@@ -12,9 +12,13 @@ switchover is abandoned.
 
 Phases (``Phase``)::
 
-    PRECOPY -> PAUSED -> STOP_COPY -> AWAIT_READY -> COMMITTED -> AWAIT_RESUMED -> DONE
-                  ^          |
-                  +----------+  over budget: abandoned, the guest runs again
+    PRECOPY -> PAUSED [-> PRE_SWITCHOVER -> PAUSED] -> STOP_COPY -> AWAIT_READY
+            -> COMMITTED -> AWAIT_RESUMED -> DONE
+    STOP_COPY -> PRECOPY: over budget, abandoned, the guest runs again
+
+``PRE_SWITCHOVER`` (QEMU's ``pause-before-switchover``, ``mig.pre_switchover``):
+the guest is paused and nothing is sent until the operator continues; its
+wait is in the downtime, as in QEMU, and a cancel there rolls back.
 
 Before ``COMMITTED`` any failure rolls back: the destination never resumes
 without ``go``. From ``COMMITTED`` the source no longer cancels, and once
@@ -45,6 +49,7 @@ from mig.errors import MigrationEnded, OverBudget
 from mig.guest_stops import GuestStops
 from mig.notifier import Notifier
 from mig.params import MigrationParams
+from mig.pre_switchover import PreSwitchover
 from mig.precopy import Precopy
 from mig.protocol import (
     Complete,
@@ -63,6 +68,7 @@ __all__ = ["Phase", "SwitchoverRun"]
 class Phase(Enum):
     PRECOPY = "precopy"
     PAUSED = "paused"
+    PRE_SWITCHOVER = "pre-switchover"  # paused, waiting for migrate-continue
     STOP_COPY = "stop-copy"
     AWAIT_READY = "await-ready"
     COMMITTED = "committed"  # "go" decided: no cancel from here
@@ -93,6 +99,7 @@ class SwitchoverRun:
         clock: Clock,
         notify: Notifier,
         fail_on_over_budget: bool,
+        pre_switchover: PreSwitchover | None = None,
     ) -> None:
         self.precopy = precopy
         self.control = control
@@ -103,6 +110,7 @@ class SwitchoverRun:
         self.clock = clock
         self.notify = notify
         self.fail_on_over_budget = fail_on_over_budget
+        self.pre_switchover = pre_switchover
         self.phase = Phase.PRECOPY
         self.predicted_downtime: float | None = None
         self.downtime: float | None = None
@@ -124,7 +132,7 @@ class SwitchoverRun:
         if not self.stops.paused:
             self.stops.pause()
         self.phase = Phase.PAUSED
-        down_start = self.stops.paused_at
+        down_start, waited = self.stops.paused_at, self._hold(check_cancel)
         link = precopy.link
         precopy_seqs = dict(link.last_seq)
         self.control.send(Switchover(precopy_seqs))
@@ -178,7 +186,8 @@ class SwitchoverRun:
             self.precopy.costs.dest_root = ready.digest
         sync = precopy.ram.last_sync_seconds
         parts = {
-            "pause": t0 - down_start,
+            "pause": t0 - down_start - waited,
+            **({"pre-switchover": waited} if waited else {}),
             "final-sync": sync,
             "final-ram": max(0.0, t_ram - t0 - sync),
             "device-state": t_dev - t_ram,
@@ -191,6 +200,18 @@ class SwitchoverRun:
         self.breakdown = parts
         self.phase = Phase.DONE
         return True
+
+    def _hold(self, check_cancel: Callable[[], None]) -> float:
+        """pause-before-switchover: wait, guest paused, for migrate-continue.
+
+        The wait is downtime, as in QEMU: the breakdown's ``pre-switchover``
+        term (taken out of ``pause``)."""
+        if self.pre_switchover is None or not self.pre_switchover.enabled:
+            return 0.0
+        self.phase = Phase.PRE_SWITCHOVER
+        waited = self.pre_switchover.hold(check_cancel, self.control.poll)
+        self.phase = Phase.PAUSED
+        return waited
 
     def _stop_copy(self, budget: int | None, check_cancel: Callable[[], None]) -> tuple[float, int]:
         """RAM's last pages, then every device's stop-copy state, within ``budget``."""
@@ -225,12 +246,13 @@ class SwitchoverRun:
         resumed = self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
         return ready, resumed
 
-    def verify_after_resume(self) -> None:
+    def verify_after_resume(self, describe: Callable[[BaseException], str] = str) -> None:
         """After-resume: digest the frozen memory, send it, wait for the verdict.
 
         The destination runs the guest already, so nothing here fails the
         migration: every end (mismatch, no answer, a broken session) is
         ``verified`` false with the reason, and a ``verify-failed`` event.
+        ``describe`` tells a broken session's error as what the peer did.
         """
         t0 = self.clock.now()
         timeout = self.params.verify_wait
@@ -244,7 +266,7 @@ class SwitchoverRun:
             result = self.control.wait_for(VerifyResult, what, timeout, lambda: None)
             ok, reason = result.ok, result.reason
         except Exception as e:
-            ok, reason = False, f"no verification: {getattr(e, 'reason', None) or e}"
+            ok, reason = False, f"no verification: {getattr(e, 'reason', None) or describe(e)}"
         self.verify_time = self.clock.now() - t0
         self.verified = ok
         if not ok:

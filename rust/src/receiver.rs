@@ -348,6 +348,8 @@ pub struct Receiver {
     control: Arc<dyn ControlPort>,
     sockets: Vec<Conn>,
     refused: Vec<String>,
+    /// The source as the control channel's peer address; None for a file.
+    peer: Option<String>,
     started: Instant,
 }
 
@@ -476,6 +478,7 @@ impl Receiver {
             control,
             sockets: Vec::new(),
             refused: Vec::new(),
+            peer: None,
             started: Instant::now(),
         }
     }
@@ -537,11 +540,17 @@ impl Receiver {
         r.control = Arc::new(ControlLink::new(session.control)?);
         r.sockets = sockets;
         r.refused = session.refused;
+        r.peer = Some(session.peer);
         Ok(r)
     }
 
     pub fn migration_id(&self) -> u128 {
         self.shared.stream.migration_id
+    }
+
+    /// Who sent this session: the control channel's peer address.
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
     }
 
     pub fn channels(&self) -> usize {

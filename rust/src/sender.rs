@@ -899,13 +899,33 @@ impl Worker {
         })
     }
 
+    /// Serves both queues until both are closed: an `abort` from another
+    /// thread closes the sender's own ends while a caller may still wait on
+    /// queued jobs (its clone of a queue keeps it open), and every one of
+    /// them must get its (failed) reply.
     fn run(mut self, private: Rx<Job>, pages: Rx<Job>) {
+        let (mut private_open, mut pages_open) = (true, true);
         loop {
-            let job = select! {
-                recv(private) -> j => j,
-                recv(pages) -> j => j,
+            let job = match (private_open, pages_open) {
+                (true, true) => select! {
+                    recv(private) -> j => j.map_err(|_| true),
+                    recv(pages) -> j => j.map_err(|_| false),
+                },
+                (true, false) => private.recv().map_err(|_| true),
+                (false, true) => pages.recv().map_err(|_| false),
+                (false, false) => break,
             };
-            let Ok(job) = job else { break };
+            let job = match job {
+                Ok(job) => job,
+                Err(true) => {
+                    private_open = false;
+                    continue;
+                }
+                Err(false) => {
+                    pages_open = false;
+                    continue;
+                }
+            };
             let start = Instant::now();
             let (reply, result) = match self.shared.check() {
                 Err(e) => (job_reply(job), Err(e)),

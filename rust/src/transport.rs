@@ -436,6 +436,8 @@ pub enum Listener {
 /// The channels of one accepted session.
 pub struct Session {
     pub control: Conn,
+    /// The control channel's peer (`HOST:PORT`, or "a peer on PATH").
+    pub peer: String,
     pub data: Vec<Conn>,
     pub header: StreamHeader,
     /// Channels refused while gathering, with why.
@@ -505,21 +507,22 @@ impl Listener {
         on_refused: Option<&RefusalHook>,
     ) -> CoreResult<Session> {
         let deadline = Instant::now() + timeout;
-        let mut control: Option<(Conn, StreamHeader)> = None;
+        let mut control: Option<(Conn, StreamHeader, String)> = None;
         let mut early: Vec<(Conn, StreamHeader, String)> = Vec::new();
         let mut data: Vec<Option<Conn>> = Vec::new();
         let mut refused = Vec::new();
         loop {
-            if let Some((_, h)) = &control {
+            if let Some((_, h, _)) = &control {
                 for (c, dh, peer) in std::mem::take(&mut early) {
                     if let Err(why) = place(h, &mut data, c, &dh) {
                         RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
                     }
                 }
                 if data.iter().all(Option::is_some) {
-                    let (control, header) = control.take().expect("checked above");
+                    let (control, header, peer) = control.take().expect("checked above");
                     return Ok(Session {
                         control,
+                        peer,
                         data: data.into_iter().flatten().collect(),
                         header,
                         refused,
@@ -592,9 +595,9 @@ impl Listener {
             match (header.kind, &control) {
                 (ChannelKind::Control, None) => {
                     data = (0..header.channel_count).map(|_| None).collect();
-                    control = Some((conn, header));
+                    control = Some((conn, header, peer));
                 }
-                (ChannelKind::Control, Some((_, h))) => RefusalHook::refuse(
+                (ChannelKind::Control, Some((_, h, _))) => RefusalHook::refuse(
                     on_refused,
                     &mut refused,
                     &peer,
@@ -604,7 +607,7 @@ impl Listener {
                         header.migration_id, h.migration_id
                     ),
                 ),
-                (ChannelKind::Data, Some((_, h))) => {
+                (ChannelKind::Data, Some((_, h, _))) => {
                     if let Err(why) = place(h, &mut data, conn, &header) {
                         RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::Channel, why);
                     }

@@ -18,6 +18,10 @@ name with dashes, typed by its default: ``x-mig-policy``, ``x-mig-timeout``,
 ``x-mig-io-timeout`` and so on, plus ``x-mig-auto-converge-mode``
 (``proportional`` or ``qemu``) for the ``auto-converge`` capability.
 
+``pause-before-switchover`` is QEMU's: the switchover waits, guest paused,
+in status ``pre-switchover`` for ``migrate-continue``. ``x-mig-stall-timeout``
+(seconds) ends a precopy that makes no progress (``mig.stall_watch``).
+
 ``switchover-ack`` is always on in mig (the source waits for the
 destination's ack) and ``zero-copy-send`` is not implemented: each reports its
 real state, and asking for the other is an error.
@@ -31,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mig.params import MigrationParams
 from mig.policies import POLICIES
 from mig.protocol import VERIFY_MODES
 from mig.qmp.arguments import check_type
@@ -52,6 +57,7 @@ CAPABILITIES: dict[str, tuple[bool, bool]] = {
     "events": (False, False),
     "switchover-ack": (True, True),
     "zero-copy-send": (False, True),
+    "pause-before-switchover": (False, False),
 }
 _FIXED_WHY = {
     "switchover-ack": "mig always waits for the destination's switchover-ack",
@@ -86,7 +92,7 @@ _QEMU_PARAMS: dict[str, _Param] = {
     "x-mig-auto-converge-mode": _Param(None, str, choices=_AUTO_CONVERGE_MODES),
 }
 # mig parameters that capabilities (not an x-mig- parameter) carry.
-_BY_CAPABILITY = ("auto_converge", "dirty_limit")
+_BY_CAPABILITY = ("auto_converge", "dirty_limit", "pause_before_switchover")
 # Choices of mig's own string parameters, checked when set.
 _X_CHOICES: dict[str, tuple[str, ...]] = {
     "policy": tuple(POLICIES),
@@ -159,6 +165,7 @@ class MigrationSettings:
         self.capabilities["dirty-limit"] = limit > 0
         self.values["vcpu-dirty-limit"] = max(1, round(limit * page_size / _MIB)) if limit else 1
         self.values["tls-creds"] = ""
+        self.capabilities["pause-before-switchover"] = bool(p["pause_before_switchover"])
 
     # ------------------------------------------------------- capabilities
     def query_capabilities(self) -> list[dict[str, Any]]:
@@ -205,7 +212,13 @@ class MigrationSettings:
                 raise QMPError(f"Parameter '{name}' is unexpected")
             check_type(name, value, spec.kind)
             _check_value(name, spec, value)
-        self.values.update(copy.deepcopy(dict(arguments)))
+        before = self.values
+        self.values = {**before, **copy.deepcopy(dict(arguments))}
+        try:
+            MigrationParams.from_dict(self.to_params())  # the checks migrate would apply
+        except ValueError as e:
+            self.values = before
+            raise QMPError(str(e)) from None
 
     @staticmethod
     def parameter_types() -> dict[str, type]:
@@ -226,6 +239,7 @@ class MigrationSettings:
         out["dirty_limit"] = (
             v["vcpu-dirty-limit"] * _MIB / self.page_size if caps["dirty-limit"] else 0
         )
+        out["pause_before_switchover"] = caps["pause-before-switchover"]
         if out.get("policy_options") == {}:
             out["policy_options"] = None
         for key in _OPTIONAL_SECONDS:

@@ -3,7 +3,9 @@
 Commands: ``query-status``, ``stop``, ``cont``, ``migrate-set-capabilities``,
 ``query-migrate-capabilities``, ``migrate-set-parameters``,
 ``query-migrate-parameters``, ``migrate``, ``query-migrate``,
-``migrate_cancel``, ``x-mig-query-digests`` and ``quit``. Events: ``MIGRATION``
+``migrate_cancel``, ``migrate-continue`` (ends the ``pre-switchover`` pause of
+the ``pause-before-switchover`` capability), ``x-mig-query-digests`` and
+``quit``. Events: ``MIGRATION``
 on every status change and ``MIGRATION_PASS`` on every dirty sync (only with
 the ``events`` capability, as in QEMU), ``STOP`` and ``RESUME`` on every pause
 and resume of the guest: by ``stop``/``cont``, and by the migration itself
@@ -27,7 +29,7 @@ from mig.qmp.errors import QMPError
 from mig.qmp.server import Command, QMPServer
 from mig.qmp.settings import MigrationSettings, settings_commands
 from mig.qmp.version import package_version
-from mig.source import MigrationSource
+from mig.source import STATUSES, MigrationSource
 
 __all__ = ["SourceMonitor"]
 
@@ -74,6 +76,7 @@ class SourceMonitor:
             ),
             "query-migrate": Command(self._query_migrate),
             "migrate_cancel": Command(self._cancel),
+            "migrate-continue": Command(self._continue, {"state": str}),
             "x-mig-query-digests": Command(self._digests),
             "quit": Command(lambda _: None, then=self.quit_requested.set),
             **settings_commands(self.settings, self._busy),
@@ -107,7 +110,8 @@ class SourceMonitor:
             if self._postmigrate:
                 return "postmigrate"
             if self._migration_stopped:
-                return "finish-migrate" if self._status == "device" else "paused"
+                switchover = self._status in ("pre-switchover", "device")
+                return "finish-migrate" if switchover else "paused"
             return "paused" if self._user_stopped else "running"
 
     def _query_status(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +186,16 @@ class SourceMonitor:
         if source is not None and self._busy() and not source.cancel("cancelled by migrate_cancel"):
             raise QMPError("too late to cancel: the destination may already run the guest")
 
+    def _continue(self, args: dict[str, Any]) -> None:
+        """QEMU's ``migrate-continue``: ``state`` must be the status it continues from."""
+        source, state = self.source, args["state"]
+        if state not in STATUSES:
+            raise QMPError(f"Parameter 'state' does not accept value '{state}'")
+        if self._status != state:
+            raise QMPError(f"Migration not in expected state: {self._status}")
+        if state == "pre-switchover" and (source is None or not _released(source)):
+            raise QMPError(f"Migration not in expected state: {self._status}")
+
     def _digests(self, _: dict[str, Any]) -> dict[str, Any]:
         """Digests of the guest's memory and device state, to compare with the destination's."""
         if self.run_state() == "running":
@@ -252,3 +266,11 @@ class SourceMonitor:
                 self.server.emit("RESUME")
         except Exception:
             log.exception("QMP: %s event", name)
+
+
+def _released(source: MigrationSource) -> bool:
+    try:
+        source.migrate_continue()
+    except RuntimeError:
+        return False
+    return True

@@ -418,6 +418,12 @@ impl PyReceiver {
         self.inner.channels()
     }
 
+    /// The source's address as the control channel's peer; None for a file.
+    #[getter]
+    fn peer(&self) -> Option<String> {
+        self.inner.peer().map(str::to_owned)
+    }
+
     fn control_send(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         let r = self.inner.clone();
         Ok(py.detach(move || r.control_send(data))?)
