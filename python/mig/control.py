@@ -3,7 +3,7 @@
 Sends the typed messages of ``mig.protocol`` and dispatches what the
 destination says: ``switchover-ack`` (the source may complete),
 ``pass-ack`` (the destination's loop latency, drain lag and digest timing,
-which feed the switchover's fixed costs), ``device-initial-done``, and its
+which feed the switchover's fixed costs), a late ``settled``, ``device-initial-done``, and its
 ``failed``/``cancel``, which end the migration with ``by_peer`` set: the
 destination discarded everything and never resumed.
 """
@@ -29,6 +29,7 @@ from mig.protocol import (
     HelloAck,
     Message,
     PassAck,
+    Settled,
     SwitchoverAck,
 )
 from mig.stats import SwitchoverCosts
@@ -85,6 +86,8 @@ class ControlSession:
                 faults.point("source.switchover-ack")
             case PassAck():
                 self._on_pass_ack(message)
+            case Settled():
+                pass  # a late answer to a settle that timed out: nothing waits for it
             case DeviceInitialDone(device=device):
                 self.notify.event("device-initial-done", device=device)
             case Failed(reason=reason) | Cancel(reason=reason):
@@ -143,8 +146,11 @@ class ControlSession:
         self._dest_busy.append(ack.busy)
         self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
         if ack.drain is not None:
+            # The shortest recent lag: the switchover's end records follow a
+            # ``settle`` that drained the backlog, so only the channels' own
+            # latency (and the final pass's bytes, planned apart) is left.
             self._dest_drain.append(ack.drain)
-            self.costs.drain = max(self._dest_drain)
+            self.costs.drain = min(self._dest_drain)
         if ack.digest is not None:
             seen = self.costs.dest_digest
             self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)

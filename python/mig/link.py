@@ -182,5 +182,9 @@ class ReceiverEndpoint:
     def stats(self) -> dict[str, Any]:
         return dict(self._r.stats())
 
+    def memory_root(self) -> int:
+        """The chunk root of destination memory now (rehashes the stale chunks)."""
+        return int(self._r.memory_root())
+
     def abort(self) -> None:
         self._r.abort()

@@ -92,16 +92,28 @@ class Precopy:
         left = self.params.downtime_limit_s - self.overhead()
         return int(self.bandwidth() * max(0.0, left))
 
+    def _pending(self) -> int:
+        """Bytes known pending: exact when measured, else the estimate."""
+        pending = self.pending_exact if self.pending_exact is not None else self.pending_estimate
+        return pending or 0
+
     def overhead(self) -> float:
         """Measured fixed switchover costs, seconds (``SwitchoverCosts``)."""
-        self.costs.final_sync = self.ram.last_sync_seconds
-        return self.costs.total()
+        costs = self.costs
+        costs.final_sync = self.ram.last_sync_seconds
+        costs.final_pages = self._pending() // self.ram.page_size
+        return costs.total()
+
+    def switchover_plan(self) -> dict[str, float]:
+        """The downtime this switchover should cost, term by term, seconds:
+        the fixed costs and ``final-ram``, pending bytes over bandwidth."""
+        bw = self.bandwidth()
+        self.overhead()
+        return {**self.costs.terms(), "final-ram": self._pending() / bw if bw else 0.0}
 
     def expected_downtime(self) -> float:
         """Seconds: pending bytes (exact when measured) over bandwidth, plus fixed costs."""
-        bw = self.bandwidth()
-        pending = self.pending_exact if self.pending_exact is not None else self.pending_estimate
-        return (pending or 0) / bw + self.overhead() if bw else 0.0
+        return sum(self.switchover_plan().values()) if self.bandwidth() else 0.0
 
     def switchover_near(self) -> bool:
         """The known pending state would fit the raw downtime budget."""

@@ -71,12 +71,13 @@ from mig.destination_core import (
     FinishStopCopy,
     Resume,
     Send,
+    SettleChannels,
 )
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
-from mig.protocol import Failed, Message, PassAck, Switchover, SwitchoverAbort
+from mig.protocol import Failed, Message, PassAck, Settled, Switchover, SwitchoverAbort
 from mig.reorder import DeviceRecord
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -911,6 +912,10 @@ class SimLink:
                     self._play(self.destination.resumed(self.clock.now()))
                 case AnswerPass(number=number):
                     self._reply(self.model.rtt, PassAck(number, 0.0))
+                case SettleChannels(number=number):
+                    # The model's pages land as they are charged: nothing
+                    # is queued and nothing stale but what the final pass writes.
+                    self._reply(self.model.rtt, Settled(number, 0.0, 0, 0.0))
         self._load_released()
 
     def _load_released(self) -> None:

@@ -119,21 +119,31 @@ def digest_cost(memory: Any) -> float:
 
 @dataclass
 class SwitchoverCosts:
-    """Fixed switchover costs in seconds, as last measured (0 until measured).
+    """Fixed switchover costs in seconds, as last measured (0 until measured),
+    named as the terms of ``downtime-breakdown``; each is measured where it
+    is paid.
 
     ``digest`` is the source's whole-memory digest, inside the downtime only
     when ``verify`` is strict (``source_digest``). ``dest-digest`` is the
     destination's root before ``ready``. Strict, it is checked against the
     source's: ``dest_digest`` is the destination's own timing of a whole
     digest (``pass-ack``), the source's figure standing in until then.
-    Otherwise the destination rehashes only the chunks written since their
-    last hash: ``dest_root`` is the figure its last ``ready`` reported (0
-    before a first switchover).
-    ``drain`` is how long its channels trail the control channel (the end
-    records of a switchover wait behind that lag).
+    Otherwise the destination rehashes only the chunks the final pass
+    rewrote (``settle`` brought every earlier one up to date before the
+    pause): ``chunk_seconds`` (what one chunk took at the last ``settled``)
+    times the final pass's pages (``final_pages``, each in its own chunk at
+    worst). Before a first ``settled``, ``dest_root``:
+    what the last ``ready`` reported (0 before a first switchover).
+    ``drain`` is the destination's wait for the end records once
+    ``complete`` arrived: the lag of its channels with nothing queued (the
+    shortest lag the ``pass-ack``s reported; ``settle`` drained the backlog).
     ``devices`` maps a device to the seconds its stop-copy state took to
     produce (stopping it, reading its state, outside the sends); ``load``
-    counts it again for the destination, which validates the same bytes.
+    counts it again for the destination, which validates the same bytes,
+    plus ``dest_load``, the destination's own work at the last switchover.
+    ``end_records`` is the source's sending of the end records and
+    ``complete``; ``handshake`` the control round trips of
+    ``complete``/``ready`` and ``go``/``resumed``.
     """
 
     pause: float = 0.0
@@ -142,7 +152,11 @@ class SwitchoverCosts:
     handshake: float = 0.0
     dest_digest: float | None = None
     dest_root: float | None = None
+    chunk_seconds: float | None = None
+    final_pages: int = 0
     drain: float = 0.0
+    dest_load: float = 0.0
+    end_records: float = 0.0
     devices: dict[str, float] = field(default_factory=dict)
     source_digest: bool = True  # verify strict: the source digests in the downtime
 
@@ -153,14 +167,16 @@ class SwitchoverCosts:
     @property
     def dest_digest_cost(self) -> float:
         """The destination's root before ``ready``."""
-        if not self.source_digest:
-            return self.dest_root or 0.0
-        return self.digest if self.dest_digest is None else self.dest_digest
+        if self.source_digest:
+            return self.digest if self.dest_digest is None else self.dest_digest
+        if self.chunk_seconds is not None:
+            return self.chunk_seconds * self.final_pages
+        return self.dest_root or 0.0
 
     @property
     def load(self) -> float:
-        """The destination's work besides its digest."""
-        return self.device + self.drain
+        """The destination's work besides its wait and its digest."""
+        return self.device + self.dest_load
 
     def terms(self) -> dict[str, float]:
         """Each term of the sum, seconds, named as in ``downtime-breakdown``."""
@@ -171,6 +187,8 @@ class SwitchoverCosts:
         }
         if self.source_digest:
             out["digest"] = self.digest
+        out["end-records"] = self.end_records
+        out["drain"] = self.drain
         out["dest-digest"] = self.dest_digest_cost
         out["load"] = self.load
         out["handshake"] = self.handshake
