@@ -2,8 +2,9 @@
 
 Sends the typed messages of ``mig.protocol`` and dispatches what the
 destination says: ``switchover-ack`` (the source may complete),
-``pass-ack`` (the destination's loop latency, drain lag and digest timing,
-which feed the switchover's fixed costs), a late ``settled``, ``device-initial-done``, and its
+``pass-ack`` (the destination's loop latency and digest timing, which feed
+the switchover's fixed costs; its drain lag is not planned with, as
+``settle`` empties the backlog it includes), a late ``settled``, ``device-initial-done``, and its
 ``failed``/``cancel``, which end the migration with ``by_peer`` set: the
 destination discarded everything and never resumed.
 """
@@ -51,7 +52,6 @@ class ControlSession:
         self.switchover_acked = False
         self.rtt = 0.0
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
-        self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
 
     def send(self, message: Message) -> None:
         self.link.send(message)
@@ -145,12 +145,6 @@ class ControlSession:
         """
         self._dest_busy.append(ack.busy)
         self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
-        if ack.drain is not None:
-            # The shortest recent lag: the switchover's end records follow a
-            # ``settle`` that drained the backlog, so only the channels' own
-            # latency (and the final pass's bytes, planned apart) is left.
-            self._dest_drain.append(ack.drain)
-            self.costs.drain = min(self._dest_drain)
         if ack.digest is not None:
             seen = self.costs.dest_digest
             self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from mig import faults
 from mig.clock import Clock
 from mig.protocol import Settle, Settled
 
@@ -73,6 +74,7 @@ def settle(
     guest still running. None after ``timeout``: the switchover goes on and
     pays what is left in its downtime (``drain``, ``dest-digest``)."""
     control.send(Settle(number, generation))
+    faults.point("source.settle")
     deadline = clock.now() + timeout
     while clock.now() < deadline:
         check_cancel()

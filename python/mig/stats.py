@@ -135,8 +135,9 @@ class SwitchoverCosts:
     worst). Before a first ``settled``, ``dest_root``:
     what the last ``ready`` reported (0 before a first switchover).
     ``drain`` is the destination's wait for the end records once
-    ``complete`` arrived: the lag of its channels with nothing queued (the
-    shortest lag the ``pass-ack``s reported; ``settle`` drained the backlog).
+    ``complete`` arrived: what it measured at the last switchover (0 before
+    one). ``settle`` drained the backlog before the pause, so only the final
+    pass's tail is left, and its bytes are planned in ``final-ram``.
     ``devices`` maps a device to the seconds its stop-copy state took to
     produce (stopping it, reading its state, outside the sends); ``load``
     counts it again for the destination, which validates the same bytes,

@@ -62,6 +62,11 @@ __all__ = ["Phase", "SwitchoverRun"]
 
 # A "settled" that rehashed fewer chunks times mostly its own overhead.
 _MIN_TIMED_CHUNKS = 16
+# Settles before a pause: one, a catch-up pass of what its wait let the
+# guest dirty, and a second (much shorter) one.
+_SETTLE_ROUNDS = 2
+_CATCH_UP_AFTER = 0.010
+_CATCH_UP_SLICE = 16 << 20
 
 
 class Phase(Enum):
@@ -124,9 +129,9 @@ class SwitchoverRun:
         precopy = self.precopy
         check_cancel()
         if not self.stops.paused:
-            self._settle(check_cancel)
+            self._settle_and_catch_up(check_cancel)
         self.plan = precopy.switchover_plan()
-        self.predicted_downtime = precopy.expected_downtime()
+        self.predicted_downtime = sum(self.plan.values())
         if not forced:
             self.monitor.clear_costs_reason()  # the policy chose to switch over: the costs fit
         self.digests.settle()
@@ -207,7 +212,28 @@ class SwitchoverRun:
         )
         return t_sent
 
-    def _settle(self, check_cancel: Callable[[], None]) -> None:
+    def _settle_and_catch_up(self, check_cancel: Callable[[], None]) -> None:
+        """Settle; if the wait was long enough for the guest to dirty pages
+        the loop has not seen, send them too, still running, and settle
+        again: the final pass then holds only what the short last wait
+        dirtied. A wait shorter than ``_CATCH_UP_AFTER`` changed nothing the
+        policy did not decide on."""
+        ram = self.precopy.ram
+        for _ in range(_SETTLE_ROUNDS - 1):
+            waited = self._settle(check_cancel)
+            if waited < _CATCH_UP_AFTER:
+                return
+            ram.sync()
+            if ram.last_sync_new_pages == 0 and ram.pending_estimate() == 0:
+                return
+            self.precopy.after_sync()
+            while ram.iterate(self.precopy.link, _CATCH_UP_SLICE):
+                check_cancel()
+            self.precopy.pending_exact = None  # the plan grows this from the last sync
+            self.precopy.pending_estimate = ram.pending_estimate()
+        self._settle(check_cancel)
+
+    def _settle(self, check_cancel: Callable[[], None]) -> float:
         """Before the pause: wait, the guest still running, until everything
         sent so far landed and the destination's root is current
         (``mig.settling``); learn its per-chunk hash cost."""
@@ -216,9 +242,11 @@ class SwitchoverRun:
         t0 = self.clock.now()
         answer = settle(self.control, self.clock, ram.sync_count, ram.generation, timeout,
                         check_cancel)  # fmt: skip
-        self.settle_time = self.clock.now() - t0
+        waited = self.clock.now() - t0
+        self.settle_time = (self.settle_time or 0.0) + waited
         if answer is not None and answer.chunks >= _MIN_TIMED_CHUNKS:
             self.precopy.costs.chunk_seconds = answer.seconds / answer.chunks
+        return waited
 
     @staticmethod
     def _destination_terms(
@@ -241,6 +269,7 @@ class SwitchoverRun:
         if ready.digest is not None:
             costs.dest_root = ready.digest
         costs.end_records = parts["end-records"]
+        costs.drain = parts["drain"]
         costs.dest_load = max(0.0, parts["load"] - costs.device)
 
     def _stop_copy(self, budget: int | None, check_cancel: Callable[[], None]) -> tuple[float, int]:
