@@ -73,6 +73,17 @@ class ControlSession:
         self.rtt = self.clock.now() - t0
         self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
 
+    def round_trip(self, seconds: float) -> None:
+        """A control round trip measured since ``hello`` (a ``settle`` less the
+        destination's reported work): ``hello``'s included the destination's
+        setup, so the switchover's handshake plans with this one."""
+        self.rtt = seconds
+        self._plan_handshake()
+
+    def _plan_handshake(self) -> None:
+        busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
+        self.costs.handshake = 2 * self.rtt + busy
+
     def poll(self) -> None:
         """Handle every message already waiting."""
         while (message := self.link.recv(0)) is not None:
@@ -144,7 +155,7 @@ class ControlSession:
         compete with (timed under that load the figure read twice the cost).
         """
         self._dest_busy.append(ack.busy)
-        self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
+        self._plan_handshake()
         if ack.digest is not None:
             seen = self.costs.dest_digest
             self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)
