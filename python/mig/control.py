@@ -75,9 +75,10 @@ class ControlSession:
 
     def round_trip(self, seconds: float) -> None:
         """A control round trip measured since ``hello`` (a ``settle`` less the
-        destination's reported work): ``hello``'s included the destination's
-        setup, so the switchover's handshake plans with this one."""
-        self.rtt = seconds
+        destination's reported work). ``hello``'s included the destination's
+        setup, and on a loaded host any one may meet a descheduled peer: the
+        switchover's handshake plans with the shortest seen."""
+        self.rtt = min(self.rtt, seconds)
         self._plan_handshake()
 
     def _plan_handshake(self) -> None:
