@@ -55,9 +55,8 @@ class ChannelSettling:
         stale = int(ep.stats().get("stale-chunks", 0))
         root = getattr(ep, "memory_root", None)
         t0 = self.clock.now()
-        if root is not None:
-            root()  # rehashes exactly the stale chunks, GIL released
-        else:
+        # Rehashes exactly the stale chunks, GIL released (None: no digest kept).
+        if root is None or root() is None:
             stale = 0
         return Settled(number, now - since, stale, self.clock.now() - t0)
 

@@ -124,16 +124,17 @@ class SwitchoverCosts:
     is paid.
 
     ``digest`` is the source's whole-memory digest, inside the downtime only
-    when ``verify`` is strict (``source_digest``). ``dest-digest`` is the
-    destination's root before ``ready``. Strict, it is checked against the
-    source's: ``dest_digest`` is the destination's own timing of a whole
-    digest (``pass-ack``), the source's figure standing in until then.
-    Otherwise the destination rehashes only the chunks the final pass
-    rewrote (``settle`` brought every earlier one up to date before the
-    pause): ``chunk_seconds`` (what one chunk took at the last ``settled``)
-    times the final pass's pages (``final_pages``, each in its own chunk at
-    worst). Before a first ``settled``, ``dest_root``:
-    what the last ``ready`` reported (0 before a first switchover).
+    when ``verify`` is strict (``source_digest``): the O(memory) cost of
+    strict. ``dest-digest`` is the destination's chunk root before
+    ``ready`` (strict checks it against the source's digest): it rehashes
+    only the chunks the final pass rewrote (``settle`` brought every earlier
+    one up to date before the pause), ``chunk_seconds`` (what one chunk took
+    at the last ``settled``) times the final pass's pages (``final_pages``,
+    each in its own chunk at worst). Before a first ``settled``: strict,
+    ``dest_digest``, the destination's own timing of a whole digest
+    (``pass-ack``), the source's figure standing in until then; otherwise
+    ``dest_root``, what the last ``ready`` reported (0 before a first
+    switchover).
     ``drain`` is the destination's wait for the end records once
     ``complete`` arrived: what it measured at the last switchover (0 before
     one). ``settle`` drained the backlog before the pause, so only the final
@@ -168,10 +169,10 @@ class SwitchoverCosts:
     @property
     def dest_digest_cost(self) -> float:
         """The destination's root before ``ready``."""
-        if self.source_digest:
-            return self.digest if self.dest_digest is None else self.dest_digest
         if self.chunk_seconds is not None:
             return self.chunk_seconds * self.final_pages
+        if self.source_digest:
+            return self.digest if self.dest_digest is None else self.dest_digest
         return self.dest_root or 0.0
 
     @property
