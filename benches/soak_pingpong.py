@@ -1,31 +1,41 @@
 """Soak: ping-pong migrations A -> B -> A ... of a running guest with a nic.
 
-    python benches/soak_pingpong.py [--rounds 50] [--size 256MiB]
+    python benches/soak_pingpong.py [--rounds 50] [--size 256MiB] [--downtime-limit 300]
 
 Each round migrates the running guest (a ``WorkloadGuest`` and a ``nic``
 sample device whose state changes while it runs) over loopback TCP to the
-other side, checks it byte-exact, and starts it there: the destination's
-memory and device digests, taken when it resumes and before anything runs on
-it, must equal the stopped source's memory and device digests, and the
-destination must have verified the source's digest. The device object that
-was the source becomes the next round's destination (STOP -> RESUMING), and
-the workload restarts on the side that received it. Prints one line per round
-and a summary: corrupted rounds, downtime and total-time medians and maxima,
-and this process's threads and file descriptors before and after.
+other side through the embedding API (``MigrationSource`` to a
+``MigrationDestination``, the default policy and verification), checks it
+byte-exact, and starts it there: the destination's device digest, taken as
+the device resumes, and its memory digest, taken after the migration and
+before its guest starts (nothing writes that memory in between; taking it
+at resume would add a whole-memory read to the downtime), must equal the
+stopped source's, and the source must have ``verified`` the destination's
+root. The device object that was the source becomes the next round's
+destination (STOP -> RESUMING), and the workload restarts on the side that
+received it. Prints one line per round and a summary: corrupted rounds,
+downtime median (against the downtime limit) and maximum, total-time median
+and maximum, and this process's threads and file descriptors before and
+after. Results go to ``benches/results/soak_pingpong-<commit>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Run as a script, this directory is on sys.path.
+from transfer_user_path import commit
 
 import mig
 from mig.destination import MigrationDestination
@@ -33,6 +43,8 @@ from mig.device_handler import DeviceHandler
 from mig.devices import create
 from mig.source import MigrationSource
 from mig.units import parse_size
+
+HERE = Path(__file__).resolve().parent
 
 DEVICE = "nic:state=16MiB,rate=8MiB/s,grow=0"
 WORKLOAD = "uniform:wss=64MiB,rate=20000"
@@ -65,21 +77,20 @@ class Host:
 
 
 class Recording(DeviceHandler):
-    """The destination's nic handler: digests memory and device state as the
-    device resumes, before anything runs on the destination."""
+    """The destination's nic handler: digests the device state as the
+    device resumes, before it runs on the destination."""
 
-    def __init__(self, device: Any, memory: mig.GuestMemory) -> None:
+    def __init__(self, device: Any) -> None:
         super().__init__(device, device_id=1)
-        self.memory = memory
         self.seen: dict[str, int] = {}
 
     def load_resume(self) -> None:
-        self.seen = {"memory": self.memory.digest(), "device": self.device.state_digest()}
+        self.seen = {"device": self.device.state_digest()}
         super().load_resume()
 
 
 def migrate(src: Host, dst: Host, params: dict[str, Any]) -> dict[str, Any]:
-    handler = Recording(dst.device, dst.memory)
+    handler = Recording(dst.device)
     dest = MigrationDestination("tcp:127.0.0.1:0", dst.memory, [handler])
     dest.start()
     source = MigrationSource(src.guest, [src.device], uri=dest.uri, **params)
@@ -89,7 +100,8 @@ def migrate(src: Host, dst: Host, params: dict[str, Any]) -> dict[str, Any]:
         q["status"] == "completed"
         and d["status"] == "completed"
         and q["verified"]
-        and handler.seen.get("memory") == src.memory.digest()  # the source stays stopped
+        # The source stays stopped; the destination's guest has not started.
+        and dst.memory.digest() == src.memory.digest()
         and handler.seen.get("device") == src.device.state_digest()
     )
     return {"q": q, "d": d, "exact": ok}
@@ -127,8 +139,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--size", type=parse_size, default=256 << 20)
     p.add_argument("--vcpus", type=int, default=2)
+    p.add_argument("--downtime-limit", type=int, default=300, help="ms (default 300)")
+    p.add_argument("--out", default=str(HERE / "results"), help="result directory")
     a = p.parse_args()
-    params = {"multifd_channels": 2, "downtime_limit": 300, "timeout": 120}
+    limit = a.downtime_limit
+    params = {"multifd_channels": 2, "downtime_limit": limit, "timeout": 120}
     before = resources()
     hosts = [Host("A", a.size, active=True), Host("B", a.size, active=False)]
     hosts[0].memory.array[:] = np.random.default_rng(3).integers(0, 256, a.size, dtype=np.uint8)
@@ -148,11 +163,43 @@ def main() -> int:
     threading.Event().wait(0.5)  # let channel threads finish exiting
     after = resources()
     print(f"\n{len(rows)} rounds in {elapsed:.0f} s: {len(done)} completed, {corrupt} not exact")
-    if done:
-        print(f"downtime ms: median {statistics.median(downtime):.1f} max {max(downtime):.1f}")
+    median = statistics.median(downtime) if done else None
+    if median is not None:
+        verdict = "met" if median <= limit else "NOT MET"
+        worst = max(downtime)
+        print(f"downtime ms: median {median:.1f} (limit {limit}: {verdict}) max {worst:.1f}")
         print(f"total-time ms: median {statistics.median(total):.0f} max {max(total):.0f}")
     print(f"fds/threads before {before} after {after}")
-    return 0 if rows and corrupt == 0 and len(done) == a.rounds else 1
+    ok = bool(rows) and corrupt == 0 and len(done) == a.rounds
+    store(a, limit, rows, median, before, after, elapsed)
+    return 0 if ok and median is not None and median <= limit else 1
+
+
+def store(a: argparse.Namespace, limit: int, rows: list[dict[str, Any]], median: float | None,
+          before: tuple[int, int], after: tuple[int, int], elapsed: float) -> None:  # fmt: skip
+    """The run's figures, stamped with the commit."""
+    sha = commit()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"soak_pingpong-{sha}.json"
+    per_round = [
+        {"status": r["q"]["status"], "exact": r["exact"], "downtime": r["q"].get("downtime"),
+         "total-time": r["q"].get("total-time"), "verified": r["q"].get("verified"),
+         "downtime-breakdown": r["q"].get("downtime-breakdown"),
+         "predicted-downtime": r["q"].get("predicted-downtime")}
+        for r in rows
+    ]  # fmt: skip
+    path.write_text(json.dumps({
+        "benchmark": "soak_pingpong", "commit": sha,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(), "load-average-at-end": os.getloadavg(),
+        "rounds": a.rounds, "size": a.size, "vcpus": a.vcpus, "device": DEVICE,
+        "workload": WORKLOAD, "downtime-limit": limit, "elapsed": elapsed,
+        "downtime-median": median, "median-within-limit": median is not None and median <= limit,
+        "not-exact": sum(1 for r in rows if not r["exact"]),
+        "fds-threads-before": before, "fds-threads-after": after, "per-round": per_round,
+    }, indent=2) + "\n")  # fmt: skip
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

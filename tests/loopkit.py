@@ -16,9 +16,16 @@ import numpy as np
 
 from mig import DirtyBitmap, GuestMemory, protocol
 from mig.clock import VirtualClock
-from mig.destination_core import DestinationCore, Effect, FinishStopCopy, Resume, Send
+from mig.destination_core import (
+    DestinationCore,
+    Effect,
+    FinishStopCopy,
+    Resume,
+    Send,
+    SettleChannels,
+)
 from mig.errors import MigrationEnded, OverBudget
-from mig.protocol import Failed, Hello, Message
+from mig.protocol import Failed, Hello, Message, Settled
 from mig.reorder import DeviceRecord
 
 PAGE_OVERHEAD = 16  # wire bytes per page header in this link
@@ -215,6 +222,8 @@ class VirtualLink:
                 case Resume():
                     self.resumed = True
                     self._play(self.destination.resumed(self.clock.now()))
+                case SettleChannels(number=number):
+                    self._inbox.append(Settled(number, 0.0, 0, 0.0))
         self.destination.loads()
         self._play_announcements()
 

@@ -15,6 +15,7 @@ from mig.destination_core import (
     Resume,
     Send,
     SetStatus,
+    SettleChannels,
     StartLoads,
 )
 from mig.errors import MigrationEnded
@@ -32,6 +33,7 @@ from mig.protocol import (
     Ready,
     Resumed,
     SessionParams,
+    Settle,
     Switchover,
     SwitchoverAbort,
     SwitchoverAck,
@@ -77,6 +79,7 @@ def ready(c: DestinationCore, at: float = 1.0) -> None:
 # Each row: the message that arrives in the ACTIVE phase, and what the core answers.
 ACTIVE_TABLE = [
     (Pass(1, 0, {1: 0}), [AnswerPass(1, 0)], DestinationPhase.ACTIVE),
+    (Settle(1, 2), [SettleChannels(1, 2)], DestinationPhase.ACTIVE),
     (Switchover({}), [SetStatus("device"), EnterSwitchover()], DestinationPhase.SWITCHOVER),
     (SwitchoverAbort({}, {}, "over"), [SetStatus("active")], DestinationPhase.ACTIVE),
     (Complete(DIGEST, 1, {}), [SetStatus("device"), FinishStopCopy()], DestinationPhase.STOP_COPY),

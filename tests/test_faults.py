@@ -12,6 +12,7 @@ setup           ``source.setup``          ``dest.setup`` (device RESUMING arc)
 early-pass      ``source.pass`` #1        ``dest.pass`` 1
 switchover-ack  ``source.switchover-ack`` ``dest.switchover-ack``
 late-pass       ``source.pass`` #3        ``dest.pass`` 3
+settle          ``source.settle``         ``dest.settled`` (source still running)
 guest-stop      ``source.guest-stop``     ``dest.switchover`` (source stopped)
 stop-copy       ``source.stop-copy``      ``dest.stop-copy``
 switchover      ``source.switchover``     ``dest.switchover-complete``
@@ -90,6 +91,7 @@ PHASE_POINTS: dict[str, tuple[str, str, int | None]] = {
     "early-pass": ("source.pass", "dest.pass", 1),
     "switchover-ack": ("source.switchover-ack", "dest.switchover-ack", None),
     "late-pass": ("source.pass", "dest.pass", LATE),
+    "settle": ("source.settle", "dest.settled", None),
     "guest-stop": ("source.guest-stop", "dest.switchover", None),
     "stop-copy": ("source.stop-copy", "dest.stop-copy", None),
     "switchover": ("source.switchover", "dest.switchover-complete", None),

@@ -9,7 +9,15 @@ from mig.policies import DEFAULT_POLICY, Action, HandlerView, PolicyView, make_p
 GB = 10**9
 
 
-def view(ram: int, overhead: float, limit: float = 0.3, bandwidth: float = GB) -> PolicyView:
+def view(
+    ram: int,
+    overhead: float,
+    limit: float = 0.3,
+    bandwidth: float = GB,
+    dirty_rate: float = 0.6 * GB,
+) -> PolicyView:
+    """A guest dirtying ``dirty_rate`` bytes/s: by default fast enough that
+    another pass would not halve what is pending, so only the threshold decides."""
     return PolicyView(
         now=10.0,
         phase="estimate",
@@ -19,8 +27,22 @@ def view(ram: int, overhead: float, limit: float = 0.3, bandwidth: float = GB) -
         threshold=int(bandwidth * limit),
         downtime_limit=limit,
         overhead=overhead,
+        dirty_rate=dirty_rate,
         ram_total=4 * GB,
     )
+
+
+def test_adaptive_keeps_sending_while_another_pass_halves_what_is_pending() -> None:
+    """150 MB fit the 300 ms limit, but a guest dirtying 100 MB/s leaves only
+    25 MB after sending them (150 ms + 100 ms of fixed costs): send them with
+    the guest running. Dirtying 400 MB/s, another pass would leave 100 MB, more
+    than half: switch over. Under ``floor`` (5 ms of sending), switch over."""
+    ad = make_policy("adaptive")
+    assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=100e6)).action is Action.CONTINUE
+    assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=400e6)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(4 * 10**6, 0.0, dirty_rate=0.0)).action is Action.EXACT_RUNNING
+    never = make_policy("adaptive", shrink=0.0)
+    assert never.decide(view(150 * 10**6, 0.1, dirty_rate=0.0)).action is Action.EXACT_RUNNING
 
 
 def test_adaptive_subtracts_the_fixed_costs() -> None:

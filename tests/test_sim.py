@@ -101,7 +101,10 @@ def test_a_dma_device_not_quiesced_is_caught() -> None:
     params = {"max_bandwidth": 64 * MIB, "downtime_limit": 300, "timeout": 60.0}
     try:
         bad = simulate(small(devices=("dma:dma=8MiB/s",), params={**params, "verify": "strict"}))
-        late = simulate(small(devices=("dma:dma=8MiB/s",)))  # after-resume, the default
+        # After-resume, the default. exact-running switches over as soon as the
+        # state fits, so the stop-copy lasts long enough for the DMA to write
+        # (adaptive sends on until almost nothing is left).
+        late = simulate(small(devices=("dma:dma=8MiB/s",), policy="exact-running"))
     finally:
         DeviceHandler.quiesce = original
     # Strict refuses to resume; after-resume resumes, then reports the mismatch.
@@ -225,8 +228,10 @@ def test_a_sync_costs_more_with_more_dirty_pages() -> None:
     from mig.sim import HostModel
 
     host = replace(HostModel(), sync_per_dirty_page=1e-6)
-    idle = simulate(small(workload="idle", host=host))
-    busy = simulate(small(workload="uniform:rate=4000", host=host))
+    # exact-running switches over as soon as the state fits, leaving the busy
+    # guest pages to harvest (adaptive would send on until almost none are left).
+    idle = simulate(small(workload="idle", host=host, policy="exact-running"))
+    busy = simulate(small(workload="uniform:rate=4000", host=host, policy="exact-running"))
     assert idle["status"] == busy["status"] == "completed"
     # 1 µs per harvested page: the idle guest's final sync finds nothing.
     idle_sync = idle["downtime-breakdown"]["final-sync"]

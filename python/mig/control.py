@@ -2,9 +2,11 @@
 
 Sends the typed messages of ``mig.protocol`` and dispatches what the
 destination says: ``switchover-ack`` (the source may complete),
-``pass-ack`` (the destination's loop latency, drain lag and digest timing,
-which feed the switchover's fixed costs), ``progress`` (its heartbeat, into
-``peer_progress`` for ``mig.stall_watch``), ``device-initial-done``, and its
+``pass-ack`` (the destination's loop latency and digest timing, which feed
+the switchover's fixed costs; its drain lag is not planned with, as
+``settle`` empties the backlog it includes), ``progress`` (its heartbeat, into
+``peer_progress`` for ``mig.stall_watch``), a late ``settled``,
+``device-initial-done``, and its
 ``failed``/``cancel``, which end the migration with ``by_peer`` set: the
 destination discarded everything and never resumed.
 """
@@ -31,6 +33,7 @@ from mig.protocol import (
     Message,
     PassAck,
     Progress,
+    Settled,
     SwitchoverAck,
 )
 from mig.stall_watch import PeerProgress
@@ -54,7 +57,6 @@ class ControlSession:
         self.peer_progress = PeerProgress(clock)
         self.rtt = 0.0
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
-        self._dest_drain: deque[float] = deque(maxlen=_BUSY_SAMPLES)
 
     def send(self, message: Message) -> None:
         self.link.send(message)
@@ -76,6 +78,18 @@ class ControlSession:
         self.rtt = self.clock.now() - t0
         self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
 
+    def round_trip(self, seconds: float) -> None:
+        """A control round trip measured since ``hello`` (a ``settle`` less the
+        destination's reported work). ``hello``'s included the destination's
+        setup, and on a loaded host any one may meet a descheduled peer: the
+        switchover's handshake plans with the shortest seen."""
+        self.rtt = min(self.rtt, seconds)
+        self._plan_handshake()
+
+    def _plan_handshake(self) -> None:
+        busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
+        self.costs.handshake = 2 * self.rtt + busy
+
     def poll(self) -> None:
         """Handle every message already waiting."""
         while (message := self.link.recv(0)) is not None:
@@ -92,6 +106,8 @@ class ControlSession:
                 self._on_pass_ack(message)
             case Progress(bytes=received):
                 self.peer_progress.heard(received, self.link.transferred())
+            case Settled():
+                pass  # a late answer to a settle that timed out: nothing waits for it
             case DeviceInitialDone(device=device):
                 self.notify.event("device-initial-done", device=device)
             case Failed(reason=reason) | Cancel(reason=reason):
@@ -148,10 +164,7 @@ class ControlSession:
         compete with (timed under that load the figure read twice the cost).
         """
         self._dest_busy.append(ack.busy)
-        self.costs.handshake = 2 * self.rtt + statistics.median(self._dest_busy)
-        if ack.drain is not None:
-            self._dest_drain.append(ack.drain)
-            self.costs.drain = max(self._dest_drain)
+        self._plan_handshake()
         if ack.digest is not None:
             seen = self.costs.dest_digest
             self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)

@@ -37,6 +37,7 @@ from mig.destination_core import (
     Resume,
     Send,
     SetStatus,
+    SettleChannels,
     StartLoads,
 )
 from mig.device_handler import DeviceHandler
@@ -47,6 +48,7 @@ from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
 from mig.protocol import VERIFY_MODES, Failed, Progress, SwitchoverAck
 from mig.reorder import DRAIN_BYTES
+from mig.settling import SETTLE_POLL, ChannelSettling
 from mig.stall_watch import heartbeat
 
 __all__ = ["MigrationDestination"]
@@ -138,6 +140,7 @@ class MigrationDestination:
         self._huge_bytes: int | None = None
         self._cancel: str | None = None
         self.timings = PassAckTimings(memory, self.clock)
+        self.settling = ChannelSettling(self.clock, idle_timeout)
         self._rehashed: int | None = None  # chunks still stale when the root was taken
         self._beat_at = -float("inf")
         self._thread: threading.Thread | None = None
@@ -268,11 +271,16 @@ class MigrationDestination:
                 t_work = self.clock.now()
                 self._take_records(ep)
                 self.timings.busy(self.clock.now() - t_work)
-            syncs = ep.stats().get("syncs")
-            self.timings.channels_hold(None if syncs is None else int(syncs))
+            stat = ep.stats().get("syncs")
+            syncs = None if stat is None else int(stat)
+            self.timings.channels_hold(syncs)
+            settled = self.settling.poll(ep, syncs)
+            if settled is not None:
+                ep.send(settled)
+                faults.point("dest.settled")
             if self._cancel is not None:
                 raise MigrationEnded("cancelled", self._cancel)
-            message = ep.recv(_POLL)
+            message = ep.recv(SETTLE_POLL if self.settling.waiting else _POLL)
             now = self.clock.now()
             self._beat(ep, now)
             if message is None:
@@ -347,6 +355,8 @@ class MigrationDestination:
                 self.timings.pass_announced(generation * self.core.channels)
                 ep.send(self.timings.answer(number, strict=self.core.verify_mode == "strict"))
                 faults.point("dest.pass", number=self.core.passes)
+            case SettleChannels(number=number, generation=generation):
+                self.settling.request(number, generation * self.core.channels)
             case EnterSwitchover():
                 self.timings.settle()
                 faults.point("dest.switchover")
@@ -360,7 +370,9 @@ class MigrationDestination:
         """``complete`` arrived: the last records, every load, the digest, ``ready``."""
         self.timings.settle()
         strict = self.core.verify_mode == "strict"
+        t_wait = self.clock.now()
         end = ep.wait_end(self.idle_timeout, verify=strict)
+        waited = self.clock.now() - t_wait
         faults.point("dest.stop-copy")
         self.core.records_arrived(ep.device_records())
         for load in self.core.loads():
@@ -383,7 +395,10 @@ class MigrationDestination:
             seconds = self.clock.now() - t0
         digest = format(int(root), "032x")
         seconds = None if seconds is None else float(seconds)
-        for effect in self.core.verify(digest, self.clock.now(), seconds):
+        # The wait for the end records less the root taken inside it: the
+        # channels' backlog still landing when ``complete`` arrived.
+        drain = max(0.0, waited - (seconds if "digest" in end and seconds else 0.0))
+        for effect in self.core.verify(digest, self.clock.now(), seconds, drain):
             self._apply(ep, effect)
         faults.point("dest.ready")
 

@@ -49,6 +49,7 @@ from mig.protocol import (
     Progress,
     Ready,
     Resumed,
+    Settle,
     Switchover,
     SwitchoverAbort,
     SwitchoverAck,
@@ -69,6 +70,7 @@ __all__ = [
     "EnterSwitchover",
     "FinishStopCopy",
     "Resume",
+    "SettleChannels",
 ]
 
 
@@ -137,8 +139,25 @@ class Resume:
     """``go`` arrived: start the guest here (``load_resume``), then call ``resumed``."""
 
 
+@dataclass(frozen=True)
+class SettleChannels:
+    """Once the channels hold the sync records of ``generation``, make the
+    root current and answer ``settled`` (the source pauses after it)."""
+
+    number: int
+    generation: int
+
+
 Effect = (
-    Send | SetStatus | StartLoads | Load | AnswerPass | EnterSwitchover | FinishStopCopy | Resume
+    Send
+    | SetStatus
+    | StartLoads
+    | Load
+    | AnswerPass
+    | EnterSwitchover
+    | FinishStopCopy
+    | Resume
+    | SettleChannels
 )
 
 
@@ -306,6 +325,8 @@ class DestinationCore:
                 self.pass_number = message.number
                 self.records.announce(message.device_seqs)
                 return [AnswerPass(message.number, message.generation)]
+            case Settle():
+                return [SettleChannels(message.number, message.generation)]
             case Switchover():
                 self.phase = DestinationPhase.SWITCHOVER
                 return [SetStatus("device"), EnterSwitchover()]
@@ -370,12 +391,17 @@ class DestinationCore:
             raise MigrationEnded("failed", f"device {missing[0]}: stop-copy records missing")
 
     def verify(
-        self, memory_digest: str, now: float, digest_seconds: float | None = None
+        self,
+        memory_digest: str,
+        now: float,
+        digest_seconds: float | None = None,
+        drain_seconds: float | None = None,
     ) -> list[Effect]:
         """The end records are in and every device loaded; ``memory_digest`` is
         the root of the memory the guest will start from (taken in
-        ``digest_seconds``). Strict: it must equal the source's. Then report
-        ``ready`` and wait for ``go``."""
+        ``digest_seconds``, after ``drain_seconds`` waiting for the end
+        records). Strict: it must equal the source's. Then report ``ready``
+        and wait for ``go``."""
         if self.phase is not DestinationPhase.STOP_COPY or self._expected is None:
             raise ProtocolError(f"verify in phase {self.phase.value}")
         if self.verify_mode == "strict":
@@ -390,7 +416,7 @@ class DestinationCore:
         self._loaded = now - self._complete_at
         self._ready_at = now
         self.phase = DestinationPhase.AWAIT_GO
-        return [Send(Ready(self._loaded, self.verified, digest_seconds))]
+        return [Send(Ready(self._loaded, self.verified, digest_seconds, drain_seconds))]
 
     def resumed(self, now: float) -> list[Effect]:
         """The guest runs here now. ``load``: our work from ``complete`` to

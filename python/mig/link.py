@@ -182,5 +182,11 @@ class ReceiverEndpoint:
     def stats(self) -> dict[str, Any]:
         return dict(self._r.stats())
 
+    def memory_root(self) -> int | None:
+        """The chunk root of destination memory now (rehashes the stale
+        chunks); None from a receiver that keeps no chunk digest."""
+        root = getattr(self._r, "memory_root", None)
+        return None if root is None else int(root())
+
     def abort(self) -> None:
         self._r.abort()

@@ -73,7 +73,11 @@ class MigrationStats:
             out["expected-downtime"] = precopy.expected_downtime() * 1000 if precopy else 0
         if switchover is not None and switchover.predicted_downtime is not None:
             out["predicted-downtime"] = switchover.predicted_downtime * 1000
-        out["switchover-costs"] = {k: v * 1000 for k, v in self.costs.terms().items()}
+        # The plan the switchover was predicted with, once there was one.
+        plan = switchover.plan if switchover is not None and switchover.plan else None
+        out["switchover-costs"] = {k: v * 1000 for k, v in (plan or self.costs.terms()).items()}
+        if switchover is not None and switchover.settle_time is not None:
+            out["settle-time"] = switchover.settle_time * 1000
         if switchover is not None and switchover.verify_time is not None:
             out["verify-time"] = switchover.verify_time * 1000
         if switchover is not None and switchover.verify_error is not None:

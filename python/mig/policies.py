@@ -265,6 +265,14 @@ class Adaptive(Policy):
     threshold: no wait makes the costs smaller, and switching over as QEMU
     would beats iterating forever.
 
+    The limit is a ceiling, not a target: while one more pass would leave
+    at most ``shrink`` of RAM's pending bytes (what the guest dirties while
+    they are sent and the fixed costs are paid) and sending them would take
+    more than ``floor`` seconds, it keeps sending with the guest running rather
+    than pay them in the downtime. An idle guest thus switches over with
+    nothing left to send; a guest whose dirtying keeps up with the link
+    switches over as soon as it fits.
+
     A cheap running exact (RAM sync) is taken when fitting is at least even.
     The guest stops for an exact measurement only when the chance is at least
     ``p_stop`` and the stop budget allows (``max_stops``, ``min_interval``,
@@ -281,11 +289,17 @@ class Adaptive(Policy):
         min_interval: float = 1.0,
         max_stopped_time: float | None = None,
         fixed_cost_factor: float = 1.0,
+        shrink: float = 0.5,
+        floor: float = 0.005,
     ) -> None:
         if not 0 < p_stop <= 1 or max_stops < 0 or min_interval < 0 or fixed_cost_factor < 0:
             raise ValueError(
                 "p_stop in (0, 1], max_stops >= 0, min_interval >= 0, fixed_cost_factor >= 0"
             )
+        if not 0 <= shrink < 1 or floor < 0:
+            raise ValueError("shrink in [0, 1), floor >= 0")
+        self.shrink = float(shrink)
+        self.floor = float(floor)
         self.fixed_cost_factor = float(fixed_cost_factor)
         self.p_stop = float(p_stop)
         self.max_stops = int(max_stops)
@@ -302,7 +316,21 @@ class Adaptive(Policy):
             "min_interval": self.min_interval,
             "max_stopped_time": self.max_stopped_time,
             "fixed_cost_factor": self.fixed_cost_factor,
+            "shrink": self.shrink,
+            "floor": self.floor,
         }
+
+    def another_pass_pays(self, view: PolicyView) -> bool:
+        """One more pass while the guest runs would leave at most ``shrink``
+        of RAM's pending bytes, and those take more than ``floor`` to send.
+        The pass lasts their sending plus the fixed costs (a sync at least,
+        a settle before the pause), all of it dirtying at the measured rate."""
+        if not view.bandwidth_known:
+            return False
+        pending = self._predict(view, view.ram())
+        seconds = pending / view.bandwidth
+        dirtied = view.dirty_rate * (seconds + view.overhead)
+        return seconds > self.floor and dirtied < self.shrink * pending
 
     def _predict(self, view: PolicyView, h: HandlerView) -> int:
         if h.exact is not None:
@@ -364,6 +392,8 @@ class Adaptive(Policy):
         needs_stop = any(h.exact_needs_stop and h.exact is None for h in view.handlers)
         if view.phase == "exact" and view.guest_stopped:
             return COMPLETE if view.measured() <= threshold else CONTINUE
+        if self.another_pass_pays(view):
+            return CONTINUE
         predicted, p = self.chance(view)
         if view.phase == "estimate":
             if p >= 0.5:

@@ -92,16 +92,35 @@ class Precopy:
         left = self.params.downtime_limit_s - self.overhead()
         return int(self.bandwidth() * max(0.0, left))
 
+    def _pending(self) -> int:
+        """Bytes pending if the guest stopped now: exact when measured, else
+        the estimate, plus what the guest dirtied at its measured rate since
+        the last sync (a ``settle`` lets it run on after the exact size)."""
+        pending = self.pending_exact if self.pending_exact is not None else self.pending_estimate
+        ram = self.ram
+        since = self.clock.now() - (ram.last_sync_time or self.clock.now())
+        grown = ram.dirty_pages_rate * ram.page_size * max(0.0, since)
+        return int(min((pending or 0) + grown, max(pending or 0, ram.memory.size)))
+
     def overhead(self) -> float:
         """Measured fixed switchover costs, seconds (``SwitchoverCosts``)."""
-        self.costs.final_sync = self.ram.last_sync_seconds
-        return self.costs.total()
+        costs = self.costs
+        costs.final_sync = self.ram.last_sync_seconds
+        costs.final_pages = self._pending() // self.ram.page_size
+        return costs.total()
+
+    def switchover_plan(self) -> dict[str, float]:
+        """The downtime a switchover now should cost, term by term, seconds:
+        the fixed costs and ``final-ram``, the pending bytes over the link's
+        measured bandwidth (a prediction: not the conservative margin that
+        decisions take)."""
+        bw = float(self.params.avail_switchover_bandwidth or self.meter.estimate())
+        self.overhead()
+        return {**self.costs.terms(), "final-ram": self._pending() / bw if bw else 0.0}
 
     def expected_downtime(self) -> float:
-        """Seconds: pending bytes (exact when measured) over bandwidth, plus fixed costs."""
-        bw = self.bandwidth()
-        pending = self.pending_exact if self.pending_exact is not None else self.pending_estimate
-        return (pending or 0) / bw + self.overhead() if bw else 0.0
+        """Seconds: the sum of ``switchover_plan``."""
+        return sum(self.switchover_plan().values()) if self.bandwidth() else 0.0
 
     def switchover_near(self) -> bool:
         """The known pending state would fit the raw downtime budget."""

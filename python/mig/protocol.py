@@ -42,6 +42,8 @@ __all__ = [
     "Resumed",
     "VerifyDigest",
     "VerifyResult",
+    "Settle",
+    "Settled",
     "VERIFY_MODES",
     "Cancel",
     "Failed",
@@ -151,11 +153,13 @@ class Complete:
 
 @dataclass(frozen=True)
 class Ready:
-    """``digest``: seconds the destination spent taking its memory's root."""
+    """``digest``: seconds the destination spent taking its memory's root;
+    ``drain``: seconds it waited for the data channels' end records."""
 
     load: float
     verified: bool
     digest: float | None = None
+    drain: float | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,26 @@ class VerifyResult:
 
     ok: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Settle:
+    """Before the pause: tell the source once pass ``number`` (sync
+    ``generation``) has landed on every channel and the root is current."""
+
+    number: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The answer to ``settle``: ``landed`` seconds until the channels held the
+    pass, then ``chunks`` stale chunks rehashed in ``seconds``."""
+
+    number: int
+    landed: float
+    chunks: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -218,6 +242,8 @@ Message = (
     | Resumed
     | VerifyDigest
     | VerifyResult
+    | Settle
+    | Settled
     | Cancel
     | Failed
     | Progress
@@ -238,6 +264,8 @@ _TYPE_NAMES: dict[type, str] = {
     Resumed: "resumed",
     VerifyDigest: "verify",
     VerifyResult: "verify-result",
+    Settle: "settle",
+    Settled: "settled",
     Cancel: "cancel",
     Failed: "failed",
     Progress: "progress",
@@ -314,6 +342,8 @@ def _fields(message: Message) -> dict[str, Any]:
             out = {"load": message.load, "verified": message.verified}
             if message.digest is not None:
                 out["digest"] = message.digest
+            if message.drain is not None:
+                out["drain"] = message.drain
             return out
         case Resumed():
             return {"load": message.load, "verified": message.verified}
@@ -321,6 +351,15 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"digest": message.digest}
         case VerifyResult():
             return {"ok": message.ok, "reason": message.reason}
+        case Settle():
+            return {"pass": message.number, "generation": message.generation}
+        case Settled():
+            return {
+                "pass": message.number,
+                "landed": message.landed,
+                "chunks": message.chunks,
+                "seconds": message.seconds,
+            }
         case Cancel() | Failed():
             return {"reason": message.reason}
         case Progress():
@@ -495,7 +534,8 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
         case "complete":
             return _decode_complete(f)
         case "ready":
-            return Ready(f.number("load"), f.flag("verified"), f.optional_number("digest"))
+            digest, drain = f.optional_number("digest"), f.optional_number("drain")
+            return Ready(f.number("load"), f.flag("verified"), digest, drain)
         case "go":
             return Go()
         case "resumed":
@@ -504,6 +544,11 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
             return VerifyDigest(_digest(f))
         case "verify-result":
             return VerifyResult(f.flag("ok"), f.text("reason", MAX_NAME * 16))
+        case "settle":
+            return Settle(f.integer("pass"), f.integer("generation"))
+        case "settled":
+            landed, seconds = f.number("landed"), f.number("seconds")
+            return Settled(f.integer("pass"), landed, f.integer("chunks"), seconds)
         case "cancel":
             return Cancel(f.text("reason"))
         case "failed":

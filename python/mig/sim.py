@@ -71,12 +71,13 @@ from mig.destination_core import (
     FinishStopCopy,
     Resume,
     Send,
+    SettleChannels,
 )
 from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
-from mig.protocol import Failed, Message, PassAck, Switchover, SwitchoverAbort
+from mig.protocol import Failed, Message, PassAck, Settled, Switchover, SwitchoverAbort
 from mig.reorder import DeviceRecord
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -285,7 +286,8 @@ class HostModel:
     pause_latency: float = 100e-6  # s until every vCPU is parked
     device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
     device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
-    load_base: float = 0.006  # s the destination needs to drain channels and finish loading
+    load_base: float = 0.005  # s the destination needs to finish loading and resume
+    drain_base: float = 0.001  # s it waits for the end records once "complete" is in
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
     send_per_page: float = 0.0  # s of sender CPU per page (copy, zero scan)
     # Relative standard deviation of the link's throughput from one 100 ms
@@ -303,11 +305,12 @@ class HostModel:
         a sample device's stop-copy save and load rates (``_device_rates``),
         vCPU stop latency and the guest's maximum write rate.
 
-        ``switchover=(memory, max_bandwidth)`` also measures ``load_base``:
-        the destination's switchover time beyond its digest, from three real
-        loopback migrations of an idle guest of that size at that cap (what
-        the destination does after the source's last byte: drain the
-        channels, validate, resume; it grows with the host's load)."""
+        ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
+        and ``drain_base``: the destination's switchover time beyond its
+        digest, from three real loopback migrations of an idle guest of that
+        size at that cap (what the destination does after the source's last
+        byte: wait for the end records, then validate and resume; it grows
+        with the host's load)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -324,9 +327,9 @@ class HostModel:
                 g.resume()
                 time.sleep(0.02)
             writes = g.stats()["rate"]
-        load_base, link_jitter = cls.load_base, cls.link_jitter
+        load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         if switchover is not None:
-            load_base, link_jitter = _switchover_load(digest_rate, *switchover)
+            load_base, drain_base, link_jitter = _switchover_load(digest_rate, *switchover)
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -337,6 +340,7 @@ class HostModel:
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
+            drain_base=drain_base,
             link_jitter=link_jitter,
         )
 
@@ -426,8 +430,9 @@ def _device_rates() -> tuple[float, float]:
 
 def _switchover_load(
     digest_rate: float, size: int, cap: float, runs: int = 3
-) -> tuple[float, float]:
-    """(load_base, link_jitter) from real loopback migrations of an idle guest.
+) -> tuple[float, float, float]:
+    """(load_base, drain_base, link_jitter) from real loopback migrations of
+    an idle guest.
 
     The jitter comes from the source's bandwidth meter: its smoothed mean
     absolute deviation over the estimate, scaled to a standard deviation
@@ -436,7 +441,7 @@ def _switchover_load(
     from mig.destination import MigrationDestination  # noqa: PLC0415
     from mig.source import MigrationSource  # noqa: PLC0415
 
-    loads, jitters = [], []
+    loads, drains, jitters = [], [], []
     for _ in range(runs):
         src, dst = GuestMemory(size), GuestMemory(size)
         src.array[:] = 0x5A
@@ -449,12 +454,14 @@ def _switchover_load(
             dest.wait(60)
         if q["status"] != "completed":
             raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
-        # "load" is the destination's work besides its digest ("dest-digest").
+        # "load" is the destination's work besides its wait for the end
+        # records ("drain") and its digest ("dest-digest").
         loads.append(q["downtime-breakdown"]["load"] / 1000)
+        drains.append(q["downtime-breakdown"].get("drain", 0.0) / 1000)
         if source.meter.smoothed > 0:
             jitters.append(source.meter.deviation / source.meter.smoothed * math.sqrt(math.pi / 2))
     jitter = float(np.median(jitters)) if jitters else 0.0
-    return max(0.0, float(np.median(loads))), jitter
+    return max(0.0, float(np.median(loads))), max(0.0, float(np.median(drains))), jitter
 
 
 HOST_MODEL_ENV = "MIG_HOST_MODEL"
@@ -911,6 +918,10 @@ class SimLink:
                     self._play(self.destination.resumed(self.clock.now()))
                 case AnswerPass(number=number):
                     self._reply(self.model.rtt, PassAck(number, 0.0))
+                case SettleChannels(number=number):
+                    # The model's pages land as they are charged: nothing
+                    # is queued and nothing stale but what the final pass writes.
+                    self._reply(self.model.rtt, Settled(number, 0.0, 0, 0.0))
         self._load_released()
 
     def _load_released(self) -> None:
@@ -930,7 +941,8 @@ class SimLink:
         strict = self.destination.verify_mode == "strict"
         root_bytes = mem.size if strict else self._stale_bytes
         digest_seconds = root_bytes / self.host.digest_rate
-        load = self.host.load_base + digest_seconds
+        drain = self.host.drain_base
+        load = drain + self.host.load_base + digest_seconds
         load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate
         self._load_released()
         self.destination.stop_copy_received()
@@ -940,7 +952,9 @@ class SimLink:
         exact = self.tracker.pending() == 0 and not self.guest.running
         digest = format(SimMemory.ROOT, "032x") if exact else "(pages missed)"
         try:
-            effects = self.destination.verify(digest, self.clock.now() + load, digest_seconds)
+            effects = self.destination.verify(
+                digest, self.clock.now() + load, digest_seconds, drain
+            )
         except MigrationEnded as e:
             self.discarded = True
             self._reply(self.model.rtt + load, Failed(e.reason))

@@ -119,21 +119,33 @@ def digest_cost(memory: Any) -> float:
 
 @dataclass
 class SwitchoverCosts:
-    """Fixed switchover costs in seconds, as last measured (0 until measured).
+    """Fixed switchover costs in seconds, as last measured (0 until measured),
+    named as the terms of ``downtime-breakdown``; each is measured where it
+    is paid.
 
     ``digest`` is the source's whole-memory digest, inside the downtime only
-    when ``verify`` is strict (``source_digest``). ``dest-digest`` is the
-    destination's root before ``ready``. Strict, it is checked against the
-    source's: ``dest_digest`` is the destination's own timing of a whole
-    digest (``pass-ack``), the source's figure standing in until then.
-    Otherwise the destination rehashes only the chunks written since their
-    last hash: ``dest_root`` is the figure its last ``ready`` reported (0
-    before a first switchover).
-    ``drain`` is how long its channels trail the control channel (the end
-    records of a switchover wait behind that lag).
+    when ``verify`` is strict (``source_digest``): the O(memory) cost of
+    strict. ``dest-digest`` is the destination's chunk root before
+    ``ready`` (strict checks it against the source's digest): it rehashes
+    only the chunks the final pass rewrote (``settle`` brought every earlier
+    one up to date before the pause), ``chunk_seconds`` (what one chunk took
+    at the last ``settled``) times the final pass's pages (``final_pages``,
+    each in its own chunk at worst). Before a first ``settled``: strict,
+    ``dest_digest``, the destination's own timing of a whole digest
+    (``pass-ack``), the source's figure standing in until then; otherwise
+    ``dest_root``, what the last ``ready`` reported (0 before a first
+    switchover).
+    ``drain`` is the destination's wait for the end records once
+    ``complete`` arrived: what it measured at the last switchover (0 before
+    one). ``settle`` drained the backlog before the pause, so only the final
+    pass's tail is left, and its bytes are planned in ``final-ram``.
     ``devices`` maps a device to the seconds its stop-copy state took to
     produce (stopping it, reading its state, outside the sends); ``load``
-    counts it again for the destination, which validates the same bytes.
+    counts it again for the destination, which validates the same bytes,
+    plus ``dest_load``, the destination's own work at the last switchover.
+    ``end_records`` is the source's sending of the end records and
+    ``complete``; ``handshake`` the control round trips of
+    ``complete``/``ready`` and ``go``/``resumed``.
     """
 
     pause: float = 0.0
@@ -142,7 +154,11 @@ class SwitchoverCosts:
     handshake: float = 0.0
     dest_digest: float | None = None
     dest_root: float | None = None
+    chunk_seconds: float | None = None
+    final_pages: int = 0
     drain: float = 0.0
+    dest_load: float = 0.0
+    end_records: float = 0.0
     devices: dict[str, float] = field(default_factory=dict)
     source_digest: bool = True  # verify strict: the source digests in the downtime
 
@@ -153,14 +169,16 @@ class SwitchoverCosts:
     @property
     def dest_digest_cost(self) -> float:
         """The destination's root before ``ready``."""
-        if not self.source_digest:
-            return self.dest_root or 0.0
-        return self.digest if self.dest_digest is None else self.dest_digest
+        if self.chunk_seconds is not None:
+            return self.chunk_seconds * self.final_pages
+        if self.source_digest:
+            return self.digest if self.dest_digest is None else self.dest_digest
+        return self.dest_root or 0.0
 
     @property
     def load(self) -> float:
-        """The destination's work besides its digest."""
-        return self.device + self.drain
+        """The destination's work besides its wait and its digest."""
+        return self.device + self.dest_load
 
     def terms(self) -> dict[str, float]:
         """Each term of the sum, seconds, named as in ``downtime-breakdown``."""
@@ -171,6 +189,8 @@ class SwitchoverCosts:
         }
         if self.source_digest:
             out["digest"] = self.digest
+        out["end-records"] = self.end_records
+        out["drain"] = self.drain
         out["dest-digest"] = self.dest_digest_cost
         out["load"] = self.load
         out["handshake"] = self.handshake

@@ -61,8 +61,17 @@ from mig.protocol import (
     VerifyDigest,
     VerifyResult,
 )
+from mig.settling import settle
 
 __all__ = ["Phase", "SwitchoverRun"]
+
+# A "settled" that rehashed fewer chunks times mostly its own overhead.
+_MIN_TIMED_CHUNKS = 16
+# Settles before a pause: one, a catch-up pass of what its wait let the
+# guest dirty, and a second (much shorter) one.
+_SETTLE_ROUNDS = 2
+_CATCH_UP_AFTER = 0.010
+_CATCH_UP_SLICE = 16 << 20
 
 
 class Phase(Enum):
@@ -119,13 +128,18 @@ class SwitchoverRun:
         self.verify_time: float | None = None  # s from "resumed" to the verdict
         self.verify_error: str | None = None
         self.breakdown: dict[str, float] = {}
+        self.plan: dict[str, float] = {}  # the predicted terms, seconds
+        self.settle_time: float | None = None  # s waited for "settled", guest running
 
     def run(self, budget: int | None, forced: bool, check_cancel: Callable[[], None]) -> bool:
         """One switchover; True once the destination runs the guest, False if
         abandoned over budget (the guest runs here again)."""
         precopy = self.precopy
         check_cancel()
-        self.predicted_downtime = precopy.expected_downtime()
+        if not self.stops.paused:
+            self._settle_and_catch_up(check_cancel)
+        self.plan = precopy.switchover_plan()
+        self.predicted_downtime = sum(self.plan.values())
         if not forced:
             self.monitor.clear_costs_reason()  # the policy chose to switch over: the costs fit
         self.digests.settle()
@@ -163,27 +177,15 @@ class SwitchoverRun:
         digest: int | None = None
         if strict:
             digest = digest_job.result() if digest_job is not None else precopy.ram.memory.digest()
-        faults.point("source.switchover")
-        link.finish(digest or 0)
-        t_sent = self.clock.now()
-        self.control.send(
-            Complete(
-                None if digest is None else format(digest, "032x"),
-                precopy.ram.generation,
-                dict(link.last_seq),
-                forced,
-            )
-        )
+        t_digest = self.clock.now()
+        t_sent = self._send_end(digest, forced)
         faults.point("source.committed")
-        ready, resumed = self._commit(check_cancel)
+        ready, t_ready, resumed = self._commit(check_cancel)
         now = self.clock.now()
         self.downtime = now - down_start
         self.load_seconds = resumed.load
         self.verified = resumed.verified
         self.verify_time = 0.0 if strict else None
-        dest_digest = ready.digest or 0.0
-        if ready.digest is not None:
-            self.precopy.costs.dest_root = ready.digest
         sync = precopy.ram.last_sync_seconds
         parts = {
             "pause": t0 - down_start - waited,
@@ -193,11 +195,11 @@ class SwitchoverRun:
             "device-state": t_dev - t_ram,
         }
         if strict:
-            parts["digest"] = t_sent - t_dev
-        parts["dest-digest"] = dest_digest
-        parts["load"] = max(0.0, self.load_seconds - dest_digest)
-        parts["handshake"] = max(0.0, self.downtime - sum(parts.values()))
+            parts["digest"] = t_digest - t_dev
+        parts["end-records"] = t_sent - t_digest
+        parts.update(self._destination_terms(ready, resumed, t_ready - t_sent, now - t_ready))
         self.breakdown = parts
+        self._learn(parts, ready)
         self.phase = Phase.DONE
         return True
 
@@ -213,6 +215,87 @@ class SwitchoverRun:
         self.phase = Phase.PAUSED
         return waited
 
+    def _send_end(self, digest: int | None, forced: bool) -> float:
+        """The end records, then ``complete``; returns when the records were out."""
+        link = self.precopy.link
+        faults.point("source.switchover")
+        link.finish(digest or 0)
+        # Before "complete": a driver that plays the destination inside the
+        # send (a simulator) must not charge its work to the source's terms.
+        t_sent = self.clock.now()
+        self.control.send(
+            Complete(
+                None if digest is None else format(digest, "032x"),
+                self.precopy.ram.generation,
+                dict(link.last_seq),
+                forced,
+            )
+        )
+        return t_sent
+
+    def _settle_and_catch_up(self, check_cancel: Callable[[], None]) -> None:
+        """Settle; if the wait was long enough for the guest to dirty pages
+        the loop has not seen, send them too, still running, and settle
+        again: the final pass then holds only what the short last wait
+        dirtied. A wait shorter than ``_CATCH_UP_AFTER`` changed nothing the
+        policy did not decide on."""
+        ram = self.precopy.ram
+        for _ in range(_SETTLE_ROUNDS - 1):
+            waited = self._settle(check_cancel)
+            if waited < _CATCH_UP_AFTER:
+                return
+            ram.sync()
+            if ram.last_sync_new_pages == 0 and ram.pending_estimate() == 0:
+                return
+            self.precopy.after_sync()
+            while ram.iterate(self.precopy.link, _CATCH_UP_SLICE):
+                check_cancel()
+            self.precopy.pending_exact = None  # the plan grows this from the last sync
+            self.precopy.pending_estimate = ram.pending_estimate()
+        self._settle(check_cancel)
+
+    def _settle(self, check_cancel: Callable[[], None]) -> float:
+        """Before the pause: wait, the guest still running, until everything
+        sent so far landed and the destination's root is current
+        (``mig.settling``); learn its per-chunk hash cost."""
+        ram = self.precopy.ram
+        timeout = self.params.switchover_timeout
+        t0 = self.clock.now()
+        answer = settle(self.control, self.clock, ram.sync_count, ram.generation, timeout,
+                        check_cancel)  # fmt: skip
+        waited = self.clock.now() - t0
+        self.settle_time = (self.settle_time or 0.0) + waited
+        if answer is not None:
+            # The wait less the destination's own: one control round trip.
+            self.control.round_trip(max(0.0, waited - answer.landed - answer.seconds))
+        if answer is not None and answer.chunks >= _MIN_TIMED_CHUNKS:
+            self.precopy.costs.chunk_seconds = answer.seconds / answer.chunks
+        return waited
+
+    @staticmethod
+    def _destination_terms(
+        ready: Ready, resumed: Resumed, to_ready: float, to_resumed: float
+    ) -> dict[str, float]:
+        """The destination's terms as it measured them, and the control round
+        trips: what each wait took beyond the destination's reported work."""
+        drain, dest_digest = ready.drain or 0.0, ready.digest or 0.0
+        return {
+            "drain": drain,
+            "dest-digest": dest_digest,
+            "load": max(0.0, resumed.load - drain - dest_digest),
+            "handshake": max(0.0, to_ready - ready.load)
+            + max(0.0, to_resumed - (resumed.load - ready.load)),
+        }
+
+    def _learn(self, parts: dict[str, float], ready: Ready) -> None:
+        """What this switchover paid becomes the plan of the next one."""
+        costs = self.precopy.costs
+        if ready.digest is not None:
+            costs.dest_root = ready.digest
+        costs.end_records = parts["end-records"]
+        costs.drain = parts["drain"]
+        costs.dest_load = max(0.0, parts["load"] - costs.device)
+
     def _stop_copy(self, budget: int | None, check_cancel: Callable[[], None]) -> tuple[float, int]:
         """RAM's last pages, then every device's stop-copy state, within ``budget``."""
         precopy = self.precopy
@@ -227,12 +310,13 @@ class SwitchoverRun:
             sent += precopy.timed_device_work(h, lambda h=h, left=left: h.complete(link, left))
         return t_ram, sent
 
-    def _commit(self, check_cancel: Callable[[], None]) -> tuple[Ready, Resumed]:
+    def _commit(self, check_cancel: Callable[[], None]) -> tuple[Ready, float, Resumed]:
         """Until "go" the destination never resumes: any failure rolls back."""
         timeout = self.params.switchover_timeout
         self.phase = Phase.AWAIT_READY
         what = "report its state loaded and verified ('ready')"
         ready = self.control.wait_for(Ready, what, timeout, check_cancel)
+        t_ready = self.clock.now()
         faults.point("source.ready")
         check_cancel()
         # The commit point: once "go" is out the destination may run the
@@ -244,7 +328,7 @@ class SwitchoverRun:
         self.phase = Phase.AWAIT_RESUMED
         faults.point("source.go")
         resumed = self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
-        return ready, resumed
+        return ready, t_ready, resumed
 
     def verify_after_resume(self, describe: Callable[[BaseException], str] = str) -> None:
         """After-resume: digest the frozen memory, send it, wait for the verdict.
