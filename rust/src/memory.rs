@@ -8,7 +8,7 @@
 //! references that would claim exclusivity.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -80,22 +80,7 @@ impl GuestMemory {
             .map_err(|e| CoreError::io(format!("stat {}", path.display()), e))?
             .len() as usize;
         let mem = GuestMemory::with_backing(size, backing)?;
-        let mut off = 0;
-        let mut buf = vec![0u8; 1 << 20];
-        while off < size {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| CoreError::io(format!("read {}", path.display()), e))?;
-            if n == 0 {
-                return Err(CoreError::invalid(format!(
-                    "{} shrank while loading: {off} of {size} bytes",
-                    path.display()
-                )));
-            }
-            let n = n.min(size - off);
-            mem.write_bytes(off, &buf[..n])?;
-            off += n;
-        }
+        crate::image_load::load(&mem, &mut file, path)?;
         Ok(mem)
     }
 
@@ -146,6 +131,15 @@ impl GuestMemory {
 
     pub fn fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// The memfd when it takes `write(2)` (shmem does, hugetlbfs not):
+    /// filling it that way allocates pages without faulting them in.
+    pub fn writable_file(&self) -> Option<&File> {
+        match self.backing {
+            Backing::Memfd | Backing::MemfdThp => self.fd.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn backing(&self) -> Backing {
