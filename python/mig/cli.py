@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mig.prealloc import add_prealloc_option, start_prealloc
 from mig.protocol import VERIFY_MODES
 from mig.units import format_size, parse_duration, parse_rate, parse_size
 
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "offers; `mig info` lists them)",
     )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    add_prealloc_option(serve)
     _add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
     _add_qmp_options(serve, incoming=True)
 
@@ -854,6 +856,8 @@ def _serve_one(
         memory = mig.GuestMemory(args.size, args.backing)
     except (ValueError, mig.MigError) as e:
         raise UsageError("--backing", str(e)) from None
+    if args.prealloc:
+        start_prealloc(memory)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]

@@ -1,9 +1,10 @@
 """The destination process of ``mig demo``: a ``mig serve --once`` on loopback.
 
 It is started before the source loads its guest, so the destination's
-interpreter start and memory creation overlap the image load instead of
-adding to the demo's wall time; the source waits for its ready line only
-when it is about to migrate.
+interpreter start and the prefaulting of its memory (``--prealloc``) overlap
+the image load instead of adding to the demo's wall time, and the stream
+then only copies; the source waits for its ready line only when it is about
+to migrate.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class DemoDestination:
         cmd = [
             sys.executable, "-m", "mig.cli", "serve", "--listen", "tcp:127.0.0.1:0", "--once",
             "--json", "--size", str(size), "--devices", devices, "--timeout", "60s",
-            "--ready-fd", str(w), "--log-level", log_level,
+            "--ready-fd", str(w), "--log-level", log_level, "--prealloc",
         ]  # fmt: skip
         for key, value in tls.items():
             cmd += ["--" + key.replace("_", "-"), value]
