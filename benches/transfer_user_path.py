@@ -10,6 +10,8 @@ interleave iperf3 and mig, so both see the same machine load.
 Reported per image size and channel count, as medians of the same run:
 - mig's ``total-time`` (setup to completion, as the migration reports it)
   and the wall time of the whole ``mig demo`` process;
+- the CPU seconds (user + system) of both mig processes, which load from
+  other processes on a shared host does not inflate as it does the times;
 - the ratio of medians mig ``total-time`` / iperf3 seconds;
 - seconds per GiB of image, and per-GiB time at the largest size over the
   smallest (linearity: 1.0 means the cost per GiB does not grow).
@@ -96,9 +98,10 @@ def mig_demo(mig: list[str], image: Path, channels: int, timeout: float) -> dict
         "--channels", str(channels), "--json", "--timeout", f"{timeout:g}s",
         "--timeout-action", "cancel",
     ]  # fmt: skip
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     try:
         stats = json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -114,7 +117,26 @@ def mig_demo(mig: list[str], image: Path, channels: int, timeout: float) -> dict
         "wall": wall,
         "downtime": float(stats["downtime"]) / 1000.0,
         "mbps": float(stats["ram"]["mbps"]),
+        # Both processes' user + system CPU seconds: on a shared host the
+        # work done, which other load does not inflate as it does the times.
+        "cpu": cpu,
+        "first-pass": float(stats["passes"][0]["time"]) if stats.get("passes") else None,
     }
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def free_page_reporting() -> bool:
+    """Whether the hypervisor takes back free memory (virtio-balloon free page
+    reporting): fresh memory then costs a host fault per page, and runs vary
+    with what the previous run freed (docs/memory.md)."""
+    return any(
+        f.read_text()[5:6] == "1"
+        for f in Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*/features")
+    )
 
 
 def summarise(sizes: list[int], channels: list[int], runs: dict[str, list[dict[str, Any]]],
@@ -133,6 +155,7 @@ def summarise(sizes: list[int], channels: list[int], runs: dict[str, list[dict[s
                     "rounds": len(rs),
                     "mig-total-median-s": total,
                     "mig-wall-median-s": med(r["wall"] for r in rs),
+                    "mig-cpu-median-s": med(r["cpu"] for r in rs),
                     "iperf3-median-s": iperf,
                     "ratio-of-medians": total / iperf,
                     "seconds-per-gib": total / (size / GIB),
@@ -149,14 +172,15 @@ def summarise(sizes: list[int], channels: list[int], runs: dict[str, list[dict[s
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| image | channels | mig total (median) | mig wall | iperf3 (median) | "
+        "| image | channels | mig total (median) | mig wall | mig CPU | iperf3 (median) | "
         "mig / iperf3 | s per GiB | per GiB vs smallest |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['size-gib']:g} GiB | {r['channels']} | {r['mig-total-median-s']:.3f} s | "
-            f"{r['mig-wall-median-s']:.3f} s | {r['iperf3-median-s']:.3f} s | "
+            f"{r['mig-wall-median-s']:.3f} s | {r['mig-cpu-median-s']:.2f} s | "
+            f"{r['iperf3-median-s']:.3f} s | "
             f"{r['ratio-of-medians']:.2f} | {r['seconds-per-gib']:.3f} | "
             f"{r['per-gib-vs-smallest']:.2f} |"
         )
@@ -187,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(float(s) * GIB) for s in ("1,2" if args.quick else args.sizes).split(",")]
     channels = [int(c) for c in args.channels.split(",")]
     sha = commit()
+    load_at_start = os.getloadavg()
     if args.mig:
         builds = {k: v.split() for k, v in (m.split("=", 1) for m in args.mig)}
     else:
@@ -217,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": sha,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
+        "load-average-at-start": load_at_start,
+        "free-page-reporting": free_page_reporting(),
         "load-average-at-end": os.getloadavg(),
         "image": "half random pages, half zero pages (chosen at random per 128 MiB)",
         "command": "mig demo --image IMG --workload idle --devices none --channels N --json",

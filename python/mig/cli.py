@@ -14,9 +14,7 @@ import json
 import logging
 import os
 import platform
-import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +38,7 @@ from mig.cli_options import (
     new_parser,
 )
 from mig.cli_values import page_size
+from mig.prealloc import start_prealloc
 from mig.units import format_size, parse_size
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -48,6 +47,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
+# An image's zero pages are left unwritten (holes). In private anonymous
+# memory a hole reads as the shared zero page, so the sender's zero-page scan
+# allocates nothing (a memfd hole would be allocated by the read); base pages
+# keep dirty tracking at page granularity, as on a memfd.
+IMAGE_BACKING = "anon"
 SNAPSHOT_TYPE = "mig-snapshot"
 
 log = logging.getLogger("mig.cli")
@@ -133,7 +137,7 @@ class _Guest:
 
         if args.image:
             try:
-                self.memory = mig.GuestMemory.from_image(args.image)
+                self.memory = mig.GuestMemory.from_image(args.image, IMAGE_BACKING)
             except (OSError, ValueError, mig.MigError) as e:
                 raise UsageError("--image", str(e)) from None
             if args.size is not None and args.size != self.memory.size:
@@ -343,6 +347,8 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from mig.demo_destination import DemoDestination
+
     if args.timeout is None:
         # A demo always ends: when the downtime limit cannot be met (the
         # summary says why), it switches over anyway and shows what it cost.
@@ -350,91 +356,66 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         args.timeout_action = args.timeout_action or "force"
     if args.simulate:
         return cmd_simulate(args, console)
-    g = _Guest(args)
-    child: subprocess.Popen[bytes] | None = None
+    # The destination starts first, so that its start overlaps the image load.
+    size = _guest_size(args)
+    dest = DemoDestination(size, args.devices, args.log_level, _tls(args)) if size else None
+    g: _Guest | None = None
     try:
-        child, uri = _spawn_destination(args, g)
+        g = _Guest(args)
+        if dest is None or dest.size != g.memory.size:  # the image changed meanwhile
+            if dest is not None:
+                dest.kill()
+            dest = DemoDestination(g.memory.size, args.devices, args.log_level, _tls(args))
+        uri = dest.uri()
         if uri is None:
-            out, err = _reap(child, 5.0)
+            out, err = dest.reap(5.0)
             reason = f"destination process did not start: {err.strip() or 'no output'}"
             return _finish_source(args, _failed(reason), False, console)
         q, interrupted = _run_source(args, g, uri, console)
-        out, err = _reap(child, 30.0)
-        child = None
-        dest = _parse_json(out)
-        if err.strip():
-            log.info("destination: %s", err.strip())
-        problems = _cross_check(g, q, dest) if args.end_to_end else []
-        if q.get("status") == "completed":
-            check = ("failed" if problems else "passed") if args.end_to_end else "skipped"
-            q = {**q, "end-to-end-check": check}
-        mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
-        if mem:
-            q = {**q, "destination-memory": mem}
-        return _finish_source(args, q, interrupted, console, problems)
+        out, err = dest.reap(30.0)
+        dest = None
+        return _finish_demo(args, g, q, interrupted, _parse_json(out), err, console)
     finally:
-        if child is not None:
-            _reap(child, 5.0)
-        g.close()
+        if dest is not None:
+            dest.kill() if g is None else dest.reap(5.0)
+        if g is not None:
+            g.close()
+
+
+def _guest_size(args: argparse.Namespace) -> int | None:
+    """The guest's size before it is built: the image's, or --size; None if unknown."""
+    if not args.image:
+        return args.size if args.size is not None else parse_size(DEFAULT_SIZE)
+    try:
+        return os.stat(args.image).st_size or None
+    except OSError:
+        return None  # _Guest reports it
+
+
+def _finish_demo(
+    args: argparse.Namespace,
+    g: _Guest,
+    q: dict[str, Any],
+    interrupted: bool,
+    dest: dict[str, Any],
+    dest_err: str,
+    console: Console,
+) -> int:
+    """Cross-check both ends, add what the destination's memory got, and report."""
+    if dest_err.strip():
+        log.info("destination: %s", dest_err.strip())
+    problems = _cross_check(g, q, dest) if args.end_to_end else []
+    if q.get("status") == "completed":
+        check = ("failed" if problems else "passed") if args.end_to_end else "skipped"
+        q = {**q, "end-to-end-check": check}
+    mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
+    if mem:
+        q = {**q, "destination-memory": mem}
+    return _finish_source(args, q, interrupted, console, problems)
 
 
 # What the destination's query() says its memory got (docs/memory.md).
 _DEST_MEMORY = ("memory-backing", "memory-page-size", "memory-huge-bytes")
-
-
-def _spawn_destination(
-    args: argparse.Namespace, g: _Guest
-) -> tuple[subprocess.Popen[bytes], str | None]:
-    """Start ``mig serve --once`` on a free loopback port; return it and its URI."""
-    r, w = os.pipe()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mig.cli",
-        "serve",
-        "--listen",
-        "tcp:127.0.0.1:0",
-        "--once",
-        "--json",
-        "--size",
-        str(g.memory.size),
-        "--devices",
-        g.devices_spec,
-        "--timeout",
-        "60s",
-        "--ready-fd",
-        str(w),
-        "--log-level",
-        args.log_level,
-    ]
-    for key, value in _tls(args).items():
-        cmd += ["--" + key.replace("_", "-"), value]
-    # Its own session: a terminal's Ctrl-C reaches only the source, which
-    # cancels and tells the destination over the control channel.
-    child = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(w,),
-        start_new_session=True,
-    )
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 60.0)
-        uri = os.read(r, 4096).decode().strip() if ready else ""
-    finally:
-        os.close(r)
-    return child, uri or None
-
-
-def _reap(child: subprocess.Popen[bytes], timeout: float) -> tuple[str, str]:
-    try:
-        out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        out, err = child.communicate()
-    return out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def _parse_json(text: str) -> dict[str, Any]:
@@ -522,6 +503,8 @@ def _serve_one(
         memory = mig.GuestMemory(args.size, args.backing)
     except (ValueError, mig.MigError) as e:
         raise UsageError("--backing", str(e)) from None
+    if args.prealloc:
+        start_prealloc(memory)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]

@@ -13,6 +13,7 @@ import sys
 from typing import NoReturn
 
 from mig.cli_values import device_specs, dirty_limit, int_range, policy_names, positive, typed
+from mig.prealloc import add_prealloc_option
 from mig.protocol import VERIFY_MODES
 from mig.units import parse_duration, parse_rate, parse_size
 
@@ -94,6 +95,7 @@ def add_serve(commands: Commands) -> argparse.ArgumentParser:
     )
     # The file descriptor `mig demo` gives its destination to learn the bound port.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    add_prealloc_option(serve)
     add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
     add_qmp_options(serve, incoming=True)
     return serve

@@ -92,6 +92,10 @@ class _Incoming:
         from mig.devices import create_all
 
         self.memory = mig.GuestMemory(args.size)
+        if args.prealloc:
+            from mig.prealloc import start_prealloc
+
+            start_prealloc(self.memory)
         self.devices = (
             [] if args.devices == "none" else create_all(args.devices, self.memory, active=False)
         )

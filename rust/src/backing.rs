@@ -15,7 +15,13 @@
 //!
 //! A fresh page is zeroed by the kernel on its first fault; a huge page costs
 //! one fault where base pages cost 512. That is why the destination, which
-//! fills all of its memory once, wants huge pages.
+//! fills all of its memory once, wants huge pages, except in a virtual
+//! machine whose hypervisor takes back free memory (free page reporting,
+//! see [`host_reclaims_free_blocks`]): there every fresh huge page is
+//! faulted in again by the host, 4 KiB at a time, and base pages, which the
+//! kernel carves first from smaller free blocks the host never took back,
+//! fill faster. They also leave a guest's zero pages unallocated, where a
+//! huge page covering one written page allocates all of it.
 
 use std::fs::File;
 use std::ptr::NonNull;
@@ -34,8 +40,9 @@ pub enum Backing {
     Hugetlb,
 }
 
-/// Every backing, fastest to fill first (benches/bench_receive.py measures
-/// the order on the host at hand); `auto` picks the first available.
+/// Every backing, fastest to fill first on a host whose free memory stays
+/// with the kernel (benches/bench_receive.py measures the order on the host
+/// at hand); `auto` picks the first available.
 pub const FASTEST_FIRST: [Backing; 5] = [
     Backing::Hugetlb,
     Backing::AnonThp,
@@ -43,6 +50,45 @@ pub const FASTEST_FIRST: [Backing; 5] = [
     Backing::Anon,
     Backing::Memfd,
 ];
+
+/// The same when the hypervisor takes back free huge-page-sized blocks:
+/// transparent huge pages come only from such blocks and fill slowest.
+/// (The hugetlb pool is reserved, never free, so never taken back.)
+const FASTEST_FIRST_RECLAIMED: [Backing; 5] = [
+    Backing::Hugetlb,
+    Backing::Anon,
+    Backing::Memfd,
+    Backing::AnonThp,
+    Backing::MemfdThp,
+];
+
+/// The fill order for this host: [`FASTEST_FIRST`], or base pages before
+/// transparent huge pages where [`host_reclaims_free_blocks`].
+pub fn fill_order() -> [Backing; 5] {
+    if host_reclaims_free_blocks() {
+        FASTEST_FIRST_RECLAIMED
+    } else {
+        FASTEST_FIRST
+    }
+}
+
+/// The virtio feature bit of free page reporting (`VIRTIO_BALLOON_F_REPORTING`).
+const VIRTIO_BALLOON_F_REPORTING: usize = 5;
+
+/// Whether this kernel runs under a hypervisor that takes back free memory:
+/// a virtio balloon that negotiated free page reporting. The kernel then
+/// reports free blocks of at least `page_reporting_order` (a huge page) and
+/// the host discards them, so the first touch of each of their 4 KiB pages
+/// traps to the host again.
+pub fn host_reclaims_free_blocks() -> bool {
+    let Ok(devices) = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else {
+        return false;
+    };
+    devices.flatten().any(|d| {
+        std::fs::read_to_string(d.path().join("features"))
+            .is_ok_and(|f| f.as_bytes().get(VIRTIO_BALLOON_F_REPORTING) == Some(&b'1'))
+    })
+}
 
 impl Backing {
     /// Parses a backing name; `auto` is the fastest the host offers for
@@ -139,7 +185,13 @@ pub fn offers() -> Vec<Offer> {
     let anon_thp = sysfs_choice(&format!("{THP}/enabled"));
     let shmem_thp = sysfs_choice(&format!("{THP}/shmem_enabled"));
     let (hpage, free) = hugetlb_pool();
-    FASTEST_FIRST
+    let reclaimed = if host_reclaims_free_blocks() {
+        "; the hypervisor takes back free huge-page-sized blocks (virtio-balloon free page \
+         reporting), so fresh huge pages fill slower than base pages"
+    } else {
+        ""
+    };
+    fill_order()
         .iter()
         .map(|&backing| {
             let (available, page_size, reason) = match backing {
@@ -160,7 +212,10 @@ pub fn offers() -> Vec<Offer> {
                     Some("always" | "madvise") => (
                         true,
                         huge,
-                        format!("MADV_HUGEPAGE; {THP}/enabled is {}", anon_thp.as_deref().unwrap_or("")),
+                        format!(
+                            "MADV_HUGEPAGE; {THP}/enabled is {}{reclaimed}",
+                            anon_thp.as_deref().unwrap_or("")
+                        ),
                     ),
                     other => (
                         false,
@@ -176,7 +231,7 @@ pub fn offers() -> Vec<Offer> {
                         true,
                         huge,
                         format!(
-                            "MADV_HUGEPAGE on shmem; {THP}/shmem_enabled is {}",
+                            "MADV_HUGEPAGE on shmem; {THP}/shmem_enabled is {}{reclaimed}",
                             shmem_thp.as_deref().unwrap_or("")
                         ),
                     ),
@@ -211,7 +266,7 @@ pub fn offers() -> Vec<Offer> {
 /// The fastest backing to fill that the host offers for `size` bytes
 /// (`hugetlb` only when its free pool holds them all).
 pub fn fastest_for(size: usize) -> Backing {
-    FASTEST_FIRST
+    fill_order()
         .into_iter()
         .find(|&b| check_offer(b, size).is_ok())
         .unwrap_or(Backing::Memfd)

@@ -9,6 +9,7 @@ pub mod backing;
 pub mod bitmap;
 pub mod chunk_digest;
 pub mod error;
+pub mod image_load;
 pub mod memory;
 pub mod order;
 pub mod pagemap;

@@ -8,7 +8,7 @@
 //! references that would claim exclusivity.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -20,6 +20,10 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::backing::{self, Backing};
 use crate::error::{CoreError, CoreResult};
 use crate::pagemap;
+
+/// The longest span of pages `GuestMemory::anon_holes` reads the page
+/// tables for at once (512 KiB of pagemap entries).
+pub const MAX_HOLE_QUERY: usize = 1 << 16;
 
 /// The host page size, which is also mig's unit of tracking and transfer.
 pub fn host_page_size() -> usize {
@@ -80,22 +84,7 @@ impl GuestMemory {
             .map_err(|e| CoreError::io(format!("stat {}", path.display()), e))?
             .len() as usize;
         let mem = GuestMemory::with_backing(size, backing)?;
-        let mut off = 0;
-        let mut buf = vec![0u8; 1 << 20];
-        while off < size {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| CoreError::io(format!("read {}", path.display()), e))?;
-            if n == 0 {
-                return Err(CoreError::invalid(format!(
-                    "{} shrank while loading: {off} of {size} bytes",
-                    path.display()
-                )));
-            }
-            let n = n.min(size - off);
-            mem.write_bytes(off, &buf[..n])?;
-            off += n;
-        }
+        crate::image_load::load(&mem, &mut file, path)?;
         Ok(mem)
     }
 
@@ -146,6 +135,15 @@ impl GuestMemory {
 
     pub fn fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// The memfd when it takes `write(2)` (shmem does, hugetlbfs not):
+    /// filling it that way allocates pages without faulting them in.
+    pub fn writable_file(&self) -> Option<&File> {
+        match self.backing {
+            Backing::Memfd | Backing::MemfdThp => self.fd.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn backing(&self) -> Backing {
@@ -210,7 +208,12 @@ impl GuestMemory {
         first_only: bool,
     ) -> Option<Vec<(usize, usize)>> {
         let pagemap = pagemap::open_pagemap().ok()?;
-        let regions = if first_only { 1 } else { pagemap::SCAN_REGIONS };
+        // Data and holes alternate at worst page by page.
+        let regions = if first_only {
+            1
+        } else {
+            (len / self.page_size / 2 + 1).min(pagemap::SCAN_REGIONS)
+        };
         let mut buf = vec![pagemap::PageRegion::default(); regions];
         let query = pagemap::Query {
             flags: 0,
@@ -229,6 +232,24 @@ impl GuestMemory {
         })
         .ok()?;
         Some(out)
+    }
+
+    /// Anonymous memory only: for each of `count` pages from `first`,
+    /// whether it is a hole, known from this process's page tables without
+    /// touching it: not present, and either empty or holding only a marker
+    /// (the dirty tracker's write-protect marker; a swapped-out page is
+    /// data). `None` for other backings (a memfd's pages live in its page
+    /// cache, not in the page tables), for spans longer than
+    /// `MAX_HOLE_QUERY` pages, and on errors.
+    pub fn anon_holes(&self, first: usize, count: usize) -> Option<Vec<bool>> {
+        if !matches!(self.backing, Backing::Anon | Backing::AnonThp) || count > MAX_HOLE_QUERY {
+            return None;
+        }
+        self.check_range(first * self.page_size, count * self.page_size)
+            .ok()?;
+        let vpage = self.base.as_ptr() as usize / self.page_size + first;
+        let entries = pagemap::read_entries(vpage, count).ok()?;
+        Some(entries.into_iter().map(pagemap::entry_is_hole).collect())
     }
 
     /// A raw pointer to `[offset, offset + len)` after checking that the

@@ -100,6 +100,36 @@ pub fn open_pagemap() -> Result<File, Errno> {
         .map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
+/// The raw `/proc/self/pagemap` entries (one `u64` per page) of `count`
+/// pages from virtual page number `vpage`.
+pub fn read_entries(vpage: usize, count: usize) -> Result<Vec<u64>, Errno> {
+    use std::os::unix::fs::FileExt;
+    let file = open_pagemap()?;
+    let mut raw = vec![0u8; count * 8];
+    file.read_exact_at(&mut raw, vpage as u64 * 8)
+        .map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+/// A swap entry's type sits in bits 0-4; the last type is the kernel's PTE
+/// marker (`SWP_PTE_MARKER`), which holds no data. Without
+/// `CAP_SYS_ADMIN` the kernel zeroes these bits: type 0, a swap file,
+/// which counts as data, the safe answer.
+const PM_SWAP_TYPE_MASK: u64 = 0x1f;
+const SWP_PTE_MARKER: u64 = 0x1f;
+
+/// Whether a pagemap entry describes a page without data: not present,
+/// and empty or a marker (never swapped-out or migrating data).
+pub fn entry_is_hole(entry: u64) -> bool {
+    entry & PM_PRESENT == 0 && (entry & PM_SWAP == 0 || entry & PM_SWAP_TYPE_MASK == SWP_PTE_MARKER)
+}
+
 /// A zero-length scan: the kernel only validates, so this tells whether the
 /// ioctl exists.
 pub fn probe() -> Result<(), Errno> {

@@ -94,7 +94,9 @@ impl SenderConfig {
 /// pages were harvested before this call, so a page written before the
 /// harvest is data by now. Callers ask only after a packet of zero pages
 /// only, so memory with data pays no system call and a hole costs one packet
-/// of allocation (the packet that finds it).
+/// of allocation (the packet that finds it). Anonymous memory is asked every
+/// packet, page by page, with one read of `/proc/self/pagemap` (same
+/// reasoning).
 pub fn scan_pages(
     mem: &GuestMemory,
     pages: &[u64],
@@ -104,26 +106,54 @@ pub fn scan_pages(
 ) -> CoreResult<()> {
     const BATCH: usize = 256;
     let ps = mem.page_size();
-    if let (true, Some(&lo), Some(&hi)) = (check_holes, pages.iter().min(), pages.iter().max()) {
+    let span = match (pages.iter().min(), pages.iter().max()) {
         // Out-of-range pages fall through to the read, which reports them.
-        let in_range = (hi as usize) < mem.num_pages();
-        if in_range && mem.is_hole(lo as usize * ps, (hi as usize + 1) * ps) {
+        (Some(&lo), Some(&hi)) if (hi as usize) < mem.num_pages() => {
+            Some((lo as usize * ps, (hi as usize + 1) * ps))
+        }
+        _ => None,
+    };
+    if let (true, Some((lo, hi))) = (check_holes, span) {
+        if mem.is_hole(lo, hi) {
             zero.extend(pages.iter().map(|&p| p * ps as u64));
             return Ok(());
         }
     }
-    let mut settled = [false; BATCH];
+    // Anonymous memory tells its holes for one read of the page tables:
+    // each would otherwise cost a fault that maps the shared zero page.
+    let holes = span.and_then(|(lo, hi)| mem.anon_holes(lo / ps, (hi - lo) / ps));
+    let is_data = |off: usize| {
+        holes
+            .as_ref()
+            .is_none_or(|h| !h[(off - span.map_or(0, |s| s.0)) / ps])
+    };
+    let mut head = [Head::Hole; BATCH];
     for batch in pages.chunks(BATCH) {
-        for (&p, s) in batch.iter().zip(settled.iter_mut()) {
-            // SAFETY: a racy read is the point of pre-copy: a page the guest
-            // writes after the harvest is dirty again and will be sent again.
-            let head = unsafe { mem.racy_slice(p as usize * ps, 8)? };
-            *s = head != [0u8; 8];
+        for (&p, h) in batch.iter().zip(head.iter_mut()) {
+            let off = p as usize * ps;
+            *h = if !is_data(off) {
+                Head::Hole
+            } else {
+                // SAFETY: a racy read is the point of pre-copy: a page the
+                // guest writes after the harvest is dirty again and will be
+                // sent again.
+                let first = unsafe { mem.racy_slice(off, 8)? };
+                if first != [0u8; 8] {
+                    Head::Data
+                } else {
+                    Head::Unknown
+                }
+            };
         }
-        for (&p, &s) in batch.iter().zip(&settled) {
+        for (&p, &h) in batch.iter().zip(&head) {
             let off = p as usize * ps;
             // SAFETY: as above.
-            if s || !wire::is_zero(unsafe { mem.racy_slice(off, ps)? }) {
+            let data = match h {
+                Head::Data => true,
+                Head::Hole => false,
+                Head::Unknown => !wire::is_zero(unsafe { mem.racy_slice(off, ps)? }),
+            };
+            if data {
                 normal.push(off as u64);
             } else {
                 zero.push(off as u64);
@@ -131,6 +161,17 @@ pub fn scan_pages(
         }
     }
     Ok(())
+}
+
+/// What the first pass of `scan_pages` learned about a page.
+#[derive(Clone, Copy)]
+enum Head {
+    /// Its first word is not zero.
+    Data,
+    /// Absent from the page tables: zeros, not read.
+    Hole,
+    /// Its first word is zero: the rest must be read.
+    Unknown,
 }
 
 /// Copies the pages at `offsets` back to back into `payload`, which then
@@ -1269,5 +1310,61 @@ mod tests {
         assert_eq!(normal, expect_normal);
         assert_eq!(zero, expect_zero);
         assert!(scan_pages(&mem, &[600], &mut normal, &mut zero, false).is_err());
+    }
+
+    #[test]
+    fn scan_of_anonymous_memory_leaves_holes_untouched() {
+        use crate::backing::Backing;
+        let ps = crate::memory::host_page_size();
+        let mem = GuestMemory::with_backing(700 * ps, Backing::Anon).unwrap();
+        let (mut expect_normal, mut expect_zero) = (Vec::new(), Vec::new());
+        for p in 0..700usize {
+            let off = p * ps;
+            match p % 5 {
+                0 => mem.write_bytes(off + ps - 1, &[1]).unwrap(),
+                1 => mem.write_bytes(off, &[0]).unwrap(), // present, all zeros
+                _ => {}                                   // holes
+            }
+            if p % 5 == 0 {
+                expect_normal.push(off as u64);
+            } else {
+                expect_zero.push(off as u64);
+            }
+        }
+        // Out of order, as a packet may list them.
+        let pages: Vec<u64> = (0..700).rev().collect();
+        let (mut normal, mut zero) = (Vec::new(), Vec::new());
+        scan_pages(&mem, &pages, &mut normal, &mut zero, false).unwrap();
+        expect_normal.reverse();
+        expect_zero.reverse();
+        assert_eq!(normal, expect_normal);
+        assert_eq!(zero, expect_zero);
+        // The holes were classified without a read: still absent.
+        assert!(mem.is_hole(2 * ps, 5 * ps));
+    }
+
+    /// Under dirty tracking the holes hold write-protect markers: still
+    /// holes, and a page written after the harvest is data.
+    #[test]
+    fn scan_under_tracking_reads_markers_as_holes() {
+        use crate::backing::Backing;
+        use crate::tracker::{Backend, DirtyTracker};
+        let ps = crate::memory::host_page_size();
+        let mem = Arc::new(GuestMemory::with_backing(64 * ps, Backing::Anon).unwrap());
+        let Ok(tracker) = DirtyTracker::new(mem.clone(), Backend::Uffd) else {
+            eprintln!("skipping: userfaultfd write-protect tracking is unavailable");
+            return;
+        };
+        mem.write_bytes(3 * ps, &[9]).unwrap();
+        tracker.sync().unwrap(); // write-protects, leaving markers in the holes
+        mem.write_bytes(5 * ps + 7, &[9]).unwrap();
+        let pages: Vec<u64> = (0..64).collect();
+        let (mut normal, mut zero) = (Vec::new(), Vec::new());
+        scan_pages(&mem, &pages, &mut normal, &mut zero, false).unwrap();
+        assert_eq!(normal, vec![3 * ps as u64, 5 * ps as u64]);
+        assert_eq!(zero.len(), 62);
+        let holes = mem.anon_holes(0, 64).unwrap();
+        assert!(holes[10] && !holes[3] && !holes[5], "holes: {holes:?}");
+        tracker.close();
     }
 }
