@@ -283,25 +283,29 @@ def _seqs(seqs: Mapping[int, int]) -> dict[str, int]:
     return {str(dev): seq for dev, seq in seqs.items()}
 
 
+def _hello_fields(message: Hello) -> dict[str, Any]:
+    p = message.params
+    return {
+        "version": message.version,
+        "migration_id": message.migration_id,
+        "page_size": message.page_size,
+        "ram_size": message.ram_size,
+        "devices": [{"id": d.id, "name": d.name, "kind": d.kind} for d in message.devices],
+        "params": {
+            "downtime_limit": p.downtime_limit,
+            "max_bandwidth": p.max_bandwidth,
+            "multifd_channels": p.multifd_channels,
+            "compression": p.compression,
+            "verify": p.verify,
+            "stall_timeout": p.stall_timeout,
+        },
+    }
+
+
 def _fields(message: Message) -> dict[str, Any]:
     match message:
         case Hello():
-            p = message.params
-            return {
-                "version": message.version,
-                "migration_id": message.migration_id,
-                "page_size": message.page_size,
-                "ram_size": message.ram_size,
-                "devices": [{"id": d.id, "name": d.name, "kind": d.kind} for d in message.devices],
-                "params": {
-                    "downtime_limit": p.downtime_limit,
-                    "max_bandwidth": p.max_bandwidth,
-                    "multifd_channels": p.multifd_channels,
-                    "compression": p.compression,
-                    "verify": p.verify,
-                    "stall_timeout": p.stall_timeout,
-                },
-            }
+            return _hello_fields(message)
         case HelloAck():
             return {"version": message.version}
         case Pass():
