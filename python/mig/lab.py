@@ -930,6 +930,14 @@ def missing_lab_dependencies(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mig bench ...``: returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in USER_PATH_BENCHES:
+        # The script's own options (``--help`` too), in order: argparse would
+        # take a leading ``--quick`` for an option of ``mig bench`` and refuse it.
+        from mig.benchrun import find_benches  # noqa: PLC0415
+
+        script = find_benches() / USER_PATH_BENCHES[argv[0]][0]
+        return subprocess.call([sys.executable, str(script), *argv[1:]])
     args = parser().parse_args(argv)
     if args.what == "policies":
         missing = missing_lab_dependencies(args)
@@ -955,9 +963,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.what == "calibrate":
         return calibrate_command(Path(args.out) if args.out else None)
-    from mig.benchrun import find_benches, run_benches  # noqa: PLC0415
+    from mig.benchrun import run_benches  # noqa: PLC0415
 
-    if args.what in USER_PATH_BENCHES:
-        script = find_benches() / USER_PATH_BENCHES[args.what][0]
-        return subprocess.call([sys.executable, str(script), *args.bench_args])
     return run_benches(Path(args.out), args.pytest_args)
