@@ -44,13 +44,21 @@ def resources() -> tuple[int, int, int]:
 
 
 def settle(baseline: tuple[int, int, int], timeout: float = 5.0) -> tuple[int, int, int]:
-    """Wait (threads end asynchronously) for the counts to come back; returns the last."""
+    """Wait (threads end asynchronously) until no count is above the baseline;
+    returns the last counts."""
     deadline = time.monotonic() + timeout
     now = resources()
-    while now != baseline and time.monotonic() < deadline:
+    while grew(now, baseline) and time.monotonic() < deadline:
         time.sleep(0.02)
         now = resources()
     return now
+
+
+def grew(now: tuple[int, int, int], baseline: tuple[int, int, int]) -> list[str]:
+    """The counts above the baseline: a leak. A count below it is a thread or
+    fd of an earlier test that ended meanwhile, not this test's doing."""
+    names = ("fds", "python threads", "os threads")
+    return [f"{n} {b} -> {a}" for n, a, b in zip(names, now, baseline, strict=True) if a > b]
 
 
 # --------------------------------------------------------------- run record

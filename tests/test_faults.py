@@ -64,6 +64,7 @@ from faultkit import (
     FaultProxy,
     RecordingGuest,
     RunLog,
+    grew,
     resources,
     settle,
 )
@@ -318,7 +319,7 @@ def _check_case(case: Case) -> None:
     # never both running, nothing leaked
     assert case.log.runs("dest") == 0, (where, case.log.events)
     assert not case.log.overlaps(), case.log.events
-    assert settle(before) == before, f"threads/fds leaked: {where}"
+    assert not (leak := grew(settle(before), before)), f"leaked: {where}: {leak}"
 
     # the same migration again, without the fault
     case.device.clear_faults()
@@ -339,7 +340,7 @@ def _check_case(case: Case) -> None:
     if case.workload == "idle":
         assert digest == format(_digest_of(case.shadow), "032x")
     assert case.log.runs("dest") == 1 and not case.log.overlaps(), case.log.events
-    assert settle(before) == before, f"threads/fds leaked by the retry: {where}"
+    assert not (leak := grew(settle(before), before)), f"leaked by the retry: {where}: {leak}"
 
 
 def _digest_of(data: np.ndarray) -> int:
@@ -440,7 +441,7 @@ def _check_commit_case(case: Case, fault: str) -> None:
         assert case.device.state_digest() == case.device_digest, where
     assert not case.log.overlaps(), case.log.events
     del source, side  # their sockets close with them
-    assert settle(before) == before, f"threads/fds leaked: {where}"
+    assert not (leak := grew(settle(before), before)), f"leaked: {where}: {leak}"
 
 
 @pytest.mark.parametrize("fault", AFTER_RESUME_CASES)
@@ -522,7 +523,7 @@ def _check_after_resume_case(case: Case, fault: str) -> None:
             assert not d["verified"] and d["verify-error"], where
     del source, side
     seen.clear()
-    assert settle(before) == before, f"threads/fds leaked: {where}"
+    assert not (leak := grew(settle(before), before)), f"leaked: {where}: {leak}"
 
 
 def test_a_first_pass_longer_than_the_idle_timeout_completes() -> None:
