@@ -18,6 +18,8 @@ from mig.protocol import (
     HelloAck,
     Pass,
     PassAck,
+    PostcopyAdvise,
+    PostcopyRun,
     Ready,
     Resumed,
     SessionParams,
@@ -57,6 +59,8 @@ EVERY_MESSAGE = [
     VerifyResult(False, "memory digest mismatch"),
     Cancel("by request"),
     Failed("digest mismatch"),
+    PostcopyAdvise(),
+    PostcopyRun(),
 ]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.destination_core import (
+    AdvisePostcopy,
     AnswerPass,
     DestinationCore,
     DestinationPhase,
@@ -38,6 +39,7 @@ from mig.errors import MigrationEnded
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
+from mig.postcopy_incoming import PostcopyIncoming, require_postcopy
 from mig.protocol import VERIFY_MODES, Failed, SwitchoverAck
 
 __all__ = ["MigrationDestination"]
@@ -61,6 +63,7 @@ class MigrationDestination:
     its vCPUs there. ``endpoint`` replaces the
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
+    ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class MigrationDestination:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        vcpus: int = 0,
     ) -> None:
         if uri is None and endpoint is None:
             raise ValueError("give a uri to listen on (or an endpoint)")
@@ -128,6 +132,7 @@ class MigrationDestination:
         self._rehashed: int | None = None  # chunks still stale when the root was taken
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
 
     # The protocol's figures live in the core; these names are the API.
     @property
@@ -183,6 +188,11 @@ class MigrationDestination:
     def cancel(self, reason: str = "cancelled on the destination") -> None:
         self._cancel = reason
 
+    def recover(self) -> None:
+        """``postcopy-paused``: accept the source's new page channels on this
+        listener (QEMU's migrate-recover); the source calls ``recover`` too."""
+        self.postcopy.recover()
+
     def query(self) -> dict[str, Any]:
         core = self.core
         out: dict[str, Any] = {
@@ -201,6 +211,9 @@ class MigrationDestination:
         if core.verify_error is not None:
             out["verify-error"] = core.verify_error
         out.update(self._memory_backing())
+        postcopy = self.postcopy.stats()
+        if postcopy:
+            out["postcopy"] = postcopy
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -264,8 +277,22 @@ class MigrationDestination:
             for effect in core.on_message(message, now):
                 self._apply(ep, effect)
             core.activity(self.clock.now())
+        if core.postcopy:
+            self._finish_postcopy()
         if core.phase is DestinationPhase.AWAIT_VERIFY:
             self._await_verify(ep)
+
+    def _finish_postcopy(self) -> None:
+        """The guest runs here; wait until every owed page is placed."""
+        try:
+            root = self.postcopy.run(self._set_status, lambda: self._cancel)
+        except MigrationEnded as e:
+            self.error = e.reason
+            self._set_status("failed")
+            raise
+        self.postcopy.close()
+        for effect in self.core.postcopy_complete(format(root, "032x"), self.clock.now()):
+            self._apply(None, effect)  # type: ignore[arg-type]
 
     def _await_verify(self, ep: Endpoint) -> None:
         """The guest runs here: wait for the source's digest and answer it.
@@ -323,6 +350,8 @@ class MigrationDestination:
                 self._finish_stop_copy(ep)
             case Resume():
                 self._resume(ep)
+            case AdvisePostcopy():
+                require_postcopy()
 
     # ---------------------------------------------------------- switchover
     def _finish_stop_copy(self, ep: Endpoint) -> None:
@@ -359,6 +388,9 @@ class MigrationDestination:
     def _resume(self, ep: Endpoint) -> None:
         """``go``: the guest runs here from now on, whatever the report meets."""
         faults.point("dest.resume")
+        if self.core.postcopy:
+            receiver = getattr(ep, "native", None)
+            self.postcopy.attach(self.listener, receiver, self.idle_timeout)
         for h in self.handlers.values():
             h.load_resume()
         if self.on_resume:

@@ -45,6 +45,14 @@ class MigrationParams:
     # "strict" (before resume, a full digest inside the downtime) or "off".
     verify: str = "after-resume"
     verify_timeout: float | None = None  # s for the after-resume answer; None: switchover_timeout
+    # Post-copy (QEMU's postcopy-ram capability): the switchover may resume
+    # the guest on the destination with pages still owed, fetched on demand.
+    # Started by ``start_postcopy()`` or by the policy (``mig.postcopy_policy``):
+    # after ``postcopy_after_passes`` whole passes, or once not converging.
+    postcopy: bool = False
+    postcopy_after_passes: int = 1
+    # s a recovery waits for the destination's list of missing pages.
+    postcopy_recover_timeout: float = 30.0
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
@@ -77,6 +85,13 @@ class MigrationParams:
         if self.verify not in VERIFY_MODES:
             modes = ", ".join(repr(m) for m in VERIFY_MODES)
             raise ValueError(f"verify must be one of {modes}, not {self.verify!r}")
+        if self.postcopy and self.verify == "strict":
+            raise ValueError(
+                "postcopy cannot verify strictly: the destination resumes before every"
+                " page arrived (use verify 'after-resume' or 'off')"
+            )
+        if int(self.postcopy_after_passes) < 0:
+            raise ValueError("postcopy_after_passes must be >= 0")
         if self.verify_timeout is not None and not self.verify_timeout > 0:
             raise ValueError(f"verify_timeout must be > 0, not {self.verify_timeout}")
 

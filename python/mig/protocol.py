@@ -45,6 +45,8 @@ __all__ = [
     "VERIFY_MODES",
     "Cancel",
     "Failed",
+    "PostcopyAdvise",
+    "PostcopyRun",
     "Message",
     "encode",
     "decode",
@@ -190,6 +192,19 @@ class Failed:
     reason: str
 
 
+@dataclass(frozen=True)
+class PostcopyAdvise:
+    """At setup, ``postcopy`` on: the destination checks it can register its
+    memory for missing-page faults (QEMU's POSTCOPY_ADVISE), else fails."""
+
+
+@dataclass(frozen=True)
+class PostcopyRun:
+    """Before ``complete``: this switchover is post-copy. The source owes the
+    pages it names on the post-copy channels; the destination discards them
+    and fetches them on demand after resuming (QEMU's POSTCOPY_RUN)."""
+
+
 Message = (
     Hello
     | HelloAck
@@ -207,6 +222,8 @@ Message = (
     | VerifyResult
     | Cancel
     | Failed
+    | PostcopyAdvise
+    | PostcopyRun
 )
 
 _TYPE_NAMES: dict[type, str] = {
@@ -226,6 +243,8 @@ _TYPE_NAMES: dict[type, str] = {
     VerifyResult: "verify-result",
     Cancel: "cancel",
     Failed: "failed",
+    PostcopyAdvise: "postcopy-advise",
+    PostcopyRun: "postcopy-run",
 }
 MESSAGE_TYPES = frozenset(_TYPE_NAMES.values())
 
@@ -275,7 +294,7 @@ def _fields(message: Message) -> dict[str, Any]:
             return out
         case DeviceInitialDone():
             return {"device": message.device}
-        case SwitchoverAck() | Go():
+        case SwitchoverAck() | Go() | PostcopyAdvise() | PostcopyRun():
             return {}
         case Switchover():
             return {"device_seqs": _seqs(message.device_seqs)}
@@ -489,6 +508,10 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
             return Cancel(f.text("reason"))
         case "failed":
             return Failed(f.text("reason"))
+        case "postcopy-advise":
+            return PostcopyAdvise()
+        case "postcopy-run":
+            return PostcopyRun()
     raise ProtocolError(f"control message has no known type: {kind[:40]!r}")
 
 

@@ -36,15 +36,27 @@ from mig.migration_stats import MigrationStats
 from mig.notifier import Notifier
 from mig.params import PARAMETERS, MigrationParams
 from mig.policies import Action, make_policy
+from mig.postcopy_outgoing import PostcopyOutgoing
+from mig.postcopy_policy import PostcopySwitch
 from mig.precopy import Precopy
-from mig.protocol import DeviceInfo, Hello, SessionParams
+from mig.protocol import DeviceInfo, Hello, PostcopyAdvise, SessionParams
 from mig.rollback import leave_paused, roll_back
 from mig.stats import BandwidthMeter, SwitchoverCosts
 from mig.switchover import Phase, SwitchoverRun
 
 __all__ = ["MigrationSource", "PARAMETERS", "STATUSES"]
 
-STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelled")
+STATUSES = (
+    "none",
+    "setup",
+    "active",
+    "device",
+    "postcopy-active",
+    "postcopy-paused",
+    "completed",
+    "failed",
+    "cancelled",
+)
 
 
 class MigrationSource:
@@ -92,6 +104,9 @@ class MigrationSource:
         self.clock: Clock = clock or MonotonicClock()
         self.notify = Notifier(on_status, on_pass, on_event)
         self.policy = make_policy(self.settings.policy, **(self.settings.policy_options or {}))
+        if self.settings.postcopy:
+            self.policy = PostcopySwitch(self.policy, self.settings.postcopy_after_passes)
+        self._postcopy_requested = False
         self.meter = BandwidthMeter()
         self.costs = SwitchoverCosts(source_digest=self.settings.verify == "strict")
         self.migration_id = uuid.uuid4().int & ((1 << 63) - 1)
@@ -190,11 +205,31 @@ class MigrationSource:
         return self.query()
 
     def cancel(self, reason: str = "cancelled by request") -> bool:
-        """Ask the loop to cancel; False once ``go`` is decided (the destination may run)."""
-        if self.phase.go_decided or self._done.is_set():
+        """Ask the loop to cancel; False once ``go`` is decided (the destination may run).
+
+        In ``postcopy-paused`` a cancel ends the migration: the guest is lost."""
+        if self._done.is_set():
+            return False
+        if self.phase.go_decided and self.phase is not Phase.POSTCOPY_PAUSED:
             return False
         self._cancel = reason
         return True
+
+    def start_postcopy(self) -> None:
+        """Switch to post-copy at the next decision (QEMU's migrate-start-postcopy)."""
+        if not self.settings.postcopy:
+            raise RuntimeError("post-copy is not enabled for this migration (postcopy=True)")
+        if self.phase is not Phase.PRECOPY or self._done.is_set():
+            raise RuntimeError(f"no pre-copy to switch from (phase {self.phase.value})")
+        self._postcopy_requested = True
+
+    def recover(self, uri: str | None = None) -> None:
+        """``postcopy-paused``: reconnect the page channels, to ``uri`` or the
+        session's (QEMU's migrate resume=true); the destination calls
+        ``recover`` too."""
+        if self.switchover is None or self.switchover.postcopy is None:
+            raise RuntimeError("no post-copy to recover")
+        self.switchover.postcopy.recover(uri)
 
     def query(self) -> dict[str, Any]:
         """``query-migrate``: QEMU's field names plus mig's own keys."""
@@ -261,6 +296,9 @@ class MigrationSource:
         self._check_cancel()
         self.control.handshake(self._hello(), self.settings.connect_timeout, self._check_cancel)
         faults.point("source.setup")
+        if self.settings.postcopy:
+            # The destination checks now that it can fetch pages on demand.
+            self.control.send(PostcopyAdvise())
         for h in self.precopy.handlers:
             h.setup(link)
         if self.costs.source_digest:
@@ -329,6 +367,10 @@ class MigrationSource:
         decision = precopy.decide(self._check_cancel)
         if precopy.switchover_near() and self.costs.source_digest:
             self.switchover.digests.refresh()
+        if self._postcopy_requested or decision.action is Action.POSTCOPY:
+            self.notify.event("postcopy-start", reason=decision.reason or "requested")
+            self._switch_over(None, forced=False, postcopy=True)
+            return
         if decision.action is Action.COMPLETE:
             self._switch_over(decision.budget, forced=False)
             return
@@ -343,12 +385,18 @@ class MigrationSource:
         started = self.stats.started_at or 0.0
         return bool(limit) and self.clock.now() - started >= limit
 
-    def _switch_over(self, budget: int | None, forced: bool) -> None:
+    def _switch_over(self, budget: int | None, forced: bool, postcopy: bool = False) -> None:
         assert self.switchover is not None and self.precopy is not None
+        if postcopy:
+            self.switchover.postcopy = PostcopyOutgoing(
+                self.uri, self.settings.max_bandwidth, self.settings.postcopy_recover_timeout
+            )
         self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):
             self._set_status("active")
             return
+        if self.switchover.postcopy is not None:
+            self._run_postcopy(self.switchover.postcopy)
         self.monitor.remove_aids()
         self.precopy.ram.abort()
         self.stats.ended_at = self.clock.now()
@@ -360,6 +408,19 @@ class MigrationSource:
             self.precopy.link.close()
         except Exception as e:  # the migration is complete; report, do not fail
             self.notify.event("close-error", error=str(e))
+
+    def _run_postcopy(self, postcopy: PostcopyOutgoing) -> None:
+        """The guest runs on the destination: serve and push until every page is placed."""
+        assert self.switchover is not None
+
+        def status(s: str) -> None:
+            paused = s == "postcopy-paused"
+            self.switchover.phase = Phase.POSTCOPY_PAUSED if paused else Phase.POSTCOPY_ACTIVE  # type: ignore[union-attr]
+            self._set_status(s)
+
+        status("postcopy-active")
+        postcopy.run(status, lambda: self._cancel)
+        self.switchover.phase = Phase.DONE
 
     # ----------------------------------------------------------- the end
     def _end(self, status: str, reason: str, discarded: bool) -> None:
@@ -383,6 +444,8 @@ class MigrationSource:
         """Source guest runs again, the destination is told, nothing is left half-done."""
         if self.switchover is not None:
             self.switchover.phase = Phase.PRECOPY
+            if self.switchover.postcopy is not None:
+                self.switchover.postcopy.abort()
         self.stats.error = roll_back(
             status,
             reason,

@@ -13,8 +13,16 @@ switchover is abandoned.
 Phases (``Phase``)::
 
     PRECOPY -> PAUSED -> STOP_COPY -> AWAIT_READY -> COMMITTED -> AWAIT_RESUMED -> DONE
-                  ^          |
-                  +----------+  over budget: abandoned, the guest runs again
+                  ^          |                                             |
+                  +----------+  over budget: abandoned, the guest runs     | post-copy
+                                again                                      v
+                                 POSTCOPY_PAUSED <-> POSTCOPY_ACTIVE -> DONE
+
+Post-copy (``postcopy`` set, ``mig.postcopy_outgoing``): the stop-copy phase
+takes the RAM stream's final harvest out unsent instead of sending it,
+opens the page channels, sends every device's state and ``postcopy-run``
+before ``complete``; after ``go`` the owed pages are served and pushed
+while the guest already runs on the destination (``POSTCOPY_ACTIVE``).
 
 Before ``COMMITTED`` any failure rolls back: the destination never resumes
 without ``go``. From ``COMMITTED`` the source no longer cancels, and once
@@ -45,10 +53,12 @@ from mig.errors import MigrationEnded, OverBudget
 from mig.guest_stops import GuestStops
 from mig.notifier import Notifier
 from mig.params import MigrationParams
+from mig.postcopy_outgoing import PostcopyOutgoing
 from mig.precopy import Precopy
 from mig.protocol import (
     Complete,
     Go,
+    PostcopyRun,
     Ready,
     Resumed,
     Switchover,
@@ -69,14 +79,22 @@ class Phase(Enum):
     AWAIT_RESUMED = "await-resumed"  # "go" sent: the destination may run the guest
     DONE = "done"
     POSTMIGRATE = "postmigrate"  # outcome unknown after "go": the guest stays paused
+    POSTCOPY_ACTIVE = "postcopy-active"  # the destination runs; owed pages follow
+    POSTCOPY_PAUSED = "postcopy-paused"  # a page channel broke; waiting for recover
 
     @property
     def go_decided(self) -> bool:
-        return self in (Phase.COMMITTED, Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+        return self is Phase.COMMITTED or self.go_sent
 
     @property
     def go_sent(self) -> bool:
-        return self in (Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+        return self in (
+            Phase.AWAIT_RESUMED,
+            Phase.DONE,
+            Phase.POSTMIGRATE,
+            Phase.POSTCOPY_ACTIVE,
+            Phase.POSTCOPY_PAUSED,
+        )
 
 
 class SwitchoverRun:
@@ -111,6 +129,8 @@ class SwitchoverRun:
         self.verify_time: float | None = None  # s from "resumed" to the verdict
         self.verify_error: str | None = None
         self.breakdown: dict[str, float] = {}
+        # Set for a post-copy switchover: its pages are owed, not sent.
+        self.postcopy: PostcopyOutgoing | None = None
 
     def run(self, budget: int | None, forced: bool, check_cancel: Callable[[], None]) -> bool:
         """One switchover; True once the destination runs the guest, False if
@@ -157,6 +177,8 @@ class SwitchoverRun:
             digest = digest_job.result() if digest_job is not None else precopy.ram.memory.digest()
         faults.point("source.switchover")
         link.finish(digest or 0)
+        if self.postcopy is not None:
+            self.control.send(PostcopyRun())
         t_sent = self.clock.now()
         self.control.send(
             Complete(
@@ -173,10 +195,22 @@ class SwitchoverRun:
         self.load_seconds = resumed.load
         self.verified = resumed.verified
         self.verify_time = 0.0 if strict else None
-        dest_digest = ready.digest or 0.0
         if ready.digest is not None:
             self.precopy.costs.dest_root = ready.digest
-        sync = precopy.ram.last_sync_seconds
+        self.breakdown = self._breakdown(
+            ready, [down_start, t0, t_ram, t_dev, t_sent], self.downtime, strict
+        )
+        self.phase = Phase.DONE if self.postcopy is None else Phase.POSTCOPY_ACTIVE
+        return True
+
+    def _breakdown(
+        self, ready: Ready, times: list[float], downtime: float, strict: bool
+    ) -> dict[str, float]:
+        """The downtime's terms from the switchover's timestamps: pause, RAM
+        sync, stop-copy start, RAM sent, devices sent, end sent."""
+        down_start, t0, t_ram, t_dev, t_sent = times
+        dest_digest = ready.digest or 0.0
+        sync = self.precopy.ram.last_sync_seconds
         parts = {
             "pause": t0 - down_start,
             "final-sync": sync,
@@ -187,16 +221,18 @@ class SwitchoverRun:
             parts["digest"] = t_sent - t_dev
         parts["dest-digest"] = dest_digest
         parts["load"] = max(0.0, self.load_seconds - dest_digest)
-        parts["handshake"] = max(0.0, self.downtime - sum(parts.values()))
-        self.breakdown = parts
-        self.phase = Phase.DONE
-        return True
+        parts["handshake"] = max(0.0, downtime - sum(parts.values()))
+        return parts
 
     def _stop_copy(self, budget: int | None, check_cancel: Callable[[], None]) -> tuple[float, int]:
         """RAM's last pages, then every device's stop-copy state, within ``budget``."""
         precopy = self.precopy
         link = precopy.link
-        sent = precopy.ram.complete(link, budget)
+        if self.postcopy is not None:
+            self.postcopy.hand_over(precopy.ram, link)
+            budget, sent = None, 0
+        else:
+            sent = precopy.ram.complete(link, budget)
         t_ram = self.clock.now()
         precopy.record_pass(announce=False)
         for h in precopy.devices:
@@ -221,6 +257,8 @@ class SwitchoverRun:
         self.phase = Phase.COMMITTED
         self.control.send(Go())
         self.phase = Phase.AWAIT_RESUMED
+        if self.postcopy is not None:
+            self.postcopy.start()
         faults.point("source.go")
         resumed = self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
         return ready, resumed
