@@ -3,9 +3,12 @@ digest of placed pages, statistics and a host without MISSING mode."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
+from faultkit import FaultProxy
 
 import mig
 from mig.destination import MigrationDestination
@@ -18,6 +21,7 @@ needs_postcopy = pytest.mark.skipif(
 )
 
 SIZE = 32 << 20
+KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 
 
 def migrate(
@@ -104,3 +108,46 @@ def test_a_destination_without_missing_mode_fails_naming_the_feature(
     assert q["status"] == "failed" and d["status"] == "failed"
     assert "UFFDIO_REGISTER_MODE_MISSING" in d["error-desc"]
     assert "UFFDIO_REGISTER_MODE_MISSING" in q["error-desc"]
+
+
+@needs_postcopy
+def test_recovery_after_the_page_channels_reset_mid_postcopy() -> None:
+    src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
+    guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
+    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
+    proxy = FaultProxy(dest.uri)
+    seen: dict[str, threading.Event] = {}
+
+    def on_status(side: str) -> Any:
+        return lambda s: seen.setdefault(f"{side} {s}", threading.Event()).set()
+
+    def event(name: str) -> threading.Event:
+        return seen.setdefault(name, threading.Event())
+
+    dest.on_status = on_status("dest")
+    # 8 MiB owed at 2 MiB/s: the push lasts long enough to be cut.
+    source = MigrationSource(guest, uri=proxy.uri, postcopy=True, timeout=60, max_bandwidth=2 << 20)
+    source.on_status = on_status("source")
+    dest.start()
+    source.start()
+    try:
+        assert event("source postcopy-active").wait(60), source.query().get("error-desc")
+        time.sleep(0.3)
+        proxy.reset(KIND_POSTCOPY, 0)
+        proxy.reset(KIND_POSTCOPY, 1)
+        assert event("source postcopy-paused").wait(10)
+        assert event("dest postcopy-paused").wait(10)
+        assert source.query()["status"] == "postcopy-paused"
+        assert dest.query()["status"] == "postcopy-paused"
+        assert dest.query()["postcopy"]["missing-pages"], "nothing was left to fetch"
+        dest.recover()
+        source.recover()
+        q, d = source.wait(90), dest.wait(30)
+    finally:
+        guest.close()
+        proxy.close()
+    assert q["status"] == "completed", q.get("error-desc")
+    assert d["status"] == "completed", d.get("error-desc")
+    assert q["verified"] and d["verified"]
+    assert q["postcopy"]["recoveries"] == 1 and d["postcopy"]["recoveries"] == 1
+    assert src.digest() == dst.digest()

@@ -26,6 +26,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mig.cli_postcopy import (
+    add_postcopy_options,
+    add_serve_workload,
+    guest_writes,
+    postcopy_params,
+    serve_workload_args,
+)
 from mig.protocol import VERIFY_MODES
 from mig.units import format_size, parse_duration, parse_rate, parse_size
 
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-ca", metavar="FILE", help="CA that the peer's certificate must chain to")
 
     mig = _Parser(add_help=False)
+    add_postcopy_options(mig)
     m = mig.add_argument_group("migration")
     policies = _policy_names()
     m.add_argument(
@@ -345,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     _add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
+    add_serve_workload(serve)
     _add_qmp_options(serve, incoming=True)
 
     send = sub.add_parser(
@@ -452,6 +461,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "dirty_limit": float(args.dirty_limit),
         "timeout": float(args.timeout or 0.0),
         "timeout_action": args.timeout_action or "cancel",
+        **postcopy_params(args),
     }
     if args.policy:
         params["policy"] = args.policy
@@ -610,8 +620,10 @@ def _run_source(
     except ValueError as e:
         raise UsageError("(migration parameters)", str(e)) from None
     render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
+    before = g.writes()
     with _Interrupt(src.cancel) as intr:
         q = _watch(src, render, console)
+    q = {**q, "guest": guest_writes(g.writes() - before, q)}
     if q.get("postmigrate"):
         print("mig: source guest left paused: the destination may run it", file=sys.stderr)
     elif q.get("status") != "completed":
@@ -723,6 +735,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
         if mem:
             q = {**q, "destination-memory": mem}
+        for key in ("postcopy", "guest"):
+            if dest.get(key):
+                q = {**q, f"destination-{key}": dest[key]}
         return _finish_source(args, q, interrupted, console, problems)
     finally:
         if child is not None:
@@ -758,6 +773,7 @@ def _spawn_destination(
         str(w),
         "--log-level",
         args.log_level,
+        *serve_workload_args(args),
     ]
     for key, value in _tls(args).items():
         cmd += ["--" + key.replace("_", "-"), value]
@@ -869,6 +885,7 @@ def _serve_one(
     import mig
     from mig.destination import MigrationDestination
     from mig.devices import create_all
+    from mig.resumed_workload import ResumedWorkload
 
     try:
         memory = mig.GuestMemory(args.size, args.backing)
@@ -877,6 +894,7 @@ def _serve_one(
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
+    there = ResumedWorkload(memory, args.workload, args.vcpus) if args.workload else None
     try:
         try:
             dest = MigrationDestination(
@@ -886,10 +904,13 @@ def _serve_one(
                 accept_timeout=args.timeout or 365 * 86400.0,
                 verify=args.verify_mode,
                 go_timeout=args.go_timeout,
+                vcpus=there.vcpus if there else 0,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
             raise UsageError("--listen", str(e)) from None
+        if there is not None:
+            dest.on_resume, dest.on_status = there.resume, there.status
         bound = str(dest.uri)  # keeps a picked port for the next migration
         if ready_fd is not None:
             os.write(ready_fd, (bound + "\n").encode())
@@ -899,8 +920,12 @@ def _serve_one(
         render = (lambda q: _dest_line(q, bound)) if _show_progress(args, console) else None
         with _Interrupt(dest.cancel) as intr:
             q = _watch(dest, render, console)
+        if there is not None:
+            q = {**q, "guest": there.stats()}
         return seen.result(q), intr.hit, bound
     finally:
+        if there is not None:
+            there.close()
         for d in devices:
             d.close()
 

@@ -81,6 +81,9 @@ struct Shared {
     /// The urgent channel's sending half (requests, `PLACED`, `MISSING`).
     writer: Mutex<Option<Conn>>,
     stop: AtomicBool,
+    /// Every owed chunk is in: what fails from now on (the region closing
+    /// under the request thread, the source closing the channels) is the end.
+    finishing: AtomicBool,
     state: PhaseState<IncomingState>,
     duplicates: AtomicU64,
     holes: AtomicU64,
@@ -101,7 +104,7 @@ impl Shared {
     }
 
     fn broken(&self, e: CoreError) {
-        if !self.stop.swap(true, Ordering::SeqCst) {
+        if !self.stop.swap(true, Ordering::SeqCst) && !self.finishing.load(Ordering::SeqCst) {
             self.set_state(IncomingState::Paused(e.to_string()));
         }
     }
@@ -170,14 +173,19 @@ impl Shared {
     }
 
     fn finish(&self, sum: u128) -> CoreResult<()> {
+        self.finishing.store(true, Ordering::SeqCst);
         let root = root_of_sum(sum, self.mem_len, self.chunk_pages * self.page_size);
-        // Told before the state changes: whoever waits for it closes the
-        // channels, which must not overtake this frame.
-        let sent = self.send(Tag::Placed, self.placed.count() as u64, &[]);
         // Every page is here: nothing faults any more.
         let _ = self.region.close();
+        // Complete before the source can hear of it (it then closes the
+        // channels, which must not read as a break here), and told under
+        // the writer's lock, so a `close` right after cannot cut the frame.
+        let mut w = lock(&self.writer);
         self.set_state(IncomingState::Complete(root));
-        sent
+        let conn = w
+            .as_mut()
+            .ok_or_else(|| CoreError::invalid("post-copy: no channel to the source"))?;
+        frames::write_frame(conn, Tag::Placed, self.placed.count() as u64, &[])
     }
 
     fn read_chunks(&self, mut conn: Conn) -> CoreResult<()> {
@@ -219,7 +227,7 @@ impl Shared {
         while !self.stop.load(Ordering::SeqCst) && !self.complete() {
             let reqs = match self.region.next_requests(POLL) {
                 Ok(r) => r,
-                Err(_) if self.complete() => return Ok(()),
+                Err(_) if self.finishing.load(Ordering::SeqCst) => return Ok(()),
                 Err(e) => return Err(e),
             };
             for r in reqs {
@@ -334,6 +342,7 @@ impl PostcopyIncoming {
             sum: Mutex::new((held_sum, 0)),
             writer: Mutex::new(None),
             stop: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
             state: PhaseState::new(IncomingState::Active, |s| {
                 matches!(s, IncomingState::Complete(_))
             }),
