@@ -31,10 +31,10 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--postcopy-after",
         type=int,
-        default=1,
+        default=0,
         metavar="PASSES",
-        help="with --postcopy: switch after this many whole passes, or on non-convergence "
-        "(default 1)",
+        help="with --postcopy: switch after this many whole passes of pre-copy, or on "
+        "non-convergence (default 0: at once, every page crosses once)",
     )
 
 

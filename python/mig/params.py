@@ -48,9 +48,13 @@ class MigrationParams:
     # Post-copy (QEMU's postcopy-ram capability): the switchover may resume
     # the guest on the destination with pages still owed, fetched on demand.
     # Started by ``start_postcopy()`` or by the policy (``mig.postcopy_policy``):
-    # after ``postcopy_after_passes`` whole passes, or once not converging.
+    # after ``postcopy_after_passes`` whole passes (0: at once, every page
+    # crosses the link once), or once not converging.
     postcopy: bool = False
-    postcopy_after_passes: int = 1
+    postcopy_after_passes: int = 0
+    # bytes/s of the background push during post-copy (QEMU's
+    # max-postcopy-bandwidth); 0 = max_bandwidth. Requested pages are not paced.
+    max_postcopy_bandwidth: int = 0
     # s a recovery waits for the destination's list of missing pages.
     postcopy_recover_timeout: float = 30.0
 
@@ -69,7 +73,13 @@ class MigrationParams:
             raise ValueError(f"downtime_limit must be in (0, 2e9] ms, not {self.downtime_limit}")
         if not self.io_timeout > 0:
             raise ValueError(f"io_timeout must be > 0, not {self.io_timeout}")
-        for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
+        for key in (
+            "max_bandwidth",
+            "avail_switchover_bandwidth",
+            "dirty_limit",
+            "timeout",
+            "max_postcopy_bandwidth",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if int(self.multifd_channels) < 1:

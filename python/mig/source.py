@@ -388,9 +388,9 @@ class MigrationSource:
     def _switch_over(self, budget: int | None, forced: bool, postcopy: bool = False) -> None:
         assert self.switchover is not None and self.precopy is not None
         if postcopy:
-            self.switchover.postcopy = PostcopyOutgoing(
-                self.uri, self.settings.max_bandwidth, self.settings.postcopy_recover_timeout
-            )
+            s = self.settings
+            push = s.max_postcopy_bandwidth or s.max_bandwidth
+            self.switchover.postcopy = PostcopyOutgoing(self.uri, push, s.postcopy_recover_timeout)
         self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):
             self._set_status("active")

@@ -120,28 +120,36 @@ impl Shared {
         if zero {
             self.zero.fetch_add(1, Ordering::Relaxed);
         }
-        self.bytes.fetch_add(
-            (payload.len() + frames::HEADER_LEN) as u64,
-            Ordering::Relaxed,
-        );
+        let wire = payload.len() + frames::HEADER_LEN;
+        self.bytes.fetch_add(wire as u64, Ordering::Relaxed);
+        self.charge(wire);
         Ok(())
     }
 
-    /// Charges `bytes` to the pacer; with `wait`, sleeps until they fit.
-    fn pace(&self, bytes: usize, wait: bool) {
-        let until = {
-            let mut p = lock(&self.pacer);
-            if p.rate == 0 {
-                return;
-            }
-            let now = Instant::now();
-            p.next = p.next.max(now) + Duration::from_secs_f64(bytes as f64 / p.rate as f64);
-            p.next
-        };
-        while wait && !self.stop.load(Ordering::Relaxed) {
+    /// Charges `bytes` sent to the pacer.
+    fn charge(&self, bytes: usize) {
+        let mut p = lock(&self.pacer);
+        if p.rate == 0 {
+            return;
+        }
+        let d = Duration::from_secs_f64(bytes as f64 / p.rate as f64);
+        // A tiny rate (a push held back on purpose) must not overflow.
+        p.next = p.next.max(Instant::now()).checked_add(d).unwrap_or(p.next);
+    }
+
+    /// Sleeps until the bytes charged so far have had their time.
+    fn wait_turn(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let until = {
+                let p = lock(&self.pacer);
+                if p.rate == 0 {
+                    return;
+                }
+                p.next
+            };
             let now = Instant::now();
             if now >= until {
-                break;
+                return;
             }
             std::thread::sleep((until - now).min(POLL));
         }
@@ -175,7 +183,6 @@ impl Shared {
                     if self.remaining.remove(c) {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
-                        self.pace(buf.len(), false);
                     }
                     self.cursor.store(c + 1, Ordering::Relaxed);
                 }
@@ -197,6 +204,9 @@ impl Shared {
     fn push(&self, mut conn: Conn) -> CoreResult<()> {
         let mut buf = Vec::new();
         while !self.stop.load(Ordering::SeqCst) {
+            // Paced before a chunk is claimed: a chunk waiting here for its
+            // turn is still free for a request to take at once.
+            self.wait_turn();
             let from = self.cursor.load(Ordering::Relaxed);
             let Some(c) = self.remaining.first_from(from) else {
                 let sent =
@@ -210,7 +220,6 @@ impl Shared {
             let _ = self
                 .cursor
                 .compare_exchange(from, c + 1, Ordering::Relaxed, Ordering::Relaxed);
-            self.pace(self.chunk_pages * self.mem.page_size(), true);
             self.send_chunk(&mut conn, c, &mut buf)?;
             self.pushed.fetch_add(1, Ordering::Relaxed);
         }
