@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from faultkit import FaultProxy
+from faultkit import DestProcess, FaultProxy, RunLog
 
 import mig
 from mig.destination import MigrationDestination
@@ -151,3 +151,69 @@ def test_recovery_after_the_page_channels_reset_mid_postcopy() -> None:
     assert q["verified"] and d["verified"]
     assert q["postcopy"]["recoveries"] == 1 and d["postcopy"]["recoveries"] == 1
     assert src.digest() == dst.digest()
+
+
+def _slow_postcopy_source(guest: Any, uri: str) -> tuple[MigrationSource, dict]:
+    """A post-copy source whose push lasts seconds (8 MiB owed at 2 MiB/s),
+    with an event per status it reaches."""
+    seen: dict[str, threading.Event] = {}
+    source = MigrationSource(guest, uri=uri, postcopy=True, timeout=60, max_bandwidth=2 << 20)
+    source.on_status = lambda s: seen.setdefault(s, threading.Event()).set()
+    return source, seen
+
+
+def _reached(seen: dict[str, threading.Event], status: str, timeout: float) -> bool:
+    return seen.setdefault(status, threading.Event()).wait(timeout)
+
+
+@needs_postcopy
+def test_a_destination_killed_during_postcopy_loses_the_guest() -> None:
+    src = mig.GuestMemory(SIZE)
+    guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
+    dest = DestProcess(SIZE, "none", RunLog())
+    source, seen = _slow_postcopy_source(guest, dest.uri)
+    source.start()
+    try:
+        assert _reached(seen, "postcopy-active", 60), source.query().get("error-desc")
+        sent = src.digest()  # the guest is paused: the memory the destination took
+        dest.kill()
+        assert _reached(seen, "postcopy-paused", 10)
+        assert source.cancel("the destination is gone")
+        q = source.wait(30)
+    finally:
+        guest.close()
+    assert q["status"] == "failed"
+    assert "the guest is lost" in q["error-desc"]
+    # The source never ran the guest again: its memory is as it was sent.
+    assert q["postmigrate"] and src.digest() == sent
+
+
+@needs_postcopy
+def test_a_source_lost_during_postcopy_leaves_the_missing_pages_named() -> None:
+    src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
+    guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
+    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
+    dest_seen: dict[str, threading.Event] = {}
+    dest.on_status = lambda s: dest_seen.setdefault(s, threading.Event()).set()
+    proxy = FaultProxy(dest.uri)
+    source, seen = _slow_postcopy_source(guest, proxy.uri)
+    dest.start()
+    source.start()
+    try:
+        assert _reached(seen, "postcopy-active", 60), source.query().get("error-desc")
+        # Cut the page channels and never recover: to the destination the
+        # source is gone.
+        proxy.reset(KIND_POSTCOPY, 0)
+        proxy.reset(KIND_POSTCOPY, 1)
+        assert _reached(dest_seen, "postcopy-paused", 10)
+        dest.cancel("the source is gone")
+        d = dest.wait(30)
+        source.cancel("the destination gave up")
+        q = source.wait(30)
+    finally:
+        guest.close()
+        proxy.close()
+    assert d["status"] == "failed" and "never arrived" in d["error-desc"]
+    missing = d["postcopy"]["missing-pages"]
+    assert missing and all(n > 0 for _, n in missing)
+    assert q["status"] == "failed" and "the guest is lost" in q["error-desc"]
