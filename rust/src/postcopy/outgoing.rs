@@ -8,9 +8,10 @@
 //!
 //! Two threads, one per channel. The request thread reads `REQUEST` frames
 //! on the urgent channel and answers each with its chunk on the same channel
-//! at once, unless the chunk already went out; it then moves the push cursor
-//! to the chunk after it, so the push follows the locality of the faults
-//! (QEMU moves its scan position the same way). The push thread walks the
+//! at once, unless the chunk already went out, followed by up to
+//! `READ_AHEAD` owed chunks after it; it then moves the push cursor past
+//! them, so the push follows the locality of the faults (QEMU moves its
+//! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
 //! Request traffic is not paced (its latency is the guest's stall), but its
@@ -34,6 +35,9 @@ use crate::transport::Conn;
 
 /// How often a waiting thread checks whether it should stop.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Owed chunks sent after a requested one on the urgent channel.
+const READ_AHEAD: usize = 3;
 
 /// Where the phase stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,7 +188,19 @@ impl Shared {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.cursor.store(c + 1, Ordering::Relaxed);
+                    // The chunks right after it follow on the same channel:
+                    // a guest walking memory would fault on them next, and
+                    // one round trip per chunk would bound it by latency.
+                    let mut next = c + 1;
+                    while next < self.chunks && next <= c + READ_AHEAD {
+                        if !self.remaining.remove(next) {
+                            break;
+                        }
+                        self.send_chunk(&mut conn, next, &mut buf)?;
+                        self.pushed.fetch_add(1, Ordering::Relaxed);
+                        next += 1;
+                    }
+                    self.cursor.store(next, Ordering::Relaxed);
                 }
                 Tag::Placed => {
                     self.set_state(OutgoingState::Placed);
