@@ -14,8 +14,9 @@
 //! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
-//! Request traffic is not paced (its latency is the guest's stall), but its
-//! bytes are charged to the same pacer, so the total stays at the cap.
+//! Requests wait for the pacer too (the cap models the link), ahead of the
+//! push: at most one chunk's time. Read-ahead goes only while the link has
+//! room.
 //!
 //! The guest is stopped for the whole phase: its memory is frozen, and
 //! reading it races with nothing.
@@ -113,8 +114,12 @@ impl Shared {
         let first = c * self.chunk_pages;
         let pages = self.chunk_pages.min(self.mem.num_pages() - first);
         buf.resize(pages * ps, 0);
-        self.mem.read_bytes(first * ps, buf)?;
-        let zero = is_zero(buf);
+        // A hole reads as zeros; reading it through a memfd mapping would
+        // allocate it page by page.
+        let zero = self.mem.is_hole(first * ps, (first + pages) * ps) || {
+            self.mem.read_bytes(first * ps, buf)?;
+            is_zero(buf)
+        };
         let payload: &[u8] = if zero { &[] } else { buf };
         if let Err(e) = frames::write_frame(conn, Tag::Chunk, c as u64, payload) {
             // Not delivered as far as we know: owed again.
@@ -139,6 +144,12 @@ impl Shared {
         let d = Duration::from_secs_f64(bytes as f64 / p.rate as f64);
         // A tiny rate (a push held back on purpose) must not overflow.
         p.next = p.next.max(Instant::now()).checked_add(d).unwrap_or(p.next);
+    }
+
+    /// Whether the bytes charged so far have had their time.
+    fn has_turn(&self) -> bool {
+        let p = lock(&self.pacer);
+        p.rate == 0 || Instant::now() >= p.next
     }
 
     /// Sleeps until the bytes charged so far have had their time.
@@ -184,16 +195,20 @@ impl Shared {
                             f.arg
                         )));
                     }
+                    // Paced like everything on the link (max_bandwidth models
+                    // its capacity), but ahead of the push: at most one
+                    // chunk's time of waiting.
+                    self.wait_turn();
                     if self.remaining.remove(c) {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The chunks right after it follow on the same channel:
-                    // a guest walking memory would fault on them next, and
-                    // one round trip per chunk would bound it by latency.
+                    // The chunks right after it follow on the same channel
+                    // while the link has room: a guest walking memory would
+                    // fault on them next, one round trip per chunk.
                     let mut next = c + 1;
                     while next < self.chunks && next <= c + READ_AHEAD {
-                        if !self.remaining.remove(next) {
+                        if !self.has_turn() || !self.remaining.remove(next) {
                             break;
                         }
                         self.send_chunk(&mut conn, next, &mut buf)?;
