@@ -226,7 +226,13 @@ class PostcopyOutgoing:
     paced to ``max_bandwidth``."""
 
     def __init__(
-        self, sender: Sender, memory: GuestMemory, owed: DirtyBitmap, *, max_bandwidth: int = 0
+        self,
+        sender: Sender,
+        memory: GuestMemory,
+        owed: DirtyBitmap,
+        *,
+        max_bandwidth: int = 0,
+        max_push_bandwidth: int = 0,
     ) -> None: ...
     def connect(self, uri: str) -> None:
         """Opens the two page channels to ``uri``."""

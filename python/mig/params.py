@@ -53,7 +53,8 @@ class MigrationParams:
     postcopy: bool = False
     postcopy_after_passes: int = 0
     # bytes/s of the background push during post-copy (QEMU's
-    # max-postcopy-bandwidth); 0 = max_bandwidth. Requested pages are not paced.
+    # max-postcopy-bandwidth), within max_bandwidth; 0 = no further limit.
+    # Requested pages are paced by max_bandwidth alone.
     max_postcopy_bandwidth: int = 0
     # s a recovery waits for the destination's list of missing pages.
     postcopy_recover_timeout: float = 30.0

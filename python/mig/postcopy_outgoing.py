@@ -33,9 +33,12 @@ _POLL = 0.1
 class PostcopyOutgoing:
     """The source's post-copy phase around a native ``PostcopyOutgoing``."""
 
-    def __init__(self, uri: str | None, max_bandwidth: int, recover_timeout: float) -> None:
+    def __init__(
+        self, uri: str | None, max_bandwidth: int, max_push_bandwidth: int, recover_timeout: float
+    ) -> None:
         self.uri = uri
         self.max_bandwidth = int(max_bandwidth)
+        self.max_push_bandwidth = int(max_push_bandwidth)
         self.recover_timeout = recover_timeout
         self.native: Any = None
         self.owed_pages = 0
@@ -51,7 +54,11 @@ class PostcopyOutgoing:
         owed = ram.take_known()
         self.owed_pages = int(owed.count())
         self.native = _mig.PostcopyOutgoing(
-            sender, ram.memory, owed, max_bandwidth=self.max_bandwidth
+            sender,
+            ram.memory,
+            owed,
+            max_bandwidth=self.max_bandwidth,
+            max_push_bandwidth=self.max_push_bandwidth,
         )
         self.native.connect(self.uri)
 

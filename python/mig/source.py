@@ -389,8 +389,9 @@ class MigrationSource:
         assert self.switchover is not None and self.precopy is not None
         if postcopy:
             s = self.settings
-            push = s.max_postcopy_bandwidth or s.max_bandwidth
-            self.switchover.postcopy = PostcopyOutgoing(self.uri, push, s.postcopy_recover_timeout)
+            self.switchover.postcopy = PostcopyOutgoing(
+                self.uri, s.max_bandwidth, s.max_postcopy_bandwidth, s.postcopy_recover_timeout
+            )
         self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):
             self._set_status("active")

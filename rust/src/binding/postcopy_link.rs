@@ -42,12 +42,15 @@ pub struct PyPostcopyOutgoing {
 #[pymethods]
 impl PyPostcopyOutgoing {
     #[new]
-    #[pyo3(signature = (sender, memory, owed, *, max_bandwidth = 0))]
+    /// `max_bandwidth`: the link, for every chunk; `max_push_bandwidth`:
+    /// the background push alone (0 = no further limit).
+    #[pyo3(signature = (sender, memory, owed, *, max_bandwidth = 0, max_push_bandwidth = 0))]
     fn new(
         sender: Py<PySender>,
         memory: &Bound<'_, PyGuestMemory>,
         owed: &Bound<'_, PyDirtyBitmap>,
         max_bandwidth: u64,
+        max_push_bandwidth: u64,
     ) -> PyResult<Self> {
         let mem = memory.get().inner.clone();
         let chunk = CHUNK_BYTES.max(mem.page_size());
@@ -57,7 +60,7 @@ impl PyPostcopyOutgoing {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let inner = PostcopyOutgoing::new(mem, &bits, chunk, max_bandwidth)?;
+        let inner = PostcopyOutgoing::new(mem, &bits, chunk, max_bandwidth, max_push_bandwidth)?;
         Ok(PyPostcopyOutgoing {
             inner: Arc::new(inner),
             sender,

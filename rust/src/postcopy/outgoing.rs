@@ -69,9 +69,19 @@ pub struct OutgoingStats {
     pub recoveries: u64,
 }
 
+/// Bytes per second, and when the bytes charged so far have had their time.
 struct Pacer {
     rate: u64,
     next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Mutex<Pacer> {
+        Mutex::new(Pacer {
+            rate,
+            next: Instant::now(),
+        })
+    }
 }
 
 struct Shared {
@@ -82,7 +92,10 @@ struct Shared {
     remaining: PageSet,
     /// Where the push goes on (a chunk index).
     cursor: AtomicUsize,
+    /// The link (`max_bandwidth`): every chunk.
     pacer: Mutex<Pacer>,
+    /// The push alone (`max_postcopy_bandwidth`, 0 = no further limit).
+    push_pacer: Mutex<Pacer>,
     stop: AtomicBool,
     state: PhaseState<OutgoingState>,
     requests: AtomicU64,
@@ -109,7 +122,8 @@ impl Shared {
     }
 
     /// Sends chunk `c` on `conn`: its bytes, or an empty frame for zeros.
-    fn send_chunk(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<()> {
+    /// Returns the bytes it put on the wire.
+    fn send_chunk(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<usize> {
         let ps = self.mem.page_size();
         let first = c * self.chunk_pages;
         let pages = self.chunk_pages.min(self.mem.num_pages() - first);
@@ -131,13 +145,13 @@ impl Shared {
         }
         let wire = payload.len() + frames::HEADER_LEN;
         self.bytes.fetch_add(wire as u64, Ordering::Relaxed);
-        self.charge(wire);
-        Ok(())
+        Self::charge(&self.pacer, wire);
+        Ok(wire)
     }
 
-    /// Charges `bytes` sent to the pacer.
-    fn charge(&self, bytes: usize) {
-        let mut p = lock(&self.pacer);
+    /// Charges `bytes` sent to `pacer`.
+    fn charge(pacer: &Mutex<Pacer>, bytes: usize) {
+        let mut p = lock(pacer);
         if p.rate == 0 {
             return;
         }
@@ -146,17 +160,17 @@ impl Shared {
         p.next = p.next.max(Instant::now()).checked_add(d).unwrap_or(p.next);
     }
 
-    /// Whether the bytes charged so far have had their time.
-    fn has_turn(&self) -> bool {
-        let p = lock(&self.pacer);
+    /// Whether the bytes charged so far to `pacer` have had their time.
+    fn has_turn(pacer: &Mutex<Pacer>) -> bool {
+        let p = lock(pacer);
         p.rate == 0 || Instant::now() >= p.next
     }
 
-    /// Sleeps until the bytes charged so far have had their time.
-    fn wait_turn(&self) {
+    /// Sleeps until the bytes charged so far to `pacer` have had their time.
+    fn wait_turn(&self, pacer: &Mutex<Pacer>) {
         while !self.stop.load(Ordering::Relaxed) {
             let until = {
-                let p = lock(&self.pacer);
+                let p = lock(pacer);
                 if p.rate == 0 {
                     return;
                 }
@@ -198,7 +212,7 @@ impl Shared {
                     // Paced like everything on the link (max_bandwidth models
                     // its capacity), but ahead of the push: at most one
                     // chunk's time of waiting.
-                    self.wait_turn();
+                    self.wait_turn(&self.pacer);
                     if self.remaining.remove(c) {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
@@ -208,10 +222,12 @@ impl Shared {
                     // fault on them next, one round trip per chunk.
                     let mut next = c + 1;
                     while next < self.chunks && next <= c + READ_AHEAD {
-                        if !self.has_turn() || !self.remaining.remove(next) {
+                        let room = Self::has_turn(&self.pacer) && Self::has_turn(&self.push_pacer);
+                        if !room || !self.remaining.remove(next) {
                             break;
                         }
-                        self.send_chunk(&mut conn, next, &mut buf)?;
+                        let wire = self.send_chunk(&mut conn, next, &mut buf)?;
+                        Self::charge(&self.push_pacer, wire);
                         self.pushed.fetch_add(1, Ordering::Relaxed);
                         next += 1;
                     }
@@ -237,7 +253,8 @@ impl Shared {
         while !self.stop.load(Ordering::SeqCst) {
             // Paced before a chunk is claimed: a chunk waiting here for its
             // turn is still free for a request to take at once.
-            self.wait_turn();
+            self.wait_turn(&self.pacer);
+            self.wait_turn(&self.push_pacer);
             let from = self.cursor.load(Ordering::Relaxed);
             let Some(c) = self.remaining.first_from(from) else {
                 let sent =
@@ -251,7 +268,8 @@ impl Shared {
             let _ = self
                 .cursor
                 .compare_exchange(from, c + 1, Ordering::Relaxed, Ordering::Relaxed);
-            self.send_chunk(&mut conn, c, &mut buf)?;
+            let wire = self.send_chunk(&mut conn, c, &mut buf)?;
+            Self::charge(&self.push_pacer, wire);
             self.pushed.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -282,6 +300,7 @@ impl PostcopyOutgoing {
         owed: &DirtyBitmap,
         chunk_bytes: usize,
         max_bandwidth: u64,
+        max_push_bandwidth: u64,
     ) -> CoreResult<Self> {
         let ps = mem.page_size();
         if chunk_bytes < ps || !chunk_bytes.is_multiple_of(ps) {
@@ -310,10 +329,8 @@ impl PostcopyOutgoing {
                 chunks,
                 remaining,
                 cursor: AtomicUsize::new(0),
-                pacer: Mutex::new(Pacer {
-                    rate: max_bandwidth,
-                    next: Instant::now(),
-                }),
+                pacer: Pacer::new(max_bandwidth),
+                push_pacer: Pacer::new(max_push_bandwidth),
                 stop: AtomicBool::new(false),
                 state: PhaseState::new(OutgoingState::Active, |s| *s == OutgoingState::Placed),
                 requests: AtomicU64::new(0),
