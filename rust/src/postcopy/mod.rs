@@ -15,7 +15,6 @@
 //! * [`incoming`]: the destination forwarding requests, placing chunks and
 //!   keeping the digest of what it placed.
 
-pub mod anon_memory;
 pub mod blocktime;
 pub mod capability;
 pub mod fault_region;
