@@ -18,6 +18,8 @@ from mig.protocol import (
     HelloAck,
     Pass,
     PassAck,
+    PostcopyAdvise,
+    PostcopyRun,
     Progress,
     Ready,
     Resumed,
@@ -65,6 +67,8 @@ EVERY_MESSAGE = [
     Failed("digest mismatch"),
     Progress(123 << 20),
     Hello(7, 4096, 1 << 20, (), SessionParams(300, 0, 2, "none", stall_timeout=2.5)),
+    PostcopyAdvise(),
+    PostcopyRun(),
 ]
 
 

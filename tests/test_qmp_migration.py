@@ -172,7 +172,7 @@ def test_errors_carry_qemus_classes(tmp_path: Path) -> None:
         with pytest.raises(ExecuteError) as e:
             await src.execute(
                 "migrate-set-capabilities",
-                {"capabilities": [{"capability": "postcopy-ram", "state": True}]},
+                {"capabilities": [{"capability": "x-colo", "state": True}]},
             )
         assert e.value.error_class == "GenericError"
         # Nothing changed, and a migrate to nowhere fails without harm.

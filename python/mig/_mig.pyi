@@ -220,6 +220,53 @@ class PostcopyRegion:
         tb: TracebackType | None,
     ) -> None: ...
 
+class PostcopyOutgoing:
+    """The source's post-copy page channels: owes the destination the chunks
+    holding a page of ``owed``, answers requests first, pushes the rest
+    paced to ``max_bandwidth``."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        memory: GuestMemory,
+        owed: DirtyBitmap,
+        *,
+        max_bandwidth: int = 0,
+        max_push_bandwidth: int = 0,
+    ) -> None: ...
+    def connect(self, uri: str) -> None:
+        """Opens the two page channels to ``uri``."""
+    def start(self) -> None:
+        """Names the owed chunks (``DISCARD``), then serves and pushes."""
+    def reconnect(self, uri: str, timeout: float) -> None:
+        """After a broken channel: new channels, what the destination misses is owed again."""
+    def wait(self, timeout: float) -> tuple[str, str | None]:
+        """("active" | "placed" | "paused", reason) after up to ``timeout`` s."""
+    def set_max_bandwidth(self, bytes_per_s: int) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+class PostcopyIncoming:
+    """The destination's post-copy page channels around a ``PostcopyRegion``."""
+
+    def __init__(self, memory: GuestMemory, *, vcpus: int = 0) -> None: ...
+    def attach(
+        self, listener: Listener, receiver: Receiver, timeout: float, *, io_timeout: float = 60.0
+    ) -> int:
+        """Accepts the page channels, registers memory, discards the owed
+        chunks, starts; returns how many chunks are owed."""
+    def recover(
+        self, listener: Listener, receiver: Receiver, timeout: float, *, io_timeout: float = 60.0
+    ) -> None: ...
+    def wait(self, timeout: float) -> tuple[str, str | None]:
+        """("active" | "complete" | "paused", reason) after up to ``timeout`` s."""
+    @property
+    def root(self) -> int | None:
+        """The digest root of memory as resumed, once every owed chunk is placed."""
+    def missing_pages(self) -> list[tuple[int, int]]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
 def capabilities() -> Capabilities: ...
 def memory_backings() -> list[dict[str, Any]]:
     """What the host offers per backing, fastest to fill first: backing,
@@ -277,6 +324,8 @@ class RamStream:
     def complete(self, budget: int | None = None) -> tuple[int | None, int, tuple[int, float]]:
         """(wire bytes, or None over budget with nothing sent; bytes known;
         (new pages, harvest seconds) of the final sync)."""
+    def take_known(self) -> tuple[DirtyBitmap, int, float]:
+        """Post-copy's hand-over: a final harvest, the known set out unsent."""
     def pending(self) -> int: ...
     @property
     def generation(self) -> int: ...

@@ -37,6 +37,7 @@ from mig.cli_options import (
     add_snapshot,
     new_parser,
 )
+from mig.cli_postcopy import guest_writes, postcopy_params, serve_workload_args
 from mig.cli_values import page_size
 from mig.prealloc import start_prealloc
 from mig.units import format_size, parse_size
@@ -102,6 +103,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "dirty_limit": float(args.dirty_limit),
         "timeout": float(args.timeout or 0.0),
         "timeout_action": args.timeout_action or "cancel",
+        **postcopy_params(args),
     }
     if args.policy:
         params["policy"] = args.policy
@@ -262,8 +264,10 @@ def _run_source(
     except ValueError as e:
         raise UsageError("(migration parameters)", str(e)) from None
     render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
+    before = g.writes()
     with _Interrupt(src.cancel) as intr:
         q = _watch(src, render, console)
+    q = {**q, "guest": guest_writes(g.writes() - before, q)}
     if q.get("postmigrate"):
         print("mig: source guest left paused: the destination may run it", file=sys.stderr)
     elif q.get("status") != "completed":
@@ -358,14 +362,15 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return cmd_simulate(args, console)
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
-    dest = DemoDestination(size, args.devices, args.log_level, _tls(args)) if size else None
+    extra = serve_workload_args(args)  # the destination runs the demo's workload after resume
+    dest = DemoDestination(size, args.devices, args.log_level, _tls(args), extra) if size else None
     g: _Guest | None = None
     try:
         g = _Guest(args)
         if dest is None or dest.size != g.memory.size:  # the image changed meanwhile
             if dest is not None:
                 dest.kill()
-            dest = DemoDestination(g.memory.size, args.devices, args.log_level, _tls(args))
+            dest = DemoDestination(g.memory.size, args.devices, args.log_level, _tls(args), extra)
         uri = dest.uri()
         if uri is None:
             out, err = dest.reap(5.0)
@@ -411,6 +416,9 @@ def _finish_demo(
     mem = {k: dest[k] for k in _DEST_MEMORY if k in dest}
     if mem:
         q = {**q, "destination-memory": mem}
+    for key in ("postcopy", "guest"):
+        if dest.get(key):
+            q = {**q, f"destination-{key}": dest[key]}
     return _finish_source(args, q, interrupted, console, problems)
 
 
@@ -498,6 +506,7 @@ def _serve_one(
     import mig
     from mig.destination import MigrationDestination
     from mig.devices import create_all
+    from mig.resumed_workload import ResumedWorkload
 
     try:
         memory = mig.GuestMemory(args.size, args.backing)
@@ -508,6 +517,7 @@ def _serve_one(
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
+    there = ResumedWorkload(memory, args.workload, args.vcpus) if args.workload else None
     try:
         try:
             dest = MigrationDestination(
@@ -517,10 +527,13 @@ def _serve_one(
                 accept_timeout=args.timeout or 365 * 86400.0,
                 verify=args.verify_mode,
                 go_timeout=args.go_timeout,
+                vcpus=there.vcpus if there else 0,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
             raise UsageError("--listen", str(e)) from None
+        if there is not None:
+            dest.on_resume, dest.on_status = there.resume, there.status
         bound = str(dest.uri)  # keeps a picked port for the next migration
         if ready_fd is not None:
             os.write(ready_fd, (bound + "\n").encode())
@@ -530,8 +543,12 @@ def _serve_one(
         render = (lambda q: _dest_line(q, bound)) if _show_progress(args, console) else None
         with _Interrupt(dest.cancel) as intr:
             q = _watch(dest, render, console)
+        if there is not None:
+            q = {**q, "guest": there.stats()}
         return seen.result(q), intr.hit, bound
     finally:
+        if there is not None:
+            there.close()
         for d in devices:
             d.close()
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from mig.cli_postcopy import add_postcopy_options, add_serve_workload
 from mig.cli_values import device_specs, dirty_limit, int_range, policy_names, positive, typed
 from mig.prealloc import add_prealloc_option
 from mig.protocol import VERIFY_MODES
@@ -96,6 +97,7 @@ def add_serve(commands: Commands) -> argparse.ArgumentParser:
     # The file descriptor `mig demo` gives its destination to learn the bound port.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_prealloc_option(serve)
+    add_serve_workload(serve)
     add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
     add_qmp_options(serve, incoming=True)
     return serve
@@ -237,6 +239,7 @@ def add_tls_options(parser: argparse.ArgumentParser) -> None:
 
 def add_migration_options(parser: argparse.ArgumentParser) -> None:
     """The ``migration`` group: the parameters, then how the run is bounded and checked."""
+    add_postcopy_options(parser)
     m = parser.add_argument_group("migration")
     add_migration_parameters(m)
     add_run_control(m)

@@ -13,6 +13,7 @@ import os
 import select
 import subprocess
 import sys
+from collections.abc import Sequence
 
 __all__ = ["DemoDestination"]
 
@@ -22,13 +23,20 @@ READY_TIMEOUT = 60.0
 class DemoDestination:
     """A ``mig serve --once`` child listening on a free loopback port."""
 
-    def __init__(self, size: int, devices: str, log_level: str, tls: dict[str, str]) -> None:
+    def __init__(
+        self,
+        size: int,
+        devices: str,
+        log_level: str,
+        tls: dict[str, str],
+        extra: Sequence[str] = (),
+    ) -> None:
         self.size = size
         r, w = os.pipe()
         cmd = [
             sys.executable, "-m", "mig.cli", "serve", "--listen", "tcp:127.0.0.1:0", "--once",
             "--json", "--size", str(size), "--devices", devices, "--timeout", "60s",
-            "--ready-fd", str(w), "--log-level", log_level, "--prealloc",
+            "--ready-fd", str(w), "--log-level", log_level, "--prealloc", *extra,
         ]  # fmt: skip
         for key, value in tls.items():
             cmd += ["--" + key.replace("_", "-"), value]

@@ -20,6 +20,7 @@ naming it and the phase (``mig.failure_reason``).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
 from mig.destination_core import (
+    AdvisePostcopy,
     AnswerPass,
     DestinationCore,
     DestinationPhase,
@@ -46,12 +48,28 @@ from mig.failure_reason import describe, destination_phase
 from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
+from mig.postcopy_incoming import PostcopyIncoming, require_postcopy
 from mig.protocol import VERIFY_MODES, Failed, Progress, SwitchoverAck
 from mig.reorder import DRAIN_BYTES
 from mig.settling import SETTLE_POLL, ChannelSettling
 from mig.stall_watch import heartbeat
 
 __all__ = ["MigrationDestination"]
+
+_ENDED = ("completed", "failed", "cancelled")
+
+
+def memory_backing(memory: Any, huge_bytes: Callable[[], int] | None) -> dict[str, Any]:
+    """Which backing the memory got; with ``huge_bytes`` (once the migration is
+    over), also how many bytes the kernel actually backs with huge pages."""
+    backing = getattr(memory, "backing", None)
+    if backing is None:
+        return {}
+    out: dict[str, Any] = {"memory-backing": backing, "memory-page-size": memory.backing_page_size}
+    if huge_bytes is not None:
+        out["memory-huge-bytes"] = huge_bytes()
+    return out
+
 
 _POLL = 0.05
 
@@ -72,6 +90,7 @@ class MigrationDestination:
     its vCPUs there. ``endpoint`` replaces the
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
+    ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
     """
 
     def __init__(
@@ -93,6 +112,7 @@ class MigrationDestination:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        vcpus: int = 0,
     ) -> None:
         if uri is None and endpoint is None:
             raise ValueError("give a uri to listen on (or an endpoint)")
@@ -137,7 +157,8 @@ class MigrationDestination:
         )
         self.status = "none"
         self.error: str | None = None
-        self._huge_bytes: int | None = None
+        # Read from /proc/self/smaps: too costly to poll while pages arrive, read once at the end.
+        self._huge_bytes = functools.cache(getattr(memory, "huge_bytes", lambda: 0))
         self._cancel: str | None = None
         self.timings = PassAckTimings(memory, self.clock)
         self.settling = ChannelSettling(self.clock, idle_timeout)
@@ -145,6 +166,7 @@ class MigrationDestination:
         self._beat_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
 
     # The protocol's figures live in the core; these names are the API.
     @property
@@ -205,6 +227,11 @@ class MigrationDestination:
     def cancel(self, reason: str = "cancelled on the destination") -> None:
         self._cancel = reason
 
+    def recover(self) -> None:
+        """``postcopy-paused``: accept the source's new page channels on this
+        listener (QEMU's migrate-recover); the source calls ``recover`` too."""
+        self.postcopy.recover()
+
     def query(self) -> dict[str, Any]:
         core = self.core
         out: dict[str, Any] = {
@@ -222,26 +249,12 @@ class MigrationDestination:
             out["rehashed-chunks"] = self._rehashed
         if core.verify_error is not None:
             out["verify-error"] = core.verify_error
-        out.update(self._memory_backing())
+        out.update(memory_backing(self.memory, self._huge_bytes if self.status in _ENDED else None))
+        postcopy = self.postcopy.stats()
+        if postcopy:
+            out["postcopy"] = postcopy
         if self.error:
             out["error-desc"] = self.error
-        return out
-
-    def _memory_backing(self) -> dict[str, Any]:
-        """Which backing the memory got; once the migration is over, also how
-        many bytes the kernel actually backs with huge pages (read from
-        /proc/self/smaps, too costly to poll while pages arrive)."""
-        backing = getattr(self.memory, "backing", None)
-        if backing is None:
-            return {}
-        out: dict[str, Any] = {
-            "memory-backing": backing,
-            "memory-page-size": self.memory.backing_page_size,
-        }
-        if self.status in ("completed", "failed", "cancelled"):
-            if self._huge_bytes is None:
-                self._huge_bytes = self.memory.huge_bytes()
-            out["memory-huge-bytes"] = self._huge_bytes
         return out
 
     # ------------------------------------------------------------ serving
@@ -294,6 +307,8 @@ class MigrationDestination:
             for effect in core.on_message(message, now):
                 self._apply(ep, effect)
             core.activity(self.clock.now())
+        if core.postcopy:
+            self._finish_postcopy()
         if core.phase is DestinationPhase.AWAIT_VERIFY:
             self._await_verify(ep)
 
@@ -305,6 +320,18 @@ class MigrationDestination:
         if now - self._beat_at >= heartbeat(stall):
             self._beat_at = now
             ep.send(Progress(_received(ep)))
+
+    def _finish_postcopy(self) -> None:
+        """The guest runs here; wait until every owed page is placed."""
+        try:
+            root = self.postcopy.run(self._set_status, lambda: self._cancel)
+        except MigrationEnded as e:
+            self.error = e.reason
+            self._set_status("failed")
+            raise
+        self.postcopy.close()
+        for effect in self.core.postcopy_complete(format(root, "032x"), self.clock.now()):
+            self._apply(None, effect)  # type: ignore[arg-type]
 
     def _await_verify(self, ep: Endpoint) -> None:
         """The guest runs here: wait for the source's digest and answer it.
@@ -364,6 +391,8 @@ class MigrationDestination:
                 self._finish_stop_copy(ep)
             case Resume():
                 self._resume(ep)
+            case AdvisePostcopy():
+                require_postcopy()
 
     # ---------------------------------------------------------- switchover
     def _finish_stop_copy(self, ep: Endpoint) -> None:
@@ -405,6 +434,9 @@ class MigrationDestination:
     def _resume(self, ep: Endpoint) -> None:
         """``go``: the guest runs here from now on, whatever the report meets."""
         faults.point("dest.resume")
+        if self.core.postcopy:
+            receiver = getattr(ep, "native", None)
+            self.postcopy.attach(self.listener, receiver, self.idle_timeout)
         for h in self.handlers.values():
             h.load_resume()
         if self.on_resume:

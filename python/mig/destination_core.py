@@ -46,6 +46,8 @@ from mig.protocol import (
     HelloAck,
     Message,
     Pass,
+    PostcopyAdvise,
+    PostcopyRun,
     Progress,
     Ready,
     Resumed,
@@ -71,6 +73,7 @@ __all__ = [
     "FinishStopCopy",
     "Resume",
     "SettleChannels",
+    "AdvisePostcopy",
 ]
 
 
@@ -148,6 +151,12 @@ class SettleChannels:
     generation: int
 
 
+@dataclass(frozen=True)
+class AdvisePostcopy:
+    """``postcopy-advise``: check that memory can be registered for
+    missing-page faults here; fail the migration naming what is missing."""
+
+
 Effect = (
     Send
     | SetStatus
@@ -158,6 +167,7 @@ Effect = (
     | FinishStopCopy
     | Resume
     | SettleChannels
+    | AdvisePostcopy
 )
 
 
@@ -212,6 +222,8 @@ class DestinationCore:
         self.verified = False
         self.memory_digest: str | None = None
         self.load_seconds = 0.0
+        # ``postcopy-run`` came: the guest resumes with pages still owed.
+        self.postcopy = False
         self._initial_done: list[int] = [d for d in initially_loaded if d in self.devices]
         self._announced = 0
         self._acked = False
@@ -330,6 +342,11 @@ class DestinationCore:
             case Switchover():
                 self.phase = DestinationPhase.SWITCHOVER
                 return [SetStatus("device"), EnterSwitchover()]
+            case PostcopyAdvise():
+                return [AdvisePostcopy()]
+            case PostcopyRun() if self.phase is DestinationPhase.SWITCHOVER:
+                self.postcopy = True
+                return []
             case SwitchoverAbort():
                 self.records.announce(message.device_seqs)
                 self.phase = DestinationPhase.ACTIVE
@@ -423,7 +440,15 @@ class DestinationCore:
         ``ready`` and from ``go`` to here, not our wait for ``go``."""
         self.load_seconds = self._loaded + now - self._go_at
         self._go_at = now  # the after-resume verification is timed from here
-        return [SetStatus("completed"), Send(Resumed(self.load_seconds, self.verified))]
+        status = "postcopy-active" if self.postcopy else "completed"
+        return [SetStatus(status), Send(Resumed(self.load_seconds, self.verified))]
+
+    def postcopy_complete(self, root: str, now: float) -> list[Effect]:
+        """Every page owed has been placed: ``root`` is the digest of memory as
+        it resumed (held pages and placed ones), the one ``verify`` checks."""
+        self.memory_digest = root
+        self._go_at = now
+        return [SetStatus("completed")]
 
     def _verify_digest(self, message: Message, now: float) -> list[Effect]:
         """The guest runs here: compare the source's digest with our root

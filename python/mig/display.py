@@ -15,6 +15,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from mig.display_postcopy import progress_rows, summary_rows
 from mig.units import format_size
 
 __all__ = ["format_ms", "format_rate", "progress_view", "summary_table", "destination_table"]
@@ -98,6 +99,7 @@ def progress_view(q: dict[str, Any], title: str = "mig") -> RenderableType:
         "guest stops",
         str(q.get("guest-stops", 0)),
     )
+    progress_rows(grid, q)
     bar = ProgressBar(total=total, completed=max(0, total - remaining), width=60)
     return Panel(Group(bar, grid), title=title, expand=False)
 
@@ -147,6 +149,7 @@ def summary_table(q: dict[str, Any], title: str = "migration summary") -> Table:
             f"{dev.get('type')}: {format_size(int(dev.get('precopy-bytes', 0)))} precopy, "
             f"{format_size(int(dev.get('stop-copy-bytes', 0)))} stop-copy",
         )
+    summary_rows(t, q)
     _verified_rows(t, q)
     if q.get("destination-memory"):
         t.add_row("destination memory", _memory_backing(q["destination-memory"]))

@@ -207,6 +207,15 @@ class RamHandler:
             raise OverBudget(self.name, remaining, budget)
         return int(sent)
 
+    def take_known(self) -> DirtyBitmap:
+        """Post-copy's hand-over, guest stopped: a final harvest, then the
+        known set taken out unsent (the pages the destination must fetch)."""
+        t0 = self.clock.now()
+        owed, count, cost = self._stream.take_known()
+        self._synced(count, cost, t0 + cost)
+        self._accounted(None)
+        return owed
+
     def resume_after_exact(self) -> None:
         """Nothing to undo: the synced pages stay in the known set."""
 

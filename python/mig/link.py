@@ -163,6 +163,11 @@ class ReceiverEndpoint:
     def __init__(self, receiver: Any) -> None:
         self._r = receiver
 
+    @property
+    def native(self) -> Any:
+        """The native ``Receiver`` (post-copy takes its digest of held pages)."""
+        return self._r
+
     def send(self, message: Message) -> None:
         self._r.control_send(protocol.encode(message))
 

@@ -46,6 +46,18 @@ class Guest(Protocol):
     * ``stats() -> dict``: at least ``writes`` and ``paused-time``.
 
     ``isinstance(obj, mig.Guest)`` checks the required members only.
+
+    On the destination side there is no ``Guest`` object: the embedder
+    gives ``MigrationDestination`` the :class:`GuestMemory` its vCPUs will
+    use, and starts those vCPUs in ``on_resume`` (called once the source's
+    ``go`` arrived, before ``resumed`` is reported); ``vcpus`` tells it how
+    many threads run the guest there, for ``postcopy-vcpu-blocktime``.
+    With post-copy, ``on_resume`` runs while pages are still missing: a
+    vCPU touching one blocks in the kernel until it arrives, so the memory
+    must be accessed through its mapping only (the one ``GuestMemory``
+    gives), never with ``pread``/``pwrite`` on its file, which would read a
+    missing page as zeros. ``mig serve --workload`` (``ResumedWorkload``)
+    is the bundled example.
     """
 
     @property

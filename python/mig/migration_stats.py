@@ -67,7 +67,11 @@ class MigrationStats:
             "devices": self._device_stats(),
         }
         downtime = switchover.downtime if switchover else None
-        if self.status == "completed" and downtime is not None:
+        postcopy = switchover.postcopy.stats() if switchover and switchover.postcopy else {}
+        if postcopy:
+            out["postcopy-requests"] = postcopy["postcopy-requests"]
+            out["postcopy"] = postcopy
+        if self.status in ("completed", "postcopy-active", "postcopy-paused") and downtime:
             out["downtime"] = downtime * 1000
         else:
             out["expected-downtime"] = precopy.expected_downtime() * 1000 if precopy else 0

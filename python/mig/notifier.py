@@ -37,3 +37,34 @@ class Notifier:
     def passed(self, record: dict[str, Any]) -> None:
         if self.on_pass:
             self.on_pass(record)
+
+
+class NotifierCallbacks:
+    """The ``on_status``/``on_pass``/``on_event`` attributes of a migration
+    front, kept in its ``notify`` (the loop calls them from there)."""
+
+    notify: Notifier
+
+    @property
+    def on_status(self) -> Callable[[str], None] | None:
+        return self.notify.on_status
+
+    @on_status.setter
+    def on_status(self, callback: Callable[[str], None] | None) -> None:
+        self.notify.on_status = callback
+
+    @property
+    def on_pass(self) -> Callable[[dict[str, Any]], None] | None:
+        return self.notify.on_pass
+
+    @on_pass.setter
+    def on_pass(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.notify.on_pass = callback
+
+    @property
+    def on_event(self) -> Callable[[str, dict[str, Any]], None] | None:
+        return self.notify.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self.notify.on_event = callback

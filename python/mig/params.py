@@ -55,6 +55,19 @@ class MigrationParams:
     # paused and the migration waits in status pre-switchover for
     # migrate_continue() (the wait counts as downtime, as in QEMU).
     pause_before_switchover: bool = False
+    # Post-copy (QEMU's postcopy-ram capability): the switchover may resume
+    # the guest on the destination with pages still owed, fetched on demand.
+    # Started by ``start_postcopy()`` or by the policy (``mig.postcopy_policy``):
+    # after ``postcopy_after_passes`` whole passes (0: at once, every page
+    # crosses the link once), or once not converging.
+    postcopy: bool = False
+    postcopy_after_passes: int = 0
+    # bytes/s of the background push during post-copy (QEMU's
+    # max-postcopy-bandwidth), within max_bandwidth; 0 = no further limit.
+    # Requested pages are paced by max_bandwidth alone.
+    max_postcopy_bandwidth: int = 0
+    # s a recovery waits for the destination's list of missing pages.
+    postcopy_recover_timeout: float = 30.0
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
@@ -77,7 +90,13 @@ class MigrationParams:
             raise ValueError(
                 f"pause_before_switchover must be a bool, not {self.pause_before_switchover!r}"
             )
-        for key in ("max_bandwidth", "avail_switchover_bandwidth", "dirty_limit", "timeout"):
+        for key in (
+            "max_bandwidth",
+            "avail_switchover_bandwidth",
+            "dirty_limit",
+            "timeout",
+            "max_postcopy_bandwidth",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if int(self.multifd_channels) < 1:
@@ -93,6 +112,13 @@ class MigrationParams:
         if self.verify not in VERIFY_MODES:
             modes = ", ".join(repr(m) for m in VERIFY_MODES)
             raise ValueError(f"verify must be one of {modes}, not {self.verify!r}")
+        if self.postcopy and self.verify == "strict":
+            raise ValueError(
+                "postcopy cannot verify strictly: the destination resumes before every"
+                " page arrived (use verify 'after-resume' or 'off')"
+            )
+        if int(self.postcopy_after_passes) < 0:
+            raise ValueError("postcopy_after_passes must be >= 0")
         if self.verify_timeout is not None and not self.verify_timeout > 0:
             raise ValueError(f"verify_timeout must be > 0, not {self.verify_timeout}")
 

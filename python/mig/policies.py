@@ -33,6 +33,9 @@ class Action(enum.Enum):
     STOP_AND_EXACT = "stop-and-exact"
     COMPLETE = "complete"
     FAIL = "fail"
+    # Switch to post-copy (``postcopy`` on): resume on the destination now,
+    # the pages still dirty follow on demand (``mig.postcopy_policy``).
+    POSTCOPY = "postcopy"
 
 
 @dataclass(frozen=True)

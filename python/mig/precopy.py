@@ -212,6 +212,7 @@ class Precopy:
             last_stop_at=self.stops.last_stop_at,
             switchover_aborts=self.switchover_aborts,
             ram_total=ram.memory.size,
+            extra={"non-converging": self.monitor.reason},
         )
 
     # ------------------------------------------------------------- sending

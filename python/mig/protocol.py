@@ -48,6 +48,8 @@ __all__ = [
     "Cancel",
     "Failed",
     "Progress",
+    "PostcopyAdvise",
+    "PostcopyRun",
     "Message",
     "encode",
     "decode",
@@ -227,6 +229,19 @@ class Progress:
     bytes: int
 
 
+@dataclass(frozen=True)
+class PostcopyAdvise:
+    """At setup, ``postcopy`` on: the destination checks it can register its
+    memory for missing-page faults (QEMU's POSTCOPY_ADVISE), else fails."""
+
+
+@dataclass(frozen=True)
+class PostcopyRun:
+    """Before ``complete``: this switchover is post-copy. The source owes the
+    pages it names on the post-copy channels; the destination discards them
+    and fetches them on demand after resuming (QEMU's POSTCOPY_RUN)."""
+
+
 Message = (
     Hello
     | HelloAck
@@ -247,6 +262,8 @@ Message = (
     | Cancel
     | Failed
     | Progress
+    | PostcopyAdvise
+    | PostcopyRun
 )
 
 _TYPE_NAMES: dict[type, str] = {
@@ -269,6 +286,8 @@ _TYPE_NAMES: dict[type, str] = {
     Cancel: "cancel",
     Failed: "failed",
     Progress: "progress",
+    PostcopyAdvise: "postcopy-advise",
+    PostcopyRun: "postcopy-run",
 }
 MESSAGE_TYPES = frozenset(_TYPE_NAMES.values())
 
@@ -323,7 +342,7 @@ def _fields(message: Message) -> dict[str, Any]:
             return out
         case DeviceInitialDone():
             return {"device": message.device}
-        case SwitchoverAck() | Go():
+        case SwitchoverAck() | Go() | PostcopyAdvise() | PostcopyRun():
             return {}
         case Switchover():
             return {"device_seqs": _seqs(message.device_seqs)}
@@ -559,6 +578,10 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
             return Failed(f.text("reason"))
         case "progress":
             return Progress(f.integer("bytes"))
+        case "postcopy-advise":
+            return PostcopyAdvise()
+        case "postcopy-run":
+            return PostcopyRun()
     raise ProtocolError(f"control message has no known type: {kind[:40]!r}")
 
 

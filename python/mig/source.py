@@ -37,12 +37,14 @@ from mig.handlers import RamHandler, SaveHandler
 from mig.link import Link, SenderLink
 from mig.memory import Guest
 from mig.migration_stats import MigrationStats
-from mig.notifier import Notifier
+from mig.notifier import Notifier, NotifierCallbacks
 from mig.params import PARAMETERS, MigrationParams
 from mig.policies import Action, make_policy
+from mig.postcopy_outgoing import PostcopyOutgoing
+from mig.postcopy_policy import PostcopySwitch
 from mig.pre_switchover import PreSwitchover
 from mig.precopy import Precopy
-from mig.protocol import DeviceInfo, Hello, SessionParams
+from mig.protocol import DeviceInfo, Hello, PostcopyAdvise, SessionParams
 from mig.rollback import leave_paused, roll_back
 from mig.stall_watch import StallWatch
 from mig.stats import BandwidthMeter, SwitchoverCosts
@@ -50,12 +52,34 @@ from mig.switchover import Phase, SwitchoverRun
 
 __all__ = ["MigrationSource", "PARAMETERS", "STATUSES"]
 
+
+def hello_message(
+    migration_id: int, memory: Any, devices: Sequence[Any], params: MigrationParams, watched: bool
+) -> Hello:
+    """The source's ``hello``: what the destination checks before it loads anything."""
+    return Hello(
+        migration_id=migration_id,
+        page_size=memory.page_size,
+        ram_size=memory.size,
+        devices=tuple(DeviceInfo(int(getattr(h, "device_id", 0)), h.name, h.role) for h in devices),
+        params=SessionParams(
+            params.downtime_limit,
+            params.max_bandwidth,
+            params.multifd_channels,
+            params.compression,
+            params.verify,
+            stall_timeout=params.stall_timeout if watched else 0.0,
+        ),
+    )
+
+
 STATUSES = (
-    "none", "setup", "active", "pre-switchover", "device", "completed", "failed", "cancelled",
+    "none", "setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
+    "completed", "failed", "cancelled",
 )  # fmt: skip
 
 
-class MigrationSource:
+class MigrationSource(NotifierCallbacks):
     """Migrates ``guest`` (its memory and ``devices``) to ``uri``.
 
     ``devices`` are device handlers (objects with the ``SaveHandler``
@@ -101,6 +125,9 @@ class MigrationSource:
         self.clock: Clock = clock or MonotonicClock()
         self.notify = Notifier(on_status, on_pass, on_event)
         self.policy = make_policy(self.settings.policy, **(self.settings.policy_options or {}))
+        if self.settings.postcopy:
+            self.policy = PostcopySwitch(self.policy, self.settings.postcopy_after_passes)
+        self._postcopy_requested = False
         self.meter = BandwidthMeter()
         self.costs = SwitchoverCosts(source_digest=self.settings.verify == "strict")
         self.migration_id = uuid.uuid4().int & ((1 << 63) - 1)
@@ -125,30 +152,6 @@ class MigrationSource:
         self._done = threading.Event()
 
     # The callbacks, settable until the migration starts.
-    @property
-    def on_status(self) -> Callable[[str], None] | None:
-        return self.notify.on_status
-
-    @on_status.setter
-    def on_status(self, callback: Callable[[str], None] | None) -> None:
-        self.notify.on_status = callback
-
-    @property
-    def on_pass(self) -> Callable[[dict[str, Any]], None] | None:
-        return self.notify.on_pass
-
-    @on_pass.setter
-    def on_pass(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
-        self.notify.on_pass = callback
-
-    @property
-    def on_event(self) -> Callable[[str, dict[str, Any]], None] | None:
-        return self.notify.on_event
-
-    @on_event.setter
-    def on_event(self, callback: Callable[[str, dict[str, Any]], None] | None) -> None:
-        self.notify.on_event = callback
-
     @property
     def status(self) -> str:
         return self.stats.status
@@ -208,8 +211,12 @@ class MigrationSource:
         return self.query()
 
     def cancel(self, reason: str = "cancelled by request") -> bool:
-        """Ask the loop to cancel; False once ``go`` is decided (the destination may run)."""
-        if self.phase.go_decided or self._done.is_set():
+        """Ask the loop to cancel; False once ``go`` is decided (the destination may run).
+
+        In ``postcopy-paused`` a cancel ends the migration: the guest is lost."""
+        if self._done.is_set():
+            return False
+        if self.phase.go_decided and self.phase is not Phase.POSTCOPY_PAUSED:
             return False
         self._cancel = reason
         return True
@@ -219,6 +226,22 @@ class MigrationSource:
         ``pause_before_switchover`` (``cancel()`` there rolls back instead)."""
         if not self.pre_switchover.release():
             raise RuntimeError(f"migration not in pre-switchover (status {self.status})")
+
+    def start_postcopy(self) -> None:
+        """Switch to post-copy at the next decision (QEMU's migrate-start-postcopy)."""
+        if not self.settings.postcopy:
+            raise RuntimeError("post-copy is not enabled for this migration (postcopy=True)")
+        if self.phase is not Phase.PRECOPY or self._done.is_set():
+            raise RuntimeError(f"no pre-copy to switch from (phase {self.phase.value})")
+        self._postcopy_requested = True
+
+    def recover(self, uri: str | None = None) -> None:
+        """``postcopy-paused``: reconnect the page channels, to ``uri`` or the
+        session's (QEMU's migrate resume=true); the destination calls
+        ``recover`` too."""
+        if self.switchover is None or self.switchover.postcopy is None:
+            raise RuntimeError("no post-copy to recover")
+        self.switchover.postcopy.recover(uri)
 
     def query(self) -> dict[str, Any]:
         """``query-migrate``: QEMU's field names plus mig's own keys."""
@@ -299,10 +322,15 @@ class MigrationSource:
                 lambda: self.status, self._where,
             )  # fmt: skip
         self._check_cancel()
-        self.control.handshake(self._hello(), self.settings.connect_timeout, self._check_cancel)
+        watched = self.watch is not None
+        hello = hello_message(self.migration_id, self.memory, self.devices, self.settings, watched)
+        self.control.handshake(hello, self.settings.connect_timeout, self._check_cancel)
         if self.watch is not None:
             self.watch.start()
         faults.point("source.setup")
+        if self.settings.postcopy:
+            # The destination checks now that it can fetch pages on demand.
+            self.control.send(PostcopyAdvise())
         for h in self.precopy.handlers:
             h.setup(link)
         if self.costs.source_digest:
@@ -337,25 +365,6 @@ class MigrationSource:
         )
         return SenderLink(sender, self.clock)
 
-    def _hello(self) -> Hello:
-        params = self.settings
-        return Hello(
-            migration_id=self.migration_id,
-            page_size=self.memory.page_size,
-            ram_size=self.memory.size,
-            devices=tuple(
-                DeviceInfo(int(getattr(h, "device_id", 0)), h.name, h.role) for h in self.devices
-            ),
-            params=SessionParams(
-                params.downtime_limit,
-                params.max_bandwidth,
-                params.multifd_channels,
-                params.compression,
-                params.verify,
-                stall_timeout=params.stall_timeout if self.watch is not None else 0.0,
-            ),
-        )
-
     # ----------------------------------------------------------- the loop
     def _iteration(self) -> None:
         precopy, control = self.precopy, self.control
@@ -372,6 +381,10 @@ class MigrationSource:
         decision = precopy.decide(self._check_cancel)
         if precopy.switchover_near() and self.costs.source_digest:
             self.switchover.digests.refresh()
+        if self._postcopy_requested or decision.action is Action.POSTCOPY:
+            self.notify.event("postcopy-start", reason=decision.reason or "requested")
+            self._switch_over(None, forced=False, postcopy=True)
+            return
         if decision.action is Action.COMPLETE:
             self._switch_over(decision.budget, forced=False)
             return
@@ -386,13 +399,20 @@ class MigrationSource:
         started = self.stats.started_at or 0.0
         return bool(limit) and self.clock.now() - started >= limit
 
-    def _switch_over(self, budget: int | None, forced: bool) -> None:
+    def _switch_over(self, budget: int | None, forced: bool, postcopy: bool = False) -> None:
         assert self.switchover is not None and self.precopy is not None
+        if postcopy:
+            s = self.settings
+            self.switchover.postcopy = PostcopyOutgoing(
+                self.uri, s.max_bandwidth, s.max_postcopy_bandwidth, s.postcopy_recover_timeout
+            )
         if not self.pre_switchover.enabled:  # else pre-switchover comes first, then device
             self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):
             self._set_status("active")
             return
+        if self.switchover.postcopy is not None:
+            self._run_postcopy(self.switchover.postcopy)
         self.monitor.remove_aids()
         self.precopy.ram.abort()
         self.stats.ended_at = self.clock.now()
@@ -404,6 +424,19 @@ class MigrationSource:
             self.precopy.link.close()
         except Exception as e:  # the migration is complete; report, do not fail
             self.notify.event("close-error", error=str(e))
+
+    def _run_postcopy(self, postcopy: PostcopyOutgoing) -> None:
+        """The guest runs on the destination: serve and push until every page is placed."""
+        assert self.switchover is not None
+
+        def status(s: str) -> None:
+            paused = s == "postcopy-paused"
+            self.switchover.phase = Phase.POSTCOPY_PAUSED if paused else Phase.POSTCOPY_ACTIVE  # type: ignore[union-attr]
+            self._set_status(s)
+
+        status("postcopy-active")
+        postcopy.run(status, lambda: self._cancel)
+        self.switchover.phase = Phase.DONE
 
     # ----------------------------------------------------------- the end
     def _end(self, status: str, reason: str, discarded: bool) -> None:
@@ -429,6 +462,8 @@ class MigrationSource:
         """Source guest runs again, the destination is told, nothing is left half-done."""
         if self.switchover is not None:
             self.switchover.phase = Phase.PRECOPY
+            if self.switchover.postcopy is not None:
+                self.switchover.postcopy.abort()
         self.stats.error = roll_back(
             status,
             reason,

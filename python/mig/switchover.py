@@ -15,10 +15,17 @@ Phases (``Phase``)::
     PRECOPY -> PAUSED [-> PRE_SWITCHOVER -> PAUSED] -> STOP_COPY -> AWAIT_READY
             -> COMMITTED -> AWAIT_RESUMED -> DONE
     STOP_COPY -> PRECOPY: over budget, abandoned, the guest runs again
+    AWAIT_RESUMED -> POSTCOPY_ACTIVE <-> POSTCOPY_PAUSED -> DONE: post-copy
 
 ``PRE_SWITCHOVER`` (QEMU's ``pause-before-switchover``, ``mig.pre_switchover``):
 the guest is paused and nothing is sent until the operator continues; its
 wait is in the downtime, as in QEMU, and a cancel there rolls back.
+
+Post-copy (``postcopy`` set, ``mig.postcopy_outgoing``): the stop-copy phase
+takes the RAM stream's final harvest out unsent instead of sending it,
+opens the page channels, sends every device's state and ``postcopy-run``
+before ``complete``; after ``go`` the owed pages are served and pushed
+while the guest already runs on the destination (``POSTCOPY_ACTIVE``).
 
 Before ``COMMITTED`` any failure rolls back: the destination never resumes
 without ``go``. From ``COMMITTED`` the source no longer cancels, and once
@@ -49,11 +56,13 @@ from mig.errors import MigrationEnded, OverBudget
 from mig.guest_stops import GuestStops
 from mig.notifier import Notifier
 from mig.params import MigrationParams
+from mig.postcopy_outgoing import PostcopyOutgoing
 from mig.pre_switchover import PreSwitchover
 from mig.precopy import Precopy
 from mig.protocol import (
     Complete,
     Go,
+    PostcopyRun,
     Ready,
     Resumed,
     Switchover,
@@ -84,14 +93,22 @@ class Phase(Enum):
     AWAIT_RESUMED = "await-resumed"  # "go" sent: the destination may run the guest
     DONE = "done"
     POSTMIGRATE = "postmigrate"  # outcome unknown after "go": the guest stays paused
+    POSTCOPY_ACTIVE = "postcopy-active"  # the destination runs; owed pages follow
+    POSTCOPY_PAUSED = "postcopy-paused"  # a page channel broke; waiting for recover
 
     @property
     def go_decided(self) -> bool:
-        return self in (Phase.COMMITTED, Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+        return self is Phase.COMMITTED or self.go_sent
 
     @property
     def go_sent(self) -> bool:
-        return self in (Phase.AWAIT_RESUMED, Phase.DONE, Phase.POSTMIGRATE)
+        return self in (
+            Phase.AWAIT_RESUMED,
+            Phase.DONE,
+            Phase.POSTMIGRATE,
+            Phase.POSTCOPY_ACTIVE,
+            Phase.POSTCOPY_PAUSED,
+        )
 
 
 class SwitchoverRun:
@@ -130,6 +147,8 @@ class SwitchoverRun:
         self.breakdown: dict[str, float] = {}
         self.plan: dict[str, float] = {}  # the predicted terms, seconds
         self.settle_time: float | None = None  # s waited for "settled", guest running
+        # Set for a post-copy switchover: its pages are owed, not sent.
+        self.postcopy: PostcopyOutgoing | None = None
 
     def run(self, budget: int | None, forced: bool, check_cancel: Callable[[], None]) -> bool:
         """One switchover; True once the destination runs the guest, False if
@@ -200,7 +219,7 @@ class SwitchoverRun:
         parts.update(self._destination_terms(ready, resumed, t_ready - t_sent, now - t_ready))
         self.breakdown = parts
         self._learn(parts, ready)
-        self.phase = Phase.DONE
+        self.phase = Phase.DONE if self.postcopy is None else Phase.POSTCOPY_ACTIVE
         return True
 
     def _hold(self, check_cancel: Callable[[], None]) -> float:
@@ -220,6 +239,8 @@ class SwitchoverRun:
         link = self.precopy.link
         faults.point("source.switchover")
         link.finish(digest or 0)
+        if self.postcopy is not None:
+            self.control.send(PostcopyRun())
         # Before "complete": a driver that plays the destination inside the
         # send (a simulator) must not charge its work to the source's terms.
         t_sent = self.clock.now()
@@ -300,7 +321,11 @@ class SwitchoverRun:
         """RAM's last pages, then every device's stop-copy state, within ``budget``."""
         precopy = self.precopy
         link = precopy.link
-        sent = precopy.ram.complete(link, budget)
+        if self.postcopy is not None:
+            self.postcopy.hand_over(precopy.ram, link)
+            budget, sent = None, 0
+        else:
+            sent = precopy.ram.complete(link, budget)
         t_ram = self.clock.now()
         precopy.record_pass(announce=False)
         for h in precopy.devices:
@@ -326,6 +351,8 @@ class SwitchoverRun:
         self.phase = Phase.COMMITTED
         self.control.send(Go())
         self.phase = Phase.AWAIT_RESUMED
+        if self.postcopy is not None:
+            self.postcopy.start()
         faults.point("source.go")
         resumed = self.control.wait_for(Resumed, "report its guest resumed", timeout, lambda: None)
         return ready, t_ready, resumed

@@ -68,6 +68,17 @@ fn finalize(sum: u128, mem_len: usize, chunk_bytes: usize) -> u128 {
     h.digest128()
 }
 
+/// One chunk's term of the root: its bytes hashed, keyed with its index.
+/// Post-copy's destination adds the terms of the chunks it places.
+pub fn chunk_term(index: usize, bytes: &[u8]) -> u128 {
+    keyed(index, xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// The root of a memory of `mem_len` bytes whose chunk terms sum to `sum`.
+pub fn root_of_sum(sum: u128, mem_len: usize, chunk_bytes: usize) -> u128 {
+    finalize(sum, mem_len, chunk_bytes)
+}
+
 /// Sets bits `range` of a bitmap, a word at a time.
 fn set_bits(words: &[AtomicU64], range: Range<usize>, order: Ordering) {
     let mut i = range.start;
@@ -492,6 +503,18 @@ impl ChunkDigest {
             finalize(t.sum, self.mem.len(), self.geo.chunk_bytes()),
             rehashed,
         )
+    }
+
+    /// The sum of the current chunk terms, leaving out the chunks in
+    /// `excluded` (post-copy: the chunks the destination discards and then
+    /// receives again). Rehashes the stale chunks first, as `root` does.
+    pub fn sum_excluding(&self, excluded: impl IntoIterator<Item = usize>) -> u128 {
+        self.root();
+        let t = lock(&self.table);
+        excluded
+            .into_iter()
+            .filter(|&c| c < self.geo.chunks)
+            .fold(t.sum, |sum, c| sum.wrapping_sub(t.hashes[c]))
     }
 
     /// One step of background work: rehashes up to `limit` chunks that are

@@ -301,6 +301,22 @@ impl RamStream {
         Ok((Completion::Sent(sent), report))
     }
 
+    /// Post-copy's hand-over, the guest stopped: a final harvest, then the
+    /// whole known set is taken out (the pages the destination does not
+    /// hold current) instead of being sent. Ends the last generation with
+    /// its barrier so every page already sent lands before the end records.
+    pub fn take_known(&mut self) -> CoreResult<(DirtyBitmap, SyncReport)> {
+        let (_, report) = self.sync()?;
+        self.stats.final_pages = self.known_count as u64;
+        let taken = self.known.take();
+        self.known_count = 0;
+        self.cursor = 0;
+        let g = self.generation;
+        let bytes = self.sink()?.sync(g)?;
+        self.stats.wire_bytes += bytes;
+        Ok((taken, report))
+    }
+
     /// No more syncs: releases the tracker.
     pub fn close(&mut self) {
         self.harvest.close();

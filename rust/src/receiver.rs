@@ -626,6 +626,16 @@ impl Receiver {
         })
     }
 
+    /// Post-copy: the sum of the chunk terms of destination memory without
+    /// the chunks in `excluded`, and the chunk size in bytes. Joins the
+    /// rehasher first: once those chunks are discarded, a read of them
+    /// through the mapping would fault.
+    pub fn held_sum(&self, excluded: impl IntoIterator<Item = usize>) -> (u128, usize) {
+        self.stop_rehasher();
+        let d = &self.shared.digest;
+        (d.sum_excluding(excluded), d.chunk_bytes())
+    }
+
     /// The root of destination memory now (rehashing the stale chunks).
     pub fn memory_root(&self) -> u128 {
         self.shared.digest.root()

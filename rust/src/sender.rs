@@ -387,6 +387,38 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Opens `count` further channels of `kind` to `uri` with this
+    /// session's stream header, TLS and timeouts: post-copy's page channels,
+    /// opened at the switchover (and again to recover).
+    pub fn connect_extra(
+        &self,
+        uri: &str,
+        kind: ChannelKind,
+        count: usize,
+    ) -> CoreResult<Vec<Conn>> {
+        let ep = transport::parse_uri(uri)?;
+        (0..count)
+            .map(|i| {
+                let header = StreamHeader {
+                    kind,
+                    page_size: self.mem.page_size() as u32,
+                    packet_pages: self.cfg.packet_pages,
+                    memory_size: self.mem.len() as u64,
+                    channel_index: i as u16,
+                    channel_count: count as u16,
+                    migration_id: self.cfg.migration_id,
+                };
+                transport::connect(
+                    &ep,
+                    &header,
+                    self.cfg.connect_timeout,
+                    self.cfg.io_timeout,
+                    self.cfg.tls.as_deref(),
+                )
+            })
+            .collect()
+    }
+
     pub fn connect(mem: Arc<GuestMemory>, uri: &str, cfg: SenderConfig) -> CoreResult<Self> {
         cfg.check()?;
         let ep = transport::parse_uri(uri)?;

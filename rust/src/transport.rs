@@ -496,6 +496,48 @@ impl Listener {
         conn.map(Some).map_err(|e| CoreError::io("accept", e))
     }
 
+    /// The next connection within `left`, its TLS handshake (with `tls`)
+    /// and its stream header; or why it is refused. With the peer's name.
+    #[allow(clippy::type_complexity)]
+    fn accept_channel(
+        &self,
+        left: Duration,
+        io_timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> CoreResult<Option<(Result<(Conn, StreamHeader), String>, String)>> {
+        let Some((mut conn, peer)) = self.accept_conn(left)? else {
+            return Ok(None);
+        };
+        let wait = io_timeout.min(left);
+        let _ = conn.set_timeouts(wait, wait);
+        if let Some(tls) = tls {
+            let server = rustls::ServerConnection::new(tls.server.clone())
+                .map_err(|e| CoreError::invalid(format!("TLS: {e}")))?;
+            match TlsConn::handshake(conn, server.into()) {
+                Ok(t) => conn = Conn::Tls(Arc::new(t)),
+                Err(e) => {
+                    let plain = e
+                        .get_ref()
+                        .and_then(|x| x.downcast_ref::<rustls::Error>())
+                        .is_some_and(|x| matches!(x, rustls::Error::InvalidMessage(_)));
+                    let hint = if plain {
+                        " (not TLS: a source without TLS options?)"
+                    } else {
+                        ""
+                    };
+                    return Ok(Some((Err(format!("TLS handshake: {e}{hint}")), peer)));
+                }
+            }
+        }
+        let mut raw = [0u8; STREAM_HEADER_LEN];
+        let header = match read_full(&mut conn, &mut raw) {
+            Ok(()) => StreamHeader::decode(&raw),
+            Err(e) => Err(format!("stream header: {e}")),
+        };
+        let _ = conn.set_timeouts(io_timeout, io_timeout);
+        Ok(Some((header.map(|h| (conn, h)), peer)))
+    }
+
     /// Gathers one control and N data channels of a single migration; with
     /// `tls`, a channel whose handshake fails is refused before its stream
     /// header is read. Each refusal goes to `on_refused` as it happens.
@@ -548,50 +590,16 @@ impl Listener {
                     }
                 )));
             }
-            let Some((mut conn, peer)) = self.accept_conn(left)? else {
+            let Some((got, peer)) = self.accept_channel(left, io_timeout, tls)? else {
                 continue;
             };
-            let wait = io_timeout.min(left);
-            let _ = conn.set_timeouts(wait, wait);
-            if let Some(tls) = tls {
-                let server = rustls::ServerConnection::new(tls.server.clone())
-                    .map_err(|e| CoreError::invalid(format!("TLS: {e}")))?;
-                match TlsConn::handshake(conn, server.into()) {
-                    Ok(t) => conn = Conn::Tls(Arc::new(t)),
-                    Err(e) => {
-                        let plain = e
-                            .get_ref()
-                            .and_then(|x| x.downcast_ref::<rustls::Error>())
-                            .is_some_and(|x| matches!(x, rustls::Error::InvalidMessage(_)));
-                        let hint = if plain {
-                            " (not TLS: a source without TLS options?)"
-                        } else {
-                            ""
-                        };
-                        RefusalHook::refuse(
-                            on_refused,
-                            &mut refused,
-                            &peer,
-                            Refused::NewChannel,
-                            format!("TLS handshake: {e}{hint}"),
-                        );
-                        continue;
-                    }
-                }
-            }
-            let mut raw = [0u8; STREAM_HEADER_LEN];
-            let header = match read_full(&mut conn, &mut raw) {
-                Ok(()) => StreamHeader::decode(&raw),
-                Err(e) => Err(format!("stream header: {e}")),
-            };
-            let header = match header {
-                Ok(h) => h,
-                Err(msg) => {
-                    RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::NewChannel, msg);
+            let (conn, header) = match got {
+                Ok(ch) => ch,
+                Err(why) => {
+                    RefusalHook::refuse(on_refused, &mut refused, &peer, Refused::NewChannel, why);
                     continue;
                 }
             };
-            let _ = conn.set_timeouts(io_timeout, io_timeout);
             match (header.kind, &control) {
                 (ChannelKind::Control, None) => {
                     data = (0..header.channel_count).map(|_| None).collect();
@@ -627,6 +635,62 @@ impl Listener {
                 ),
             }
         }
+    }
+}
+
+impl Listener {
+    /// Accepts the `count` channels of `kind` that migration `migration_id`
+    /// opens after its session (post-copy's page channels), in index order.
+    /// Anything else is refused and closed, its reason kept for the error.
+    pub fn accept_channels(
+        &self,
+        kind: ChannelKind,
+        migration_id: u128,
+        count: usize,
+        timeout: Duration,
+        io_timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> CoreResult<Vec<Conn>> {
+        let deadline = Instant::now() + timeout;
+        let mut got: Vec<Option<Conn>> = (0..count).map(|_| None).collect();
+        let mut refused = Vec::new();
+        while got.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timeout_error(format!(
+                    "{}/{count} {kind:?} channels of migration {migration_id:032x} within \
+                     {timeout:?}{}",
+                    got.iter().filter(|c| c.is_some()).count(),
+                    if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; refused: {}", refused.join("; "))
+                    }
+                )));
+            }
+            let Some((ch, peer)) = self.accept_channel(left, io_timeout, tls)? else {
+                continue;
+            };
+            match ch {
+                Ok((conn, h))
+                    if h.kind == kind
+                        && h.migration_id == migration_id
+                        && (h.channel_index as usize) < count
+                        && got[h.channel_index as usize].is_none() =>
+                {
+                    got[h.channel_index as usize] = Some(conn);
+                }
+                Ok((conn, h)) => {
+                    conn.shutdown();
+                    refused.push(format!(
+                        "channel {} of kind {:?} of migration {:032x} (from {peer})",
+                        h.channel_index, h.kind, h.migration_id
+                    ));
+                }
+                Err(why) => refused.push(format!("{why} (from {peer})")),
+            }
+        }
+        Ok(got.into_iter().flatten().collect())
     }
 }
 

@@ -86,6 +86,9 @@ pub enum ChannelKind {
     Control = 0,
     Data = 1,
     File = 2,
+    /// Post-copy's page channels (`postcopy/channels.rs`): index 0 carries
+    /// requests and the pages they ask for, index 1 the background push.
+    Postcopy = 3,
 }
 
 /// The first 64 bytes of every channel (and of a snapshot file).
@@ -152,6 +155,7 @@ impl StreamHeader {
             0 => ChannelKind::Control,
             1 => ChannelKind::Data,
             2 => ChannelKind::File,
+            3 => ChannelKind::Postcopy,
             k => return Err(format!("stream header: unknown channel kind {k}")),
         };
         if b[7] != 0 || b[28..32].iter().chain(&b[48..60]).any(|&x| x != 0) {

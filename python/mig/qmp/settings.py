@@ -58,6 +58,7 @@ CAPABILITIES: dict[str, tuple[bool, bool]] = {
     "switchover-ack": (True, True),
     "zero-copy-send": (False, True),
     "pause-before-switchover": (False, False),
+    "postcopy-ram": (False, False),
 }
 _FIXED_WHY = {
     "switchover-ack": "mig always waits for the destination's switchover-ack",
@@ -90,9 +91,10 @@ _QEMU_PARAMS: dict[str, _Param] = {
     "vcpu-dirty-limit": _Param(None, int, 1, 2**31 - 1),
     "tls-creds": _Param(None, str),
     "x-mig-auto-converge-mode": _Param(None, str, choices=_AUTO_CONVERGE_MODES),
+    "max-postcopy-bandwidth": _Param("max_postcopy_bandwidth", int, 0, 2**63 - 1),
 }
 # mig parameters that capabilities (not an x-mig- parameter) carry.
-_BY_CAPABILITY = ("auto_converge", "dirty_limit", "pause_before_switchover")
+_BY_CAPABILITY = ("auto_converge", "dirty_limit", "pause_before_switchover", "postcopy")
 # Choices of mig's own string parameters, checked when set.
 _X_CHOICES: dict[str, tuple[str, ...]] = {
     "policy": tuple(POLICIES),
@@ -161,6 +163,7 @@ class MigrationSettings:
         mode = p["auto_converge"]
         self.capabilities["auto-converge"] = bool(mode)
         self.values["x-mig-auto-converge-mode"] = mode if isinstance(mode, str) else "proportional"
+        self.capabilities["postcopy-ram"] = bool(p["postcopy"])
         limit = float(p["dirty_limit"])
         self.capabilities["dirty-limit"] = limit > 0
         self.values["vcpu-dirty-limit"] = max(1, round(limit * page_size / _MIB)) if limit else 1
@@ -236,6 +239,7 @@ class MigrationSettings:
             out["multifd_channels"] = 1
             out["compression"] = "none"
         out["auto_converge"] = v["x-mig-auto-converge-mode"] if caps["auto-converge"] else False
+        out["postcopy"] = bool(caps["postcopy-ram"])
         out["dirty_limit"] = (
             v["vcpu-dirty-limit"] * _MIB / self.page_size if caps["dirty-limit"] else 0
         )

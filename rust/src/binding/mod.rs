@@ -11,6 +11,7 @@ mod bitmap;
 mod chunk_digest;
 mod memory;
 mod postcopy;
+mod postcopy_link;
 mod ram_stream;
 mod stream;
 mod tracker;
@@ -52,6 +53,7 @@ fn mig_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bitmap::register(m)?;
     tracker::register(m)?;
     postcopy::register(m)?;
+    postcopy_link::register(m)?;
     workload::register(m)?;
     stream::register(m)?;
     ram_stream::register(m)?;

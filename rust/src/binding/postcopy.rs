@@ -20,7 +20,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn stats_dict<'py>(py: Python<'py>, s: &RegionStats) -> PyResult<Bound<'py, PyDict>> {
+pub(super) fn stats_dict<'py>(py: Python<'py>, s: &RegionStats) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("postcopy-requests", s.requests)?;
     d.set_item("postcopy-faults", s.faults)?;

@@ -217,6 +217,13 @@ impl PyRamStream {
         Ok((PyDirtyBitmap::wrap(new), report.new_pages, report.seconds))
     }
 
+    /// Post-copy's hand-over: a final harvest, then the known set taken
+    /// out unsent. Returns (those pages, the harvest's new pages, its cost).
+    fn take_known(&self, py: Python<'_>) -> PyResult<(PyDirtyBitmap, u64, f64)> {
+        let (taken, report) = self.run(py, |s| s.take_known())?;
+        Ok((PyDirtyBitmap::wrap(taken), report.new_pages, report.seconds))
+    }
+
     /// Sends about `budget` bytes of known pages; returns the wire bytes.
     fn iterate(&self, py: Python<'_>, budget: u64) -> PyResult<u64> {
         self.run(py, move |s| s.iterate(budget))

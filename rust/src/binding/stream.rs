@@ -310,9 +310,9 @@ impl PySender {
 /// A bound endpoint that accepts one migration session per `accept`.
 #[pyclass(name = "Listener", module = "mig._mig", frozen)]
 pub struct PyListener {
-    inner: Mutex<Option<Arc<Listener>>>,
+    pub(super) inner: Mutex<Option<Arc<Listener>>>,
     uri: String,
-    tls: Option<Arc<TlsConfig>>,
+    pub(super) tls: Option<Arc<TlsConfig>>,
 }
 
 #[pymethods]
@@ -403,7 +403,7 @@ impl PyListener {
 /// they arrive.
 #[pyclass(name = "Receiver", module = "mig._mig", frozen)]
 pub struct PyReceiver {
-    inner: Arc<Receiver>,
+    pub(super) inner: Arc<Receiver>,
 }
 
 #[pymethods]

@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 
 use rustix::io::Errno;
 
-use super::anon_memory::AnonMemory;
 use super::uapi::{
     self, IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_THREAD_ID,
 };
@@ -97,7 +96,8 @@ fn open_user_mode() -> Result<OwnedFd, Errno> {
 }
 
 fn probe_anon() -> Result<u64, Errno> {
-    let mem = AnonMemory::new(host_page_size()).map_err(|_| Errno::NOMEM)?;
+    let mem = GuestMemory::with_backing(host_page_size(), crate::backing::Backing::Anon)
+        .map_err(|_| Errno::NOMEM)?;
     register_probe(mem.as_ptr(), mem.len())
 }
 

@@ -4,7 +4,7 @@
 //! `UFFDIO_ZEROPAGE`.
 //!
 //! Two backings: memfd/shmem (`GuestMemory`, MAP_SHARED) and private
-//! anonymous memory (`AnonMemory`). Stale pages (those the source dirtied
+//! anonymous memory (`GuestMemory` with the `anon` backing). Stale pages (those the source dirtied
 //! after sending them) are discarded after registration, so no access can
 //! slip in between and see stale or zero-filled content: shmem by punching a
 //! hole in the memfd (page cache and page tables), anonymous memory with
@@ -22,7 +22,6 @@ use rustix::io::Errno;
 use rustix::ioctl::{ioctl, Updater};
 use rustix::mm::{madvise, Advice};
 
-use super::anon_memory::AnonMemory;
 use super::capability;
 use super::uapi::{
     self, UffdioCopy, UffdioRange, UffdioZeropage, IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFDIO_COPY,
@@ -70,24 +69,6 @@ impl Backing for GuestMemory {
         } else {
             "anonymous memory"
         }
-    }
-}
-
-impl Backing for AnonMemory {
-    fn base(&self) -> *mut u8 {
-        self.as_ptr()
-    }
-    fn size_bytes(&self) -> usize {
-        AnonMemory::len(self)
-    }
-    fn discard(&self, offset: usize, len: usize) -> Result<(), Errno> {
-        // SAFETY: the range is inside the mapping (checked by the caller);
-        // MADV_DONTNEED on private anonymous memory drops the pages, and the
-        // next access faults as missing.
-        unsafe { madvise(self.as_ptr().add(offset).cast(), len, Advice::LinuxDontNeed) }
-    }
-    fn kind(&self) -> &'static str {
-        "anonymous memory"
     }
 }
 

@@ -9,15 +9,22 @@
 //! * [`placer`]: atomic, at-most-once placement with an observer hook;
 //! * [`fault_thread`]: reads faults, requests each missing page once;
 //! * [`blocktime`], [`latency`]: fault latency and `postcopy-blocktime`;
-//! * [`region`]: all of the above behind one handle (`PostcopyRegion`).
+//! * [`region`]: all of the above behind one handle (`PostcopyRegion`);
+//! * [`frames`]: the frames of the two post-copy page channels;
+//! * [`outgoing`]: the source serving requests first, pushing the rest;
+//! * [`incoming`]: the destination forwarding requests, placing chunks and
+//!   keeping the digest of what it placed.
 
-pub mod anon_memory;
 pub mod blocktime;
 pub mod capability;
 pub mod fault_region;
 pub mod fault_thread;
+pub mod frames;
+pub mod incoming;
 pub mod latency;
+pub mod outgoing;
 pub mod page_set;
+pub mod phase_state;
 pub mod placer;
 pub mod region;
 mod uapi;

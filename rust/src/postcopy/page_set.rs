@@ -59,6 +59,26 @@ impl PageSet {
         was
     }
 
+    /// The first page in the set at or after `start`, wrapping once.
+    pub fn first_from(&self, start: usize) -> Option<usize> {
+        let scan = |from: usize, to: usize| -> Option<usize> {
+            let mut w = from / 64;
+            let mut mask = u64::MAX << (from % 64);
+            while w * 64 < to {
+                let bits = self.words[w].load(Ordering::SeqCst) & mask;
+                if bits != 0 {
+                    let p = w * 64 + bits.trailing_zeros() as usize;
+                    return (p < to).then_some(p);
+                }
+                w += 1;
+                mask = u64::MAX;
+            }
+            None
+        };
+        let start = if start >= self.len { 0 } else { start };
+        scan(start, self.len).or_else(|| scan(0, start))
+    }
+
     /// The pages not in the set, in order.
     pub fn absent(&self) -> Vec<u64> {
         (0..self.len)
@@ -90,5 +110,13 @@ mod tests {
         assert!(set.remove(999) && !set.remove(999));
         assert_eq!(set.absent(), vec![999]);
         assert!(!set.contains(5000));
+        assert_eq!(set.first_from(0), Some(0));
+        let sparse = PageSet::new(200);
+        assert_eq!(sparse.first_from(7), None);
+        sparse.insert(3);
+        sparse.insert(130);
+        assert_eq!(sparse.first_from(4), Some(130));
+        assert_eq!(sparse.first_from(131), Some(3));
+        assert_eq!(sparse.first_from(500), Some(3));
     }
 }

@@ -201,7 +201,10 @@ impl Drop for PostcopyRegion {
 mod tests {
     use super::*;
     use crate::memory::GuestMemory;
-    use crate::postcopy::anon_memory::AnonMemory;
+
+    fn anon_memory(size: usize) -> GuestMemory {
+        GuestMemory::with_backing(size, crate::backing::Backing::Anon).unwrap()
+    }
     use crate::postcopy::capability;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -284,7 +287,7 @@ mod tests {
         if !available() {
             return;
         }
-        let mem = Arc::new(AnonMemory::new(16 * crate::memory::host_page_size()).unwrap());
+        let mem = Arc::new(anon_memory(16 * crate::memory::host_page_size()));
         let base = mem.as_ptr() as usize;
         blocked_reader_gets_exactly_the_placed_bytes(mem, base);
     }
@@ -329,7 +332,7 @@ mod tests {
         let ps = crate::memory::host_page_size();
         for anon in [false, true] {
             let (backing, base): (Arc<dyn Backing>, usize) = if anon {
-                let m = Arc::new(AnonMemory::new(8 * ps).unwrap());
+                let m = Arc::new(anon_memory(8 * ps));
                 let b = m.as_ptr() as usize;
                 (m, b)
             } else {

@@ -1,0 +1,119 @@
+"""``PostcopyIncoming``: the destination's post-copy, from advise to the last page.
+
+At ``postcopy-advise`` it checks that this host can register memory for
+missing-page faults (userfaultfd MISSING mode) and fails the migration
+naming the missing feature otherwise. At ``go`` of a post-copy switchover
+it accepts the source's two page channels on the session's listener, lets
+the native ``PostcopyIncoming`` register the memory (discarding the pages
+the source still owes) and start its threads, all before the guest
+resumes. After ``resumed`` it waits, with the guest running, until every
+owed page is placed; the root of memory as resumed then replaces the one
+taken at ``ready``, for the after-resume verification.
+
+A broken page channel pauses the phase (``postcopy-paused``): the guest
+keeps running, blocked only on pages still missing, until ``recover()``
+accepts new channels. Cancelling then ends it: the guest is lost, and
+``missing-pages`` says which pages never arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mig import _mig
+from mig.errors import MigrationEnded
+from mig.postcopy_pause import RecoverGate
+
+__all__ = ["PostcopyIncoming", "require_postcopy"]
+
+_POLL = 0.1
+
+
+def require_postcopy() -> None:
+    """Raise ``MigrationEnded`` naming the missing feature unless post-copy runs here."""
+    cap = _mig.capabilities().get("postcopy") or {}
+    if not cap.get("available"):
+        missing = ", ".join(cap.get("missing") or ()) or "userfaultfd MISSING mode"
+        reason = cap.get("reason") or "unknown"
+        raise MigrationEnded(
+            "failed", f"post-copy unavailable on the destination: needs {missing} ({reason})"
+        )
+
+
+class PostcopyIncoming:
+    """The destination's post-copy phase around a native ``PostcopyIncoming``."""
+
+    def __init__(self, memory: Any, vcpus: int, io_timeout: float) -> None:
+        self.native = _mig.PostcopyIncoming(memory, vcpus=vcpus)
+        self.io_timeout = io_timeout
+        self.attached = False
+        self.gate = RecoverGate()
+        self._recover_error: str | None = None
+        self._missing: list[tuple[int, int]] | None = None
+
+    def attach(self, listener: Any, receiver: Any, timeout: float) -> None:
+        """Accept the page channels, register, discard what is owed, start."""
+        if listener is None or receiver is None:
+            raise MigrationEnded("failed", "post-copy needs a real session (listener and receiver)")
+        self.native.attach(listener, receiver, timeout, io_timeout=self.io_timeout)
+        self.attached = True
+        self._session = (listener, receiver, timeout)
+
+    def run(
+        self,
+        set_status: Callable[[str], None],
+        check_cancel: Callable[[], str | None],
+    ) -> int:
+        """Wait, the guest running, until every owed page is placed; returns
+        the root. A broken channel waits for ``recover()``; a cancel then
+        ends with the guest lost."""
+        while True:
+            state, reason = self.native.wait(_POLL)
+            if state == "complete":
+                return int(self.native.root)
+            if state == "active":
+                continue
+            cancelled = self.gate.wait(reason, set_status, check_cancel)
+            if cancelled is not None:
+                self._lose(cancelled)
+            listener, receiver, timeout = self._session
+            try:
+                self.native.recover(listener, receiver, timeout, io_timeout=self.io_timeout)
+            except Exception as e:
+                self._recover_error = str(e)
+                continue
+            self.gate.resumed(set_status)
+
+    def recover(self) -> None:
+        """Accept the source's new page channels (QEMU's migrate-recover)."""
+        self.gate.request()
+
+    def _lose(self, why: str) -> None:
+        self._missing = [tuple(r) for r in self.native.missing_pages()]  # type: ignore[misc]
+        pages = sum(n for _, n in self._missing)
+        self.native.close()
+        raise MigrationEnded(
+            "failed",
+            f"post-copy ended with {pages} pages that never arrived ({why}): the guest is lost",
+            by_peer=True,
+        )
+
+    def close(self) -> None:
+        self.native.close()
+
+    def stats(self) -> dict[str, Any]:
+        if not self.attached:
+            return {}
+        out = dict(self.native.stats())
+        paused = self.gate.paused_reason
+        if paused is not None:
+            out["paused-reason"] = paused
+        if self._recover_error is not None:
+            out["recover-error"] = self._recover_error
+        missing = self._missing
+        if missing is None and paused is not None:
+            missing = [tuple(r) for r in self.native.missing_pages()]  # type: ignore[misc]
+        if missing is not None:
+            out["missing-pages"] = missing
+        return out

@@ -1,0 +1,501 @@
+//! The source's side of post-copy: serves the destination's page requests
+//! first and pushes every other chunk it still owes in the background.
+//!
+//! The unit is the destination digest's chunk (`chunk_digest::CHUNK_BYTES`,
+//! 16 pages of 4 KiB): the destination discards, receives, places and hashes
+//! whole chunks, so its digest of what it placed sums exactly the terms the
+//! source's digest of its frozen memory has for them.
+//!
+//! Two threads, one per channel. The request thread reads `REQUEST` frames
+//! on the urgent channel and answers each with its chunk on the same channel
+//! at once, unless the chunk already went out, followed by up to
+//! `READ_AHEAD` owed chunks after it; it then moves the push cursor past
+//! them, so the push follows the locality of the faults (QEMU moves its
+//! scan position the same way). The push thread walks the
+//! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
+//! leaves the owed set exactly once, claimed by whichever thread takes it.
+//! Requests wait for the pacer too (the cap models the link), ahead of the
+//! push: at most one chunk's time. Read-ahead goes only while the link has
+//! room.
+//!
+//! The guest is stopped for the whole phase: its memory is frozen, and
+//! reading it races with nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::frames::{self, ReadOutcome, Tag, PUSH, URGENT};
+use super::page_set::PageSet;
+use super::phase_state::PhaseState;
+use crate::bitmap::DirtyBitmap;
+use crate::error::{CoreError, CoreResult};
+use crate::memory::GuestMemory;
+use crate::transport::Conn;
+
+/// How often a waiting thread checks whether it should stop.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Owed chunks sent after a requested one on the urgent channel.
+const READ_AHEAD: usize = 3;
+
+/// Where the phase stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutgoingState {
+    /// Serving requests and pushing.
+    Active,
+    /// A channel broke: `reason`. Nothing is lost; `reconnect` goes on.
+    Paused(String),
+    /// The destination placed every chunk.
+    Placed,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OutgoingStats {
+    /// `postcopy-requests`: requests received.
+    pub requests: u64,
+    /// Chunks sent because they were requested.
+    pub requested_chunks: u64,
+    /// Chunks sent by the background push.
+    pub pushed_chunks: u64,
+    /// Chunks of zeros (sent without payload).
+    pub zero_chunks: u64,
+    /// Chunks owed at the hand-over, and still owed now.
+    pub owed_chunks: u64,
+    pub remaining_chunks: u64,
+    pub bytes: u64,
+    /// Reconnections after a broken channel.
+    pub recoveries: u64,
+}
+
+/// Bytes per second, and when the bytes charged so far have had their time.
+struct Pacer {
+    rate: u64,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Mutex<Pacer> {
+        Mutex::new(Pacer {
+            rate,
+            next: Instant::now(),
+        })
+    }
+}
+
+struct Shared {
+    mem: Arc<GuestMemory>,
+    chunk_pages: usize,
+    chunks: usize,
+    /// Chunks not yet sent.
+    remaining: PageSet,
+    /// Where the push goes on (a chunk index).
+    cursor: AtomicUsize,
+    /// The link (`max_bandwidth`): every chunk.
+    pacer: Mutex<Pacer>,
+    /// The push alone (`max_postcopy_bandwidth`, 0 = no further limit).
+    push_pacer: Mutex<Pacer>,
+    stop: AtomicBool,
+    state: PhaseState<OutgoingState>,
+    requests: AtomicU64,
+    requested: AtomicU64,
+    pushed: AtomicU64,
+    zero: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn set_state(&self, s: OutgoingState) {
+        self.state.set(s);
+    }
+
+    fn broken(&self, e: CoreError) {
+        if !self.stop.load(Ordering::SeqCst) {
+            self.set_state(OutgoingState::Paused(e.to_string()));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends chunk `c` on `conn`: its bytes, or an empty frame for zeros.
+    /// Returns the bytes it put on the wire.
+    fn send_chunk(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<usize> {
+        let ps = self.mem.page_size();
+        let first = c * self.chunk_pages;
+        let pages = self.chunk_pages.min(self.mem.num_pages() - first);
+        buf.resize(pages * ps, 0);
+        // A hole reads as zeros; reading it through a memfd mapping would
+        // allocate it page by page.
+        let zero = self.mem.is_hole(first * ps, (first + pages) * ps) || {
+            self.mem.read_bytes(first * ps, buf)?;
+            is_zero(buf)
+        };
+        let payload: &[u8] = if zero { &[] } else { buf };
+        if let Err(e) = frames::write_frame(conn, Tag::Chunk, c as u64, payload) {
+            // Not delivered as far as we know: owed again.
+            self.remaining.insert(c);
+            return Err(e);
+        }
+        if zero {
+            self.zero.fetch_add(1, Ordering::Relaxed);
+        }
+        let wire = payload.len() + frames::HEADER_LEN;
+        self.bytes.fetch_add(wire as u64, Ordering::Relaxed);
+        Self::charge(&self.pacer, wire);
+        Ok(wire)
+    }
+
+    /// Charges `bytes` sent to `pacer`.
+    fn charge(pacer: &Mutex<Pacer>, bytes: usize) {
+        let mut p = lock(pacer);
+        if p.rate == 0 {
+            return;
+        }
+        let d = Duration::from_secs_f64(bytes as f64 / p.rate as f64);
+        // A tiny rate (a push held back on purpose) must not overflow.
+        p.next = p.next.max(Instant::now()).checked_add(d).unwrap_or(p.next);
+    }
+
+    /// Whether the bytes charged so far to `pacer` have had their time.
+    fn has_turn(pacer: &Mutex<Pacer>) -> bool {
+        let p = lock(pacer);
+        p.rate == 0 || Instant::now() >= p.next
+    }
+
+    /// Sleeps until the bytes charged so far to `pacer` have had their time.
+    fn wait_turn(&self, pacer: &Mutex<Pacer>) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let until = {
+                let p = lock(pacer);
+                if p.rate == 0 {
+                    return;
+                }
+                p.next
+            };
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(POLL));
+        }
+    }
+
+    /// Answers requests on the urgent channel until the destination reports
+    /// every chunk placed, the channel breaks or `stop`.
+    fn serve_requests(&self, mut conn: Conn) -> CoreResult<()> {
+        let mut buf = Vec::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            if !conn
+                .wait_readable(POLL)
+                .map_err(|e| CoreError::io("post-copy: poll", e))?
+            {
+                continue;
+            }
+            let f = match frames::read_frame(&mut conn, 0)? {
+                ReadOutcome::Frame(f) => f,
+                ReadOutcome::Idle => continue,
+            };
+            match f.tag {
+                Tag::Request => {
+                    self.requests.fetch_add(1, Ordering::Relaxed);
+                    let c = (f.arg / self.chunk_pages as u64) as usize;
+                    if c >= self.chunks {
+                        return Err(CoreError::invalid(format!(
+                            "post-copy: request for page {} beyond memory",
+                            f.arg
+                        )));
+                    }
+                    // Paced like everything on the link (max_bandwidth models
+                    // its capacity), but ahead of the push: at most one
+                    // chunk's time of waiting.
+                    self.wait_turn(&self.pacer);
+                    if self.remaining.remove(c) {
+                        self.send_chunk(&mut conn, c, &mut buf)?;
+                        self.requested.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The chunks right after it follow on the same channel
+                    // while the link has room: a guest walking memory would
+                    // fault on them next, one round trip per chunk.
+                    let mut next = c + 1;
+                    while next < self.chunks && next <= c + READ_AHEAD {
+                        let room = Self::has_turn(&self.pacer) && Self::has_turn(&self.push_pacer);
+                        if !room || !self.remaining.remove(next) {
+                            break;
+                        }
+                        let wire = self.send_chunk(&mut conn, next, &mut buf)?;
+                        Self::charge(&self.push_pacer, wire);
+                        self.pushed.fetch_add(1, Ordering::Relaxed);
+                        next += 1;
+                    }
+                    self.cursor.store(next, Ordering::Relaxed);
+                }
+                Tag::Placed => {
+                    self.set_state(OutgoingState::Placed);
+                    return Ok(());
+                }
+                t => {
+                    return Err(CoreError::invalid(format!(
+                        "post-copy: unexpected {t:?} frame from the destination"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes every chunk still owed, from the cursor on, then `DONE`.
+    fn push(&self, mut conn: Conn) -> CoreResult<()> {
+        let mut buf = Vec::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            // Paced before a chunk is claimed: a chunk waiting here for its
+            // turn is still free for a request to take at once.
+            self.wait_turn(&self.pacer);
+            self.wait_turn(&self.push_pacer);
+            let from = self.cursor.load(Ordering::Relaxed);
+            let Some(c) = self.remaining.first_from(from) else {
+                let sent =
+                    self.requested.load(Ordering::Relaxed) + self.pushed.load(Ordering::Relaxed);
+                return frames::write_frame(&mut conn, Tag::Done, sent, &[]);
+            };
+            if !self.remaining.remove(c) {
+                continue; // the request thread took it
+            }
+            // Move on from here unless a request moved the cursor meanwhile.
+            let _ = self
+                .cursor
+                .compare_exchange(from, c + 1, Ordering::Relaxed, Ordering::Relaxed);
+            let wire = self.send_chunk(&mut conn, c, &mut buf)?;
+            Self::charge(&self.push_pacer, wire);
+            self.pushed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: any bit pattern is a valid u64; `align_to` splits off the
+        // unaligned ends.
+        unsafe { b.align_to::<u64>() }
+    };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+pub struct PostcopyOutgoing {
+    shared: Arc<Shared>,
+    owed: u64,
+    recoveries: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl PostcopyOutgoing {
+    /// The chunks of `mem` (of `chunk_bytes`) holding a page of `owed`: the
+    /// pages the destination does not hold current.
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        owed: &DirtyBitmap,
+        chunk_bytes: usize,
+        max_bandwidth: u64,
+        max_push_bandwidth: u64,
+    ) -> CoreResult<Self> {
+        let ps = mem.page_size();
+        if chunk_bytes < ps || !chunk_bytes.is_multiple_of(ps) {
+            return Err(CoreError::invalid(format!(
+                "post-copy chunk of {chunk_bytes} bytes is not a multiple of the page size {ps}"
+            )));
+        }
+        if owed.len() != mem.num_pages() {
+            return Err(CoreError::invalid(format!(
+                "post-copy: bitmap of {} pages for a memory of {}",
+                owed.len(),
+                mem.num_pages()
+            )));
+        }
+        let chunk_pages = chunk_bytes / ps;
+        let chunks = mem.num_pages().div_ceil(chunk_pages);
+        let remaining = PageSet::new(chunks);
+        for p in owed.iter() {
+            remaining.insert(p / chunk_pages);
+        }
+        let owed = remaining.count() as u64;
+        Ok(PostcopyOutgoing {
+            shared: Arc::new(Shared {
+                mem,
+                chunk_pages,
+                chunks,
+                remaining,
+                cursor: AtomicUsize::new(0),
+                pacer: Pacer::new(max_bandwidth),
+                push_pacer: Pacer::new(max_push_bandwidth),
+                stop: AtomicBool::new(false),
+                state: PhaseState::new(OutgoingState::Active, |s| *s == OutgoingState::Placed),
+                requests: AtomicU64::new(0),
+                requested: AtomicU64::new(0),
+                pushed: AtomicU64::new(0),
+                zero: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            }),
+            owed,
+            recoveries: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn chunk_pages(&self) -> usize {
+        self.shared.chunk_pages
+    }
+
+    /// The owed chunks as u64 words, for the `DISCARD` frame.
+    fn owed_words(&self) -> Vec<u64> {
+        let s = &self.shared;
+        let mut words = vec![0u64; s.chunks.div_ceil(64)];
+        for c in 0..s.chunks {
+            if s.remaining.contains(c) {
+                words[c / 64] |= 1 << (c % 64);
+            }
+        }
+        words
+    }
+
+    /// Hands over on freshly opened channels: `DISCARD` names the owed
+    /// chunks, then both threads start.
+    pub fn start(&self, mut conns: Vec<Conn>) -> CoreResult<()> {
+        let words = self.owed_words();
+        let urgent = conns
+            .get_mut(URGENT)
+            .ok_or_else(|| CoreError::invalid("post-copy needs its two channels"))?;
+        frames::write_frame(
+            urgent,
+            Tag::Discard,
+            self.shared.chunk_pages as u64,
+            &frames::bitmap_bytes(&words),
+        )?;
+        self.spawn(conns)
+    }
+
+    /// Goes on after a broken channel, on newly opened ones: the
+    /// destination first says which chunks it still misses (chunks in
+    /// flight when the link broke may be lost), those are owed again.
+    pub fn reconnect(&self, mut conns: Vec<Conn>, timeout: Duration) -> CoreResult<()> {
+        self.join();
+        let s = &self.shared;
+        let urgent = conns
+            .get_mut(URGENT)
+            .ok_or_else(|| CoreError::invalid("post-copy needs its two channels"))?;
+        let deadline = Instant::now() + timeout;
+        let frame = loop {
+            if Instant::now() >= deadline {
+                return Err(CoreError::invalid(
+                    "post-copy recovery: the destination did not say what it misses",
+                ));
+            }
+            if !urgent
+                .wait_readable(POLL)
+                .map_err(|e| CoreError::io("post-copy: poll", e))?
+            {
+                continue;
+            }
+            if let ReadOutcome::Frame(f) = frames::read_frame(urgent, s.chunks.div_ceil(64) * 8)? {
+                break f;
+            }
+        };
+        if frame.tag != Tag::Missing {
+            return Err(CoreError::invalid(format!(
+                "post-copy recovery: expected MISSING, got {:?}",
+                frame.tag
+            )));
+        }
+        let words = frames::bitmap_words(&frame.payload, s.chunks)?;
+        for c in 0..s.chunks {
+            if words[c / 64] & (1 << (c % 64)) != 0 {
+                s.remaining.insert(c);
+            }
+        }
+        self.recoveries.fetch_add(1, Ordering::Relaxed);
+        s.stop.store(false, Ordering::SeqCst);
+        s.state.set(OutgoingState::Active);
+        self.spawn(conns)
+    }
+
+    fn spawn(&self, mut conns: Vec<Conn>) -> CoreResult<()> {
+        if conns.len() != frames::CHANNELS {
+            return Err(CoreError::invalid("post-copy needs its two channels"));
+        }
+        let push = conns.remove(PUSH);
+        let urgent = conns.remove(URGENT);
+        let mut threads = lock(&self.threads);
+        for (name, conn, is_push) in [
+            ("mig-pc-requests", urgent, false),
+            ("mig-pc-push", push, true),
+        ] {
+            let s = self.shared.clone();
+            let t = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let r = if is_push {
+                        s.push(conn)
+                    } else {
+                        s.serve_requests(conn)
+                    };
+                    if let Err(e) = r {
+                        s.broken(e);
+                    }
+                })
+                .map_err(|e| CoreError::io("spawn post-copy thread", e))?;
+            threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the state to leave `Active`.
+    pub fn wait(&self, timeout: Duration) -> OutgoingState {
+        self.shared
+            .state
+            .wait_while(&OutgoingState::Active, timeout)
+    }
+
+    pub fn state(&self) -> OutgoingState {
+        self.shared.state.get()
+    }
+
+    pub fn set_max_bandwidth(&self, rate: u64) {
+        lock(&self.shared.pacer).rate = rate;
+    }
+
+    pub fn stats(&self) -> OutgoingStats {
+        let s = &self.shared;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        OutgoingStats {
+            requests: get(&s.requests),
+            requested_chunks: get(&s.requested),
+            pushed_chunks: get(&s.pushed),
+            zero_chunks: get(&s.zero),
+            owed_chunks: self.owed,
+            remaining_chunks: s.remaining.count() as u64,
+            bytes: get(&s.bytes),
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops both threads (their channels close with them).
+    fn join(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    pub fn close(&self) {
+        self.join();
+    }
+}
+
+impl Drop for PostcopyOutgoing {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
