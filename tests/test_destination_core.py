@@ -20,6 +20,7 @@ from mig.destination_core import (
 )
 from mig.errors import MigrationEnded
 from mig.protocol import (
+    VERSION,
     Cancel,
     Complete,
     DeviceInfo,
@@ -96,7 +97,7 @@ def test_an_accepted_hello_starts_the_loads_before_acking() -> None:
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        ({"version": 2}, "protocol version 2"),
+        ({"version": VERSION + 1}, f"protocol version {VERSION + 1}"),
         ({"page_size": 8192}, "page size"),
         ({"ram_size": 1}, "RAM size"),
         ({"devices": (DeviceInfo(1, "gpu0", "device"),)}, "devices"),

@@ -8,6 +8,7 @@ import pytest
 
 from mig import ProtocolError, protocol
 from mig.protocol import (
+    VERSION,
     Cancel,
     Complete,
     DeviceInfo,
@@ -86,7 +87,7 @@ def test_the_wire_form_keeps_its_documented_fields() -> None:
     assert wire == {"type": "pass", "pass": 3, "generation": 2, "device_seqs": {"1": 4}}
     hello = json.loads(protocol.encode(HELLO))
     assert hello["devices"][0] == {"id": 1, "name": "nic0", "kind": "device"}
-    assert hello["version"] == 1 and hello["params"]["multifd_channels"] == 2
+    assert hello["version"] == VERSION and hello["params"]["multifd_channels"] == 2
     assert json.loads(protocol.encode(SwitchoverAbort({1: (5, 9)}, {}, "x")))["aborted"] == {
         "1": [5, 9]
     }
@@ -121,7 +122,7 @@ def _raw(kind: str, **fields: object) -> bytes:
 def _hello(devices: object, params: object = None) -> bytes:
     return _raw(
         "hello",
-        version=1,
+        version=VERSION,
         migration_id=1,
         page_size=4096,
         ram_size=1,

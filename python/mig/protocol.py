@@ -55,7 +55,11 @@ __all__ = [
     "decode",
 ]
 
-VERSION = 1
+# 2: settle/settled before the pause, progress heartbeats, post-copy's
+# postcopy-advise/postcopy-run. A peer of another version is refused at hello,
+# before anything is sent, rather than failing mid-migration on a message it
+# does not know.
+VERSION = 2
 # Bounded so a hostile peer cannot make us parse an unbounded document.
 MAX_MESSAGE = 1 << 20
 # Device ids travel as u32 in the device-record header.
