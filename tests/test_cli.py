@@ -410,6 +410,8 @@ BAD = [
     (["demo", "--max-bandwidth", "10furlongs/s"], "--max-bandwidth"),
     (["demo", "--avail-switchover-bandwidth", "x"], "--avail-switchover-bandwidth"),
     (["demo", "--vcpus", "0"], "--vcpus"),
+    (["serve", "--listen", "tcp:127.0.0.1:0", "--vcpus", "0"], "--vcpus"),
+    (["demo", "--postcopy", "--postcopy-after", "-1"], "--postcopy-after"),
     (["demo", "--channels", "65"], "--channels"),
     (["demo", "--devices", "warpdrive"], "--devices"),
     (["demo", "--devices", "nic:state=lots"], "--devices"),

@@ -13,7 +13,15 @@ import sys
 from typing import NoReturn
 
 from mig.cli_postcopy import add_postcopy_options, add_serve_workload
-from mig.cli_values import device_specs, dirty_limit, int_range, policy_names, positive, typed
+from mig.cli_values import (
+    MAX_VCPUS,
+    device_specs,
+    dirty_limit,
+    int_range,
+    policy_names,
+    positive,
+    typed,
+)
 from mig.prealloc import add_prealloc_option
 from mig.protocol import VERIFY_MODES
 from mig.units import parse_duration, parse_rate, parse_size
@@ -31,7 +39,6 @@ COMPRESSIONS = ("none", "zstd", "lz4")
 AUTO_CONVERGE_MODES = ("proportional", "qemu")
 BACKINGS = ("auto", "memfd", "memfd-thp", "anon", "anon-thp", "hugetlb")
 MAX_CHANNELS = 64
-MAX_VCPUS = 256
 
 # ``add_argument`` target: a parser or one of its argument groups.
 Options = argparse.ArgumentParser | argparse._ArgumentGroup

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mig.cli_values import MAX_VCPUS, int_range
+
+MAX_PASSES = 1_000_000  # --postcopy-after: more than any migration runs
+
 __all__ = [
     "add_postcopy_options",
     "add_serve_workload",
@@ -30,7 +34,7 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--postcopy-after",
-        type=int,
+        type=int_range(0, MAX_PASSES),
         default=0,
         metavar="PASSES",
         help="with --postcopy: switch after this many whole passes of pre-copy, or on "
@@ -51,7 +55,12 @@ def add_serve_workload(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run this workload on the received memory once the guest resumes here",
     )
-    parser.add_argument("--vcpus", type=int, default=1, help="vCPUs of that workload (default 1)")
+    parser.add_argument(
+        "--vcpus",
+        type=int_range(1, MAX_VCPUS),
+        default=1,
+        help="vCPUs of that workload (default 1)",
+    )
 
 
 def serve_workload_args(args: argparse.Namespace) -> list[str]:

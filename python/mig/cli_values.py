@@ -16,6 +16,9 @@ from mig.units import parse_rate
 __all__ = ["typed", "int_range", "device_specs", "dirty_limit", "positive", "policy_names"]
 
 
+MAX_VCPUS = 256  # --vcpus, on the source's guest and on serve's resumed workload
+
+
 def typed(
     parse: Callable[[str], Any], check: Callable[[Any], str | None] | None = None
 ) -> Callable[[str], Any]:
