@@ -343,47 +343,8 @@ impl RecordHeader {
         let body_len = le_u32(b, 40);
         let crc = le_u32(b, 44);
         let body = body_len as usize;
-        let ps = stream.page_size as usize;
         let kind = match tag {
-            TAG_PAGES => {
-                let live = flags & FLAG_LIVE != 0;
-                let compression = Compression::from_bits(flags & FLAG_COMPRESSION_MASK)
-                    .filter(|_| flags & !(FLAG_COMPRESSION_MASK | FLAG_LIVE) == 0)
-                    // Only a raw payload can come from live memory, and its
-                    // CRC fits 32 bits.
-                    .filter(|&c| !live || (c == Compression::None && arg >> 32 == 0))
-                    .filter(|_| live || arg == 0)
-                    .ok_or_else(|| format!("PAGE record: bad flags {flags:#x} or arg {arg:#x}"))?;
-                let total = c0 as u64 + c1 as u64;
-                if total == 0 || total > stream.packet_pages as u64 {
-                    return Err(format!(
-                        "PAGE record: {c0} normal + {c1} zero pages outside [1, {}]",
-                        stream.packet_pages
-                    ));
-                }
-                let offsets = total as usize * 8;
-                let raw = c0 as usize * ps;
-                let payload = body.checked_sub(offsets).ok_or_else(|| {
-                    format!("PAGE record: body of {body} bytes cannot hold {total} offsets")
-                })?;
-                let ok = match compression {
-                    Compression::None => payload == raw,
-                    _ => c0 > 0 && payload > 0 && payload < raw,
-                };
-                if !ok {
-                    return Err(format!(
-                        "PAGE record: payload of {payload} bytes does not fit {c0} pages \
-                         with compression {}",
-                        compression.name()
-                    ));
-                }
-                RecordKind::Pages {
-                    compression,
-                    normal: c0,
-                    zero: c1,
-                    live_crc: live.then_some(arg as u32),
-                }
-            }
+            TAG_PAGES => decode_pages(flags, arg, c0, c1, body, stream)?,
             TAG_DEVICE => {
                 if flags & !FLAG_FINAL != 0 || c1 != 0 {
                     return Err(format!("DEVS record: bad flags {flags:#x} or count {c1}"));
@@ -645,6 +606,56 @@ pub fn is_zero(buf: &[u8]) -> bool {
         }
     }
     blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// A PAGE record's header fields, checked: the flags, the page counts within
+/// a packet, and a body that holds exactly the offsets and the payload.
+fn decode_pages(
+    flags: u32,
+    arg: u64,
+    c0: u32,
+    c1: u32,
+    body: usize,
+    stream: &StreamHeader,
+) -> Result<RecordKind, String> {
+    let ps = stream.page_size as usize;
+    let live = flags & FLAG_LIVE != 0;
+    let compression = Compression::from_bits(flags & FLAG_COMPRESSION_MASK)
+        .filter(|_| flags & !(FLAG_COMPRESSION_MASK | FLAG_LIVE) == 0)
+        // Only a raw payload can come from live memory, and its
+        // CRC fits 32 bits.
+        .filter(|&c| !live || (c == Compression::None && arg >> 32 == 0))
+        .filter(|_| live || arg == 0)
+        .ok_or_else(|| format!("PAGE record: bad flags {flags:#x} or arg {arg:#x}"))?;
+    let total = c0 as u64 + c1 as u64;
+    if total == 0 || total > stream.packet_pages as u64 {
+        return Err(format!(
+            "PAGE record: {c0} normal + {c1} zero pages outside [1, {}]",
+            stream.packet_pages
+        ));
+    }
+    let offsets = total as usize * 8;
+    let raw = c0 as usize * ps;
+    let payload = body
+        .checked_sub(offsets)
+        .ok_or_else(|| format!("PAGE record: body of {body} bytes cannot hold {total} offsets"))?;
+    let ok = match compression {
+        Compression::None => payload == raw,
+        _ => c0 > 0 && payload > 0 && payload < raw,
+    };
+    if !ok {
+        return Err(format!(
+            "PAGE record: payload of {payload} bytes does not fit {c0} pages \
+             with compression {}",
+            compression.name()
+        ));
+    }
+    Ok(RecordKind::Pages {
+        compression,
+        normal: c0,
+        zero: c1,
+        live_crc: live.then_some(arg as u32),
+    })
 }
 
 #[cfg(test)]
