@@ -34,8 +34,14 @@ def sim_config(
     vcpus: int,
     devices: str,
     host_model: Path | None = None,
+    demo: bool = True,
 ) -> tuple[SimConfig, str]:
-    """The simulated twin of a command line, and the host model's origin."""
+    """The simulated twin of a command line, and the host model's origin.
+
+    The built-in guest starts zeroed: only what its workload writes holds
+    data, the rest goes out as zero pages. ``mig demo`` (``demo``) starts its
+    migration once its destination process is ready, so the workload has run
+    for the host model's warm-up by then; ``mig send`` starts at once."""
     host, origin = load_host_model(host_model)
     params = dict(params)
     if params.get("compression", "none") != "none":
@@ -54,6 +60,8 @@ def sim_config(
         params=params,
         link=link,
         host=host,
+        prefilled=False,
+        warmup=None if demo else 0.0,
         label="simulate",
     )
     return config, origin

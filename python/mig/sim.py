@@ -295,6 +295,17 @@ class HostModel:
     # bucket); the loop plans with the estimate less two deviations, so a
     # link that never varies would switch over earlier than a real one.
     link_jitter: float = 0.0
+    # How long a zeroed guest's workload runs before its migration starts:
+    # ``mig demo`` builds the guest while its destination process starts and
+    # preallocates memory, and the source starts only once that is ready.
+    # The pages written meanwhile hold data; the rest still go out as zero
+    # pages. A base plus a share per byte of guest memory (the preallocation).
+    warmup_base: float = 0.75
+    warmup_per_byte: float = 0.85e-9
+
+    def warmup(self, memory: int) -> float:
+        """Seconds a ``memory``-byte guest runs before its migration starts."""
+        return self.warmup_base + self.warmup_per_byte * memory
 
     @classmethod
     def calibrate(
@@ -328,8 +339,10 @@ class HostModel:
                 time.sleep(0.02)
             writes = g.stats()["rate"]
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
+        warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         if switchover is not None:
             load_base, drain_base, link_jitter = _switchover_load(digest_rate, *switchover)
+            warmup_base, warmup_per_byte = _warmup_costs()
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -342,7 +355,43 @@ class HostModel:
             load_base=load_base,
             drain_base=drain_base,
             link_jitter=link_jitter,
+            warmup_base=warmup_base,
+            warmup_per_byte=warmup_per_byte,
         )
+
+
+# Guest sizes the warm-up is timed at: the base from the small one, the
+# share per byte from the difference.
+WARMUP_SIZES = (16 << 20, 1 << 30)
+# The demo's default device: a destination with devices takes longer to
+# start (it builds them) than one without.
+WARMUP_DEVICES = "nic"
+
+
+def _warmup_costs(runs: int = 3) -> tuple[float, float]:
+    """(warmup_base, warmup_per_byte): how long ``mig demo``'s destination
+    process takes from its start until it is ready to receive (start-up,
+    memory preallocation), the time the demo's guest runs before its
+    migration starts. Median of ``runs`` at each of ``WARMUP_SIZES``."""
+    from mig.demo_destination import DemoDestination  # noqa: PLC0415
+
+    medians = []
+    for size in WARMUP_SIZES:
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            dest = DemoDestination(size, WARMUP_DEVICES, "warning", {})
+            try:
+                uri = dest.uri()
+                times.append(time.perf_counter() - t0)
+            finally:
+                dest.kill()
+            if uri is None:
+                raise RuntimeError("calibration: the demo destination did not start")
+        medians.append(float(np.median(times)))
+    small, large = WARMUP_SIZES
+    per_byte = max(0.0, (medians[1] - medians[0]) / (large - small))
+    return max(0.0, medians[0] - per_byte * small), per_byte
 
 
 # Share of pages written before each timed sync: a scattered quarter of
@@ -719,6 +768,16 @@ class SimGuest:
         pages = np.concatenate(parts) // self.memory.granularity
         self.written(pages)
 
+    def warm_up(self, seconds: float) -> None:
+        """Run the workload for ``seconds`` before any tracker watches: what
+        it writes holds data (no longer a zero page) and is sent by the first
+        pass like every other page."""
+        if self.tracker is not None:
+            raise RuntimeError("warm_up runs before the tracker is attached")
+        self._clock.advance(seconds)
+        self.flush()
+        self.writes = 0
+
     def written(self, pages: np.ndarray) -> None:
         # Buffered until the tracker harvests: one bitmap build per sync.
         self._buffer.append(pages)
@@ -847,6 +906,10 @@ class SimLink:
         g = self._g
         zero_units = 0
         zero = self.guest.pristine
+        if zero is not None:
+            # A page goes out as it is when sent: one the guest wrote since
+            # the last sync holds data already, though no sync has seen it.
+            self.guest.flush()
         if zero is not None and zero.count():
             inter = bitmap.copy()
             inter.and_not(zero)
@@ -1026,6 +1089,9 @@ class SimConfig:
     link: LinkModel = field(default_factory=LinkModel)
     host: HostModel = field(default_factory=HostModel)
     prefilled: bool = True
+    # Seconds a zeroed guest runs before its migration starts; None: the
+    # host model's (``mig demo``'s destination start-up).
+    warmup: float | None = None
     seed: int = 1
     granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
     label: str = ""
@@ -1070,6 +1136,11 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     memory = SimMemory(config.memory, g, clock, host)
     guest = SimGuest(memory, clock, host, config.workload, config.vcpus, config.seed,
                      config.prefilled)  # fmt: skip
+    if not config.prefilled:
+        # A zeroed guest runs its workload while the destination starts;
+        # a prefilled one has no zero page left for that to change.
+        warmup = host.warmup(config.memory) if config.warmup is None else config.warmup
+        guest.warm_up(warmup)
     tracker = SimTracker(memory, clock, host)
     guest.tracker = tracker
     tracker.guest = guest
