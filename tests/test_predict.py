@@ -144,3 +144,21 @@ def test_send_simulate_starts_its_guest_without_a_warm_up(
     status, q, err = run_json(capsys, *argv)
     assert status == EXIT_OK, err
     assert q["ram"]["normal"] < 2000
+
+
+def test_an_uncapped_demo_runs_at_the_models_loopback_pace(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mig demo's destination is on the loopback: without a cap the model's
+    # loopback rate and per-page sender time set the pace, not a 10 Gbit/s guess.
+    uncapped = [a for a in SMALL if a not in ("--max-bandwidth", "64MiB/s")]
+    times = []
+    for per_page in (0.0, 20e-6):
+        model = HostModel(loopback_bandwidth=200e6, loopback_per_page=per_page)
+        save_host_model(model, model_file, {"commit": "x", "date": "2026-01-01T00:00:00Z"})
+        status, q, err = run_json(capsys, "demo", "--simulate", "--json", *uncapped)
+        assert status == EXIT_OK, err
+        assert q["sim"]["assumed-link"] == 200e6
+        times.append(q["total-time"])
+    # 16384 pages at least once at 20 us each: over 300 ms more.
+    assert times[1] - times[0] > 300

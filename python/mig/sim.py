@@ -302,6 +302,12 @@ class HostModel:
     # pages. A base plus a share per byte of guest memory (the preallocation).
     warmup_base: float = 0.75
     warmup_per_byte: float = 0.85e-9
+    # ``mig demo`` without --max-bandwidth migrates over this host's
+    # loopback as fast as the sender goes: the wire's rate, plus the
+    # sender's time per page (reading it, telling zero pages from data) that
+    # a capped link hides behind its pacing.
+    loopback_bandwidth: float = 5.2e8
+    loopback_per_page: float = 1e-6
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -340,9 +346,11 @@ class HostModel:
             writes = g.stats()["rate"]
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
+        loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         if switchover is not None:
             load_base, drain_base, link_jitter = _switchover_load(digest_rate, *switchover)
             warmup_base, warmup_per_byte = _warmup_costs()
+            loopback_bandwidth, loopback_per_page = _loopback_costs()
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -357,6 +365,8 @@ class HostModel:
             link_jitter=link_jitter,
             warmup_base=warmup_base,
             warmup_per_byte=warmup_per_byte,
+            loopback_bandwidth=loopback_bandwidth,
+            loopback_per_page=loopback_per_page,
         )
 
 
@@ -392,6 +402,47 @@ def _warmup_costs(runs: int = 3) -> tuple[float, float]:
     small, large = WARMUP_SIZES
     per_byte = max(0.0, (medians[1] - medians[0]) / (large - small))
     return max(0.0, medians[0] - per_byte * small), per_byte
+
+
+# (size, filled) of the uncapped loopback migrations: zero pages cost the
+# sender its time per page, data pages mostly the wire's.
+LOOPBACK_GUESTS = ((256 << 20, False), (64 << 20, True))
+
+
+def _loopback_costs(runs: int = 3) -> tuple[float, float]:
+    """(loopback_bandwidth, loopback_per_page) from uncapped loopback
+    migrations of an idle guest: a zeroed one and a filled one, median
+    time of ``runs`` each, solved for time = pages * per_page + wire / bandwidth."""
+    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    rows = []
+    for size, filled in LOOPBACK_GUESTS:
+        times, wire = [], 0
+        for _ in range(runs):
+            src, dst = GuestMemory(size), GuestMemory(size)
+            if filled:
+                src.array[:] = 0x5A
+            with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+                dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+                source = MigrationSource(guest, [], uri=dest.uri)
+                dest.start()
+                source.start()
+                q = source.wait(120)
+                dest.wait(60)
+            if q["status"] != "completed":
+                raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+            times.append((q["total-time"] - q["downtime"]) / 1000)
+            wire = int(q["ram"]["transferred"])
+        rows.append((size // PAGE_SIZE, wire, float(np.median(times))))
+    (p1, w1, t1), (p2, w2, t2) = rows
+    # Two equations, two unknowns (per_page, 1 / bandwidth).
+    det = p1 * w2 - p2 * w1
+    per_page = max(0.0, (t1 * w2 - t2 * w1) / det)
+    inverse = (p1 * t2 - p2 * t1) / det
+    bandwidth = 1 / inverse if inverse > 0 else w2 / t2
+    return bandwidth, per_page
 
 
 # Share of pages written before each timed sync: a scattered quarter of
@@ -564,7 +615,13 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
 
 
 # Fields the model divides by: zero is never a measurement.
-_RATES = ("digest_rate", "device_rate", "device_load_rate", "max_rate_per_vcpu")
+_RATES = (
+    "digest_rate",
+    "device_rate",
+    "device_load_rate",
+    "max_rate_per_vcpu",
+    "loopback_bandwidth",
+)
 
 
 def _best(fn: Any, n: int) -> float:
