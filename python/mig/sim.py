@@ -413,26 +413,11 @@ def _loopback_costs(runs: int = 3) -> tuple[float, float]:
     """(loopback_bandwidth, loopback_per_page) from uncapped loopback
     migrations of an idle guest: a zeroed one and a filled one, median
     time of ``runs`` each, solved for time = pages * per_page + wire / bandwidth."""
-    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
-    from mig.destination import MigrationDestination  # noqa: PLC0415
-    from mig.source import MigrationSource  # noqa: PLC0415
-
     rows = []
     for size, filled in LOOPBACK_GUESTS:
         times, wire = [], 0
         for _ in range(runs):
-            src, dst = GuestMemory(size), GuestMemory(size)
-            if filled:
-                src.array[:] = 0x5A
-            with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-                source = MigrationSource(guest, [], uri=dest.uri)
-                dest.start()
-                source.start()
-                q = source.wait(120)
-                dest.wait(60)
-            if q["status"] != "completed":
-                raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+            q, _ = _idle_loopback_migration(size, filled, 0)
             times.append((q["total-time"] - q["downtime"]) / 1000)
             wire = int(q["ram"]["transferred"])
         rows.append((size // PAGE_SIZE, wire, float(np.median(times))))
@@ -528,6 +513,28 @@ def _device_rates() -> tuple[float, float]:
     return nbytes / save, nbytes / load
 
 
+def _idle_loopback_migration(size: int, filled: bool, cap: int) -> tuple[dict[str, Any], Any]:
+    """One real loopback migration of an idle guest (memory filled or
+    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source."""
+    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    src, dst = GuestMemory(size), GuestMemory(size)
+    if filled:
+        src.array[:] = 0x5A
+    with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+        dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+        source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=cap)
+        dest.start()
+        source.start()
+        q = source.wait(120)
+        dest.wait(60)
+    if q["status"] != "completed":
+        raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+    return q, source
+
+
 def _switchover_load(
     digest_rate: float, size: int, cap: float, runs: int = 3
 ) -> tuple[float, float, float]:
@@ -537,23 +544,9 @@ def _switchover_load(
     The jitter comes from the source's bandwidth meter: its smoothed mean
     absolute deviation over the estimate, scaled to a standard deviation
     (E|X| = σ·√(2/π) for normal noise)."""
-    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
-    from mig.destination import MigrationDestination  # noqa: PLC0415
-    from mig.source import MigrationSource  # noqa: PLC0415
-
     loads, drains, jitters = [], [], []
     for _ in range(runs):
-        src, dst = GuestMemory(size), GuestMemory(size)
-        src.array[:] = 0x5A
-        with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-            dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-            source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=int(cap))
-            dest.start()
-            source.start()
-            q = source.wait(120)
-            dest.wait(60)
-        if q["status"] != "completed":
-            raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+        q, source = _idle_loopback_migration(size, True, int(cap))
         # "load" is the destination's work besides its wait for the end
         # records ("drain") and its digest ("dest-digest").
         loads.append(q["downtime-breakdown"]["load"] / 1000)
