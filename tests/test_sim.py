@@ -252,3 +252,30 @@ def test_a_sync_costs_more_with_more_dirty_pages() -> None:
     idle_sync = idle["downtime-breakdown"]["final-sync"]
     # The busy guest's final sync harvests what it wrote since the last one.
     assert busy["downtime-breakdown"]["final-sync"] >= idle_sync + 0.001  # ms: a page or more
+
+
+def test_a_capped_link_sends_its_idle_time_s_tokens_at_once() -> None:
+    # The sender's token bucket: after the link idled, up to BUCKET_BURST
+    # seconds of the cap leave without waiting; a busy link pays every byte.
+    import numpy as np
+
+    from mig.clock import VirtualClock
+    from mig.sim import BUCKET_BURST, HostModel, SimGuest, SimLink, SimMemory, SimTracker
+
+    clock, host = VirtualClock(), HostModel()
+    memory = SimMemory(64 * MIB, 1, clock, host)
+    guest = SimGuest(memory, clock, host)
+    link = SimLink(guest, SimTracker(memory, clock, host), clock, LinkModel(), host, 1, [])
+    link.set_max_bandwidth(64 * MIB)
+    pages = mig.DirtyBitmap.from_indices(np.arange(1024, dtype=np.uint64), memory.num_pages)
+
+    def timed_send() -> tuple[float, int]:
+        t0 = clock.now()
+        wire = link.send_pages(pages, 0)
+        return clock.now() - t0, wire
+
+    busy, wire = timed_send()
+    assert busy == pytest.approx(wire / (64 * MIB), rel=0.01)
+    clock.advance(1.0)  # idle: the bucket fills, to its limit only
+    after_idle, wire = timed_send()
+    assert after_idle == pytest.approx(wire / (64 * MIB) - BUCKET_BURST, rel=0.01)

@@ -29,7 +29,9 @@ Models:
   against the page-level model.
 * Network: ``channels`` parallel channels, each limited to
   ``channel_bandwidth`` and to ``window / rtt`` (a TCP window per round
-  trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total. Wire
+  trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total through
+  the sender's token bucket (an idle link piles up to ``BUCKET_BURST`` of
+  tokens, and the bytes they cover leave at once). Wire
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
@@ -649,6 +651,11 @@ class LinkModel:
         return total
 
 
+# Seconds of the cap the sender's token bucket holds at most
+# (rust/src/sender.rs, ``RateLimiter::take``).
+BUCKET_BURST = 0.05
+
+
 # ------------------------------------------------------------------ memory
 class SimMemory:
     """What the loop reads of guest memory: sizes, and a digest that costs time."""
@@ -919,6 +926,8 @@ class SimLink:
         self._jitter_window = -1
         self._jitter_factor = 1.0
         self._stale_bytes = 0  # page bytes sent since the switchover: what the root rehashes
+        self._tokens = 0.0  # bytes the capped sender may send at once
+        self._bucket_at = clock.now()
 
     # --- time ---
     def _rate(self) -> float:
@@ -933,9 +942,21 @@ class SimLink:
         return self._bw * self._jitter_factor
 
     def _charge(self, wire: int, cpu: float = 0.0) -> None:
-        dt = wire / self._rate() + cpu
+        paced = wire
+        if self.cap:
+            # The sender's token bucket: while the link idles (a pause, a
+            # settle, a sync) tokens pile up to BUCKET_BURST seconds of the
+            # cap, and bytes covered by them leave at once.
+            now = self.clock.now()
+            idle = max(0.0, now - self._bucket_at)
+            self._tokens = min(self.cap * BUCKET_BURST, self._tokens + idle * self.cap)
+            free = min(self._tokens, float(wire))
+            self._tokens -= free
+            paced = wire - free
+        dt = paced / self._rate() + cpu
         self._busy += dt
         self.clock.advance(dt)
+        self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
         self._n += 1
@@ -1087,6 +1108,8 @@ class SimLink:
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
         self.cap = float(bytes_per_s)
+        # A new rate starts an empty bucket, as the sender's does.
+        self._tokens, self._bucket_at = 0.0, self.clock.now()
         self._bw = self.model.throughput(self.channels, self.cap)
 
     def transferred(self) -> int:
