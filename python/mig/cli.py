@@ -336,6 +336,7 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
             vcpus=args.vcpus,
             devices=args.devices,
             host_model=Path(args.host_model) if args.host_model else None,
+            demo=args.command == "demo",
         )
         q = predict(config, origin)
     except ValueError as e:

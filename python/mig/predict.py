@@ -10,6 +10,7 @@ it came from.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mig.sim import LinkModel, SimConfig, load_host_model, simulate
 
 __all__ = ["UNCAPPED_LINK", "VIRTUAL_TIMEOUT", "predict", "sim_config"]
 
-# Without --max-bandwidth the network is unknown: the prediction assumes a
+# Without --max-bandwidth, mig send's network is unknown: the prediction assumes a
 # 10 Gbit/s link and says so.
 UNCAPPED_LINK = 10e9 / 8
 # Virtual seconds a prediction without --timeout may run: a migration that
@@ -34,8 +35,14 @@ def sim_config(
     vcpus: int,
     devices: str,
     host_model: Path | None = None,
+    demo: bool = True,
 ) -> tuple[SimConfig, str]:
-    """The simulated twin of a command line, and the host model's origin."""
+    """The simulated twin of a command line, and the host model's origin.
+
+    The built-in guest starts zeroed: only what its workload writes holds
+    data, the rest goes out as zero pages. ``mig demo`` (``demo``) starts its
+    migration once its destination process is ready, so the workload has run
+    for the host model's warm-up by then; ``mig send`` starts at once."""
     host, origin = load_host_model(host_model)
     params = dict(params)
     if params.get("compression", "none") != "none":
@@ -44,7 +51,14 @@ def sim_config(
     if not params.get("timeout"):
         params["timeout"] = VIRTUAL_TIMEOUT
         params["timeout_action"] = "cancel"
-    link = LinkModel(bottleneck=0.0 if params.get("max_bandwidth") else UNCAPPED_LINK)
+    bottleneck = 0.0
+    if not params.get("max_bandwidth"):
+        # mig demo's destination is on this host's loopback: the sender's
+        # own pace is the limit. mig send's network is unknown.
+        bottleneck = host.loopback_bandwidth if demo else UNCAPPED_LINK
+        if demo:
+            host = replace(host, send_per_page=host.loopback_per_page)
+    link = LinkModel(bottleneck=bottleneck)
     config = SimConfig(
         memory=size,
         workload=workload,
@@ -54,6 +68,8 @@ def sim_config(
         params=params,
         link=link,
         host=host,
+        prefilled=False,
+        warmup=None if demo else 0.0,
         label="simulate",
     )
     return config, origin
@@ -65,5 +81,5 @@ def predict(config: SimConfig, origin: str) -> dict[str, Any]:
     q["simulated"] = True
     q["host-model"] = {"source": origin, **q["config"]["host"]}
     if not config.params.get("max_bandwidth"):
-        q["sim"]["assumed-link"] = UNCAPPED_LINK
+        q["sim"]["assumed-link"] = config.link.bottleneck
     return q

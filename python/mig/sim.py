@@ -29,7 +29,9 @@ Models:
   against the page-level model.
 * Network: ``channels`` parallel channels, each limited to
   ``channel_bandwidth`` and to ``window / rtt`` (a TCP window per round
-  trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total. Wire
+  trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total through
+  the sender's token bucket (an idle link piles up to ``BUCKET_BURST`` of
+  tokens, and the bytes they cover leave at once). Wire
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
@@ -295,6 +297,23 @@ class HostModel:
     # bucket); the loop plans with the estimate less two deviations, so a
     # link that never varies would switch over earlier than a real one.
     link_jitter: float = 0.0
+    # How long a zeroed guest's workload runs before its migration starts:
+    # ``mig demo`` builds the guest while its destination process starts and
+    # preallocates memory, and the source starts only once that is ready.
+    # The pages written meanwhile hold data; the rest still go out as zero
+    # pages. A base plus a share per byte of guest memory (the preallocation).
+    warmup_base: float = 0.75
+    warmup_per_byte: float = 0.85e-9
+    # ``mig demo`` without --max-bandwidth migrates over this host's
+    # loopback as fast as the sender goes: the wire's rate, plus the
+    # sender's time per page (reading it, telling zero pages from data) that
+    # a capped link hides behind its pacing.
+    loopback_bandwidth: float = 5.2e8
+    loopback_per_page: float = 1e-6
+
+    def warmup(self, memory: int) -> float:
+        """Seconds a ``memory``-byte guest runs before its migration starts."""
+        return self.warmup_base + self.warmup_per_byte * memory
 
     @classmethod
     def calibrate(
@@ -328,8 +347,12 @@ class HostModel:
                 time.sleep(0.02)
             writes = g.stats()["rate"]
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
+        warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
+        loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         if switchover is not None:
             load_base, drain_base, link_jitter = _switchover_load(digest_rate, *switchover)
+            warmup_base, warmup_per_byte = _warmup_costs()
+            loopback_bandwidth, loopback_per_page = _loopback_costs()
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -342,7 +365,71 @@ class HostModel:
             load_base=load_base,
             drain_base=drain_base,
             link_jitter=link_jitter,
+            warmup_base=warmup_base,
+            warmup_per_byte=warmup_per_byte,
+            loopback_bandwidth=loopback_bandwidth,
+            loopback_per_page=loopback_per_page,
         )
+
+
+# Guest sizes the warm-up is timed at: the base from the small one, the
+# share per byte from the difference.
+WARMUP_SIZES = (16 << 20, 1 << 30)
+# The demo's default device: a destination with devices takes longer to
+# start (it builds them) than one without.
+WARMUP_DEVICES = "nic"
+
+
+def _warmup_costs(runs: int = 3) -> tuple[float, float]:
+    """(warmup_base, warmup_per_byte): how long ``mig demo``'s destination
+    process takes from its start until it is ready to receive (start-up,
+    memory preallocation), the time the demo's guest runs before its
+    migration starts. Median of ``runs`` at each of ``WARMUP_SIZES``."""
+    from mig.demo_destination import DemoDestination  # noqa: PLC0415
+
+    medians = []
+    for size in WARMUP_SIZES:
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            dest = DemoDestination(size, WARMUP_DEVICES, "warning", {})
+            try:
+                uri = dest.uri()
+                times.append(time.perf_counter() - t0)
+            finally:
+                dest.kill()
+            if uri is None:
+                raise RuntimeError("calibration: the demo destination did not start")
+        medians.append(float(np.median(times)))
+    small, large = WARMUP_SIZES
+    per_byte = max(0.0, (medians[1] - medians[0]) / (large - small))
+    return max(0.0, medians[0] - per_byte * small), per_byte
+
+
+# (size, filled) of the uncapped loopback migrations: zero pages cost the
+# sender its time per page, data pages mostly the wire's.
+LOOPBACK_GUESTS = ((256 << 20, False), (64 << 20, True))
+
+
+def _loopback_costs(runs: int = 3) -> tuple[float, float]:
+    """(loopback_bandwidth, loopback_per_page) from uncapped loopback
+    migrations of an idle guest: a zeroed one and a filled one, median
+    time of ``runs`` each, solved for time = pages * per_page + wire / bandwidth."""
+    rows = []
+    for size, filled in LOOPBACK_GUESTS:
+        times, wire = [], 0
+        for _ in range(runs):
+            q, _ = _idle_loopback_migration(size, filled, 0)
+            times.append((q["total-time"] - q["downtime"]) / 1000)
+            wire = int(q["ram"]["transferred"])
+        rows.append((size // PAGE_SIZE, wire, float(np.median(times))))
+    (p1, w1, t1), (p2, w2, t2) = rows
+    # Two equations, two unknowns (per_page, 1 / bandwidth).
+    det = p1 * w2 - p2 * w1
+    per_page = max(0.0, (t1 * w2 - t2 * w1) / det)
+    inverse = (p1 * t2 - p2 * t1) / det
+    bandwidth = 1 / inverse if inverse > 0 else w2 / t2
+    return bandwidth, per_page
 
 
 # Share of pages written before each timed sync: a scattered quarter of
@@ -428,6 +515,28 @@ def _device_rates() -> tuple[float, float]:
     return nbytes / save, nbytes / load
 
 
+def _idle_loopback_migration(size: int, filled: bool, cap: int) -> tuple[dict[str, Any], Any]:
+    """One real loopback migration of an idle guest (memory filled or
+    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source."""
+    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
+    from mig.source import MigrationSource  # noqa: PLC0415
+
+    src, dst = GuestMemory(size), GuestMemory(size)
+    if filled:
+        src.array[:] = 0x5A
+    with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+        dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+        source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=cap)
+        dest.start()
+        source.start()
+        q = source.wait(120)
+        dest.wait(60)
+    if q["status"] != "completed":
+        raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+    return q, source
+
+
 def _switchover_load(
     digest_rate: float, size: int, cap: float, runs: int = 3
 ) -> tuple[float, float, float]:
@@ -437,23 +546,9 @@ def _switchover_load(
     The jitter comes from the source's bandwidth meter: its smoothed mean
     absolute deviation over the estimate, scaled to a standard deviation
     (E|X| = σ·√(2/π) for normal noise)."""
-    from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
-    from mig.destination import MigrationDestination  # noqa: PLC0415
-    from mig.source import MigrationSource  # noqa: PLC0415
-
     loads, drains, jitters = [], [], []
     for _ in range(runs):
-        src, dst = GuestMemory(size), GuestMemory(size)
-        src.array[:] = 0x5A
-        with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-            dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-            source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=int(cap))
-            dest.start()
-            source.start()
-            q = source.wait(120)
-            dest.wait(60)
-        if q["status"] != "completed":
-            raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
+        q, source = _idle_loopback_migration(size, True, int(cap))
         # "load" is the destination's work besides its wait for the end
         # records ("drain") and its digest ("dest-digest").
         loads.append(q["downtime-breakdown"]["load"] / 1000)
@@ -515,7 +610,13 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
 
 
 # Fields the model divides by: zero is never a measurement.
-_RATES = ("digest_rate", "device_rate", "device_load_rate", "max_rate_per_vcpu")
+_RATES = (
+    "digest_rate",
+    "device_rate",
+    "device_load_rate",
+    "max_rate_per_vcpu",
+    "loopback_bandwidth",
+)
 
 
 def _best(fn: Any, n: int) -> float:
@@ -548,6 +649,11 @@ class LinkModel:
         if not math.isfinite(total):
             raise ValueError("the link has no finite bandwidth: set a bandwidth, cap or RTT")
         return total
+
+
+# Seconds of the cap the sender's token bucket holds at most
+# (rust/src/sender.rs, ``RateLimiter::take``).
+BUCKET_BURST = 0.05
 
 
 # ------------------------------------------------------------------ memory
@@ -719,6 +825,16 @@ class SimGuest:
         pages = np.concatenate(parts) // self.memory.granularity
         self.written(pages)
 
+    def warm_up(self, seconds: float) -> None:
+        """Run the workload for ``seconds`` before any tracker watches: what
+        it writes holds data (no longer a zero page) and is sent by the first
+        pass like every other page."""
+        if self.tracker is not None:
+            raise RuntimeError("warm_up runs before the tracker is attached")
+        self._clock.advance(seconds)
+        self.flush()
+        self.writes = 0
+
     def written(self, pages: np.ndarray) -> None:
         # Buffered until the tracker harvests: one bitmap build per sync.
         self._buffer.append(pages)
@@ -810,6 +926,8 @@ class SimLink:
         self._jitter_window = -1
         self._jitter_factor = 1.0
         self._stale_bytes = 0  # page bytes sent since the switchover: what the root rehashes
+        self._tokens = 0.0  # bytes the capped sender may send at once
+        self._bucket_at = clock.now()
 
     # --- time ---
     def _rate(self) -> float:
@@ -824,9 +942,21 @@ class SimLink:
         return self._bw * self._jitter_factor
 
     def _charge(self, wire: int, cpu: float = 0.0) -> None:
-        dt = wire / self._rate() + cpu
+        paced = wire
+        if self.cap:
+            # The sender's token bucket: while the link idles (a pause, a
+            # settle, a sync) tokens pile up to BUCKET_BURST seconds of the
+            # cap, and bytes covered by them leave at once.
+            now = self.clock.now()
+            idle = max(0.0, now - self._bucket_at)
+            self._tokens = min(self.cap * BUCKET_BURST, self._tokens + idle * self.cap)
+            free = min(self._tokens, float(wire))
+            self._tokens -= free
+            paced = wire - free
+        dt = paced / self._rate() + cpu
         self._busy += dt
         self.clock.advance(dt)
+        self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
         self._n += 1
@@ -847,6 +977,10 @@ class SimLink:
         g = self._g
         zero_units = 0
         zero = self.guest.pristine
+        if zero is not None:
+            # A page goes out as it is when sent: one the guest wrote since
+            # the last sync holds data already, though no sync has seen it.
+            self.guest.flush()
         if zero is not None and zero.count():
             inter = bitmap.copy()
             inter.and_not(zero)
@@ -974,6 +1108,8 @@ class SimLink:
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
         self.cap = float(bytes_per_s)
+        # A new rate starts an empty bucket, as the sender's does.
+        self._tokens, self._bucket_at = 0.0, self.clock.now()
         self._bw = self.model.throughput(self.channels, self.cap)
 
     def transferred(self) -> int:
@@ -1026,6 +1162,9 @@ class SimConfig:
     link: LinkModel = field(default_factory=LinkModel)
     host: HostModel = field(default_factory=HostModel)
     prefilled: bool = True
+    # Seconds a zeroed guest runs before its migration starts; None: the
+    # host model's (``mig demo``'s destination start-up).
+    warmup: float | None = None
     seed: int = 1
     granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
     label: str = ""
@@ -1070,6 +1209,11 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     memory = SimMemory(config.memory, g, clock, host)
     guest = SimGuest(memory, clock, host, config.workload, config.vcpus, config.seed,
                      config.prefilled)  # fmt: skip
+    if not config.prefilled:
+        # A zeroed guest runs its workload while the destination starts;
+        # a prefilled one has no zero page left for that to change.
+        warmup = host.warmup(config.memory) if config.warmup is None else config.warmup
+        guest.warm_up(warmup)
     tracker = SimTracker(memory, clock, host)
     guest.tracker = tracker
     tracker.guest = guest
