@@ -14,9 +14,11 @@
 //! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
-//! Requests wait for the pacer too (the cap models the link), ahead of the
-//! push: at most one chunk's time. Read-ahead goes only while the link has
-//! room. Chunks of zeros travel as `ZERO` runs
+//! Requested chunks go out at once, never behind a pacing wait (QEMU's
+//! postcopy-preempt serves them on their own channel the same way): their
+//! bytes are charged to the link's pacer (the cap models the link), and the
+//! push, which waits for the link's turn, absorbs the deficit. Read-ahead
+//! goes only while the link has room. Chunks of zeros travel as `ZERO` runs
 //! (a first chunk and a count), never as data.
 //!
 //! The guest is stopped for the whole phase: its memory is frozen, and
@@ -248,10 +250,9 @@ impl Shared {
                             f.arg
                         )));
                     }
-                    // Paced like everything on the link (max_bandwidth models
-                    // its capacity), but ahead of the push: at most one
-                    // chunk's time of waiting.
-                    self.wait_turn(&self.pacer);
+                    // Sent at once: its bytes are charged to the link
+                    // (max_bandwidth models its capacity) and the push,
+                    // which waits for the link's turn, absorbs the deficit.
                     if self.remaining.remove(c) {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
