@@ -74,6 +74,18 @@ pub fn chunk_term(index: usize, bytes: &[u8]) -> u128 {
     keyed(index, xxhash_rust::xxh3::xxh3_128(bytes))
 }
 
+/// The term of chunk `index` whose unkeyed hash is `content` (that of
+/// [`chunk_term`]'s bytes): lets a caller hash a common content, such as a
+/// chunk of zeros, once for many chunks.
+pub fn chunk_term_of_hash(index: usize, content: u128) -> u128 {
+    keyed(index, content)
+}
+
+/// The unkeyed hash of a chunk's bytes, for [`chunk_term_of_hash`].
+pub fn content_hash(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
 /// The root of a memory of `mem_len` bytes whose chunk terms sum to `sum`.
 pub fn root_of_sum(sum: u128, mem_len: usize, chunk_bytes: usize) -> u128 {
     finalize(sum, mem_len, chunk_bytes)

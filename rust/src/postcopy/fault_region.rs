@@ -218,26 +218,71 @@ impl FaultRegion {
     pub fn zero_page(&self, page: u64) -> CoreResult<Result<(), Errno>> {
         self.check_pages(page, 1)?;
         loop {
-            let mut arg = UffdioZeropage {
-                range: UffdioRange {
-                    start: self.page_addr(page),
-                    len: self.page_size as u64,
-                },
-                mode: 0,
-                zeropage: 0,
-            };
-            // SAFETY: `UFFDIO_ZEROPAGE` takes a `struct uffdio_zeropage`; the
-            // range is one page inside the registered range.
-            match unsafe {
-                ioctl(
-                    &self.fd,
-                    Updater::<UFFDIO_ZEROPAGE, UffdioZeropage>::new(&mut arg),
-                )
-            } {
-                Err(Errno::AGAIN) if arg.zeropage <= 0 => std::thread::yield_now(),
-                r => return Ok(r),
+            match self.zero_ioctl(page, 1) {
+                (Err(Errno::AGAIN), 0) => std::thread::yield_now(),
+                (r, _) => return Ok(r),
             }
         }
+    }
+
+    /// Maps the zero page at the `n` missing pages from `start` with as few
+    /// `UFFDIO_ZEROPAGE` calls as the kernel allows (one for a range of
+    /// missing pages), waking their waiters. A page already present is left
+    /// as it is. Returns the pages found present.
+    pub fn zero_range(&self, start: u64, n: u64) -> CoreResult<Vec<u64>> {
+        self.check_pages(start, n)?;
+        let (mut page, end, mut present) = (start, start + n, Vec::new());
+        while page < end {
+            match self.zero_ioctl(page, end - page) {
+                (Ok(()), _) => break,
+                // Stopped part way (the mapping changed): go on after the
+                // pages it did.
+                (Err(Errno::AGAIN), done) => {
+                    if done == 0 {
+                        std::thread::yield_now();
+                    }
+                    page += done;
+                }
+                (Err(Errno::EXIST), done) => {
+                    present.push(page + done);
+                    page += done + 1;
+                }
+                (Err(e), _) => {
+                    return Err(CoreError::io(
+                        format!("UFFDIO_ZEROPAGE pages [{page}, {end})"),
+                        e.into(),
+                    ))
+                }
+            }
+        }
+        Ok(present)
+    }
+
+    /// One `UFFDIO_ZEROPAGE` over `n` pages from `page` (checked by the
+    /// caller): its result and the whole pages it mapped.
+    fn zero_ioctl(&self, page: u64, n: u64) -> (Result<(), Errno>, u64) {
+        let mut arg = UffdioZeropage {
+            range: UffdioRange {
+                start: self.page_addr(page),
+                len: n * self.page_size as u64,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: `UFFDIO_ZEROPAGE` takes a `struct uffdio_zeropage`; the
+        // range is `n` pages inside the registered range.
+        let r = unsafe {
+            ioctl(
+                &self.fd,
+                Updater::<UFFDIO_ZEROPAGE, UffdioZeropage>::new(&mut arg),
+            )
+        };
+        let done = if arg.zeropage > 0 {
+            arg.zeropage as u64 / self.page_size as u64
+        } else {
+            0
+        };
+        (r, done)
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `MISSING` | destination → source, first on `URGENT` after a reconnect | 0 | bitmap of the chunks still missing |
 //! | `REQUEST` | destination → source | page | none |
 //! | `CHUNK` | source → destination | chunk index | its bytes, or none for a chunk of zeros |
+//! | `ZERO` | source → destination | first chunk index | chunk count (u64): a run of chunks of zeros |
 //! | `DONE` | source → destination, on `PUSH` | chunks sent | none: every chunk went out |
 //! | `PLACED` | destination → source | chunks placed | none: every chunk is in place |
 //!
@@ -39,6 +40,7 @@ pub enum Tag {
     Chunk = 4,
     Done = 5,
     Placed = 6,
+    Zero = 7,
 }
 
 impl Tag {
@@ -50,6 +52,7 @@ impl Tag {
             4 => Tag::Chunk,
             5 => Tag::Done,
             6 => Tag::Placed,
+            7 => Tag::Zero,
             _ => return None,
         })
     }

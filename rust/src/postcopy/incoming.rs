@@ -15,7 +15,8 @@
 //! * one reader thread per channel places each `CHUNK` page by page with
 //!   `UFFDIO_COPY` (atomic per page), then adds the chunk's digest term,
 //!   hashed from the very bytes it placed, before any guest access to the
-//!   chunk can have changed them;
+//!   chunk can have changed them; a `ZERO` run of chunks goes in with one
+//!   `UFFDIO_ZEROPAGE` per run, its terms from the zero chunk's hash;
 //! * once every owed chunk is in place the root is final, `PLACED` tells
 //!   the source, and the region is unregistered.
 //!
@@ -33,7 +34,7 @@ use super::frames::{self, ReadOutcome, Tag, PUSH, URGENT};
 use super::page_set::PageSet;
 use super::phase_state::PhaseState;
 use super::region::PostcopyRegion;
-use crate::chunk_digest::{chunk_term, root_of_sum};
+use crate::chunk_digest::{chunk_term, chunk_term_of_hash, content_hash, root_of_sum};
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
 use crate::transport::Conn;
@@ -74,6 +75,8 @@ struct Shared {
     mem_len: usize,
     chunk_pages: usize,
     chunks: usize,
+    /// The unkeyed hash of a whole chunk of zeros.
+    zero_hash: u128,
     owed: PageSet,
     placed: PageSet,
     /// The digest terms so far and how many owed chunks they cover.
@@ -117,17 +120,22 @@ impl Shared {
         frames::write_frame(conn, tag, arg, payload)
     }
 
-    /// Places chunk `c` (`payload` empty: zeros) and adds its digest term.
-    fn place_chunk(&self, c: usize, payload: &[u8], zeros: &[u8]) -> CoreResult<()> {
+    /// The chunk index `arg` names, checked against the memory.
+    fn chunk_of(&self, arg: u64) -> CoreResult<usize> {
+        usize::try_from(arg)
+            .ok()
+            .filter(|&c| c < self.chunks)
+            .ok_or_else(|| CoreError::invalid(format!("post-copy: chunk {arg} beyond memory")))
+    }
+
+    /// Pages of chunk `c`: its first and how many (the last may be short).
+    fn pages_of(&self, c: usize) -> (usize, usize) {
         let first = c * self.chunk_pages;
-        let pages = self.chunk_pages.min(self.num_pages - first);
-        let len = pages * self.page_size;
-        if !payload.is_empty() && payload.len() != len {
-            return Err(CoreError::invalid(format!(
-                "post-copy: chunk {c} of {} bytes, expected {len}",
-                payload.len()
-            )));
-        }
+        (first, self.chunk_pages.min(self.num_pages - first))
+    }
+
+    /// Claims owed chunk `c` for placement: false if it is already placed.
+    fn claim(&self, c: usize) -> CoreResult<bool> {
         if !self.owed.contains(c) {
             return Err(CoreError::invalid(format!(
                 "post-copy: chunk {c} was not owed"
@@ -135,35 +143,87 @@ impl Shared {
         }
         if !self.placed.insert(c) {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Places chunk `c` from `payload` and adds its digest term.
+    fn place_chunk(&self, c: usize, payload: &[u8]) -> CoreResult<()> {
+        let (first, pages) = self.pages_of(c);
+        let len = pages * self.page_size;
+        if payload.len() != len {
+            return Err(CoreError::invalid(format!(
+                "post-copy: chunk {c} of {} bytes, expected {len}",
+                payload.len()
+            )));
+        }
+        if !self.claim(c)? {
             return Ok(());
         }
         for i in 0..pages {
-            let page = (first + i) as u64;
-            let r = if payload.is_empty() {
-                self.region.place_zero(page)
-            } else {
-                self.region
-                    .place(page, &payload[i * self.page_size..(i + 1) * self.page_size])
-            };
-            if let Err(e) = r {
+            let page = &payload[i * self.page_size..(i + 1) * self.page_size];
+            if let Err(e) = self.region.place((first + i) as u64, page) {
                 self.placed.remove(c);
                 return Err(e);
             }
         }
-        let bytes = if payload.is_empty() {
-            &zeros[..len]
-        } else {
-            payload
-        };
-        let term = chunk_term(c, bytes);
-        self.bytes
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.add_terms(chunk_term(c, payload), 1)
+    }
+
+    /// Places the `count` chunks of zeros from `c`: one `UFFDIO_ZEROPAGE`
+    /// per run of chunks not placed yet, not one per page, and terms from
+    /// the zero chunk's hash taken once.
+    fn place_zero_chunks(&self, c: usize, count: usize) -> CoreResult<()> {
+        let end = c
+            .checked_add(count)
+            .filter(|&e| e <= self.chunks && count > 0)
+            .ok_or_else(|| {
+                CoreError::invalid(format!("post-copy: zero chunks {c}+{count} beyond memory"))
+            })?;
+        let mut next = c;
+        while next < end {
+            // The run of chunks from `next` this call claims.
+            let start = next;
+            while next < end && self.claim(next)? {
+                next += 1;
+            }
+            if next > start {
+                let (first, _) = self.pages_of(start);
+                let (last, n) = self.pages_of(next - 1);
+                let pages = (last + n - first) as u64;
+                if let Err(e) = self.region.place_zero_range(first as u64, pages) {
+                    for k in start..next {
+                        self.placed.remove(k);
+                    }
+                    return Err(e);
+                }
+                let sum = (start..next).fold(0u128, |acc, k| {
+                    let term = if self.pages_of(k).1 == self.chunk_pages {
+                        chunk_term_of_hash(k, self.zero_hash)
+                    } else {
+                        chunk_term(k, &vec![0u8; self.pages_of(k).1 * self.page_size])
+                    };
+                    acc.wrapping_add(term)
+                });
+                self.add_terms(sum, next - start)?;
+            }
+            if next < end {
+                next += 1; // placed already
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the digest terms of `n` chunks just placed.
+    fn add_terms(&self, terms: u128, n: usize) -> CoreResult<()> {
         // The last term in completes the root; counted under the same lock
         // as the sum, so no chunk still being placed is left out of it.
         let done = {
             let mut s = lock(&self.sum);
-            s.0 = s.0.wrapping_add(term);
-            s.1 += 1;
+            s.0 = s.0.wrapping_add(terms);
+            s.1 += n;
             (s.1 == self.owed.count()).then_some(s.0)
         };
         if let Some(sum) = done {
@@ -189,8 +249,7 @@ impl Shared {
     }
 
     fn read_chunks(&self, mut conn: Conn) -> CoreResult<()> {
-        let zeros = vec![0u8; self.chunk_pages * self.page_size];
-        let max = zeros.len();
+        let max = self.chunk_pages * self.page_size;
         while !self.stop.load(Ordering::SeqCst) && !self.complete() {
             if !conn
                 .wait_readable(POLL)
@@ -203,14 +262,13 @@ impl Shared {
                 ReadOutcome::Idle => continue,
             };
             match f.tag {
-                Tag::Chunk => {
-                    let c = usize::try_from(f.arg)
-                        .ok()
-                        .filter(|&c| c < self.chunks)
-                        .ok_or_else(|| {
-                            CoreError::invalid(format!("post-copy: chunk {} beyond memory", f.arg))
-                        })?;
-                    self.place_chunk(c, &f.payload, &zeros)?;
+                Tag::Chunk => self.place_chunk(self.chunk_of(f.arg)?, &f.payload)?,
+                Tag::Zero => {
+                    let count: [u8; 8] = f.payload[..].try_into().map_err(|_| {
+                        CoreError::invalid("post-copy: ZERO frame without its count")
+                    })?;
+                    let count = usize::try_from(u64::from_le_bytes(count)).unwrap_or(usize::MAX);
+                    self.place_zero_chunks(self.chunk_of(f.arg)?, count)?;
                 }
                 Tag::Done => {}
                 t => {
@@ -337,6 +395,7 @@ impl PostcopyIncoming {
             mem_len: mem.len(),
             chunk_pages,
             chunks,
+            zero_hash: content_hash(&vec![0u8; chunk_pages * mem.page_size()]),
             owed,
             placed: PageSet::new(chunks),
             sum: Mutex::new((held_sum, 0)),

@@ -14,9 +14,12 @@
 //! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
-//! Requests wait for the pacer too (the cap models the link), ahead of the
-//! push: at most one chunk's time. Read-ahead goes only while the link has
-//! room.
+//! Requested chunks go out at once, never behind a pacing wait (QEMU's
+//! postcopy-preempt serves them on their own channel the same way): their
+//! bytes are charged to the link's pacer (the cap models the link), and the
+//! push, which waits for the link's turn, absorbs the deficit. Read-ahead
+//! goes only while the link has room. Chunks of zeros travel as `ZERO` runs
+//! (a first chunk and a count), never as data.
 //!
 //! The guest is stopped for the whole phase: its memory is frozen, and
 //! reading it races with nothing.
@@ -39,6 +42,11 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// Owed chunks sent after a requested one on the urgent channel.
 const READ_AHEAD: usize = 3;
+
+/// Most chunks of zeros in one `ZERO` frame (64 MiB of 64 KiB chunks): the
+/// run is claimed before it is sent, so a request meanwhile finds it gone
+/// and waits for this frame; a bounded run keeps that wait short.
+const MAX_ZERO_RUN: usize = 1024;
 
 /// Where the phase stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,27 +129,60 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// Sends chunk `c` on `conn`: its bytes, or an empty frame for zeros.
-    /// Returns the bytes it put on the wire.
-    fn send_chunk(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<usize> {
+    /// Whether chunk `c` is all zeros; if not, its bytes are left in `buf`.
+    fn is_zero_chunk(&self, c: usize, buf: &mut Vec<u8>) -> CoreResult<bool> {
         let ps = self.mem.page_size();
         let first = c * self.chunk_pages;
         let pages = self.chunk_pages.min(self.mem.num_pages() - first);
         buf.resize(pages * ps, 0);
         // A hole reads as zeros; reading it through a memfd mapping would
         // allocate it page by page.
-        let zero = self.mem.is_hole(first * ps, (first + pages) * ps) || {
+        Ok(self.mem.is_hole(first * ps, (first + pages) * ps) || {
             self.mem.read_bytes(first * ps, buf)?;
             is_zero(buf)
-        };
-        let payload: &[u8] = if zero { &[] } else { buf };
-        if let Err(e) = frames::write_frame(conn, Tag::Chunk, c as u64, payload) {
-            // Not delivered as far as we know: owed again.
-            self.remaining.insert(c);
-            return Err(e);
+        })
+    }
+
+    /// Sends chunk `c`, claimed by the caller, on `conn`: its bytes, or a
+    /// `ZERO` run of one. Returns the bytes it put on the wire.
+    fn send_chunk(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<usize> {
+        if self.is_zero_chunk(c, buf)? {
+            return self.send_zero_run(conn, c, 1);
         }
-        if zero {
-            self.zero.fetch_add(1, Ordering::Relaxed);
+        self.send_frame(conn, Tag::Chunk, c as u64, buf, c..c + 1)
+    }
+
+    /// Sends the `count` chunks of zeros from `first`, claimed by the caller,
+    /// as one `ZERO` frame: the destination maps them with one ioctl per run
+    /// instead of placing them page by page.
+    fn send_zero_run(&self, conn: &mut Conn, first: usize, count: usize) -> CoreResult<usize> {
+        let payload = (count as u64).to_le_bytes();
+        let wire = self.send_frame(
+            conn,
+            Tag::Zero,
+            first as u64,
+            &payload,
+            first..first + count,
+        )?;
+        self.zero.fetch_add(count as u64, Ordering::Relaxed);
+        Ok(wire)
+    }
+
+    /// Writes one frame carrying `chunks` and charges it to the link.
+    fn send_frame(
+        &self,
+        conn: &mut Conn,
+        tag: Tag,
+        arg: u64,
+        payload: &[u8],
+        chunks: std::ops::Range<usize>,
+    ) -> CoreResult<usize> {
+        if let Err(e) = frames::write_frame(conn, tag, arg, payload) {
+            // Not delivered as far as we know: owed again.
+            for c in chunks {
+                self.remaining.insert(c);
+            }
+            return Err(e);
         }
         let wire = payload.len() + frames::HEADER_LEN;
         self.bytes.fetch_add(wire as u64, Ordering::Relaxed);
@@ -209,10 +250,9 @@ impl Shared {
                             f.arg
                         )));
                     }
-                    // Paced like everything on the link (max_bandwidth models
-                    // its capacity), but ahead of the push: at most one
-                    // chunk's time of waiting.
-                    self.wait_turn(&self.pacer);
+                    // Sent at once: its bytes are charged to the link
+                    // (max_bandwidth models its capacity) and the push,
+                    // which waits for the link's turn, absorbs the deficit.
                     if self.remaining.remove(c) {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
@@ -264,13 +304,27 @@ impl Shared {
             if !self.remaining.remove(c) {
                 continue; // the request thread took it
             }
+            // A chunk of zeros takes the owed zero chunks after it along.
+            let mut count = 1;
+            let wire = if self.is_zero_chunk(c, &mut buf)? {
+                while count < MAX_ZERO_RUN
+                    && c + count < self.chunks
+                    && self.remaining.contains(c + count)
+                    && self.is_zero_chunk(c + count, &mut buf)?
+                    && self.remaining.remove(c + count)
+                {
+                    count += 1;
+                }
+                self.send_zero_run(&mut conn, c, count)?
+            } else {
+                self.send_frame(&mut conn, Tag::Chunk, c as u64, &buf, c..c + 1)?
+            };
             // Move on from here unless a request moved the cursor meanwhile.
-            let _ = self
-                .cursor
-                .compare_exchange(from, c + 1, Ordering::Relaxed, Ordering::Relaxed);
-            let wire = self.send_chunk(&mut conn, c, &mut buf)?;
+            let _ =
+                self.cursor
+                    .compare_exchange(from, c + count, Ordering::Relaxed, Ordering::Relaxed);
             Self::charge(&self.push_pacer, wire);
-            self.pushed.fetch_add(1, Ordering::Relaxed);
+            self.pushed.fetch_add(count as u64, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -127,6 +127,12 @@ impl PostcopyRegion {
         self.active()?.placer.place_zero(page)
     }
 
+    /// Places zeros at the `n` pages from `first`, one ioctl per run of
+    /// missing pages; returns the pages placed.
+    pub fn place_zero_range(&self, first: u64, n: u64) -> CoreResult<u64> {
+        self.active()?.placer.place_zero_range(first, n)
+    }
+
     /// Waits up to `timeout` for the first request, then takes every request
     /// already queued.
     pub fn next_requests(&self, timeout: Duration) -> CoreResult<Vec<PageRequest>> {
@@ -324,6 +330,65 @@ mod tests {
         assert_eq!(got, vec![(0, Some(page_of(1, ps))), (1, None)]);
     }
 
+    /// Anonymous or memfd memory of `size` bytes, and its address.
+    fn memory_and_base(anon: bool, size: usize) -> (Arc<dyn Backing>, usize) {
+        let m = Arc::new(if anon {
+            anon_memory(size)
+        } else {
+            GuestMemory::new(size).unwrap()
+        });
+        let base = m.as_ptr() as usize;
+        (m, base)
+    }
+
+    #[test]
+    fn a_zero_range_wakes_its_waiters_and_leaves_present_pages_alone() {
+        if !available() {
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        for anon in [false, true] {
+            let (backing, base) = memory_and_base(anon, 16 * ps);
+            // Page 9 is held (never discarded): the kernel answers EEXIST.
+            // SAFETY: inside the 16-page mapping made above.
+            unsafe { std::ptr::write_bytes((base as *mut u8).add(9 * ps), 0xee, ps) };
+            let seen = Arc::new(Seen::default());
+            let r = PostcopyRegion::new(1, Some(seen.clone()));
+            r.register(backing, &[(0, 9), (10, 6)]).unwrap();
+            let reader = std::thread::spawn(move || read_page(base, 6, ps));
+            let reqs = r.next_requests(WAIT).unwrap();
+            assert_eq!(reqs[0].page, 6, "anon={anon}");
+            // Page 4 placed before: the range skips it.
+            r.place(4, &page_of(4, ps)).unwrap();
+            assert_eq!(r.place_zero_range(2, 10).unwrap(), 8, "anon={anon}");
+            assert_eq!(reader.join().unwrap(), vec![0u8; ps], "anon={anon}");
+            assert_eq!(read_page(base, 4, ps), page_of(4, ps));
+            assert_eq!(read_page(base, 9, ps), vec![0xee; ps]);
+            assert_eq!(read_page(base, 11, ps), vec![0u8; ps]);
+            assert!(r.place_zero_range(15, 2).is_err(), "beyond the region");
+            assert!(r.place_zero_range(u64::MAX, 2).is_err(), "overflow");
+            let s = r.stats();
+            assert_eq!(s.placer.zero_pages_placed, 8, "anon={anon}");
+            assert_eq!(s.placer.already_present, 2, "anon={anon}");
+            assert_eq!(s.blocktime.resolved, 1, "anon={anon}");
+            let zero_pages: Vec<u64> = seen
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, d)| d.is_none())
+                .map(|(p, _)| *p)
+                .collect();
+            assert_eq!(zero_pages, vec![2, 3, 5, 6, 7, 8, 10, 11], "anon={anon}");
+            // Pages still missing after it are still caught.
+            let reader = std::thread::spawn(move || read_page(base, 12, ps));
+            assert_eq!(r.next_requests(WAIT).unwrap()[0].page, 12);
+            assert_eq!(r.place_zero_range(12, 1).unwrap(), 1);
+            assert_eq!(reader.join().unwrap(), vec![0u8; ps]);
+            r.close().unwrap();
+        }
+    }
+
     #[test]
     fn discard_drops_stale_content_and_keeps_the_rest() {
         if !available() {
@@ -331,15 +396,7 @@ mod tests {
         }
         let ps = crate::memory::host_page_size();
         for anon in [false, true] {
-            let (backing, base): (Arc<dyn Backing>, usize) = if anon {
-                let m = Arc::new(anon_memory(8 * ps));
-                let b = m.as_ptr() as usize;
-                (m, b)
-            } else {
-                let m = Arc::new(GuestMemory::new(8 * ps).unwrap());
-                let b = m.as_ptr() as usize;
-                (m, b)
-            };
+            let (backing, base) = memory_and_base(anon, 8 * ps);
             for p in 0..8u64 {
                 // SAFETY: inside the 8-page mapping made above.
                 unsafe { std::ptr::write_bytes((base as *mut u8).add(p as usize * ps), 0xee, ps) };
