@@ -30,6 +30,10 @@ pub fn host_page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// How much `populate` faults in per call, at least (a multiple of every
+/// page size up to 64 MiB; larger huge pages go one page per call).
+const POPULATE_STEP: usize = 64 << 20;
+
 pub struct GuestMemory {
     /// The memfd, as a `File` for positioned reads; `None` for anonymous
     /// memory.
@@ -166,23 +170,37 @@ impl GuestMemory {
     /// Populates `[offset, offset + len)` for writing (`MADV_POPULATE_WRITE`,
     /// Linux 5.14): the kernel allocates and zeroes the pages now, so later
     /// stores do not fault. Pages already present keep their content.
+    ///
+    /// It goes `POPULATE_STEP` bytes per call: the kernel holds the process's
+    /// mmap lock across one call, and on a host where fresh pages are slow
+    /// (a hypervisor taking free memory back) one call over gigabytes would
+    /// stall every thread that maps memory (thread stacks, large buffers)
+    /// for seconds, and with them the migration that runs meanwhile.
     pub fn populate(&self, offset: usize, len: usize) -> CoreResult<()> {
         self.check_range(offset, len)?;
-        // SAFETY: advice on a checked range of our mapping; populating only
-        // faults pages in, it never changes their content.
-        unsafe {
-            rustix::mm::madvise(
-                self.base.as_ptr().add(offset).cast(),
-                len,
-                rustix::mm::Advice::LinuxPopulateWrite,
-            )
+        let end = offset + len;
+        let stride = POPULATE_STEP.max(self.alloc_page_size());
+        let mut at = offset;
+        while at < end {
+            let step = stride.min(end - at);
+            // SAFETY: advice on a checked range of our mapping; populating
+            // only faults pages in, it never changes their content.
+            unsafe {
+                rustix::mm::madvise(
+                    self.base.as_ptr().add(at).cast(),
+                    step,
+                    rustix::mm::Advice::LinuxPopulateWrite,
+                )
+            }
+            .map_err(|e| match e {
+                rustix::io::Errno::INVAL => CoreError::Unsupported(
+                    "MADV_POPULATE_WRITE is not supported (needs Linux 5.14)".into(),
+                ),
+                e => CoreError::io("MADV_POPULATE_WRITE", e.into()),
+            })?;
+            at += step;
         }
-        .map_err(|e| match e {
-            rustix::io::Errno::INVAL => CoreError::Unsupported(
-                "MADV_POPULATE_WRITE is not supported (needs Linux 5.14)".into(),
-            ),
-            e => CoreError::io("MADV_POPULATE_WRITE", e.into()),
-        })
+        Ok(())
     }
 
     /// Byte ranges that may hold data; everything else reads as zeros and
