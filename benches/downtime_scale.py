@@ -72,10 +72,14 @@ def run_case(mig: list[str], size: int, image: Path | None, workload: str,
     try:
         q = json.loads(out.stdout)
     except json.JSONDecodeError:
-        raise RuntimeError(f"mig demo failed ({out.returncode}): {out.stderr[-2000:]}") from None
+        q = {"status": "no-output", "error-desc": f"exit {out.returncode}: {out.stderr[-2000:]}"}
     if q.get("status") != "completed":
-        raise RuntimeError(f"mig demo ended {q.get('status')}: {q.get('error-desc')}")
+        # Recorded, not raised: a failed run is a result (it fails "every run
+        # verified"), and the other cases still run.
+        return {"status": q.get("status"), "error": q.get("error-desc"), "verified": False,
+                "wall": wall, "exit": out.returncode}  # fmt: skip
     return {
+        "status": "completed",
         "downtime": float(q["downtime"]),
         "predicted": q.get("predicted-downtime"),
         "breakdown": q.get("downtime-breakdown", {}),
@@ -93,19 +97,22 @@ def run_case(mig: list[str], size: int, image: Path | None, workload: str,
 
 
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the completed runs; failed runs listed, and they fail the case."""
     med = statistics.median
-    down = [r["downtime"] for r in runs]
-    terms = sorted({k for r in runs for k in r["breakdown"]})
+    done = [r for r in runs if r["status"] == "completed"]
+    down = [r["downtime"] for r in done]
+    terms = sorted({k for r in done for k in r["breakdown"]})
     return {
         "case": name,
         "runs": len(runs),
-        "downtime-median": med(down),
-        "downtime-max": max(down),
-        "total-median": med(r["total"] for r in runs),
-        "breakdown-median": {k: med(r["breakdown"].get(k, 0.0) for r in runs) for k in terms},
-        "predicted": [r["predicted"] for r in runs],
+        "failed": [f"{r['status']}: {r['error']}" for r in runs if r["status"] != "completed"],
+        "downtime-median": med(down) if down else None,
+        "downtime-max": max(down) if down else None,
+        "total-median": med(r["total"] for r in done) if done else None,
+        "breakdown-median": {k: med(r["breakdown"].get(k, 0.0) for r in done) for k in terms},
+        "predicted": [r["predicted"] for r in done],
         "measured": down,
-        "all-verified": all(r["verified"] for r in runs),
+        "all-verified": bool(runs) and all(r["verified"] for r in runs),
     }
 
 
@@ -127,15 +134,20 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, bool]:
     share = prediction_share(rows)
     out = {
         "every run verified": all(r["all-verified"] for r in rows),
-        f"every downtime <= {LIMIT_MS:g} ms": all(r["downtime-max"] <= LIMIT_MS for r in rows),
+        f"every downtime <= {LIMIT_MS:g} ms": all(
+            not r["failed"] and r["downtime-max"] is not None and r["downtime-max"] <= LIMIT_MS
+            for r in rows
+        ),
         f"idle medians <= {IDLE_TARGET_MS:g} ms": all(
-            r["downtime-median"] <= IDLE_TARGET_MS for r in rows if r["case"].endswith(" idle")
+            r["downtime-median"] is not None and r["downtime-median"] <= IDLE_TARGET_MS
+            for r in rows
+            if r["case"].endswith(" idle")
         ),
         f"predicted within 25 % or 20 ms in >= {PREDICTION_SHARE:.0%} of runs "
         f"(is {share:.0%})": share >= PREDICTION_SHARE,
     }
     small, large = by_case.get("1 GiB hotset"), by_case.get("4 GiB hotset")
-    if small and large:
+    if small and large and small["downtime-median"] and large["downtime-median"] is not None:
         growth = large["downtime-median"] / small["downtime-median"]
         out[f"hotset 4 GiB / 1 GiB median <= {GROWTH_TARGET} (is {growth:.2f})"] = (
             growth <= GROWTH_TARGET
@@ -152,6 +164,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{p:.0f}/{m:.0f}" if p is not None else f"-/{m:.0f}"
             for p, m in zip(r["predicted"], r["measured"], strict=True)
         )
+        if r["failed"]:
+            pairs += f" ({len(r['failed'])} failed)"
+        if r["downtime-median"] is None:
+            lines.append(f"| {r['case']} | all {r['runs']} runs failed |" + " |" * (len(head) - 2))
+            continue
         cells = [
             r["case"], f"{r['downtime-median']:.0f} ms", f"{r['downtime-max']:.0f} ms", pairs,
             f"{r['total-median'] / 1000:.1f} s",
@@ -191,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, size, image, workload in cases:  # interleaved: each case sees every load
             r = run_case(mig, size, image, workload, extra, args.timeout)
             results[name].append(r)
+            if r["status"] != "completed":
+                print(f"run {rnd + 1}: {name}: {r['status']}: {r['error']}", flush=True)
+                continue
             predicted = r["predicted"] or 0
             fits = within_prediction(r["predicted"], r["downtime"])
             print(
