@@ -225,6 +225,24 @@ impl Shared {
         }
     }
 
+    /// Sends the chunks right after requested chunk `c` on the same channel
+    /// while the link has room: a guest walking memory would fault on them
+    /// next, one round trip per chunk. Returns the first chunk not sent.
+    fn read_ahead(&self, conn: &mut Conn, c: usize, buf: &mut Vec<u8>) -> CoreResult<usize> {
+        let mut next = c + 1;
+        while next < self.chunks && next <= c + READ_AHEAD {
+            let room = Self::has_turn(&self.pacer) && Self::has_turn(&self.push_pacer);
+            if !room || !self.remaining.remove(next) {
+                break;
+            }
+            let wire = self.send_chunk(conn, next, buf)?;
+            Self::charge(&self.push_pacer, wire);
+            self.pushed.fetch_add(1, Ordering::Relaxed);
+            next += 1;
+        }
+        Ok(next)
+    }
+
     /// Answers requests on the urgent channel until the destination reports
     /// every chunk placed, the channel breaks or `stop`.
     fn serve_requests(&self, mut conn: Conn) -> CoreResult<()> {
@@ -257,20 +275,7 @@ impl Shared {
                         self.send_chunk(&mut conn, c, &mut buf)?;
                         self.requested.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The chunks right after it follow on the same channel
-                    // while the link has room: a guest walking memory would
-                    // fault on them next, one round trip per chunk.
-                    let mut next = c + 1;
-                    while next < self.chunks && next <= c + READ_AHEAD {
-                        let room = Self::has_turn(&self.pacer) && Self::has_turn(&self.push_pacer);
-                        if !room || !self.remaining.remove(next) {
-                            break;
-                        }
-                        let wire = self.send_chunk(&mut conn, next, &mut buf)?;
-                        Self::charge(&self.push_pacer, wire);
-                        self.pushed.fetch_add(1, Ordering::Relaxed);
-                        next += 1;
-                    }
+                    let next = self.read_ahead(&mut conn, c, &mut buf)?;
                     self.cursor.store(next, Ordering::Relaxed);
                 }
                 Tag::Placed => {
