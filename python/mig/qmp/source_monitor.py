@@ -4,7 +4,8 @@ Commands: ``query-status``, ``stop``, ``cont``, ``migrate-set-capabilities``,
 ``query-migrate-capabilities``, ``migrate-set-parameters``,
 ``query-migrate-parameters``, ``migrate``, ``query-migrate``,
 ``migrate_cancel``, ``migrate-continue`` (ends the ``pre-switchover`` pause of
-the ``pause-before-switchover`` capability), ``x-mig-query-digests`` and
+the ``pause-before-switchover`` capability), ``migrate-start-postcopy`` (with
+the ``postcopy-ram`` capability), ``x-mig-query-digests`` and
 ``quit``. Events: ``MIGRATION``
 on every status change and ``MIGRATION_PASS`` on every dirty sync (only with
 the ``events`` capability, as in QEMU), ``STOP`` and ``RESUME`` on every pause
@@ -77,6 +78,7 @@ class SourceMonitor:
             "query-migrate": Command(self._query_migrate),
             "migrate_cancel": Command(self._cancel),
             "migrate-continue": Command(self._continue, {"state": str}),
+            "migrate-start-postcopy": Command(self._start_postcopy),
             "x-mig-query-digests": Command(self._digests),
             "quit": Command(lambda _: None, then=self.quit_requested.set),
             **settings_commands(self.settings, self._busy),
@@ -195,6 +197,20 @@ class SourceMonitor:
             raise QMPError(f"Migration not in expected state: {self._status}")
         if state == "pre-switchover" and (source is None or not _released(source)):
             raise QMPError(f"Migration not in expected state: {self._status}")
+
+    def _start_postcopy(self, _: dict[str, Any]) -> None:
+        """QEMU's ``migrate-start-postcopy``: switch at the next decision."""
+        if not self.settings.capabilities["postcopy-ram"]:
+            raise QMPError(
+                "Enable postcopy with migrate_set_capability before the start of migration"
+            )
+        source = self.source
+        if source is None or not self._busy():
+            raise QMPError("Postcopy must be started after migration has been started")
+        try:
+            source.start_postcopy()
+        except RuntimeError as e:
+            raise QMPError(str(e)) from None
 
     def _digests(self, _: dict[str, Any]) -> dict[str, Any]:
         """Digests of the guest's memory and device state, to compare with the destination's."""
