@@ -911,6 +911,10 @@ USER_PATH_BENCHES = {
         "simulate_vs_real.py",
         "mig demo --simulate against mig demo on 7 configurations",
     ),
+    "postcopy-lab": (
+        "postcopy_lab.py",
+        "post-copy, hybrid, auto-converge and dirty-limit on non-converging workloads (sim)",
+    ),
 }
 
 

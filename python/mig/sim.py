@@ -1134,6 +1134,17 @@ class SimLink:
     def close(self) -> None:
         pass
 
+    # --- post-copy: the phase is modelled in mig.sim_postcopy ---
+    postcopy: Any = None
+
+    def postcopy_outgoing(self, uri: str | None, max_bandwidth: int, max_push_bandwidth: int,
+                          recover_timeout: float) -> Any:  # fmt: skip
+        """The source's post-copy phase on this link: ``SimPostcopy``."""
+        from mig.sim_postcopy import SimPostcopy  # noqa: PLC0415
+
+        self.postcopy = SimPostcopy(self, max_bandwidth, max_push_bandwidth)
+        return self.postcopy
+
 
 class _SimDeviceHandler(DeviceHandler):
     """The real device handler; a stopped exact size costs its production time."""
@@ -1257,6 +1268,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     }
     q["config"] = config.to_dict()
     q["workload"] = config.workload
+    if link.postcopy is not None:  # post-copy (mig.sim_postcopy): both sides' figures
+        q.update(link.postcopy.report(q))
     return q
 
 

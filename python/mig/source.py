@@ -403,7 +403,9 @@ class MigrationSource(NotifierCallbacks):
         assert self.switchover is not None and self.precopy is not None
         if postcopy:
             s = self.settings
-            self.switchover.postcopy = PostcopyOutgoing(
+            # A link may bring its own post-copy phase (the simulator's).
+            make = getattr(self.precopy.link, "postcopy_outgoing", None) or PostcopyOutgoing
+            self.switchover.postcopy = make(
                 self.uri, s.max_bandwidth, s.max_postcopy_bandwidth, s.postcopy_recover_timeout
             )
         if not self.pre_switchover.enabled:  # else pre-switchover comes first, then device
