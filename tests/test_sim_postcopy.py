@@ -12,6 +12,7 @@ import pytest
 import mig
 from mig.sim import HostModel, LinkModel, SimConfig, simulate
 from mig.sim_postcopy import CHUNK_BYTES, all_blocked
+from mig.source import MigrationSource
 
 MIB = 1 << 20
 NON_CONVERGING = "sequential:wss=16MiB,rate=400000"
@@ -48,6 +49,21 @@ def test_postcopy_completes_with_the_engine_s_statistics() -> None:
     assert q["guest"]["writes-during-migration"] == q["sim"]["guest-writes"]
     # The downtime ends at the destination's resume, long before the last page.
     assert q["downtime"] < q["total-time"] / 4
+
+
+def test_the_source_reports_postcopy_active_until_the_last_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[str] = []
+    set_status = MigrationSource._set_status
+
+    def spy(self: MigrationSource, status: str) -> None:
+        seen.append(status)
+        set_status(self, status)
+
+    monkeypatch.setattr(MigrationSource, "_set_status", spy)
+    simulate(postcopy())
+    assert seen[-2:] == ["postcopy-active", "completed"], seen
 
 
 def test_fault_latency_grows_with_the_round_trip() -> None:

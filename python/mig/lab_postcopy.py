@@ -7,8 +7,9 @@ real loop and policies, post-copy modelled by ``mig.sim_postcopy``):
 * ``auto-converge``: pre-copy, the guest throttled until it converges;
 * ``dirty-limit``: pre-copy, each vCPU's page writes capped at
   ``DIRTY_LIMIT_SHARE`` of the link's page rate (split among the vCPUs);
-* ``postcopy``: post-copy at once (``start_postcopy`` before the first
-  pass: every page crosses once, on demand or pushed);
+* ``postcopy``: post-copy at once (``postcopy_after_passes`` 0: the switch
+  at the loop's first decision, as ``start_postcopy`` right after the
+  start; every page crosses once, on demand or pushed);
 * ``hybrid-N``: ``N`` whole pre-copy passes, then post-copy.
 
 Compared on total time, downtime, guest progress (page writes completed
