@@ -100,6 +100,14 @@ def test_requests_are_served_before_the_push() -> None:
     assert busy["fault-latency-p99"] <= idle["fault-latency-p99"] + wire
 
 
+def test_a_phase_that_would_never_end_fails_with_its_reason() -> None:
+    # The push held back to a byte a second and a guest that touches
+    # nothing: the owed pages would take weeks of virtual time.
+    q = simulate(postcopy(workload="idle", params={"max_postcopy_bandwidth": 1}))
+    assert q["status"] == "failed"
+    assert "post-copy phase longer than" in q["error-desc"]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_hybrid_after_n_passes_does_n_passes(n: int) -> None:
     q = simulate(postcopy(params={"postcopy_after_passes": n}))
