@@ -168,10 +168,10 @@ def test_the_simulated_postcopy_demo_predicts_the_real_one() -> None:
         assert real["status"] == "completed", real.get("error-desc")
         assert real["verified"] and real.get("end-to-end-check") == "passed"
     real = min(runs, key=lambda q: q["total-time"])
-    # The real switch waits for the destination's switchover-ack, which
-    # comes once a pass has landed: one or more whole passes, as the host's
-    # load decides. The simulated destination acknowledges at once, so it
-    # is told the real run's number of passes.
+    # A real run switches after one whole pass or more, as the host's load
+    # decides (the switch also waits for the destination's switchover-ack);
+    # the simulated one as soon as the policy allows, so it is told the
+    # real run's number of whole passes.
     passes = sum(1 for p in real["passes"] if p["bytes"] >= WHOLE_PASS)
     sim = demo("--postcopy-after", str(passes), "--simulate")
     assert sim["status"] == "completed" and sim["simulated"]
