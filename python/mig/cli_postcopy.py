@@ -38,7 +38,8 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="PASSES",
         help="with --postcopy: switch after this many whole passes of pre-copy, or on "
-        "non-convergence (default 0: at once, every page crosses once)",
+        "non-convergence (default 0: as soon as the guest is measured dirtying memory "
+        "as fast as the link sends it)",
     )
 
 
