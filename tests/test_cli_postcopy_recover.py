@@ -6,14 +6,13 @@ placed equals the source's digest of its frozen memory)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from faultkit import FaultProxy
+from peerkit import free_port, mig_process
 
 import mig
 
@@ -25,22 +24,6 @@ pytestmark = pytest.mark.skipif(
 
 KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 SMALL = ["--size", "32MiB", "--devices", "none", "--postcopy-recover", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _mig(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mig.cli", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _seen(proc: subprocess.Popen[str], text: str) -> tuple[threading.Event, list[str]]:
@@ -59,15 +42,15 @@ def _seen(proc: subprocess.Popen[str], text: str) -> tuple[threading.Event, list
 
 
 def test_send_and_serve_recover_by_themselves_after_a_reset_mid_postcopy() -> None:
-    listen = f"tcp:127.0.0.1:{_free_port()}"
-    dst = _mig("serve", "--listen", listen, "--once", "--log-level", "info", *SMALL)
+    listen = f"tcp:127.0.0.1:{free_port()}"
+    dst = mig_process("serve", "--listen", listen, "--once", "--log-level", "info", *SMALL)
     procs = [dst]
     proxy: FaultProxy | None = None
     try:
         listening, dst_err = _seen(dst, "listening on")
         assert listening.wait(30), "".join(dst_err)
         proxy = FaultProxy(listen)
-        src = _mig(
+        src = mig_process(
             "send", "--connect", proxy.uri, "--json", "--log-level", "info", *SMALL,
             "--workload", "sequential:wss=8MiB,rate=200000",
             "--postcopy", "--max-bandwidth", "2MiB/s",
