@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from faultkit import DestProcess, FaultProxy, RunLog
+from faultkit import DestProcess, FaultProxy, RunLog, recover_both
 
 import mig
 from mig.destination import MigrationDestination
@@ -142,9 +142,7 @@ def test_recovery_after_the_page_channels_reset_mid_postcopy() -> None:
         assert source.query()["status"] == "postcopy-paused"
         assert dest.query()["status"] == "postcopy-paused"
         assert dest.query()["postcopy"]["missing-pages"], "nothing was left to fetch"
-        dest.recover()
-        source.recover()
-        q, d = source.wait(90), dest.wait(30)
+        q, d = recover_both(source, dest)
     finally:
         guest.close()
         proxy.close()

@@ -420,6 +420,7 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
             self._set_status(s)
 
         status("postcopy-active")
+        faults.point("source.postcopy")
         postcopy.run(status, lambda: self._cancel)
         self.switchover.phase = Phase.DONE
 
