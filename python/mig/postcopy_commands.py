@@ -26,8 +26,10 @@ class PostcopyCommands:
     _done: threading.Event
     _postcopy_requested: bool
 
-    @property
-    def phase(self) -> Phase: ...
+    if TYPE_CHECKING:  # MigrationSource's own
+
+        @property
+        def phase(self) -> Phase: ...
 
     def start_postcopy(self) -> None:
         """Switch to post-copy at the next decision (QEMU's migrate-start-postcopy)."""
