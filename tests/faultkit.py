@@ -272,6 +272,15 @@ class FaultProxy:
 
 
 # -------------------------------------------------------- destination process
+def recover_both(source: Any, dest: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both sides in ``postcopy-paused``: the destination accepts again, the
+    source reconnects (QEMU's order: migrate-recover, then migrate with
+    resume); returns both final queries."""
+    dest.recover()
+    source.recover()
+    return source.wait(90), dest.wait(30)
+
+
 class DestProcess:
     """A destination in its own process (``python faultkit.py dest``)."""
 

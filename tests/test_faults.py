@@ -39,6 +39,10 @@ the destination acted on it, leaves the source guest paused with an unknown
 outcome while the destination runs the only guest; a ``go`` that never
 arrives leaves neither running until ``resume_source()``.
 
+The post-copy phase (the destination already runs the guest, pages still
+owed) ends in states of its own, not in a rollback:
+``tests/test_faults_postcopy.py``.
+
 Every case checks: the migration ended ``failed`` or ``cancelled`` with a
 reason naming the fault; the source guest runs at the end, its memory equal to
 what the test itself wrote into it, its device state unchanged; the run/pause

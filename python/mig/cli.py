@@ -37,7 +37,7 @@ from mig.cli_options import (
     add_snapshot,
     new_parser,
 )
-from mig.cli_postcopy import guest_writes, postcopy_params, serve_workload_args
+from mig.cli_postcopy import auto_recover, guest_writes, postcopy_params, serve_workload_args
 from mig.cli_values import page_size
 from mig.prealloc import start_prealloc
 from mig.units import format_size, parse_size
@@ -263,6 +263,7 @@ def _run_source(
         )
     except ValueError as e:
         raise UsageError("(migration parameters)", str(e)) from None
+    auto_recover(args, src)
     render = (lambda q: _progress(q, uri)) if _show_progress(args, console) else None
     before = g.writes()
     with _Interrupt(src.cancel) as intr:
@@ -535,6 +536,7 @@ def _serve_one(
             raise UsageError("--listen", str(e)) from None
         if there is not None:
             dest.on_resume, dest.on_status = there.resume, there.status
+        auto_recover(args, dest)
         bound = str(dest.uri)  # keeps a picked port for the next migration
         if ready_fd is not None:
             os.write(ready_fd, (bound + "\n").encode())

@@ -4,19 +4,31 @@
 join the migration options of ``mig demo`` and ``mig send``; ``--workload``
 and ``--vcpus`` on ``mig serve`` run the guest there once it resumes
 (``mig.resumed_workload``); the demo passes its own to the destination.
+
+``--postcopy-recover N`` (``mig send``, ``mig serve``, ``mig demo``): a
+post-copy whose page channels broke recovers by itself, up to N times, as
+QEMU's ``migrate-recover`` and ``migrate`` with ``resume`` do on request
+(those two are the QMP way, with ``--qmp``). Without it a paused post-copy
+waits for Ctrl-C, which ends it with the guest lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from mig.cli_values import MAX_VCPUS, int_range
 
+log = logging.getLogger("mig.cli")
+
 MAX_PASSES = 1_000_000  # --postcopy-after: more than any migration runs
 
 __all__ = [
+    "AutoRecover",
     "add_postcopy_options",
+    "add_recover_option",
     "add_serve_workload",
     "guest_writes",
     "postcopy_params",
@@ -32,14 +44,61 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
         help="switch to post-copy when pre-copy would go on: resume on the destination, "
         "fetch the remaining pages on demand (userfaultfd there)",
     )
+    add_recover_option(g)
     g.add_argument(
         "--postcopy-after",
         type=int_range(0, MAX_PASSES),
         default=0,
         metavar="PASSES",
         help="with --postcopy: switch after this many whole passes of pre-copy, or on "
-        "non-convergence (default 0: at once, every page crosses once)",
+        "non-convergence (default 0: as soon as the guest is measured dirtying memory "
+        "as fast as the link sends it)",
     )
+
+
+def add_recover_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--postcopy-recover",
+        type=int_range(0, MAX_PASSES),
+        default=0,
+        metavar="ATTEMPTS",
+        help="a post-copy whose page channels broke reconnects by itself, up to this "
+        "many times (default 0: it waits, paused, for Ctrl-C, which loses the guest)",
+    )
+
+
+class AutoRecover:
+    """An ``on_status`` that calls ``recover`` at each ``postcopy-paused``
+    while attempts are left, after passing the status on to ``then``."""
+
+    def __init__(
+        self,
+        attempts: int,
+        recover: Callable[[], None],
+        then: Callable[[str], None] | None = None,
+    ) -> None:
+        self.left = int(attempts)
+        self.recover = recover
+        self.then = then
+
+    def __call__(self, status: str) -> None:
+        if self.then is not None:
+            self.then(status)
+        if status != "postcopy-paused" or self.left <= 0:
+            return
+        self.left -= 1
+        log.info("post-copy paused: recovering (%d attempts left after this one)", self.left)
+        try:
+            self.recover()
+        except RuntimeError as e:  # no longer paused: nothing to recover
+            log.info("post-copy recovery not started: %s", e)
+
+
+def auto_recover(args: argparse.Namespace, side: Any) -> None:
+    """With ``--postcopy-recover``, ``side`` (a source or destination) recovers by itself."""
+    attempts = int(getattr(args, "postcopy_recover", 0) or 0)
+    if attempts:
+        side.on_status = AutoRecover(attempts, side.recover, side.on_status)
 
 
 def postcopy_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,6 +108,7 @@ def postcopy_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_serve_workload(parser: argparse.ArgumentParser) -> None:
+    add_recover_option(parser)
     parser.add_argument(
         "--workload",
         metavar="SPEC",
@@ -64,8 +124,11 @@ def add_serve_workload(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_workload_args(args: argparse.Namespace) -> list[str]:
-    """The demo's destination runs the demo's own workload."""
-    return ["--workload", str(args.workload), "--vcpus", str(args.vcpus)]
+    """The demo's destination runs the demo's own workload (and recovers alike)."""
+    out = ["--workload", str(args.workload), "--vcpus", str(args.vcpus)]
+    if getattr(args, "postcopy_recover", 0):
+        out += ["--postcopy-recover", str(args.postcopy_recover)]
+    return out
 
 
 def guest_writes(writes: int, q: dict[str, Any]) -> dict[str, Any]:

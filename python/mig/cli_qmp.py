@@ -125,6 +125,9 @@ class _Incoming:
     def cancel(self, reason: str = "cancelled on the destination") -> None:
         self.dest.cancel(reason)
 
+    def recover(self) -> None:
+        self.dest.recover()
+
     def query(self) -> dict[str, Any]:
         return self.seen.result(self.dest.query())
 

@@ -323,6 +323,7 @@ class MigrationDestination:
 
     def _finish_postcopy(self) -> None:
         """The guest runs here; wait until every owed page is placed."""
+        faults.point("dest.postcopy")
         try:
             root = self.postcopy.run(self._set_status, lambda: self._cancel)
         except MigrationEnded as e:

@@ -32,6 +32,7 @@ POINTS: dict[str, str] = {
     "source.ready": "the destination's 'ready' received, before 'go' is sent",
     "source.go": "'go' sent (the commit point), before the destination's 'resumed'",
     "source.verify": "'resumed' received (after-resume), before the source's digest is sent",
+    "source.postcopy": "post-copy active: the destination runs the guest, pages still owed",
     "dest.setup": "hello checked and every load_setup() done, before hello-ack",
     "dest.switchover-ack": "switchover-ack sent",
     "dest.pass": "a 'pass' received (info: number, counted on the destination)",
@@ -42,6 +43,7 @@ POINTS: dict[str, str] = {
     "dest.ready": "digest verified and 'ready' sent, before waiting for 'go'",
     "dest.resume": "'go' received, before the handlers resume and on_resume",
     "dest.verified": "after-resume verification answered (or abandoned)",
+    "dest.postcopy": "post-copy active: the guest resumed here, pages still missing",
 }
 
 

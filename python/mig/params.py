@@ -58,8 +58,9 @@ class MigrationParams:
     # Post-copy (QEMU's postcopy-ram capability): the switchover may resume
     # the guest on the destination with pages still owed, fetched on demand.
     # Started by ``start_postcopy()`` or by the policy (``mig.postcopy_policy``):
-    # after ``postcopy_after_passes`` whole passes (0: at once, every page
-    # crosses the link once), or once not converging.
+    # after ``postcopy_after_passes`` whole passes, or once not converging
+    # (0: no pass count; the dirty rate is measured early and the switch
+    # comes as soon as it reaches the link's bandwidth).
     postcopy: bool = False
     postcopy_after_passes: int = 0
     # bytes/s of the background push during post-copy (QEMU's

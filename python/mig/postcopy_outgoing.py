@@ -103,6 +103,12 @@ class PostcopyOutgoing:
         if self.native is not None:
             self.native.set_max_bandwidth(int(bytes_per_s))
 
+    def set_max_push_bandwidth(self, bytes_per_s: int) -> None:
+        """``max_postcopy_bandwidth`` from now on (0 = only the link's cap)."""
+        self.max_push_bandwidth = int(bytes_per_s)
+        if self.native is not None:
+            self.native.set_max_push_bandwidth(self.max_push_bandwidth)
+
     def abort(self) -> None:
         if self.native is not None:
             self.native.close()

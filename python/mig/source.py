@@ -40,6 +40,7 @@ from mig.migration_stats import MigrationStats
 from mig.notifier import Notifier, NotifierCallbacks
 from mig.params import PARAMETERS, MigrationParams
 from mig.policies import Action, make_policy
+from mig.postcopy_commands import PostcopyCommands
 from mig.postcopy_outgoing import PostcopyOutgoing
 from mig.postcopy_policy import PostcopySwitch
 from mig.pre_switchover import PreSwitchover
@@ -79,7 +80,7 @@ STATUSES = (
 )  # fmt: skip
 
 
-class MigrationSource(NotifierCallbacks):
+class MigrationSource(NotifierCallbacks, PostcopyCommands):
     """Migrates ``guest`` (its memory and ``devices``) to ``uri``.
 
     ``devices`` are device handlers (objects with the ``SaveHandler``
@@ -226,22 +227,6 @@ class MigrationSource(NotifierCallbacks):
         ``pause_before_switchover`` (``cancel()`` there rolls back instead)."""
         if not self.pre_switchover.release():
             raise RuntimeError(f"migration not in pre-switchover (status {self.status})")
-
-    def start_postcopy(self) -> None:
-        """Switch to post-copy at the next decision (QEMU's migrate-start-postcopy)."""
-        if not self.settings.postcopy:
-            raise RuntimeError("post-copy is not enabled for this migration (postcopy=True)")
-        if self.phase is not Phase.PRECOPY or self._done.is_set():
-            raise RuntimeError(f"no pre-copy to switch from (phase {self.phase.value})")
-        self._postcopy_requested = True
-
-    def recover(self, uri: str | None = None) -> None:
-        """``postcopy-paused``: reconnect the page channels, to ``uri`` or the
-        session's (QEMU's migrate resume=true); the destination calls
-        ``recover`` too."""
-        if self.switchover is None or self.switchover.postcopy is None:
-            raise RuntimeError("no post-copy to recover")
-        self.switchover.postcopy.recover(uri)
 
     def query(self) -> dict[str, Any]:
         """``query-migrate``: QEMU's field names plus mig's own keys."""
@@ -437,6 +422,7 @@ class MigrationSource(NotifierCallbacks):
             self._set_status(s)
 
         status("postcopy-active")
+        faults.point("source.postcopy")
         postcopy.run(status, lambda: self._cancel)
         self.switchover.phase = Phase.DONE
 

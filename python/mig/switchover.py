@@ -155,7 +155,11 @@ class SwitchoverRun:
         abandoned over budget (the guest runs here again)."""
         precopy = self.precopy
         check_cancel()
-        if not self.stops.paused:
+        if not self.stops.paused and self.postcopy is not None:
+            # What the guest dirties from here on is owed to post-copy, not
+            # sent now: a catch-up would send pages it then sends again.
+            self._settle(check_cancel)
+        elif not self.stops.paused:
             self._settle_and_catch_up(check_cancel)
         self.plan = precopy.switchover_plan()
         self.predicted_downtime = sum(self.plan.values())

@@ -1,9 +1,12 @@
 """``DestinationMonitor``: a QMP monitor on incoming migrations.
 
 Commands: ``migrate-incoming``, ``query-migrate``, ``migrate_cancel``,
-``query-status``, the capability and parameter commands (``tls-creds`` picks
-the server side's certificates; the rest are kept so that a management tool
-may set both sides alike, as QEMU wants) and ``quit``. Events: ``MIGRATION``
+``migrate-recover`` (a paused post-copy accepts the source's new page
+channels: mig keeps the ``migrate-incoming`` listener, so ``uri`` must name
+it, where QEMU listens anew), ``query-status``, the capability and
+parameter commands (``tls-creds`` picks the server side's certificates; the
+rest are kept so that a management tool may set both sides alike, as QEMU
+wants) and ``quit``. Events: ``MIGRATION``
 on every status change (with the ``events`` capability) and ``RESUME`` when
 the migrated guest starts here.
 
@@ -32,6 +35,7 @@ __all__ = ["DestinationMonitor"]
 log = logging.getLogger("mig.qmp")
 
 _ENDED = ("completed", "failed", "cancelled")
+_RUNS_HERE = ("completed", "postcopy-active", "postcopy-paused")
 
 
 class DestinationMonitor:
@@ -48,6 +52,7 @@ class DestinationMonitor:
         self._make_destination = make_destination
         self.settings = MigrationSettings()
         self.destination: Any = None
+        self._incoming_uri: str | None = None
         self._status = "none"
         self.finished: queue.Queue[dict[str, Any]] = queue.Queue()
         self.quit_requested = threading.Event()
@@ -55,6 +60,7 @@ class DestinationMonitor:
             "migrate-incoming": Command(self._incoming, {"uri": str}, {"exit-on-error": bool}),
             "query-migrate": Command(self._query_migrate),
             "migrate_cancel": Command(self._cancel),
+            "migrate-recover": Command(self._recover, {"uri": str}),
             "query-status": Command(self._query_status),
             "quit": Command(lambda _: None, then=self.quit_requested.set),
             **settings_commands(self.settings, self._loading),
@@ -80,6 +86,7 @@ class DestinationMonitor:
         except (OSError, ValueError) as e:
             raise QMPError(str(e)) from None
         self.destination = dest
+        self._incoming_uri = uri
         self._status = "none"
         dest.start()
         return dest
@@ -122,8 +129,24 @@ class DestinationMonitor:
         if dest is not None and self._busy():
             dest.cancel("cancelled by migrate_cancel on the destination")
 
+    def _recover(self, args: dict[str, Any]) -> None:
+        """QEMU's ``migrate-recover``: go on with a paused post-copy."""
+        dest = self.destination
+        if dest is None or self._status != "postcopy-paused":
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        if args["uri"] not in (str(dest.uri), self._incoming_uri):
+            raise QMPError(
+                f"mig recovers on the listener of migrate-incoming ({dest.uri}), "
+                f"not on {args['uri']}"
+            )
+        try:
+            dest.recover()
+        except RuntimeError as e:
+            raise QMPError(str(e)) from None
+
     def _query_status(self, _: dict[str, Any]) -> dict[str, Any]:
-        running = self._status == "completed"
+        # In post-copy the guest runs here already (blocked only on missing pages).
+        running = self._status in _RUNS_HERE
         return {"status": "running" if running else "inmigrate", "running": running}
 
     # ------------------------------------------------------------ callback

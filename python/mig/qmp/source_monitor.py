@@ -5,7 +5,8 @@ Commands: ``query-status``, ``stop``, ``cont``, ``migrate-set-capabilities``,
 ``query-migrate-parameters``, ``migrate``, ``query-migrate``,
 ``migrate_cancel``, ``migrate-continue`` (ends the ``pre-switchover`` pause of
 the ``pause-before-switchover`` capability), ``migrate-start-postcopy`` (with
-the ``postcopy-ram`` capability), ``x-mig-query-digests`` and
+the ``postcopy-ram`` capability), ``migrate`` with ``resume`` (a paused
+post-copy reconnects its page channels to ``uri``), ``x-mig-query-digests`` and
 ``quit``. Events: ``MIGRATION``
 on every status change and ``MIGRATION_PASS`` on every dirty sync (only with
 the ``events`` capability, as in QEMU), ``STOP`` and ``RESUME`` on every pause
@@ -154,7 +155,8 @@ class SourceMonitor:
     # --------------------------------------------------------- migration
     def _migrate(self, args: dict[str, Any]) -> None:
         if args.get("resume"):
-            raise QMPError("mig has no post-copy to resume")
+            self._resume(args["uri"])
+            return
         if self._busy():
             raise QMPError("There's a migration process in progress")
         state = self.run_state()
@@ -178,6 +180,16 @@ class SourceMonitor:
             self._status = "none"
             self._passes_announced = 0
         source.start()
+
+    def _resume(self, uri: str) -> None:
+        """QEMU's ``migrate`` with ``resume``: go on with a paused post-copy."""
+        source = self.source
+        if source is None or self._status != "postcopy-paused":
+            raise QMPError("Cannot resume if there is no paused migration")
+        try:
+            source.recover(uri)
+        except RuntimeError as e:
+            raise QMPError(str(e)) from None
 
     def _query_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
         source = self.source

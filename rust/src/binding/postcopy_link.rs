@@ -115,6 +115,10 @@ impl PyPostcopyOutgoing {
         self.inner.set_max_bandwidth(bytes_per_s);
     }
 
+    fn set_max_push_bandwidth(&self, bytes_per_s: u64) {
+        self.inner.set_max_push_bandwidth(bytes_per_s);
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);

@@ -14,12 +14,14 @@
 //! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
-//! Requested chunks go out at once, never behind a pacing wait (QEMU's
-//! postcopy-preempt serves them on their own channel the same way): their
-//! bytes are charged to the link's pacer (the cap models the link), and the
-//! push, which waits for the link's turn, absorbs the deficit. Read-ahead
-//! goes only while the link has room. Chunks of zeros travel as `ZERO` runs
-//! (a first chunk and a count), never as data.
+//! Every byte on either channel is charged to one pacer at `max_bandwidth`:
+//! the cap models the link's capacity, and a link carries no more however
+//! its bytes are split between channels. Requests go first: a requested
+//! chunk waits only for the link's current turn (at most the one chunk
+//! already charged), and the push takes no turn while a request waits
+//! (QEMU's postcopy-preempt likewise keeps urgent pages out of the push's
+//! queue). Read-ahead goes only while the link has room. Chunks of zeros
+//! travel as `ZERO` runs (a first chunk and a count), never as data.
 //!
 //! The guest is stopped for the whole phase: its memory is frozen, and
 //! reading it races with nothing.
@@ -39,6 +41,13 @@ use crate::transport::Conn;
 
 /// How often a waiting thread checks whether it should stop.
 const POLL: Duration = Duration::from_millis(50);
+
+/// The link time a late turn may still use (a token bucket's depth: at
+/// 100 MiB/s, 512 KiB).
+const SLACK: Duration = Duration::from_millis(5);
+
+/// How long the push stands back while a request waits for the link.
+const YIELD: Duration = Duration::from_micros(100);
 
 /// Owed chunks sent after a requested one on the urgent channel.
 const READ_AHEAD: usize = 3;
@@ -90,6 +99,14 @@ impl Pacer {
             next: Instant::now(),
         })
     }
+
+    /// A new rate applies from now: time owed at the old one is forgiven
+    /// (a push held at 1 byte/s would otherwise wait for hours).
+    fn set_rate(pacer: &Mutex<Pacer>, rate: u64) {
+        let mut p = lock(pacer);
+        p.rate = rate;
+        p.next = p.next.min(Instant::now());
+    }
 }
 
 struct Shared {
@@ -104,6 +121,8 @@ struct Shared {
     pacer: Mutex<Pacer>,
     /// The push alone (`max_postcopy_bandwidth`, 0 = no further limit).
     push_pacer: Mutex<Pacer>,
+    /// Requests waiting for the link's turn: the push stands back meanwhile.
+    urgent_waiting: AtomicUsize,
     stop: AtomicBool,
     state: PhaseState<OutgoingState>,
     requests: AtomicU64,
@@ -197,8 +216,13 @@ impl Shared {
             return;
         }
         let d = Duration::from_secs_f64(bytes as f64 / p.rate as f64);
+        // A turn taken late (a sleep overshoots, a thread waits for a core)
+        // keeps up to `SLACK` of the link's time it missed: the link was
+        // idle for it. Without it every late wake-up is lost bandwidth.
+        let now = Instant::now();
+        let earliest = now.checked_sub(SLACK).unwrap_or(now);
         // A tiny rate (a push held back on purpose) must not overflow.
-        p.next = p.next.max(Instant::now()).checked_add(d).unwrap_or(p.next);
+        p.next = p.next.max(earliest).checked_add(d).unwrap_or(p.next);
     }
 
     /// Whether the bytes charged so far to `pacer` have had their time.
@@ -268,12 +292,20 @@ impl Shared {
                             f.arg
                         )));
                     }
-                    // Sent at once: its bytes are charged to the link
-                    // (max_bandwidth models its capacity) and the push,
-                    // which waits for the link's turn, absorbs the deficit.
-                    if self.remaining.remove(c) {
-                        self.send_chunk(&mut conn, c, &mut buf)?;
-                        self.requested.fetch_add(1, Ordering::Relaxed);
+                    // The link's next turn is this request's: the push
+                    // stands back until it is sent.
+                    if self.remaining.contains(c) {
+                        self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
+                        self.wait_turn(&self.pacer);
+                        let sent = if self.remaining.remove(c) {
+                            self.send_chunk(&mut conn, c, &mut buf).map(Some)
+                        } else {
+                            Ok(None) // the push had claimed it before the request came
+                        };
+                        self.urgent_waiting.fetch_sub(1, Ordering::SeqCst);
+                        if sent?.is_some() {
+                            self.requested.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     let next = self.read_ahead(&mut conn, c, &mut buf)?;
                     self.cursor.store(next, Ordering::Relaxed);
@@ -298,8 +330,12 @@ impl Shared {
         while !self.stop.load(Ordering::SeqCst) {
             // Paced before a chunk is claimed: a chunk waiting here for its
             // turn is still free for a request to take at once.
-            self.wait_turn(&self.pacer);
             self.wait_turn(&self.push_pacer);
+            self.wait_turn(&self.pacer);
+            if self.urgent_waiting.load(Ordering::SeqCst) > 0 {
+                std::thread::sleep(YIELD); // this turn is a request's
+                continue;
+            }
             let from = self.cursor.load(Ordering::Relaxed);
             let Some(c) = self.remaining.first_from(from) else {
                 let sent =
@@ -390,6 +426,7 @@ impl PostcopyOutgoing {
                 cursor: AtomicUsize::new(0),
                 pacer: Pacer::new(max_bandwidth),
                 push_pacer: Pacer::new(max_push_bandwidth),
+                urgent_waiting: AtomicUsize::new(0),
                 stop: AtomicBool::new(false),
                 state: PhaseState::new(OutgoingState::Active, |s| *s == OutgoingState::Placed),
                 requests: AtomicU64::new(0),
@@ -522,7 +559,13 @@ impl PostcopyOutgoing {
     }
 
     pub fn set_max_bandwidth(&self, rate: u64) {
-        lock(&self.shared.pacer).rate = rate;
+        Pacer::set_rate(&self.shared.pacer, rate);
+    }
+
+    /// `max_postcopy_bandwidth` changed while the phase runs (QEMU applies
+    /// it at once too); 0 = no further limit than the link's.
+    pub fn set_max_push_bandwidth(&self, rate: u64) {
+        Pacer::set_rate(&self.shared.push_pacer, rate);
     }
 
     pub fn stats(&self) -> OutgoingStats {
