@@ -19,6 +19,8 @@ NON_CONVERGING = "sequential:wss=16MiB,rate=400000"
 
 
 def postcopy(memory: int = 64 * MIB, workload: str = NON_CONVERGING, **kw) -> SimConfig:
+    """Post-copy at once (``start_postcopy``) unless the test says otherwise."""
+    kw.setdefault("start_postcopy", True)
     params = {"max_bandwidth": 32 * MIB, "downtime_limit": 300, "timeout": 60.0,
               "postcopy": True, **kw.pop("params", {})}  # fmt: skip
     return SimConfig(memory=memory, workload=workload, vcpus=2, params=params, **kw)
@@ -110,14 +112,15 @@ def test_a_phase_that_would_never_end_fails_with_its_reason() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_hybrid_after_n_passes_does_n_passes(n: int) -> None:
-    q = simulate(postcopy(params={"postcopy_after_passes": n}))
+    q = simulate(postcopy(params={"postcopy_after_passes": n}, start_postcopy=False))
     assert q["status"] == "completed", q.get("error-desc")
     assert full_passes(q) == n
     assert q["postcopy"]["owed-chunks"] > 0
 
 
 def test_without_postcopy_the_migration_is_unchanged() -> None:
-    cfg = postcopy(params={"postcopy": False, "timeout": 20.0, "timeout_action": "force"})
+    params = {"postcopy": False, "timeout": 20.0, "timeout_action": "force"}
+    cfg = postcopy(params=params, start_postcopy=False)
     q = simulate(cfg)
     assert "postcopy" not in q and "destination-postcopy" not in q
 

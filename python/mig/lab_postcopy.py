@@ -7,9 +7,11 @@ real loop and policies, post-copy modelled by ``mig.sim_postcopy``):
 * ``auto-converge``: pre-copy, the guest throttled until it converges;
 * ``dirty-limit``: pre-copy, each vCPU's page writes capped at
   ``DIRTY_LIMIT_SHARE`` of the link's page rate (split among the vCPUs);
-* ``postcopy``: post-copy at once (``postcopy_after_passes`` 0: the switch
-  at the loop's first decision, as ``start_postcopy`` right after the
-  start; every page crosses once, on demand or pushed);
+* ``postcopy``: post-copy when the policy sees the guest outrun the link
+  (``postcopy_after_passes`` 0: the dirty rate measured over the first
+  syncs, as ``mig demo --postcopy`` does);
+* ``postcopy-at-once``: ``start_postcopy`` before the first pass; every
+  page crosses once, on demand or pushed;
 * ``hybrid-N``: ``N`` whole pre-copy passes, then post-copy.
 
 Compared on total time, downtime, guest progress (page writes completed
@@ -57,12 +59,16 @@ WORKLOADS: dict[str, tuple[int, str]] = {
 }
 
 
+AT_ONCE = "start_postcopy"  # a strategy key that is SimConfig's, not a parameter
+
+
 def _strategies() -> dict[str, dict[str, Any]]:
     limit = DIRTY_LIMIT_SHARE * LINK / PAGE / VCPUS
     out: dict[str, dict[str, Any]] = {
         "auto-converge": {"auto_converge": True},
         "dirty-limit": {"dirty_limit": limit},
         "postcopy": {"postcopy": True, "postcopy_after_passes": 0},
+        "postcopy-at-once": {"postcopy": True, AT_ONCE: True},
     }
     for n in HYBRID_PASSES:
         out[f"hybrid-{n}"] = {"postcopy": True, "postcopy_after_passes": n}
@@ -79,7 +85,8 @@ def configs(
     out = []
     for name in workloads or WORKLOADS:
         memory, workload = WORKLOADS[name]
-        for strategy, params in STRATEGIES.items():
+        for strategy, options in STRATEGIES.items():
+            params = {k: v for k, v in options.items() if k != AT_ONCE}
             out.append(
                 SimConfig(
                     memory=memory,
@@ -94,6 +101,7 @@ def configs(
                     link=LinkModel(bottleneck=LINK, rtt=RTT),
                     host=host or HostModel(),
                     label=f"{name}/{strategy}",
+                    start_postcopy=bool(options.get(AT_ONCE)),
                 )
             )
     return out

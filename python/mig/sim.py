@@ -1179,6 +1179,9 @@ class SimConfig:
     seed: int = 1
     granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
     label: str = ""
+    # ``start_postcopy()`` before the first pass (needs ``postcopy`` in the
+    # parameters): post-copy at once, whatever the policy would decide.
+    start_postcopy: bool = False
 
     def resolved_granularity(self) -> int:
         if self.granularity:
@@ -1248,6 +1251,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     params.setdefault("max_bandwidth", 0)
     params["policy"] = config.policy
     source = MigrationSource(guest, handlers, link=link, tracker=tracker, clock=clock, **params)
+    if config.start_postcopy:
+        source.start_postcopy()
     try:
         q = source.run()
     finally:
