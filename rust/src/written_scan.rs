@@ -42,8 +42,8 @@ pub enum Protect {
 /// saves.
 pub const MIN_PART_BYTES: u64 = 1 << 30;
 
-/// Parts start on this boundary (a page table's span): no two parts share
-/// a page table, and a part's pages start on a bitmap word.
+/// Parts are cut on these address boundaries (a page table's span), so no
+/// two parts share a page table.
 const PART_ALIGN: u64 = 2 << 20;
 
 /// The most parts of one walk: the walk is memory-bound, and the host's
@@ -79,17 +79,23 @@ pub fn parts_for(bytes: u64) -> usize {
     by_size.min(cores).min(MAX_PARTS)
 }
 
-/// `[start, end)` cut in `parts` contiguous ranges on `PART_ALIGN`
-/// boundaries (relative to `start`); empty ranges are dropped.
+/// `[start, end)` cut in `parts` contiguous ranges of about equal size, at
+/// addresses on `PART_ALIGN` boundaries; empty ranges are dropped.
 pub fn split(start: u64, end: u64, parts: usize) -> Vec<(u64, u64)> {
-    let len = end.saturating_sub(start);
-    let step = (len / parts.max(1) as u64).div_ceil(PART_ALIGN) * PART_ALIGN;
-    let mut out = Vec::with_capacity(parts);
+    let parts = parts.max(1) as u64;
+    let step = end.saturating_sub(start) / parts;
+    let mut out = Vec::with_capacity(parts as usize);
     let mut s = start;
-    while s < end {
-        let e = if step == 0 { end } else { (s + step).min(end) };
-        out.push((s, e));
-        s = e;
+    for k in 1..=parts {
+        let e = if k == parts {
+            end
+        } else {
+            (start + k * step).next_multiple_of(PART_ALIGN).min(end)
+        };
+        if e > s {
+            out.push((s, e));
+            s = e;
+        }
     }
     out
 }
@@ -185,6 +191,21 @@ mod tests {
         // Smaller than one boundary: one part.
         assert_eq!(split(base, base + 8192, 2), vec![(base, base + 8192)]);
         assert_eq!(split(base, base, 2), vec![]);
+        // A mapping that does not start on a boundary: the cut is on the
+        // next one.
+        let start = base + 4096;
+        let cut = base + gib / 2 + PART_ALIGN;
+        assert_eq!(
+            split(start, start + gib, 2),
+            vec![(start, cut), (cut, start + gib)]
+        );
+        let three = split(start, start + gib, 3);
+        assert_eq!(three.len(), 3);
+        assert_eq!((three[0].0, three[2].1), (start, start + gib));
+        for w in three.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+            assert_eq!(w[0].1 % PART_ALIGN, 0);
+        }
         assert_eq!(split(base, base + gib, 1), vec![(base, base + gib)]);
     }
 
