@@ -19,10 +19,12 @@ verified and within 300 ms; idle medians within 30 ms; the hotset median at
 4 GiB within 1.5x the one at 1 GiB; predicted within 25 % or 20 ms of
 measured in 90 % of runs.
 
-Results go to ``benches/results/downtime_scale-<commit>[-quick].json``.
+Results go to ``benches/results/downtime_scale-<commit>[-quick|-partial].json``.
 
     python benches/downtime_scale.py               # 1, 2, 4 GiB and 8 GiB sparse, 3 runs
     python benches/downtime_scale.py --quick       # 1 and 2 GiB, 2 runs
+    python benches/downtime_scale.py --sizes 1,4 --sparse 0 --workloads hotset --runs 2
+                                                   # some cases only: a -partial result
     mig bench downtime-scale [--quick] [...]       # the same, from an installed mig
 
 Both processes share the host's cores: on a 2-core machine the destination
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 2 GiB, no sparse guest, 2 runs")
     ap.add_argument("--sizes", default="1,2,4", help="image sizes in GiB (default 1,2,4)")
     ap.add_argument("--sparse", default="8", help="sparse guest size in GiB, 0 for none")
+    ap.add_argument(
+        "--workloads",
+        default="idle,hotset",
+        help="workload names to run (default idle,hotset; the sparse guest is hotset)",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--verify", default=None, help="pass --verify MODE to mig demo")
     ap.add_argument("--image-dir", default=tempfile.gettempdir(), help="where images are kept")
@@ -190,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=180.0, help="per migration, seconds")
     args = ap.parse_args(argv)
     sizes = [1, 2] if args.quick else [int(s) for s in args.sizes.split(",")]
-    sparse = 0 if args.quick else int(args.sparse)
+    names = {w.split(":")[0]: w for w in WORKLOADS}
+    picked = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    if unknown := [n for n in picked if n not in names]:
+        ap.error(f"unknown workload {unknown[0]!r} (expected {', '.join(names)})")
+    workloads = [names[n] for n in picked]
+    sparse = 0 if args.quick or WORKLOADS[1] not in workloads else int(args.sparse)
     runs = 2 if args.quick else args.runs
     mig_exe = shutil.which("mig")
     mig = [mig_exe] if mig_exe else [sys.executable, "-m", "mig.cli"]
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for gib in sizes:
         image = Path(args.image_dir) / f"mig-half-random-{gib << 10}MiB.raw"
         make_image(image, gib * GIB)
-        for w in WORKLOADS:
+        for w in workloads:
             cases.append((f"{gib} GiB {w.split(':')[0]}", gib * GIB, image, w))
     if sparse:
         cases.append((f"{sparse} GiB sparse hotset", sparse * GIB, None, WORKLOADS[1]))
@@ -224,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     sha = commit()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"downtime_scale-{sha}{'-quick' if args.quick else ''}.json"
+    # A run of some cases only never stands for (or replaces) the whole table.
+    partial = (sizes, sparse, workloads) != ([1, 2, 4], 8, list(WORKLOADS))
+    suffix = "-quick" if args.quick else "-partial" if partial else ""
+    path = out / f"downtime_scale-{sha}{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "downtime_scale",
         "commit": sha,

@@ -131,9 +131,13 @@ class DirtyTracker:
 
     def __init__(self, memory: GuestMemory, backend: Literal["uffd", "soft"] = "uffd") -> None: ...
     def sync(self) -> DirtyBitmap: ...
+    def sync_final(self) -> DirtyBitmap:
+        """The switchover's last sync, guest stopped: the written pages, not
+        write-protected again (a later ``sync()`` reports them once more)."""
     def mark(self, pages: DirtyBitmap | npt.NDArray[np.uint64] | Any) -> None: ...
-    def scan_bare(self) -> int:
-        """Benchmark baseline: the bare PAGEMAP_SCAN harvest; returns written pages."""
+    def scan_bare(self, parts: int | None = None) -> int:
+        """Benchmark baseline: the bare PAGEMAP_SCAN harvest (re-protecting), in
+        ``parts`` threads (None: as ``sync()``); returns written pages."""
     @property
     def backend(self) -> Literal["uffd", "soft"]: ...
     @property

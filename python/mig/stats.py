@@ -135,6 +135,9 @@ class SwitchoverCosts:
     (``pass-ack``), the source's figure standing in until then; otherwise
     ``dest_root``, what the last ``ready`` reported (0 before a first
     switchover).
+    ``final_sync`` is what the last tracker sync took (the loop sets it):
+    that sync write-protected again what it found, the final one does not
+    (``DirtyTracker.sync_final``), so the figure errs long by that work.
     ``drain`` is the destination's wait for the end records once
     ``complete`` arrived: what it measured at the last switchover (0 before
     one). ``settle`` drained the backlog before the pause, so only the final

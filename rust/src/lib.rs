@@ -21,6 +21,7 @@ pub mod tracker;
 pub mod transport;
 pub mod wire;
 pub mod workload;
+pub mod written_scan;
 pub mod zero_copy;
 
 mod binding;

@@ -27,6 +27,15 @@ pub trait Harvest: Send {
     /// when the tracker measures it, what the harvest cost in seconds.
     fn harvest(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)>;
 
+    /// The switchover's last harvest, the guest stopped. A tracker may skip
+    /// the work that only prepares the next harvest (re-protecting what it
+    /// reports) as long as a later `harvest` still reports every page
+    /// written since the previous one: the guest runs on here if the
+    /// switchover is rolled back. By default, a plain harvest.
+    fn harvest_final(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)> {
+        self.harvest()
+    }
+
     /// No more harvests: release the tracking.
     fn close(&mut self);
 }
@@ -44,6 +53,11 @@ pub trait PageSink: Send {
 impl Harvest for Arc<DirtyTracker> {
     fn harvest(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)> {
         let new = self.sync()?;
+        Ok((new, Some(self.last_sync().as_secs_f64())))
+    }
+
+    fn harvest_final(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)> {
+        let new = self.sync_final()?;
         Ok((new, Some(self.last_sync().as_secs_f64())))
     }
 
@@ -172,6 +186,11 @@ impl RamStream {
     /// Closes the generation if pages went out in it, then merges the
     /// tracker's harvest into the known set. Returns the new pages.
     pub fn sync(&mut self) -> CoreResult<(DirtyBitmap, SyncReport)> {
+        self.sync_with(false)
+    }
+
+    /// `sync`, with the tracker's final harvest when `last` (guest stopped).
+    fn sync_with(&mut self, last: bool) -> CoreResult<(DirtyBitmap, SyncReport)> {
         if self.sent_in_generation > 0 {
             let g = self.generation;
             let bytes = self.sink()?.sync(g)?;
@@ -180,7 +199,11 @@ impl RamStream {
             self.sent_in_generation = 0;
         }
         let t0 = std::time::Instant::now();
-        let (new, seconds) = self.harvest.harvest()?;
+        let (new, seconds) = if last {
+            self.harvest.harvest_final()?
+        } else {
+            self.harvest.harvest()?
+        };
         let seconds = seconds.unwrap_or_else(|| t0.elapsed().as_secs_f64());
         self.known.or_assign(&new)?;
         self.known_count = self.known.count();
@@ -276,7 +299,7 @@ impl RamStream {
     /// closing barrier. With a budget, the size is checked before anything
     /// is sent; over it, nothing is lost: every page stays known.
     pub fn complete(&mut self, budget: Option<u64>) -> CoreResult<(Completion, SyncReport)> {
-        let (_, report) = self.sync()?;
+        let (_, report) = self.sync_with(true)?;
         let remaining = self.pending();
         if budget.is_some_and(|b| remaining > b) {
             return Ok((Completion::OverBudget { remaining }, report));
@@ -306,7 +329,7 @@ impl RamStream {
     /// hold current) instead of being sent. Ends the last generation with
     /// its barrier so every page already sent lands before the end records.
     pub fn take_known(&mut self) -> CoreResult<(DirtyBitmap, SyncReport)> {
-        let (_, report) = self.sync()?;
+        let (_, report) = self.sync_with(true)?;
         self.stats.final_pages = self.known_count as u64;
         let taken = self.known.take();
         self.known_count = 0;
@@ -522,6 +545,42 @@ mod tests {
         assert_eq!(log.sends[n - 2].1, (200..256).collect::<Vec<_>>());
         assert_eq!(log.sends[n - 1].1, [7]);
         assert_eq!(s.pending(), 0);
+    }
+
+    /// Counts which harvest each call used: (plain, final).
+    struct Counting(Arc<Mutex<(u32, u32)>>);
+
+    impl Harvest for Counting {
+        fn harvest(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)> {
+            self.0.lock().unwrap().0 += 1;
+            Ok((DirtyBitmap::new(128), None))
+        }
+        fn harvest_final(&mut self) -> CoreResult<(DirtyBitmap, Option<f64>)> {
+            self.0.lock().unwrap().1 += 1;
+            Ok((DirtyBitmap::new(128), None))
+        }
+        fn close(&mut self) {}
+    }
+
+    #[test]
+    fn only_the_stopped_guest_harvests_are_final() {
+        let calls = Arc::new(Mutex::new((0, 0)));
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut s = RamStream::new(128, 4096, Box::new(Counting(calls.clone())));
+        s.sync().unwrap();
+        s.start(Box::new(Recorder(log.clone())));
+        s.iterate(4096).unwrap();
+        s.sync().unwrap();
+        assert_eq!(*calls.lock().unwrap(), (2, 0));
+        // Over budget: the final harvest happened, the guest runs on.
+        assert!(matches!(
+            s.complete(Some(0)).unwrap().0,
+            Completion::OverBudget { .. }
+        ));
+        s.sync().unwrap();
+        s.complete(None).unwrap();
+        s.take_known().unwrap();
+        assert_eq!(*calls.lock().unwrap(), (3, 3));
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //!   `/proc/self/pagemap` using `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`
 //!   and `PAGE_IS_WRITTEN` in both `category_mask` and `return_mask` (the only
 //!   mask combination that is correct on every kernel since 6.7): the written
-//!   pages are reported and write-protected again in one atomic page walk.
+//!   pages are reported and write-protected again in one atomic page walk
+//!   (split over threads on disjoint ranges, [`crate::written_scan`]).
+//!   `sync_final()`, the switchover's last harvest with the guest stopped,
+//!   reports without write-protecting again: those pages are reported once
+//!   more by a later `sync()`, so a rolled-back switchover misses nothing.
 //!   Every write through the mapping is seen, whichever thread makes it
 //!   (Python, vCPU threads, device threads, or the kernel on behalf of a
 //!   syscall that copies into the mapping). Writes made with `write()` /
@@ -42,10 +46,8 @@ use rustix::ioctl::{ioctl, opcode, Opcode, Updater};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::GuestMemory;
-use crate::pagemap::{
-    self, open_pagemap, PageRegion, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
-    SCAN_REGIONS,
-};
+use crate::pagemap::{self, open_pagemap};
+use crate::written_scan::{parts_for, written_regions, Protect, ScanBuffers};
 
 // ---- uAPI: linux/userfaultfd.h -------------------------------------------
 
@@ -103,25 +105,6 @@ pub(crate) struct UffdioRegister {
 
 pub(crate) const UFFDIO_API: Opcode = opcode::read_write::<UffdioApi>(0xAA, 0x3F);
 pub(crate) const UFFDIO_REGISTER: Opcode = opcode::read_write::<UffdioRegister>(0xAA, 0x00);
-
-/// One `PAGEMAP_SCAN` harvest of `[start, end)`: reports each written
-/// region (byte addresses) to `f` and write-protects it again.
-fn harvest(
-    pagemap: &File,
-    buf: &mut [PageRegion],
-    start: u64,
-    end: u64,
-    f: impl FnMut(u64, u64),
-) -> CoreResult<()> {
-    let query = pagemap::Query {
-        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        category_mask: PAGE_IS_WRITTEN,
-        anyof_mask: 0,
-        return_mask: PAGE_IS_WRITTEN,
-        ..Default::default()
-    };
-    pagemap::scan(pagemap, buf, query, start, end, f)
-}
 
 // ---- capability probing ----------------------------------------------------
 
@@ -415,7 +398,7 @@ struct Uffd {
     /// Keeps the registration alive; closing it unregisters the range.
     _fd: OwnedFd,
     pagemap: File,
-    buf: Vec<PageRegion>,
+    bufs: ScanBuffers,
 }
 
 /// Page-granular set of explicit marks, safe to update from many threads.
@@ -512,12 +495,20 @@ impl DirtyTracker {
         let mut uffd = Uffd {
             _fd: fd,
             pagemap,
-            buf: vec![PageRegion::default(); SCAN_REGIONS],
+            bufs: ScanBuffers::new(),
         };
         // Write-protect everything now: the first sync() then reports exactly
         // the pages written since creation, not the history before it.
         let (start, end) = Self::range(mem);
-        harvest(&uffd.pagemap, &mut uffd.buf, start, end, |_, _| {})?;
+        let parts = parts_for(end - start);
+        written_regions(
+            &uffd.pagemap,
+            &mut uffd.bufs,
+            start,
+            end,
+            parts,
+            Protect::Again,
+        )?;
         Ok(uffd)
     }
 
@@ -588,6 +579,24 @@ impl DirtyTracker {
     /// The pages written since the previous sync (or since creation), which
     /// are write-protected again in the same kernel walk.
     pub fn sync(&self) -> CoreResult<DirtyBitmap> {
+        self.collect(Protect::Again)
+    }
+
+    /// The final sync of a switchover, the guest stopped: the pages written
+    /// since the previous sync, left writable (uffd). Tracking normally ends
+    /// here; if the guest runs on instead (a switchover rolled back), the
+    /// next `sync()` reports these pages again with the new writes, so no
+    /// write is missed. Marks are drained as by `sync()`.
+    pub fn sync_final(&self) -> CoreResult<DirtyBitmap> {
+        self.collect(Protect::Keep)
+    }
+
+    fn collect(&self, protect: Protect) -> CoreResult<DirtyBitmap> {
+        self.collect_in(protect, parts_for(self.mem.len() as u64))
+    }
+
+    /// `collect` with the walk in `parts` threads.
+    fn collect_in(&self, protect: Protect, parts: usize) -> CoreResult<DirtyBitmap> {
         self.check_open()?;
         let t0 = Instant::now();
         let mut bm = DirtyBitmap::new(self.num_pages());
@@ -596,21 +605,16 @@ impl DirtyTracker {
             if let Some(u) = guard.as_mut() {
                 let (base, end) = Self::range(&self.mem);
                 let ps = self.mem.page_size() as u64;
-                let mut bad = None;
-                harvest(&u.pagemap, &mut u.buf, base, end, |s, e| {
+                let found = written_regions(&u.pagemap, &mut u.bufs, base, end, parts, protect)?;
+                for (s, e) in found {
                     if s < base || e > end || s >= e {
-                        bad = Some((s, e));
-                        return;
+                        return Err(CoreError::invalid(format!(
+                            "PAGEMAP_SCAN reported {s:#x}..{e:#x} outside {base:#x}..{end:#x}"
+                        )));
                     }
                     let first = (s - base) / ps;
                     let count = (e - s).div_ceil(ps);
-                    // In range by the check above.
-                    let _ = bm.set_range(first as usize, count as usize);
-                })?;
-                if let Some((s, e)) = bad {
-                    return Err(CoreError::invalid(format!(
-                        "PAGEMAP_SCAN reported {s:#x}..{e:#x} outside {base:#x}..{end:#x}"
-                    )));
+                    bm.set_range(first as usize, count as usize)?;
                 }
             }
         }
@@ -620,21 +624,21 @@ impl DirtyTracker {
         Ok(bm)
     }
 
-    /// Benchmark baseline: the bare `PAGEMAP_SCAN` harvest loop `sync()` uses
-    /// (same flags, masks and buffer), without building a bitmap. Returns the
-    /// number of written pages. It re-protects what it finds, so the pages it
+    /// Benchmark baseline: the bare `PAGEMAP_SCAN` harvest `sync()` uses
+    /// (same flags, masks and buffers), without building a bitmap, in
+    /// `parts` threads (`None`: as many as `sync()` uses). Returns the number
+    /// of written pages. It re-protects what it finds, so the pages it
     /// reports are lost to the next `sync()`.
-    pub fn scan_bare(&self) -> CoreResult<u64> {
+    pub fn scan_bare(&self, parts: Option<usize>) -> CoreResult<u64> {
         self.check_open()?;
         let mut guard = self.lock_uffd();
         let u = guard
             .as_mut()
             .ok_or_else(|| CoreError::invalid("scan_bare needs the uffd backend"))?;
         let (base, end) = Self::range(&self.mem);
-        let mut bytes = 0u64;
-        harvest(&u.pagemap, &mut u.buf, base, end, |s, e| {
-            bytes += e.saturating_sub(s)
-        })?;
+        let parts = parts.unwrap_or_else(|| parts_for(end - base)).max(1);
+        let found = written_regions(&u.pagemap, &mut u.bufs, base, end, parts, Protect::Again)?;
+        let bytes: u64 = found.iter().map(|(s, e)| e.saturating_sub(*s)).sum();
         Ok(bytes / self.mem.page_size() as u64)
     }
 
@@ -724,6 +728,75 @@ mod tests {
         assert_eq!(t2.sync().unwrap().indices(), vec![7]);
     }
 
+    /// The final sync reports every written page and leaves it writable: a
+    /// guest that runs on (a rolled-back switchover) writes it again
+    /// without a fault, and the next sync still reports it, then protects.
+    #[test]
+    fn uffd_final_sync_reports_without_losing_a_later_write() {
+        if !uffd_ok() {
+            return;
+        }
+        let mem = Arc::new(GuestMemory::new(4096 * 1000).unwrap());
+        let t = DirtyTracker::new(mem.clone(), Backend::Uffd).unwrap();
+        let pages = [0usize, 63, 64, 511, 512, 999];
+        for &p in &pages {
+            touch(&mem, p);
+        }
+        t.mark(&[700]).unwrap();
+        let mut want: Vec<u64> = pages.iter().map(|&p| p as u64).collect();
+        let with_mark = {
+            let mut v = want.clone();
+            v.push(700);
+            v.sort();
+            v
+        };
+        assert_eq!(t.sync_final().unwrap().indices(), with_mark);
+        // Not protected again: reported again, marks (drained) aside.
+        assert_eq!(t.sync_final().unwrap().indices(), want);
+        // The guest runs on: rewrites of reported pages, and a new page.
+        touch(&mem, 64);
+        touch(&mem, 300);
+        want.push(300);
+        want.sort();
+        assert_eq!(t.sync().unwrap().indices(), want);
+        assert_eq!(t.sync().unwrap().count(), 0, "sync protects again");
+        touch(&mem, 999);
+        assert_eq!(t.sync_final().unwrap().indices(), vec![999]);
+    }
+
+    /// A walk split in parts reports what one walk does, across the part
+    /// boundaries (2 MiB apart), for both kinds of walk.
+    #[test]
+    fn uffd_walk_in_parts_matches_one_walk() {
+        if !uffd_ok() {
+            return;
+        }
+        let pages_per_part = 512;
+        let n = pages_per_part * 3 + 17;
+        let mem = Arc::new(GuestMemory::new(4096 * n).unwrap());
+        let t = DirtyTracker::new(mem.clone(), Backend::Uffd).unwrap();
+        let pages = [
+            0,
+            pages_per_part - 1,
+            pages_per_part,
+            2 * pages_per_part - 1,
+            2 * pages_per_part,
+            3 * pages_per_part,
+            n - 1,
+        ];
+        let want: Vec<u64> = pages.iter().map(|&p| p as u64).collect();
+        for parts in [1, 2, 3, 4] {
+            for &p in &pages {
+                touch(&mem, p);
+            }
+            let kept = t.collect_in(Protect::Keep, parts).unwrap();
+            assert_eq!(kept.indices(), want, "keep, {parts} parts");
+            let got = t.collect_in(Protect::Again, parts).unwrap();
+            assert_eq!(got.indices(), want, "again, {parts} parts");
+            assert_eq!(t.collect_in(Protect::Again, parts).unwrap().count(), 0);
+        }
+    }
+
     #[test]
     fn uffd_scan_bare_counts_pages() {
         if !uffd_ok() {
@@ -734,7 +807,9 @@ mod tests {
         for p in (0..256).step_by(3) {
             touch(&mem, p);
         }
-        assert_eq!(t.scan_bare().unwrap(), 86);
+        assert_eq!(t.scan_bare(None).unwrap(), 86);
+        touch(&mem, 255);
+        assert_eq!(t.scan_bare(Some(2)).unwrap(), 1);
         assert_eq!(t.sync().unwrap().count(), 0);
     }
 

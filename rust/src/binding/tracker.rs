@@ -36,6 +36,15 @@ impl PyDirtyTracker {
         Ok(PyDirtyBitmap::wrap(bm))
     }
 
+    /// The final sync of a switchover, the guest stopped: the pages written
+    /// since the previous sync, NOT write-protected again, so a later
+    /// `sync()` reports them again (nothing is missed if the guest runs on).
+    fn sync_final(&self, py: Python<'_>) -> PyResult<PyDirtyBitmap> {
+        let t = self.inner.clone();
+        let bm = py.detach(move || t.sync_final())?;
+        Ok(PyDirtyBitmap::wrap(bm))
+    }
+
     /// Reports pages as written: a `DirtyBitmap`, a numpy uint64 array of
     /// page indices, or any sequence of ints.
     fn mark(&self, py: Python<'_>, pages: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -55,12 +64,14 @@ impl PyDirtyTracker {
         Ok(py.detach(move || t.mark(&v))?)
     }
 
-    /// Benchmark baseline: the bare PAGEMAP_SCAN harvest loop of `sync()`
-    /// without building a bitmap; returns the written page count. The pages
-    /// it finds are re-protected and so not reported by the next `sync()`.
-    fn scan_bare(&self, py: Python<'_>) -> PyResult<u64> {
+    /// Benchmark baseline: the bare PAGEMAP_SCAN harvest of `sync()`
+    /// without building a bitmap, in `parts` threads (None: as `sync()`);
+    /// returns the written page count. The pages it finds are re-protected
+    /// and so not reported by the next `sync()`.
+    #[pyo3(signature = (parts = None))]
+    fn scan_bare(&self, py: Python<'_>, parts: Option<usize>) -> PyResult<u64> {
         let t = self.inner.clone();
-        Ok(py.detach(move || t.scan_bare())?)
+        Ok(py.detach(move || t.scan_bare(parts))?)
     }
 
     #[getter]
