@@ -92,9 +92,7 @@ class MigrationDestination:
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
     ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
-    ``prealloc``: populate ``memory`` in the background while waiting for the
-    source (QEMU's ``-mem-prealloc``, ``mig.prealloc``); from then on only the
-    migration writes it.
+    ``prealloc``: populate ``memory`` while waiting (``mig.prealloc``; only the stream writes it).
     """
 
     def __init__(
@@ -172,8 +170,7 @@ class MigrationDestination:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
-        # Where memory may hold data, taken before populating hides it.
-        self._data_ranges = start_prealloc(memory) if prealloc else None
+        self._data_ranges = start_prealloc(memory) if prealloc else None  # taken before populating
 
     # The protocol's figures live in the core; these names are the API.
     @property
@@ -274,11 +271,9 @@ class MigrationDestination:
         if self._endpoint is not None:
             return self._endpoint
         assert self.listener is not None
+        ranges = self._data_ranges
         receiver = self.listener.accept(
-            self.memory,
-            self.accept_timeout,
-            io_timeout=self.io_timeout,
-            data_ranges=self._data_ranges,
+            self.memory, self.accept_timeout, io_timeout=self.io_timeout, data_ranges=ranges
         )
         if receiver.peer:
             self.core.source_name = f"source {receiver.peer}"
