@@ -142,8 +142,12 @@ def test_adaptive_switches_over_when_no_wait_can_fit_and_predicts_it() -> None:
 
 
 def test_estimate_only_misses_what_exact_sees() -> None:
-    """Without a sync the estimate ignores pages dirtied during the pass."""
-    kw = dict(size=32 * MIB, rate=20000, bandwidth=50e6, working_set=512, downtime_limit=50)
+    """Without a sync the estimate ignores pages dirtied during the pass.
+
+    The policy must decide mid-pass: the pass's last slice (spans of 640
+    pages at this bandwidth) leaves 128 pages, under the threshold, while
+    the working set is dirty again."""
+    kw = dict(size=28 * MIB, rate=20000, bandwidth=50e6, working_set=512, downtime_limit=50)
     est = setup_vm(policy="estimate-only", **kw)[0].run()
     exact = setup_vm(policy="exact-running", **kw)[0].run()
     assert est["status"] == exact["status"] == "completed"

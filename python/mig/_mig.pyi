@@ -44,6 +44,8 @@ class GuestMemory:
         """Bytes the kernel backs with huge pages right now (/proc/self/smaps)."""
     def populate(self, offset: int = 0, len: int | None = None) -> None:
         """Allocate and zero the range now (MADV_POPULATE_WRITE); content is kept."""
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges that may hold data now; the rest reads as zeros."""
     @property
     def array(self) -> npt.NDArray[np.uint8]: ...
     def digest(
@@ -417,10 +419,14 @@ class Listener:
         io_timeout: float = 60.0,
         device_buffer: int = 33554432,
         on_refused: Callable[[str, str], object] | None = None,
+        data_ranges: list[tuple[int, int]] | None = None,
     ) -> Receiver:
         """Each connection refused while waiting goes to ``on_refused(peer,
         reason)`` as it happens; by default one warning on the ``mig.listener``
-        logger."""
+        logger. ``data_ranges``: the byte ranges of ``memory`` that may hold
+        data, taken before ``populate`` made every page present (the rest is
+        known to be zeros, and only this session writes the memory); by
+        default the memory is asked at accept."""
         ...
     def close(self) -> None: ...
     def __enter__(self) -> Listener: ...

@@ -39,7 +39,6 @@ from mig.cli_options import (
 )
 from mig.cli_postcopy import auto_recover, guest_writes, postcopy_params, serve_workload_args
 from mig.cli_values import page_size
-from mig.prealloc import start_prealloc
 from mig.units import format_size, parse_size
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -514,8 +513,6 @@ def _serve_one(
         memory = mig.GuestMemory(args.size, args.backing)
     except (ValueError, mig.MigError) as e:
         raise UsageError("--backing", str(e)) from None
-    if args.prealloc:
-        start_prealloc(memory)
     devices = [] if args.devices == "none" else create_all(args.devices, memory, active=False)
     seen = _ResumeDigests()
     handlers = [seen.handler(d, i) for i, d in enumerate(devices, start=1)]
@@ -530,6 +527,7 @@ def _serve_one(
                 verify=args.verify_mode,
                 go_timeout=args.go_timeout,
                 vcpus=there.vcpus if there else 0,
+                prealloc=args.prealloc,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:

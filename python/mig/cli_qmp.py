@@ -92,10 +92,6 @@ class _Incoming:
         from mig.devices import create_all
 
         self.memory = mig.GuestMemory(args.size)
-        if args.prealloc:
-            from mig.prealloc import start_prealloc
-
-            start_prealloc(self.memory)
         self.devices = (
             [] if args.devices == "none" else create_all(args.devices, self.memory, active=False)
         )
@@ -108,6 +104,7 @@ class _Incoming:
                 handlers,
                 accept_timeout=args.timeout or 365 * 86400.0,
                 go_timeout=args.go_timeout,
+                prealloc=args.prealloc,
                 **kwargs,
             )
         except (mig.MigError, OSError, ValueError) as e:

@@ -49,6 +49,7 @@ from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
 from mig.postcopy_incoming import PostcopyIncoming, require_postcopy
+from mig.prealloc import start_prealloc
 from mig.protocol import VERIFY_MODES, Failed, Progress, SwitchoverAck
 from mig.reorder import DRAIN_BYTES
 from mig.settling import SETTLE_POLL, ChannelSettling
@@ -91,6 +92,7 @@ class MigrationDestination:
     native listener (a simulator or a test passes its own). ``tls_cert``,
     ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
     ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
+    ``prealloc``: populate ``memory`` while waiting (``mig.prealloc``; only the stream writes it).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class MigrationDestination:
         tls_key: str | None = None,
         tls_ca: str | None = None,
         vcpus: int = 0,
+        prealloc: bool = False,
     ) -> None:
         if uri is None and endpoint is None:
             raise ValueError("give a uri to listen on (or an endpoint)")
@@ -167,6 +170,7 @@ class MigrationDestination:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
+        self._data_ranges = start_prealloc(memory) if prealloc else None  # taken before populating
 
     # The protocol's figures live in the core; these names are the API.
     @property
@@ -267,8 +271,9 @@ class MigrationDestination:
         if self._endpoint is not None:
             return self._endpoint
         assert self.listener is not None
+        ranges = self._data_ranges
         receiver = self.listener.accept(
-            self.memory, self.accept_timeout, io_timeout=self.io_timeout
+            self.memory, self.accept_timeout, io_timeout=self.io_timeout, data_ranges=ranges
         )
         if receiver.peer:
             self.core.source_name = f"source {receiver.peer}"

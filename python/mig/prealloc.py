@@ -6,6 +6,12 @@ the moment it exists, so the pages the stream later writes are already
 allocated and zeroed and the receive threads only copy. Pages the stream
 never writes (the source's zero pages) are allocated too, as with QEMU's
 option: the price is memory, paid before the migration starts.
+
+Populating makes every page present, so the page tables no longer tell
+which pages hold data. Which ones may is taken first and handed to the
+receiver (``MigrationDestination(prealloc=True)`` does both): it then still
+receives pages straight into memory and leaves zero pages unwritten where
+memory was zeros, as it does with holes.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ def add_prealloc_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_prealloc(memory: Any) -> threading.Thread:
-    """Populates ``memory`` in a daemon thread (the call releases the GIL)."""
+def start_prealloc(memory: Any) -> list[tuple[int, int]]:
+    """Populates ``memory`` in a daemon thread (the call releases the GIL);
+    returns the byte ranges that may hold data, taken before."""
+    data_ranges: list[tuple[int, int]] = memory.data_ranges()
 
     def run() -> None:
         try:
@@ -38,6 +46,5 @@ def start_prealloc(memory: Any) -> threading.Thread:
         except Exception as e:  # an unsupported kernel: the stream faults pages in
             log.info("prealloc skipped: %s", e)
 
-    t = threading.Thread(target=run, name="mig-prealloc", daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=run, name="mig-prealloc", daemon=True).start()
+    return data_ranges

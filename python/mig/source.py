@@ -401,8 +401,10 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         if self.switchover.postcopy is not None:
             self._run_postcopy(self.switchover.postcopy)
         self.monitor.remove_aids()
-        self.precopy.ram.abort()
         self.stats.ended_at = self.clock.now()
+        # Cleanup after total-time, as QEMU stops dirty logging after its
+        # completion: releasing the tracker walks the guest's page tables.
+        self.precopy.ram.abort()
         self._set_status("completed")
         if self.settings.verify == "after-resume":
             # The guest runs on the destination now; wait() returns after the verdict.

@@ -116,10 +116,15 @@ fn get_bit(words: &[AtomicU64], i: usize) -> bool {
 /// that read as zeros. On any doubt every page counts as data, which only
 /// costs reads.
 pub fn data_pages(mem: &GuestMemory) -> Vec<AtomicU64> {
+    pages_of_ranges(mem, &mem.data_ranges())
+}
+
+/// The pages of `ranges` (byte ranges, clipped to memory), as a bitmap.
+fn pages_of_ranges(mem: &GuestMemory, ranges: &[(usize, usize)]) -> Vec<AtomicU64> {
     let pages = mem.num_pages();
     let ps = mem.page_size();
     let words: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    for (start, end) in mem.data_ranges() {
+    for &(start, end) in ranges {
         set_bits(
             &words,
             start / ps..end.div_ceil(ps).min(pages),
@@ -346,8 +351,24 @@ impl ChunkDigest {
 
     /// [`ChunkDigest::new`] with another chunk size (for measurements).
     pub fn with_chunk(mem: Arc<GuestMemory>, chunk_bytes: usize) -> CoreResult<Self> {
-        let geo = Geometry::new(&mem, chunk_bytes)?;
         let data = data_pages(&mem);
+        Self::build(mem, chunk_bytes, data)
+    }
+
+    /// A digest of `mem` whose pages outside `data_ranges` (byte ranges) are
+    /// known to be zeros, whatever the page tables say: the ranges were
+    /// taken before `GuestMemory::populate` made every page present, and
+    /// nothing but the stream writes the memory since.
+    pub fn with_data_ranges(
+        mem: Arc<GuestMemory>,
+        data_ranges: &[(usize, usize)],
+    ) -> CoreResult<Self> {
+        let data = pages_of_ranges(&mem, data_ranges);
+        Self::build(mem, CHUNK_BYTES, data)
+    }
+
+    fn build(mem: Arc<GuestMemory>, chunk_bytes: usize, data: Vec<AtomicU64>) -> CoreResult<Self> {
+        let geo = Geometry::new(&mem, chunk_bytes)?;
         let bits = |n: usize| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         let stale: Vec<AtomicU64> = bits(geo.chunks);
         let zeros = |pages: usize| xxhash_rust::xxh3::xxh3_128(&ZEROS[..pages * geo.page_size]);

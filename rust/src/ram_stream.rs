@@ -82,6 +82,13 @@ const FINAL_CHUNK_PAGES: usize = 1 << 16;
 /// The least an `iterate` call moves, whatever its byte budget.
 pub const MIN_ITERATE_PAGES: usize = 64;
 
+/// `iterate` spans end on multiples of this many pages (one bitmap word).
+/// In a dense pass the sender's packets then start on them too, so each
+/// record holds whole digest chunks, which the receiver hashes as they land
+/// (`ChunkDigest::rehash_covered`): a chunk split between two records (two
+/// channels) stays stale until the settle before the switchover rehashes it.
+pub const SPAN_ALIGN: usize = 64;
+
 /// What one harvest found.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SyncReport {
@@ -283,13 +290,15 @@ impl RamStream {
         Ok(sent)
     }
 
-    /// Takes every known page in `span` pages from the cursor on (up to the
-    /// end of memory, where the cursor wraps).
+    /// Takes every known page in `span` pages from the cursor on, up to a
+    /// multiple of `SPAN_ALIGN` (or the end of memory, where the cursor
+    /// wraps).
     fn take_span(&mut self, span: usize) {
         self.chunk.clear();
         let n = self.known.len();
         let start = self.cursor;
-        let len = span.min(n - start);
+        let end = (start + span.max(1)).next_multiple_of(SPAN_ALIGN);
+        let len = end.min(n) - start;
         self.known.take_range(start, len, &mut self.chunk);
         self.cursor = (start + len) % n;
         self.known_count -= self.chunk.len();
@@ -409,13 +418,14 @@ mod tests {
             n += 1;
         }
         // Each call sends at least the budget while pages are left; the span
-        // grows as the known set thins (1000 / 900 / ... pages known).
-        assert_eq!(n, 7);
+        // grows as the known set thins (1000 / 872 / ... pages known) and
+        // ends on a multiple of SPAN_ALIGN.
+        assert_eq!(n, 6);
         let log = log.lock().unwrap();
         let all: Vec<u64> = log.sends.iter().flat_map(|(_, p)| p.clone()).collect();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
         let sizes: Vec<usize> = log.sends.iter().map(|(_, p)| p.len()).collect();
-        assert_eq!(sizes, [100, 111, 126, 150, 194, 313, 6]);
+        assert_eq!(sizes, [128, 128, 192, 192, 320, 40]);
         assert!(log.sends.iter().all(|(g, _)| *g == 0));
         assert_eq!(s.pending(), 0);
     }
@@ -535,14 +545,14 @@ mod tests {
     #[test]
     fn the_cursor_wraps_to_pages_behind_it() {
         let (mut s, marks, log) = stream(256);
-        s.iterate(200 * 4096).unwrap();
+        s.iterate(192 * 4096).unwrap();
         marks.lock().unwrap().set(7);
         s.sync().unwrap();
-        // 56 pages ahead of the cursor, then page 7 behind it.
+        // 64 pages ahead of the cursor, then page 7 behind it.
         s.iterate(100 * 4096).unwrap();
         let log = log.lock().unwrap();
         let n = log.sends.len();
-        assert_eq!(log.sends[n - 2].1, (200..256).collect::<Vec<_>>());
+        assert_eq!(log.sends[n - 2].1, (192..256).collect::<Vec<_>>());
         assert_eq!(log.sends[n - 1].1, [7]);
         assert_eq!(s.pending(), 0);
     }

@@ -49,6 +49,10 @@ pub struct ReceiverConfig {
     pub device_buffer: usize,
     /// Mutual TLS on every channel.
     pub tls: Option<Arc<transport::TlsConfig>>,
+    /// Byte ranges of memory that may hold data, taken before the memory
+    /// was prefaulted (which makes every page look present); the rest is
+    /// known to be zeros. `None`: asked of the memory at accept.
+    pub data_ranges: Option<Vec<(usize, usize)>>,
 }
 
 impl Default for ReceiverConfig {
@@ -57,6 +61,7 @@ impl Default for ReceiverConfig {
             io_timeout: Duration::from_secs(60),
             device_buffer: 32 << 20,
             tls: None,
+            data_ranges: None,
         }
     }
 }
@@ -413,6 +418,17 @@ fn check_geometry(mem: &GuestMemory, h: &StreamHeader) -> CoreResult<()> {
     Ok(())
 }
 
+/// Data ranges must lie in memory: a range outside it is a caller's error.
+pub fn check_data_ranges(mem: &GuestMemory, ranges: &[(usize, usize)]) -> CoreResult<()> {
+    match ranges.iter().find(|&&(s, e)| s > e || e > mem.len()) {
+        Some((s, e)) => Err(CoreError::invalid(format!(
+            "data range [{s}, {e}) is not a range of memory of {} bytes",
+            mem.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Receiver {
     fn new_shared(
         mem: Arc<GuestMemory>,
@@ -420,8 +436,15 @@ impl Receiver {
         channels: usize,
         cfg: ReceiverConfig,
     ) -> CoreResult<Arc<Shared>> {
+        let digest = match &cfg.data_ranges {
+            Some(ranges) => {
+                check_data_ranges(&mem, ranges)?;
+                ChunkDigest::with_data_ranges(mem.clone(), ranges)?
+            }
+            None => ChunkDigest::new(mem.clone())?,
+        };
         Ok(Arc::new(Shared {
-            digest: Arc::new(ChunkDigest::new(mem.clone())?),
+            digest: Arc::new(digest),
             mem,
             channel_packets: (0..stream.channel_count)
                 .map(|_| AtomicU64::new(0))

@@ -100,6 +100,13 @@ impl PyGuestMemory {
         Ok(py.detach(move || mem.populate(offset, len))?)
     }
 
+    /// Byte ranges that may hold data now; the rest reads as zeros (holes,
+    /// found without touching them: `docs/memory.md`).
+    fn data_ranges(&self, py: Python<'_>) -> Vec<(usize, usize)> {
+        let mem = self.inner.clone();
+        py.detach(move || mem.data_ranges())
+    }
+
     /// A writable uint8 numpy view of the whole memory, without a copy. The
     /// view keeps the memory alive.
     #[getter]

@@ -348,8 +348,12 @@ impl PyListener {
     /// Waits up to `timeout` seconds for a control channel and its data
     /// channels, then starts applying them to `memory`. Each connection
     /// refused meanwhile goes to `on_refused(peer, reason)`, by default one
-    /// warning on the `mig.listener` logger.
-    #[pyo3(signature = (memory, timeout, *, io_timeout=60.0, device_buffer=32 << 20, on_refused=None))]
+    /// warning on the `mig.listener` logger. `data_ranges`: the byte ranges
+    /// of `memory` that may hold data, when taken before `populate` made
+    /// every page present (the rest is known to be zeros and only this
+    /// session writes the memory); by default the memory is asked now.
+    #[pyo3(signature = (memory, timeout, *, io_timeout=60.0, device_buffer=32 << 20, on_refused=None, data_ranges=None))]
+    #[allow(clippy::too_many_arguments)]
     fn accept(
         &self,
         py: Python<'_>,
@@ -358,6 +362,7 @@ impl PyListener {
         io_timeout: f64,
         device_buffer: usize,
         on_refused: Option<Py<PyAny>>,
+        data_ranges: Option<Vec<(usize, usize)>>,
     ) -> PyResult<PyReceiver> {
         let listener = self
             .inner
@@ -369,9 +374,14 @@ impl PyListener {
             io_timeout: seconds("io_timeout", io_timeout)?,
             device_buffer,
             tls: self.tls.clone(),
+            data_ranges,
         };
         let t = seconds("timeout", timeout)?;
         let mem = memory.get().inner.clone();
+        if let Some(ranges) = &cfg.data_ranges {
+            // Refused now, not once a source has connected.
+            crate::receiver::check_data_ranges(&mem, ranges)?;
+        }
         let hook = refusal_hook(on_refused);
         let r = py.detach(move || Receiver::accept(&listener, mem, t, cfg, Some(&hook)))?;
         Ok(PyReceiver { inner: Arc::new(r) })
