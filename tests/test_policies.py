@@ -65,6 +65,23 @@ def test_adaptive_falls_back_to_the_plain_threshold_when_fixed_costs_exceed_the_
     assert ad.decide(view(400 * 10**6, 0.4)).action is Action.CONTINUE
 
 
+def test_adaptive_falls_back_when_the_device_state_leaves_no_time_for_ram() -> None:
+    """100 ms of fixed costs and 250 MB of device state (250 ms at 1 GB/s,
+    which sending RAM does not shrink) exceed a 300 ms limit: it sizes
+    against bandwidth × limit (300 MB), so 40 MB of RAM with the device
+    state fits. With 170 MB of device state, 200 ms remain after the fixed
+    costs for 210 MB: it does not fit, and it keeps sending."""
+    ad = make_policy("adaptive")
+
+    def with_device(device: int) -> PolicyView:
+        base = view(40 * 10**6, 0.1)
+        dev = HandlerView("fixed0", "device", False, device)
+        return PolicyView(**{**base.__dict__, "handlers": (*base.handlers, dev)})
+
+    assert ad.decide(with_device(250 * 10**6)).action is Action.EXACT_RUNNING
+    assert ad.decide(with_device(170 * 10**6)).action is Action.CONTINUE
+
+
 def test_adaptive_refuses_a_negative_fixed_cost_factor() -> None:
     with pytest.raises(ValueError, match="fixed_cost_factor"):
         make_policy("adaptive", fixed_cost_factor=-1)

@@ -264,9 +264,10 @@ class Adaptive(Policy):
     switchover costs (``PolicyView.overhead``: pause, final sync, both sides'
     digests, device production and load, the control round trip) times
     ``fixed_cost_factor`` from the downtime limit. When those fixed costs
-    alone exceed the limit, it falls back to the plain bandwidth × limit
-    threshold: no wait makes the costs smaller, and switching over as QEMU
-    would beats iterating forever.
+    alone, or with the devices' predicted stop-copy state (which sending RAM
+    does not shrink), exceed the limit, it falls back to the plain bandwidth
+    × limit threshold: no wait makes them smaller, and switching over as
+    QEMU would beats iterating forever.
 
     The limit is a ceiling, not a target: while one more pass would leave
     at most ``shrink`` of RAM's pending bytes (what the guest dirties while
@@ -363,9 +364,13 @@ class Adaptive(Policy):
 
     def _effective_threshold(self, view: PolicyView) -> int:
         budget = view.downtime_limit - self.fixed_cost_factor * view.overhead
-        if budget <= 0:
-            # The fixed costs alone exceed the limit: no wait makes it fit, so
-            # switch over as QEMU would rather than iterate forever.
+        # Sending RAM does not shrink the devices' stop-copy state: with it,
+        # the fixed costs may leave no time for any RAM at all.
+        devices = sum(self._predict(view, h) for h in view.devices())
+        if budget <= 0 or (view.bandwidth > 0 and budget <= devices / view.bandwidth):
+            # The fixed costs (and the device state) alone exceed the limit:
+            # no wait makes it fit, so switch over as QEMU would rather than
+            # iterate forever.
             return int(view.bandwidth * view.downtime_limit)
         return int(view.bandwidth * budget)
 
