@@ -82,6 +82,25 @@ def test_adaptive_falls_back_when_the_device_state_leaves_no_time_for_ram() -> N
     assert ad.decide(with_device(170 * 10**6)).action is Action.CONTINUE
 
 
+def test_adaptive_stops_to_measure_once_waiting_cannot_raise_the_chance() -> None:
+    """A stop-only device predicted at 180 MB against 200 MB left after the
+    fixed costs: the chance of fitting is above even but under ``p_stop``.
+    With 15 MB of RAM pending it keeps sending; with RAM down to ``floor``
+    (5 ms) of sending another pass changes nothing, so it stops to measure."""
+    ad = make_policy("adaptive")
+
+    def exact_view(ram: int) -> PolicyView:
+        base = view(ram, 0.1, dirty_rate=0.0)
+        handlers = (
+            HandlerView("ram", "ram", False, ram, ram),
+            HandlerView("gpu0", "device", True, 180 * 10**6),
+        )
+        return PolicyView(**{**base.__dict__, "phase": "exact", "handlers": handlers})
+
+    assert ad.decide(exact_view(15 * 10**6)).action is Action.CONTINUE
+    assert ad.decide(exact_view(10**6)).action is Action.STOP_AND_EXACT
+
+
 def test_adaptive_refuses_a_negative_fixed_cost_factor() -> None:
     with pytest.raises(ValueError, match="fixed_cost_factor"):
         make_policy("adaptive", fixed_cost_factor=-1)

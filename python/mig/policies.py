@@ -279,8 +279,9 @@ class Adaptive(Policy):
 
     A cheap running exact (RAM sync) is taken when fitting is at least even.
     The guest stops for an exact measurement only when the chance is at least
-    ``p_stop`` and the stop budget allows (``max_stops``, ``min_interval``,
-    ``max_stopped_time``). With the stop budget spent, it completes with a
+    ``p_stop`` (or at least even with RAM down to ``floor`` of sending, so
+    that waiting cannot raise the chance) and the stop budget allows (``max_stops``,
+    ``min_interval``, ``max_stopped_time``). With the stop budget spent, it completes with a
     byte budget instead, so an over-size device abandons the switchover.
     """
 
@@ -335,6 +336,11 @@ class Adaptive(Policy):
         seconds = pending / view.bandwidth
         dirtied = view.dirty_rate * (seconds + view.overhead)
         return seconds > self.floor and dirtied < self.shrink * pending
+
+    def _ram_drained(self, view: PolicyView) -> bool:
+        """RAM's pending bytes take at most ``floor`` to send: another pass
+        leaves the prediction as it is."""
+        return self._predict(view, view.ram()) <= self.floor * view.bandwidth
 
     def _predict(self, view: PolicyView, h: HandlerView) -> int:
         if h.exact is not None:
@@ -414,8 +420,10 @@ class Adaptive(Policy):
             if predicted <= threshold:
                 return Decision(Action.COMPLETE, budget=threshold)
             return CONTINUE
-        if p < self.p_stop:
+        if p < self.p_stop and not (p >= 0.5 and self._ram_drained(view)):
             return CONTINUE
+        # Likely to fit, or at least even with RAM down to what one more pass
+        # cannot shrink (the chance will not rise by waiting): measure or complete.
         if self._stops_left(view):
             for h in view.handlers:
                 if h.exact is None:
