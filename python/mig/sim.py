@@ -449,7 +449,7 @@ def _loopback_costs(runs: int = 3) -> tuple[float, float]:
     for size, filled in LOOPBACK_GUESTS:
         times, wire = [], 0
         for _ in range(runs):
-            q, _ = _idle_loopback_migration(size, filled, 0)
+            q, _ = _idle_loopback_migration(size, filled, 0, demo=True)
             # The bulk pass alone: its first sync, less the setup before it
             # (setup, settle and switchover are terms of their own).
             times.append(q["passes"][0]["time"] - q["setup-time"] / 1000)
@@ -547,32 +547,47 @@ def _device_rates() -> tuple[float, float]:
     return nbytes / save, nbytes / load
 
 
-def _idle_loopback_migration(size: int, filled: bool, cap: int) -> tuple[dict[str, Any], Any]:
+def _idle_loopback_migration(
+    size: int, filled: bool, cap: int, demo: bool = False
+) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled or
-    zeroed, ``cap`` bytes/s or 0 for none) to ``mig demo``'s destination (a
-    ``mig serve --once --prealloc`` child: its own process, its memory
-    faulted in while it waits, so the stream only copies, as the runs
-    ``--simulate`` predicts): its ``query()`` and its source."""
+    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source.
+
+    The destination is in this process, as the lab's real runs have it, or
+    with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
+    child: its own process, its memory faulted in while it waits, as the
+    runs ``mig demo --simulate`` predicts)."""
     from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
     from mig.demo_destination import DemoDestination  # noqa: PLC0415
+    from mig.destination import MigrationDestination  # noqa: PLC0415
     from mig.source import MigrationSource  # noqa: PLC0415
 
     src = GuestMemory(size)
     if filled:
         src.array[:] = 0x5A
-    dest = DemoDestination(size, "none", "warning", {})
-    try:
-        uri = dest.uri()
-        if uri is None:
-            raise RuntimeError("calibration: the demo destination did not start")
+    if not demo:
+        dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-            source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
+            local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap)
+            local.start()
             source.start()
             q = source.wait(120)
-        dest.reap(60.0)
-    except BaseException:
-        dest.kill()
-        raise
+            local.wait(60)
+    else:
+        child = DemoDestination(size, "none", "warning", {})
+        try:
+            uri = child.uri()
+            if uri is None:
+                raise RuntimeError("calibration: the demo destination did not start")
+            with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
+                source.start()
+                q = source.wait(120)
+            child.reap(60.0)
+        except BaseException:
+            child.kill()
+            raise
     if q["status"] != "completed":
         raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
     return q, source
@@ -1077,12 +1092,17 @@ class SimLink:
     def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        delay = 0.0
         if isinstance(message, Hello):
-            # The source registered its tracker before hello; the destination
-            # answers once the channels are connected (mig.sim_setup).
-            self.clock.advance(self.host.register_per_page * self.guest.memory.size / PAGE_SIZE)
-            delay = self.host.setup_base
+            # The source registered its tracker and connected before hello
+            # (mig.sim_setup). Charged before the round trip, not in it: the
+            # source plans the switchover's handshake from hello's round trip,
+            # and how long a destination takes to answer it first varies with
+            # the destination (its process, its prealloc) far more than later
+            # round trips do.
+            self.clock.advance(
+                self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
+                + self.host.setup_base
+            )
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             if self.destination.verify_mode == "strict":
@@ -1092,7 +1112,7 @@ class SimLink:
             self._in_stop_copy, self._stop_copy_bytes = False, {}
             self.guest.memory.digest_started = None
         try:
-            self._play(self.destination.on_message(message, self.clock.now()), delay)
+            self._play(self.destination.on_message(message, self.clock.now()))
         except MigrationEnded as e:
             self.discarded = True
             if not e.by_peer:

@@ -7,8 +7,9 @@ destination's answer to ``hello``. The simulator charges the registration at
 ``HostModel.register_per_page`` per guest page (``register_seconds_per_page``
 measures it on a populated memory, as a guest that has run has), and the
 rest, the connection and the destination's answer, at ``HostModel.setup_base``:
-the median setup of the calibration's loopback migrations to ``mig demo``'s
-destination, less their registration. (On a loaded host that answer varies
+the median setup of the switchover calibration's loopback migrations, less
+their registration, charged before ``hello`` (not in its round trip, which
+the source plans the switchover's handshake with). (On a loaded host that answer varies
 tenfold, from a few to hundreds of milliseconds: calibrate on a quiet one.)
 """
 
