@@ -65,6 +65,42 @@ def test_adaptive_falls_back_to_the_plain_threshold_when_fixed_costs_exceed_the_
     assert ad.decide(view(400 * 10**6, 0.4)).action is Action.CONTINUE
 
 
+def test_adaptive_falls_back_when_the_device_state_leaves_no_time_for_ram() -> None:
+    """100 ms of fixed costs and 250 MB of device state (250 ms at 1 GB/s,
+    which sending RAM does not shrink) exceed a 300 ms limit: it sizes
+    against bandwidth × limit (300 MB), so 40 MB of RAM with the device
+    state fits. With 170 MB of device state, 200 ms remain after the fixed
+    costs for 210 MB: it does not fit, and it keeps sending."""
+    ad = make_policy("adaptive")
+
+    def with_device(device: int) -> PolicyView:
+        base = view(40 * 10**6, 0.1)
+        dev = HandlerView("fixed0", "device", False, device)
+        return PolicyView(**{**base.__dict__, "handlers": (*base.handlers, dev)})
+
+    assert ad.decide(with_device(250 * 10**6)).action is Action.EXACT_RUNNING
+    assert ad.decide(with_device(170 * 10**6)).action is Action.CONTINUE
+
+
+def test_adaptive_stops_to_measure_once_waiting_cannot_raise_the_chance() -> None:
+    """A stop-only device predicted at 180 MB against 200 MB left after the
+    fixed costs: the chance of fitting is above even but under ``p_stop``.
+    With 15 MB of RAM pending it keeps sending; with RAM down to ``floor``
+    (5 ms) of sending another pass changes nothing, so it stops to measure."""
+    ad = make_policy("adaptive")
+
+    def exact_view(ram: int) -> PolicyView:
+        base = view(ram, 0.1, dirty_rate=0.0)
+        handlers = (
+            HandlerView("ram", "ram", False, ram, ram),
+            HandlerView("gpu0", "device", True, 180 * 10**6),
+        )
+        return PolicyView(**{**base.__dict__, "phase": "exact", "handlers": handlers})
+
+    assert ad.decide(exact_view(15 * 10**6)).action is Action.CONTINUE
+    assert ad.decide(exact_view(10**6)).action is Action.STOP_AND_EXACT
+
+
 def test_adaptive_refuses_a_negative_fixed_cost_factor() -> None:
     with pytest.raises(ValueError, match="fixed_cost_factor"):
         make_policy("adaptive", fixed_cost_factor=-1)

@@ -44,6 +44,17 @@ def test_errors_compare_medians_and_each_real_run_with_the_prediction(bench: Mod
     assert not zero["downtime"]["bounds-hold"]
 
 
+def test_a_failed_run_fails_its_configuration_and_the_verdict(bench: ModuleType) -> None:
+    sim = _runs([1100] * 3, [210] * 3)
+    real = [*_runs([1100, 1100], [210, 210]), {"failed": "ended failed: broken pipe"}]
+    row = bench.compare(real, sim)
+    assert row["failed"] == ["ended failed: broken pipe"]
+    assert not any(row[m]["bounds-hold"] for m in bench.METRICS)
+    good = bench.compare(_runs([1100] * 3, [210] * 3), sim)
+    verdict = bench.verdict({"a": good, "b": good, "c": row})
+    assert not any(v["bounds-hold"] for v in verdict.values())
+
+
 def test_the_verdict_takes_the_median_and_the_worst_configuration(bench: ModuleType) -> None:
     def row(err: float) -> dict[str, dict[str, float]]:
         return {m: {"error": err} for m in bench.METRICS}

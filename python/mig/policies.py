@@ -264,9 +264,10 @@ class Adaptive(Policy):
     switchover costs (``PolicyView.overhead``: pause, final sync, both sides'
     digests, device production and load, the control round trip) times
     ``fixed_cost_factor`` from the downtime limit. When those fixed costs
-    alone exceed the limit, it falls back to the plain bandwidth × limit
-    threshold: no wait makes the costs smaller, and switching over as QEMU
-    would beats iterating forever.
+    alone, or with the devices' predicted stop-copy state (which sending RAM
+    does not shrink), exceed the limit, it falls back to the plain bandwidth
+    × limit threshold: no wait makes them smaller, and switching over as
+    QEMU would beats iterating forever.
 
     The limit is a ceiling, not a target: while one more pass would leave
     at most ``shrink`` of RAM's pending bytes (what the guest dirties while
@@ -278,8 +279,9 @@ class Adaptive(Policy):
 
     A cheap running exact (RAM sync) is taken when fitting is at least even.
     The guest stops for an exact measurement only when the chance is at least
-    ``p_stop`` and the stop budget allows (``max_stops``, ``min_interval``,
-    ``max_stopped_time``). With the stop budget spent, it completes with a
+    ``p_stop`` (or at least even with RAM down to ``floor`` of sending, so
+    that waiting cannot raise the chance) and the stop budget allows (``max_stops``,
+    ``min_interval``, ``max_stopped_time``). With the stop budget spent, it completes with a
     byte budget instead, so an over-size device abandons the switchover.
     """
 
@@ -335,6 +337,11 @@ class Adaptive(Policy):
         dirtied = view.dirty_rate * (seconds + view.overhead)
         return seconds > self.floor and dirtied < self.shrink * pending
 
+    def _ram_drained(self, view: PolicyView) -> bool:
+        """RAM's pending bytes take at most ``floor`` to send: another pass
+        leaves the prediction as it is."""
+        return self._predict(view, view.ram()) <= self.floor * view.bandwidth
+
     def _predict(self, view: PolicyView, h: HandlerView) -> int:
         if h.exact is not None:
             return h.exact
@@ -363,9 +370,13 @@ class Adaptive(Policy):
 
     def _effective_threshold(self, view: PolicyView) -> int:
         budget = view.downtime_limit - self.fixed_cost_factor * view.overhead
-        if budget <= 0:
-            # The fixed costs alone exceed the limit: no wait makes it fit, so
-            # switch over as QEMU would rather than iterate forever.
+        # Sending RAM does not shrink the devices' stop-copy state: with it,
+        # the fixed costs may leave no time for any RAM at all.
+        devices = sum(self._predict(view, h) for h in view.devices())
+        if budget <= 0 or (view.bandwidth > 0 and budget <= devices / view.bandwidth):
+            # The fixed costs (and the device state) alone exceed the limit:
+            # no wait makes it fit, so switch over as QEMU would rather than
+            # iterate forever.
             return int(view.bandwidth * view.downtime_limit)
         return int(view.bandwidth * budget)
 
@@ -409,8 +420,10 @@ class Adaptive(Policy):
             if predicted <= threshold:
                 return Decision(Action.COMPLETE, budget=threshold)
             return CONTINUE
-        if p < self.p_stop:
+        if p < self.p_stop and not (p >= 0.5 and self._ram_drained(view)):
             return CONTINUE
+        # Likely to fit, or at least even with RAM down to what one more pass
+        # cannot shrink (the chance will not rise by waiting): measure or complete.
         if self._stops_left(view):
             for h in view.handlers:
                 if h.exact is None:

@@ -41,8 +41,11 @@ Models:
   switchover digests all of RAM on both sides, the source's digest
   overlapping its stop-copy sends as a real source digests on another
   thread; otherwise the source digests after the destination resumed, and
-  the destination's root before ``ready`` rehashes only the stale bytes, the
-  final dirty set), tracker sync cost (a base, a scan per guest page, a
+  the destination's root before ``ready`` rehashes only its stale 64 KiB
+  chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
+  the per-chunk cost it plans with), the setup before the first pass
+  (tracker registration per page, the destination's answer to hello:
+  ``mig.sim_setup``), tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency and the rate at which device
   state is produced and loaded (only the stop-copy bytes, sent after
   ``switchover``, are loaded inside the downtime). ``HostModel.calibrate()``
@@ -79,8 +82,18 @@ from mig.device_handler import FLAG_INIT_DONE, DeviceHandler
 from mig.devices import MigCap, create_all
 from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
-from mig.protocol import Failed, Message, PassAck, Settled, Switchover, SwitchoverAbort
+from mig.protocol import (
+    Failed,
+    Hello,
+    Message,
+    PassAck,
+    Settled,
+    Switchover,
+    SwitchoverAbort,
+)
 from mig.reorder import DeviceRecord
+from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
 
@@ -291,7 +304,7 @@ class HostModel:
     load_base: float = 0.005  # s the destination needs to finish loading and resume
     drain_base: float = 0.001  # s it waits for the end records once "complete" is in
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
-    send_per_page: float = 0.0  # s of sender CPU per page (copy, zero scan)
+    send_per_page: float = 0.0  # s of sender CPU per zero page (found and skipped)
     # Relative standard deviation of the link's throughput from one 100 ms
     # window to the next. A real link varies (scheduling, TCP, the token
     # bucket); the loop plans with the estimate less two deviations, so a
@@ -305,11 +318,18 @@ class HostModel:
     warmup_base: float = 0.75
     warmup_per_byte: float = 0.85e-9
     # ``mig demo`` without --max-bandwidth migrates over this host's
-    # loopback as fast as the sender goes: the wire's rate, plus the
-    # sender's time per page (reading it, telling zero pages from data) that
-    # a capped link hides behind its pacing.
+    # loopback as fast as the sender goes: the wire's rate (data pages
+    # included), plus the sender's time per zero page (telling it from data)
+    # that a capped link hides behind its pacing.
     loopback_bandwidth: float = 5.2e8
     loopback_per_page: float = 1e-6
+    # Setup before the first pass (``mig.sim_setup``): the tracker's
+    # registration per guest page, and the channels' connection with the
+    # destination's answer to hello.
+    register_per_page: float = 3e-8
+    setup_base: float = 0.005
+    # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
+    chunk_rehash: float = 8e-6
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -349,8 +369,11 @@ class HostModel:
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
+        setup_base = cls.setup_base
+        register_per_page = register_seconds_per_page()
         if switchover is not None:
-            load_base, drain_base, link_jitter = _switchover_load(digest_rate, *switchover)
+            load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
+            setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
             loopback_bandwidth, loopback_per_page = _loopback_costs()
         return cls(
@@ -369,6 +392,9 @@ class HostModel:
             warmup_per_byte=warmup_per_byte,
             loopback_bandwidth=loopback_bandwidth,
             loopback_per_page=loopback_per_page,
+            register_per_page=register_per_page,
+            setup_base=setup_base,
+            chunk_rehash=chunk_rehash_seconds(),
         )
 
 
@@ -406,30 +432,36 @@ def _warmup_costs(runs: int = 3) -> tuple[float, float]:
     return max(0.0, medians[0] - per_byte * small), per_byte
 
 
-# (size, filled) of the uncapped loopback migrations: zero pages cost the
-# sender its time per page, data pages mostly the wire's.
-LOOPBACK_GUESTS = ((256 << 20, False), (64 << 20, True))
+# (size, filled) of the uncapped loopback migrations: a never-written page
+# costs the sender its time per zero page, a data page mostly the wire's.
+# Two zeroed sizes separate the per-page cost from a pass's fixed cost.
+LOOPBACK_GUESTS = ((128 << 20, False), (512 << 20, False), (64 << 20, True))
 
 
 def _loopback_costs(runs: int = 3) -> tuple[float, float]:
     """(loopback_bandwidth, loopback_per_page) from uncapped loopback
-    migrations of an idle guest: a zeroed one and a filled one, median
-    time of ``runs`` each, solved for time = pages * per_page + wire / bandwidth."""
+    migrations of an idle guest to ``mig demo``'s destination, median bulk
+    pass of ``runs`` each, solved for
+    time = fixed + zero pages * per_page + wire / bandwidth
+    (the fixed part, the stream's start and the pass's closing sync, is left
+    to the terms that model those)."""
     rows = []
     for size, filled in LOOPBACK_GUESTS:
         times, wire = [], 0
         for _ in range(runs):
-            q, _ = _idle_loopback_migration(size, filled, 0)
-            times.append((q["total-time"] - q["downtime"]) / 1000)
-            wire = int(q["ram"]["transferred"])
-        rows.append((size // PAGE_SIZE, wire, float(np.median(times))))
-    (p1, w1, t1), (p2, w2, t2) = rows
-    # Two equations, two unknowns (per_page, 1 / bandwidth).
-    det = p1 * w2 - p2 * w1
-    per_page = max(0.0, (t1 * w2 - t2 * w1) / det)
-    inverse = (p1 * t2 - p2 * t1) / det
-    bandwidth = 1 / inverse if inverse > 0 else w2 / t2
-    return bandwidth, per_page
+            q, _ = _idle_loopback_migration(size, filled, 0, demo=True)
+            # The bulk pass alone: its first sync, less the setup before it
+            # (setup, settle and switchover are terms of their own).
+            times.append(q["passes"][0]["time"] - q["setup-time"] / 1000)
+            wire = int(q["passes"][0]["bytes"])
+        zero = 0 if filled else size // PAGE_SIZE
+        rows.append((zero, wire, float(np.median(times))))
+    a = np.array([[1.0, zero, wire] for zero, wire, _ in rows])
+    b = np.array([t for _, _, t in rows])
+    _, per_page, inverse = np.linalg.solve(a, b)
+    _, wire, t = rows[-1]
+    bandwidth = 1 / inverse if inverse > 0 else wire / t
+    return float(bandwidth), max(0.0, float(per_page))
 
 
 # Share of pages written before each timed sync: a scattered quarter of
@@ -515,23 +547,47 @@ def _device_rates() -> tuple[float, float]:
     return nbytes / save, nbytes / load
 
 
-def _idle_loopback_migration(size: int, filled: bool, cap: int) -> tuple[dict[str, Any], Any]:
+def _idle_loopback_migration(
+    size: int, filled: bool, cap: int, demo: bool = False
+) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled or
-    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source."""
+    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source.
+
+    The destination is in this process, as the lab's real runs have it, or
+    with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
+    child: its own process, its memory faulted in while it waits, as the
+    runs ``mig demo --simulate`` predicts)."""
     from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+    from mig.demo_destination import DemoDestination  # noqa: PLC0415
     from mig.destination import MigrationDestination  # noqa: PLC0415
     from mig.source import MigrationSource  # noqa: PLC0415
 
-    src, dst = GuestMemory(size), GuestMemory(size)
+    src = GuestMemory(size)
     if filled:
         src.array[:] = 0x5A
-    with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-        dest = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-        source = MigrationSource(guest, [], uri=dest.uri, max_bandwidth=cap)
-        dest.start()
-        source.start()
-        q = source.wait(120)
-        dest.wait(60)
+    if not demo:
+        dst = GuestMemory(size)
+        with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+            local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
+            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap)
+            local.start()
+            source.start()
+            q = source.wait(120)
+            local.wait(60)
+    else:
+        child = DemoDestination(size, "none", "warning", {})
+        try:
+            uri = child.uri()
+            if uri is None:
+                raise RuntimeError("calibration: the demo destination did not start")
+            with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
+                source.start()
+                q = source.wait(120)
+            child.reap(60.0)
+        except BaseException:
+            child.kill()
+            raise
     if q["status"] != "completed":
         raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
     return q, source
@@ -539,16 +595,17 @@ def _idle_loopback_migration(size: int, filled: bool, cap: int) -> tuple[dict[st
 
 def _switchover_load(
     digest_rate: float, size: int, cap: float, runs: int = 3
-) -> tuple[float, float, float]:
-    """(load_base, drain_base, link_jitter) from real loopback migrations of
-    an idle guest.
+) -> tuple[float, float, float, float]:
+    """(load_base, drain_base, link_jitter, setup) from real loopback
+    migrations of an idle guest (``setup``: the median ``setup-time``).
 
     The jitter comes from the source's bandwidth meter: its smoothed mean
     absolute deviation over the estimate, scaled to a standard deviation
     (E|X| = σ·√(2/π) for normal noise)."""
-    loads, drains, jitters = [], [], []
+    loads, drains, jitters, setups = [], [], [], []
     for _ in range(runs):
         q, source = _idle_loopback_migration(size, True, int(cap))
+        setups.append(q["setup-time"] / 1000)
         # "load" is the destination's work besides its wait for the end
         # records ("drain") and its digest ("dest-digest").
         loads.append(q["downtime-breakdown"]["load"] / 1000)
@@ -556,7 +613,8 @@ def _switchover_load(
         if source.meter.smoothed > 0:
             jitters.append(source.meter.deviation / source.meter.smoothed * math.sqrt(math.pi / 2))
     jitter = float(np.median(jitters)) if jitters else 0.0
-    return max(0.0, float(np.median(loads))), max(0.0, float(np.median(drains))), jitter
+    load, drain = max(0.0, float(np.median(loads))), max(0.0, float(np.median(drains)))
+    return load, drain, jitter, float(np.median(setups))
 
 
 HOST_MODEL_ENV = "MIG_HOST_MODEL"
@@ -898,7 +956,7 @@ class SimLink:
         self.host = host
         self.channels = max(1, int(channels))
         self.cap = 0.0
-        self._bw = model.throughput(self.channels, 0)
+        self._bw = self._raw = model.throughput(self.channels, 0)
         self._bytes = 0
         self._busy = 0.0
         self._normal = 0
@@ -925,7 +983,12 @@ class SimLink:
         self._jitter_rng = np.random.default_rng(seed)
         self._jitter_window = -1
         self._jitter_factor = 1.0
-        self._stale_bytes = 0  # page bytes sent since the switchover: what the root rehashes
+        # The destination root's stale chunks: those touched too recently
+        # for its rehasher (what a settle rehashes), and those touched since
+        # the last settle (what the root before "ready" rehashes: the
+        # rehasher yields the cores to the stop-copy streams).
+        self._stale_chunks = RecentChunks(guest.memory.size, guest.memory.page_size)
+        self._final_chunks = StaleChunks(guest.memory.size, guest.memory.page_size)
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
 
@@ -953,7 +1016,8 @@ class SimLink:
             free = min(self._tokens, float(wire))
             self._tokens -= free
             paced = wire - free
-        dt = paced / self._rate() + cpu
+        # Bytes the bucket covers still cross the link, at its uncapped pace.
+        dt = paced / self._rate() + (wire - paced) / self._raw + cpu
         self._busy += dt
         self.clock.advance(dt)
         self._bucket_at = self.clock.now()
@@ -976,24 +1040,29 @@ class SimLink:
             return 0
         g = self._g
         zero_units = 0
+        data = None  # the units sent as data: all but never-written ones
         zero = self.guest.pristine
         if zero is not None:
             # A page goes out as it is when sent: one the guest wrote since
             # the last sync holds data already, though no sync has seen it.
             self.guest.flush()
         if zero is not None and zero.count():
-            inter = bitmap.copy()
-            inter.and_not(zero)
-            zero_units = count - inter.count()
+            data = bitmap.copy()
+            data.and_not(zero)
+            zero_units = count - data.count()
         pages = count * g
         normal = (count - zero_units) * g
         packets = -(-pages // self.model.packet_pages)
         wire = packets * RECORD_HEADER + pages * OFFSET_BYTES + normal * PAGE_SIZE
         self._normal += normal
         self._zero += pages - normal
-        self._stale_bytes += pages * PAGE_SIZE
         self._bytes += wire
-        self._charge(wire, pages * self.host.send_per_page)
+        # A data page's cost is in the link's pace; a zero page the sender
+        # tells apart without sending costs it send_per_page.
+        self._charge(wire, (pages - normal) * self.host.send_per_page)
+        # The slice has landed once its last byte is through.
+        self._stale_chunks.sent(bitmap, data, self.clock.now())
+        self._final_chunks.sent(bitmap, data)
         return wire
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
@@ -1023,8 +1092,18 @@ class SimLink:
     def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        if isinstance(message, Switchover):
-            self._stale_bytes = 0
+        if isinstance(message, Hello):
+            # The source registered its tracker and connected before hello
+            # (mig.sim_setup). Charged before the round trip, not in it: the
+            # source plans the switchover's handshake from hello's round trip,
+            # and how long a destination takes to answer it first varies with
+            # the destination (its process, its prealloc) far more than later
+            # round trips do.
+            self.clock.advance(
+                self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
+                + self.host.setup_base
+            )
+        elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
@@ -1053,9 +1132,13 @@ class SimLink:
                 case AnswerPass(number=number):
                     self._reply(self.model.rtt, PassAck(number, 0.0))
                 case SettleChannels(number=number):
-                    # The model's pages land as they are charged: nothing
-                    # is queued and nothing stale but what the final pass writes.
-                    self._reply(self.model.rtt, Settled(number, 0.0, 0, 0.0))
+                    # The model's pages land as they are charged: nothing is
+                    # queued; the root rehashes the chunks of the pass in flight.
+                    chunks = self._stale_chunks.count(self.clock.now())
+                    seconds = chunks * self.host.chunk_rehash
+                    self._stale_chunks.clear()
+                    self._final_chunks.clear()
+                    self._reply(self.model.rtt + seconds, Settled(number, 0.0, chunks, seconds))
         self._load_released()
 
     def _load_released(self) -> None:
@@ -1071,10 +1154,11 @@ class SimLink:
     def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
         # Strict checks a whole digest; otherwise the receiver's root
-        # rehashes only what was written since the switchover.
-        strict = self.destination.verify_mode == "strict"
-        root_bytes = mem.size if strict else self._stale_bytes
-        digest_seconds = root_bytes / self.host.digest_rate
+        # rehashes the chunks written since the switchover, each in full.
+        if self.destination.verify_mode == "strict":
+            digest_seconds = mem.size / self.host.digest_rate
+        else:
+            digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
         drain = self.host.drain_base
         load = drain + self.host.load_base + digest_seconds
         load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate

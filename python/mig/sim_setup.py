@@ -1,0 +1,48 @@
+"""The source's setup in virtual time: what it pays before its first pass.
+
+A real source, before it sends a page, registers its dirty tracker over all
+of guest memory (userfaultfd: register the range and write-protect every
+present page, ``O(memory)``), connects its channels and waits for the
+destination's answer to ``hello``. The simulator charges the registration at
+``HostModel.register_per_page`` per guest page (``register_seconds_per_page``
+measures it on a populated memory, as a guest that has run has), and the
+rest, the connection and the destination's answer, at ``HostModel.setup_base``:
+the median setup of the switchover calibration's loopback migrations, less
+their registration, charged before ``hello`` (not in its round trip, which
+the source plans the switchover's handshake with). (On a loaded host that answer varies
+tenfold, from a few to hundreds of milliseconds: calibrate on a quiet one.)
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["register_seconds_per_page"]
+
+# Memory the registration is timed on: large enough that the per-page work
+# dominates the ioctls' fixed cost.
+CALIBRATION_MEMORY = 256 << 20
+
+
+def register_seconds_per_page(runs: int = 3) -> float:
+    """Seconds per page of creating the tracker migrations use (the uffd
+    backend when this host has it, else the soft one) over populated memory,
+    best of ``runs``, less a tiny memory's creation (the fixed cost)."""
+    from mig._mig import DirtyTracker, GuestMemory, capabilities  # noqa: PLC0415
+
+    backend = "uffd" if capabilities()["uffd"]["available"] else "soft"
+
+    def timed(size: int) -> tuple[float, int]:
+        mem = GuestMemory(size)
+        mem.array[:] = 1  # present pages: the write-protect walks them
+        best = float("inf")
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            tracker = DirtyTracker(mem, backend=backend)
+            best = min(best, time.perf_counter() - t0)
+            tracker.close()
+        return best, mem.num_pages
+
+    small, small_pages = timed(16 * 4096)
+    large, pages = timed(CALIBRATION_MEMORY)
+    return max(0.0, large - small) / max(1, pages - small_pages)
