@@ -31,6 +31,7 @@ from mig.protocol import (
     Hello,
     HelloAck,
     Message,
+    Pass,
     PassAck,
     Progress,
     Settled,
@@ -57,9 +58,12 @@ class ControlSession:
         self.peer_progress = PeerProgress(clock)
         self.rtt = 0.0
         self._dest_busy: deque[float] = deque(maxlen=_BUSY_SAMPLES)
+        self._pass_sent: dict[int, float] = {}  # pass number -> when its record went out
 
     def send(self, message: Message) -> None:
         self.link.send(message)
+        if isinstance(message, Pass):
+            self._pass_sent[message.number] = self.clock.now()
 
     def handshake(self, hello: Hello, timeout: float, check_cancel: Callable[[], None]) -> None:
         """``hello`` out, ``hello-ack`` back within ``timeout``; measures the round trip."""
@@ -85,6 +89,19 @@ class ControlSession:
         switchover's handshake plans with the shortest seen."""
         self.rtt = min(self.rtt, seconds)
         self._plan_handshake()
+
+    def _pass_round_trip(self, number: int) -> None:
+        """A pass record and its ack are a control round trip plus the pass's
+        last data landing: never shorter than the round trip, and close to it
+        for a small pass. ``hello``'s alone would stand until the first
+        ``settle`` and carries the destination's start-up (on a two-core host
+        sharing its prefault, hundreds of ms): a policy that plans with it
+        could wait for a fit that never comes."""
+        sent = self._pass_sent.pop(number, None)
+        for older in [n for n in self._pass_sent if n < number]:
+            del self._pass_sent[older]  # acks answer passes in order; none will come
+        if sent is not None:
+            self.rtt = min(self.rtt, self.clock.now() - sent)
 
     def _plan_handshake(self) -> None:
         busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
@@ -164,6 +181,7 @@ class ControlSession:
         compete with (timed under that load the figure read twice the cost).
         """
         self._dest_busy.append(ack.busy)
+        self._pass_round_trip(ack.number)
         self._plan_handshake()
         if ack.digest is not None:
             seen = self.costs.dest_digest
