@@ -27,6 +27,7 @@ from typing import Any
 import mig
 
 KIND_CONTROL, KIND_DATA = 0, 1
+KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 _HEADER = 64  # docs/wire-format.md: the stream header every channel opens with
 _BUF = 256 << 10
 

@@ -10,19 +10,12 @@ import subprocess
 import threading
 import time
 
-import pytest
-from faultkit import FaultProxy
+from faultkit import KIND_POSTCOPY, FaultProxy
 from peerkit import free_port, mig_process
+from postcopykit import needs_postcopy
 
-import mig
+pytestmark = needs_postcopy
 
-POSTCOPY = mig.capabilities()["postcopy"]
-pytestmark = pytest.mark.skipif(
-    not POSTCOPY["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
-)
-
-KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 SMALL = ["--size", "32MiB", "--devices", "none", "--postcopy-recover", "1"]
 
 

@@ -31,24 +31,29 @@ import time
 from typing import Any
 
 import pytest
-from faultkit import DestProcess, FaultProxy, RunLog, grew, recover_both, resources, settle
+from faultkit import (
+    KIND_POSTCOPY,
+    DestProcess,
+    FaultProxy,
+    RunLog,
+    grew,
+    recover_both,
+    resources,
+    settle,
+)
 from peerkit import free_port, mig_process
+from postcopykit import needs_postcopy
 
 import mig
 from mig import faults
 from mig.destination import MigrationDestination
 from mig.source import MigrationSource
 
-POSTCOPY = mig.capabilities()["postcopy"]
-pytestmark = pytest.mark.skipif(
-    not POSTCOPY["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
-)
+pytestmark = needs_postcopy
 
 MIB = 1 << 20
 SIZE = 32 * MIB
 WORKLOAD = "sequential:wss=8MiB,rate=200000"
-KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 CHUNK_PAGES = 16  # post-copy's unit: the destination digest's 64 KiB chunk
 # 8 MiB owed at 2 MiB/s: the post-copy phase lasts seconds, long enough to cut.
 PARAMS: dict[str, Any] = {"postcopy": True, "timeout": 60, "max_bandwidth": 2 * MIB}

@@ -8,20 +8,14 @@ import time
 from typing import Any
 
 import pytest
-from faultkit import DestProcess, FaultProxy, RunLog, recover_both
+from faultkit import KIND_POSTCOPY, DestProcess, FaultProxy, RunLog, recover_both
+from postcopykit import needs_postcopy
 
 import mig
 from mig.destination import MigrationDestination
 from mig.source import MigrationSource
 
-POSTCOPY = mig.capabilities()["postcopy"]
-needs_postcopy = pytest.mark.skipif(
-    not POSTCOPY["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
-)
-
 SIZE = 32 << 20
-KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 
 
 def migrate(

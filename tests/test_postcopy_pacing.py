@@ -10,16 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from postcopykit import needs_postcopy
 
 import mig
 from mig.destination import MigrationDestination
 from mig.source import MigrationSource
 
-POSTCOPY = mig.capabilities()["postcopy"]
-pytestmark = pytest.mark.skipif(
-    not POSTCOPY["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
-)
+pytestmark = needs_postcopy
 
 MIB = 1 << 20
 SIZE = 16 * MIB

@@ -13,14 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from postcopykit import needs_postcopy
 
 import mig
 
 CAPS = mig.capabilities()
-needs_missing = pytest.mark.skipif(
-    not CAPS["postcopy"]["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {CAPS['postcopy']['reason']}",
-)
 PAGE = mig.GuestMemory(4096 * 4).page_size
 WAIT = 10.0  # seconds; generous under load, never reached when things work
 
@@ -117,7 +114,7 @@ def test_bad_fake_value_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- faults and placement ---------------------------------------------------------
 
 
-@needs_missing
+@needs_postcopy
 def test_reader_blocks_until_the_page_is_placed_and_sees_exactly_it() -> None:
     mem = mig.GuestMemory(PAGE * 16)
     with mig.PostcopyRegion(vcpus=1) as region:
@@ -136,7 +133,7 @@ def test_reader_blocks_until_the_page_is_placed_and_sees_exactly_it() -> None:
         assert list(s["postcopy-vcpu-blocktime"]) == [reader.native_id]
 
 
-@needs_missing
+@needs_postcopy
 def test_zero_pages_and_pages_placed_twice() -> None:
     mem = mig.GuestMemory(PAGE * 8)
     with mig.PostcopyRegion() as region:
@@ -156,7 +153,7 @@ def test_zero_pages_and_pages_placed_twice() -> None:
         assert region.is_placed(3) and not region.is_placed(4)
 
 
-@needs_missing
+@needs_postcopy
 def test_discard_drops_stale_content() -> None:
     mem = mig.GuestMemory(PAGE * 8)
     mem.array[:] = 0xEE
@@ -185,7 +182,7 @@ def test_discard_drops_stale_content() -> None:
         region.close()
 
 
-@needs_missing
+@needs_postcopy
 def test_stats_count_exactly() -> None:
     mem = mig.GuestMemory(PAGE * 32)
     with mig.PostcopyRegion(vcpus=2) as region:
@@ -220,7 +217,7 @@ def test_stats_count_exactly() -> None:
     assert region.stats()["pages-placed"] == 5
 
 
-@needs_missing
+@needs_postcopy
 def test_bad_input_is_refused_without_damage() -> None:
     mem = mig.GuestMemory(PAGE * 4)
     region = mig.PostcopyRegion()
@@ -251,7 +248,7 @@ def test_bad_input_is_refused_without_damage() -> None:
 # ---- a guest running on the destination ----------------------------------------------
 
 
-@needs_missing
+@needs_postcopy
 def test_vcpu_writer_with_a_serving_source_ends_identical() -> None:
     """The destination holds some pages from pre-copy (some of them stale,
     some never sent). A vCPU-like thread reads and writes every page while a

@@ -12,7 +12,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from faultkit import FaultProxy
+from faultkit import KIND_POSTCOPY, FaultProxy
+from postcopykit import needs_postcopy
 from qemu.qmp import ExecuteError
 from qmpkit import (
     Process,
@@ -25,13 +26,7 @@ from qmpkit import (
     wait_event,
 )
 
-import mig
-
-POSTCOPY = mig.capabilities()["postcopy"]
-pytestmark = pytest.mark.skipif(
-    not POSTCOPY["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
-)
+pytestmark = needs_postcopy
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +80,6 @@ def test_migrate_start_postcopy_switches_a_running_precopy_and_ends_byte_exact(
     for proc in (src_proc, dst_proc):
         _, err = proc.finish()
         assert proc.proc.returncode == 0, err
-
-
-KIND_POSTCOPY = 3  # the post-copy page channels' stream header kind
 
 
 def _free_port() -> int:

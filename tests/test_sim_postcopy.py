@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from postcopykit import needs_postcopy
 
-import mig
 from mig.sim import HostModel, LinkModel, SimConfig, simulate
 from mig.sim_postcopy import CHUNK_BYTES, all_blocked
 from mig.source import MigrationSource
@@ -134,7 +134,6 @@ def test_all_blocked_counts_only_time_every_vcpu_waits() -> None:
 
 
 # ------------------------------------------------ against a real migration
-POSTCOPY_CAP = mig.capabilities()["postcopy"]
 DEMO = [
     "demo", "--size", "256MiB", "--workload", "sequential:wss=64MiB,rate=961000",
     "--devices", "none", "--max-bandwidth", "25MiB/s", "--downtime-limit", "300ms",
@@ -159,10 +158,7 @@ def demo(*extra: str) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(
-    not POSTCOPY_CAP["available"],
-    reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY_CAP.get('reason')}",
-)
+@needs_postcopy
 def test_the_simulated_postcopy_demo_predicts_the_real_one() -> None:
     # The host's other work only adds time to a real run: of two, the
     # faster is compared (each must complete byte-exact).
