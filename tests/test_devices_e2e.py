@@ -176,6 +176,25 @@ def test_switchover_waits_for_the_destination_ack() -> None:
     assert at["status:device"] >= at["switchover-ack"]
 
 
+def test_a_device_faster_than_a_long_pass_stays_within_the_destinations_bound() -> None:
+    # The destination holds a device's records until a pass announces them and
+    # refuses more than its bound waiting (2 x 1 MiB + 16 MiB + 32 MiB here).
+    # The nic rewrites 64 MiB/s of state while a capped first pass over 128 MiB
+    # of written pages lasts seconds: unthrottled it sent past the bound.
+    r = migrate(
+        "nic:state=1MiB,rate=64MiB/s", "exact-running", workload="idle", size=128 * MIB,
+        max_bandwidth=48 * MIB,
+    )  # fmt: skip
+    assert_exact_at_switchover(r)
+    (entry,) = r.q["devices"]
+    (h,) = r.dst_handlers
+    first_pass = r.q["passes"][0]
+    assert first_pass["time"] > 1.0, first_pass
+    # What the device sent in all exceeds what one pass may leave unannounced,
+    # so the bound was reached and respected rather than never approached.
+    assert entry["precopy-bytes"] > h.max_queued_bytes, (entry, h.max_queued_bytes)
+
+
 class QuiesceWitness:
     """A real dirty tracker that records the dma device's state at each sync."""
 

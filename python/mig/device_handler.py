@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol, cast
 
 from mig._mig import ProtocolError
+from mig.counting_link import CountingLink
 from mig.errors import OverBudget
 from mig.vfio import (
     PRECOPY_STATES,
@@ -191,9 +192,11 @@ class DeviceHandler:
         stream = self._stream
         if stream is None or self.device.state not in PRECOPY_STATES:
             return 0
+        room = self._unannounced_room(link)
+        budget = room if budget is None else min(budget, room)
         sent = 0
-        while budget is None or sent < budget:
-            n = self.buffer_size if budget is None else min(self.buffer_size, budget - sent)
+        while sent < budget:
+            n = min(self.buffer_size, budget - sent)
             try:
                 data = stream.read(max(1, n - 1))
             except NoData:
@@ -204,6 +207,19 @@ class DeviceHandler:
             sent += self._send(data)
         self._precopy_bytes += sent
         return sent
+
+    def _unannounced_room(self, link: DeviceLink) -> int:
+        """Precopy bytes this device may still send before the next announcement.
+
+        The destination holds records until a control message announces them
+        (``mig.reorder.ReorderBuffer``) and refuses more than
+        ``max_queued_bytes`` waiting; a device that produces state faster than
+        a long pass ends would overrun it. What is not sent now stays pending
+        in the device and goes after the pass is announced.
+        """
+        if not isinstance(link, CountingLink):
+            return self.max_queued_bytes
+        return max(0, self.max_queued_bytes - link.unannounced_bytes(self.device_id))
 
     def quiesce(self) -> None:
         """Stop the device's DMA (P2P state; STOP/STOP_COPY without P2P)."""

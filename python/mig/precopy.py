@@ -253,7 +253,7 @@ class Precopy:
         self._bytes_at_pass = sent_total
         self.passes.append(record)
         if announce:
-            self.control.send(Pass(record.number, ram.generation, dict(self.link.last_seq)))
+            self.control.send(Pass(record.number, ram.generation, self.link.announce()))
         self.notify.passed(record.to_dict())
         if announce:
             faults.point("source.pass", number=record.number)

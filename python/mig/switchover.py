@@ -171,7 +171,7 @@ class SwitchoverRun:
         self.phase = Phase.PAUSED
         down_start, waited = self.stops.paused_at, self._hold(check_cancel)
         link = precopy.link
-        precopy_seqs = dict(link.last_seq)
+        precopy_seqs = link.announce()
         self.control.send(Switchover(precopy_seqs))
         link.stop_copy = True
         cap = self.params.switchover_cap
@@ -396,7 +396,7 @@ class SwitchoverRun:
             for dev, last in link.last_seq.items()
             if last > precopy_seqs.get(dev, -1)
         }
-        self.control.send(SwitchoverAbort(aborted, dict(link.last_seq), str(e)))
+        self.control.send(SwitchoverAbort(aborted, link.announce(), str(e)))
         self.precopy.switchover_aborts += 1
         self.notify.event("switchover-abort", reason=str(e))
         if self.fail_on_over_budget:
