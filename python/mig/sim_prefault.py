@@ -45,9 +45,12 @@ __all__ = [
 # Memory the populate is timed on: large enough that the per-page work
 # dominates the madvise call's fixed cost.
 CALIBRATION_MEMORY = 256 << 20
-# The share is measured on migrations of a zeroed idle guest this large,
-# whose setup and first pass end well before its destination's populate.
-SHARE_MEMORY = 256 << 20
+# The share is measured on migrations of a zeroed idle guest this large:
+# its populate outlasts the destination's late answer to hello and the
+# first pass that follows, so the whole pass runs beside it. That pass is
+# the sender's own work (telling zero pages from data), the kind of work
+# the model stretches.
+SHARE_MEMORY = 1 << 30
 # The share lies in (0, 1]; a measurement below this floor is noise.
 MIN_SHARE = 0.05
 
@@ -151,7 +154,7 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def prefault_share(per_byte: float, runs: int = 5) -> tuple[float, float, list[PrefaultPair]]:
+def prefault_share(per_byte: float, runs: int = 3) -> tuple[float, float, list[PrefaultPair]]:
     """(share, hello wait, pairs) of a migration whose destination
     populates: over pairs run back to back (so both halves see the same
     load), the median ratio of the first pass started after the populate to
