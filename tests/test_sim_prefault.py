@@ -157,7 +157,7 @@ def test_the_loopback_calibration_keeps_the_streams_start_and_waits_for_the_popu
     settles = []
 
     def migration(size: int, filled: bool, cap: int, demo: bool, settle: float,
-                  stride: int) -> tuple[dict, None]:  # fmt: skip
+                  pages: slice) -> tuple[dict, None]:  # fmt: skip
         settles.append(settle)
         pages = size // 4096
         zero = 0 if filled else pages

@@ -47,6 +47,7 @@ Models:
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), the demo destination's populate of its memory while
   the setup and first pass run (``SimConfig.prefault``: ``mig.sim_prefault``),
+  the sender's page-table reads over holes amid data (``mig.sim_holes``),
   tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency and the rate at which device
   state is produced and loaded (only the stop-copy bytes, sent after
@@ -95,6 +96,7 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_prefault import PrefaultContention, prefault_seconds_per_byte, prefault_share
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
@@ -342,6 +344,9 @@ class HostModel:
     # What the loopback's first pass costs besides its pages: the stream's
     # start (``LinkModel.stream_start`` of ``mig demo --simulate``).
     loopback_stream_start: float = 0.0
+    # Sender's seconds per packet that reads the page tables over holes
+    # (a zero page amid data, ``mig.sim_holes``).
+    hole_query: float = 2e-4
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -381,7 +386,7 @@ class HostModel:
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
-        stream_start = cls.loopback_stream_start
+        stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
         setup_base = cls.setup_base
         register_per_page = register_seconds_per_page()
         prefault_per_byte = prefault_seconds_per_byte()
@@ -392,6 +397,7 @@ class HostModel:
             warmup_base, warmup_per_byte = _warmup_costs()
             loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs(prefault_per_byte)
             share, hello_wait, _ = prefault_share(prefault_per_byte)
+            hole_query = hole_query_seconds(prefault_per_byte)
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -415,6 +421,7 @@ class HostModel:
             prefault_share=share,
             prefault_hello_wait=hello_wait,
             loopback_stream_start=stream_start,
+            hole_query=hole_query,
         )
 
 
@@ -477,7 +484,12 @@ def _loopback_costs(prefault_per_byte: float, runs: int = 3) -> tuple[float, flo
         settle = 2 * prefault_per_byte * size + 0.1
         for _ in range(runs):
             q, _ = _idle_loopback_migration(
-                size, bool(stride), 0, demo=True, settle=settle, stride=stride or 1
+                size,
+                bool(stride),
+                0,
+                demo=True,
+                settle=settle,
+                pages=slice(None, None, stride or 1),
             )
             # The bulk pass alone: its first sync, less the setup before it
             # (setup, settle and switchover are terms of their own).
@@ -581,10 +593,15 @@ def _device_rates() -> tuple[float, float]:
 
 
 def _idle_loopback_migration(
-    size: int, filled: bool, cap: int, demo: bool = False, settle: float = 0.0, stride: int = 1
+    size: int,
+    filled: bool,
+    cap: int,
+    demo: bool = False,
+    settle: float = 0.0,
+    pages: slice = slice(None),
 ) -> tuple[dict[str, Any], Any]:
-    """One real loopback migration of an idle guest (memory filled, every
-    ``stride``-th page, or zeroed, ``cap`` bytes/s or 0 for none; ``settle``
+    """One real loopback migration of an idle guest (memory filled, the
+    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none; ``settle``
     seconds after a ``demo`` destination is ready): its ``query()`` and its
     source.
 
@@ -598,8 +615,8 @@ def _idle_loopback_migration(
     from mig.source import MigrationSource  # noqa: PLC0415
 
     src = GuestMemory(size)
-    if filled:  # every stride-th page
-        src.array.reshape(-1, src.page_size // src.array.itemsize)[::stride] = 0x5A
+    if filled:
+        src.array.reshape(-1, src.page_size // src.array.itemsize)[pages] = 0x5A
     if not demo:
         dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
@@ -1038,6 +1055,7 @@ class SimLink:
         self._bucket_at = clock.now()
         # The destination's populate still competing for the cores, if any.
         self.prefault: PrefaultContention | None = None
+        self._after_zero = False  # the sender's last packet was all zero pages
 
     # --- time ---
     def _rate(self) -> float:
@@ -1105,10 +1123,19 @@ class SimLink:
             # A page goes out as it is when sent: one the guest wrote since
             # the last sync holds data already, though no sync has seen it.
             self.guest.flush()
+        asked = 0
         if zero is not None and zero.count():
             data = bitmap.copy()
             data.and_not(zero)
             zero_units = count - data.count()
+        if self.host.hole_query:
+            holes = DirtyBitmap(len(bitmap))
+            if zero_units:
+                holes = bitmap.copy()
+                holes.and_not(data)  # type: ignore[arg-type]
+            asked, self._after_zero = asked_hole_packets(
+                bitmap, holes, self.model.packet_pages // g, self._after_zero
+            )
         pages = count * g
         normal = (count - zero_units) * g
         packets = -(-pages // self.model.packet_pages)
@@ -1119,8 +1146,10 @@ class SimLink:
         self._zero += pages - normal
         self._bytes += wire
         # A data page's cost is in the link's pace; a zero page the sender
-        # tells apart without sending costs it send_per_page.
-        self._charge(wire, (pages - normal) * self.host.send_per_page + start)
+        # tells apart without sending costs it send_per_page, and a packet
+        # that reads the page tables over holes hole_query.
+        cpu = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
+        self._charge(wire, cpu + start)
         # The slice has landed once its last byte is through.
         self._stale_chunks.sent(bitmap, data, self.clock.now())
         self._final_chunks.sent(bitmap, data)
