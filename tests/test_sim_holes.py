@@ -66,3 +66,21 @@ def test_the_first_pass_pays_each_asked_packet(
         free, workload, prefilled
     )
     assert at_least * query * 0.99 <= extra <= at_most * query * 1.01 + 1e-9
+
+
+def test_on_a_capped_link_the_scan_overlaps_the_wait_for_tokens() -> None:
+    # A zeroed idle 64 MiB guest at 1 MiB/s: its first pass is 16384 zero
+    # pages, about 0.13 s of wire at the cap.
+    def first_pass(per_page: float) -> float:
+        config = SimConfig(memory=64 << 20, prefilled=False, warmup=0.0,
+                           host=HostModel(send_per_page=per_page, hole_query=0.0),
+                           params={"multifd_channels": 1, "max_bandwidth": 1 << 20})  # fmt: skip
+        q = simulate(config)
+        return q["passes"][0]["time"] - q["setup-time"] / 1000
+
+    paced = first_pass(0.0)
+    assert 0.1 < paced < 0.2
+    # 82 ms of scanning hides behind the wait for tokens...
+    assert first_pass(5e-6) == pytest.approx(paced, abs=0.01)
+    # ...330 ms does not: the pass lasts as long as the scan.
+    assert first_pass(20e-6) == pytest.approx(16384 * 20e-6, rel=0.15)

@@ -1069,7 +1069,11 @@ class SimLink:
             self._jitter_factor = min(1.5, max(0.5, 1.0 + noise))
         return self._bw * self._jitter_factor
 
-    def _charge(self, wire: int, cpu: float = 0.0) -> None:
+    def _charge(self, wire: int, cpu: float = 0.0, scan: float = 0.0) -> None:
+        """Advance by sending ``wire`` bytes after ``cpu`` seconds of work,
+        and ``scan`` seconds of the RAM stream's classifying its pages (zero
+        or data), which on a capped link overlaps the channels' wait for
+        tokens: the stream's thread scans the next packets meanwhile."""
         paced = wire
         if self.cap:
             # The sender's token bucket: while the link idles (a pause, a
@@ -1082,22 +1086,19 @@ class SimLink:
             self._tokens -= free
             paced = wire - free
         # Bytes the bucket covers still cross the link, at its uncapped pace.
-        dt = paced / self._rate() + (wire - paced) / self._raw + cpu
+        wait = paced / self._rate() if self.cap else 0.0
+        # Scanned while waiting for tokens, on a capped link.
+        extra = max(0.0, scan - wait) if self.cap else scan
+        dt = paced / self._rate() + (wire - paced) / self._raw + cpu + extra
         if self.prefault is not None and self.prefault.remaining > 0:
-            dt = self._contended(dt, paced / self._rate() if self.cap else 0.0)
+            # The sender's own work competes with the destination's populate,
+            # waiting for the token bucket does not.
+            dt = self.prefault.advance(dt - wait) + wait
+            self.clock.advance(wait)
         else:
             self.clock.advance(dt)
         self._busy += dt
         self._bucket_at = self.clock.now()
-
-    def _contended(self, dt: float, wait: float) -> float:
-        """Advance by ``dt`` while the destination populates: the sender's
-        own work (all of it on an uncapped link) competes with the populate,
-        waiting for the token bucket does not. Returns the seconds taken."""
-        assert self.prefault is not None
-        work = self.prefault.advance(dt - wait)
-        self.clock.advance(wait)
-        return work + wait
 
     def _reply(self, delay: float, message: Message) -> None:
         self._n += 1
@@ -1148,8 +1149,8 @@ class SimLink:
         # A data page's cost is in the link's pace; a zero page the sender
         # tells apart without sending costs it send_per_page, and a packet
         # that reads the page tables over holes hole_query.
-        cpu = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
-        self._charge(wire, cpu + start)
+        scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
+        self._charge(wire, start, scan)
         # The slice has landed once its last byte is through.
         self._stale_chunks.sent(bitmap, data, self.clock.now())
         self._final_chunks.sent(bitmap, data)
