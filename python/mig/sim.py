@@ -359,14 +359,19 @@ class HostModel:
         """Measure the costs on this host (a few seconds): the digest rate,
         the tracker migrations use on real dirty pages (``_tracker_costs``),
         a sample device's stop-copy save and load rates (``_device_rates``),
-        vCPU stop latency and the guest's maximum write rate.
+        vCPU stop latency, the guest's maximum write rate and the populate's
+        rate (``prefault_seconds_per_byte``).
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
         and ``drain_base``: the destination's switchover time beyond its
         digest, from three real loopback migrations of an idle guest of that
         size at that cap (what the destination does after the source's last
         byte: wait for the end records, then validate and resume; it grows
-        with the host's load)."""
+        with the host's load), and from real migrations to ``mig demo``'s
+        destination its start-up (``_warmup_costs``), the loopback
+        (``_loopback_costs``), its populate's contention
+        (``prefault_share``) and the sender's reads over holes
+        (``hole_query_seconds``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
