@@ -49,6 +49,8 @@ from transfer_user_path import commit
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("total-time", "downtime")
+# Reported per configuration beside METRICS (error of the medians), not bounded.
+REPORTED = ("transferred", "passes")
 MEDIAN_BOUND, MAX_BOUND = 0.15, 0.30
 
 # name -> mig demo options. "readme" is the README's `mig demo` (its defaults:
@@ -132,6 +134,11 @@ def compare(real: list[dict[str, Any]], sim: list[dict[str, Any]]) -> dict[str, 
             row[m] = {"error": inf, "max-single-error": inf, "bounds-hold": False}
         row["failed"] = failed
         return row
+    for m in (m for m in REPORTED if all(m in r for r in [*real, *sim])):
+        r_med = statistics.median(r[m] for r in real)
+        s_med = statistics.median(s[m] for s in sim)
+        row[m] = {"real-median": r_med, "sim-median": s_med,
+                  "error": abs(s_med - r_med) / r_med if r_med else float("inf")}  # fmt: skip
     for m in METRICS:
         reals, sims = [r[m] for r in real], [s[m] for s in sim]
         r_med, s_med = statistics.median(reals), statistics.median(sims)
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m} error {row[m]['error']:.1%} (max single {row[m]['max-single-error']:.1%}"
             f"{', ok' if row[m]['bounds-hold'] else ', OUT OF BOUNDS'})"
             for m in METRICS
-        )
+        ) + "".join(f", {m} error {row[m]['error']:.1%}" for m in REPORTED if m in row)
         print(f"{n}: {cells}")
     for m, v in overall.items():
         print(

@@ -52,13 +52,17 @@ def sim_config(
         params["timeout"] = VIRTUAL_TIMEOUT
         params["timeout_action"] = "cancel"
     bottleneck = 0.0
-    if not params.get("max_bandwidth"):
+    if demo:
         # mig demo's destination is on this host's loopback: the sender's
-        # own pace is the limit. mig send's network is unknown.
-        bottleneck = host.loopback_bandwidth if demo else UNCAPPED_LINK
-        if demo:
-            host = replace(host, send_per_page=host.loopback_per_page)
-    link = LinkModel(bottleneck=bottleneck)
+        # own pace is the limit, under --max-bandwidth too (the cap paces
+        # the wire; the sender still tells every zero page from data).
+        bottleneck = host.loopback_bandwidth
+        host = replace(host, send_per_page=host.loopback_per_page)
+    elif not params.get("max_bandwidth"):
+        bottleneck = UNCAPPED_LINK  # mig send's network is unknown
+    link = LinkModel(
+        bottleneck=bottleneck, stream_start=host.loopback_stream_start if demo else 0.0
+    )
     config = SimConfig(
         memory=size,
         workload=workload,
@@ -70,6 +74,8 @@ def sim_config(
         host=host,
         prefilled=False,
         warmup=None if demo else 0.0,
+        # mig demo's destination preallocates its memory as the migration starts.
+        prefault=demo,
         label="simulate",
     )
     return config, origin

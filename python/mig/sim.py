@@ -45,7 +45,10 @@ Models:
   chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
   the per-chunk cost it plans with), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
-  ``mig.sim_setup``), tracker sync cost (a base, a scan per guest page, a
+  ``mig.sim_setup``), the demo destination's populate of its memory while
+  the setup and first pass run (``SimConfig.prefault``: ``mig.sim_prefault``),
+  the sender's page-table reads over holes amid data (``mig.sim_holes``),
+  tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency and the rate at which device
   state is produced and loaded (only the stop-copy bytes, sent after
   ``switchover``, are loaded inside the downtime). ``HostModel.calibrate()``
@@ -93,6 +96,8 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_holes import asked_hole_packets, hole_query_seconds
+from mig.sim_prefault import PrefaultContention, prefault_seconds_per_byte, prefault_share
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -330,6 +335,18 @@ class HostModel:
     setup_base: float = 0.005
     # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
     chunk_rehash: float = 8e-6
+    # The demo destination's populate of its memory while the setup and the
+    # first pass run (``mig.sim_prefault``): seconds per byte of guest
+    # memory, and the share of its pace the migration keeps meanwhile.
+    prefault_per_byte: float = 0.9e-9
+    prefault_share: float = 0.5
+    prefault_hello_wait: float = 0.1
+    # What the loopback's first pass costs besides its pages: the stream's
+    # start (``LinkModel.stream_start`` of ``mig demo --simulate``).
+    loopback_stream_start: float = 0.0
+    # Sender's seconds per packet that reads the page tables over holes
+    # (a zero page amid data, ``mig.sim_holes``).
+    hole_query: float = 2e-4
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -342,14 +359,19 @@ class HostModel:
         """Measure the costs on this host (a few seconds): the digest rate,
         the tracker migrations use on real dirty pages (``_tracker_costs``),
         a sample device's stop-copy save and load rates (``_device_rates``),
-        vCPU stop latency and the guest's maximum write rate.
+        vCPU stop latency, the guest's maximum write rate and the populate's
+        rate (``prefault_seconds_per_byte``).
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
         and ``drain_base``: the destination's switchover time beyond its
         digest, from three real loopback migrations of an idle guest of that
         size at that cap (what the destination does after the source's last
         byte: wait for the end records, then validate and resume; it grows
-        with the host's load)."""
+        with the host's load), and from real migrations to ``mig demo``'s
+        destination its start-up (``_warmup_costs``), the loopback
+        (``_loopback_costs``), its populate's contention
+        (``prefault_share``) and the sender's reads over holes
+        (``hole_query_seconds``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -369,13 +391,18 @@ class HostModel:
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
+        stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
         setup_base = cls.setup_base
         register_per_page = register_seconds_per_page()
+        prefault_per_byte = prefault_seconds_per_byte()
+        share, hello_wait = cls.prefault_share, cls.prefault_hello_wait
         if switchover is not None:
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
-            loopback_bandwidth, loopback_per_page = _loopback_costs()
+            loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs(prefault_per_byte)
+            share, hello_wait, _ = prefault_share(prefault_per_byte)
+            hole_query = hole_query_seconds(prefault_per_byte)
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -395,6 +422,11 @@ class HostModel:
             register_per_page=register_per_page,
             setup_base=setup_base,
             chunk_rehash=chunk_rehash_seconds(),
+            prefault_per_byte=prefault_per_byte,
+            prefault_share=share,
+            prefault_hello_wait=hello_wait,
+            loopback_stream_start=stream_start,
+            hole_query=hole_query,
         )
 
 
@@ -432,36 +464,54 @@ def _warmup_costs(runs: int = 3) -> tuple[float, float]:
     return max(0.0, medians[0] - per_byte * small), per_byte
 
 
-# (size, filled) of the uncapped loopback migrations: a never-written page
-# costs the sender its time per zero page, a data page mostly the wire's.
-# Two zeroed sizes separate the per-page cost from a pass's fixed cost.
-LOOPBACK_GUESTS = ((128 << 20, False), (512 << 20, False), (64 << 20, True))
+# (size, stride) of the uncapped loopback migrations: every stride-th page
+# holds data, none with 0. A never-written page costs the sender its time
+# per zero page, a data page mostly the wire's. Two zeroed sizes separate the
+# per-page cost from a pass's fixed cost. (Scattered data pages cost a real
+# pass far more than their bytes, and not in proportion to their number or
+# their chunks; a linear model cannot hold both, so the data guest is whole.)
+LOOPBACK_GUESTS = ((128 << 20, 0), (512 << 20, 0), (64 << 20, 1))
 
 
-def _loopback_costs(runs: int = 3) -> tuple[float, float]:
-    """(loopback_bandwidth, loopback_per_page) from uncapped loopback
-    migrations of an idle guest to ``mig demo``'s destination, median bulk
-    pass of ``runs`` each, solved for
+def _loopback_costs(prefault_per_byte: float, runs: int = 3) -> tuple[float, float, float]:
+    """(loopback_bandwidth, loopback_per_page, loopback_stream_start) from
+    uncapped loopback migrations of an idle guest to ``mig demo``'s
+    destination, best bulk pass of ``runs`` each (a loaded host only adds
+    time, and an exact solve amplifies what it adds), solved for
     time = fixed + zero pages * per_page + wire / bandwidth
-    (the fixed part, the stream's start and the pass's closing sync, is left
-    to the terms that model those)."""
+    (the fixed part is the stream's start: the pass's closing sync, which
+    the tracker's terms charge, takes microseconds). Each starts once its destination's
+    populate is done (twice ``prefault_per_byte`` per byte after its ready
+    line): the populate's contention is a term of its own (``mig.sim_prefault``)."""
     rows = []
-    for size, filled in LOOPBACK_GUESTS:
+    for size, stride in LOOPBACK_GUESTS:
         times, wire = [], 0
+        settle = 2 * prefault_per_byte * size + 0.1
         for _ in range(runs):
-            q, _ = _idle_loopback_migration(size, filled, 0, demo=True)
+            q, _ = _idle_loopback_migration(
+                size,
+                bool(stride),
+                0,
+                demo=True,
+                settle=settle,
+                pages=slice(None, None, stride or 1),
+            )
             # The bulk pass alone: its first sync, less the setup before it
             # (setup, settle and switchover are terms of their own).
             times.append(q["passes"][0]["time"] - q["setup-time"] / 1000)
             wire = int(q["passes"][0]["bytes"])
-        zero = 0 if filled else size // PAGE_SIZE
-        rows.append((zero, wire, float(np.median(times))))
+        pages = size // PAGE_SIZE
+        zero = pages - (-(-pages // stride) if stride else 0)
+        rows.append((zero, wire, min(times)))
     a = np.array([[1.0, zero, wire] for zero, wire, _ in rows])
     b = np.array([t for _, _, t in rows])
-    _, per_page, inverse = np.linalg.solve(a, b)
+    fixed, per_page, inverse = np.linalg.solve(a, b)
+    if fixed < 0:  # no start cost to see: the per-page terms alone, least squares
+        fixed = 0.0
+        (per_page, inverse), *_ = np.linalg.lstsq(a[:, 1:], b, rcond=None)
     _, wire, t = rows[-1]
     bandwidth = 1 / inverse if inverse > 0 else wire / t
-    return float(bandwidth), max(0.0, float(per_page))
+    return float(bandwidth), max(0.0, float(per_page)), max(0.0, float(fixed))
 
 
 # Share of pages written before each timed sync: a scattered quarter of
@@ -548,10 +598,17 @@ def _device_rates() -> tuple[float, float]:
 
 
 def _idle_loopback_migration(
-    size: int, filled: bool, cap: int, demo: bool = False
+    size: int,
+    filled: bool,
+    cap: int,
+    demo: bool = False,
+    settle: float = 0.0,
+    pages: slice = slice(None),
 ) -> tuple[dict[str, Any], Any]:
-    """One real loopback migration of an idle guest (memory filled or
-    zeroed, ``cap`` bytes/s or 0 for none): its ``query()`` and its source.
+    """One real loopback migration of an idle guest (memory filled, the
+    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none; ``settle``
+    seconds after a ``demo`` destination is ready): its ``query()`` and its
+    source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -564,7 +621,7 @@ def _idle_loopback_migration(
 
     src = GuestMemory(size)
     if filled:
-        src.array[:] = 0x5A
+        src.array.reshape(-1, src.page_size // src.array.itemsize)[pages] = 0x5A
     if not demo:
         dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
@@ -580,6 +637,7 @@ def _idle_loopback_migration(
             uri = child.uri()
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
+            time.sleep(settle)  # its populate: running (0) or done
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
                 source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
                 source.start()
@@ -674,6 +732,7 @@ _RATES = (
     "device_load_rate",
     "max_rate_per_vcpu",
     "loopback_bandwidth",
+    "prefault_share",
 )
 
 
@@ -695,6 +754,9 @@ class LinkModel:
     bottleneck: float = 0.0  # bytes/s shared by all channels, 0: none
     window: int = 4 << 20  # bytes in flight per channel
     packet_pages: int = 128
+    # Seconds the stream takes to start, paid by the first pages sent
+    # (``HostModel.loopback_stream_start`` for ``mig demo``'s loopback).
+    stream_start: float = 0.0
 
     def throughput(self, channels: int, cap: float) -> float:
         per = self.window / self.rtt if self.rtt > 0 else math.inf
@@ -774,8 +836,10 @@ class _DmaMemory:
 class SimTracker:
     """Dirty tracking over the simulated guest; a sync costs modelled time."""
 
-    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel) -> None:
+    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel,
+                 prefault: PrefaultContention | None = None) -> None:  # fmt: skip
         self._bm = DirtyBitmap(memory.num_pages)
+        self._prefault = prefault
         self._clock = clock
         self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
         self._per_dirty = host.sync_per_dirty_page * memory.granularity
@@ -797,7 +861,10 @@ class SimTracker:
             self.guest.flush()
         dirty = self._bm.take()
         cost = self._cost + self._per_dirty * dirty.count()
-        self._clock.advance(cost)
+        if self._prefault is not None:
+            cost = self._prefault.advance(cost)
+        else:
+            self._clock.advance(cost)
         self.last_sync_seconds = cost
         self.syncs += 1
         return dirty
@@ -991,6 +1058,9 @@ class SimLink:
         self._final_chunks = StaleChunks(guest.memory.size, guest.memory.page_size)
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
+        # The destination's populate still competing for the cores, if any.
+        self.prefault: PrefaultContention | None = None
+        self._after_zero = False  # the sender's last packet was all zero pages
 
     # --- time ---
     def _rate(self) -> float:
@@ -1004,7 +1074,11 @@ class SimLink:
             self._jitter_factor = min(1.5, max(0.5, 1.0 + noise))
         return self._bw * self._jitter_factor
 
-    def _charge(self, wire: int, cpu: float = 0.0) -> None:
+    def _charge(self, wire: int, cpu: float = 0.0, scan: float = 0.0) -> None:
+        """Advance by sending ``wire`` bytes after ``cpu`` seconds of work,
+        and ``scan`` seconds of the RAM stream's classifying its pages (zero
+        or data), which on a capped link overlaps the channels' wait for
+        tokens: the stream's thread scans the next packets meanwhile."""
         paced = wire
         if self.cap:
             # The sender's token bucket: while the link idles (a pause, a
@@ -1017,9 +1091,18 @@ class SimLink:
             self._tokens -= free
             paced = wire - free
         # Bytes the bucket covers still cross the link, at its uncapped pace.
-        dt = paced / self._rate() + (wire - paced) / self._raw + cpu
+        wait = paced / self._rate() if self.cap else 0.0
+        # Scanned while waiting for tokens, on a capped link.
+        extra = max(0.0, scan - wait) if self.cap else scan
+        dt = paced / self._rate() + (wire - paced) / self._raw + cpu + extra
+        if self.prefault is not None and self.prefault.remaining > 0:
+            # The sender's own work competes with the destination's populate,
+            # waiting for the token bucket does not.
+            dt = self.prefault.advance(dt - wait) + wait
+            self.clock.advance(wait)
+        else:
+            self.clock.advance(dt)
         self._busy += dt
-        self.clock.advance(dt)
         self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
@@ -1046,20 +1129,33 @@ class SimLink:
             # A page goes out as it is when sent: one the guest wrote since
             # the last sync holds data already, though no sync has seen it.
             self.guest.flush()
+        asked = 0
         if zero is not None and zero.count():
             data = bitmap.copy()
             data.and_not(zero)
             zero_units = count - data.count()
+        if self.host.hole_query:
+            holes = DirtyBitmap(len(bitmap))
+            if zero_units:
+                holes = bitmap.copy()
+                holes.and_not(data)  # type: ignore[arg-type]
+            asked, self._after_zero = asked_hole_packets(
+                bitmap, holes, self.model.packet_pages // g, self._after_zero
+            )
         pages = count * g
         normal = (count - zero_units) * g
         packets = -(-pages // self.model.packet_pages)
         wire = packets * RECORD_HEADER + pages * OFFSET_BYTES + normal * PAGE_SIZE
+        # The stream starts with the first pages it carries.
+        start = 0.0 if self._normal or self._zero else self.model.stream_start
         self._normal += normal
         self._zero += pages - normal
         self._bytes += wire
         # A data page's cost is in the link's pace; a zero page the sender
-        # tells apart without sending costs it send_per_page.
-        self._charge(wire, (pages - normal) * self.host.send_per_page)
+        # tells apart without sending costs it send_per_page, and a packet
+        # that reads the page tables over holes hole_query.
+        scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
+        self._charge(wire, start, scan)
         # The slice has landed once its last byte is through.
         self._stale_chunks.sent(bitmap, data, self.clock.now())
         self._final_chunks.sent(bitmap, data)
@@ -1099,10 +1195,15 @@ class SimLink:
             # and how long a destination takes to answer it first varies with
             # the destination (its process, its prealloc) far more than later
             # round trips do.
-            self.clock.advance(
+            setup = (
                 self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
                 + self.host.setup_base
             )
+            if self.prefault is not None:
+                self.prefault.advance(setup)
+                self.prefault.answer_hello(self.host.prefault_hello_wait)
+            else:
+                self.clock.advance(setup)
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             if self.destination.verify_mode == "strict":
@@ -1260,6 +1361,9 @@ class SimConfig:
     # Seconds a zeroed guest runs before its migration starts; None: the
     # host model's (``mig demo``'s destination start-up).
     warmup: float | None = None
+    # The destination populates its memory as the migration starts
+    # (``mig demo``'s ``--prealloc``): ``mig.sim_prefault``.
+    prefault: bool = False
     seed: int = 1
     granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
     label: str = ""
@@ -1312,7 +1416,13 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         # a prefilled one has no zero page left for that to change.
         warmup = host.warmup(config.memory) if config.warmup is None else config.warmup
         guest.warm_up(warmup)
-    tracker = SimTracker(memory, clock, host)
+    # After the warm-up: the destination reports ready, then populates.
+    contention = (
+        PrefaultContention(clock, host.prefault_per_byte * config.memory, host.prefault_share)
+        if config.prefault
+        else None
+    )
+    tracker = SimTracker(memory, clock, host, contention)
     guest.tracker = tracker
     tracker.guest = guest
     specs = list(config.devices)
@@ -1330,6 +1440,7 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         handlers,
         seed=config.seed,
     )
+    link.prefault = contention
     for h in handlers:
         h.sim_link = link
     params.setdefault("max_bandwidth", 0)
@@ -1355,6 +1466,9 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         "verified": link.verified,
         "guest-writes": guest.writes,
     }
+    if contention is not None:
+        q["sim"]["prefault-stretch"] = contention.stretched
+        q["sim"]["prefault-hello-wait"] = contention.hello_waited
     q["config"] = config.to_dict()
     q["workload"] = config.workload
     if link.postcopy is not None:  # post-copy (mig.sim_postcopy): both sides' figures
