@@ -51,10 +51,13 @@ def sim_config(
     if not params.get("timeout"):
         params["timeout"] = VIRTUAL_TIMEOUT
         params["timeout_action"] = "cancel"
-    bottleneck = 0.0
+    # mig demo's destination is on this host's loopback, capped or not: the
+    # bytes a capped sender's token bucket lets out at once leave at the
+    # loopback's pace, not at an unbounded one (the first bandwidth sample,
+    # and every plan made from it, would read that pace).
+    bottleneck = host.loopback_bandwidth if demo else 0.0
     if not params.get("max_bandwidth"):
-        # mig demo's destination is on this host's loopback: the sender's
-        # own pace is the limit. mig send's network is unknown.
+        # Uncapped, the sender's own pace is the limit. mig send's network is unknown.
         bottleneck = host.loopback_bandwidth if demo else UNCAPPED_LINK
         if demo:
             host = replace(host, send_per_page=host.loopback_per_page)
