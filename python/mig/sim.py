@@ -35,8 +35,9 @@ Models:
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
-  Control messages take half a round trip each way; the switchover takes
-  two (``complete``/``ready``, then ``go``/``resumed``).
+  Control messages take half a round trip each way, plus the host's
+  ``control_latency``; the switchover takes two (``complete``/``ready``,
+  then ``go``/``resumed``).
 * Host costs (``HostModel``): memory digest rate (with ``verify`` strict the
   switchover digests all of RAM on both sides, the source's digest
   overlapping its stop-copy sends as a real source digests on another
@@ -46,9 +47,12 @@ Models:
   the per-chunk cost it plans with), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), tracker sync cost (a base, a scan per guest page, a
-  harvest per dirty page), vCPU stop latency and the rate at which device
-  state is produced and loaded (only the stop-copy bytes, sent after
-  ``switchover``, are loaded inside the downtime). ``HostModel.calibrate()``
+  harvest per dirty page), vCPU stop latency, the rates at which device
+  state is produced, decoded and hashed (only the stop-copy bytes, sent
+  after ``switchover``, are loaded inside the downtime, and only those the
+  destination's loop had not taken yet: ``mig.sim_devices``) and what a
+  control round trip costs beyond the link's RTT (``mig.sim_handshake``).
+  ``HostModel.calibrate()``
   measures them on this host; ``save_host_model``/``load_host_model`` keep
   them for ``--simulate``.
 """
@@ -93,6 +97,8 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_devices import StopCopyLoads, device_rates, state_size
+from mig.sim_handshake import control_latency
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -330,6 +336,15 @@ class HostModel:
     setup_base: float = 0.005
     # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
     chunk_rehash: float = 8e-6
+    # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the hash
+    # of a device's whole state in its END record (source, ``device-state``)
+    # and in its validation (destination, ``load``), bytes/s; and what a
+    # control round trip costs beyond the link's RTT (both ends' message
+    # handling, the destination's wake-up), added to every control reply
+    # (``handshake``). ``device_rate`` and ``device_load_rate`` are the
+    # production and the decoding per stop-copy byte.
+    device_hash_rate: float = 8e9
+    control_latency: float = 0.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -341,15 +356,17 @@ class HostModel:
     ) -> HostModel:
         """Measure the costs on this host (a few seconds): the digest rate,
         the tracker migrations use on real dirty pages (``_tracker_costs``),
-        a sample device's stop-copy save and load rates (``_device_rates``),
-        vCPU stop latency and the guest's maximum write rate.
+        a sample device's stop-copy production, decoding and hash rates
+        (``mig.sim_devices.device_rates``), vCPU stop latency and the guest's
+        maximum write rate.
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
         and ``drain_base``: the destination's switchover time beyond its
         digest, from three real loopback migrations of an idle guest of that
         size at that cap (what the destination does after the source's last
         byte: wait for the end records, then validate and resume; it grows
-        with the host's load)."""
+        with the host's load), and ``control_latency`` from three more to
+        ``mig demo``'s destination process (``mig.sim_handshake``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -357,7 +374,7 @@ class HostModel:
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
-        device_rate, device_load_rate = _device_rates()
+        device_rate, device_load_rate, device_hash_rate = device_rates()
         with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
             time.sleep(0.2)
             lat = []
@@ -369,9 +386,10 @@ class HostModel:
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
-        setup_base = cls.setup_base
+        setup_base, control = cls.setup_base, cls.control_latency
         register_per_page = register_seconds_per_page()
         if switchover is not None:
+            control = control_latency(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
@@ -395,6 +413,8 @@ class HostModel:
             register_per_page=register_per_page,
             setup_base=setup_base,
             chunk_rehash=chunk_rehash_seconds(),
+            device_hash_rate=device_hash_rate,
+            control_latency=control,
         )
 
 
@@ -508,43 +528,6 @@ def _tracker_costs(mem: Any) -> tuple[float, float, float]:
     per_page = max(clean - base, 0.0) / pages
     per_dirty = max(busy - clean, 0.0) / -(-pages // SYNC_DIRTY_STRIDE)
     return base, per_page, per_dirty
-
-
-# The device the production and load rates are timed on: no precopy, so
-# all of its state goes through one stop-copy save and one resume.
-CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
-
-
-def _device_rates() -> tuple[float, float]:
-    """(device_rate, device_load_rate): bytes/s a sample device's stop-copy
-    state is read from its saving session, and written to and validated by a
-    destination device's resuming session (through the load at RESUMING ->
-    STOP), best of three."""
-    from mig.devices import MigState, create  # noqa: PLC0415
-
-    save, load = math.inf, math.inf
-    for _ in range(3):
-        src = create(CALIBRATION_DEVICE)
-        dst = create(CALIBRATION_DEVICE, active=False)
-        try:
-            src.set_state(MigState.STOP)
-            t0 = time.perf_counter()
-            stream = src.set_state(MigState.STOP_COPY)
-            chunks = []
-            while chunk := stream.read(1 << 20):
-                chunks.append(chunk)
-            save = min(save, time.perf_counter() - t0)
-            nbytes = sum(map(len, chunks))
-            t0 = time.perf_counter()
-            resume = dst.set_state(MigState.RESUMING)
-            for chunk in chunks:
-                resume.write(chunk)
-            dst.set_state(MigState.STOP)
-            load = min(load, time.perf_counter() - t0)
-        finally:
-            src.close()
-            dst.close()
-    return nbytes / save, nbytes / load
 
 
 def _idle_loopback_migration(
@@ -672,6 +655,7 @@ _RATES = (
     "digest_rate",
     "device_rate",
     "device_load_rate",
+    "device_hash_rate",
     "max_rate_per_vcpu",
     "loopback_bandwidth",
 )
@@ -977,6 +961,10 @@ class SimLink:
         # device sent during precopy was loaded while the guest still ran.
         self._stop_copy_bytes: dict[int, int] = {}
         self._in_stop_copy = False
+        # The devices (their END records hash their whole states) and when the
+        # destination loads their stop-copy records (``mig.sim_devices``).
+        self._devices = {h.device_id: h.device for h in handlers}
+        self._loads = StopCopyLoads()
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -1023,12 +1011,17 @@ class SimLink:
         self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
+        # Every control round trip costs this host's message handling too
+        # (``mig.sim_handshake``).
+        at = self.clock.now() + delay + self.host.control_latency
         self._n += 1
-        heapq.heappush(self._events, (self.clock.now() + delay, self._n, message))
+        heapq.heappush(self._events, (at, self._n, message))
 
     def produced(self, device_id: int, nbytes: int) -> None:
-        """A device produced ``nbytes`` of state ahead of sending it (stopped exact)."""
-        self.clock.advance(nbytes / self.host.device_rate)
+        """A device produced ``nbytes`` of state ahead of sending it (stopped
+        exact), its END record's hash of the whole state included."""
+        state = state_size(self._devices.get(device_id))
+        self.clock.advance(nbytes / self.host.device_rate + state / self.host.device_hash_rate)
         self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
 
     # --- the Link protocol ---
@@ -1077,7 +1070,14 @@ class SimLink:
         self._bytes += n
         if self._in_stop_copy:
             self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
-        self._charge(RECORD_HEADER + n, produce / self.host.device_rate)
+        cpu = produce / self.host.device_rate
+        if final and produce:
+            # The END record hashes the whole state; a stopped exact that
+            # produced this chunk paid it then (``produced``).
+            cpu += state_size(self._devices.get(device_id)) / self.host.device_hash_rate
+        self._charge(RECORD_HEADER + n, cpu)
+        if self._in_stop_copy:
+            self._loads.arrived(self.clock.now(), n)
 
     def sync(self, generation: int) -> None:
         self._charge(RECORD_HEADER * self.channels)
@@ -1105,11 +1105,13 @@ class SimLink:
             )
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
+            self._loads.start(self.clock.now())
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
             # The destination drops the aborted records; precopy resumes.
             self._in_stop_copy, self._stop_copy_bytes = False, {}
+            self._loads.clear()
             self.guest.memory.digest_started = None
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
@@ -1161,7 +1163,8 @@ class SimLink:
             digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
         drain = self.host.drain_base
         load = drain + self.host.load_base + digest_seconds
-        load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate
+        busy, devices = self._device_load()
+        load += devices
         self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
@@ -1177,7 +1180,16 @@ class SimLink:
             self.discarded = True
             self._reply(self.model.rtt + load, Failed(e.reason))
             return
-        self._play(effects, delay=load)
+        self._play(effects, delay=busy + load)
+
+    def _device_load(self) -> tuple[float, float]:
+        """The destination's device work at ``complete`` (``mig.sim_devices``):
+        the loads ``complete`` waits behind, and once it is taken the stop-copy
+        records not decoded yet, then every device's validation (a hash of
+        its whole state)."""
+        busy, waiting = self._loads.at_complete(self.clock.now(), self.host.device_load_rate)
+        states = sum(state_size(self._devices.get(d)) for d in self._stop_copy_bytes)
+        return busy, waiting + states / self.host.device_hash_rate
 
     def recv(self, timeout: float) -> Message | None:
         now = self.clock.now()

@@ -1,0 +1,143 @@
+"""A device's stop-copy state in virtual time: what the switchover pays for it.
+
+Where the engine pays, between the pause and the resume (``mig.switchover``,
+``mig.destination``, the sample devices' sessions):
+
+* Source, ``device-state``: producing the stop-copy bytes (``HostModel.device_rate``
+  per byte) and, as the stream's END record, hashing the device's whole state
+  (``HostModel.device_hash_rate`` per state byte, however few bytes stop-copy
+  sends). Paid once per production: at a stopped exact measurement (the handler
+  keeps the chunks and ``complete()`` only sends them) or in ``complete()``.
+* Destination, ``load``: its loop loads device records when it wakes, on a
+  control message or every ``DEST_POLL`` seconds (``mig.destination._POLL``).
+  During stop-copy the only control messages are ``switchover`` and ``complete``,
+  so records wait for the next wake-up: what is not yet decoded when
+  ``complete`` arrives is decoded inside the downtime (``HostModel.device_load_rate``
+  per byte, ``StopCopyLoads``; a wake-up's loads still running delay
+  ``complete`` itself, in the ``handshake``), then RESUMING -> STOP validates
+  the hash of the device's whole state (``HostModel.device_hash_rate``). What arrived during
+  precopy was loaded while the guest ran and costs the downtime nothing.
+
+``device_rates`` measures the three rates on this host through the engine's
+own ``DeviceHandler`` on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+__all__ = ["CALIBRATION_DEVICE", "DEST_POLL", "StopCopyLoads", "device_rates", "state_size"]
+
+# mig.destination._POLL: the destination loop's wait for a control message.
+DEST_POLL = 0.05
+# The device the rates are timed on: no precopy, so all of its state goes
+# through one stop-copy save, one load and one validation.
+CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
+
+
+def state_size(device: Any) -> int:
+    """Bytes of a device's whole state (what its END record hashes); 0 if it
+    does not tell (a device other than the sample ones)."""
+    return int(getattr(device, "state_size", 0) or 0)
+
+
+class StopCopyLoads:
+    """The stop-copy records a destination receives, and when it loads them."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None  # when "switchover" arrived
+        self._arrivals: list[tuple[float, int]] = []
+
+    def start(self, now: float) -> None:
+        """``switchover`` arrived: the loop wakes, then waits for the next message."""
+        self.started, self._arrivals = now, []
+
+    def clear(self) -> None:
+        self.started, self._arrivals = None, []
+
+    def arrived(self, now: float, nbytes: int) -> None:
+        if self.started is not None:
+            self._arrivals.append((now, nbytes))
+
+    def at_complete(self, complete_at: float, decode_rate: float,
+                    poll: float = DEST_POLL) -> tuple[float, float]:  # fmt: skip
+        """(busy, waiting) seconds of decoding when ``complete`` arrives at ``complete_at``.
+
+        The loop wakes when ``switchover`` arrives and then ``poll`` seconds
+        after it finished loading what it found, until ``complete`` wakes it.
+        ``busy``: the wake-up's loads still running, which ``complete`` waits
+        behind (the source sees that in its ``handshake``: the destination's
+        clock for ``ready`` starts when it takes ``complete``). ``waiting``:
+        the records that arrived since, decoded in the destination's ``load``.
+        """
+        if self.started is None or not self._arrivals:
+            return 0.0, 0.0
+        arrivals, i = self._arrivals, 0
+        wake = done = self.started
+        while True:
+            taken = 0
+            while i < len(arrivals) and arrivals[i][0] <= wake:
+                taken += arrivals[i][1]
+                i += 1
+            done = max(done, wake) + taken / decode_rate
+            wake = done + poll
+            if wake >= complete_at:
+                break
+        rest = sum(n for _, n in arrivals[i:])
+        return max(0.0, done - complete_at), rest / decode_rate
+
+
+def device_rates(runs: int = 3) -> tuple[float, float, float]:
+    """(device_rate, device_load_rate, device_hash_rate) on this host, best of ``runs``.
+
+    Through the engine's ``DeviceHandler`` on both sides: the source's
+    ``complete()`` (production and the END record's hash), the destination's
+    ``load_state`` per chunk (decoding) and ``load_complete`` (validation, the
+    hash of the whole state). Production is the save less the hash it contains.
+    """
+    from mig.device_handler import DeviceHandler  # noqa: PLC0415
+    from mig.devices import MigState, create  # noqa: PLC0415
+    from mig.sample_devices.stream import state_hash  # noqa: PLC0415
+
+    class Capture:
+        def __init__(self) -> None:
+            self.chunks: list[tuple[int, bytes, bool]] = []
+
+        def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
+            self.chunks.append((seq, data, final))
+
+    save = load = check = math.inf
+    nbytes = size = 0
+    for _ in range(runs):
+        src, dst = create(CALIBRATION_DEVICE), create(CALIBRATION_DEVICE, active=False)
+        try:
+            sender, receiver, link = DeviceHandler(src), DeviceHandler(dst), Capture()
+            sender.setup(link)
+            sender.quiesce()
+            t0 = time.perf_counter()
+            sender.complete(link)
+            save = min(save, time.perf_counter() - t0)
+            size = state_size(src)
+            t0 = time.perf_counter()
+            state_hash(src.storage.state)
+            check = min(check, time.perf_counter() - t0)
+            receiver.load_setup()
+            t0 = time.perf_counter()
+            for seq, data, final in link.chunks:
+                receiver.load_state(seq, data, final)
+            load = min(load, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            receiver.load_complete()
+            check = min(check, time.perf_counter() - t0)
+            nbytes = sum(len(data) for _, data, _ in link.chunks)
+            if src.state_digest() != dst.state_digest():
+                raise RuntimeError("calibration: the loaded device state differs from the saved")
+        finally:
+            src.close()
+            dst.close()
+        if dst.state is not MigState.STOP:
+            raise RuntimeError(f"calibration: the loaded device is {dst.state.name}, not STOP")
+    produce = max(save - check, save * 0.01)  # the hash is inside the save
+    return nbytes / produce, nbytes / load, size / check

@@ -1,0 +1,135 @@
+"""The switchover's device and handshake terms in virtual time: each charged
+where and as the engine pays it (``mig.sim_devices``, ``mig.sim_handshake``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mig.predict import sim_config
+from mig.sim import HostModel, LinkModel, SimConfig, save_host_model, simulate
+from mig.sim_devices import DEST_POLL, StopCopyLoads, device_rates
+
+MIB = 1 << 20
+# Slow device rates, so each device term is tens of milliseconds.
+SLOW = replace(HostModel(), device_rate=200e6, device_load_rate=400e6, device_hash_rate=1e9)
+
+
+def run(device: str, policy: str, host: HostModel = SLOW, cap: int = 1 << 30) -> dict:
+    q = simulate(
+        SimConfig(
+            memory=64 * MIB,
+            workload="uniform:rate=2000",
+            devices=(device,),
+            policy=policy,
+            params={"max_bandwidth": cap, "downtime_limit": 300, "timeout": 60.0},
+            host=host,
+        )
+    )
+    assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
+    return q
+
+
+def test_records_wait_for_the_destination_loop_to_wake() -> None:
+    """The loop loads records when ``switchover`` wakes it and every poll
+    after its loads; at ``complete`` it still decodes what arrived since its
+    last wake-up and what it was decoding."""
+    loads = StopCopyLoads()
+    loads.arrived(0.0, MIB)  # before switchover: precopy, loaded while the guest ran
+    assert loads.at_complete(1.0, 1e8) == (0.0, 0.0)
+    loads.start(0.0)
+    for at in (0.01, 0.06, 0.09):
+        loads.arrived(at, 1_000_000)
+    # Wakes at 0 (nothing), at DEST_POLL (takes the first, done at +10 ms);
+    # the next wake would come after "complete": two records left.
+    assert DEST_POLL == 0.05
+    busy, waiting = loads.at_complete(0.1, 1e8)
+    assert busy == 0.0 and waiting == pytest.approx(0.020)
+    # "complete" during the second wake's decoding waits behind its rest;
+    # the record that arrived meanwhile is decoded after it.
+    loads.start(0.0)
+    for at in (0.01, 0.02, 0.052):
+        loads.arrived(at, 1_000_000)
+    busy, waiting = loads.at_complete(0.055, 1e8)
+    assert busy == pytest.approx(0.015) and waiting == pytest.approx(0.010)
+    loads.clear()
+    assert loads.at_complete(0.1, 1e8) == (0.0, 0.0)
+
+
+def test_a_device_known_only_when_stopped_charges_its_load_at_the_switchover() -> None:
+    """An opaque device (its size known only once stopped) under
+    ``stop-exact-resume``: its state is produced at the stopped exact, inside
+    the downtime (``pause``), once; the destination decodes every stop-copy
+    byte after ``complete`` (the fast link ends the stop-copy before the
+    loop's next wake-up) and validates the whole state's hash."""
+    q = run("opaque:state=16MiB,rate=1MiB/s", "stop-exact-resume")
+    stop_copy = q["devices"][0]["stop-copy-bytes"]
+    assert q["devices"][0]["exact-stops"] == 1 and stop_copy > 15 * MIB
+    b = q["downtime-breakdown"]
+    produce_ms = 1000 * stop_copy / SLOW.device_rate
+    hash_ms = 1000 * 16 * MIB / SLOW.device_hash_rate
+    expected_load = 1000 * SLOW.load_base + 1000 * stop_copy / SLOW.device_load_rate + hash_ms
+    assert b["load"] == pytest.approx(expected_load, rel=1e-3)
+    # Produced (and its END record hashed) once, at the stopped exact.
+    assert b["pause"] >= produce_ms + hash_ms
+    assert b["device-state"] < produce_ms / 2
+
+
+def test_the_whole_state_is_hashed_on_both_sides_however_little_stop_copy_sends() -> None:
+    """A gpu-like device with 32 MiB of state sent in precopy: stop-copy
+    sends almost nothing, yet the source's END record and the destination's
+    validation each hash all 32 MiB inside the downtime."""
+    device = "gpu:state=32MiB,rate=64KiB/s,chunk=64KiB"
+    hashed = run(device, "exact-running", cap=64 * MIB)
+    free = run(device, "exact-running", host=replace(SLOW, device_hash_rate=1e18), cap=64 * MIB)
+    assert hashed["devices"][0]["stop-copy-bytes"] < MIB
+    hash_ms = 1000 * 32 * MIB / SLOW.device_hash_rate
+    for term in ("device-state", "load"):
+        extra = hashed["downtime-breakdown"][term] - free["downtime-breakdown"][term]
+        assert extra == pytest.approx(hash_ms, rel=0.05), term
+
+
+def test_the_handshake_costs_the_hosts_control_latency() -> None:
+    """Each of the switchover's two round trips costs the link's RTT plus the
+    host's control latency, and the source plans with what it measured."""
+    latency = 0.004
+    q = run("nic:state=2MiB,rate=1MiB/s", "exact-running",
+            host=replace(SLOW, control_latency=latency))  # fmt: skip
+    expected = 1000 * 2 * (LinkModel().rtt + latency)
+    assert q["downtime-breakdown"]["handshake"] == pytest.approx(expected, rel=1e-3)
+    assert q["switchover-costs"]["handshake"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
+    """mig demo with a cap still runs on the loopback: the bytes the sender's
+    token bucket lets out at once leave at its pace, so no bandwidth sample
+    reads faster than the loopback."""
+    path = tmp_path / "host-model.json"
+    save_host_model(HostModel(loopback_bandwidth=300e6), path, {"date": "2026-01-01T00:00:00Z"})
+    params = {"max_bandwidth": 128 * MIB, "downtime_limit": 300}
+    config, _ = sim_config(params, size=64 * MIB, workload="uniform:rate=4000", vcpus=1,
+                           devices="none", host_model=path)  # fmt: skip
+    assert config.link.bottleneck == 300e6
+    q = simulate(config)
+    assert q["status"] == "completed"
+    assert max(p["bandwidth"] for p in q["passes"]) <= 300e6 * 1.001
+
+
+def test_device_rates_are_measured_through_the_handlers() -> None:
+    """Production, decoding and the whole-state hash, each a positive rate;
+    hashing (xxh3 over the state) outruns producing the records."""
+    produce, decode, check = device_rates(runs=1)
+    assert all(0 < r < 1e12 for r in (produce, decode, check))
+    assert check > produce
+
+
+def test_control_latency_is_measured_against_the_demo_destination() -> None:
+    """A real loopback migration to mig demo's destination process: its
+    switchover's two round trips cost this host more than the simulated
+    link's RTT alone, and far less than a second."""
+    from mig.sim_handshake import control_latency
+
+    latency = control_latency(16 * MIB, 64 * MIB, runs=1)
+    assert 0 < latency < 0.5
