@@ -10,7 +10,7 @@ import pytest
 
 from mig.predict import sim_config
 from mig.sim import HostModel, LinkModel, SimConfig, save_host_model, simulate
-from mig.sim_devices import DEST_POLL, StopCopyLoads, device_rates
+from mig.sim_devices import DEST_POLL, StopCopyLoads, device_costs
 
 MIB = 1 << 20
 # Slow device rates, so each device term is tens of milliseconds.
@@ -37,25 +37,25 @@ def test_records_wait_for_the_destination_loop_to_wake() -> None:
     after its loads; at ``complete`` it still decodes what arrived since its
     last wake-up and what it was decoding."""
     loads = StopCopyLoads()
-    loads.arrived(0.0, MIB)  # before switchover: precopy, loaded while the guest ran
-    assert loads.at_complete(1.0, 1e8) == (0.0, 0.0)
+    loads.arrived(0.0, 0.5)  # before switchover: precopy, loaded while the guest ran
+    assert loads.at_complete(1.0) == (0.0, 0.0)
     loads.start(0.0)
     for at in (0.01, 0.06, 0.09):
-        loads.arrived(at, 1_000_000)
+        loads.arrived(at, 0.010)  # each record takes 10 ms to decode
     # Wakes at 0 (nothing), at DEST_POLL (takes the first, done at +10 ms);
     # the next wake would come after "complete": two records left.
     assert DEST_POLL == 0.05
-    busy, waiting = loads.at_complete(0.1, 1e8)
+    busy, waiting = loads.at_complete(0.1)
     assert busy == 0.0 and waiting == pytest.approx(0.020)
     # "complete" during the second wake's decoding waits behind its rest;
     # the record that arrived meanwhile is decoded after it.
     loads.start(0.0)
     for at in (0.01, 0.02, 0.052):
-        loads.arrived(at, 1_000_000)
-    busy, waiting = loads.at_complete(0.055, 1e8)
+        loads.arrived(at, 0.010)
+    busy, waiting = loads.at_complete(0.055)
     assert busy == pytest.approx(0.015) and waiting == pytest.approx(0.010)
     loads.clear()
-    assert loads.at_complete(0.1, 1e8) == (0.0, 0.0)
+    assert loads.at_complete(0.1) == (0.0, 0.0)
 
 
 def test_a_device_known_only_when_stopped_charges_its_load_at_the_switchover() -> None:
@@ -117,12 +117,15 @@ def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
     assert max(p["bandwidth"] for p in q["passes"]) <= 300e6 * 1.001
 
 
-def test_device_rates_are_measured_through_the_handlers() -> None:
-    """Production, decoding and the whole-state hash, each a positive rate;
-    hashing (xxh3 over the state) outruns producing the records."""
-    produce, decode, check = device_rates(runs=1)
-    assert all(0 < r < 1e12 for r in (produce, decode, check))
-    assert check > produce
+def test_device_costs_are_measured_through_the_handlers() -> None:
+    """Production and decoding per byte and per record, and the whole-state
+    hash: hashing (xxh3 over the state) outruns producing the records, and a
+    record costs its handling on top of its bytes."""
+    costs = device_costs(runs=1)
+    rates = ("device_rate", "device_load_rate", "device_hash_rate")
+    assert all(0 < costs[r] < 1e12 for r in rates)
+    assert costs["device_hash_rate"] > costs["device_rate"]
+    assert costs["device_record_seconds"] > 0 and costs["device_load_record_seconds"] > 0
 
 
 def test_control_latency_is_measured_against_the_demo_destination() -> None:
@@ -133,3 +136,30 @@ def test_control_latency_is_measured_against_the_demo_destination() -> None:
 
     latency = control_latency(16 * MIB, 64 * MIB, runs=1)
     assert 0 < latency < 0.5
+
+
+def test_a_chunk_is_produced_while_the_capped_link_idles() -> None:
+    """The handler produces a chunk, then sends it (the send waits for the
+    wire): while it produces, a capped sender's token bucket fills, so
+    production as slow as the cap costs about the production, not twice it."""
+    cap = 64 * MIB
+    host = replace(SLOW, device_rate=cap)
+    q = run("fixed:state=16MiB,chunk=1MiB", "exact-running", host=host, cap=cap)
+    produce_ms = 1000 * q["devices"][0]["stop-copy-bytes"] / cap
+    assert produce_ms < q["downtime-breakdown"]["device-state"] < 1.2 * produce_ms
+
+
+def test_each_record_of_a_device_stream_costs_its_handling() -> None:
+    """The same state in 4 KiB records costs its production and its decoding
+    per record on top of the bytes: 4096 records more than in 1 MiB ones."""
+    per_record, per_load = 5e-6, 2e-6
+    host = replace(SLOW, device_record_seconds=per_record, device_load_record_seconds=per_load)
+    # Known only when stopped: produced at the stopped exact (pause), sent in
+    # 16 ms, within one wake-up of the destination's loop: all decoded
+    # after "complete" (load).
+    small, large = (run(f"opaque:state=16MiB,chunk={c}", "stop-exact-resume", host=host)
+                    for c in ("4KiB", "1MiB"))  # fmt: skip
+    records = 16 * MIB // (4 << 10) - 16
+    for term, cost in (("pause", per_record), ("load", per_load)):
+        extra = small["downtime-breakdown"][term] - large["downtime-breakdown"][term]
+        assert extra == pytest.approx(1000 * records * cost, rel=0.05), term

@@ -97,7 +97,13 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
-from mig.sim_devices import StopCopyLoads, device_rates, state_size
+from mig.sim_devices import (
+    StopCopyLoads,
+    decode_seconds,
+    device_costs,
+    hash_seconds,
+    production_seconds,
+)
 from mig.sim_handshake import control_latency
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
@@ -306,7 +312,7 @@ class HostModel:
     sync_per_dirty_page: float = 0.0  # s per dirty page harvested (and re-protected)
     pause_latency: float = 100e-6  # s until every vCPU is parked
     device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
-    device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
+    device_load_rate: float = 1e9  # bytes/s the destination decodes it
     load_base: float = 0.005  # s the destination needs to finish loading and resume
     drain_base: float = 0.001  # s it waits for the end records once "complete" is in
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
@@ -338,12 +344,14 @@ class HostModel:
     chunk_rehash: float = 8e-6
     # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the hash
     # of a device's whole state in its END record (source, ``device-state``)
-    # and in its validation (destination, ``load``), bytes/s; and what a
-    # control round trip costs beyond the link's RTT (both ends' message
-    # handling, the destination's wake-up), added to every control reply
-    # (``handshake``). ``device_rate`` and ``device_load_rate`` are the
-    # production and the decoding per stop-copy byte.
+    # and in its validation (destination, ``load``), bytes/s; the seconds per
+    # record of its stream produced (on top of ``device_rate``) and decoded
+    # (on top of ``device_load_rate``); and what a control round trip costs
+    # beyond the link's RTT (both ends' message handling, the destination's
+    # wake-up), added to every control reply (``handshake``).
     device_hash_rate: float = 8e9
+    device_record_seconds: float = 0.0
+    device_load_record_seconds: float = 0.0
     control_latency: float = 0.0
 
     def warmup(self, memory: int) -> float:
@@ -357,7 +365,7 @@ class HostModel:
         """Measure the costs on this host (a few seconds): the digest rate,
         the tracker migrations use on real dirty pages (``_tracker_costs``),
         a sample device's stop-copy production, decoding and hash rates
-        (``mig.sim_devices.device_rates``), vCPU stop latency and the guest's
+        (``mig.sim_devices.device_costs``), vCPU stop latency and the guest's
         maximum write rate.
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
@@ -374,7 +382,7 @@ class HostModel:
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
-        device_rate, device_load_rate, device_hash_rate = device_rates()
+        devices = device_costs()
         with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
             time.sleep(0.2)
             lat = []
@@ -399,8 +407,7 @@ class HostModel:
             sync_base=sync_base,
             sync_per_page=sync_per_page,
             sync_per_dirty_page=sync_per_dirty_page,
-            device_rate=device_rate,
-            device_load_rate=device_load_rate,
+            **devices,
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
@@ -413,7 +420,6 @@ class HostModel:
             register_per_page=register_per_page,
             setup_base=setup_base,
             chunk_rehash=chunk_rehash_seconds(),
-            device_hash_rate=device_hash_rate,
             control_latency=control,
         )
 
@@ -1020,8 +1026,10 @@ class SimLink:
     def produced(self, device_id: int, nbytes: int) -> None:
         """A device produced ``nbytes`` of state ahead of sending it (stopped
         exact), its END record's hash of the whole state included."""
-        state = state_size(self._devices.get(device_id))
-        self.clock.advance(nbytes / self.host.device_rate + state / self.host.device_hash_rate)
+        device = self._devices.get(device_id)
+        self.clock.advance(
+            production_seconds(self.host, device, nbytes) + hash_seconds(self.host, device)
+        )
         self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
 
     # --- the Link protocol ---
@@ -1070,14 +1078,19 @@ class SimLink:
         self._bytes += n
         if self._in_stop_copy:
             self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
-        cpu = produce / self.host.device_rate
+        device = self._devices.get(device_id)
+        cpu = production_seconds(self.host, device, produce)
         if final and produce:
             # The END record hashes the whole state; a stopped exact that
             # produced this chunk paid it then (``produced``).
-            cpu += state_size(self._devices.get(device_id)) / self.host.device_hash_rate
-        self._charge(RECORD_HEADER + n, cpu)
+            cpu += hash_seconds(self.host, device)
+        # The handler produces a chunk before it sends it: the link idles
+        # meanwhile (a capped sender's bucket fills), and the send's own
+        # time, the bandwidth meter's, is the wire's alone.
+        self.clock.advance(cpu)
+        self._charge(RECORD_HEADER + n)
         if self._in_stop_copy:
-            self._loads.arrived(self.clock.now(), n)
+            self._loads.arrived(self.clock.now(), decode_seconds(self.host, device, n))
 
     def sync(self, generation: int) -> None:
         self._charge(RECORD_HEADER * self.channels)
@@ -1187,9 +1200,9 @@ class SimLink:
         the loads ``complete`` waits behind, and once it is taken the stop-copy
         records not decoded yet, then every device's validation (a hash of
         its whole state)."""
-        busy, waiting = self._loads.at_complete(self.clock.now(), self.host.device_load_rate)
-        states = sum(state_size(self._devices.get(d)) for d in self._stop_copy_bytes)
-        return busy, waiting + states / self.host.device_hash_rate
+        busy, waiting = self._loads.at_complete(self.clock.now())
+        checks = sum(hash_seconds(self.host, self._devices.get(d)) for d in self._stop_copy_bytes)
+        return busy, waiting + checks
 
     def recv(self, timeout: float) -> Message | None:
         now = self.clock.now()

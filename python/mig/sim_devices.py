@@ -28,13 +28,22 @@ import math
 import time
 from typing import Any
 
-__all__ = ["CALIBRATION_DEVICE", "DEST_POLL", "StopCopyLoads", "device_rates", "state_size"]
+__all__ = [
+    "CALIBRATION_DEVICE",
+    "DEST_POLL",
+    "StopCopyLoads",
+    "decode_seconds",
+    "device_costs",
+    "hash_seconds",
+    "production_seconds",
+    "state_size",
+]
 
 # mig.destination._POLL: the destination loop's wait for a control message.
 DEST_POLL = 0.05
 # The device the rates are timed on: no precopy, so all of its state goes
 # through one stop-copy save, one load and one validation.
-CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
+CALIBRATION_DEVICE = "opaque:state=16MiB,rate=1MiB/s"
 
 
 def state_size(device: Any) -> int:
@@ -48,7 +57,7 @@ class StopCopyLoads:
 
     def __init__(self) -> None:
         self.started: float | None = None  # when "switchover" arrived
-        self._arrivals: list[tuple[float, int]] = []
+        self._arrivals: list[tuple[float, float]] = []  # (when, seconds to decode)
 
     def start(self, now: float) -> None:
         """``switchover`` arrived: the loop wakes, then waits for the next message."""
@@ -57,12 +66,12 @@ class StopCopyLoads:
     def clear(self) -> None:
         self.started, self._arrivals = None, []
 
-    def arrived(self, now: float, nbytes: int) -> None:
+    def arrived(self, now: float, decode: float) -> None:
+        """A record landed at ``now``; decoding it takes ``decode`` seconds."""
         if self.started is not None:
-            self._arrivals.append((now, nbytes))
+            self._arrivals.append((now, decode))
 
-    def at_complete(self, complete_at: float, decode_rate: float,
-                    poll: float = DEST_POLL) -> tuple[float, float]:  # fmt: skip
+    def at_complete(self, complete_at: float, poll: float = DEST_POLL) -> tuple[float, float]:
         """(busy, waiting) seconds of decoding when ``complete`` arrives at ``complete_at``.
 
         The loop wakes when ``switchover`` arrives and then ``poll`` seconds
@@ -77,26 +86,75 @@ class StopCopyLoads:
         arrivals, i = self._arrivals, 0
         wake = done = self.started
         while True:
-            taken = 0
+            taken = 0.0
             while i < len(arrivals) and arrivals[i][0] <= wake:
                 taken += arrivals[i][1]
                 i += 1
-            done = max(done, wake) + taken / decode_rate
+            done = max(done, wake) + taken
             wake = done + poll
             if wake >= complete_at:
                 break
-        rest = sum(n for _, n in arrivals[i:])
-        return max(0.0, done - complete_at), rest / decode_rate
+        return max(0.0, done - complete_at), sum(d for _, d in arrivals[i:])
 
 
-def device_rates(runs: int = 3) -> tuple[float, float, float]:
-    """(device_rate, device_load_rate, device_hash_rate) on this host, best of ``runs``.
+def _records(device: Any, nbytes: float) -> float:
+    """Records of the device's stream in ``nbytes`` (its record size, ``chunk``)."""
+    chunk = getattr(getattr(device, "storage", None), "chunk", 0)
+    return nbytes / chunk if chunk else 0.0
 
-    Through the engine's ``DeviceHandler`` on both sides: the source's
-    ``complete()`` (production and the END record's hash), the destination's
-    ``load_state`` per chunk (decoding) and ``load_complete`` (validation, the
-    hash of the whole state). Production is the save less the hash it contains.
-    """
+
+def production_seconds(host: Any, device: Any, nbytes: float) -> float:
+    """Source: producing ``nbytes`` of a device's stream, per byte and per record."""
+    return nbytes / host.device_rate + _records(device, nbytes) * host.device_record_seconds
+
+
+def decode_seconds(host: Any, device: Any, nbytes: float) -> float:
+    """Destination: decoding ``nbytes`` of a device's stream into its staging state."""
+    records = _records(device, nbytes)
+    return nbytes / host.device_load_rate + records * host.device_load_record_seconds
+
+
+def hash_seconds(host: Any, device: Any) -> float:
+    """The hash of a device's whole state (its END record; its validation)."""
+    return state_size(device) / host.device_hash_rate
+
+
+# Record sizes the per-record costs are told from the per-byte ones with:
+# the same state in many small records and in a few large ones.
+CALIBRATION_CHUNKS = (4 << 10, 1 << 20)
+
+
+def device_costs(runs: int = 3) -> dict[str, float]:
+    """This host's device costs, as ``HostModel`` fields, best of ``runs`` each:
+    ``device_rate``/``device_record_seconds`` (production per byte and per
+    record), ``device_load_rate``/``device_load_record_seconds`` (decoding)
+    and ``device_hash_rate``, solved from ``CALIBRATION_DEVICE`` streamed in
+    each of ``CALIBRATION_CHUNKS``-byte records."""
+    rows = [_timed_stream(f"{CALIBRATION_DEVICE},chunk={c}", runs) for c in CALIBRATION_CHUNKS]
+    (_, r1, p1, d1, h1), (b2, r2, p2, d2, h2) = rows
+
+    def split(t1: float, t2: float) -> tuple[float, float]:
+        per_record = max(0.0, (t1 - t2) / (r1 - r2))
+        per_byte = max((t2 - per_record * r2) / b2, 1e-12)
+        return 1 / per_byte, per_record
+
+    device_rate, device_record_seconds = split(p1, p2)
+    device_load_rate, device_load_record_seconds = split(d1, d2)
+    return {
+        "device_rate": device_rate,
+        "device_record_seconds": device_record_seconds,
+        "device_load_rate": device_load_rate,
+        "device_load_record_seconds": device_load_record_seconds,
+        "device_hash_rate": max(h1, h2),
+    }
+
+
+def _timed_stream(spec: str, runs: int) -> tuple[int, float, float, float, float]:
+    """(bytes, records, production s, decoding s, hash bytes/s) of one device's stop-copy
+    stream through the engine's ``DeviceHandler`` on both sides: the source's
+    ``complete()`` less the END record's hash it contains, the destination's
+    ``load_state`` per chunk, and ``load_complete`` (the validation: the hash
+    of the whole state)."""
     from mig.device_handler import DeviceHandler  # noqa: PLC0415
     from mig.devices import MigState, create  # noqa: PLC0415
     from mig.sample_devices.stream import state_hash  # noqa: PLC0415
@@ -109,9 +167,9 @@ def device_rates(runs: int = 3) -> tuple[float, float, float]:
             self.chunks.append((seq, data, final))
 
     save = load = check = math.inf
-    nbytes = size = 0
+    nbytes = size = chunk = 0
     for _ in range(runs):
-        src, dst = create(CALIBRATION_DEVICE), create(CALIBRATION_DEVICE, active=False)
+        src, dst = create(spec), create(spec, active=False)
         try:
             sender, receiver, link = DeviceHandler(src), DeviceHandler(dst), Capture()
             sender.setup(link)
@@ -119,7 +177,7 @@ def device_rates(runs: int = 3) -> tuple[float, float, float]:
             t0 = time.perf_counter()
             sender.complete(link)
             save = min(save, time.perf_counter() - t0)
-            size = state_size(src)
+            size, chunk = state_size(src), src.storage.chunk
             t0 = time.perf_counter()
             state_hash(src.storage.state)
             check = min(check, time.perf_counter() - t0)
@@ -140,4 +198,4 @@ def device_rates(runs: int = 3) -> tuple[float, float, float]:
         if dst.state is not MigState.STOP:
             raise RuntimeError(f"calibration: the loaded device is {dst.state.name}, not STOP")
     produce = max(save - check, save * 0.01)  # the hash is inside the save
-    return nbytes / produce, nbytes / load, size / check
+    return nbytes, size / chunk, produce, load, size / check
