@@ -163,3 +163,16 @@ def test_each_record_of_a_device_stream_costs_its_handling() -> None:
     for term, cost in (("pause", per_record), ("load", per_load)):
         extra = small["downtime-breakdown"][term] - large["downtime-breakdown"][term]
         assert extra == pytest.approx(1000 * records * cost, rel=0.05), term
+
+
+def test_the_handshake_is_planned_with_the_destinations_device_loads() -> None:
+    """pass-ack reports the seconds the destination's loop spent loading
+    precopy device records since the last one; the source plans the
+    switchover's handshake as two round trips plus their median."""
+    device = "gpu:state=32MiB,rate=4MiB/s,chunk=64KiB"
+    busy = run(device, "exact-running", cap=64 * MIB)
+    idle = run(device, "exact-running", host=replace(SLOW, device_load_rate=1e15), cap=64 * MIB)
+    round_trips = 1000 * 2 * LinkModel().rtt
+    assert idle["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
+    assert busy["switchover-costs"]["handshake"] > round_trips + 0.5
+

@@ -971,6 +971,10 @@ class SimLink:
         # destination loads their stop-copy records (``mig.sim_devices``).
         self._devices = {h.device_id: h.device for h in handlers}
         self._loads = StopCopyLoads()
+        # Seconds the destination's loop spent loading precopy device records
+        # since its last pass-ack, which reports them (the source plans the
+        # switchover's handshake with the median: complete meets that loop).
+        self._dest_busy = 0.0
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -1089,8 +1093,11 @@ class SimLink:
         # time, the bandwidth meter's, is the wire's alone.
         self.clock.advance(cpu)
         self._charge(RECORD_HEADER + n)
+        decode = decode_seconds(self.host, device, n)
         if self._in_stop_copy:
-            self._loads.arrived(self.clock.now(), decode_seconds(self.host, device, n))
+            self._loads.arrived(self.clock.now(), decode)
+        else:
+            self._dest_busy += decode
 
     def sync(self, generation: int) -> None:
         self._charge(RECORD_HEADER * self.channels)
@@ -1145,7 +1152,8 @@ class SimLink:
                 case Resume():
                     self._play(self.destination.resumed(self.clock.now()))
                 case AnswerPass(number=number):
-                    self._reply(self.model.rtt, PassAck(number, 0.0))
+                    self._reply(self.model.rtt, PassAck(number, self._dest_busy))
+                    self._dest_busy = 0.0
                 case SettleChannels(number=number):
                     # The model's pages land as they are charged: nothing is
                     # queued; the root rehashes the chunks of the pass in flight.
