@@ -1126,6 +1126,11 @@ class SimLink:
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._loads.start(self.clock.now())
+            # The destination's background rehasher hashed every chunk that
+            # settled before the pause, settle or not (a stopped exact
+            # switches over without one): "ready" rehashes only what it had
+            # not taken yet, and what stop-copy touches.
+            self._final_chunks = self._stale_chunks.pending(self.clock.now())
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
