@@ -168,10 +168,9 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     """Device precopy is loaded while the guest runs; the switchover's load
     charges only what was sent after ``switchover``. A gpu-like device whose
     precopy grows 16-fold keeps the same load time; a device whose state all
-    arrives at stop-copy (no precopy) pays for every byte of it. (The links
-    here end each stop-copy within one wake-up of the destination's loop, so
-    every stop-copy byte waits for ``complete``; the whole-state hash of the
-    validation is made negligible: ``tests/test_sim_devices.py`` pins both.)"""
+    arrives at stop-copy (no precopy) pays for every byte of it. (The
+    validation's hash of the whole state is made negligible here:
+    ``tests/test_sim_switchover_terms.py`` pins it.)"""
     from dataclasses import replace
 
     from mig.sim import HostModel
@@ -179,10 +178,8 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     # Slow decoding, to make the term visible.
     host = replace(HostModel(), device_load_rate=100e6, device_hash_rate=1e15)
 
-    def run(device: str, cap: int = 64 * MIB) -> dict:
-        params = {"max_bandwidth": cap, "downtime_limit": 300, "timeout": 60.0}
-        q = simulate(small(workload="uniform:rate=2000", devices=(device,), host=host,
-                           params=params))  # fmt: skip
+    def run(device: str) -> dict:
+        q = simulate(small(workload="uniform:rate=2000", devices=(device,), host=host))
         assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
         return q
 
@@ -200,9 +197,8 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     assert big_gpu["downtime-breakdown"]["load"] == pytest.approx(
         small_gpu["downtime-breakdown"]["load"], abs=1.0
     )
-    # No precopy: all 8 MiB arrive at stop-copy (in 8 ms at 1 GiB/s) and are
-    # loaded in the downtime.
-    stopped = run("gpu:state=8MiB,rate=64KiB/s,chunk=64KiB,precopy=off", cap=1 << 30)
+    # No precopy: all 8 MiB arrive at stop-copy and are loaded in the downtime.
+    stopped = run("gpu:state=8MiB,rate=64KiB/s,chunk=64KiB,precopy=off")
     assert stopped["devices"][0]["stop-copy-bytes"] >= 8 * MIB
     assert stopped["downtime-breakdown"]["load"] == pytest.approx(
         expected_load_ms(stopped), abs=1e-3

@@ -10,7 +10,7 @@ import pytest
 
 from mig.predict import sim_config
 from mig.sim import HostModel, LinkModel, SimConfig, save_host_model, simulate
-from mig.sim_devices import DEST_POLL, StopCopyLoads, device_costs
+from mig.sim_devices import device_costs
 
 MIB = 1 << 20
 # Slow device rates, so each device term is tens of milliseconds.
@@ -32,38 +32,12 @@ def run(device: str, policy: str, host: HostModel = SLOW, cap: int = 1 << 30) ->
     return q
 
 
-def test_records_wait_for_the_destination_loop_to_wake() -> None:
-    """The loop loads records when ``switchover`` wakes it and every poll
-    after its loads; at ``complete`` it still decodes what arrived since its
-    last wake-up and what it was decoding."""
-    loads = StopCopyLoads()
-    loads.arrived(0.0, 0.5)  # before switchover: precopy, loaded while the guest ran
-    assert loads.at_complete(1.0) == (0.0, 0.0)
-    loads.start(0.0)
-    for at in (0.01, 0.06, 0.09):
-        loads.arrived(at, 0.010)  # each record takes 10 ms to decode
-    # Wakes at 0 (nothing), at DEST_POLL (takes the first, done at +10 ms);
-    # the next wake would come after "complete": two records left.
-    assert DEST_POLL == 0.05
-    busy, waiting = loads.at_complete(0.1)
-    assert busy == 0.0 and waiting == pytest.approx(0.020)
-    # "complete" during the second wake's decoding waits behind its rest;
-    # the record that arrived meanwhile is decoded after it.
-    loads.start(0.0)
-    for at in (0.01, 0.02, 0.052):
-        loads.arrived(at, 0.010)
-    busy, waiting = loads.at_complete(0.055)
-    assert busy == pytest.approx(0.015) and waiting == pytest.approx(0.010)
-    loads.clear()
-    assert loads.at_complete(0.1) == (0.0, 0.0)
-
-
 def test_a_device_known_only_when_stopped_charges_its_load_at_the_switchover() -> None:
     """An opaque device (its size known only once stopped) under
     ``stop-exact-resume``: its state is produced at the stopped exact, inside
     the downtime (``pause``), once; the destination decodes every stop-copy
-    byte after ``complete`` (the fast link ends the stop-copy before the
-    loop's next wake-up) and validates the whole state's hash."""
+    byte after ``complete`` (it holds the records until ``complete``
+    announces them) and validates the whole state's hash."""
     q = run("opaque:state=16MiB,rate=1MiB/s", "stop-exact-resume")
     stop_copy = q["devices"][0]["stop-copy-bytes"]
     assert q["devices"][0]["exact-stops"] == 1 and stop_copy > 15 * MIB
@@ -154,9 +128,8 @@ def test_each_record_of_a_device_stream_costs_its_handling() -> None:
     per record on top of the bytes: 4096 records more than in 1 MiB ones."""
     per_record, per_load = 5e-6, 2e-6
     host = replace(SLOW, device_record_seconds=per_record, device_load_record_seconds=per_load)
-    # Known only when stopped: produced at the stopped exact (pause), sent in
-    # 16 ms, within one wake-up of the destination's loop: all decoded
-    # after "complete" (load).
+    # Known only when stopped: produced at the stopped exact (pause);
+    # decoded after "complete" (load).
     small, large = (run(f"opaque:state=16MiB,chunk={c}", "stop-exact-resume", host=host)
                     for c in ("4KiB", "1MiB"))  # fmt: skip
     records = 16 * MIB // (4 << 10) - 16

@@ -49,8 +49,8 @@ Models:
   ``mig.sim_setup``), tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency, the rates at which device
   state is produced, decoded and hashed (only the stop-copy bytes, sent
-  after ``switchover``, are loaded inside the downtime, and only those the
-  destination's loop had not taken yet: ``mig.sim_devices``) and what a
+  after ``switchover``, are loaded inside the downtime: ``mig.sim_devices``)
+  and what a
   control round trip costs beyond the link's RTT (``mig.sim_handshake``).
   ``HostModel.calibrate()``
   measures them on this host; ``save_host_model``/``load_host_model`` keep
@@ -98,7 +98,6 @@ from mig.protocol import (
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
 from mig.sim_devices import (
-    StopCopyLoads,
     decode_seconds,
     device_costs,
     hash_seconds,
@@ -967,10 +966,11 @@ class SimLink:
         # device sent during precopy was loaded while the guest still ran.
         self._stop_copy_bytes: dict[int, int] = {}
         self._in_stop_copy = False
-        # The devices (their END records hash their whole states) and when the
-        # destination loads their stop-copy records (``mig.sim_devices``).
+        # The devices (their END records hash their whole states), and the
+        # seconds the destination will take to decode the stop-copy records,
+        # all after "complete" (``mig.sim_devices``).
         self._devices = {h.device_id: h.device for h in handlers}
-        self._loads = StopCopyLoads()
+        self._stop_copy_decode = 0.0
         # Seconds the destination's loop spent loading precopy device records
         # since its last pass-ack, which reports them (the source plans the
         # switchover's handshake with the median: complete meets that loop).
@@ -1095,7 +1095,7 @@ class SimLink:
         self._charge(RECORD_HEADER + n)
         decode = decode_seconds(self.host, device, n)
         if self._in_stop_copy:
-            self._loads.arrived(self.clock.now(), decode)
+            self._stop_copy_decode += decode
         else:
             self._dest_busy += decode
 
@@ -1125,7 +1125,7 @@ class SimLink:
             )
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
-            self._loads.start(self.clock.now())
+            self._stop_copy_decode = 0.0
             # The destination's background rehasher hashed every chunk that
             # settled before the pause, settle or not (a stopped exact
             # switches over without one): "ready" rehashes only what it had
@@ -1136,7 +1136,7 @@ class SimLink:
         elif isinstance(message, SwitchoverAbort):
             # The destination drops the aborted records; precopy resumes.
             self._in_stop_copy, self._stop_copy_bytes = False, {}
-            self._loads.clear()
+            self._stop_copy_decode = 0.0
             self.guest.memory.digest_started = None
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
@@ -1189,8 +1189,7 @@ class SimLink:
             digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
         drain = self.host.drain_base
         load = drain + self.host.load_base + digest_seconds
-        busy, devices = self._device_load()
-        load += devices
+        load += self._device_load()
         self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
@@ -1206,16 +1205,14 @@ class SimLink:
             self.discarded = True
             self._reply(self.model.rtt + load, Failed(e.reason))
             return
-        self._play(effects, delay=busy + load)
+        self._play(effects, delay=load)
 
-    def _device_load(self) -> tuple[float, float]:
-        """The destination's device work at ``complete`` (``mig.sim_devices``):
-        the loads ``complete`` waits behind, and once it is taken the stop-copy
-        records not decoded yet, then every device's validation (a hash of
-        its whole state)."""
-        busy, waiting = self._loads.at_complete(self.clock.now())
+    def _device_load(self) -> float:
+        """The destination's device work once ``complete`` is in
+        (``mig.sim_devices``): decoding every stop-copy record, then each
+        device's validation (a hash of its whole state)."""
         checks = sum(hash_seconds(self.host, self._devices.get(d)) for d in self._stop_copy_bytes)
-        return busy, waiting + checks
+        return self._stop_copy_decode + checks
 
     def recv(self, timeout: float) -> Message | None:
         now = self.clock.now()

@@ -3,23 +3,22 @@
 Where the engine pays, between the pause and the resume (``mig.switchover``,
 ``mig.destination``, the sample devices' sessions):
 
-* Source, ``device-state``: producing the stop-copy bytes (``HostModel.device_rate``
-  per byte) and, as the stream's END record, hashing the device's whole state
-  (``HostModel.device_hash_rate`` per state byte, however few bytes stop-copy
-  sends). Paid once per production: at a stopped exact measurement (the handler
+* Source, ``device-state``: producing the stop-copy stream
+  (``production_seconds``: per byte and per record of the device's record
+  size) before each chunk's send and, as the stream's END record, hashing the
+  device's whole state (``hash_seconds``), however few bytes stop-copy sends.
+  Paid once per production: at a stopped exact measurement (the handler
   keeps the chunks and ``complete()`` only sends them) or in ``complete()``.
-* Destination, ``load``: its loop loads device records when it wakes, on a
-  control message or every ``DEST_POLL`` seconds (``mig.destination._POLL``).
-  During stop-copy the only control messages are ``switchover`` and ``complete``,
-  so records wait for the next wake-up: what is not yet decoded when
-  ``complete`` arrives is decoded inside the downtime (``HostModel.device_load_rate``
-  per byte, ``StopCopyLoads``; a wake-up's loads still running delay
-  ``complete`` itself, in the ``handshake``), then RESUMING -> STOP validates
-  the hash of the device's whole state (``HostModel.device_hash_rate``). What arrived during
-  precopy was loaded while the guest ran and costs the downtime nothing.
+* Destination, ``load``: the stop-copy records wait in its reorder buffer
+  until ``complete`` announces their bounds (a ``switchover-abort`` must be
+  able to drop them), so every one is decoded after ``complete``
+  (``decode_seconds``), then RESUMING -> STOP validates the hash of the
+  device's whole state. What arrived during precopy was loaded while the
+  guest ran; the time it took is what ``pass-ack`` reports as the loop's
+  ``busy``.
 
-``device_rates`` measures the three rates on this host through the engine's
-own ``DeviceHandler`` on both sides.
+``device_costs`` measures the rates on this host through the engine's own
+``DeviceHandler`` on both sides.
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ from typing import Any
 
 __all__ = [
     "CALIBRATION_DEVICE",
-    "DEST_POLL",
-    "StopCopyLoads",
     "decode_seconds",
     "device_costs",
     "hash_seconds",
@@ -39,8 +36,6 @@ __all__ = [
     "state_size",
 ]
 
-# mig.destination._POLL: the destination loop's wait for a control message.
-DEST_POLL = 0.05
 # The device the rates are timed on: no precopy, so all of its state goes
 # through one stop-copy save, one load and one validation.
 CALIBRATION_DEVICE = "opaque:state=16MiB,rate=1MiB/s"
@@ -50,51 +45,6 @@ def state_size(device: Any) -> int:
     """Bytes of a device's whole state (what its END record hashes); 0 if it
     does not tell (a device other than the sample ones)."""
     return int(getattr(device, "state_size", 0) or 0)
-
-
-class StopCopyLoads:
-    """The stop-copy records a destination receives, and when it loads them."""
-
-    def __init__(self) -> None:
-        self.started: float | None = None  # when "switchover" arrived
-        self._arrivals: list[tuple[float, float]] = []  # (when, seconds to decode)
-
-    def start(self, now: float) -> None:
-        """``switchover`` arrived: the loop wakes, then waits for the next message."""
-        self.started, self._arrivals = now, []
-
-    def clear(self) -> None:
-        self.started, self._arrivals = None, []
-
-    def arrived(self, now: float, decode: float) -> None:
-        """A record landed at ``now``; decoding it takes ``decode`` seconds."""
-        if self.started is not None:
-            self._arrivals.append((now, decode))
-
-    def at_complete(self, complete_at: float, poll: float = DEST_POLL) -> tuple[float, float]:
-        """(busy, waiting) seconds of decoding when ``complete`` arrives at ``complete_at``.
-
-        The loop wakes when ``switchover`` arrives and then ``poll`` seconds
-        after it finished loading what it found, until ``complete`` wakes it.
-        ``busy``: the wake-up's loads still running, which ``complete`` waits
-        behind (the source sees that in its ``handshake``: the destination's
-        clock for ``ready`` starts when it takes ``complete``). ``waiting``:
-        the records that arrived since, decoded in the destination's ``load``.
-        """
-        if self.started is None or not self._arrivals:
-            return 0.0, 0.0
-        arrivals, i = self._arrivals, 0
-        wake = done = self.started
-        while True:
-            taken = 0.0
-            while i < len(arrivals) and arrivals[i][0] <= wake:
-                taken += arrivals[i][1]
-                i += 1
-            done = max(done, wake) + taken
-            wake = done + poll
-            if wake >= complete_at:
-                break
-        return max(0.0, done - complete_at), sum(d for _, d in arrivals[i:])
 
 
 def _records(device: Any, nbytes: float) -> float:
