@@ -50,11 +50,9 @@ Models:
   harvest per dirty page), vCPU stop latency, the rates at which device
   state is produced, decoded and hashed (only the stop-copy bytes, sent
   after ``switchover``, are loaded inside the downtime: ``mig.sim_devices``)
-  and what a
-  control round trip costs beyond the link's RTT (``mig.sim_handshake``).
-  ``HostModel.calibrate()``
-  measures them on this host; ``save_host_model``/``load_host_model`` keep
-  them for ``--simulate``.
+  and what a control round trip costs beyond the link's RTT
+  (``mig.sim_handshake``). ``HostModel.calibrate()`` measures them on this
+  host; ``save_host_model``/``load_host_model`` keep them for ``--simulate``.
 """
 
 from __future__ import annotations
