@@ -120,6 +120,20 @@ def figures(q: dict[str, Any]) -> dict[str, Any]:
         "transferred": int(q.get("ram", {}).get("transferred", 0)),
         "passes": len(q.get("passes", [])),
         "guest-stops": q.get("guest-stops"),
+        "downtime-breakdown": q.get("downtime-breakdown", {}),
+    }
+
+
+def downtime_terms(real: list[dict[str, Any]], sim: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per term of ``downtime-breakdown``, ms: the real and the simulated
+    median, to tell which term a downtime error comes from."""
+    terms = dict.fromkeys(t for r in [*real, *sim] for t in r.get("downtime-breakdown", {}))
+    return {
+        t: {
+            side: statistics.median(r.get("downtime-breakdown", {}).get(t, 0.0) for r in runs)
+            for side, runs in (("real-median", real), ("sim-median", sim))
+        }
+        for t in terms
     }
 
 
@@ -227,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     rows = {n: compare(real[n], sim[n]) for n in names}
+    for n, row in rows.items():
+        if "failed" not in row:
+            row["downtime-terms"] = downtime_terms(real[n], sim[n])
     overall = verdict(rows)
     path = out / f"simulate_vs_real-{sha}.json"
     stored = {

@@ -168,12 +168,15 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     """Device precopy is loaded while the guest runs; the switchover's load
     charges only what was sent after ``switchover``. A gpu-like device whose
     precopy grows 16-fold keeps the same load time; a device whose state all
-    arrives at stop-copy (no precopy) pays for every byte of it."""
+    arrives at stop-copy (no precopy) pays for every byte of it. (The
+    validation's hash of the whole state is made negligible here:
+    ``tests/test_sim_switchover_terms.py`` pins it.)"""
     from dataclasses import replace
 
     from mig.sim import HostModel
 
-    host = replace(HostModel(), device_load_rate=100e6)  # slow, to make the term visible
+    # Slow decoding, to make the term visible.
+    host = replace(HostModel(), device_load_rate=100e6, device_hash_rate=1e15)
 
     def run(device: str) -> dict:
         q = simulate(small(workload="uniform:rate=2000", devices=(device,), host=host))
@@ -190,7 +193,7 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     assert big_gpu["devices"][0]["precopy-bytes"] > 30 * MIB
     assert big_gpu["devices"][0]["stop-copy-bytes"] < MIB
     for q in (small_gpu, big_gpu):
-        assert q["downtime-breakdown"]["load"] == pytest.approx(expected_load_ms(q), rel=1e-6)
+        assert q["downtime-breakdown"]["load"] == pytest.approx(expected_load_ms(q), abs=1e-3)
     assert big_gpu["downtime-breakdown"]["load"] == pytest.approx(
         small_gpu["downtime-breakdown"]["load"], abs=1.0
     )
@@ -198,7 +201,7 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     stopped = run("gpu:state=8MiB,rate=64KiB/s,chunk=64KiB,precopy=off")
     assert stopped["devices"][0]["stop-copy-bytes"] >= 8 * MIB
     assert stopped["downtime-breakdown"]["load"] == pytest.approx(
-        expected_load_ms(stopped), rel=1e-6
+        expected_load_ms(stopped), abs=1e-3
     )
     assert stopped["downtime-breakdown"]["load"] > small_gpu["downtime-breakdown"]["load"] + 80
 
@@ -217,10 +220,10 @@ def test_calibration_times_the_real_tracker_with_dirty_pages() -> None:
         pytest.skip(f"needs userfaultfd write-protect with PAGEMAP_SCAN: {uffd['reason']}")
     h = HostModel.calibrate(size=64 * MIB)
     assert h.sync_per_page > 0 and h.sync_per_dirty_page > 0
-    assert (
-        h.device_rate != HostModel.device_rate and h.device_load_rate != HostModel.device_load_rate
-    )
-    assert all(0 < r < 1e12 for r in (h.device_rate, h.device_load_rate))
+    rates = (h.device_rate, h.device_load_rate, h.device_hash_rate)
+    defaults = (HostModel.device_rate, HostModel.device_load_rate, HostModel.device_hash_rate)
+    assert all(r != d for r, d in zip(rates, defaults, strict=True))
+    assert all(0 < r < 1e12 for r in rates)
     mem = GuestMemory(32 * MIB)
     mem.array[:] = 1
     stride = mem.page_size * 8  # an eighth of the pages (calibration writes a quarter)

@@ -89,3 +89,13 @@ def test_bytes_and_passes_are_reported_beside_the_bounded_metrics(bench: ModuleT
     assert row["passes"]["error"] == pytest.approx(0.5)
     # Reported, not bounded: the verdict still reads only the bounded metrics.
     assert "bounds-hold" not in row["passes"] and row["total-time"]["bounds-hold"]
+
+
+def test_each_downtime_term_is_compared_by_its_medians(bench: ModuleType) -> None:
+    """A term only one side pays still shows, at 0 on the other."""
+    real = [{"downtime-breakdown": {"load": v, "handshake": 1.0}} for v in (2.0, 9.0, 4.0)]
+    sim = [{"downtime-breakdown": {"load": 3.0, "device-state": 5.0}}] * 3
+    terms = bench.downtime_terms(real, sim)
+    assert terms["load"] == {"real-median": 4.0, "sim-median": 3.0}
+    assert terms["handshake"] == {"real-median": 1.0, "sim-median": 0.0}
+    assert terms["device-state"] == {"real-median": 0.0, "sim-median": 5.0}

@@ -35,8 +35,9 @@ Models:
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
-  Control messages take half a round trip each way; the switchover takes
-  two (``complete``/``ready``, then ``go``/``resumed``).
+  Control messages take half a round trip each way, plus the host's
+  ``control_latency``; the switchover takes two (``complete``/``ready``,
+  then ``go``/``resumed``).
 * Host costs (``HostModel``): memory digest rate (with ``verify`` strict the
   switchover digests all of RAM on both sides, the source's digest
   overlapping its stop-copy sends as a real source digests on another
@@ -48,12 +49,13 @@ Models:
   ``mig.sim_setup``), the demo destination's populate of its memory while
   the setup and first pass run (``SimConfig.prefault``: ``mig.sim_prefault``),
   the sender's page-table reads over holes amid data (``mig.sim_holes``),
-  tracker sync cost (a base, a scan per guest page, a
-  harvest per dirty page), vCPU stop latency and the rate at which device
-  state is produced and loaded (only the stop-copy bytes, sent after
-  ``switchover``, are loaded inside the downtime). ``HostModel.calibrate()``
-  measures them on this host; ``save_host_model``/``load_host_model`` keep
-  them for ``--simulate``.
+  tracker sync cost (a base, a scan per guest page, a harvest per dirty
+  page), vCPU stop latency, the rates at which device state is produced,
+  decoded and hashed (only the stop-copy bytes, sent after ``switchover``,
+  are loaded inside the downtime: ``mig.sim_devices``) and what a control
+  round trip costs beyond the link's RTT (``mig.sim_handshake``).
+  ``HostModel.calibrate()`` measures them on this host;
+  ``save_host_model``/``load_host_model`` keep them for ``--simulate``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_devices import (
+    decode_seconds,
+    device_costs,
+    hash_seconds,
+    production_seconds,
+)
+from mig.sim_handshake import control_latency
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_prefault import PrefaultContention, prefault_seconds_per_byte, prefault_share
 from mig.sim_setup import register_seconds_per_page
@@ -305,7 +314,7 @@ class HostModel:
     sync_per_dirty_page: float = 0.0  # s per dirty page harvested (and re-protected)
     pause_latency: float = 100e-6  # s until every vCPU is parked
     device_rate: float = 1e9  # bytes/s a device handler produces stop-copy state
-    device_load_rate: float = 1e9  # bytes/s the destination validates and loads it
+    device_load_rate: float = 1e9  # bytes/s the destination decodes it
     load_base: float = 0.005  # s the destination needs to finish loading and resume
     drain_base: float = 0.001  # s it waits for the end records once "complete" is in
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
@@ -347,6 +356,17 @@ class HostModel:
     # Sender's seconds per packet that reads the page tables over holes
     # (a zero page amid data, ``mig.sim_holes``).
     hole_query: float = 2e-4
+    # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the hash
+    # of a device's whole state in its END record (source, ``device-state``)
+    # and in its validation (destination, ``load``), bytes/s; the seconds per
+    # record of its stream produced (on top of ``device_rate``) and decoded
+    # (on top of ``device_load_rate``); and what a control round trip costs
+    # beyond the link's RTT (both ends' message handling, the destination's
+    # wake-up), added to every control reply (``handshake``).
+    device_hash_rate: float = 8e9
+    device_record_seconds: float = 0.0
+    device_load_record_seconds: float = 0.0
+    control_latency: float = 0.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -358,9 +378,9 @@ class HostModel:
     ) -> HostModel:
         """Measure the costs on this host (a few seconds): the digest rate,
         the tracker migrations use on real dirty pages (``_tracker_costs``),
-        a sample device's stop-copy save and load rates (``_device_rates``),
-        vCPU stop latency, the guest's maximum write rate and the populate's
-        rate (``prefault_seconds_per_byte``).
+        a sample device's stop-copy production, decoding and hash rates
+        (``mig.sim_devices.device_costs``), vCPU stop latency, the guest's
+        maximum write rate and the populate's rate (``prefault_seconds_per_byte``).
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
         and ``drain_base``: the destination's switchover time beyond its
@@ -370,8 +390,9 @@ class HostModel:
         with the host's load), and from real migrations to ``mig demo``'s
         destination its start-up (``_warmup_costs``), the loopback
         (``_loopback_costs``), its populate's contention
-        (``prefault_share``) and the sender's reads over holes
-        (``hole_query_seconds``)."""
+        (``prefault_share``), the sender's reads over holes
+        (``hole_query_seconds``) and ``control_latency``
+        (``mig.sim_handshake``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -379,7 +400,7 @@ class HostModel:
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
-        device_rate, device_load_rate = _device_rates()
+        devices = device_costs()
         with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
             time.sleep(0.2)
             lat = []
@@ -392,11 +413,12 @@ class HostModel:
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
-        setup_base = cls.setup_base
+        setup_base, control = cls.setup_base, cls.control_latency
         register_per_page = register_seconds_per_page()
         prefault_per_byte = prefault_seconds_per_byte()
         share, hello_wait = cls.prefault_share, cls.prefault_hello_wait
         if switchover is not None:
+            control = control_latency(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
@@ -408,8 +430,7 @@ class HostModel:
             sync_base=sync_base,
             sync_per_page=sync_per_page,
             sync_per_dirty_page=sync_per_dirty_page,
-            device_rate=device_rate,
-            device_load_rate=device_load_rate,
+            **devices,
             pause_latency=float(np.median(lat)),
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
@@ -427,6 +448,7 @@ class HostModel:
             prefault_hello_wait=hello_wait,
             loopback_stream_start=stream_start,
             hole_query=hole_query,
+            control_latency=control,
         )
 
 
@@ -558,43 +580,6 @@ def _tracker_costs(mem: Any) -> tuple[float, float, float]:
     per_page = max(clean - base, 0.0) / pages
     per_dirty = max(busy - clean, 0.0) / -(-pages // SYNC_DIRTY_STRIDE)
     return base, per_page, per_dirty
-
-
-# The device the production and load rates are timed on: no precopy, so
-# all of its state goes through one stop-copy save and one resume.
-CALIBRATION_DEVICE = "opaque:state=32MiB,rate=1MiB/s"
-
-
-def _device_rates() -> tuple[float, float]:
-    """(device_rate, device_load_rate): bytes/s a sample device's stop-copy
-    state is read from its saving session, and written to and validated by a
-    destination device's resuming session (through the load at RESUMING ->
-    STOP), best of three."""
-    from mig.devices import MigState, create  # noqa: PLC0415
-
-    save, load = math.inf, math.inf
-    for _ in range(3):
-        src = create(CALIBRATION_DEVICE)
-        dst = create(CALIBRATION_DEVICE, active=False)
-        try:
-            src.set_state(MigState.STOP)
-            t0 = time.perf_counter()
-            stream = src.set_state(MigState.STOP_COPY)
-            chunks = []
-            while chunk := stream.read(1 << 20):
-                chunks.append(chunk)
-            save = min(save, time.perf_counter() - t0)
-            nbytes = sum(map(len, chunks))
-            t0 = time.perf_counter()
-            resume = dst.set_state(MigState.RESUMING)
-            for chunk in chunks:
-                resume.write(chunk)
-            dst.set_state(MigState.STOP)
-            load = min(load, time.perf_counter() - t0)
-        finally:
-            src.close()
-            dst.close()
-    return nbytes / save, nbytes / load
 
 
 def _idle_loopback_migration(
@@ -730,6 +715,7 @@ _RATES = (
     "digest_rate",
     "device_rate",
     "device_load_rate",
+    "device_hash_rate",
     "max_rate_per_vcpu",
     "loopback_bandwidth",
     "prefault_share",
@@ -1044,6 +1030,15 @@ class SimLink:
         # device sent during precopy was loaded while the guest still ran.
         self._stop_copy_bytes: dict[int, int] = {}
         self._in_stop_copy = False
+        # The devices (their END records hash their whole states), and the
+        # seconds the destination will take to decode the stop-copy records,
+        # all after "complete" (``mig.sim_devices``).
+        self._devices = {h.device_id: h.device for h in handlers}
+        self._stop_copy_decode = 0.0
+        # Seconds the destination's loop spent loading precopy device records
+        # since its last pass-ack, which reports them (the source plans the
+        # switchover's handshake with the median: complete meets that loop).
+        self._dest_busy = 0.0
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -1106,12 +1101,19 @@ class SimLink:
         self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
+        # Every control round trip costs this host's message handling too
+        # (``mig.sim_handshake``).
+        at = self.clock.now() + delay + self.host.control_latency
         self._n += 1
-        heapq.heappush(self._events, (self.clock.now() + delay, self._n, message))
+        heapq.heappush(self._events, (at, self._n, message))
 
     def produced(self, device_id: int, nbytes: int) -> None:
-        """A device produced ``nbytes`` of state ahead of sending it (stopped exact)."""
-        self.clock.advance(nbytes / self.host.device_rate)
+        """A device produced ``nbytes`` of state ahead of sending it (stopped
+        exact), its END record's hash of the whole state included."""
+        device = self._devices.get(device_id)
+        self.clock.advance(
+            production_seconds(self.host, device, nbytes) + hash_seconds(self.host, device)
+        )
         self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
 
     # --- the Link protocol ---
@@ -1173,7 +1175,22 @@ class SimLink:
         self._bytes += n
         if self._in_stop_copy:
             self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
-        self._charge(RECORD_HEADER + n, produce / self.host.device_rate)
+        device = self._devices.get(device_id)
+        cpu = production_seconds(self.host, device, produce)
+        if final and produce:
+            # The END record hashes the whole state; a stopped exact that
+            # produced this chunk paid it then (``produced``).
+            cpu += hash_seconds(self.host, device)
+        # The handler produces a chunk before it sends it: the link idles
+        # meanwhile (a capped sender's bucket fills), and the send's own
+        # time, the bandwidth meter's, is the wire's alone.
+        self.clock.advance(cpu)
+        self._charge(RECORD_HEADER + n)
+        decode = decode_seconds(self.host, device, n)
+        if self._in_stop_copy:
+            self._stop_copy_decode += decode
+        else:
+            self._dest_busy += decode
 
     def sync(self, generation: int) -> None:
         self._charge(RECORD_HEADER * self.channels)
@@ -1206,11 +1223,18 @@ class SimLink:
                 self.clock.advance(setup)
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
+            self._stop_copy_decode = 0.0
+            # The destination's background rehasher hashed every chunk that
+            # settled before the pause, settle or not (a stopped exact
+            # switches over without one): "ready" rehashes only what it had
+            # not taken yet, and what stop-copy touches.
+            self._final_chunks = self._stale_chunks.pending(self.clock.now())
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
             # The destination drops the aborted records; precopy resumes.
             self._in_stop_copy, self._stop_copy_bytes = False, {}
+            self._stop_copy_decode = 0.0
             self.guest.memory.digest_started = None
         try:
             self._play(self.destination.on_message(message, self.clock.now()))
@@ -1231,7 +1255,8 @@ class SimLink:
                 case Resume():
                     self._play(self.destination.resumed(self.clock.now()))
                 case AnswerPass(number=number):
-                    self._reply(self.model.rtt, PassAck(number, 0.0))
+                    self._reply(self.model.rtt, PassAck(number, self._dest_busy))
+                    self._dest_busy = 0.0
                 case SettleChannels(number=number):
                     # The model's pages land as they are charged: nothing is
                     # queued; the root rehashes the chunks of the pass in flight.
@@ -1262,7 +1287,7 @@ class SimLink:
             digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
         drain = self.host.drain_base
         load = drain + self.host.load_base + digest_seconds
-        load += sum(self._stop_copy_bytes.values()) / self.host.device_load_rate
+        load += self._device_load()
         self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
@@ -1279,6 +1304,13 @@ class SimLink:
             self._reply(self.model.rtt + load, Failed(e.reason))
             return
         self._play(effects, delay=load)
+
+    def _device_load(self) -> float:
+        """The destination's device work once ``complete`` is in
+        (``mig.sim_devices``): decoding every stop-copy record, then each
+        device's validation (a hash of its whole state)."""
+        checks = sum(hash_seconds(self.host, self._devices.get(d)) for d in self._stop_copy_bytes)
+        return self._stop_copy_decode + checks
 
     def recv(self, timeout: float) -> Message | None:
         now = self.clock.now()

@@ -19,6 +19,7 @@ none.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -67,6 +68,12 @@ class StaleChunks:
         """Chunks stale here or in ``other``."""
         return (self._chunks | other._chunks).count()
 
+    def union(self, other: StaleChunks) -> StaleChunks:
+        """A new set: the chunks stale here or in ``other``."""
+        out = copy.copy(self)
+        out._chunks = self._chunks | other._chunks
+        return out
+
     def clear(self) -> None:
         self._chunks.clear()
 
@@ -97,6 +104,13 @@ class RecentChunks:
     def count(self, now: float) -> int:
         self._rotate(now)
         return self._current.count_with(self._previous)
+
+    def pending(self, now: float) -> StaleChunks:
+        """The chunks the rehasher has not taken yet, as a set of their own:
+        at a pause, all that the destination's root can still owe of what
+        precopy sent (the rehasher hashed every chunk that settled before)."""
+        self._rotate(now)
+        return self._current.union(self._previous)
 
     def clear(self) -> None:
         self._current.clear()

@@ -1,0 +1,33 @@
+"""The switchover's handshake in virtual time: what a control round trip costs.
+
+The source's ``handshake`` term is its two control round trips,
+``complete``/``ready`` and ``go``/``resumed``, less the destination's reported
+work (``SwitchoverRun._destination_terms``). Between two processes that is
+more than the network's RTT: each message is encoded, written, woken up for,
+read and decoded on both ends. The simulator charges every control reply the
+link's RTT plus ``HostModel.control_latency``, so the switchover's handshake,
+and the round trips the source plans it from (``pass``/``pass-ack``, ``settle``),
+cost what they cost on this host. ``control_latency`` measures it with
+``mig demo``'s destination (its own process, as the runs ``--simulate``
+predicts): half the median handshake of idle loopback migrations, less the
+simulated link's RTT.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+__all__ = ["control_latency"]
+
+
+def control_latency(size: int, cap: float, runs: int = 3) -> float:
+    """Seconds a control round trip costs beyond the simulated link's RTT, from
+    ``runs`` real loopback migrations of an idle ``size``-byte guest at ``cap``
+    to ``mig demo``'s destination process."""
+    from mig.sim import LinkModel, _idle_loopback_migration  # noqa: PLC0415
+
+    handshakes = []
+    for _ in range(runs):
+        q, _ = _idle_loopback_migration(size, True, int(cap), demo=True)
+        handshakes.append(q["downtime-breakdown"]["handshake"] / 1000)
+    return max(0.0, statistics.median(handshakes) / 2 - LinkModel().rtt)

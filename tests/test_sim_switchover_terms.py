@@ -1,0 +1,180 @@
+"""The switchover's device and handshake terms in virtual time: each charged
+where and as the engine pays it (``mig.sim_devices``, ``mig.sim_handshake``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mig.predict import sim_config
+from mig.sim import HostModel, LinkModel, SimConfig, save_host_model, simulate
+from mig.sim_devices import device_costs
+
+MIB = 1 << 20
+# Slow device rates, so each device term is tens of milliseconds.
+SLOW = replace(HostModel(), device_rate=200e6, device_load_rate=400e6, device_hash_rate=1e9)
+
+
+def run(device: str, policy: str, host: HostModel = SLOW, cap: int = 1 << 30) -> dict:
+    q = simulate(
+        SimConfig(
+            memory=64 * MIB,
+            workload="uniform:rate=2000",
+            devices=(device,),
+            policy=policy,
+            params={"max_bandwidth": cap, "downtime_limit": 300, "timeout": 60.0},
+            host=host,
+        )
+    )
+    assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
+    return q
+
+
+def test_a_device_known_only_when_stopped_charges_its_load_at_the_switchover() -> None:
+    """An opaque device (its size known only once stopped) under
+    ``stop-exact-resume``: its state is produced at the stopped exact, inside
+    the downtime (``pause``), once; the destination decodes every stop-copy
+    byte after ``complete`` (it holds the records until ``complete``
+    announces them) and validates the whole state's hash."""
+    q = run("opaque:state=16MiB,rate=1MiB/s", "stop-exact-resume")
+    stop_copy = q["devices"][0]["stop-copy-bytes"]
+    assert q["devices"][0]["exact-stops"] == 1 and stop_copy > 15 * MIB
+    b = q["downtime-breakdown"]
+    produce_ms = 1000 * stop_copy / SLOW.device_rate
+    hash_ms = 1000 * 16 * MIB / SLOW.device_hash_rate
+    expected_load = 1000 * SLOW.load_base + 1000 * stop_copy / SLOW.device_load_rate + hash_ms
+    assert b["load"] == pytest.approx(expected_load, rel=1e-3)
+    # Produced (and its END record hashed) once, at the stopped exact.
+    assert b["pause"] >= produce_ms + hash_ms
+    assert b["device-state"] < produce_ms / 2
+
+
+def test_the_whole_state_is_hashed_on_both_sides_however_little_stop_copy_sends() -> None:
+    """A gpu-like device with 32 MiB of state sent in precopy: stop-copy
+    sends almost nothing, yet the source's END record and the destination's
+    validation each hash all 32 MiB inside the downtime."""
+    device = "gpu:state=32MiB,rate=64KiB/s,chunk=64KiB"
+    hashed = run(device, "exact-running", cap=64 * MIB)
+    free = run(device, "exact-running", host=replace(SLOW, device_hash_rate=1e18), cap=64 * MIB)
+    assert hashed["devices"][0]["stop-copy-bytes"] < MIB
+    hash_ms = 1000 * 32 * MIB / SLOW.device_hash_rate
+    for term in ("device-state", "load"):
+        extra = hashed["downtime-breakdown"][term] - free["downtime-breakdown"][term]
+        assert extra == pytest.approx(hash_ms, rel=0.05), term
+
+
+def test_the_handshake_costs_the_hosts_control_latency() -> None:
+    """Each of the switchover's two round trips costs the link's RTT plus the
+    host's control latency, and the source plans with what it measured."""
+    latency = 0.004
+    q = run("nic:state=2MiB,rate=1MiB/s", "exact-running",
+            host=replace(SLOW, control_latency=latency))  # fmt: skip
+    expected = 1000 * 2 * (LinkModel().rtt + latency)
+    assert q["downtime-breakdown"]["handshake"] == pytest.approx(expected, rel=1e-3)
+    assert q["switchover-costs"]["handshake"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
+    """mig demo with a cap still runs on the loopback: the bytes the sender's
+    token bucket lets out at once leave at its pace, so no bandwidth sample
+    reads faster than the loopback."""
+    path = tmp_path / "host-model.json"
+    save_host_model(HostModel(loopback_bandwidth=300e6), path, {"date": "2026-01-01T00:00:00Z"})
+    params = {"max_bandwidth": 128 * MIB, "downtime_limit": 300}
+    config, _ = sim_config(params, size=64 * MIB, workload="uniform:rate=4000", vcpus=1,
+                           devices="none", host_model=path)  # fmt: skip
+    assert config.link.bottleneck == 300e6
+    q = simulate(config)
+    assert q["status"] == "completed"
+    assert max(p["bandwidth"] for p in q["passes"]) <= 300e6 * 1.001
+
+
+def test_device_costs_are_measured_through_the_handlers() -> None:
+    """Production and decoding per byte and per record, and the whole-state
+    hash: hashing (xxh3 over the state) outruns producing the records, and a
+    record costs its handling on top of its bytes."""
+    costs = device_costs(runs=1)
+    rates = ("device_rate", "device_load_rate", "device_hash_rate")
+    assert all(0 < costs[r] < 1e12 for r in rates)
+    assert costs["device_hash_rate"] > costs["device_rate"]
+    assert costs["device_record_seconds"] > 0 and costs["device_load_record_seconds"] > 0
+
+
+def test_control_latency_is_measured_against_the_demo_destination() -> None:
+    """A real loopback migration to mig demo's destination process: its
+    switchover's two round trips cost this host more than the simulated
+    link's RTT alone, and far less than a second."""
+    from mig.sim_handshake import control_latency
+
+    latency = control_latency(16 * MIB, 64 * MIB, runs=1)
+    assert 0 < latency < 0.5
+
+
+def test_a_chunk_is_produced_while_the_capped_link_idles() -> None:
+    """The handler produces a chunk, then sends it (the send waits for the
+    wire): while it produces, a capped sender's token bucket fills, so
+    production as slow as the cap costs about the production, not twice it."""
+    cap = 64 * MIB
+    host = replace(SLOW, device_rate=cap)
+    q = run("fixed:state=16MiB,chunk=1MiB", "exact-running", host=host, cap=cap)
+    produce_ms = 1000 * q["devices"][0]["stop-copy-bytes"] / cap
+    assert produce_ms < q["downtime-breakdown"]["device-state"] < 1.2 * produce_ms
+
+
+def test_each_record_of_a_device_stream_costs_its_handling() -> None:
+    """The same state in 4 KiB records costs its production and its decoding
+    per record on top of the bytes: 4096 records more than in 1 MiB ones."""
+    per_record, per_load = 5e-6, 2e-6
+    host = replace(SLOW, device_record_seconds=per_record, device_load_record_seconds=per_load)
+    # Known only when stopped: produced at the stopped exact (pause);
+    # decoded after "complete" (load).
+    small, large = (run(f"opaque:state=16MiB,chunk={c}", "stop-exact-resume", host=host)
+                    for c in ("4KiB", "1MiB"))  # fmt: skip
+    records = 16 * MIB // (4 << 10) - 16
+    for term, cost in (("pause", per_record), ("load", per_load)):
+        extra = small["downtime-breakdown"][term] - large["downtime-breakdown"][term]
+        assert extra == pytest.approx(1000 * records * cost, rel=0.05), term
+
+
+def test_the_handshake_is_planned_with_the_destinations_device_loads() -> None:
+    """pass-ack reports the seconds the destination's loop spent loading
+    precopy device records since the last one; the source plans the
+    switchover's handshake as two round trips plus their median."""
+    device = "gpu:state=32MiB,rate=4MiB/s,chunk=64KiB"
+    busy = run(device, "exact-running", cap=64 * MIB)
+    idle = run(device, "exact-running", host=replace(SLOW, device_load_rate=1e15), cap=64 * MIB)
+    round_trips = 1000 * 2 * LinkModel().rtt
+    assert idle["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
+    assert busy["switchover-costs"]["handshake"] > round_trips + 0.5
+
+
+def test_a_stopped_exact_switchover_owes_the_root_only_unsettled_chunks() -> None:
+    """stop-exact-resume switches over from its stopped exact, with no
+    settle before: the destination's background rehasher still hashed every
+    chunk that settled during precopy, so "ready" rehashes only the chunks
+    touched in its last window and by the stop-copy, not every chunk the
+    migration wrote (the whole 64 MiB of a filled guest: 1024 chunks)."""
+    host = HostModel(chunk_rehash=10e-6)
+
+    def dest_digest(policy: str) -> float:
+        q = simulate(
+            SimConfig(
+                memory=64 * MIB,
+                workload="hotset:rate=4000,wss=8MiB",
+                devices=("fixed",),
+                policy=policy,
+                params={"max_bandwidth": 64 * MIB, "downtime_limit": 300, "timeout": 60.0},
+                link=LinkModel(bottleneck=64 * MIB),
+                host=host,
+            )
+        )
+        assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
+        return q["downtime-breakdown"]["dest-digest"]
+
+    whole_memory_ms = 1000 * 1024 * host.chunk_rehash
+    stopped = dest_digest("stop-exact-resume")
+    assert 0 < stopped < whole_memory_ms / 2
+    # The same final pass after a settle owes the root no more.
+    assert stopped <= 2 * dest_digest("exact-running")
