@@ -360,6 +360,10 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         if self._timed_out():
             if self.settings.timeout_action == "cancel":
                 raise MigrationEnded("cancelled", f"timeout after {self.settings.timeout} s")
+            if self.settings.timeout_action == "postcopy":
+                self.notify.event("postcopy-start", reason=f"timeout {self.settings.timeout} s")
+                self._switch_over(None, forced=False, postcopy=True)
+                return
             self.notify.event("timeout-force")
             self._switch_over(None, forced=True)
             return
