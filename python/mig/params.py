@@ -12,7 +12,11 @@ from typing import Any
 from mig.policies import DEFAULT_POLICY
 from mig.protocol import VERIFY_MODES
 
-__all__ = ["PARAMETERS", "MigrationParams"]
+__all__ = ["PARAMETERS", "TIMEOUT_ACTIONS", "MigrationParams"]
+
+# At ``timeout``: give up, switch over whatever the downtime, or (with
+# ``postcopy``) switch to post-copy, as virsh's --timeout-postcopy does.
+TIMEOUT_ACTIONS = ("cancel", "force", "postcopy")
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class MigrationParams:
     policy: str = DEFAULT_POLICY
     policy_options: dict[str, Any] | None = None
     timeout: float = 0.0  # s, 0 = none
-    timeout_action: str = "cancel"  # or "force"
+    timeout_action: str = "cancel"  # one of TIMEOUT_ACTIONS
     non_convergence_action: str = "report"  # or "fail"
     tracker_backend: str = "uffd"
     connect_timeout: float = 10.0
@@ -102,8 +106,11 @@ class MigrationParams:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if int(self.multifd_channels) < 1:
             raise ValueError("multifd_channels must be >= 1")
-        if self.timeout_action not in ("cancel", "force"):
-            raise ValueError("timeout_action must be 'cancel' or 'force'")
+        if self.timeout_action not in TIMEOUT_ACTIONS:
+            actions = ", ".join(repr(a) for a in TIMEOUT_ACTIONS)
+            raise ValueError(f"timeout_action must be one of {actions}")
+        if self.timeout_action == "postcopy" and not self.postcopy:
+            raise ValueError("timeout_action 'postcopy' needs postcopy on")
         if self.non_convergence_action not in ("report", "fail"):
             raise ValueError("non_convergence_action must be 'report' or 'fail'")
         if not isinstance(self.zero_copy_send, bool):

@@ -127,7 +127,11 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         self.notify = Notifier(on_status, on_pass, on_event)
         self.policy = make_policy(self.settings.policy, **(self.settings.policy_options or {}))
         if self.settings.postcopy:
-            self.policy = PostcopySwitch(self.policy, self.settings.postcopy_after_passes)
+            self.policy = PostcopySwitch(
+                self.policy,
+                self.settings.postcopy_after_passes,
+                link_cap=lambda: self.settings.max_bandwidth,
+            )
         self._postcopy_requested = False
         self.meter = BandwidthMeter()
         self.costs = SwitchoverCosts(source_digest=self.settings.verify == "strict")
