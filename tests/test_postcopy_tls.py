@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from postcopykit import needs_postcopy
+from postcopykit import needs_postcopy, run_postcopy
 from tlskit import Authority, Identity
 
 import mig
@@ -47,18 +47,9 @@ def test_postcopy_page_channels_under_tls_are_byte_exact(
         guest, uri=dest.uri, postcopy=True, timeout=60, max_bandwidth=32 << 20,
         **pki["src"].kwargs(),
     )  # fmt: skip
-    dest.start()
-    source.start()
-    source.start_postcopy()  # everything owed: the page channels carry all of memory
-    try:
-        q, d = source.wait(90), dest.wait(30)
-    finally:
-        guest.close()
-        if "guest" in there:
-            there["guest"].close()
-    assert q["status"] == "completed", q.get("error-desc")
-    assert d["status"] == "completed", d.get("error-desc")
-    assert q["verified"] and d["verified"], (q.get("verify-error"), d.get("verify-error"))
+    # Everything owed: the page channels carry all of memory; verified
+    # byte-exact (pages placed alone ahead of their chunk included).
+    q, d = run_postcopy(source, dest, guest, there)
     pc = q["postcopy"]
     assert pc["owed-chunks"] == SIZE // (64 << 10)
     assert pc["requested-chunks"] + pc["pushed-chunks"] == pc["owed-chunks"]

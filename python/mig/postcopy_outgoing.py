@@ -45,6 +45,8 @@ class PostcopyOutgoing:
         self.owed_pages = 0
         self.recover_error: str | None = None
         self.gate = RecoverGate()
+        # postcopy_push_order "stream": one locality at a time (outgoing.rs).
+        self.one_stream = False
         # Monotonic seconds at "go" and at the last chunk placed: the phase's length.
         self.started_at: float | None = None
         self.placed_at: float | None = None
@@ -63,6 +65,7 @@ class PostcopyOutgoing:
             owed,
             max_bandwidth=self.max_bandwidth,
             max_push_bandwidth=self.max_push_bandwidth,
+            one_stream=self.one_stream,
         )
         self.native.connect(self.uri)
 
