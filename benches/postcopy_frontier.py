@@ -10,7 +10,10 @@ command (``postcopy_demo``'s case) once per switch point, and once with
   ``--timeout-postcopy``): pre-copy for N seconds of migration, then
   post-copy (``--postcopy-after`` set out of reach, so that only the
   timeout, or the convergence monitor, switches);
-- ``after-N``: ``--postcopy-after N``, after N whole passes.
+- ``after-N``: ``--postcopy-after N``, after N whole passes;
+- ``...+stream``: the policy's and the two earliest timed points again with
+  ``--postcopy-push-order stream`` (the push follows one vCPU's walk at a
+  time; the default follows every request).
 
 For each point: the time it switched (``switched-at-ms``, the pause on the
 source's clock), total time over the time to send the guest's written
@@ -51,11 +54,15 @@ def points() -> list[tuple[str, list[str]]]:
                              "--timeout-action", "postcopy"])
         for t in TIMEOUTS_S
     ]  # fmt: skip
+    stream = ["--postcopy-push-order", "stream"]
     return [
         ("policy", []),
         *timed,
         ("after-1", ["--postcopy-after", "1"]),
         ("after-2", ["--postcopy-after", "2"]),
+        # The push following one vCPU's walk at a time (docs/postcopy.md).
+        ("policy+stream", stream),
+        *[(f"{name}+stream", extra + stream) for name, extra in timed[:2]],
     ]
 
 
