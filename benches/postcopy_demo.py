@@ -41,6 +41,17 @@ fault latency p50 <= 1 ms and p99 <= 10 ms with the push running.
 Results go to ``benches/results/postcopy_demo-<commit>.json``.
 
     python benches/postcopy_demo.py [--runs N] [--quick]
+    python benches/postcopy_demo.py --frontier [--quick]
+
+``--frontier``: post-copy switched at several points (the policy's, after a
+time, after whole passes) and auto-converge, once each in the same run;
+total time and guest writes of each point against the bounds
+(``postcopy_frontier``).
+
+Each run also reports its ``phases``: where its time went on the source's
+clock (setup, pre-copy until the switch, settle, downtime, after resume
+with the post-copy phase's own length) and the bytes sent beyond the
+guest's written memory once.
 
 ``--quick`` uses a 256 MiB guest (wss 64 MiB, 25 MiB/s), same proportions.
 Both processes share the host's cores; absolute figures are this host's.
@@ -54,6 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +84,14 @@ FAULT_RATE = 300
 WINDOW_S = 1.5
 
 
-def demo(size_mib: int, wss_mib: int, bw_mib: int, mode: str, timeout: float) -> dict[str, Any]:
+def demo(
+    size_mib: int, wss_mib: int, bw_mib: int, mode: str, timeout: float, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "mig.cli", "demo", "--size", f"{size_mib}MiB",
         "--workload", f"sequential:wss={wss_mib}MiB,rate=961000", "--devices", "none",
         "--max-bandwidth", f"{bw_mib}MiB/s", "--downtime-limit", f"{LIMIT_MS:g}ms",
-        "--json", f"--{mode}",
+        "--json", f"--{mode}", *extra,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120)
     try:
@@ -103,6 +117,41 @@ def demo(size_mib: int, wss_mib: int, bw_mib: int, mode: str, timeout: float) ->
         "throttle-pct": q.get("cpu-throttle-percentage"),
         "sent-bytes": int((q.get("ram") or {}).get("transferred", 0))
         + int((q.get("postcopy") or {}).get("postcopy-bytes", 0)),
+        "phases": phases(q, wss_mib * MIB),
+    }
+
+
+def phases(q: dict[str, Any], written: int) -> dict[str, Any]:
+    """Where the migration's time and bytes went, in order on the source's clock, ms.
+
+    ``setup`` (connect, hello, the tracker's registration and first sync),
+    ``precopy`` (pre-copy until the switch was decided: for post-copy the
+    measuring windows), ``settle`` (the wait, guest running, for what was
+    sent to land), ``downtime`` (pause to the destination running),
+    ``after-resume`` (the rest until ``completed``: for post-copy its phase,
+    of which ``postcopy-time`` is "go" to the last chunk placed), and the
+    bytes sent beyond the guest's written memory once (``excess-bytes``)."""
+    passes = q.get("passes") or []
+    total, setup = float(q.get("total-time", 0.0)), float(q.get("setup-time", 0.0))
+    settle, down = float(q.get("settle-time") or 0.0), float(q.get("downtime") or 0.0)
+    parts = q.get("downtime-breakdown") or {}
+    # The last pass record is the stop-copy's, taken once the pause, the
+    # final sync and the final harvest were done.
+    last = float(passes[-1]["time"]) * 1000 if passes else setup + settle
+    paused_at = last - sum(float(parts.get(k, 0.0)) for k in ("pause", "final-sync", "final-ram"))
+    pc = q.get("postcopy") or {}
+    ram = q.get("ram") or {}
+    sent = int(ram.get("transferred", 0)) + int(pc.get("postcopy-bytes", 0))
+    return {
+        "setup": setup,
+        "precopy": max(0.0, paused_at - settle - setup),
+        "settle": settle,
+        "downtime": down,
+        "after-resume": max(0.0, total - paused_at - down),
+        "postcopy-time": pc.get("postcopy-time"),
+        "precopy-bytes": int(ram.get("transferred", 0)),
+        "postcopy-bytes": int(pc.get("postcopy-bytes", 0)),
+        "excess-bytes": sent - written,
     }
 
 
@@ -191,9 +240,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument(
+        "--frontier",
+        action="store_true",
+        help="post-copy at several switch points against auto-converge (postcopy_frontier)",
+    )
     args = ap.parse_args()
     size, wss, bw = (256, 64, 25) if args.quick else (1024, 256, 100)
     timeout = 120.0
+    if args.frontier:
+        import postcopy_frontier
+
+        return postcopy_frontier.run(demo, size, wss, bw, timeout, Path(args.out), commit)
     runs: dict[str, list[dict[str, Any]]] = {"postcopy": [], "auto-converge": []}
     for i in range(args.runs):
         for mode in runs:

@@ -239,6 +239,7 @@ class PostcopyOutgoing:
         *,
         max_bandwidth: int = 0,
         max_push_bandwidth: int = 0,
+        one_stream: bool = False,
     ) -> None: ...
     def connect(self, uri: str) -> None:
         """Opens the two page channels to ``uri``."""

@@ -364,14 +364,21 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
     extra = serve_workload_args(args)  # the destination runs the demo's workload after resume
-    dest = DemoDestination(size, args.devices, args.log_level, _tls(args), extra) if size else None
+    pre = not args.postcopy  # post-copy discards what a prefault would populate
+    dest = (
+        DemoDestination(size, args.devices, args.log_level, _tls(args), extra, pre)
+        if size
+        else None
+    )
     g: _Guest | None = None
     try:
         g = _Guest(args)
         if dest is None or dest.size != g.memory.size:  # the image changed meanwhile
             if dest is not None:
                 dest.kill()
-            dest = DemoDestination(g.memory.size, args.devices, args.log_level, _tls(args), extra)
+            dest = DemoDestination(
+                g.memory.size, args.devices, args.log_level, _tls(args), extra, pre
+            )
         uri = dest.uri()
         if uri is None:
             out, err = dest.reap(5.0)

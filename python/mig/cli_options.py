@@ -22,6 +22,7 @@ from mig.cli_values import (
     positive,
     typed,
 )
+from mig.params import TIMEOUT_ACTIONS
 from mig.prealloc import add_prealloc_option
 from mig.protocol import VERIFY_MODES
 from mig.units import parse_duration, parse_rate, parse_size
@@ -307,9 +308,10 @@ def add_run_control(m: Options) -> None:
     add_timeout(m, f"give up after this long (default: never; mig demo: {DEMO_TIMEOUT:.0f}s)")
     m.add_argument(
         "--timeout-action",
-        choices=("cancel", "force"),
+        choices=TIMEOUT_ACTIONS,
         default=None,
-        help="at the timeout, cancel or force the switchover "
+        help="at the timeout, cancel, force the switchover, or switch to post-copy "
+        "(with --postcopy; virsh's --timeout-postcopy) "
         "(default cancel; mig demo at its default timeout: force)",
     )
     add_verify(

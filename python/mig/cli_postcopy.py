@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mig.cli_values import MAX_VCPUS, int_range
+from mig.params import POSTCOPY_PUSH_ORDERS
 
 log = logging.getLogger("mig.cli")
 
@@ -53,6 +54,13 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
         help="with --postcopy: switch after this many whole passes of pre-copy, or on "
         "non-convergence (default 0: as soon as the guest is measured dirtying memory "
         "as fast as the link sends it)",
+    )
+    g.add_argument(
+        "--postcopy-push-order",
+        choices=POSTCOPY_PUSH_ORDERS,
+        default="faults",
+        help="the locality the background push follows: every request's (faults, as QEMU) "
+        "or one stream at a time (stream: requests elsewhere get their page alone)",
     )
 
 
@@ -104,7 +112,11 @@ def auto_recover(args: argparse.Namespace, side: Any) -> None:
 def postcopy_params(args: argparse.Namespace) -> dict[str, Any]:
     if not getattr(args, "postcopy", False):
         return {}
-    return {"postcopy": True, "postcopy_after_passes": int(args.postcopy_after)}
+    return {
+        "postcopy": True,
+        "postcopy_after_passes": int(args.postcopy_after),
+        "postcopy_push_order": str(args.postcopy_push_order),
+    }
 
 
 def add_serve_workload(parser: argparse.ArgumentParser) -> None:

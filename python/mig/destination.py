@@ -311,6 +311,8 @@ class MigrationDestination:
                 continue
             for effect in core.on_message(message, now):
                 self._apply(ep, effect)
+            if core.postcopy:  # "postcopy-run": the source opens the page channels now
+                self.postcopy.accept(self.listener, getattr(ep, "native", None), self.idle_timeout)
             core.activity(self.clock.now())
         if core.postcopy:
             self._finish_postcopy()

@@ -12,7 +12,13 @@ from typing import Any
 from mig.policies import DEFAULT_POLICY
 from mig.protocol import VERIFY_MODES
 
-__all__ = ["PARAMETERS", "MigrationParams"]
+__all__ = ["PARAMETERS", "POSTCOPY_PUSH_ORDERS", "TIMEOUT_ACTIONS", "MigrationParams"]
+
+# At ``timeout``: give up, switch over whatever the downtime, or (with
+# ``postcopy``) switch to post-copy, as virsh's --timeout-postcopy does.
+TIMEOUT_ACTIONS = ("cancel", "force", "postcopy")
+# postcopy_push_order: the push follows every request, or one stream at a time.
+POSTCOPY_PUSH_ORDERS = ("faults", "stream")
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class MigrationParams:
     policy: str = DEFAULT_POLICY
     policy_options: dict[str, Any] | None = None
     timeout: float = 0.0  # s, 0 = none
-    timeout_action: str = "cancel"  # or "force"
+    timeout_action: str = "cancel"  # one of TIMEOUT_ACTIONS
     non_convergence_action: str = "report"  # or "fail"
     tracker_backend: str = "uffd"
     connect_timeout: float = 10.0
@@ -69,6 +75,11 @@ class MigrationParams:
     max_postcopy_bandwidth: int = 0
     # s a recovery waits for the destination's list of missing pages.
     postcopy_recover_timeout: float = 30.0
+    # Which locality the background push follows (mig's own; one of
+    # POSTCOPY_PUSH_ORDERS): "faults", each request's, as QEMU does;
+    # "stream", one at a time: while a vCPU follows the push, a request
+    # elsewhere gets its page alone and the push stays (docs/postcopy.md).
+    postcopy_push_order: str = "faults"
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> MigrationParams:
@@ -102,8 +113,14 @@ class MigrationParams:
                 raise ValueError(f"{key} must be >= 0, not {getattr(self, key)}")
         if int(self.multifd_channels) < 1:
             raise ValueError("multifd_channels must be >= 1")
-        if self.timeout_action not in ("cancel", "force"):
-            raise ValueError("timeout_action must be 'cancel' or 'force'")
+        if self.timeout_action not in TIMEOUT_ACTIONS:
+            actions = ", ".join(repr(a) for a in TIMEOUT_ACTIONS)
+            raise ValueError(f"timeout_action must be one of {actions}")
+        if self.postcopy_push_order not in POSTCOPY_PUSH_ORDERS:
+            orders = ", ".join(repr(o) for o in POSTCOPY_PUSH_ORDERS)
+            raise ValueError(f"postcopy_push_order must be one of {orders}")
+        if self.timeout_action == "postcopy" and not self.postcopy:
+            raise ValueError("timeout_action 'postcopy' needs postcopy on")
         if self.non_convergence_action not in ("report", "fail"):
             raise ValueError("non_convergence_action must be 'report' or 'fail'")
         if not isinstance(self.zero_copy_send, bool):

@@ -2,11 +2,14 @@
 
 At ``postcopy-advise`` it checks that this host can register memory for
 missing-page faults (userfaultfd MISSING mode) and fails the migration
-naming the missing feature otherwise. At ``go`` of a post-copy switchover
-it accepts the source's two page channels on the session's listener, lets
-the native ``PostcopyIncoming`` register the memory (discarding the pages
-the source still owes) and start its threads, all before the guest
-resumes. After ``resumed`` it waits, with the guest running, until every
+naming the missing feature otherwise. At ``postcopy-run`` (before the
+source opens them) it starts accepting the source's two page channels on
+the session's listener, in a thread: their connect, a TLS handshake
+included, completes while the stop-copy goes on. At ``go`` it waits for
+that thread, which lets the native ``PostcopyIncoming`` register the
+memory (discarding the pages the source still owes, named by the
+``DISCARD`` the source sends after ``go``) and start its threads, all
+before the guest resumes. After ``resumed`` it waits, with the guest running, until every
 owed page is placed; the root of memory as resumed then replaces the one
 taken at ``ready``, for the after-resume verification.
 
@@ -18,6 +21,7 @@ accepts new channels. Cancelling then ends it: the guest is lost, and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -51,14 +55,36 @@ class PostcopyIncoming:
         self.gate = RecoverGate()
         self._recover_error: str | None = None
         self._missing: list[tuple[int, int]] | None = None
+        self._accepting: threading.Thread | None = None
+        self._accept_error: BaseException | None = None
 
-    def attach(self, listener: Any, receiver: Any, timeout: float) -> None:
-        """Accept the page channels, register, discard what is owed, start."""
+    def accept(self, listener: Any, receiver: Any, timeout: float) -> None:
+        """Start accepting the page channels (once): in a thread, which then
+        reads ``DISCARD``, registers, discards what is owed and starts."""
+        if self._accepting is not None:
+            return
         if listener is None or receiver is None:
             raise MigrationEnded("failed", "post-copy needs a real session (listener and receiver)")
-        self.native.attach(listener, receiver, timeout, io_timeout=self.io_timeout)
-        self.attached = True
         self._session = (listener, receiver, timeout)
+
+        def run() -> None:
+            try:
+                self.native.attach(listener, receiver, timeout, io_timeout=self.io_timeout)
+            except BaseException as e:  # re-raised by attach(), on the serving thread
+                self._accept_error = e
+
+        self._accepting = threading.Thread(target=run, name="mig-postcopy-accept", daemon=True)
+        self._accepting.start()
+
+    def attach(self, listener: Any, receiver: Any, timeout: float) -> None:
+        """``go``: the page channels accepted, the memory registered and the
+        owed pages discarded; the guest may run once this returns."""
+        self.accept(listener, receiver, timeout)
+        assert self._accepting is not None
+        self._accepting.join()
+        if self._accept_error is not None:
+            raise self._accept_error
+        self.attached = True
 
     def run(
         self,

@@ -18,6 +18,7 @@ destination's part is lost with it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,11 @@ class PostcopyOutgoing:
         self.owed_pages = 0
         self.recover_error: str | None = None
         self.gate = RecoverGate()
+        # postcopy_push_order "stream": one locality at a time (outgoing.rs).
+        self.one_stream = False
+        # Monotonic seconds at "go" and at the last chunk placed: the phase's length.
+        self.started_at: float | None = None
+        self.placed_at: float | None = None
 
     def hand_over(self, ram: Any, link: Any) -> None:
         """Guest stopped: take the pages still owed, open the page channels."""
@@ -59,11 +65,13 @@ class PostcopyOutgoing:
             owed,
             max_bandwidth=self.max_bandwidth,
             max_push_bandwidth=self.max_push_bandwidth,
+            one_stream=self.one_stream,
         )
         self.native.connect(self.uri)
 
     def start(self) -> None:
         """After ``go``: name the owed chunks, serve requests, push the rest."""
+        self.started_at = time.monotonic()
         self.native.start()
 
     def run(
@@ -76,6 +84,7 @@ class PostcopyOutgoing:
         while True:
             state, reason = self.native.wait(_POLL)
             if state == "placed":
+                self.placed_at = time.monotonic()
                 self.native.close()
                 return
             if state == "active":
@@ -118,6 +127,9 @@ class PostcopyOutgoing:
             return {}
         out = dict(self.native.stats())
         out["owed-pages"] = self.owed_pages
+        if self.started_at is not None:
+            end = self.placed_at if self.placed_at is not None else time.monotonic()
+            out["postcopy-time"] = (end - self.started_at) * 1000
         if self.gate.paused_reason is not None:
             out["paused-reason"] = self.gate.paused_reason
         if self.recover_error is not None:

@@ -127,7 +127,11 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         self.notify = Notifier(on_status, on_pass, on_event)
         self.policy = make_policy(self.settings.policy, **(self.settings.policy_options or {}))
         if self.settings.postcopy:
-            self.policy = PostcopySwitch(self.policy, self.settings.postcopy_after_passes)
+            self.policy = PostcopySwitch(
+                self.policy,
+                self.settings.postcopy_after_passes,
+                link_cap=lambda: self.settings.max_bandwidth,
+            )
         self._postcopy_requested = False
         self.meter = BandwidthMeter()
         self.costs = SwitchoverCosts(source_digest=self.settings.verify == "strict")
@@ -360,6 +364,10 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         if self._timed_out():
             if self.settings.timeout_action == "cancel":
                 raise MigrationEnded("cancelled", f"timeout after {self.settings.timeout} s")
+            if self.settings.timeout_action == "postcopy":
+                self.notify.event("postcopy-start", reason=f"timeout {self.settings.timeout} s")
+                self._switch_over(None, forced=False, postcopy=True)
+                return
             self.notify.event("timeout-force")
             self._switch_over(None, forced=True)
             return
@@ -393,6 +401,8 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
             self.switchover.postcopy = make(
                 self.uri, s.max_bandwidth, s.max_postcopy_bandwidth, s.postcopy_recover_timeout
             )
+            # The simulator's phase models the default order only.
+            self.switchover.postcopy.one_stream = s.postcopy_push_order == "stream"
         if not self.pre_switchover.enabled:  # else pre-switchover comes first, then device
             self._set_status("device")
         if not self.switchover.run(budget, forced, self._check_cancel):

@@ -243,8 +243,6 @@ class SwitchoverRun:
         link = self.precopy.link
         faults.point("source.switchover")
         link.finish(digest or 0)
-        if self.postcopy is not None:
-            self.control.send(PostcopyRun())
         # Before "complete": a driver that plays the destination inside the
         # send (a simulator) must not charge its work to the source's terms.
         t_sent = self.clock.now()
@@ -326,6 +324,9 @@ class SwitchoverRun:
         precopy = self.precopy
         link = precopy.link
         if self.postcopy is not None:
+            # First: the destination accepts the page channels from here on,
+            # so that their connect (and TLS handshake) completes before "go".
+            self.control.send(PostcopyRun())
             self.postcopy.hand_over(precopy.ram, link)
             budget, sent = None, 0
         else:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mig.params import MigrationParams
+from mig.params import POSTCOPY_PUSH_ORDERS, TIMEOUT_ACTIONS, MigrationParams
 from mig.policies import POLICIES
 from mig.protocol import VERIFY_MODES
 from mig.qmp.arguments import check_type
@@ -98,7 +98,8 @@ _BY_CAPABILITY = ("auto_converge", "dirty_limit", "pause_before_switchover", "po
 # Choices of mig's own string parameters, checked when set.
 _X_CHOICES: dict[str, tuple[str, ...]] = {
     "policy": tuple(POLICIES),
-    "timeout_action": ("cancel", "force"),
+    "timeout_action": TIMEOUT_ACTIONS,
+    "postcopy_push_order": POSTCOPY_PUSH_ORDERS,
     "non_convergence_action": ("report", "fail"),
     "verify": VERIFY_MODES,
 }

@@ -43,14 +43,17 @@ pub struct PyPostcopyOutgoing {
 impl PyPostcopyOutgoing {
     #[new]
     /// `max_bandwidth`: the link, for every chunk; `max_push_bandwidth`:
-    /// the background push alone (0 = no further limit).
-    #[pyo3(signature = (sender, memory, owed, *, max_bandwidth = 0, max_push_bandwidth = 0))]
+    /// the background push alone (0 = no further limit); `one_stream`: a
+    /// request away from the stream the push follows gets its page alone.
+    #[pyo3(signature = (sender, memory, owed, *, max_bandwidth = 0, max_push_bandwidth = 0,
+                        one_stream = false))]
     fn new(
         sender: Py<PySender>,
         memory: &Bound<'_, PyGuestMemory>,
         owed: &Bound<'_, PyDirtyBitmap>,
         max_bandwidth: u64,
         max_push_bandwidth: u64,
+        one_stream: bool,
     ) -> PyResult<Self> {
         let mem = memory.get().inner.clone();
         let chunk = CHUNK_BYTES.max(mem.page_size());
@@ -60,7 +63,14 @@ impl PyPostcopyOutgoing {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let inner = PostcopyOutgoing::new(mem, &bits, chunk, max_bandwidth, max_push_bandwidth)?;
+        let inner = PostcopyOutgoing::new(
+            mem,
+            &bits,
+            chunk,
+            max_bandwidth,
+            max_push_bandwidth,
+            one_stream,
+        )?;
         Ok(PyPostcopyOutgoing {
             inner: Arc::new(inner),
             sender,
@@ -125,6 +135,7 @@ impl PyPostcopyOutgoing {
         d.set_item("postcopy-requests", s.requests)?;
         d.set_item("chunk-pages", self.inner.chunk_pages())?;
         d.set_item("requested-chunks", s.requested_chunks)?;
+        d.set_item("requested-pages", s.requested_pages)?;
         d.set_item("pushed-chunks", s.pushed_chunks)?;
         d.set_item("zero-chunks", s.zero_chunks)?;
         d.set_item("owed-chunks", s.owed_chunks)?;

@@ -16,6 +16,7 @@
 //! | `REQUEST` | destination → source | page | none |
 //! | `CHUNK` | source → destination | chunk index | its bytes, or none for a chunk of zeros |
 //! | `ZERO` | source → destination | first chunk index | chunk count (u64): a run of chunks of zeros |
+//! | `PAGE` | source → destination, on `URGENT` | page | its bytes: one requested page of a chunk still owed |
 //! | `DONE` | source → destination, on `PUSH` | chunks sent | none: every chunk went out |
 //! | `PLACED` | destination → source | chunks placed | none: every chunk is in place |
 //!
@@ -41,6 +42,7 @@ pub enum Tag {
     Done = 5,
     Placed = 6,
     Zero = 7,
+    Page = 8,
 }
 
 impl Tag {
@@ -53,6 +55,7 @@ impl Tag {
             5 => Tag::Done,
             6 => Tag::Placed,
             7 => Tag::Zero,
+            8 => Tag::Page,
             _ => return None,
         })
     }
@@ -169,6 +172,12 @@ mod tests {
         };
         assert_eq!((f.tag, f.arg), (Tag::Request, 42));
         assert!(read_frame(&mut r, 3).is_err(), "closed");
+        let mut page = Vec::new();
+        write_frame(&mut page, Tag::Page, 9, b"pg").unwrap();
+        let ReadOutcome::Frame(f) = read_frame(&mut &page[..], 2).unwrap() else {
+            panic!("idle")
+        };
+        assert_eq!((f.tag, f.arg, &f.payload[..]), (Tag::Page, 9, &b"pg"[..]));
         assert!(read_frame(&mut &buf[..], 2).is_err(), "too long");
         let mut bad = buf.clone();
         bad[HEADER_LEN] ^= 1;

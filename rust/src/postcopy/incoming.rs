@@ -16,7 +16,9 @@
 //!   `UFFDIO_COPY` (atomic per page), then adds the chunk's digest term,
 //!   hashed from the very bytes it placed, before any guest access to the
 //!   chunk can have changed them; a `ZERO` run of chunks goes in with one
-//!   `UFFDIO_ZEROPAGE` per run, its terms from the zero chunk's hash;
+//!   `UFFDIO_ZEROPAGE` per run, its terms from the zero chunk's hash; a
+//!   `PAGE` (one requested page of a chunk still owed) is placed alone, and
+//!   its chunk's term comes with the chunk;
 //! * once every owed chunk is in place the root is final, `PLACED` tells
 //!   the source, and the region is unregistered.
 //!
@@ -172,6 +174,36 @@ impl Shared {
         self.add_terms(chunk_term(c, payload), 1)
     }
 
+    /// Places one requested page of an owed chunk ahead of the chunk. No
+    /// digest term: the chunk still comes whole, and its term is hashed from
+    /// that frame's bytes, which are this page's too (the source's memory is
+    /// frozen); its copy of this page finds the page present and leaves it.
+    fn place_page(&self, page: u64, payload: &[u8]) -> CoreResult<()> {
+        let p = usize::try_from(page)
+            .ok()
+            .filter(|&p| p < self.num_pages)
+            .ok_or_else(|| CoreError::invalid(format!("post-copy: page {page} beyond memory")))?;
+        if payload.len() != self.page_size {
+            return Err(CoreError::invalid(format!(
+                "post-copy: page {page} of {} bytes, expected {}",
+                payload.len(),
+                self.page_size
+            )));
+        }
+        let c = p / self.chunk_pages;
+        if !self.owed.contains(c) {
+            return Err(CoreError::invalid(format!(
+                "post-copy: page {page} of chunk {c}, which was not owed"
+            )));
+        }
+        if !self.placed.contains(c) {
+            self.region.place(page, payload)?;
+            self.bytes
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Places the `count` chunks of zeros from `c`: one `UFFDIO_ZEROPAGE`
     /// per run of chunks not placed yet, not one per page, and terms from
     /// the zero chunk's hash taken once.
@@ -263,6 +295,7 @@ impl Shared {
             };
             match f.tag {
                 Tag::Chunk => self.place_chunk(self.chunk_of(f.arg)?, &f.payload)?,
+                Tag::Page => self.place_page(f.arg, &f.payload)?,
                 Tag::Zero => {
                     let count: [u8; 8] = f.payload[..].try_into().map_err(|_| {
                         CoreError::invalid("post-copy: ZERO frame without its count")

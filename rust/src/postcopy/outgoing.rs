@@ -12,7 +12,18 @@
 //! `READ_AHEAD` owed chunks after it; it then moves the push cursor past
 //! them, so the push follows the locality of the faults (QEMU moves its
 //! scan position the same way). The push thread walks the
-//! chunks still owed from that cursor, paced to `max_bandwidth`. A chunk
+//! chunks still owed from that cursor, paced to `max_bandwidth`.
+//!
+//! One locality at a time (`one_stream`, off by default): while the push follows a live fault stream (a
+//! request that found the cursor near within `STREAM_LIVE`: a request that
+//! moves the cursor elsewhere does not make a stream), a request elsewhere is
+//! answered with its page alone (`PAGE`, QEMU's unit) and leaves the cursor
+//! where it is; the chunk stays owed and goes whole later. Two vCPUs each
+//! walking their own memory would otherwise pull the push to and fro, both
+//! crawling at half the link until the end; this way the one the push
+//! follows has all its memory after its share of the bytes and runs
+//! freely from then on, while the other still gets each page it waits for
+//! within a round trip, at a small part of the link. A chunk
 //! leaves the owed set exactly once, claimed by whichever thread takes it.
 //! Every byte on either channel is charged to one pacer at `max_bandwidth`:
 //! the cap models the link's capacity, and a link carries no more however
@@ -52,6 +63,13 @@ const YIELD: Duration = Duration::from_micros(100);
 /// Owed chunks sent after a requested one on the urgent channel.
 const READ_AHEAD: usize = 3;
 
+/// Chunks either side of the push cursor that count as its stream.
+const STREAM_REACH: usize = READ_AHEAD + 2;
+
+/// How long after its last request near the cursor the push's stream is
+/// still live, so that a request elsewhere gets its page alone.
+const STREAM_LIVE: Duration = Duration::from_millis(10);
+
 /// Most chunks of zeros in one `ZERO` frame (64 MiB of 64 KiB chunks): the
 /// run is claimed before it is sent, so a request meanwhile finds it gone
 /// and waits for this frame; a bounded run keeps that wait short.
@@ -74,6 +92,8 @@ pub struct OutgoingStats {
     pub requests: u64,
     /// Chunks sent because they were requested.
     pub requested_chunks: u64,
+    /// Requested pages sent alone (`PAGE`), their chunk still owed.
+    pub requested_pages: u64,
     /// Chunks sent by the background push.
     pub pushed_chunks: u64,
     /// Chunks of zeros (sent without payload).
@@ -123,10 +143,13 @@ struct Shared {
     push_pacer: Mutex<Pacer>,
     /// Requests waiting for the link's turn: the push stands back meanwhile.
     urgent_waiting: AtomicUsize,
+    /// One locality at a time: requests away from a live stream get a page.
+    one_stream: bool,
     stop: AtomicBool,
     state: PhaseState<OutgoingState>,
     requests: AtomicU64,
     requested: AtomicU64,
+    requested_pages: AtomicU64,
     pushed: AtomicU64,
     zero: AtomicU64,
     bytes: AtomicU64,
@@ -267,10 +290,54 @@ impl Shared {
         Ok(next)
     }
 
+    /// Runs `send` on the link's next turn: the push stands back until it
+    /// is done, so a request waits at most for the chunk already charged.
+    fn on_urgent_turn<T>(&self, send: impl FnOnce() -> T) -> T {
+        self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
+        self.wait_turn(&self.pacer);
+        let out = send();
+        self.urgent_waiting.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    /// Sends requested `page` of owed chunk `c` alone, the chunk still owed;
+    /// a chunk of zeros goes whole instead, as a `ZERO` run of one.
+    fn send_page(
+        &self,
+        conn: &mut Conn,
+        page: usize,
+        c: usize,
+        buf: &mut Vec<u8>,
+    ) -> CoreResult<()> {
+        if !self.remaining.contains(c) {
+            return Ok(()); // the push took the chunk meanwhile
+        }
+        if self.is_zero_chunk(c, buf)? {
+            if self.remaining.remove(c) {
+                self.send_zero_run(conn, c, 1)?;
+                self.requested.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
+        let ps = self.mem.page_size();
+        let at = (page - c * self.chunk_pages) * ps;
+        // Not claimed: the chunk goes whole later (a frame carrying it
+        // must not put it back in `remaining` if this send fails).
+        frames::write_frame(conn, Tag::Page, page as u64, &buf[at..at + ps])?;
+        let wire = ps + frames::HEADER_LEN;
+        self.bytes.fetch_add(wire as u64, Ordering::Relaxed);
+        Self::charge(&self.pacer, wire);
+        self.requested_pages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Answers requests on the urgent channel until the destination reports
     /// every chunk placed, the channel breaks or `stop`.
     fn serve_requests(&self, mut conn: Conn) -> CoreResult<()> {
         let mut buf = Vec::new();
+        // The last request that found the cursor near: the push's stream is
+        // live until `STREAM_LIVE` after it.
+        let mut stream_hit: Option<Instant> = None;
         while !self.stop.load(Ordering::SeqCst) {
             if !conn
                 .wait_readable(POLL)
@@ -286,23 +353,34 @@ impl Shared {
                 Tag::Request => {
                     self.requests.fetch_add(1, Ordering::Relaxed);
                     let c = (f.arg / self.chunk_pages as u64) as usize;
-                    if c >= self.chunks {
+                    if c >= self.chunks || f.arg >= self.mem.num_pages() as u64 {
                         return Err(CoreError::invalid(format!(
                             "post-copy: request for page {} beyond memory",
                             f.arg
                         )));
                     }
+                    let cursor = self.cursor.load(Ordering::Relaxed);
+                    let near = c + STREAM_REACH >= cursor && c <= cursor + STREAM_REACH;
+                    let live = stream_hit.is_some_and(|t| t.elapsed() < STREAM_LIVE);
+                    if self.one_stream && !near && live {
+                        let page = f.arg as usize;
+                        self.on_urgent_turn(|| self.send_page(&mut conn, page, c, &mut buf))?;
+                        continue;
+                    }
+                    // A request near the cursor shows a stream the push
+                    // follows; one that takes the cursor elsewhere does not
+                    // yet (scattered faults each take it, as before).
+                    stream_hit = near.then(Instant::now);
                     // The link's next turn is this request's: the push
                     // stands back until it is sent.
                     if self.remaining.contains(c) {
-                        self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
-                        self.wait_turn(&self.pacer);
-                        let sent = if self.remaining.remove(c) {
-                            self.send_chunk(&mut conn, c, &mut buf).map(Some)
-                        } else {
-                            Ok(None) // the push had claimed it before the request came
-                        };
-                        self.urgent_waiting.fetch_sub(1, Ordering::SeqCst);
+                        let sent = self.on_urgent_turn(|| {
+                            if self.remaining.remove(c) {
+                                self.send_chunk(&mut conn, c, &mut buf).map(Some)
+                            } else {
+                                Ok(None) // the push had claimed it before the request came
+                            }
+                        });
                         if sent?.is_some() {
                             self.requested.fetch_add(1, Ordering::Relaxed);
                         }
@@ -396,6 +474,7 @@ impl PostcopyOutgoing {
         chunk_bytes: usize,
         max_bandwidth: u64,
         max_push_bandwidth: u64,
+        one_stream: bool,
     ) -> CoreResult<Self> {
         let ps = mem.page_size();
         if chunk_bytes < ps || !chunk_bytes.is_multiple_of(ps) {
@@ -427,10 +506,12 @@ impl PostcopyOutgoing {
                 pacer: Pacer::new(max_bandwidth),
                 push_pacer: Pacer::new(max_push_bandwidth),
                 urgent_waiting: AtomicUsize::new(0),
+                one_stream,
                 stop: AtomicBool::new(false),
                 state: PhaseState::new(OutgoingState::Active, |s| *s == OutgoingState::Placed),
                 requests: AtomicU64::new(0),
                 requested: AtomicU64::new(0),
+                requested_pages: AtomicU64::new(0),
                 pushed: AtomicU64::new(0),
                 zero: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
@@ -574,6 +655,7 @@ impl PostcopyOutgoing {
         OutgoingStats {
             requests: get(&s.requests),
             requested_chunks: get(&s.requested),
+            requested_pages: get(&s.requested_pages),
             pushed_chunks: get(&s.pushed),
             zero_chunks: get(&s.zero),
             owed_chunks: self.owed,
