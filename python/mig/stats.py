@@ -136,8 +136,12 @@ class SwitchoverCosts:
     ``dest_root``, what the last ``ready`` reported (0 before a first
     switchover).
     ``final_sync`` is what the last tracker sync took (the loop sets it):
-    that sync write-protected again what it found, the final one does not
-    (``DirtyTracker.sync_final``), so the figure errs long by that work.
+    at a switchover, the harvest right before the pause. That sync
+    write-protected again what it found, the final one does not
+    (``DirtyTracker.sync_final``), and it found what the settle's wait let
+    the guest dirty, the final one only what was written after it (a written
+    page costs the walk far more than an untouched one), so the figure errs
+    long by that work.
     ``drain`` is the destination's wait for the end records once
     ``complete`` arrived: what it measured at the last switchover (0 before
     one). ``settle`` drained the backlog before the pause, so only the final

@@ -161,6 +161,8 @@ class SwitchoverRun:
             self._settle(check_cancel)
         elif not self.stops.paused:
             self._settle_and_catch_up(check_cancel)
+        if not self.stops.paused:
+            self._harvest_before_pause()
         self.plan = precopy.switchover_plan()
         self.predicted_downtime = sum(self.plan.values())
         if not forced:
@@ -276,6 +278,30 @@ class SwitchoverRun:
             self.precopy.pending_exact = None  # the plan grows this from the last sync
             self.precopy.pending_estimate = ram.pending_estimate()
         self._settle(check_cancel)
+
+    def _harvest_before_pause(self) -> None:
+        """One more sync, the guest still running, right before the pause.
+
+        The settle's wait let the guest dirty pages no sync has reported. A
+        written page costs the tracker's walk far more than an untouched one,
+        so the final sync, inside the downtime, would pay for all of them.
+        Harvested here they are still sent in the final pass, but the walk in
+        the downtime only meets what the guest wrote since. A pass like any
+        other sync (``MIGRATION_PASS``), not announced: the destination has
+        nothing to land for it.
+        """
+        precopy = self.precopy
+        known = precopy.ram.pending_estimate()
+        precopy.ram.sync()
+        precopy.record_pass(announce=False)
+        # What the plan counts: what was pending (RAM and devices), plus the
+        # RAM bytes this sync made known, which it no longer estimates from
+        # the dirty rate since the previous sync.
+        added = precopy.ram.pending_estimate() - known
+        if precopy.pending_exact is not None:
+            precopy.pending_exact += added
+        if precopy.pending_estimate is not None:
+            precopy.pending_estimate += added
 
     def _settle(self, check_cancel: Callable[[], None]) -> float:
         """Before the pause: wait, the guest still running, until everything

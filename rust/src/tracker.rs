@@ -764,14 +764,14 @@ mod tests {
         assert_eq!(t.sync_final().unwrap().indices(), vec![999]);
     }
 
-    /// A walk split in parts reports what one walk does, across the part
-    /// boundaries (2 MiB apart), for both kinds of walk.
+    /// A walk shared by threads claiming pieces reports what one walk does,
+    /// across the piece boundaries, for both kinds of walk.
     #[test]
     fn uffd_walk_in_parts_matches_one_walk() {
         if !uffd_ok() {
             return;
         }
-        let pages_per_part = 512;
+        let pages_per_part = (crate::written_scan::PIECE_BYTES / 4096) as usize;
         let n = pages_per_part * 3 + 17;
         let mem = Arc::new(GuestMemory::new(4096 * n).unwrap());
         let t = DirtyTracker::new(mem.clone(), Backend::Uffd).unwrap();

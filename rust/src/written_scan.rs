@@ -1,12 +1,17 @@
 //! The uffd tracker's harvest: one `PAGEMAP_SCAN` walk of the guest range
-//! for the pages written since they were last write-protected, split over
-//! threads on disjoint address ranges.
+//! for the pages written since they were last write-protected, shared by
+//! threads that claim pieces of it in turn.
 //!
 //! The walk visits every page table entry of the guest, whatever was
-//! written, so its cost grows with the guest: split in parts, it takes the
-//! time of the largest part. The kernel takes `mmap_lock` for read and each
-//! page table's own lock, so parts on disjoint page tables (split on 2 MiB
-//! boundaries) do not wait for each other.
+//! written, so its cost grows with the guest; and a written page costs the
+//! walk far more than an untouched one (each starts a region the kernel
+//! reports), so the cost is not spread evenly: a guest's hot set is one
+//! range. The range is therefore cut in pieces on 2 MiB boundaries, and each
+//! thread claims the next piece when it is done with one, so the threads end
+//! together wherever the writes cluster, and a thread that gets a core late
+//! (the host's cores are shared with the channels and the peer) only walks
+//! less. The kernel takes `mmap_lock` for read and each page table's own
+//! lock, so pieces on disjoint page tables do not wait for each other.
 //!
 //! Two kinds of walk:
 //!
@@ -22,6 +27,7 @@
 //!   it takes.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::error::{CoreError, CoreResult};
 use crate::pagemap::{
@@ -37,20 +43,25 @@ pub enum Protect {
     Keep,
 }
 
-/// The least guest bytes per part: a smaller walk is short enough that
+/// The least guest bytes per thread: a smaller walk is short enough that
 /// starting, and on a busy host waking, a second thread costs about what it
 /// saves.
 pub const MIN_PART_BYTES: u64 = 1 << 30;
 
-/// Parts are cut on these address boundaries (a page table's span), so no
-/// two parts share a page table.
+/// Pieces are cut on these address boundaries (a page table's span), so no
+/// two pieces share a page table.
 const PART_ALIGN: u64 = 2 << 20;
 
-/// The most parts of one walk: the walk is memory-bound, and the host's
+/// Guest bytes per piece a thread claims: small against a thread's share,
+/// so the threads end close together, and large against the fixed cost of
+/// one ioctl (taking `mmap_lock`, descending to the first page table).
+pub const PIECE_BYTES: u64 = 64 << 20;
+
+/// The most threads of one walk: the walk is memory-bound, and the host's
 /// other cores belong to the guest's own threads and the channels.
 pub const MAX_PARTS: usize = 2;
 
-/// Scan buffers, one per part, kept across walks.
+/// Scan buffers, one per thread, kept across walks.
 pub struct ScanBuffers(Vec<Vec<PageRegion>>);
 
 impl ScanBuffers {
@@ -72,7 +83,7 @@ impl Default for ScanBuffers {
     }
 }
 
-/// How many parts a walk of `bytes` takes on this host.
+/// How many threads a walk of `bytes` takes on this host.
 pub fn parts_for(bytes: u64) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let by_size = (bytes / MIN_PART_BYTES).max(1) as usize;
@@ -124,8 +135,12 @@ pub fn walk(
     pagemap::scan(pagemap, buf, query, start, end, f)
 }
 
-/// The written regions of `[start, end)`, walked in `parts` threads (the
-/// calling thread takes the first part). Regions come back in address order.
+/// Written regions, as `[start, end)` byte addresses.
+type Regions = Vec<(u64, u64)>;
+
+/// The written regions of `[start, end)`, walked by `parts` threads (the
+/// calling thread is one) claiming `PIECE_BYTES` pieces in address order.
+/// Regions come back in address order.
 pub fn written_regions(
     pagemap: &File,
     bufs: &mut ScanBuffers,
@@ -133,39 +148,63 @@ pub fn written_regions(
     end: u64,
     parts: usize,
     protect: Protect,
-) -> CoreResult<Vec<(u64, u64)>> {
-    let ranges = split(start, end, parts);
-    let bufs = bufs.take(ranges.len());
-    let walk_part = |buf: &mut Vec<PageRegion>, (s, e): (u64, u64)| {
-        let mut found = Vec::new();
-        walk(pagemap, buf, s, e, protect, |a, b| found.push((a, b))).map(|()| found)
-    };
-    let results: Vec<CoreResult<Vec<(u64, u64)>>> = match ranges.as_slice() {
-        [] => Vec::new(),
-        [only] => vec![walk_part(&mut bufs[0], *only)],
-        [first, rest @ ..] => {
-            let (head, tail) = bufs.split_at_mut(1);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = tail
-                    .iter_mut()
-                    .zip(rest)
-                    .map(|(buf, &r)| scope.spawn(move || walk_part(buf, r)))
-                    .collect();
-                let mut out = vec![walk_part(&mut head[0], *first)];
-                for h in handles {
-                    out.push(h.join().unwrap_or_else(|_| {
-                        Err(CoreError::invalid("a PAGEMAP_SCAN thread panicked"))
-                    }));
-                }
-                out
-            })
-        }
-    };
-    let mut all = Vec::new();
-    for r in results {
-        all.extend(r?);
+) -> CoreResult<Regions> {
+    let pieces = split(
+        start,
+        end,
+        end.saturating_sub(start).div_ceil(PIECE_BYTES) as usize,
+    );
+    if pieces.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(all)
+    let threads = parts.clamp(1, pieces.len());
+    let bufs = bufs.take(threads);
+    if threads == 1 {
+        let mut found = Vec::new();
+        walk(pagemap, &mut bufs[0], start, end, protect, |a, b| {
+            found.push((a, b))
+        })?;
+        return Ok(found);
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    // Each thread: the pieces it walked, with their index, in claim order.
+    let claim = |buf: &mut Vec<PageRegion>| -> CoreResult<Vec<(usize, Regions)>> {
+        let mut walked = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(s, e)) = pieces.get(i) else { break };
+            let mut found = Vec::new();
+            if let Err(err) = walk(pagemap, buf, s, e, protect, |a, b| found.push((a, b))) {
+                failed.store(true, Ordering::Relaxed);
+                return Err(err);
+            }
+            walked.push((i, found));
+        }
+        Ok(walked)
+    };
+    let (head, tail) = bufs.split_at_mut(1);
+    let results: Vec<CoreResult<_>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = tail
+            .iter_mut()
+            .map(|buf| scope.spawn(|| claim(buf)))
+            .collect();
+        let mut out = vec![claim(&mut head[0])];
+        for h in handles {
+            out.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(CoreError::invalid("a PAGEMAP_SCAN thread panicked"))),
+            );
+        }
+        out
+    });
+    let mut by_piece: Vec<Regions> = vec![Vec::new(); pieces.len()];
+    for r in results {
+        for (i, found) in r? {
+            by_piece[i] = found;
+        }
+    }
+    Ok(by_piece.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
