@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mig import lab_postcopy
+from mig.params import MigrationParams
 from mig.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,17 @@ def test_the_workloads_do_not_converge_in_plain_precopy(workload: str) -> None:
     plain = {k: v for k, v in cfg.params.items() if k != "dirty_limit"}
     q = simulate(cfg.with_(params=plain))
     assert q["total-time"] >= 20_000, q["total-time"]
+
+
+def test_postcopy_runs_in_the_engine_s_default_push_order() -> None:
+    # No strategy names a push order: the lab compares post-copy as the
+    # engine runs it by default, and the simulator plays that order ("stream":
+    # two vCPUs walking their halves, one followed by the push, the other's
+    # requests answered a page alone).
+    cfgs = lab_postcopy.configs(workloads=["sequential-256MiB"])
+    assert not any("postcopy_push_order" in c.params for c in cfgs)
+    (cfg,) = [c for c in cfgs if c.label.endswith("/postcopy")]
+    q = simulate(cfg)
+    assert q["status"] == "completed", q.get("error-desc")
+    stream = MigrationParams().postcopy_push_order == "stream"
+    assert (q["postcopy"]["requested-pages"] > 0) == stream, q["postcopy"]

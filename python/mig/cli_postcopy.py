@@ -58,9 +58,10 @@ def add_postcopy_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--postcopy-push-order",
         choices=POSTCOPY_PUSH_ORDERS,
-        default="faults",
-        help="the locality the background push follows: every request's (faults, as QEMU) "
-        "or one stream at a time (stream: requests elsewhere get their page alone)",
+        default="stream",
+        help="the locality the background push follows: one fault stream at a time "
+        "(stream, the default: requests elsewhere get their page alone) or every "
+        "request's (faults, as QEMU)",
     )
 
 

@@ -14,6 +14,9 @@ real loop and policies, post-copy modelled by ``mig.sim_postcopy``):
   page crosses once, on demand or pushed;
 * ``hybrid-N``: ``N`` whole pre-copy passes, then post-copy.
 
+Every post-copy runs in the engine's default push order
+(``postcopy_push_order``; no strategy names one), as the simulator models it.
+
 Compared on total time, downtime, guest progress (page writes completed
 during the migration on both sides, and per second of migration) and
 blocktime (all vCPUs blocked at once, and the most any one vCPU was).

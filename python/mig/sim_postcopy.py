@@ -13,16 +13,24 @@ thread do, in virtual time:
   registers its memory (``PostcopyCosts``).
 * Unit: the destination digest's chunk (``CHUNK_PAGES`` pages of 4 KiB).
 * Demand faults: the destination runs the same workload spec from its
-  resume on. A vCPU writing to a chunk not yet placed blocks; the fault
-  sends a request (half a round trip), the source answers at once on the
-  urgent channel: the chunk crosses the wire at the link's own rate
-  (``physical``) after whatever is on it already, then half a round trip
-  and the fault thread's service time (``fault_service``) until it is
-  placed. Requests are never paced; their bytes are charged to the link's
-  pacer (``max_bandwidth``) and the push absorbs the deficit, as the engine
-  does. After a request up to ``READ_AHEAD`` following owed chunks go on
-  the same channel while both pacers have room, and the push cursor moves
-  past them (the push follows the faults' locality).
+  resume on. A vCPU writing to a page not yet placed blocks; the fault
+  thread asks for each missing page once (half a round trip), even one
+  whose chunk is already on its way. The source's request thread reads
+  the requests one after the other and answers each on the link's next
+  turn (``max_bandwidth``: every byte on either channel is charged to one
+  pacer, a late turn keeping up to ``SLACK`` of the link time it missed),
+  the push standing back meanwhile. The answer crosses the wire at the
+  link's own rate (``physical``) after whatever is on it already, then
+  half a round trip and the fault thread's service time (``fault_service``)
+  until it is placed.
+* Push order (``postcopy_push_order``). ``faults``: a request's chunk goes
+  whole (unless already sent), then up to ``READ_AHEAD`` following owed
+  chunks while both pacers have room, and the push cursor moves past them.
+  ``stream``: as ``faults`` while the request is near the cursor
+  (``STREAM_REACH`` chunks) or the push follows no live stream (no request
+  near the cursor for ``STREAM_LIVE``); otherwise the requested page goes
+  alone (``PAGE``), the cursor stays, and its chunk stays owed, sent whole
+  later (a chunk of zeros goes whole at once).
 * Background push: walks the owed chunks from the cursor, one at a time,
   paced by the link's pacer and by ``max_postcopy_bandwidth`` (0: none);
   chunks of zeros (never written) go as one ``ZERO`` run, a header's bytes.
@@ -60,6 +68,10 @@ PAGE_SIZE = 4096
 CHUNK_PAGES = 16  # chunk_digest::CHUNK_BYTES / 4 KiB
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
 READ_AHEAD = 3  # outgoing.rs READ_AHEAD
+STREAM_REACH = READ_AHEAD + 2  # outgoing.rs: chunks either side of the cursor
+STREAM_LIVE = 10e-3  # outgoing.rs: how long after a hit near the cursor a stream lives
+SLACK = 5e-3  # outgoing.rs: the link time a late turn may still use
+PUSH, REQUEST = -1, -2  # queue events that are not a vCPU's
 FRAME_HEADER = 24  # frames.rs HEADER_LEN: tag, argument, length, CRC
 ZERO_RUN = 1024  # outgoing.rs MAX_ZERO_RUN
 # A vCPU runs in slices that end at the next push event (it must see every
@@ -91,17 +103,42 @@ class PostcopyCosts:
 class _Pacer:
     """``outgoing.rs`` ``Pacer``: bytes charged so far have their time at ``next``."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, now: float) -> None:
         self.rate = float(rate)
-        self.next = 0.0
+        self.next = now
 
     def charge(self, now: float, nbytes: int) -> None:
+        # A turn taken after an idle link keeps up to SLACK of the time it missed.
         if self.rate:
-            self.next = max(self.next, now) + nbytes / self.rate
+            self.next = max(self.next, now - SLACK) + nbytes / self.rate
 
     def turn(self, now: float) -> float:
         """When this pacer lets the next chunk go, ``now`` at the earliest."""
         return now if not self.rate else max(now, self.next)
+
+
+class _PagesAlone:
+    """Pages sent alone (``PAGE``) ahead of their chunk, and when each is
+    placed: sorted, so a batch of writes is looked up at once."""
+
+    def __init__(self) -> None:
+        self.pages = np.zeros(0, dtype=np.int64)
+        self.placed = np.zeros(0)
+
+    def add(self, page: int, placed: float) -> None:
+        i = int(np.searchsorted(self.pages, page))
+        self.pages = np.insert(self.pages, i, page)
+        self.placed = np.insert(self.placed, i, placed)
+
+    def arrival(self, pages: np.ndarray) -> np.ndarray:
+        """When each of ``pages`` is placed alone (inf: it is not)."""
+        i = np.minimum(np.searchsorted(self.pages, pages), len(self.pages) - 1)
+        return np.where(self.pages[i] == pages, self.placed[i], math.inf)
+
+    def get(self, page: int) -> float:
+        if not self.pages.size:
+            return math.inf
+        return float(self.arrival(np.array([page]))[0])
 
 
 class _Vcpu:
@@ -130,12 +167,15 @@ class SimPostcopy:
         # faster than its sender does on loopback.
         wire = link.model.throughput(link.channels, 0)
         self.physical = min(wire, link.host.loopback_bandwidth)
-        self.link_pacer = _Pacer(max_bandwidth)
-        self.push_pacer = _Pacer(max_push_bandwidth)
+        self.link_pacer = _Pacer(max_bandwidth, self.clock.now())
+        self.push_pacer = _Pacer(max_push_bandwidth, self.clock.now())
         self.owed_pages = 0
         self.go_at: float | None = None
+        # postcopy_push_order "stream": one fault locality at a time.
+        self.one_stream = False
         self.stats_: dict[str, int] = dict.fromkeys(
-            ("postcopy-requests", "requested-chunks", "pushed-chunks", "zero-chunks",
+            ("postcopy-requests", "requested-chunks", "requested-pages", "pushed-chunks",
+             "zero-chunks",
              "owed-chunks", "remaining-chunks", "postcopy-bytes"), 0,
         )  # fmt: skip
         self.destination: dict[str, Any] = {}
@@ -185,7 +225,9 @@ class SimPostcopy:
         raise RuntimeError("the simulator models no broken page channel: nothing to recover")
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
+        # A new rate applies from now: time owed at the old one is forgiven.
         self.link_pacer.rate = float(bytes_per_s)
+        self.link_pacer.next = min(self.link_pacer.next, self.clock.now())
 
     def abort(self) -> None:
         pass
@@ -216,7 +258,8 @@ def _owed_chunks(units: np.ndarray, g: int, size: int) -> np.ndarray:
 
 
 class _Phase:
-    """One post-copy phase as a queue of events: the push and each vCPU."""
+    """One post-copy phase as a queue of events: the push, each vCPU and
+    each request as the source's request thread reads it."""
 
     def __init__(self, pc: SimPostcopy, go: float, resumed: float) -> None:
         from mig.sim import _Sampler  # noqa: PLC0415 - the guest's own samplers
@@ -229,6 +272,7 @@ class _Phase:
         self.arrive[pc.chunks] = math.inf
         self.owed = np.zeros(total, dtype=bool)
         self.owed[pc.chunks] = True
+        self.alone = _PagesAlone()
         self.left = len(pc.chunks)
         self.cursor = 0
         self.wire_free = go  # both channels share the wire
@@ -236,6 +280,15 @@ class _Phase:
         self.latencies: list[float] = []
         self.faults = 0
         self.resumed = resumed
+        # The destination's fault thread asks for each page once; vCPUs
+        # blocked on a page whose answer is not sent yet, by page.
+        self.requested: set[int] = set()
+        self.waiting: dict[int, list[int]] = {}
+        # The source's request thread: busy until, and its live stream's
+        # last hit near the cursor (outgoing.rs ``stream_hit``).
+        self.requests_free = go
+        self.stream_hit: float | None = None
+        self.request_times: list[float] = []  # pending request events
         spec = guest.spec
         wss = (spec.wss or guest.memory.size) // PAGE_SIZE
         # The destination's own stream of random pages, the same every run.
@@ -245,7 +298,8 @@ class _Phase:
             _Vcpu(_Sampler(spec, wss, v, guest.vcpus, 1, rng), rate, resumed)
             for v in range(guest.vcpus)
         ]
-        self.queue: list[tuple[float, int, int]] = [(go, 0, -1)]  # (time, seq, vcpu or -1: push)
+        # (time, seq, who, page): who a vCPU, PUSH or REQUEST (for page).
+        self.queue: list[tuple[float, int, int, int]] = [(go, 0, PUSH, -1)]
         self.push_at = go  # the next push event, inf once the push is done
         self.seq = 1
         self.go = go
@@ -253,28 +307,50 @@ class _Phase:
             for v in range(len(self.vcpus)):
                 self._at(resumed, v)
 
-    def _at(self, t: float, who: int) -> None:
-        if who < 0:
+    def _at(self, t: float, who: int, page: int = -1) -> None:
+        if who == PUSH:
             self.push_at = t
-        heapq.heappush(self.queue, (t, self.seq, who))
+        elif who == REQUEST:
+            heapq.heappush(self.request_times, t)
+        heapq.heappush(self.queue, (t, self.seq, who, page))
         self.seq += 1
 
     # --- the wire ---
-    def _send(self, t: float, chunks: list[int], nbytes: int, service: float = 0.0) -> float:
-        """``chunks`` leave at ``t`` (after what is on the wire); returns when
-        they are placed (half a round trip and ``service`` later)."""
+    def _write(self, t: float, nbytes: int) -> float:
+        """A frame written at ``t`` (after what is on the wire), charged to the
+        link's pacer as it is written; returns when it has left."""
         start = max(t, self.wire_free)
         self.wire_free = start + nbytes / self.pc.physical
-        placed = self.wire_free + self.pc.rtt / 2 + service
+        self.pc.stats_["postcopy-bytes"] += nbytes
+        self.pc.link_pacer.charge(self.wire_free, nbytes)
+        return self.wire_free
+
+    def _send(self, t: float, chunks: list[int], nbytes: int, service: float = 0.0) -> float:
+        """``chunks`` leave at ``t``; returns when they are placed (half a
+        round trip and ``service`` later)."""
+        placed = self._write(t, nbytes) + self.pc.rtt / 2 + service
         for c in chunks:
             self.arrive[c] = placed
             self.owed[c] = False
         self.left -= len(chunks)
-        self.pc.stats_["postcopy-bytes"] += nbytes
         self.pc.stats_["remaining-chunks"] = self.left
-        self.pc.link_pacer.charge(t, nbytes)
         self.last_placed = max(self.last_placed, placed)
+        self._wake(lambda p: chunks[0] <= p // CHUNK_PAGES <= chunks[-1], placed)
         return placed
+
+    def _send_page(self, t: float, page: int) -> None:
+        """Requested ``page`` alone (``PAGE``): its chunk stays owed."""
+        placed = self._write(t, PAGE_SIZE + FRAME_HEADER) + self.pc.rtt / 2
+        placed += self.pc.costs.fault_service
+        self.alone.add(page, placed)
+        self.pc.stats_["requested-pages"] += 1
+        self._wake(lambda p: p == page, placed)
+
+    def _wake(self, covers: Callable[[int], bool], placed: float) -> None:
+        """The vCPUs blocked on a page now on its way run again once it is placed."""
+        for page in [p for p in self.waiting if covers(p)]:
+            for v in self.waiting.pop(page):
+                self._resume(v, placed)
 
     def _wire_bytes(self, c: int) -> int:
         return FRAME_HEADER + (8 if c in self.pc.zero else CHUNK_BYTES)
@@ -300,7 +376,7 @@ class _Phase:
         pc = self.pc
         ready = pc.push_pacer.turn(pc.link_pacer.turn(t))
         if ready > t:
-            self._at(ready, -1)
+            self._at(ready, PUSH)
             return
         self.push_at = math.inf
         c = self._next_owed()
@@ -316,36 +392,70 @@ class _Phase:
                 run.append(c + len(run))
         nbytes = FRAME_HEADER + (8 if c in pc.zero else CHUNK_BYTES)
         self._send(t, run, nbytes)
-        pc.push_pacer.charge(t, nbytes)
+        pc.push_pacer.charge(self.wire_free, nbytes)
         pc.stats_["pushed-chunks"] += len(run)
         if c in pc.zero:
             pc.stats_["zero-chunks"] += len(run)
         self.cursor = c + len(run)
         if self.left:
-            self._at(max(t, self.wire_free), -1)
+            self._at(max(t, self.wire_free), PUSH)
 
-    # --- a request ---
-    def _request(self, t: float, c: int) -> None:
-        """A fault at ``t`` on chunk ``c``, owed and not yet sent."""
+    # --- a request, as outgoing.rs ``serve_requests`` reads it ---
+    def _request(self, t: float, page: int) -> None:
+        """The request for ``page`` reaches the source's request thread at ``t``."""
+        heapq.heappop(self.request_times)
+        if t < self.requests_free:  # the thread still serves the one before
+            self._at(self.requests_free, REQUEST, page)
+            return
         pc = self.pc
-        at_source = t + pc.rtt / 2
         pc.stats_["postcopy-requests"] += 1
-        pc.stats_["requested-chunks"] += 1
-        self._send(at_source, [c], self._wire_bytes(c), pc.costs.fault_service)
-        nxt = c + 1
+        c = page // CHUNK_PAGES
+        near = c + STREAM_REACH >= self.cursor and c <= self.cursor + STREAM_REACH
+        live = self.stream_hit is not None and t - self.stream_hit < STREAM_LIVE
+        if pc.one_stream and not near and live:
+            # Its page alone on the link's next turn; the cursor stays.
+            turn = pc.link_pacer.turn(t)
+            sent = bool(self.owed[c])
+            if self.owed[c] and c in pc.zero:  # a chunk of zeros goes whole
+                self._send(turn, [c], self._wire_bytes(c), pc.costs.fault_service)
+                pc.stats_["requested-chunks"] += 1
+            elif self.owed[c]:
+                self._send_page(turn, page)
+            self.requests_free = max(turn, self.wire_free) if sent else turn
+            return
+        self.stream_hit = t if near else None
+        now = t
+        if self.owed[c]:  # on the link's next turn, the push standing back
+            self._send(pc.link_pacer.turn(t), [c], self._wire_bytes(c), pc.costs.fault_service)
+            pc.stats_["requested-chunks"] += 1
+            now = self.wire_free
+        self.cursor = self._read_ahead(now, c)
+        self.requests_free = now
+
+    def _read_ahead(self, t: float, c: int) -> int:
+        """Owed chunks after ``c`` while both pacers have room; the first not sent."""
+        pc, nxt = self.pc, c + 1
         while nxt < len(self.owed) and nxt <= c + READ_AHEAD:
-            room = pc.link_pacer.turn(at_source) <= at_source
-            room = room and pc.push_pacer.turn(at_source) <= at_source
+            room = pc.link_pacer.turn(t) <= t and pc.push_pacer.turn(t) <= t
             if not room or not self.owed[nxt]:
                 break
             nbytes = self._wire_bytes(nxt)
-            self._send(at_source, [nxt], nbytes)
-            pc.push_pacer.charge(at_source, nbytes)
+            self._send(t, [nxt], nbytes)
+            t = self.wire_free
+            pc.push_pacer.charge(t, nbytes)
             pc.stats_["pushed-chunks"] += 1
             nxt += 1
-        self.cursor = nxt
+        return nxt
 
     # --- a vCPU ---
+    def _resume(self, v: int, placed: float) -> None:
+        """vCPU ``v``, blocked since its fault, runs again at ``placed``."""
+        cpu = self.vcpus[v]
+        self.latencies.append(placed - cpu.at)
+        cpu.blocked.append((cpu.at, placed))
+        cpu.at = placed
+        self._at(placed, v)
+
     def _run_vcpu(self, v: int, until: float) -> None:
         cpu = self.vcpus[v]
         n = int((until - cpu.at) * cpu.rate + cpu.carry)
@@ -356,9 +466,12 @@ class _Phase:
             return
         sampler = cpu.sampler
         start = sampler.next
-        chunks = sampler.sample(n) // CHUNK_PAGES
+        pages = sampler.sample(n)
         times = cpu.at + (np.arange(n) + 1 - cpu.carry) / cpu.rate
-        waits = self.arrive[chunks] > times
+        waits = self.arrive[pages // CHUNK_PAGES] > times
+        if waits.any() and self.alone.pages.size:
+            at = np.flatnonzero(waits)
+            waits[at] = self.alone.arrival(pages[at]) > times[at]
         if not waits.any():
             cpu.slice = min(MAX_SLICE, cpu.slice * 2)
             cpu.writes += n
@@ -370,23 +483,29 @@ class _Phase:
         cpu.writes += k
         if sampler.spec.pattern == "sequential":
             sampler.next = (start + k) % sampler.len  # the faulting write is retried
-        fault = float(times[k])
-        c = int(chunks[k])
+        self._fault(v, float(times[k]), int(pages[k]))
+
+    def _fault(self, v: int, fault: float, page: int) -> None:
+        """vCPU ``v`` blocks on missing ``page``; the fault thread asks for it
+        once (half a round trip to the source)."""
+        cpu = self.vcpus[v]
         self.faults += 1
-        if self.owed[c]:
-            self._request(fault, c)
-        placed = float(self.arrive[c])
-        self.latencies.append(placed - fault)
-        cpu.blocked.append((fault, placed))
         cpu.carry = 0.0
         cpu.slice = MIN_SLICE
-        cpu.at = placed
-        self._at(placed, v)
+        cpu.at = fault
+        if page not in self.requested:
+            self.requested.add(page)
+            self._at(fault + self.pc.rtt / 2, REQUEST, page)
+        placed = min(float(self.arrive[page // CHUNK_PAGES]), self.alone.get(page))
+        if math.isinf(placed):
+            self.waiting.setdefault(page, []).append(v)
+        else:
+            self._resume(v, placed)
 
     def play(self) -> float:
         """Run the phase; returns when the destination placed the last chunk."""
         while self.queue:
-            t, _, who = heapq.heappop(self.queue)
+            t, _, who, page = heapq.heappop(self.queue)
             done = self.left == 0
             if done and t >= self.last_placed:
                 break
@@ -394,10 +513,15 @@ class _Phase:
                 raise MigrationEnded(
                     "failed", f"simulated post-copy phase longer than {PHASE_LIMIT:.0f} s"
                 )
-            if who < 0:
+            if who == PUSH:
                 self._push(t)
                 continue
-            horizon = min(t + self.vcpus[who].slice, max(self.push_at, t + 1e-9))
+            if who == REQUEST:
+                self._request(t, page)
+                continue
+            # A vCPU runs until the next event that can place a chunk.
+            sends = min(self.push_at, self.request_times[0] if self.request_times else math.inf)
+            horizon = min(t + self.vcpus[who].slice, max(sends, t + 1e-9))
             if done:
                 horizon = min(horizon, self.last_placed)
             self._run_vcpu(who, max(horizon, t))

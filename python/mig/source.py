@@ -401,7 +401,6 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
             self.switchover.postcopy = make(
                 self.uri, s.max_bandwidth, s.max_postcopy_bandwidth, s.postcopy_recover_timeout
             )
-            # The simulator's phase models the default order only.
             self.switchover.postcopy.one_stream = s.postcopy_push_order == "stream"
         if not self.pre_switchover.enabled:  # else pre-switchover comes first, then device
             self._set_status("device")
