@@ -3,8 +3,9 @@
 It is started before the source loads its guest, so the destination's
 interpreter start and the prefaulting of its memory (``--prealloc``) overlap
 the image load instead of adding to the demo's wall time, and the stream
-then only copies; the source waits for its ready line only when it is about
-to migrate.
+then only copies. Its ready line comes once its memory is populated (as
+QEMU's ``-mem-prealloc`` populates before taking an incoming migration);
+the source waits for it only when it is about to migrate.
 """
 
 from __future__ import annotations
