@@ -46,12 +46,14 @@ Models:
   chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
   the per-chunk cost it plans with), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
-  ``mig.sim_setup``), the sender's page-table reads over holes amid data (``mig.sim_holes``),
-  tracker sync cost (a base, a scan per guest page, a harvest per dirty
-  page), vCPU stop latency, the rates at which device state is produced,
+  ``mig.sim_setup``), the sender's page-table reads over holes amid data
+  (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
+  harvest per dirty page), vCPU stop latency, the rates at which device state is produced,
   decoded and hashed (only the stop-copy bytes, sent after ``switchover``,
-  are loaded inside the downtime: ``mig.sim_devices``) and what a control
-  round trip costs beyond the link's RTT (``mig.sim_handshake``).
+  are loaded inside the downtime: ``mig.sim_devices``), what a control
+  round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
+  pace at which the destination takes in what the channels hold
+  (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
   ``HostModel.calibrate()`` measures them on this host;
   ``save_host_model``/``load_host_model`` keep them for ``--simulate``.
 """
@@ -104,6 +106,7 @@ from mig.sim_devices import (
 )
 from mig.sim_handshake import control_latency
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
+from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -358,6 +361,12 @@ class HostModel:
     device_record_seconds: float = 0.0
     device_load_record_seconds: float = 0.0
     control_latency: float = 0.0
+    # The destination's receive side (``mig.sim_receive``), which the
+    # ``drain`` term and ``settle``'s wait pay for: the bytes/s it takes in
+    # (0: pages land as they are charged) and the bytes one channel's
+    # sockets hold (0: no bound).
+    receive_rate: float = 0.0
+    channel_buffer: float = 0.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -381,8 +390,9 @@ class HostModel:
         with the host's load), and from real migrations to ``mig demo``'s
         destination its start-up (``_warmup_costs``), the loopback
         (``_loopback_costs``), the sender's reads over holes
-        (``hole_query_seconds``) and ``control_latency``
-        (``mig.sim_handshake``)."""
+        (``hole_query_seconds``), ``control_latency``
+        (``mig.sim_handshake``) and the destination's receive rate
+        (``mig.sim_receive.receive_rate``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -403,7 +413,7 @@ class HostModel:
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
-        setup_base, control = cls.setup_base, cls.control_latency
+        setup_base, control, receive = cls.setup_base, cls.control_latency, cls.receive_rate
         register_per_page = register_seconds_per_page()
         if switchover is not None:
             control = control_latency(*switchover)
@@ -412,6 +422,7 @@ class HostModel:
             warmup_base, warmup_per_byte = _warmup_costs()
             loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs()
             hole_query = hole_query_seconds()
+            receive = receive_rate(loopback_bandwidth, drain_base)
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -433,6 +444,8 @@ class HostModel:
             loopback_stream_start=stream_start,
             hole_query=hole_query,
             control_latency=control,
+            receive_rate=receive,
+            channel_buffer=socket_buffer_bytes(),
         )
 
 
@@ -565,10 +578,11 @@ def _idle_loopback_migration(
     cap: int,
     demo: bool = False,
     pages: slice = slice(None),
+    policy: str = DEFAULT_POLICY,
 ) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled, the
-    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none): its
-    ``query()`` and its source.
+    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
+    ``policy``): its ``query()`` and its source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -586,7 +600,7 @@ def _idle_loopback_migration(
         dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
             local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap)
+            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap, policy=policy)
             local.start()
             source.start()
             q = source.wait(120)
@@ -598,7 +612,7 @@ def _idle_loopback_migration(
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
+                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap, policy=policy)
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
@@ -1026,6 +1040,10 @@ class SimLink:
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
         self._after_zero = False  # the sender's last packet was all zero pages
+        # What the channels hold that the destination has not taken in yet.
+        self._backlog = ChannelBacklog(
+            host.receive_rate, host.channel_buffer * self.channels, clock.now()
+        )
 
     # --- time ---
     def _rate(self) -> float:
@@ -1060,7 +1078,12 @@ class SimLink:
         # Scanned while waiting for tokens, on a capped link.
         extra = max(0.0, scan - wait) if self.cap else scan
         dt = paced / self._rate() + (wire - paced) / self._raw + cpu + extra
+        self._backlog.advance(self.clock.now())  # the destination took in meanwhile
         self.clock.advance(dt)
+        # Sockets full: the sender waits until the receiver made room.
+        room = self._backlog.advance(self.clock.now(), wire)
+        self.clock.advance(room)
+        dt += room
         self._busy += dt
         self._bucket_at = self.clock.now()
 
@@ -1217,13 +1240,15 @@ class SimLink:
                     self._reply(self.model.rtt, PassAck(number, self._dest_busy))
                     self._dest_busy = 0.0
                 case SettleChannels(number=number):
-                    # The model's pages land as they are charged: nothing is
-                    # queued; the root rehashes the chunks of the pass in flight.
+                    # The channels' backlog lands first (``mig.sim_receive``);
+                    # the root then rehashes the chunks of the pass in flight.
+                    landed = self._backlog.seconds(self.clock.now())
                     chunks = self._stale_chunks.count(self.clock.now())
                     seconds = chunks * self.host.chunk_rehash
                     self._stale_chunks.clear()
                     self._final_chunks.clear()
-                    self._reply(self.model.rtt + seconds, Settled(number, 0.0, chunks, seconds))
+                    settled = Settled(number, landed, chunks, seconds)
+                    self._reply(self.model.rtt + landed + seconds, settled)
         self._load_released()
 
     def _load_released(self) -> None:
@@ -1244,7 +1269,10 @@ class SimLink:
             digest_seconds = mem.size / self.host.digest_rate
         else:
             digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
-        drain = self.host.drain_base
+        # The end records wait behind what the channels still hold: all of
+        # stop-copy's bytes and, without a settle before the pause, the tail
+        # of the last pass (``mig.sim_receive``).
+        drain = self.host.drain_base + self._backlog.seconds(self.clock.now())
         load = drain + self.host.load_base + digest_seconds
         load += self._device_load()
         self._load_released()
