@@ -48,9 +48,10 @@ Models:
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), the sender's page-table reads over holes amid data
   (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
-  harvest per dirty page), vCPU stop latency, the rates at which device state is produced,
-  decoded and hashed (only the stop-copy bytes, sent after ``switchover``,
-  are loaded inside the downtime: ``mig.sim_devices``), what a control
+  harvest per dirty page), vCPU stop latency, the rates at which device
+  state is produced, decoded and hashed (only the stop-copy bytes, sent
+  after ``switchover``, are loaded inside the downtime:
+  ``mig.sim_devices``), what a control
   round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
   pace at which the destination takes in what the channels hold
   (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
