@@ -543,6 +543,8 @@ def _serve_one(
             dest.on_resume, dest.on_status = there.resume, there.status
         auto_recover(args, dest)
         bound = str(dest.uri)  # keeps a picked port for the next migration
+        if dest.prealloc is not None:
+            dest.prealloc.wait()  # ready once populated, as QEMU's -mem-prealloc
         if ready_fd is not None:
             os.write(ready_fd, (bound + "\n").encode())
             os.close(ready_fd)

@@ -94,9 +94,9 @@ class ControlSession:
         """A pass record and its ack are a control round trip plus the pass's
         last data landing: never shorter than the round trip, and close to it
         for a small pass. ``hello``'s alone would stand until the first
-        ``settle`` and carries the destination's start-up (on a two-core host
-        sharing its prefault, hundreds of ms): a policy that plans with it
-        could wait for a fit that never comes."""
+        ``settle`` and carries the destination's start of its receive
+        threads: a policy that plans with it could wait for a fit that never
+        comes."""
         sent = self._pass_sent.pop(number, None)
         for older in [n for n in self._pass_sent if n < number]:
             del self._pass_sent[older]  # acks answer passes in order; none will come

@@ -3,13 +3,13 @@
 It is started before the source loads its guest, so the destination's
 interpreter start and the prefaulting of its memory (``--prealloc``) overlap
 the image load instead of adding to the demo's wall time, and the stream
-then only copies; the source waits for its ready line only when it is about
-to migrate.
+then only copies. Its ready line comes once its memory is populated (as
+QEMU's ``-mem-prealloc`` populates before taking an incoming migration);
+the source waits for it only when it is about to migrate.
 
 A post-copy demo's destination does not prefault: at the switch it
 discards every page it does not hold current (``docs/postcopy.md``), so
-the prefault would mostly be freed again, and while it runs it holds up
-the destination's setup (the ``hello`` round trip) on a two-core host.
+the prefault would mostly be freed again.
 """
 
 from __future__ import annotations

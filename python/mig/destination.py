@@ -49,7 +49,7 @@ from mig.handlers import LoadHandler
 from mig.link import Endpoint, ReceiverEndpoint
 from mig.pass_ack_timings import PassAckTimings
 from mig.postcopy_incoming import PostcopyIncoming, require_postcopy
-from mig.prealloc import start_prealloc
+from mig.prealloc import accept_populated, start_prealloc
 from mig.protocol import VERIFY_MODES, Failed, Progress, SwitchoverAck
 from mig.reorder import DRAIN_BYTES
 from mig.settling import SETTLE_POLL, ChannelSettling
@@ -88,11 +88,12 @@ class MigrationDestination:
     ``verify_timeout`` (``idle_timeout`` by default): how long, after resume,
     to wait for the source's digest in after-resume mode. ``on_resume`` is
     called after "go", just before "resumed" is reported: an embedder starts
-    its vCPUs there. ``endpoint`` replaces the
-    native listener (a simulator or a test passes its own). ``tls_cert``,
-    ``tls_key`` and ``tls_ca`` (PEM paths) require mutual TLS on every channel.
+    its vCPUs there. ``endpoint`` replaces the native listener (a simulator or
+    a test passes its own). ``tls_cert``, ``tls_key`` and ``tls_ca`` (PEM
+    paths) require mutual TLS on every channel.
     ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
-    ``prealloc``: populate ``memory`` while waiting (``mig.prealloc``; only the stream writes it).
+    ``prealloc``: populate ``memory`` first (``mig.prealloc``), and accept no
+    source before that is done (``self.prealloc.wait()``).
     """
 
     def __init__(
@@ -170,7 +171,7 @@ class MigrationDestination:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
-        self._data_ranges = start_prealloc(memory) if prealloc else None  # taken before populating
+        self.prealloc = start_prealloc(memory) if prealloc else None  # .wait(): populated
 
     # The protocol's figures live in the core; these names are the API.
     @property
@@ -271,10 +272,9 @@ class MigrationDestination:
         if self._endpoint is not None:
             return self._endpoint
         assert self.listener is not None
-        ranges = self._data_ranges
-        receiver = self.listener.accept(
-            self.memory, self.accept_timeout, io_timeout=self.io_timeout, data_ranges=ranges
-        )
+        receiver = accept_populated(self.listener, self.memory, self.prealloc,
+                                    self.accept_timeout, self.io_timeout,
+                                    lambda: self._cancel)  # fmt: skip
         if receiver.peer:
             self.core.source_name = f"source {receiver.peer}"
         return ReceiverEndpoint(receiver)

@@ -74,8 +74,6 @@ def sim_config(
         host=host,
         prefilled=False,
         warmup=None if demo else 0.0,
-        # mig demo's destination preallocates its memory as the migration starts.
-        prefault=demo,
         label="simulate",
     )
     return config, origin

@@ -46,14 +46,15 @@ Models:
   chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
   the per-chunk cost it plans with), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
-  ``mig.sim_setup``), the demo destination's populate of its memory while
-  the setup and first pass run (``SimConfig.prefault``: ``mig.sim_prefault``),
-  the sender's page-table reads over holes amid data (``mig.sim_holes``),
-  tracker sync cost (a base, a scan per guest page, a harvest per dirty
-  page), vCPU stop latency, the rates at which device state is produced,
-  decoded and hashed (only the stop-copy bytes, sent after ``switchover``,
-  are loaded inside the downtime: ``mig.sim_devices``) and what a control
-  round trip costs beyond the link's RTT (``mig.sim_handshake``).
+  ``mig.sim_setup``), the sender's page-table reads over holes amid data
+  (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
+  harvest per dirty page), vCPU stop latency, the rates at which device
+  state is produced, decoded and hashed (only the stop-copy bytes, sent
+  after ``switchover``, are loaded inside the downtime:
+  ``mig.sim_devices``), what a control
+  round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
+  pace at which the destination takes in what the channels hold
+  (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
   ``HostModel.calibrate()`` measures them on this host;
   ``save_host_model``/``load_host_model`` keep them for ``--simulate``.
 """
@@ -106,7 +107,7 @@ from mig.sim_devices import (
 )
 from mig.sim_handshake import control_latency
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
-from mig.sim_prefault import PrefaultContention, prefault_seconds_per_byte, prefault_share
+from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
 from mig.sim_setup import register_seconds_per_page
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -326,7 +327,7 @@ class HostModel:
     link_jitter: float = 0.0
     # How long a zeroed guest's workload runs before its migration starts:
     # ``mig demo`` builds the guest while its destination process starts and
-    # preallocates memory, and the source starts only once that is ready.
+    # populates its memory, and the source starts only once that is ready.
     # The pages written meanwhile hold data; the rest still go out as zero
     # pages. A base plus a share per byte of guest memory (the preallocation).
     warmup_base: float = 0.75
@@ -344,12 +345,6 @@ class HostModel:
     setup_base: float = 0.005
     # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
     chunk_rehash: float = 8e-6
-    # The demo destination's populate of its memory while the setup and the
-    # first pass run (``mig.sim_prefault``): seconds per byte of guest
-    # memory, and the share of its pace the migration keeps meanwhile.
-    prefault_per_byte: float = 0.9e-9
-    prefault_share: float = 0.5
-    prefault_hello_wait: float = 0.1
     # What the loopback's first pass costs besides its pages: the stream's
     # start (``LinkModel.stream_start`` of ``mig demo --simulate``).
     loopback_stream_start: float = 0.0
@@ -367,6 +362,12 @@ class HostModel:
     device_record_seconds: float = 0.0
     device_load_record_seconds: float = 0.0
     control_latency: float = 0.0
+    # The destination's receive side (``mig.sim_receive``), which the
+    # ``drain`` term and ``settle``'s wait pay for: the bytes/s it takes in
+    # (0: pages land as they are charged) and the bytes one channel's
+    # sockets hold (0: no bound).
+    receive_rate: float = 0.0
+    channel_buffer: float = 0.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -380,7 +381,7 @@ class HostModel:
         the tracker migrations use on real dirty pages (``_tracker_costs``),
         a sample device's stop-copy production, decoding and hash rates
         (``mig.sim_devices.device_costs``), vCPU stop latency, the guest's
-        maximum write rate and the populate's rate (``prefault_seconds_per_byte``).
+        maximum write rate.
 
         ``switchover=(memory, max_bandwidth)`` also measures ``load_base``
         and ``drain_base``: the destination's switchover time beyond its
@@ -389,10 +390,10 @@ class HostModel:
         byte: wait for the end records, then validate and resume; it grows
         with the host's load), and from real migrations to ``mig demo``'s
         destination its start-up (``_warmup_costs``), the loopback
-        (``_loopback_costs``), its populate's contention
-        (``prefault_share``), the sender's reads over holes
-        (``hole_query_seconds``) and ``control_latency``
-        (``mig.sim_handshake``)."""
+        (``_loopback_costs``), the sender's reads over holes
+        (``hole_query_seconds``), ``control_latency``
+        (``mig.sim_handshake``) and the destination's receive rate
+        (``mig.sim_receive.receive_rate``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
@@ -413,18 +414,16 @@ class HostModel:
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
-        setup_base, control = cls.setup_base, cls.control_latency
+        setup_base, control, receive = cls.setup_base, cls.control_latency, cls.receive_rate
         register_per_page = register_seconds_per_page()
-        prefault_per_byte = prefault_seconds_per_byte()
-        share, hello_wait = cls.prefault_share, cls.prefault_hello_wait
         if switchover is not None:
             control = control_latency(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
-            loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs(prefault_per_byte)
-            share, hello_wait, _ = prefault_share(prefault_per_byte)
-            hole_query = hole_query_seconds(prefault_per_byte)
+            loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs()
+            hole_query = hole_query_seconds()
+            receive = receive_rate(loopback_bandwidth, drain_base)
         return cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
@@ -443,12 +442,11 @@ class HostModel:
             register_per_page=register_per_page,
             setup_base=setup_base,
             chunk_rehash=chunk_rehash_seconds(),
-            prefault_per_byte=prefault_per_byte,
-            prefault_share=share,
-            prefault_hello_wait=hello_wait,
             loopback_stream_start=stream_start,
             hole_query=hole_query,
             control_latency=control,
+            receive_rate=receive,
+            channel_buffer=socket_buffer_bytes(),
         )
 
 
@@ -495,28 +493,21 @@ def _warmup_costs(runs: int = 3) -> tuple[float, float]:
 LOOPBACK_GUESTS = ((128 << 20, 0), (512 << 20, 0), (64 << 20, 1))
 
 
-def _loopback_costs(prefault_per_byte: float, runs: int = 3) -> tuple[float, float, float]:
+def _loopback_costs(runs: int = 3) -> tuple[float, float, float]:
     """(loopback_bandwidth, loopback_per_page, loopback_stream_start) from
     uncapped loopback migrations of an idle guest to ``mig demo``'s
     destination, best bulk pass of ``runs`` each (a loaded host only adds
     time, and an exact solve amplifies what it adds), solved for
     time = fixed + zero pages * per_page + wire / bandwidth
     (the fixed part is the stream's start: the pass's closing sync, which
-    the tracker's terms charge, takes microseconds). Each starts once its destination's
-    populate is done (twice ``prefault_per_byte`` per byte after its ready
-    line): the populate's contention is a term of its own (``mig.sim_prefault``)."""
+    the tracker's terms charge, takes microseconds). Each starts at its
+    destination's ready line, once that destination populated its memory."""
     rows = []
     for size, stride in LOOPBACK_GUESTS:
         times, wire = [], 0
-        settle = 2 * prefault_per_byte * size + 0.1
         for _ in range(runs):
             q, _ = _idle_loopback_migration(
-                size,
-                bool(stride),
-                0,
-                demo=True,
-                settle=settle,
-                pages=slice(None, None, stride or 1),
+                size, bool(stride), 0, demo=True, pages=slice(None, None, stride or 1)
             )
             # The bulk pass alone: its first sync, less the setup before it
             # (setup, settle and switchover are terms of their own).
@@ -587,17 +578,16 @@ def _idle_loopback_migration(
     filled: bool,
     cap: int,
     demo: bool = False,
-    settle: float = 0.0,
     pages: slice = slice(None),
+    policy: str = DEFAULT_POLICY,
 ) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled, the
-    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none; ``settle``
-    seconds after a ``demo`` destination is ready): its ``query()`` and its
-    source.
+    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
+    ``policy``): its ``query()`` and its source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
-    child: its own process, its memory faulted in while it waits, as the
+    child: its own process, ready once its memory is faulted in, as the
     runs ``mig demo --simulate`` predicts)."""
     from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
     from mig.demo_destination import DemoDestination  # noqa: PLC0415
@@ -611,7 +601,7 @@ def _idle_loopback_migration(
         dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
             local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap)
+            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap, policy=policy)
             local.start()
             source.start()
             q = source.wait(120)
@@ -622,9 +612,8 @@ def _idle_loopback_migration(
             uri = child.uri()
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
-            time.sleep(settle)  # its populate: running (0) or done
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap)
+                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap, policy=policy)
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
@@ -697,6 +686,7 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     if not isinstance(fields, dict):
         raise ValueError(f"host model {path}: no 'host-model' object")
     known = {f.name for f in dataclasses.fields(HostModel)}
+    fields = {k: v for k, v in fields.items() if k not in _RETIRED}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"host model {path}: unknown fields {', '.join(unknown)}")
@@ -710,6 +700,9 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     return HostModel(**fields), f"{path} (calibrated {when})"
 
 
+# Fields of models saved before the destination populated ahead of accepting
+# (no term uses them since): a model that has them still loads.
+_RETIRED = ("prefault_per_byte", "prefault_share", "prefault_hello_wait")
 # Fields the model divides by: zero is never a measurement.
 _RATES = (
     "digest_rate",
@@ -718,7 +711,6 @@ _RATES = (
     "device_hash_rate",
     "max_rate_per_vcpu",
     "loopback_bandwidth",
-    "prefault_share",
 )
 
 
@@ -822,10 +814,8 @@ class _DmaMemory:
 class SimTracker:
     """Dirty tracking over the simulated guest; a sync costs modelled time."""
 
-    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel,
-                 prefault: PrefaultContention | None = None) -> None:  # fmt: skip
+    def __init__(self, memory: SimMemory, clock: VirtualClock, host: HostModel) -> None:
         self._bm = DirtyBitmap(memory.num_pages)
-        self._prefault = prefault
         self._clock = clock
         self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
         self._per_dirty = host.sync_per_dirty_page * memory.granularity
@@ -847,10 +837,7 @@ class SimTracker:
             self.guest.flush()
         dirty = self._bm.take()
         cost = self._cost + self._per_dirty * dirty.count()
-        if self._prefault is not None:
-            cost = self._prefault.advance(cost)
-        else:
-            self._clock.advance(cost)
+        self._clock.advance(cost)
         self.last_sync_seconds = cost
         self.syncs += 1
         return dirty
@@ -1053,9 +1040,11 @@ class SimLink:
         self._final_chunks = StaleChunks(guest.memory.size, guest.memory.page_size)
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
-        # The destination's populate still competing for the cores, if any.
-        self.prefault: PrefaultContention | None = None
         self._after_zero = False  # the sender's last packet was all zero pages
+        # What the channels hold that the destination has not taken in yet.
+        self._backlog = ChannelBacklog(
+            host.receive_rate, host.channel_buffer * self.channels, clock.now()
+        )
 
     # --- time ---
     def _rate(self) -> float:
@@ -1090,13 +1079,12 @@ class SimLink:
         # Scanned while waiting for tokens, on a capped link.
         extra = max(0.0, scan - wait) if self.cap else scan
         dt = paced / self._rate() + (wire - paced) / self._raw + cpu + extra
-        if self.prefault is not None and self.prefault.remaining > 0:
-            # The sender's own work competes with the destination's populate,
-            # waiting for the token bucket does not.
-            dt = self.prefault.advance(dt - wait) + wait
-            self.clock.advance(wait)
-        else:
-            self.clock.advance(dt)
+        self._backlog.advance(self.clock.now())  # the destination took in meanwhile
+        self.clock.advance(dt)
+        # Sockets full: the sender waits until the receiver made room.
+        room = self._backlog.advance(self.clock.now(), wire)
+        self.clock.advance(room)
+        dt += room
         self._busy += dt
         self._bucket_at = self.clock.now()
 
@@ -1210,17 +1198,12 @@ class SimLink:
             # (mig.sim_setup). Charged before the round trip, not in it: the
             # source plans the switchover's handshake from hello's round trip,
             # and how long a destination takes to answer it first varies with
-            # the destination (its process, its prealloc) far more than later
-            # round trips do.
+            # the destination (its process) far more than later round trips do.
             setup = (
                 self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
                 + self.host.setup_base
             )
-            if self.prefault is not None:
-                self.prefault.advance(setup)
-                self.prefault.answer_hello(self.host.prefault_hello_wait)
-            else:
-                self.clock.advance(setup)
+            self.clock.advance(setup)
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._stop_copy_decode = 0.0
@@ -1258,13 +1241,15 @@ class SimLink:
                     self._reply(self.model.rtt, PassAck(number, self._dest_busy))
                     self._dest_busy = 0.0
                 case SettleChannels(number=number):
-                    # The model's pages land as they are charged: nothing is
-                    # queued; the root rehashes the chunks of the pass in flight.
+                    # The channels' backlog lands first (``mig.sim_receive``);
+                    # the root then rehashes the chunks of the pass in flight.
+                    landed = self._backlog.seconds(self.clock.now())
                     chunks = self._stale_chunks.count(self.clock.now())
                     seconds = chunks * self.host.chunk_rehash
                     self._stale_chunks.clear()
                     self._final_chunks.clear()
-                    self._reply(self.model.rtt + seconds, Settled(number, 0.0, chunks, seconds))
+                    settled = Settled(number, landed, chunks, seconds)
+                    self._reply(self.model.rtt + landed + seconds, settled)
         self._load_released()
 
     def _load_released(self) -> None:
@@ -1285,7 +1270,10 @@ class SimLink:
             digest_seconds = mem.size / self.host.digest_rate
         else:
             digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
-        drain = self.host.drain_base
+        # The end records wait behind what the channels still hold: all of
+        # stop-copy's bytes and, without a settle before the pause, the tail
+        # of the last pass (``mig.sim_receive``).
+        drain = self.host.drain_base + self._backlog.seconds(self.clock.now())
         load = drain + self.host.load_base + digest_seconds
         load += self._device_load()
         self._load_released()
@@ -1393,9 +1381,6 @@ class SimConfig:
     # Seconds a zeroed guest runs before its migration starts; None: the
     # host model's (``mig demo``'s destination start-up).
     warmup: float | None = None
-    # The destination populates its memory as the migration starts
-    # (``mig demo``'s ``--prealloc``): ``mig.sim_prefault``.
-    prefault: bool = False
     seed: int = 1
     granularity: int = 0  # 0: page-level up to PAGE_LEVEL_LIMIT, coarser beyond
     label: str = ""
@@ -1448,13 +1433,7 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         # a prefilled one has no zero page left for that to change.
         warmup = host.warmup(config.memory) if config.warmup is None else config.warmup
         guest.warm_up(warmup)
-    # After the warm-up: the destination reports ready, then populates.
-    contention = (
-        PrefaultContention(clock, host.prefault_per_byte * config.memory, host.prefault_share)
-        if config.prefault
-        else None
-    )
-    tracker = SimTracker(memory, clock, host, contention)
+    tracker = SimTracker(memory, clock, host)
     guest.tracker = tracker
     tracker.guest = guest
     specs = list(config.devices)
@@ -1472,7 +1451,6 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         handlers,
         seed=config.seed,
     )
-    link.prefault = contention
     for h in handlers:
         h.sim_link = link
     params.setdefault("max_bandwidth", 0)
@@ -1498,9 +1476,6 @@ def simulate(config: SimConfig) -> dict[str, Any]:
         "verified": link.verified,
         "guest-writes": guest.writes,
     }
-    if contention is not None:
-        q["sim"]["prefault-stretch"] = contention.stretched
-        q["sim"]["prefault-hello-wait"] = contention.hello_waited
     q["config"] = config.to_dict()
     q["workload"] = config.workload
     if link.postcopy is not None:  # post-copy (mig.sim_postcopy): both sides' figures

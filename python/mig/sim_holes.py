@@ -15,8 +15,8 @@ page order) that hold a hole and are asked page by page, and charges each
 ``HostModel.hole_query`` seconds of the sender's time. ``hole_query_seconds``
 measures it on this host: one page in every ``HOLE_STRIDE`` written, against
 the same pages written at the start, migrated to ``mig demo``'s destination
-once its populate is done; the difference over the difference in asked
-packets.
+(ready once its memory is populated); the difference over the difference in
+asked packets.
 """
 
 from __future__ import annotations
@@ -59,12 +59,10 @@ def asked_hole_packets(
     return int(((zeros > 0) & ~(all_zero & follows)).sum()), bool(all_zero[-1])
 
 
-def _bulk_pass(pages: slice, settle: float) -> float:
+def _bulk_pass(pages: slice) -> float:
     from mig.sim import _idle_loopback_migration  # noqa: PLC0415 (it imports this module)
 
-    q, _ = _idle_loopback_migration(
-        CALIBRATION_MEMORY, True, 0, demo=True, settle=settle, pages=pages
-    )
+    q, _ = _idle_loopback_migration(CALIBRATION_MEMORY, True, 0, demo=True, pages=pages)
     return float(q["passes"][0]["time"]) - float(q["setup-time"]) / 1000
 
 
@@ -76,14 +74,12 @@ def _asked(pages: slice, packet_pages: int) -> int:
     return asked_hole_packets(DirtyBitmap.full(n), zero, packet_pages)[0]
 
 
-def hole_query_seconds(prefault_per_byte: float, packet_pages: int = 128, runs: int = 3) -> float:
+def hole_query_seconds(packet_pages: int = 128, runs: int = 3) -> float:
     """Seconds of the sender's time per packet asked page by page over holes
-    (best run of each guest); ``prefault_per_byte`` says how long to let the
-    destination populate first."""
-    settle = 2 * prefault_per_byte * CALIBRATION_MEMORY + 0.1
+    (best run of each guest)."""
     scattered = slice(None, None, HOLE_STRIDE)
     gathered = slice(0, CALIBRATION_MEMORY // PAGE_SIZE // HOLE_STRIDE)
-    spread = min(_bulk_pass(scattered, settle) for _ in range(runs))
-    packed = min(_bulk_pass(gathered, settle) for _ in range(runs))
+    spread = min(_bulk_pass(scattered) for _ in range(runs))
+    packed = min(_bulk_pass(gathered) for _ in range(runs))
     asked = _asked(scattered, packet_pages) - _asked(gathered, packet_pages)
     return max(0.0, spread - packed) / max(1, asked)
