@@ -192,7 +192,7 @@ def test_a_device_faster_than_a_long_pass_stays_within_the_destinations_bound() 
     assert first_pass["time"] > 1.0, first_pass
     # What the device sent in all exceeds what one pass may leave unannounced,
     # so the bound was reached and respected rather than never approached.
-    assert entry["precopy-bytes"] > h.max_queued_bytes, (entry, h.max_queued_bytes)
+    assert entry["precopy-bytes"] >= h.max_queued_bytes, (entry, h.max_queued_bytes)
 
 
 class QuiesceWitness:
