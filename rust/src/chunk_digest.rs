@@ -52,10 +52,11 @@ use crate::memory::GuestMemory;
 /// Bytes per chunk (rounded up to the page size if pages are larger).
 ///
 /// The smallest size considered (64 KiB..2 MiB): a chunk costs 16 bytes of
-/// table and one short keyed hash, which stays negligible at this size,
-/// while the switchover's rehash pays a whole chunk for every stale one, so
-/// smaller chunks make [`ChunkDigest::root`] after a scattered final pass
-/// proportionally cheaper (benches/bench_chunk_digest.py measures both).
+/// table and one short keyed hash, which stays negligible at this size. A
+/// stale chunk's rehash reads only its stale blocks but hashes all of its
+/// block hashes again (16 bytes per block), so smaller chunks still make
+/// [`ChunkDigest::root`] after a scattered final pass cheaper
+/// (benches/bench_chunk_digest.py measures it).
 pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// Largest chunk accepted: the zero source below covers one chunk.

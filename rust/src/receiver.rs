@@ -309,7 +309,8 @@ impl Shared {
             }
         }
         // Every page of the record is final for its generation now: hash
-        // the chunks it wholly holds while they are in this thread's cache.
+        // its blocks, and the chunks they touch, while they are in this
+        // thread's cache.
         let pages = normal.iter().chain(zero).map(|&off| off as usize / ps);
         self.digest.rehash_covered(pages);
         self.counters
