@@ -8,7 +8,8 @@ ratios, subject and baseline alternating in one process.
   thread reading every byte) over populated memory, half random pages and
   half zero pages, interleaved.
 * root: ``ChunkDigest.root()`` after ``--stale`` scattered pages were marked
-  (a final pass), per chunk size, vs ``digest_frozen`` of all memory.
+  (a final pass), per chunk size, vs ``digest_frozen`` of all memory, and
+  the memory it read per marked page (its stale blocks only).
 * mark: marking every page in runs of ``--run`` pages (the receive path
   marks each run it stores) vs copying the same bytes into guest memory.
 * steal: two threads copying into guest memory, with the rehasher busy on
@@ -83,13 +84,14 @@ def root_after_final_pass(mem: mig.GuestMemory, stale: int, rounds: int) -> dict
         d.root()
         per_chunk = chunk // mem.page_size
         chunks = rng.choice(mem.num_pages // per_chunk, size=min(stale, d.chunks), replace=False)
-        times, ratios, counts = [], [], []
+        times, ratios, counts, read = [], [], [], []
         for _ in range(rounds):
             t_full = timed(lambda c=chunk: mig.digest_frozen(mem, chunk_bytes=c))
             for c in chunks:
                 d.mark_written(int(c) * per_chunk + int(rng.integers(per_chunk)))
             r = d.root_timed()
             counts.append(r["rehashed-chunks"])
+            read.append(r["rehashed-bytes"] / len(chunks))
             times.append(float(r["seconds"]))
             ratios.append(float(r["seconds"]) / t_full)
             assert r["root"] == mig.digest_frozen(mem, chunk_bytes=chunk)
@@ -97,6 +99,7 @@ def root_after_final_pass(mem: mig.GuestMemory, stale: int, rounds: int) -> dict
         out[f"root ms, {kib} KiB chunks"] = statistics.median(times) * 1000
         out[f"root / full digest, {kib} KiB chunks"] = statistics.median(ratios)
         out[f"rehashed chunks, {kib} KiB chunks"] = statistics.median(counts)
+        out[f"bytes read per stale page, {kib} KiB chunks"] = statistics.median(read)
     return out
 
 

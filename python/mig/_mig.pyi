@@ -73,9 +73,10 @@ class ChunkDigest:
     def mark_written(self, first: int, count: int = 1) -> None:
         """Pages ``[first, first + count)`` were written (call after the write)."""
     def root(self) -> int:
-        """The root now; rehashes only the chunks written since their hash."""
+        """The root now; rehashes only the blocks written since their hash."""
     def root_timed(self) -> dict[str, int | float]:
-        """``root`` with ``rehashed-chunks`` and ``seconds`` it took."""
+        """``root`` with ``rehashed-chunks``, ``rehashed-bytes`` (memory
+        read) and ``seconds`` it took."""
     def rehash_settled(self, limit: int) -> int:
         """One background step here: rehash up to ``limit`` settled chunks."""
     def start_rehasher(self, period: float = 0.02, batch: int = 16, duty: float = 0.5) -> None:
@@ -453,7 +454,8 @@ class Receiver:
     def device_records(self) -> list[tuple[int, int, bytes, bool]]: ...
     def wait_end(self, timeout: float, verify: bool = True) -> dict[str, int | float]:
         """Waits for the end records and takes the destination's chunk root
-        (``digest``; ``source-digest``, ``verify-time``, ``rehashed-chunks``).
+        (``digest``; ``source-digest``, ``verify-time``, ``rehashed-chunks``,
+        ``rehashed-bytes``).
         With ``verify``, raises unless the root equals the source's digest."""
     def memory_root(self) -> int:
         """The destination memory's chunk root now (rehashes stale chunks)."""

@@ -73,6 +73,8 @@ def memory_backing(memory: Any, huge_bytes: Callable[[], int] | None) -> dict[st
 
 
 _POLL = 0.05
+# What the receiver reports of the root's rehash: chunks still stale, bytes it read.
+_REHASH_COUNTS = ("rehashed-chunks", "rehashed-bytes")
 
 
 class MigrationDestination:
@@ -166,7 +168,7 @@ class MigrationDestination:
         self._cancel: str | None = None
         self.timings = PassAckTimings(memory, self.clock)
         self.settling = ChannelSettling(self.clock, idle_timeout)
-        self._rehashed: int | None = None  # chunks still stale when the root was taken
+        self._rehashed: dict[str, int] = {}  # the root's rehash: chunks, bytes read
         self._beat_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -250,8 +252,7 @@ class MigrationDestination:
             out["memory-digest"] = self.memory_digest
         if core.verify_time is not None:
             out["verify-time"] = core.verify_time * 1000
-        if self._rehashed is not None:
-            out["rehashed-chunks"] = self._rehashed
+        out.update(self._rehashed)
         if core.verify_error is not None:
             out["verify-error"] = core.verify_error
         out.update(memory_backing(self.memory, self._huge_bytes if self.status in _ENDED else None))
@@ -424,8 +425,7 @@ class MigrationDestination:
         # downtime. An endpoint that does not report one gets it computed here.
         root = end.get("digest")
         seconds = end.get("verify-time")
-        rehashed = end.get("rehashed-chunks")
-        self._rehashed = None if rehashed is None else int(rehashed)
+        self._rehashed = {k: int(end[k]) for k in _REHASH_COUNTS if end.get(k) is not None}
         if root is None:
             t0 = self.clock.now()
             root = self.memory.digest()

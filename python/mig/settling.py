@@ -2,8 +2,8 @@
 
 Before it pauses its guest, the source asks the destination to tell it when
 everything sent so far has landed: the sync records of the last pass are in
-on every channel and the chunk root is current (the stale chunks the passes
-left, those only partly rewritten by a record, are rehashed now). The guest
+on every channel and the chunk root is current (the stale blocks the
+passes left, those the receive path could not take, are rehashed now). The guest
 still runs on the source meanwhile, so neither the channels' backlog (socket
 buffers, a receiver behind the sender) nor the scattered chunks of earlier
 passes wait inside the downtime: only what the final pass sends does.

@@ -1,10 +1,20 @@
 //! An order-independent digest of guest memory, kept current while pages
 //! land so that the switchover only rehashes what changed.
 //!
-//! Memory is cut into chunks of [`CHUNK_BYTES`]. A chunk's hash is the
-//! xxh3-128 of its bytes, keyed with its index (so the same bytes at another
-//! place hash differently). The root is the wrapping sum of the keyed chunk
-//! hashes, finalised with the memory's geometry.
+//! Memory is cut into chunks of [`CHUNK_BYTES`], and each chunk into blocks
+//! of [`BLOCK_BYTES`] (one 4 KiB page). A block's hash is the xxh3-128 of
+//! its bytes; a chunk's content hash is the xxh3-128 of its block hashes in
+//! order; its term is that, keyed with the chunk's index (so the same bytes
+//! at another place hash differently). The root is the wrapping sum of the
+//! chunk terms, finalised with the memory's geometry.
+//!
+//! Why blocks inside chunks: a chunk stays the unit of the root, of
+//! post-copy and of every API, but rehashing a chunk after a scattered write
+//! reads only the blocks written since their last hash and then hashes the
+//! chunk's block hashes (256 bytes for 16 blocks), instead of reading the
+//! whole chunk. The switchover's rehash then costs O(pages written), not
+//! O(chunks touched x chunk size). The price is one 16-byte hash per block
+//! kept by the destination: 1/256 of guest memory (16 MiB for 4 GiB).
 //!
 //! Why a sum and not a Merkle tree: the sum does not depend on the order in
 //! which chunks are hashed, and replacing one chunk's hash is one subtraction
@@ -21,8 +31,10 @@
 //!
 //! The destination uses [`ChunkDigest`]: receive threads call
 //! [`ChunkDigest::mark_written`] after each write (a few atomic ORs, no
-//! lock), a [`Rehasher`] thread rehashes chunks that have settled, and
-//! [`ChunkDigest::root`] rehashes only the chunks still stale. The source
+//! lock), the receive path rehashes the blocks a record just stored while
+//! they are in cache, a [`Rehasher`] thread rehashes chunks that have
+//! settled, and [`ChunkDigest::root`] rehashes only the blocks still stale.
+//! The source
 //! uses [`digest_frozen`]: the same root over all of memory, read in full
 //! with several threads, independent of any dirty tracking.
 
@@ -40,18 +52,39 @@ use crate::memory::GuestMemory;
 /// Bytes per chunk (rounded up to the page size if pages are larger).
 ///
 /// The smallest size considered (64 KiB..2 MiB): a chunk costs 16 bytes of
-/// table and one short keyed hash, which stays negligible at this size,
-/// while the switchover's rehash pays a whole chunk for every stale one, so
-/// smaller chunks make [`ChunkDigest::root`] after a scattered final pass
-/// proportionally cheaper (benches/bench_chunk_digest.py measures both).
+/// table and one short keyed hash, which stays negligible at this size. A
+/// stale chunk's rehash reads only its stale blocks but hashes all of its
+/// block hashes again (16 bytes per block), so smaller chunks still make
+/// [`ChunkDigest::root`] after a scattered final pass cheaper
+/// (benches/bench_chunk_digest.py measures it).
 pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// Largest chunk accepted: the zero source below covers one chunk.
 const MAX_CHUNK_BYTES: usize = 2 << 20;
 static ZEROS: [u8; MAX_CHUNK_BYTES] = [0; MAX_CHUNK_BYTES];
 
+/// Bytes per block, the unit a chunk's hash is built from: one small page,
+/// the unit a write marks. Fixed (not the host's page size) so that a
+/// chunk's hash depends on its bytes alone.
+pub const BLOCK_BYTES: usize = 4096;
+
 /// Chunks claimed by a digest thread at a time (one atomic per claim).
 const BATCH: usize = 64;
+
+/// A block's hash.
+fn block_hash(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// A chunk's content hash from its block hashes, in order. The one place
+/// that defines how blocks combine: both sides and post-copy use it.
+fn combine(blocks: impl IntoIterator<Item = u128>) -> u128 {
+    let mut h = Xxh3::new();
+    for b in blocks {
+        h.update(&b.to_le_bytes());
+    }
+    h.digest128()
+}
 
 /// A chunk's hash keyed with its index: moved data hashes differently.
 fn keyed(index: usize, content: u128) -> u128 {
@@ -71,7 +104,7 @@ fn finalize(sum: u128, mem_len: usize, chunk_bytes: usize) -> u128 {
 /// One chunk's term of the root: its bytes hashed, keyed with its index.
 /// Post-copy's destination adds the terms of the chunks it places.
 pub fn chunk_term(index: usize, bytes: &[u8]) -> u128 {
-    keyed(index, xxhash_rust::xxh3::xxh3_128(bytes))
+    keyed(index, content_hash(bytes))
 }
 
 /// The term of chunk `index` whose unkeyed hash is `content` (that of
@@ -81,9 +114,10 @@ pub fn chunk_term_of_hash(index: usize, content: u128) -> u128 {
     keyed(index, content)
 }
 
-/// The unkeyed hash of a chunk's bytes, for [`chunk_term_of_hash`].
+/// The unkeyed hash of a chunk's bytes, for [`chunk_term_of_hash`]: the
+/// combination of the hashes of its [`BLOCK_BYTES`] blocks.
 pub fn content_hash(bytes: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(bytes)
+    combine(bytes.chunks(BLOCK_BYTES).map(block_hash))
 }
 
 /// The root of a memory of `mem_len` bytes whose chunk terms sum to `sum`.
@@ -91,19 +125,31 @@ pub fn root_of_sum(sum: u128, mem_len: usize, chunk_bytes: usize) -> u128 {
     finalize(sum, mem_len, chunk_bytes)
 }
 
-/// Sets bits `range` of a bitmap, a word at a time.
-fn set_bits(words: &[AtomicU64], range: Range<usize>, order: Ordering) {
+/// The words a bit range spans, each with the mask of its bits in range.
+fn word_masks(range: Range<usize>) -> impl Iterator<Item = (usize, u64)> {
     let mut i = range.start;
-    while i < range.end {
+    std::iter::from_fn(move || {
+        if i >= range.end {
+            return None;
+        }
         let (w, b) = (i / 64, i % 64);
         let n = (64 - b).min(range.end - i);
-        let mask = if n == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << n) - 1) << b
-        };
-        words[w].fetch_or(mask, order);
         i += n;
+        Some((
+            w,
+            if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            },
+        ))
+    })
+}
+
+/// Sets bits `range` of a bitmap, a word at a time.
+fn set_bits(words: &[AtomicU64], range: Range<usize>, order: Ordering) {
+    for (w, mask) in word_masks(range) {
+        words[w].fetch_or(mask, order);
     }
 }
 
@@ -134,7 +180,7 @@ fn pages_of_ranges(mem: &GuestMemory, ranges: &[(usize, usize)]) -> Vec<AtomicU6
     words
 }
 
-/// How memory is cut into chunks.
+/// How memory is cut into chunks and blocks.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     page_size: usize,
@@ -142,6 +188,10 @@ struct Geometry {
     /// log2 of pages per chunk.
     shift: u32,
     chunks: usize,
+    /// Blocks per page (1 with 4 KiB pages).
+    blocks_per_page: usize,
+    /// The hash of a block of zeros.
+    zero_block: u128,
 }
 
 impl Geometry {
@@ -153,6 +203,11 @@ impl Geometry {
                 "chunk size {chunk_bytes} is not a power of two of at most {MAX_CHUNK_BYTES} bytes"
             )));
         }
+        if !ps.is_multiple_of(BLOCK_BYTES) {
+            return Err(CoreError::invalid(format!(
+                "page size {ps} is not a multiple of the {BLOCK_BYTES}-byte digest block"
+            )));
+        }
         let shift = (chunk_bytes / ps).trailing_zeros();
         let pages = mem.num_pages();
         Ok(Geometry {
@@ -160,6 +215,8 @@ impl Geometry {
             pages,
             shift,
             chunks: pages.div_ceil(1 << shift),
+            blocks_per_page: ps / BLOCK_BYTES,
+            zero_block: block_hash(&ZEROS[..BLOCK_BYTES]),
         })
     }
 
@@ -172,84 +229,86 @@ impl Geometry {
         first..(first + (1 << self.shift)).min(self.pages)
     }
 
-    /// The xxh3-128 of a chunk's bytes: runs of pages that may hold data are
-    /// read from the mapping, the rest hashed as zeros without touching it.
-    fn content(&self, mem: &GuestMemory, data: &[AtomicU64], chunk: usize) -> u128 {
-        let ps = self.page_size;
+    fn blocks_of(&self, chunk: usize) -> Range<usize> {
         let pages = self.pages_of(chunk);
-        let mut h = Xxh3::new();
-        let mut p = pages.start;
-        while p < pages.end {
-            let is_data = get_bit(data, p);
-            let start = p;
-            p += 1;
-            while p < pages.end && get_bit(data, p) == is_data {
-                p += 1;
-            }
-            let len = (p - start) * ps;
-            if is_data {
-                // SAFETY: the range lies inside the mapping (pages of a
-                // chunk of this memory). A writer racing with the hash only
-                // makes the hash a mixture of old and new bytes; the
-                // destination re-marks such a chunk and it is rehashed.
-                h.update(unsafe { mem.racy_slice(start * ps, len) }.expect("chunk is in range"));
-            } else if len <= ZEROS.len() {
-                h.update(&ZEROS[..len]);
-            } else {
-                // Pages larger than the zero source (only with huge pages).
-                for part in (0..len).step_by(ZEROS.len()) {
-                    h.update(&ZEROS[..(len - part).min(ZEROS.len())]);
-                }
-            }
-        }
-        h.digest128()
+        pages.start * self.blocks_per_page..pages.end * self.blocks_per_page
     }
 
-    /// The keyed hash a chunk of holes has, without reading it.
-    fn zero_keyed(&self, chunk: usize, zero_full: u128, zero_tail: u128) -> u128 {
-        let full = self.pages_of(chunk).len() == 1 << self.shift;
-        keyed(chunk, if full { zero_full } else { zero_tail })
+    fn blocks(&self) -> usize {
+        self.pages * self.blocks_per_page
+    }
+
+    /// A block's hash and the bytes read for it: a page that may hold data
+    /// is read from the mapping, a hole hashed as zeros without touching it.
+    fn block(&self, mem: &GuestMemory, data: &[AtomicU64], block: usize) -> (u128, usize) {
+        if !get_bit(data, block / self.blocks_per_page) {
+            return (self.zero_block, 0);
+        }
+        // SAFETY: the block lies inside the mapping (a block of a page of
+        // this memory). A writer racing with the hash only makes the hash a
+        // mixture of old and new bytes; the destination re-marks such a
+        // block and it is rehashed.
+        let bytes = unsafe { mem.racy_slice(block * BLOCK_BYTES, BLOCK_BYTES) };
+        (block_hash(bytes.expect("block is in range")), BLOCK_BYTES)
+    }
+
+    /// The content hash of a chunk of holes, without reading it.
+    fn zero_content(&self, chunk: usize) -> u128 {
+        combine(self.blocks_of(chunk).map(|_| self.zero_block))
     }
 }
 
-/// Hashes `chunks` with up to `threads` threads taking batches from a shared
-/// cursor (holes hash far faster than data, so static splits would idle),
-/// and returns the keyed hashes in the order of `chunks`.
-fn hash_chunks(
-    geo: &Geometry,
-    mem: &GuestMemory,
-    data: &[AtomicU64],
-    chunks: &[usize],
+/// Runs `one` over `items` with up to `threads` threads taking batches from
+/// a shared cursor (holes hash far faster than data, so static splits would
+/// idle), and returns the results in the order of `items`.
+fn hash_chunks<I: Sync, T: Send>(
+    items: &[I],
     threads: usize,
-) -> Vec<u128> {
-    let one = |c: usize| keyed(c, geo.content(mem, data, c));
-    let threads = threads.clamp(1, chunks.len().div_ceil(BATCH).max(1));
+    one: impl Fn(&I) -> T + Sync,
+) -> Vec<T> {
+    let threads = threads.clamp(1, items.len().div_ceil(BATCH).max(1));
     if threads == 1 {
-        return chunks.iter().map(|&c| one(c)).collect();
+        return items.iter().map(one).collect();
     }
-    let out: Vec<AtomicU128> = chunks.iter().map(|_| AtomicU128::default()).collect();
     let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let at = next.fetch_add(BATCH, Ordering::Relaxed);
-                if at >= chunks.len() {
-                    break;
-                }
-                for i in at..(at + BATCH).min(chunks.len()) {
-                    out[i].store(one(chunks[i]));
-                }
-            });
-        }
+    let mut parts: Vec<(usize, T)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let at = next.fetch_add(BATCH, Ordering::Relaxed);
+                        if at >= items.len() {
+                            break done;
+                        }
+                        for (i, item) in items.iter().enumerate().take(at + BATCH).skip(at) {
+                            done.push((i, one(item)));
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a digest thread panicked"))
+            .collect()
     });
-    out.into_iter().map(|a| a.load()).collect()
+    parts.sort_unstable_by_key(|&(i, _)| i);
+    parts.into_iter().map(|(_, t)| t).collect()
 }
 
-/// A 128-bit slot written by one thread and read after the scope joins.
+/// A 128-bit slot of lock-free storage (block hashes are read by hashers
+/// that hold no lock; they are only written under the table lock).
 #[derive(Default)]
 struct AtomicU128([AtomicU64; 2]);
 
 impl AtomicU128 {
+    fn new(v: u128) -> Self {
+        let a = AtomicU128::default();
+        a.store(v);
+        a
+    }
+
     fn store(&self, v: u128) {
         self.0[0].store(v as u64, Ordering::Relaxed);
         self.0[1].store((v >> 64) as u64, Ordering::Relaxed);
@@ -283,7 +342,11 @@ pub fn digest_frozen_with(
     let geo = Geometry::new(mem, chunk_bytes)?;
     let data = data_pages(mem);
     let all: Vec<usize> = (0..geo.chunks).collect();
-    let sum = hash_chunks(&geo, mem, &data, &all, threads)
+    let term = |&c: &usize| {
+        let content = combine(geo.blocks_of(c).map(|b| geo.block(mem, &data, b).0));
+        keyed(c, content)
+    };
+    let sum = hash_chunks(&all, threads, term)
         .into_iter()
         .fold(0u128, u128::wrapping_add);
     Ok(finalize(sum, mem.len(), geo.chunk_bytes()))
@@ -293,10 +356,14 @@ pub fn digest_frozen_with(
 struct Table {
     hashes: Vec<u128>,
     sum: u128,
-    /// Chunks the rehasher claimed and is hashing without the lock. `root`
-    /// takes them over (hashes them itself); the rehasher then drops its
-    /// result. Only changed under the lock.
+    /// Chunks a hasher without the lock (the rehasher, a receive thread)
+    /// claimed and is hashing: at most one such hasher per chunk. Only
+    /// changed under the lock.
     in_flight: Vec<u64>,
+    /// Chunks in flight that `root` took over (hashed itself, every block):
+    /// the hasher's result is dropped when it returns. Only changed under
+    /// the lock.
+    taken_over: Vec<u64>,
 }
 
 impl Table {
@@ -306,13 +373,25 @@ impl Table {
     }
 }
 
+/// One chunk hashed: its term, the blocks hashed anew, and the bytes read.
+struct Hashed {
+    chunk: usize,
+    term: u128,
+    /// (block, hash), in block order.
+    fresh: Vec<(usize, u128)>,
+    bytes: usize,
+}
+
 /// The destination's running digest: see the module documentation.
 ///
-/// Invariant: a chunk whose `stale` bit is clear and that is not in flight
-/// has its current bytes' hash in the table, provided every write was
-/// followed by `mark_written`. A chunk is claimed (its stale bit cleared)
-/// under the table lock before it is read, so a write marked during the
-/// hash sets the bit again.
+/// Invariant: a block whose `stale_blocks` bit is clear holds its current
+/// bytes' hash in `blocks`, and a chunk whose `stale` bit is clear and that
+/// is not in flight has in the table the combination of its block hashes,
+/// provided every write was followed by `mark_written`. A chunk is claimed
+/// (its stale bit cleared) under the table lock, then its stale blocks are
+/// taken (their bits cleared) and read, so a write marked during the hash
+/// sets the bits again. Block hashes, like chunk hashes, are only written
+/// under the table lock, by the chunk's one hasher or by `root`.
 ///
 /// The rehasher holds the lock only to claim and to store results, never
 /// while it hashes: it runs at the lowest priority, and `root` (in the
@@ -326,6 +405,10 @@ pub struct ChunkDigest {
     stale: Vec<AtomicU64>,
     /// Per chunk: written since the rehasher last looked (still settling).
     recent: Vec<AtomicU64>,
+    /// Per block: written since its hash was taken.
+    stale_blocks: Vec<AtomicU64>,
+    /// Per block: its hash (16 bytes per 4 KiB: 1/256 of memory).
+    blocks: Vec<AtomicU128>,
     table: Mutex<Table>,
     threads: usize,
 }
@@ -338,13 +421,28 @@ fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Rehashed {
     pub chunks: usize,
+    /// Bytes of memory read (stale blocks that may hold data).
+    pub bytes: usize,
     pub seconds: f64,
+}
+
+/// Clears bits `range` of a bitmap and returns those that were set.
+fn take_bits(words: &[AtomicU64], range: Range<usize>) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (w, mask) in word_masks(range) {
+        // Acquire pairs with mark_written's release.
+        if words[w].load(Ordering::Relaxed) & mask != 0 {
+            let got = words[w].fetch_and(!mask, Ordering::AcqRel) & mask;
+            push_bits(&mut out, w, got);
+        }
+    }
+    out
 }
 
 impl ChunkDigest {
     /// A digest of `mem` as it is now. Chunks that are all holes get their
-    /// hash without a read; the others start stale (hashed by the rehasher
-    /// or at the first `root`).
+    /// hash without a read; the blocks that may hold data start stale
+    /// (hashed by the rehasher or at the first `root`).
     pub fn new(mem: Arc<GuestMemory>) -> CoreResult<Self> {
         Self::with_chunk(mem, CHUNK_BYTES)
     }
@@ -371,29 +469,40 @@ impl ChunkDigest {
         let geo = Geometry::new(&mem, chunk_bytes)?;
         let bits = |n: usize| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         let stale: Vec<AtomicU64> = bits(geo.chunks);
-        let zeros = |pages: usize| xxhash_rust::xxh3::xxh3_128(&ZEROS[..pages * geo.page_size]);
-        let full = 1usize << geo.shift;
-        let (zero_full, zero_tail) = (zeros(full), zeros(geo.pages - (geo.chunks - 1) * full));
+        let stale_blocks: Vec<AtomicU64> = bits(geo.blocks());
+        let (zero_full, zero_tail) = (geo.zero_content(0), geo.zero_content(geo.chunks - 1));
         let mut sum = 0u128;
         let mut hashes = Vec::with_capacity(geo.chunks);
         for c in 0..geo.chunks {
-            let h = geo.zero_keyed(c, zero_full, zero_tail);
+            let full = geo.pages_of(c).len() == 1 << geo.shift;
+            let h = keyed(c, if full { zero_full } else { zero_tail });
             sum = sum.wrapping_add(h);
             hashes.push(h);
-            if geo.pages_of(c).any(|p| get_bit(&data, p)) {
+            for p in geo.pages_of(c).filter(|&p| get_bit(&data, p)) {
                 set_bits(&stale, c..c + 1, Ordering::Relaxed);
+                let first = p * geo.blocks_per_page;
+                set_bits(
+                    &stale_blocks,
+                    first..first + geo.blocks_per_page,
+                    Ordering::Relaxed,
+                );
             }
         }
         Ok(ChunkDigest {
             recent: bits(geo.chunks),
+            blocks: (0..geo.blocks())
+                .map(|_| AtomicU128::new(geo.zero_block))
+                .collect(),
             mem,
             geo,
             data,
             stale,
+            stale_blocks,
             table: Mutex::new(Table {
                 hashes,
                 sum,
                 in_flight: vec![0; geo.chunks.div_ceil(64)],
+                taken_over: vec![0; geo.chunks.div_ceil(64)],
             }),
             threads: default_threads(),
         })
@@ -421,8 +530,8 @@ impl ChunkDigest {
     }
 
     /// Records that pages `[first, first + count)` were written. Call it
-    /// after the write: a chunk being hashed at the same time is hashed again
-    /// later. Lock-free; any number of threads may call it.
+    /// after the write: a block being hashed at the same time is hashed
+    /// again later. Lock-free; any number of threads may call it.
     pub fn mark_written(&self, first: usize, count: usize) -> CoreResult<()> {
         let end = first
             .checked_add(count)
@@ -437,22 +546,77 @@ impl ChunkDigest {
             return Ok(());
         }
         set_bits(&self.data, first..end, Ordering::Relaxed);
+        let bpp = self.geo.blocks_per_page;
+        // Release: whoever takes the block, or claims the chunk, by
+        // clearing its bit sees the bytes written before it (and the data
+        // bits set above). Blocks before chunks: a hasher claims the chunk
+        // first, then takes its blocks.
+        set_bits(
+            &self.stale_blocks,
+            first * bpp..end * bpp,
+            Ordering::Release,
+        );
         let chunks = first >> self.geo.shift..((end - 1) >> self.geo.shift) + 1;
         set_bits(&self.recent, chunks.clone(), Ordering::Relaxed);
-        // Release: whoever claims the chunk by clearing this bit sees the
-        // bytes written before it (and the data bits set above).
         set_bits(&self.stale, chunks, Ordering::Release);
         Ok(())
     }
 
-    /// Rehashes now, on the calling thread, the stale chunks whose every
-    /// page is in `pages` (distinct pages one record just stored, its bytes
-    /// still in this thread's cache). On a busy two-core host the
-    /// low-priority rehasher can starve for a whole transfer and leave all
-    /// of memory to `root` inside the downtime; a record's pages are mostly
-    /// whole chunks, so the receive path keeps the digest current at the
-    /// cost of one cached read. Chunks only partly in `pages` stay stale for
-    /// the rehasher or `root`. Returns how many chunks were stored.
+    /// Hashes chunk `c`, which the caller claimed: takes its stale blocks
+    /// and reads them (every block, for a chunk taken over from another
+    /// hasher, whose taken blocks are unknown), then combines the block
+    /// hashes. Writes nothing but the stale bits it takes.
+    fn hash_chunk(&self, c: usize, every_block: bool) -> Hashed {
+        let range = self.geo.blocks_of(c);
+        let taken = take_bits(&self.stale_blocks, range.clone());
+        let read: Vec<usize> = if every_block {
+            range.clone().collect()
+        } else {
+            taken
+        };
+        let mut bytes = 0;
+        let fresh: Vec<(usize, u128)> = read
+            .into_iter()
+            .map(|b| {
+                let (h, n) = self.geo.block(&self.mem, &self.data, b);
+                bytes += n;
+                (b, h)
+            })
+            .collect();
+        let mut next = fresh.iter().peekable();
+        let content = combine(range.map(|b| match next.peek() {
+            Some(&&(fb, h)) if fb == b => {
+                next.next();
+                h
+            }
+            _ => self.blocks[b].load(),
+        }));
+        Hashed {
+            chunk: c,
+            term: keyed(c, content),
+            fresh,
+            bytes,
+        }
+    }
+
+    /// Stores a chunk's hash and its fresh block hashes. The caller holds
+    /// the table lock.
+    fn store(&self, t: &mut Table, h: &Hashed) {
+        for &(b, bh) in &h.fresh {
+            self.blocks[b].store(bh);
+        }
+        t.replace(h.chunk, h.term);
+    }
+
+    /// Rehashes now, on the calling thread, the stale blocks of the chunks
+    /// `pages` touch (distinct pages one record just stored, its bytes still
+    /// in this thread's cache). On a busy two-core host the low-priority
+    /// rehasher can starve for a whole transfer and leave all of memory to
+    /// `root` inside the downtime; hashing the record's blocks here keeps
+    /// the digest current at the cost of one cached read of each page, and
+    /// a chunk only partly written reads only its written blocks. Chunks
+    /// another hasher holds stay stale for it or `root`. Returns how many
+    /// chunks were stored.
     pub fn rehash_covered(&self, pages: impl IntoIterator<Item = usize>) -> usize {
         let mut chunks: Vec<usize> = pages
             .into_iter()
@@ -460,24 +624,18 @@ impl ChunkDigest {
             .map(|p| p >> self.geo.shift)
             .collect();
         chunks.sort_unstable();
-        let mut whole = Vec::new();
-        let mut i = 0;
-        while i < chunks.len() {
-            let c = chunks[i];
-            let n = chunks[i..].iter().take_while(|&&x| x == c).count();
-            if n == self.geo.pages_of(c).len() {
-                whole.push(c);
-            }
-            i += n;
-        }
-        if whole.is_empty() {
+        chunks.dedup();
+        if chunks.is_empty() {
             return 0;
         }
         let claimed = {
             let mut t = lock(&self.table);
-            let mut claimed = Vec::with_capacity(whole.len());
-            for &c in &whole {
+            let mut claimed = Vec::with_capacity(chunks.len());
+            for &c in &chunks {
                 let (w, bit) = (c / 64, 1u64 << (c % 64));
+                if t.in_flight[w] & bit != 0 {
+                    continue;
+                }
                 // Acquire pairs with mark_written's release.
                 if self.stale[w].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
                     t.in_flight[w] |= bit;
@@ -486,8 +644,8 @@ impl ChunkDigest {
             }
             claimed
         };
-        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &claimed, 1);
-        self.store_in_flight(&claimed, hashes)
+        let hashed = claimed.iter().map(|&c| self.hash_chunk(c, false)).collect();
+        self.store_in_flight(hashed)
     }
 
     /// Claims the stale chunks `pick` selects from each word of stale bits
@@ -508,7 +666,7 @@ impl ChunkDigest {
         claimed
     }
 
-    /// The root of memory as it is now: rehashes only the stale chunks.
+    /// The root of memory as it is now: rehashes only the stale blocks.
     /// Writers should have stopped (a write marked during the call leaves
     /// its chunk stale for the next one).
     pub fn root(&self) -> u128 {
@@ -519,17 +677,31 @@ impl ChunkDigest {
     pub fn root_timed(&self) -> (u128, Rehashed) {
         let t0 = Instant::now();
         let mut t = lock(&self.table);
-        let mut chunks = self.claim(|_, bits| bits);
-        // Chunks the rehasher is hashing right now: take them over.
-        for (w, word) in t.in_flight.iter_mut().enumerate() {
-            push_bits(&mut chunks, w, std::mem::take(word));
+        let stale = self.claim(|_, bits| bits);
+        // Chunks another hasher is hashing right now: take them over, every
+        // block (its taken blocks are unknown); its result is dropped.
+        let t = &mut *t;
+        let mut chunks = stale;
+        for (w, (fly, over)) in t.in_flight.iter().zip(t.taken_over.iter_mut()).enumerate() {
+            push_bits(&mut chunks, w, fly & !*over);
+            *over |= fly;
         }
-        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &chunks, self.threads);
-        for (&c, h) in chunks.iter().zip(hashes) {
-            t.replace(c, h);
+        chunks.sort_unstable();
+        chunks.dedup();
+        let over = &t.taken_over;
+        let work: Vec<(usize, bool)> = chunks
+            .into_iter()
+            .map(|c| (c, over[c / 64] & (1 << (c % 64)) != 0))
+            .collect();
+        let hashed = hash_chunks(&work, self.threads, |&(c, every)| self.hash_chunk(c, every));
+        let mut bytes = 0;
+        for h in &hashed {
+            self.store(t, h);
+            bytes += h.bytes;
         }
         let rehashed = Rehashed {
-            chunks: chunks.len(),
+            chunks: hashed.len(),
+            bytes,
             seconds: t0.elapsed().as_secs_f64(),
         };
         (
@@ -556,17 +728,19 @@ impl ChunkDigest {
     /// window. Returns the chunks rehashed.
     pub fn rehash_settled(&self, limit: usize) -> usize {
         let claimed = self.claim_settled(limit);
-        let hashes = hash_chunks(&self.geo, &self.mem, &self.data, &claimed, 1);
-        self.store_in_flight(&claimed, hashes)
+        let hashed = claimed.iter().map(|&c| self.hash_chunk(c, false)).collect();
+        self.store_in_flight(hashed)
     }
 
-    /// Claims up to `limit` settled chunks and marks them in flight; opens
-    /// the next settling window once every settled chunk is claimed.
+    /// Claims up to `limit` settled chunks no other hasher holds and marks
+    /// them in flight; opens the next settling window once every settled
+    /// chunk is claimed.
     fn claim_settled(&self, limit: usize) -> Vec<usize> {
         let mut left = limit;
         let mut t = lock(&self.table);
+        let in_flight = &t.in_flight;
         let claimed = self.claim(|w, bits| {
-            let mut settled = bits & !self.recent[w].load(Ordering::Relaxed);
+            let mut settled = bits & !self.recent[w].load(Ordering::Relaxed) & !in_flight[w];
             // Keep the lowest `left` bits.
             while settled.count_ones() as usize > left {
                 settled &= !(1u64 << (63 - settled.leading_zeros()));
@@ -588,21 +762,25 @@ impl ChunkDigest {
         claimed
     }
 
-    /// Stores the hashes of chunks claimed in flight, except those another
-    /// hasher finished first (`root` taking them over, or the receive path
-    /// and the rehasher hashing one chunk at once). A hash not stored may be
-    /// the newer one, so its chunk is marked stale again: some later hash
-    /// (or `root`) covers it. Returns how many were stored.
-    fn store_in_flight(&self, claimed: &[usize], hashes: Vec<u128>) -> usize {
+    /// Stores the hashes of chunks this hasher claimed in flight, except
+    /// those `root` took over meanwhile. A result not stored may hold newer
+    /// blocks than `root` read, so its blocks and chunk are marked stale
+    /// again: some later hash (or `root`) covers them. Returns how many
+    /// were stored.
+    fn store_in_flight(&self, hashed: Vec<Hashed>) -> usize {
         let mut t = lock(&self.table);
         let mut stored = 0;
-        for (&c, h) in claimed.iter().zip(hashes) {
-            let (w, bit) = (c / 64, 1u64 << (c % 64));
-            if t.in_flight[w] & bit != 0 {
-                t.in_flight[w] &= !bit;
-                t.replace(c, h);
+        for h in hashed {
+            let (w, bit) = (h.chunk / 64, 1u64 << (h.chunk % 64));
+            t.in_flight[w] &= !bit;
+            if t.taken_over[w] & bit == 0 {
+                self.store(&mut t, &h);
                 stored += 1;
             } else {
+                t.taken_over[w] &= !bit;
+                for &(b, _) in &h.fresh {
+                    set_bits(&self.stale_blocks, b..b + 1, Ordering::Release);
+                }
                 self.stale[w].fetch_or(bit, Ordering::Release);
             }
         }
@@ -732,20 +910,57 @@ mod tests {
         d.mark_written(page, 1).unwrap();
     }
 
-    /// A record that wholly covers chunks leaves them hashed: the root then
-    /// has nothing left to do for them, and still equals a full read.
+    /// A record's pages are hashed on the spot, in whole and partial
+    /// chunks alike: the root then has nothing left to do for them, and
+    /// still equals a full read.
     #[test]
-    fn chunks_a_record_covers_are_hashed_on_the_spot() {
+    fn chunks_a_record_touches_are_hashed_on_the_spot() {
         let (mem, d) = setup(16); // chunks of 4 pages
         for p in 2..11 {
             write(&mem, &d, p, p as u8 + 1);
         }
         assert_eq!(d.stale_chunks(), 3);
         // Pages 2..11 cover chunk 1 (4..8) wholly; chunks 0 and 2 in part.
-        assert_eq!(d.rehash_covered(2..11), 1);
-        assert_eq!(d.stale_chunks(), 2);
+        assert_eq!(d.rehash_covered(2..11), 3);
+        assert_eq!(d.stale_chunks(), 0);
         let (root, rehashed) = d.root_timed();
-        assert_eq!((root, rehashed.chunks), (frozen(&mem), 2));
+        assert_eq!(
+            (root, rehashed.chunks, rehashed.bytes),
+            (frozen(&mem), 0, 0)
+        );
+        // A chunk another hasher holds is left stale for it (or root).
+        write(&mem, &d, 12, 1);
+        assert_eq!(d.rehash_settled(1), 0); // opens the window
+        assert_eq!(d.claim_settled(1), vec![3]);
+        write(&mem, &d, 13, 2);
+        assert_eq!(d.rehash_covered([13]), 0);
+        assert_eq!(d.root(), frozen(&mem));
+    }
+
+    /// The switchover's rehash reads only the blocks written since their
+    /// last hash: one page written into a hashed chunk of data costs one
+    /// block read, not a chunk.
+    #[test]
+    fn a_one_page_write_rehashes_one_block() {
+        let mem = Arc::new(GuestMemory::new(CHUNK_BYTES * 4).unwrap());
+        let d = ChunkDigest::new(mem.clone()).unwrap();
+        let pages = mem.num_pages();
+        for p in 0..pages {
+            write(&mem, &d, p, p as u8 | 1);
+        }
+        let (_, first) = d.root_timed();
+        assert_eq!((first.chunks, first.bytes), (4, mem.len()));
+        write(&mem, &d, pages / 2 + 3, 0x5A);
+        let (root, one) = d.root_timed();
+        assert_eq!((one.chunks, one.bytes), (1, ps()));
+        assert_eq!(root, digest_frozen(&mem, 1));
+        // Scattered pages: bytes read grow with the pages, not the chunks.
+        for p in [1, pages / 4 + 2, pages - 1] {
+            write(&mem, &d, p, 0xC3);
+        }
+        let (root, three) = d.root_timed();
+        assert_eq!((three.chunks, three.bytes), (3, 3 * ps()));
+        assert_eq!(root, digest_frozen(&mem, 1));
     }
 
     #[test]
@@ -853,12 +1068,12 @@ mod tests {
         assert_eq!(d.rehash_settled(1), 0); // opens the window: the chunk settles
         let claimed = d.claim_settled(10);
         assert_eq!(claimed, vec![1]);
-        let old = hash_chunks(&d.geo, &mem, &d.data, &claimed, 1);
+        let old: Vec<Hashed> = claimed.iter().map(|&c| d.hash_chunk(c, false)).collect();
         assert_eq!(d.root_timed().1.chunks, 1, "the chunk in flight");
         assert_eq!(d.root(), frozen(&mem));
         write(&mem, &d, 5, 2);
         let root = d.root();
-        assert_eq!(d.store_in_flight(&claimed, old), 0);
+        assert_eq!(d.store_in_flight(old), 0);
         assert_eq!(d.root(), root);
         assert_eq!(root, frozen(&mem));
     }
@@ -952,6 +1167,42 @@ mod tests {
             prop_assert_eq!(a.root(), b.root());
             prop_assert_eq!(a.root(), frozen(&a_mem));
             prop_assert_eq!(frozen(&a_mem), digest_frozen_with(&b_mem, 1, 4 * ps()).unwrap());
+        }
+
+        /// After arbitrary partial writes, each chunk's hash built from its
+        /// block hashes equals the one computed from its bytes alone
+        /// (`chunk_term`, as post-copy and the source compute it), whichever
+        /// path rehashed which blocks in between.
+        #[test]
+        fn chunk_hashes_over_blocks_equal_those_from_memory(
+            writes in proptest::collection::vec(
+                (0usize..40 * 4096, 1usize..9000, any::<u8>(), 0u8..4), 1..40),
+        ) {
+            let (mem, d) = setup(40);
+            let len = mem.len();
+            for &(at, n, v, then) in &writes {
+                let at = at % len;
+                let n = n.min(len - at);
+                mem.write_bytes(at, &vec![v; n]).unwrap();
+                let (first, last) = (at / ps(), (at + n - 1) / ps());
+                d.mark_written(first, last - first + 1).unwrap();
+                match then {
+                    0 => { d.rehash_covered(first..=last); }
+                    1 => { d.rehash_settled(3); }
+                    2 => { d.root(); }
+                    _ => {}
+                }
+            }
+            let root = d.root();
+            let t = lock(&d.table);
+            for c in 0..d.chunks() {
+                let r = d.geo.pages_of(c);
+                let mut bytes = vec![0u8; r.len() * ps()];
+                mem.read_bytes(r.start * ps(), &mut bytes).unwrap();
+                prop_assert_eq!(t.hashes[c], chunk_term(c, &bytes), "chunk {}", c);
+            }
+            drop(t);
+            prop_assert_eq!(root, frozen(&mem));
         }
 
         /// Memories that differ in one byte give different roots.

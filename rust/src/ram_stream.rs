@@ -85,8 +85,8 @@ pub const MIN_ITERATE_PAGES: usize = 64;
 /// `iterate` spans end on multiples of this many pages (one bitmap word).
 /// In a dense pass the sender's packets then start on them too, so each
 /// record holds whole digest chunks, which the receiver hashes as they land
-/// (`ChunkDigest::rehash_covered`): a chunk split between two records (two
-/// channels) stays stale until the settle before the switchover rehashes it.
+/// (`ChunkDigest::rehash_covered`, which also hashes the blocks of a chunk
+/// split between two records, and rehashes the chunk's block hashes twice).
 pub const SPAN_ALIGN: usize = 64;
 
 /// What one harvest found.

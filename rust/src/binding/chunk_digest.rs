@@ -93,13 +93,15 @@ impl PyChunkDigest {
         py.detach(move || d.root())
     }
 
-    /// `root()` with what it took: `root`, `rehashed-chunks`, `seconds`.
+    /// `root()` with what it took: `root`, `rehashed-chunks`,
+    /// `rehashed-bytes` (memory read), `seconds`.
     fn root_timed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = self.inner.clone();
         let (root, work) = py.detach(move || d.root_timed());
         let out = PyDict::new(py);
         out.set_item("root", root)?;
         out.set_item("rehashed-chunks", work.chunks)?;
+        out.set_item("rehashed-bytes", work.bytes)?;
         out.set_item("seconds", work.seconds)?;
         Ok(out)
     }

@@ -483,6 +483,7 @@ impl PyReceiver {
         d.set_item("syncs", end.generation_syncs)?;
         d.set_item("verify-time", end.verify_seconds)?;
         d.set_item("rehashed-chunks", end.rehashed_chunks)?;
+        d.set_item("rehashed-bytes", end.rehashed_bytes)?;
         Ok(d)
     }
 
