@@ -18,20 +18,31 @@ needs_postcopy = pytest.mark.skipif(
 )
 
 
-def run_postcopy(source: Any, dest: Any, guest: Any, there: dict[str, Any]) -> tuple[dict, dict]:
-    """Starts both ends, switches to post-copy at once (everything owed),
-    waits for both, closes the guests (``there["guest"]``: the destination's),
-    and checks both ends completed and verified byte-exact; returns both
-    queries."""
+def start_and_wait(
+    source: Any, dest: Any, guest: Any, there: dict[str, Any], *, start_postcopy: bool = False
+) -> tuple[dict, dict]:
+    """Starts both ends (switching to post-copy at once with
+    ``start_postcopy``), waits for both and closes the guests
+    (``there["guest"]``: the destination's, whose last stats go to
+    ``there["stats"]``); returns both queries."""
     dest.start()
     source.start()
-    source.start_postcopy()
+    if start_postcopy:
+        source.start_postcopy()
     try:
-        q, d = source.wait(90), dest.wait(30)
+        return source.wait(90), dest.wait(30)
     finally:
         guest.close()
         if "guest" in there:
+            there["stats"] = there["guest"].stats()
             there["guest"].close()
+
+
+def run_postcopy(source: Any, dest: Any, guest: Any, there: dict[str, Any]) -> tuple[dict, dict]:
+    """Switches to post-copy at once (everything owed), runs to the end
+    (`start_and_wait`) and checks both ends completed and verified
+    byte-exact; returns both queries."""
+    q, d = start_and_wait(source, dest, guest, there, start_postcopy=True)
     assert q["status"] == "completed", q.get("error-desc")
     assert d["status"] == "completed", d.get("error-desc")
     # The destination's root of held and placed chunks equals the source's

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from faultkit import KIND_POSTCOPY, DestProcess, FaultProxy, RunLog, recover_both
-from postcopykit import needs_postcopy
+from postcopykit import needs_postcopy, start_and_wait
 
 import mig
 from mig.destination import MigrationDestination
@@ -34,18 +34,7 @@ def migrate(
         )
     params.setdefault("max_bandwidth", 32 << 20)
     source = MigrationSource(guest, uri=dest.uri, postcopy=True, timeout=60, **params)
-    dest.start()
-    source.start()
-    if start_postcopy:
-        source.start_postcopy()
-    try:
-        q, d = source.wait(90), dest.wait(30)
-    finally:
-        guest.close()
-        if "guest" in there:
-            stats = there["guest"].stats()
-            there["guest"].close()
-            there["stats"] = stats
+    q, d = start_and_wait(source, dest, guest, there, start_postcopy=start_postcopy)
     return q, d, src, dst, there.get("stats", {})
 
 

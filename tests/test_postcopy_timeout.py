@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from postcopykit import needs_postcopy
+from postcopykit import needs_postcopy, start_and_wait
 
 import mig
 from mig.destination import MigrationDestination
@@ -42,12 +42,7 @@ def test_the_timeout_switches_to_postcopy_and_ends_byte_exact() -> None:
         max_bandwidth=8 << 20,
         on_event=lambda name, info: events.append((name, info)),
     )
-    dest.start()
-    source.start()
-    try:
-        q, d = source.wait(60), dest.wait(30)
-    finally:
-        guest.close()
+    q, d = start_and_wait(source, dest, guest, {})
     assert q["status"] == "completed", q.get("error-desc")
     assert d["status"] == "completed", d.get("error-desc")
     assert q["verified"] and d["verified"]
