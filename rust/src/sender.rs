@@ -76,6 +76,10 @@ impl SenderConfig {
     }
 }
 
+/// A packet asks the page tables for its holes only when its span is at
+/// most this many times its page count.
+const HOLE_QUERY_MAX_SPREAD: usize = 4;
+
 /// Zero-page detection and compaction: splits `pages` into the byte
 /// offsets of normal pages and of zero pages (like QEMU's multifd zero-page
 /// detection, which partitions the offsets), keeping their order.
@@ -95,7 +99,7 @@ impl SenderConfig {
 /// harvest is data by now. Callers ask only after a packet of zero pages
 /// only, so memory with data pays no system call and a hole costs one packet
 /// of allocation (the packet that finds it). Anonymous memory is asked every
-/// packet, page by page, with one read of `/proc/self/pagemap` (same
+/// dense packet, page by page, with one read of `/proc/self/pagemap` (same
 /// reasoning).
 pub fn scan_pages(
     mem: &GuestMemory,
@@ -120,8 +124,14 @@ pub fn scan_pages(
         }
     }
     // Anonymous memory tells its holes for one read of the page tables:
-    // each would otherwise cost a fault that maps the shared zero page.
-    let holes = span.and_then(|(lo, hi)| mem.anon_holes(lo / ps, (hi - lo) / ps));
+    // each would otherwise cost a fault that maps the shared zero page. The
+    // read costs the span, not the packet, so only a dense packet asks (a
+    // first pass, where holes are): a sparse one holds pages the tracker
+    // reported written, which are data, and reading its span would make
+    // the switchover's final pass cost O(guest) for a few scattered pages.
+    let holes = span
+        .filter(|(lo, hi)| (hi - lo) / ps <= pages.len() * HOLE_QUERY_MAX_SPREAD)
+        .and_then(|(lo, hi)| mem.anon_holes(lo / ps, (hi - lo) / ps));
     let is_data = |off: usize| {
         holes
             .as_ref()
@@ -1398,5 +1408,21 @@ mod tests {
         let holes = mem.anon_holes(0, 64).unwrap();
         assert!(holes[10] && !holes[3] && !holes[5], "holes: {holes:?}");
         tracker.close();
+    }
+
+    #[test]
+    fn a_sparse_packet_reads_its_pages_instead_of_its_span() {
+        use crate::backing::Backing;
+        let ps = crate::memory::host_page_size();
+        let mem = GuestMemory::with_backing(4096 * ps, Backing::Anon).unwrap();
+        mem.write_bytes(7 * ps, &[1]).unwrap();
+        mem.write_bytes(4000 * ps + 9, &[2]).unwrap();
+        // Two written pages and one hole, 4000 pages apart: no span query,
+        // each page classified by reading it.
+        let pages = [7u64, 2000, 4000];
+        let (mut normal, mut zero) = (Vec::new(), Vec::new());
+        scan_pages(&mem, &pages, &mut normal, &mut zero, false).unwrap();
+        assert_eq!(normal, vec![7 * ps as u64, 4000 * ps as u64]);
+        assert_eq!(zero, vec![2000 * ps as u64]);
     }
 }
