@@ -9,6 +9,7 @@ pub mod backing;
 pub mod bitmap;
 pub mod chunk_digest;
 pub mod error;
+pub mod hole_filler;
 pub mod image_load;
 pub mod memory;
 pub mod order;

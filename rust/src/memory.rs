@@ -178,6 +178,32 @@ impl GuestMemory {
     /// for seconds, and with them the migration that runs meanwhile.
     pub fn populate(&self, offset: usize, len: usize) -> CoreResult<()> {
         self.check_range(offset, len)?;
+        self.advise_in_steps(offset, len, rustix::mm::Advice::LinuxPopulateWrite)
+            .map_err(|e| match e {
+                rustix::io::Errno::INVAL => CoreError::Unsupported(
+                    "MADV_POPULATE_WRITE is not supported (needs Linux 5.14)".into(),
+                ),
+                e => CoreError::io("MADV_POPULATE_WRITE", e.into()),
+            })
+    }
+
+    /// Maps the never-written pages of `[offset, offset + len)` to the
+    /// shared zero page (`MADV_POPULATE_READ`, Linux 5.14): anonymous
+    /// memory allocates nothing for it. Content is kept.
+    pub fn populate_read(&self, offset: usize, len: usize) -> CoreResult<()> {
+        self.check_range(offset, len)?;
+        self.advise_in_steps(offset, len, rustix::mm::Advice::LinuxPopulateRead)
+            .map_err(|e| CoreError::io("MADV_POPULATE_READ", e.into()))
+    }
+
+    /// `madvise(advice)` over `[offset, offset + len)`, which the caller
+    /// checked lies in the mapping, `POPULATE_STEP` bytes per call.
+    fn advise_in_steps(
+        &self,
+        offset: usize,
+        len: usize,
+        advice: rustix::mm::Advice,
+    ) -> Result<(), rustix::io::Errno> {
         let end = offset + len;
         let stride = POPULATE_STEP.max(self.alloc_page_size());
         let mut at = offset;
@@ -185,19 +211,7 @@ impl GuestMemory {
             let step = stride.min(end - at);
             // SAFETY: advice on a checked range of our mapping; populating
             // only faults pages in, it never changes their content.
-            unsafe {
-                rustix::mm::madvise(
-                    self.base.as_ptr().add(at).cast(),
-                    step,
-                    rustix::mm::Advice::LinuxPopulateWrite,
-                )
-            }
-            .map_err(|e| match e {
-                rustix::io::Errno::INVAL => CoreError::Unsupported(
-                    "MADV_POPULATE_WRITE is not supported (needs Linux 5.14)".into(),
-                ),
-                e => CoreError::io("MADV_POPULATE_WRITE", e.into()),
-            })?;
+            unsafe { rustix::mm::madvise(self.base.as_ptr().add(at).cast(), step, advice) }?;
             at += step;
         }
         Ok(())

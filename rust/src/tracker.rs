@@ -45,6 +45,7 @@ use rustix::ioctl::{ioctl, opcode, Opcode, Updater};
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{CoreError, CoreResult};
+use crate::hole_filler::HoleFiller;
 use crate::memory::GuestMemory;
 use crate::pagemap::{self, open_pagemap};
 use crate::written_scan::{parts_for, written_regions, Protect, ScanBuffers};
@@ -399,6 +400,8 @@ struct Uffd {
     _fd: OwnedFd,
     pagemap: File,
     bufs: ScanBuffers,
+    /// Makes the walk cheaper in the background; stopped with the tracker.
+    _holes: Option<HoleFiller>,
 }
 
 /// Page-granular set of explicit marks, safe to update from many threads.
@@ -455,7 +458,7 @@ impl DirtyTracker {
         })
     }
 
-    fn open_uffd_backend(mem: &GuestMemory) -> CoreResult<Uffd> {
+    fn open_uffd_backend(mem: &Arc<GuestMemory>) -> CoreResult<Uffd> {
         let (f, _) = facts()?;
         let cap = uffd_verdict(&f);
         if !cap.available {
@@ -496,6 +499,7 @@ impl DirtyTracker {
             _fd: fd,
             pagemap,
             bufs: ScanBuffers::new(),
+            _holes: None,
         };
         // Write-protect everything now: the first sync() then reports exactly
         // the pages written since creation, not the history before it.
@@ -509,6 +513,7 @@ impl DirtyTracker {
             parts,
             Protect::Again,
         )?;
+        uffd._holes = HoleFiller::start(mem.clone());
         Ok(uffd)
     }
 
