@@ -27,8 +27,12 @@ use crate::memory::GuestMemory;
 /// The span of one last-level page table: 512 entries of 4 KiB pages.
 const PAGE_TABLE_SPAN: usize = 2 << 20;
 
-/// Bytes mapped per call, between which the thread checks for `stop`.
-const STEP: usize = 16 << 20;
+/// Bytes mapped per call, between which the thread checks for `stop`: one
+/// page table. The kernel holds `mmap_lock` for read across a call, and a
+/// `SCHED_IDLE` thread preempted inside one would keep a thread that maps
+/// memory (and every reader queued behind it) waiting for an idle core: a
+/// short call keeps that window short.
+const STEP: usize = PAGE_TABLE_SPAN;
 
 /// The background thread; stopped and joined on drop.
 pub struct HoleFiller {
@@ -59,6 +63,11 @@ impl HoleFiller {
         })
     }
 
+    /// Asks the thread to end after its current call, without waiting.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// Whether the thread has finished (or stopped).
     pub fn is_done(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
@@ -67,7 +76,7 @@ impl HoleFiller {
 
 impl Drop for HoleFiller {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join(); // at most one step: it checks `stop` between calls
         }

@@ -400,8 +400,9 @@ struct Uffd {
     _fd: OwnedFd,
     pagemap: File,
     bufs: ScanBuffers,
-    /// Makes the walk cheaper in the background; stopped with the tracker.
-    _holes: Option<HoleFiller>,
+    /// Makes the walk cheaper in the background; stopped by the final sync
+    /// or with the tracker.
+    holes: Option<HoleFiller>,
 }
 
 /// Page-granular set of explicit marks, safe to update from many threads.
@@ -499,7 +500,7 @@ impl DirtyTracker {
             _fd: fd,
             pagemap,
             bufs: ScanBuffers::new(),
-            _holes: None,
+            holes: None,
         };
         // Write-protect everything now: the first sync() then reports exactly
         // the pages written since creation, not the history before it.
@@ -513,7 +514,7 @@ impl DirtyTracker {
             parts,
             Protect::Again,
         )?;
-        uffd._holes = HoleFiller::start(mem.clone());
+        uffd.holes = HoleFiller::start(mem.clone());
         Ok(uffd)
     }
 
@@ -593,6 +594,12 @@ impl DirtyTracker {
     /// next `sync()` reports these pages again with the new writes, so no
     /// write is missed. Marks are drained as by `sync()`.
     pub fn sync_final(&self) -> CoreResult<DirtyBitmap> {
+        // The guest is stopped: nothing may share the cores or the mmap
+        // lock with the switchover from here on. A switchover that rolls
+        // back only walks slower after it.
+        if let Some(h) = self.lock_uffd().as_ref().and_then(|u| u.holes.as_ref()) {
+            h.stop();
+        }
         self.collect(Protect::Keep)
     }
 
