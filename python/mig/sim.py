@@ -42,9 +42,9 @@ Models:
   switchover digests all of RAM on both sides, the source's digest
   overlapping its stop-copy sends as a real source digests on another
   thread; otherwise the source digests after the destination resumed, and
-  the destination's root before ``ready`` rehashes only its stale 64 KiB
-  chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
-  the per-chunk cost it plans with), the setup before the first pass
+  the destination's root before ``ready``, and at ``settle``, costs
+  nothing: its receive path hashes every page as it lands, ``mig.sim_receive``,
+  so the root only sums chunk terms), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), the sender's page-table reads over holes amid data
   (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
@@ -98,7 +98,6 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
-from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
 from mig.sim_devices import (
     decode_seconds,
     device_costs,
@@ -343,8 +342,6 @@ class HostModel:
     # destination's answer to hello.
     register_per_page: float = 3e-8
     setup_base: float = 0.005
-    # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
-    chunk_rehash: float = 8e-6
     # What the loopback's first pass costs besides its pages: the stream's
     # start (``LinkModel.stream_start`` of ``mig demo --simulate``).
     loopback_stream_start: float = 0.0
@@ -441,7 +438,6 @@ class HostModel:
             loopback_per_page=loopback_per_page,
             register_per_page=register_per_page,
             setup_base=setup_base,
-            chunk_rehash=chunk_rehash_seconds(),
             loopback_stream_start=stream_start,
             hole_query=hole_query,
             control_latency=control,
@@ -686,7 +682,7 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     if not isinstance(fields, dict):
         raise ValueError(f"host model {path}: no 'host-model' object")
     known = {f.name for f in dataclasses.fields(HostModel)}
-    fields = {k: v for k, v in fields.items() if k not in _RETIRED}
+    fields = host_model_fields(fields)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"host model {path}: unknown fields {', '.join(unknown)}")
@@ -700,9 +696,18 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     return HostModel(**fields), f"{path} (calibrated {when})"
 
 
-# Fields of models saved before the destination populated ahead of accepting
-# (no term uses them since): a model that has them still loads.
-_RETIRED = ("prefault_per_byte", "prefault_share", "prefault_hello_wait")
+# Fields of models saved before the destination populated ahead of accepting,
+# and before its receive path hashed every page as it landed (the root's
+# per-chunk rehash, ``chunk_rehash``): no term uses them since, and a model
+# that has them still loads.
+_RETIRED = ("prefault_per_byte", "prefault_share", "prefault_hello_wait", "chunk_rehash")
+
+
+def host_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A saved model's fields less the retired ones."""
+    return {k: v for k, v in fields.items() if k not in _RETIRED}
+
+
 # Fields the model divides by: zero is never a measurement.
 _RATES = (
     "digest_rate",
@@ -1032,12 +1037,6 @@ class SimLink:
         self._jitter_rng = np.random.default_rng(seed)
         self._jitter_window = -1
         self._jitter_factor = 1.0
-        # The destination root's stale chunks: those touched too recently
-        # for its rehasher (what a settle rehashes), and those touched since
-        # the last settle (what the root before "ready" rehashes: the
-        # rehasher yields the cores to the stop-copy streams).
-        self._stale_chunks = RecentChunks(guest.memory.size, guest.memory.page_size)
-        self._final_chunks = StaleChunks(guest.memory.size, guest.memory.page_size)
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
         self._after_zero = False  # the sender's last packet was all zero pages
@@ -1146,9 +1145,6 @@ class SimLink:
         # that reads the page tables over holes hole_query.
         scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
         self._charge(wire, start, scan)
-        # The slice has landed once its last byte is through.
-        self._stale_chunks.sent(bitmap, data, self.clock.now())
-        self._final_chunks.sent(bitmap, data)
         return wire
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
@@ -1207,11 +1203,6 @@ class SimLink:
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._stop_copy_decode = 0.0
-            # The destination's background rehasher hashed every chunk that
-            # settled before the pause, settle or not (a stopped exact
-            # switches over without one): "ready" rehashes only what it had
-            # not taken yet, and what stop-copy touches.
-            self._final_chunks = self._stale_chunks.pending(self.clock.now())
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
@@ -1241,15 +1232,11 @@ class SimLink:
                     self._reply(self.model.rtt, PassAck(number, self._dest_busy))
                     self._dest_busy = 0.0
                 case SettleChannels(number=number):
-                    # The channels' backlog lands first (``mig.sim_receive``);
-                    # the root then rehashes the chunks of the pass in flight.
+                    # The channels' backlog lands (``mig.sim_receive``); the
+                    # receive path hashed each page as it landed, so the
+                    # root has no stale chunk left to rehash.
                     landed = self._backlog.seconds(self.clock.now())
-                    chunks = self._stale_chunks.count(self.clock.now())
-                    seconds = chunks * self.host.chunk_rehash
-                    self._stale_chunks.clear()
-                    self._final_chunks.clear()
-                    settled = Settled(number, landed, chunks, seconds)
-                    self._reply(self.model.rtt + landed + seconds, settled)
+                    self._reply(self.model.rtt + landed, Settled(number, landed, 0, 0.0))
         self._load_released()
 
     def _load_released(self) -> None:
@@ -1264,12 +1251,14 @@ class SimLink:
 
     def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
-        # Strict checks a whole digest; otherwise the receiver's root
-        # rehashes the chunks written since the switchover, each in full.
+        # Strict checks a whole digest. Otherwise the root is the sum of
+        # chunk terms the receive path kept current, hashing every page as
+        # it landed (``ChunkDigest::rehash_covered``): its cost is in the
+        # receive rate (``mig.sim_receive``), none is left for "ready".
         if self.destination.verify_mode == "strict":
             digest_seconds = mem.size / self.host.digest_rate
         else:
-            digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
+            digest_seconds = 0.0
         # The end records wait behind what the channels still hold: all of
         # stop-copy's bytes and, without a settle before the pause, the tail
         # of the last pass (``mig.sim_receive``).
@@ -1407,7 +1396,7 @@ class SimConfig:
     def from_dict(cls, d: dict[str, Any]) -> SimConfig:
         d = dict(d)
         d["link"] = LinkModel(**d.get("link", {}))
-        d["host"] = HostModel(**d.get("host", {}))
+        d["host"] = HostModel(**host_model_fields(d.get("host", {})))
         d["devices"] = tuple(d.get("devices", ()))
         return cls(**d)
 
