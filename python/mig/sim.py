@@ -51,7 +51,8 @@ Models:
   harvest per dirty page), vCPU stop latency, the rates at which device
   state is produced, decoded and hashed (only the stop-copy bytes, sent
   after ``switchover``, are loaded inside the downtime:
-  ``mig.sim_devices``), what a control
+  ``mig.sim_devices``) and what the engine's link adds to them on both
+  sides (``mig.sim_device_link``), what a control
   round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
   pace at which the destination takes in what the channels hold
   (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
@@ -98,6 +99,7 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
+from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
 from mig.sim_devices import (
     decode_seconds,
     device_costs,
@@ -358,6 +360,13 @@ class HostModel:
     device_hash_rate: float = 8e9
     device_record_seconds: float = 0.0
     device_load_record_seconds: float = 0.0
+    # What the engine's link adds to a device's stop-copy state
+    # (``mig.sim_device_link``): per device and switchover, and per byte,
+    # at the source (``device-state``) and at the destination (``load``).
+    device_stop_seconds: float = 0.0
+    device_send_per_byte: float = 0.0
+    device_load_seconds: float = 0.0
+    device_receive_per_byte: float = 0.0
     control_latency: float = 0.0
     # The destination's receive side (``mig.sim_receive``), which the
     # ``drain`` term and ``settle``'s wait pay for: the bytes/s it takes in
@@ -421,7 +430,7 @@ class HostModel:
             loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs()
             hole_query = hole_query_seconds()
             receive = receive_rate(loopback_bandwidth, drain_base)
-        return cls(
+        model = cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
             sync_per_page=sync_per_page,
@@ -444,6 +453,9 @@ class HostModel:
             receive_rate=receive,
             channel_buffer=socket_buffer_bytes(),
         )
+        if switchover is not None:
+            model = replace(model, **device_link_costs(model))
+        return model
 
 
 # Guest sizes the warm-up is timed at: the base from the small one, the
@@ -576,10 +588,12 @@ def _idle_loopback_migration(
     demo: bool = False,
     pages: slice = slice(None),
     policy: str = DEFAULT_POLICY,
+    devices: str = "none",
 ) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled, the
     ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
-    ``policy``): its ``query()`` and its source.
+    ``policy``, with ``devices`` on both sides with ``demo``): its
+    ``query()`` and its source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -603,19 +617,23 @@ def _idle_loopback_migration(
             q = source.wait(120)
             local.wait(60)
     else:
-        child = DemoDestination(size, "none", "warning", {})
+        child = DemoDestination(size, devices, "warning", {})
+        sources = [] if devices == "none" else create_all(devices, src)
         try:
             uri = child.uri()
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap, policy=policy)
+                source = MigrationSource(guest, sources, uri=uri, max_bandwidth=cap, policy=policy)
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
         except BaseException:
             child.kill()
             raise
+        finally:
+            for d in sources:
+                d.close()
     if q["status"] != "completed":
         raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
     return q, source
@@ -1161,6 +1179,7 @@ class SimLink:
             self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
         device = self._devices.get(device_id)
         cpu = production_seconds(self.host, device, produce)
+        cpu += send_seconds(self.host, n, final, self._in_stop_copy)
         if final and produce:
             # The END record hashes the whole state; a stopped exact that
             # produced this chunk paid it then (``produced``).
@@ -1170,7 +1189,7 @@ class SimLink:
         # time, the bandwidth meter's, is the wire's alone.
         self.clock.advance(cpu)
         self._charge(RECORD_HEADER + n)
-        decode = decode_seconds(self.host, device, n)
+        decode = decode_seconds(self.host, device, n) + receive_seconds(self.host, n)
         if self._in_stop_copy:
             self._stop_copy_decode += decode
         else:
@@ -1286,7 +1305,10 @@ class SimLink:
         """The destination's device work once ``complete`` is in
         (``mig.sim_devices``): decoding every stop-copy record, then each
         device's validation (a hash of its whole state)."""
-        checks = sum(hash_seconds(self.host, self._devices.get(d)) for d in self._stop_copy_bytes)
+        checks = sum(
+            hash_seconds(self.host, self._devices.get(d)) + self.host.device_load_seconds
+            for d in self._stop_copy_bytes
+        )
         return self._stop_copy_decode + checks
 
     def recv(self, timeout: float) -> Message | None:
