@@ -77,6 +77,6 @@ def test_the_calibration_splits_fixed_from_per_byte_costs(monkeypatch) -> None:
         wire = nbytes / host.loopback_bandwidth
         return base_state + wire + send, base_load + modelled + receive, nbytes
 
-    monkeypatch.setattr(sim_device_link, "_median_terms", fake)
+    monkeypatch.setattr(sim_device_link, "_best_terms", fake)
     costs = sim_device_link.device_link_costs(host)
     assert costs == pytest.approx(LINK, rel=1e-6)
