@@ -76,6 +76,20 @@ def test_the_handshake_costs_the_hosts_control_latency() -> None:
     assert q["switchover-costs"]["handshake"] == pytest.approx(expected, rel=1e-3)
 
 
+def test_the_end_records_cost_the_hosts_broadcast() -> None:
+    """The end records go to every channel's thread and the source waits for
+    each: the ``end-records`` term is the host's broadcast cost (and the
+    few bytes), and every pass's sync pays it too."""
+    cost = 0.003
+    bare = run("nic:state=2MiB,rate=1MiB/s", "exact-running")
+    paid = run("nic:state=2MiB,rate=1MiB/s", "exact-running",
+               host=replace(SLOW, broadcast_seconds=cost))  # fmt: skip
+    assert bare["downtime-breakdown"]["end-records"] < 0.01
+    assert paid["downtime-breakdown"]["end-records"] == pytest.approx(1000 * cost, abs=0.01)
+    # The end records and at least one pass's sync.
+    assert paid["total-time"] > bare["total-time"] + 1000 * cost * 1.5
+
+
 def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
     """mig demo with a cap still runs on the loopback: the bytes the sender's
     token bucket lets out at once leave at its pace, so no bandwidth sample

@@ -106,7 +106,7 @@ from mig.sim_devices import (
     hash_seconds,
     production_seconds,
 )
-from mig.sim_handshake import control_latency
+from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
 from mig.sim_setup import register_seconds_per_page
@@ -358,6 +358,10 @@ class HostModel:
     # beyond the link's RTT (both ends' message handling, the destination's
     # wake-up), added to every control reply (``handshake``).
     device_hash_rate: float = 8e9
+    # A record every channel writes, waited for (a pass's sync, the end
+    # records): the hand-off to each channel's thread and back
+    # (``mig.sim_handshake``).
+    broadcast_seconds: float = 0.0
     device_record_seconds: float = 0.0
     device_load_record_seconds: float = 0.0
     # What the engine's link adds to a device's stop-copy state
@@ -421,9 +425,10 @@ class HostModel:
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
         setup_base, control, receive = cls.setup_base, cls.control_latency, cls.receive_rate
+        broadcast = cls.broadcast_seconds
         register_per_page = register_seconds_per_page()
         if switchover is not None:
-            control = control_latency(*switchover)
+            control, broadcast = control_costs(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
@@ -450,6 +455,7 @@ class HostModel:
             loopback_stream_start=stream_start,
             hole_query=hole_query,
             control_latency=control,
+            broadcast_seconds=broadcast,
             receive_rate=receive,
             channel_buffer=socket_buffer_bytes(),
         )
@@ -1196,10 +1202,10 @@ class SimLink:
             self._dest_busy += decode
 
     def sync(self, generation: int) -> None:
-        self._charge(RECORD_HEADER * self.channels)
+        self._charge(RECORD_HEADER * self.channels, self.host.broadcast_seconds)
 
     def finish(self, digest: int) -> None:
-        self._charge(RECORD_HEADER * self.channels)
+        self._charge(RECORD_HEADER * self.channels, self.host.broadcast_seconds)
 
     @property
     def verified(self) -> bool:
