@@ -76,6 +76,20 @@ def test_the_handshake_costs_the_hosts_control_latency() -> None:
     assert q["switchover-costs"]["handshake"] == pytest.approx(expected, rel=1e-3)
 
 
+def test_the_end_records_cost_the_hosts_broadcast() -> None:
+    """The end records go to every channel's thread and the source waits for
+    each: the ``end-records`` term is the host's broadcast cost (and the
+    few bytes), and every pass's sync pays it too."""
+    cost = 0.003
+    bare = run("nic:state=2MiB,rate=1MiB/s", "exact-running")
+    paid = run("nic:state=2MiB,rate=1MiB/s", "exact-running",
+               host=replace(SLOW, broadcast_seconds=cost))  # fmt: skip
+    assert bare["downtime-breakdown"]["end-records"] < 0.01
+    assert paid["downtime-breakdown"]["end-records"] == pytest.approx(1000 * cost, abs=0.01)
+    # The end records and at least one pass's sync.
+    assert paid["total-time"] > bare["total-time"] + 1000 * cost * 1.5
+
+
 def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
     """mig demo with a cap still runs on the loopback: the bytes the sender's
     token bucket lets out at once leave at its pace, so no bandwidth sample
@@ -150,31 +164,36 @@ def test_the_handshake_is_planned_with_the_destinations_device_loads() -> None:
     assert busy["switchover-costs"]["handshake"] > round_trips + 0.5
 
 
-def test_a_stopped_exact_switchover_owes_the_root_only_unsettled_chunks() -> None:
-    """stop-exact-resume switches over from its stopped exact, with no
-    settle before: the destination's background rehasher still hashed every
-    chunk that settled during precopy, so "ready" rehashes only the chunks
-    touched in its last window and by the stop-copy, not every chunk the
-    migration wrote (the whole 64 MiB of a filled guest: 1024 chunks)."""
-    host = HostModel(chunk_rehash=10e-6)
+def test_the_root_before_ready_costs_nothing_the_receive_path_hashed() -> None:
+    """The destination hashes every page as it lands (``rehash_covered`` on
+    the receive path): the root before "ready" only sums chunk terms, so a
+    scattered final pass costs no ``dest-digest``, with a settle before the
+    pause (``exact-running``) or without one (``stop-exact-resume``), and
+    whatever the final pass holds. Strict still digests all of memory."""
 
-    def dest_digest(policy: str) -> float:
+    def dest_digest(policy: str, workload: str, verify: str = "after-resume") -> float:
         q = simulate(
             SimConfig(
                 memory=64 * MIB,
-                workload="hotset:rate=4000,wss=8MiB",
+                workload=workload,
                 devices=("fixed",),
                 policy=policy,
-                params={"max_bandwidth": 64 * MIB, "downtime_limit": 300, "timeout": 60.0},
+                params={
+                    "max_bandwidth": 64 * MIB,
+                    "downtime_limit": 300,
+                    "timeout": 60.0,
+                    "verify": verify,
+                },  # fmt: skip
                 link=LinkModel(bottleneck=64 * MIB),
-                host=host,
             )
         )
         assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
+        assert q["ram"]["downtime-bytes"] > 0  # a final pass the root could owe
         return q["downtime-breakdown"]["dest-digest"]
 
-    whole_memory_ms = 1000 * 1024 * host.chunk_rehash
-    stopped = dest_digest("stop-exact-resume")
-    assert 0 < stopped < whole_memory_ms / 2
-    # The same final pass after a settle owes the root no more.
-    assert stopped <= 2 * dest_digest("exact-running")
+    for policy in ("stop-exact-resume", "exact-running"):
+        for workload in ("hotset:rate=4000,wss=8MiB", "uniform:rate=4000"):
+            assert dest_digest(policy, workload) == 0.0
+    whole_memory_ms = 1000 * 64 * MIB / HostModel().digest_rate
+    strict = dest_digest("exact-running", "uniform:rate=4000", verify="strict")
+    assert strict == pytest.approx(whole_memory_ms, rel=1e-6)

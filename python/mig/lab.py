@@ -853,7 +853,7 @@ def calibrate_command(out: Path | None) -> int:
     from mig.sim import host_model_path, save_host_model  # noqa: PLC0415
 
     path = out or host_model_path()
-    print("measuring this host (digest, tracker, vCPU stops, devices, 3 loopback migrations)")
+    print("measuring this host (digest, tracker, vCPU stops, devices, loopback migrations)")
     model = HostModel.calibrate(switchover=(LIVE_MEMORY, LIVE_BANDWIDTH))
     save_host_model(model, path, stamp())
     for key, value in model.__dict__.items():

@@ -42,16 +42,17 @@ Models:
   switchover digests all of RAM on both sides, the source's digest
   overlapping its stop-copy sends as a real source digests on another
   thread; otherwise the source digests after the destination resumed, and
-  the destination's root before ``ready`` rehashes only its stale 64 KiB
-  chunks, ``mig.sim_chunks``, whose ``settle`` answers also give the source
-  the per-chunk cost it plans with), the setup before the first pass
+  the destination's root before ``ready``, and at ``settle``, costs
+  nothing: its receive path hashes every page as it lands, ``mig.sim_receive``,
+  so the root only sums chunk terms), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), the sender's page-table reads over holes amid data
   (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency, the rates at which device
   state is produced, decoded and hashed (only the stop-copy bytes, sent
   after ``switchover``, are loaded inside the downtime:
-  ``mig.sim_devices``), what a control
+  ``mig.sim_devices``) and what the engine's link adds to them on both
+  sides (``mig.sim_device_link``), what a control
   round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
   pace at which the destination takes in what the channels hold
   (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
@@ -98,14 +99,14 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
-from mig.sim_chunks import RecentChunks, StaleChunks, chunk_rehash_seconds
+from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
 from mig.sim_devices import (
     decode_seconds,
     device_costs,
     hash_seconds,
     production_seconds,
 )
-from mig.sim_handshake import control_latency
+from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
 from mig.sim_setup import register_seconds_per_page
@@ -343,8 +344,6 @@ class HostModel:
     # destination's answer to hello.
     register_per_page: float = 3e-8
     setup_base: float = 0.005
-    # Seconds the destination's root takes per stale chunk (``mig.sim_chunks``).
-    chunk_rehash: float = 8e-6
     # What the loopback's first pass costs besides its pages: the stream's
     # start (``LinkModel.stream_start`` of ``mig demo --simulate``).
     loopback_stream_start: float = 0.0
@@ -359,8 +358,19 @@ class HostModel:
     # beyond the link's RTT (both ends' message handling, the destination's
     # wake-up), added to every control reply (``handshake``).
     device_hash_rate: float = 8e9
+    # A record every channel writes, waited for (a pass's sync, the end
+    # records): the hand-off to each channel's thread and back
+    # (``mig.sim_handshake``).
+    broadcast_seconds: float = 0.0
     device_record_seconds: float = 0.0
     device_load_record_seconds: float = 0.0
+    # What the engine's link adds to a device's stop-copy state
+    # (``mig.sim_device_link``): per device and switchover, and per byte,
+    # at the source (``device-state``) and at the destination (``load``).
+    device_stop_seconds: float = 0.0
+    device_send_per_byte: float = 0.0
+    device_load_seconds: float = 0.0
+    device_receive_per_byte: float = 0.0
     control_latency: float = 0.0
     # The destination's receive side (``mig.sim_receive``), which the
     # ``drain`` term and ``settle``'s wait pay for: the bytes/s it takes in
@@ -415,16 +425,17 @@ class HostModel:
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
         stream_start, hole_query = cls.loopback_stream_start, cls.hole_query
         setup_base, control, receive = cls.setup_base, cls.control_latency, cls.receive_rate
+        broadcast = cls.broadcast_seconds
         register_per_page = register_seconds_per_page()
         if switchover is not None:
-            control = control_latency(*switchover)
+            control, broadcast = control_costs(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
             warmup_base, warmup_per_byte = _warmup_costs()
             loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs()
             hole_query = hole_query_seconds()
             receive = receive_rate(loopback_bandwidth, drain_base)
-        return cls(
+        model = cls(
             digest_rate=digest_rate,
             sync_base=sync_base,
             sync_per_page=sync_per_page,
@@ -441,13 +452,16 @@ class HostModel:
             loopback_per_page=loopback_per_page,
             register_per_page=register_per_page,
             setup_base=setup_base,
-            chunk_rehash=chunk_rehash_seconds(),
             loopback_stream_start=stream_start,
             hole_query=hole_query,
             control_latency=control,
+            broadcast_seconds=broadcast,
             receive_rate=receive,
             channel_buffer=socket_buffer_bytes(),
         )
+        if switchover is not None:
+            model = replace(model, **device_link_costs(model))
+        return model
 
 
 # Guest sizes the warm-up is timed at: the base from the small one, the
@@ -580,10 +594,12 @@ def _idle_loopback_migration(
     demo: bool = False,
     pages: slice = slice(None),
     policy: str = DEFAULT_POLICY,
+    devices: str = "none",
 ) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled, the
     ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
-    ``policy``): its ``query()`` and its source.
+    ``policy``, with ``devices`` on both sides with ``demo``): its
+    ``query()`` and its source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -607,19 +623,23 @@ def _idle_loopback_migration(
             q = source.wait(120)
             local.wait(60)
     else:
-        child = DemoDestination(size, "none", "warning", {})
+        child = DemoDestination(size, devices, "warning", {})
+        sources = [] if devices == "none" else create_all(devices, src)
         try:
             uri = child.uri()
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                source = MigrationSource(guest, [], uri=uri, max_bandwidth=cap, policy=policy)
+                source = MigrationSource(guest, sources, uri=uri, max_bandwidth=cap, policy=policy)
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
         except BaseException:
             child.kill()
             raise
+        finally:
+            for d in sources:
+                d.close()
     if q["status"] != "completed":
         raise RuntimeError(f"calibration migration {q['status']}: {q.get('error-desc')}")
     return q, source
@@ -686,7 +706,7 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     if not isinstance(fields, dict):
         raise ValueError(f"host model {path}: no 'host-model' object")
     known = {f.name for f in dataclasses.fields(HostModel)}
-    fields = {k: v for k, v in fields.items() if k not in _RETIRED}
+    fields = host_model_fields(fields)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"host model {path}: unknown fields {', '.join(unknown)}")
@@ -700,9 +720,18 @@ def load_host_model(path: Path | None = None) -> tuple[HostModel, str]:
     return HostModel(**fields), f"{path} (calibrated {when})"
 
 
-# Fields of models saved before the destination populated ahead of accepting
-# (no term uses them since): a model that has them still loads.
-_RETIRED = ("prefault_per_byte", "prefault_share", "prefault_hello_wait")
+# Fields of models saved before the destination populated ahead of accepting,
+# and before its receive path hashed every page as it landed (the root's
+# per-chunk rehash, ``chunk_rehash``): no term uses them since, and a model
+# that has them still loads.
+_RETIRED = ("prefault_per_byte", "prefault_share", "prefault_hello_wait", "chunk_rehash")
+
+
+def host_model_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A saved model's fields less the retired ones."""
+    return {k: v for k, v in fields.items() if k not in _RETIRED}
+
+
 # Fields the model divides by: zero is never a measurement.
 _RATES = (
     "digest_rate",
@@ -1032,12 +1061,6 @@ class SimLink:
         self._jitter_rng = np.random.default_rng(seed)
         self._jitter_window = -1
         self._jitter_factor = 1.0
-        # The destination root's stale chunks: those touched too recently
-        # for its rehasher (what a settle rehashes), and those touched since
-        # the last settle (what the root before "ready" rehashes: the
-        # rehasher yields the cores to the stop-copy streams).
-        self._stale_chunks = RecentChunks(guest.memory.size, guest.memory.page_size)
-        self._final_chunks = StaleChunks(guest.memory.size, guest.memory.page_size)
         self._tokens = 0.0  # bytes the capped sender may send at once
         self._bucket_at = clock.now()
         self._after_zero = False  # the sender's last packet was all zero pages
@@ -1146,9 +1169,6 @@ class SimLink:
         # that reads the page tables over holes hole_query.
         scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
         self._charge(wire, start, scan)
-        # The slice has landed once its last byte is through.
-        self._stale_chunks.sent(bitmap, data, self.clock.now())
-        self._final_chunks.sent(bitmap, data)
         return wire
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
@@ -1165,6 +1185,7 @@ class SimLink:
             self._stop_copy_bytes[device_id] = self._stop_copy_bytes.get(device_id, 0) + n
         device = self._devices.get(device_id)
         cpu = production_seconds(self.host, device, produce)
+        cpu += send_seconds(self.host, n, final, self._in_stop_copy)
         if final and produce:
             # The END record hashes the whole state; a stopped exact that
             # produced this chunk paid it then (``produced``).
@@ -1174,17 +1195,17 @@ class SimLink:
         # time, the bandwidth meter's, is the wire's alone.
         self.clock.advance(cpu)
         self._charge(RECORD_HEADER + n)
-        decode = decode_seconds(self.host, device, n)
+        decode = decode_seconds(self.host, device, n) + receive_seconds(self.host, n)
         if self._in_stop_copy:
             self._stop_copy_decode += decode
         else:
             self._dest_busy += decode
 
     def sync(self, generation: int) -> None:
-        self._charge(RECORD_HEADER * self.channels)
+        self._charge(RECORD_HEADER * self.channels, self.host.broadcast_seconds)
 
     def finish(self, digest: int) -> None:
-        self._charge(RECORD_HEADER * self.channels)
+        self._charge(RECORD_HEADER * self.channels, self.host.broadcast_seconds)
 
     @property
     def verified(self) -> bool:
@@ -1207,11 +1228,6 @@ class SimLink:
         elif isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._stop_copy_decode = 0.0
-            # The destination's background rehasher hashed every chunk that
-            # settled before the pause, settle or not (a stopped exact
-            # switches over without one): "ready" rehashes only what it had
-            # not taken yet, and what stop-copy touches.
-            self._final_chunks = self._stale_chunks.pending(self.clock.now())
             if self.destination.verify_mode == "strict":
                 self.guest.memory.digest_started = self.clock.now()
         elif isinstance(message, SwitchoverAbort):
@@ -1241,15 +1257,11 @@ class SimLink:
                     self._reply(self.model.rtt, PassAck(number, self._dest_busy))
                     self._dest_busy = 0.0
                 case SettleChannels(number=number):
-                    # The channels' backlog lands first (``mig.sim_receive``);
-                    # the root then rehashes the chunks of the pass in flight.
+                    # The channels' backlog lands (``mig.sim_receive``); the
+                    # receive path hashed each page as it landed, so the
+                    # root has no stale chunk left to rehash.
                     landed = self._backlog.seconds(self.clock.now())
-                    chunks = self._stale_chunks.count(self.clock.now())
-                    seconds = chunks * self.host.chunk_rehash
-                    self._stale_chunks.clear()
-                    self._final_chunks.clear()
-                    settled = Settled(number, landed, chunks, seconds)
-                    self._reply(self.model.rtt + landed + seconds, settled)
+                    self._reply(self.model.rtt + landed, Settled(number, landed, 0, 0.0))
         self._load_released()
 
     def _load_released(self) -> None:
@@ -1264,12 +1276,14 @@ class SimLink:
 
     def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
-        # Strict checks a whole digest; otherwise the receiver's root
-        # rehashes the chunks written since the switchover, each in full.
+        # Strict checks a whole digest. Otherwise the root is the sum of
+        # chunk terms the receive path kept current, hashing every page as
+        # it landed (``ChunkDigest::rehash_covered``): its cost is in the
+        # receive rate (``mig.sim_receive``), none is left for "ready".
         if self.destination.verify_mode == "strict":
             digest_seconds = mem.size / self.host.digest_rate
         else:
-            digest_seconds = self._final_chunks.count() * self.host.chunk_rehash
+            digest_seconds = 0.0
         # The end records wait behind what the channels still hold: all of
         # stop-copy's bytes and, without a settle before the pause, the tail
         # of the last pass (``mig.sim_receive``).
@@ -1297,7 +1311,10 @@ class SimLink:
         """The destination's device work once ``complete`` is in
         (``mig.sim_devices``): decoding every stop-copy record, then each
         device's validation (a hash of its whole state)."""
-        checks = sum(hash_seconds(self.host, self._devices.get(d)) for d in self._stop_copy_bytes)
+        checks = sum(
+            hash_seconds(self.host, self._devices.get(d)) + self.host.device_load_seconds
+            for d in self._stop_copy_bytes
+        )
         return self._stop_copy_decode + checks
 
     def recv(self, timeout: float) -> Message | None:
@@ -1407,7 +1424,7 @@ class SimConfig:
     def from_dict(cls, d: dict[str, Any]) -> SimConfig:
         d = dict(d)
         d["link"] = LinkModel(**d.get("link", {}))
-        d["host"] = HostModel(**d.get("host", {}))
+        d["host"] = HostModel(**host_model_fields(d.get("host", {})))
         d["devices"] = tuple(d.get("devices", ()))
         return cls(**d)
 

@@ -31,6 +31,7 @@ __all__ = [
     "CALIBRATION_DEVICE",
     "decode_seconds",
     "device_costs",
+    "fit_line",
     "hash_seconds",
     "production_seconds",
     "state_size",
@@ -69,6 +70,15 @@ def hash_seconds(host: Any, device: Any) -> float:
     return state_size(device) / host.device_hash_rate
 
 
+def fit_line(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """(value at x = 0, slope) of the line through two measured points
+    (x, seconds), neither below 0: a host's noise can tilt two points, never
+    make a cost negative. Equal x: no slope to see."""
+    (x1, t1), (x2, t2) = a, b
+    slope = max(0.0, (t2 - t1) / (x2 - x1)) if x2 != x1 else 0.0
+    return max(0.0, t1 - slope * x1), slope
+
+
 # Record sizes the per-record costs are told from the per-byte ones with:
 # the same state in many small records and in a few large ones.
 CALIBRATION_CHUNKS = (4 << 10, 1 << 20)
@@ -84,9 +94,10 @@ def device_costs(runs: int = 3) -> dict[str, float]:
     (_, r1, p1, d1, h1), (b2, r2, p2, d2, h2) = rows
 
     def split(t1: float, t2: float) -> tuple[float, float]:
-        per_record = max(0.0, (t1 - t2) / (r1 - r2))
-        per_byte = max((t2 - per_record * r2) / b2, 1e-12)
-        return 1 / per_byte, per_record
+        # The same bytes in r1 and in r2 records: the line's slope is the
+        # cost per record, its value at no record the bytes' cost.
+        bytes_part, per_record = fit_line((r2, t2), (r1, t1))
+        return 1 / max(bytes_part / b2, 1e-12), per_record
 
     device_rate, device_record_seconds = split(p1, p2)
     device_load_rate, device_load_record_seconds = split(d1, d2)

@@ -11,23 +11,40 @@ cost what they cost on this host. ``control_latency`` measures it with
 ``mig demo``'s destination (its own process, as the runs ``--simulate``
 predicts): half the median handshake of idle loopback migrations, less the
 simulated link's RTT.
+
+The source's ``end-records`` term, and each pass's sync, hand a record to
+every channel's thread and wait for all of them: the simulator charges each
+``HostModel.broadcast_seconds``, the median ``end-records`` of the same
+migrations.
 """
 
 from __future__ import annotations
 
 import statistics
 
-__all__ = ["control_latency"]
+__all__ = ["control_costs", "control_latency"]
 
 
-def control_latency(size: int, cap: float, runs: int = 3) -> float:
-    """Seconds a control round trip costs beyond the simulated link's RTT, from
-    ``runs`` real loopback migrations of an idle ``size``-byte guest at ``cap``
-    to ``mig demo``'s destination process."""
+def control_costs(size: int, cap: float, runs: int = 3) -> tuple[float, float]:
+    """(``control_latency``, ``broadcast_seconds``) from ``runs`` real
+    loopback migrations of an idle ``size``-byte guest at ``cap`` to ``mig
+    demo``'s destination process: what a control round trip costs beyond the
+    simulated link's RTT, and the median ``end-records`` term, what a record
+    every channel writes costs the source (``Sender::finish``, as
+    ``Sender::sync``: it hands the record to each channel's thread and waits
+    for every thread's reply; its bytes are negligible)."""
     from mig.sim import LinkModel, _idle_loopback_migration  # noqa: PLC0415
 
-    handshakes = []
+    handshakes, ends = [], []
     for _ in range(runs):
         q, _ = _idle_loopback_migration(size, True, int(cap), demo=True)
         handshakes.append(q["downtime-breakdown"]["handshake"] / 1000)
-    return max(0.0, statistics.median(handshakes) / 2 - LinkModel().rtt)
+        ends.append(q["downtime-breakdown"].get("end-records", 0.0) / 1000)
+    latency = max(0.0, statistics.median(handshakes) / 2 - LinkModel().rtt)
+    return latency, statistics.median(ends)
+
+
+def control_latency(size: int, cap: float, runs: int = 3) -> float:
+    """Seconds a control round trip costs beyond the simulated link's RTT
+    (``control_costs``)."""
+    return control_costs(size, cap, runs)[0]
