@@ -37,6 +37,7 @@ from mig.cli_options import (
     add_snapshot,
     new_parser,
 )
+from mig.cli_placement import placement_args
 from mig.cli_postcopy import auto_recover, guest_writes, postcopy_params, serve_workload_args
 from mig.cli_values import page_size
 from mig.units import format_size, parse_size
@@ -363,7 +364,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return cmd_simulate(args, console)
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
-    extra = serve_workload_args(args)  # the destination runs the demo's workload after resume
+    # The destination runs the demo's workload after resume, places as told.
+    extra = serve_workload_args(args) + placement_args(args)
     pre = not args.postcopy  # post-copy discards what a prefault would populate
     dest = (
         DemoDestination(size, args.devices, args.log_level, _tls(args), extra, pre)
@@ -535,6 +537,7 @@ def _serve_one(
                 go_timeout=args.go_timeout,
                 vcpus=there.vcpus if there else 0,
                 prealloc=args.prealloc,
+                postcopy_placement=args.postcopy_placement,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
