@@ -215,8 +215,8 @@ class PostcopyRegion:
         starts the fault thread. Raises ``UnsupportedError`` naming the missing
         feature on a host without userfaultfd MISSING mode."""
     def place(self, page: int, data: bytes | bytearray) -> bool:
-        """Places one page atomically (UFFDIO_COPY, or written through a second
-        mapping and mapped with UFFDIO_CONTINUE); False if already present."""
+        """Places one page atomically (UFFDIO_COPY, or written into the memfd
+        and mapped with UFFDIO_CONTINUE); False if already present."""
     def place_run(self, first: int, data: bytes | bytearray) -> int:
         """Places whole pages from ``first`` (one UFFDIO_CONTINUE per run with
         ``continue``); returns the pages placed."""

@@ -25,7 +25,7 @@ def add_placement_option(
         choices=POSTCOPY_PLACEMENTS,
         default="auto",
         help="how post-copy places arriving pages on the destination: copy (UFFDIO_COPY, "
-        "any backing), continue (memfd/shmem only: written through a second mapping, "
+        "any backing), continue (memfd/shmem only: written into the memfd, "
         "mapped with UFFDIO_CONTINUE) or auto (continue on shmem, copy elsewhere)",
     )
     if backings:

@@ -21,7 +21,7 @@ TIMEOUT_ACTIONS = ("cancel", "force", "postcopy")
 # ``mig serve``'s; QEMU has no such choice): how an arriving page goes into
 # guest memory during post-copy. "copy": UFFDIO_COPY, any backing;
 # "continue": memfd/shmem only, userfaultfd MINOR mode, the page written
-# through a second mapping and mapped with UFFDIO_CONTINUE; "auto": the
+# into the memfd (pwrite) and mapped with UFFDIO_CONTINUE; "auto": the
 # faster on shmem by benches/postcopy_placement.py (continue), copy elsewhere.
 POSTCOPY_PLACEMENTS = ("auto", "copy", "continue")
 # postcopy_push_order: the push follows every request, or one stream at a time.

@@ -15,7 +15,7 @@
 //! dropped from the guest's mapping only (`MADV_DONTNEED`), their page-cache
 //! pages kept: an access then raises a MINOR fault (page cached, not mapped)
 //! or, for a page the memfd never held, a MISSING one. Either waits until
-//! the page is written through the [`Alias`] mapping and mapped with
+//! the page is written into the page cache ([`PageCache`]) and mapped with
 //! `UFFDIO_CONTINUE`. Holes are not filled in advance (`fallocate` would
 //! zero every owed page during the downtime); the MISSING half of the
 //! registration catches them instead.
@@ -32,8 +32,8 @@ use rustix::io::Errno;
 use rustix::ioctl::{ioctl, Updater};
 use rustix::mm::{madvise, Advice};
 
-use super::alias::Alias;
 use super::capability;
+use super::page_cache::PageCache;
 use super::page_set::PageSet;
 use super::placement::{is_shmem, PlacementMode};
 use super::uapi::{
@@ -53,7 +53,7 @@ pub trait Backing: Send + Sync {
     fn discard(&self, offset: usize, len: usize) -> Result<(), Errno>;
     fn kind(&self) -> &'static str;
     /// The memfd behind the mapping when it is shmem (the `continue`
-    /// placement maps it a second time); `None` otherwise.
+    /// placement writes pages into it); `None` otherwise.
     fn shmem_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
@@ -102,8 +102,8 @@ pub struct FaultRegion {
     kernel_faults: bool,
     thread_id: bool,
     mode: PlacementMode,
-    /// `continue` only: the unregistered mapping pages are written through.
-    alias: Option<Alias>,
+    /// `continue` only: where pages are written before they are mapped.
+    page_cache: Option<PageCache>,
     /// `continue` only: pages discarded as stale, whose page-cache content
     /// is overwritten when they are placed. Any other page's cached content
     /// is current and only mapped.
@@ -117,7 +117,7 @@ impl FaultRegion {
     pub fn register(backing: Arc<dyn Backing>, mode: PlacementMode) -> CoreResult<Self> {
         capability::require()?;
         let fd_len = backing.size_bytes();
-        let alias = match mode {
+        let page_cache = match mode {
             PlacementMode::Copy => None,
             PlacementMode::Continue => {
                 capability::require_minor()?;
@@ -127,7 +127,7 @@ impl FaultRegion {
                         backing.kind()
                     ))
                 })?;
-                Some(Alias::map(fd, fd_len)?)
+                Some(PageCache::open(fd, fd_len)?)
             }
         };
         let unsupported = |what: &str, e: Errno| {
@@ -137,7 +137,7 @@ impl FaultRegion {
             capability::open_with_api().map_err(|e| unsupported("userfaultfd", e))?;
         let base = backing.base() as u64;
         let len = backing.size_bytes() as u64;
-        if alias.is_some() && features & UFFD_FEATURE_MINOR_SHMEM == 0 {
+        if page_cache.is_some() && features & UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(CoreError::Unsupported(
                 "post-copy placement continue unavailable: UFFDIO_API did not enable \
                  UFFD_FEATURE_MINOR_SHMEM"
@@ -162,7 +162,7 @@ impl FaultRegion {
             (IOCTL_COPY_BIT, "UFFDIO_COPY"),
             (IOCTL_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE"),
         ];
-        if alias.is_some() {
+        if page_cache.is_some() {
             needed.push((IOCTL_CONTINUE_BIT, "UFFDIO_CONTINUE"));
         }
         for (bit, name) in needed {
@@ -175,7 +175,7 @@ impl FaultRegion {
             }
         }
         let page_size = host_page_size();
-        let stale = PageSet::new(if alias.is_some() {
+        let stale = PageSet::new(if page_cache.is_some() {
             fd_len / page_size
         } else {
             0
@@ -187,7 +187,7 @@ impl FaultRegion {
             kernel_faults,
             thread_id: features & UFFD_FEATURE_THREAD_ID != 0,
             mode,
-            alias,
+            page_cache,
             stale,
         })
     }
@@ -249,7 +249,7 @@ impl FaultRegion {
         let mut total = 0;
         for &(start, n) in ranges.iter().filter(|r| r.1 > 0) {
             let (off, len) = (start as usize * ps, n as usize * ps);
-            let dropped = match self.alias {
+            let dropped = match self.page_cache {
                 None => self.backing.discard(off, len),
                 Some(_) => {
                     for p in start..start + n {
@@ -288,7 +288,7 @@ impl FaultRegion {
                 self.page_size
             )));
         }
-        if self.alias.is_some() {
+        if self.page_cache.is_some() {
             return Ok(self.fill_one(page, Some(src)));
         }
         loop {
@@ -312,7 +312,7 @@ impl FaultRegion {
     /// Maps the zero page at a missing page and wakes its waiters.
     pub fn zero_page(&self, page: u64) -> CoreResult<Result<(), Errno>> {
         self.check_pages(page, 1)?;
-        if self.alias.is_some() {
+        if self.page_cache.is_some() {
             return Ok(self.fill_one(page, None));
         }
         loop {
@@ -329,7 +329,7 @@ impl FaultRegion {
     /// as it is. Returns the pages found present.
     pub fn zero_range(&self, start: u64, n: u64) -> CoreResult<Vec<u64>> {
         self.check_pages(start, n)?;
-        if self.alias.is_some() {
+        if self.page_cache.is_some() {
             return self.fill_range(start, n, None);
         }
         Self::over_range(start, n, "UFFDIO_ZEROPAGE", |p, k| self.zero_ioctl(p, k))
@@ -384,7 +384,7 @@ impl FaultRegion {
         }
         let n = (data.len() / ps) as u64;
         self.check_pages(start, n)?;
-        if self.alias.is_some() {
+        if self.page_cache.is_some() {
             return self.fill_range(start, n, Some(data));
         }
         let mut present = Vec::new();
@@ -399,7 +399,7 @@ impl FaultRegion {
         Ok(present)
     }
 
-    /// `continue`: writes one page (`src`, or zeros) through the alias and
+    /// `continue`: writes one page (`src`, or zeros) into the page cache and
     /// maps it. A page that was not discarded holds current content: it is
     /// only mapped, and answers EEXIST like a present page; only if the
     /// memfd never held it (a hole: `UFFDIO_CONTINUE` finds no page and
@@ -412,13 +412,14 @@ impl FaultRegion {
                 Err(e) => return Err(e),
             }
         }
-        self.write_alias(page, 1, src);
+        self.write_cache(page, 1, src)?;
         self.continue_retrying(page, 1)
     }
 
     /// `continue`: places `n` pages from `start` (`src` covers them all, or
     /// zeros). A run of stale pages, the usual case, is written through the
-    /// alias and mapped with one `UFFDIO_CONTINUE`; otherwise page by page.
+    /// page cache and mapped with one `UFFDIO_CONTINUE`; otherwise page by
+    /// page.
     fn fill_range(&self, start: u64, n: u64, src: Option<&[u8]>) -> CoreResult<Vec<u64>> {
         let ps = self.page_size;
         let all_stale = (start..start + n).all(|p| self.stale.contains(p as usize));
@@ -436,21 +437,27 @@ impl FaultRegion {
             }
             return Ok(present);
         }
-        self.write_alias(start, n, src);
+        self.write_cache(start, n, src).map_err(|e| {
+            CoreError::io(
+                format!("writing pages [{start}, {start}+{n}) into the memfd"),
+                e.into(),
+            )
+        })?;
         Self::over_range(start, n, "UFFDIO_CONTINUE", |p, k| {
             self.continue_ioctl(p, k)
         })
     }
 
-    fn write_alias(&self, start: u64, n: u64, src: Option<&[u8]>) {
-        let alias = self
-            .alias
+    /// Writes `n` pages from `start` (`src`, or zeros) into the page cache.
+    fn write_cache(&self, start: u64, n: u64, src: Option<&[u8]>) -> Result<(), Errno> {
+        let cache = self
+            .page_cache
             .as_ref()
-            .expect("continue placement has an alias");
-        let off = start as usize * self.page_size;
+            .expect("the continue placement has a page cache");
+        let (off, len) = (start as usize * self.page_size, n as usize * self.page_size);
         match src {
-            Some(d) => alias.write(off, &d[..n as usize * self.page_size]),
-            None => alias.zero(off, n as usize * self.page_size),
+            Some(d) => cache.write(off, &d[..len]),
+            None => cache.zero(off, len),
         }
     }
 

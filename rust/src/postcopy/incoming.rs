@@ -14,7 +14,7 @@
 //!   is placed here as a zero page without asking;
 //! * one reader thread per channel places each `CHUNK` (atomic per page:
 //!   `UFFDIO_COPY` page by page, or with the `continue` placement the chunk
-//!   written through the memfd's second mapping and mapped with one
+//!   written into the memfd's page cache and mapped with one
 //!   `UFFDIO_CONTINUE`), then adds the chunk's digest term,
 //!   hashed from the very bytes it placed, before any guest access to the
 //!   chunk can have changed them; a `ZERO` run of chunks goes in with one

@@ -6,7 +6,7 @@
 //!   backings mig uses, and MINOR mode on shmem;
 //! * [`fault_region`]: a mapping registered in MISSING (and for `continue`,
 //!   MINOR) mode, stale pages discarded, the raw placements;
-//! * [`alias`]: the second, unregistered mapping `continue` writes through;
+//! * [`page_cache`]: `continue` writes arriving pages into the page cache;
 //! * [`placement`]: `copy` (`UFFDIO_COPY`) or `continue` (MINOR mode on
 //!   shmem, `UFFDIO_CONTINUE`), the `postcopy-placement` parameter;
 //! * [`placer`]: atomic, at-most-once placement with an observer hook;
@@ -18,7 +18,6 @@
 //! * [`incoming`]: the destination forwarding requests, placing chunks and
 //!   keeping the digest of what it placed.
 
-pub mod alias;
 pub mod blocktime;
 pub mod capability;
 pub mod fault_region;
@@ -27,6 +26,7 @@ pub mod frames;
 pub mod incoming;
 pub mod latency;
 pub mod outgoing;
+pub mod page_cache;
 pub mod page_set;
 pub mod phase_state;
 pub mod placement;

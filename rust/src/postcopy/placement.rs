@@ -5,8 +5,8 @@
 //!   with `UFFDIO_COPY` (a fresh page filled and mapped in one step). Works
 //!   on every backing.
 //! * `continue`: shmem only. The memory is registered in MISSING and MINOR
-//!   mode; a page is written into the page cache through a second,
-//!   unregistered mapping of the same memfd, then `UFFDIO_CONTINUE` maps it
+//!   mode; a page is written into the memfd's page cache (`pwrite`, no
+//!   mapping involved), then `UFFDIO_CONTINUE` maps it
 //!   into the guest's mapping. The guest's mapping has no entry for the page
 //!   until then, so it never sees it half-written, and one `UFFDIO_CONTINUE`
 //!   maps a whole run of pages (a chunk) where `UFFDIO_COPY` takes one call
