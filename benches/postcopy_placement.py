@@ -13,7 +13,9 @@ Three parts, each alternating the two placements round by round:
   destination's page channels make: in Rust, the GIL released. Pages/s over
   the wall time and over the process's CPU time (both threads of the region
   included), median of the rounds per placement, and the ratio of medians
-  (continue / copy).
+  (continue / copy). The same for zero chunks (``place_zero_range``, as a
+  ``ZERO`` frame's run is placed) over a memfd that never held them (holes,
+  the common case of a guest's untouched memory).
 * fault latency for 4 KiB pages: a reader thread touches owed pages in a
   random order; a serving thread takes each request (``next_requests``) and
   places the page alone (``place``), as a requested page is. Timed from the
@@ -27,7 +29,9 @@ Three parts, each alternating the two placements round by round:
 
   (the demo's destination otherwise picks the fastest backing to fill,
   often anonymous memory, where only ``copy`` places): total time,
-  downtime, the destination's fault latency p50/p99 and blocktime.
+  downtime, the post-copy phase's length (its total time also depends on
+  when the policy switched), the destination's fault latency p50/p99 and
+  blocktime.
 
 Every placed page is checked byte for byte against what was placed, and
 every demo must complete verified. The result goes to
@@ -86,6 +90,20 @@ def throughput_round(placement: str, pages: int, seed: int) -> dict[str, float]:
     return {"pages-per-s": pages / wall, "pages-per-cpu-s": pages / cpu}
 
 
+def zero_round(placement: str, pages: int) -> dict[str, float]:
+    mem = mig.GuestMemory(pages * PAGE, "memfd")
+    region = mig.PostcopyRegion(vcpus=1, placement=placement)
+    region.register(mem, [(0, pages)])
+    per = CHUNK // PAGE
+    w0, c0 = time.perf_counter(), time.process_time()
+    placed = sum(region.place_zero_range(p, per) for p in range(0, pages, per))
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    region.close()
+    assert placed == pages, (placed, pages)
+    assert not mem.array.any(), f"{placement}: zero pages are not zero"
+    return {"pages-per-s": pages / wall, "pages-per-cpu-s": pages / cpu}
+
+
 def latency_round(placement: str, pages: int, seed: int) -> tuple[list[float], dict[str, Any]]:
     mem, fresh = owed_memory(pages, seed)
     data = [fresh[p * PAGE : (p + 1) * PAGE].tobytes() for p in range(pages)]
@@ -136,6 +154,7 @@ def demo(placement: str) -> dict[str, Any]:
         "error": q.get("error-desc"),
         "placement": pc.get("postcopy-placement"),
         "total-ms": q.get("total-time"),
+        "postcopy-ms": (q.get("postcopy") or {}).get("postcopy-time"),
         "downtime-ms": q.get("downtime"),
         "postcopy-requests": q.get("postcopy-requests"),
         "postcopy-blocktime-ms": pc.get("postcopy-blocktime"),
@@ -164,12 +183,14 @@ def main() -> int:
         return 1
     pages = (args.mib << 20) // PAGE
     thr: dict[str, list[dict[str, float]]] = {p: [] for p in PLACEMENTS}
+    zero: dict[str, list[dict[str, float]]] = {p: [] for p in PLACEMENTS}
     lat: dict[str, list[float]] = {p: [] for p in PLACEMENTS}
     region_lat: dict[str, list[dict[str, Any]]] = {p: [] for p in PLACEMENTS}
     for r in range(args.rounds):
         order = PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]
         for p in order:
             thr[p].append(throughput_round(p, pages, r))
+            zero[p].append(zero_round(p, pages))
             t, s = latency_round(p, args.faults, r)
             lat[p] += t
             region_lat[p].append(
@@ -184,8 +205,8 @@ def main() -> int:
             flush=True,
         )
 
-    def med(p: str, key: str) -> float:
-        return statistics.median(x[key] for x in thr[p])
+    def med(p: str, key: str, runs: dict[str, list[dict[str, float]]] = thr) -> float:
+        return statistics.median(x[key] for x in runs[p])
 
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -207,6 +228,18 @@ def main() -> int:
         "throughput-ratio-of-medians": med("continue", "pages-per-s") / med("copy", "pages-per-s"),
         "cpu-throughput-ratio-of-medians": med("continue", "pages-per-cpu-s")
         / med("copy", "pages-per-cpu-s"),
+        "zero-throughput": {
+            p: {
+                "pages-per-s-median": med(p, "pages-per-s", zero),
+                "pages-per-cpu-s-median": med(p, "pages-per-cpu-s", zero),
+                "rounds": zero[p],
+            }
+            for p in PLACEMENTS
+        },
+        "zero-throughput-ratio-of-medians": med("continue", "pages-per-s", zero)
+        / med("copy", "pages-per-s", zero),
+        "zero-cpu-throughput-ratio-of-medians": med("continue", "pages-per-cpu-s", zero)
+        / med("copy", "pages-per-cpu-s", zero),
         "fault-latency-us": {
             p: {"p50": pct(lat[p], 50), "p99": pct(lat[p], 99), "region": region_lat[p]}
             for p in PLACEMENTS
@@ -220,7 +253,8 @@ def main() -> int:
     out = HERE / "results" / f"postcopy_placement-{result['commit']}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("throughput",)}, indent=2))
+    skip = ("throughput", "zero-throughput", "fault-latency-us")
+    print(json.dumps({k: v for k, v in result.items() if k not in skip}, indent=2))
     print(f"wrote {out}")
     return 0
 

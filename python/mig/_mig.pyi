@@ -217,6 +217,9 @@ class PostcopyRegion:
     def place(self, page: int, data: bytes | bytearray) -> bool:
         """Places one page atomically (UFFDIO_COPY, or written into the memfd
         and mapped with UFFDIO_CONTINUE); False if already present."""
+    def place_zero_range(self, first: int, n: int) -> int:
+        """Places zeros at ``n`` pages from ``first`` (one ioctl per run of
+        missing pages); returns the pages placed."""
     def place_run(self, first: int, data: bytes | bytearray) -> int:
         """Places whole pages from ``first`` (one UFFDIO_CONTINUE per run with
         ``continue``); returns the pages placed."""

@@ -87,6 +87,13 @@ impl PyPostcopyRegion {
         Ok(py.detach(move || r.place_run(first, &data))?)
     }
 
+    /// Places zeros at the `n` pages from `first` (one ioctl per run of
+    /// missing pages); returns the pages placed.
+    fn place_zero_range(&self, py: Python<'_>, first: u64, n: u64) -> PyResult<u64> {
+        let r = self.inner.clone();
+        Ok(py.detach(move || r.place_zero_range(first, n))?)
+    }
+
     /// Places a page of zeros; False if it was already present.
     fn place_zero(&self, py: Python<'_>, page: u64) -> PyResult<bool> {
         let r = self.inner.clone();

@@ -417,9 +417,9 @@ impl FaultRegion {
     }
 
     /// `continue`: places `n` pages from `start` (`src` covers them all, or
-    /// zeros). A run of stale pages, the usual case, is written through the
-    /// page cache and mapped with one `UFFDIO_CONTINUE`; otherwise page by
-    /// page.
+    /// zeros). A run of stale pages, the usual case, is written into the
+    /// page cache and mapped with one `UFFDIO_CONTINUE` (zeros over a hole:
+    /// one `UFFDIO_ZEROPAGE`, nothing written); otherwise page by page.
     fn fill_range(&self, start: u64, n: u64, src: Option<&[u8]>) -> CoreResult<Vec<u64>> {
         let ps = self.page_size;
         let all_stale = (start..start + n).all(|p| self.stale.contains(p as usize));
@@ -436,6 +436,17 @@ impl FaultRegion {
                 }
             }
             return Ok(present);
+        }
+        let (off, len) = (start as usize * ps, n as usize * ps);
+        if src.is_none()
+            && self
+                .page_cache
+                .as_ref()
+                .is_some_and(|c| c.is_hole(off, len))
+        {
+            // Zeros where the memfd holds nothing: no bytes to write, the
+            // MISSING half of the registration maps them as `copy` does.
+            return Self::over_range(start, n, "UFFDIO_ZEROPAGE", |p, k| self.zero_ioctl(p, k));
         }
         self.write_cache(start, n, src).map_err(|e| {
             CoreError::io(

@@ -7,6 +7,7 @@
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+use rustix::fs::{seek, SeekFrom};
 use rustix::io::{fcntl_dupfd_cloexec, pwrite, Errno};
 
 use crate::error::{CoreError, CoreResult};
@@ -43,6 +44,16 @@ impl PageCache {
             }
         }
         Ok(())
+    }
+
+    /// Whether `[offset, offset + len)` holds no page at all (a hole in the
+    /// memfd): zeros then need no write, `UFFDIO_ZEROPAGE` maps them.
+    pub fn is_hole(&self, offset: usize, len: usize) -> bool {
+        match seek(&self.fd, SeekFrom::Data(offset as u64)) {
+            Ok(next) => next >= (offset + len) as u64,
+            Err(Errno::NXIO) => true, // no data from `offset` to the end
+            Err(_) => false,
+        }
     }
 
     /// Writes `len` zero bytes at `offset`.

@@ -516,6 +516,14 @@ mod tests {
             let fresh = page_of(1, ps);
             r.place(2, &fresh).unwrap();
             assert_eq!(reader.join().unwrap(), fresh, "anon={anon} {mode:?}");
+            // Zeros over a stale page (its old bytes still cached with
+            // `continue`) read as zeros.
+            assert_eq!(r.place_zero_range(6, 1).unwrap(), 1, "anon={anon} {mode:?}");
+            assert_eq!(
+                read_page(base, 6, ps),
+                vec![0u8; ps],
+                "anon={anon} {mode:?}"
+            );
             // A page held (never discarded) is left as it is.
             assert_eq!(r.place(0, &fresh).unwrap(), Placement::AlreadyPresent);
             assert_eq!(read_page(base, 0, ps), vec![0xee; ps]);
