@@ -122,6 +122,8 @@ def test_a_destination_without_minor_mode_fails_naming_the_feature(
     cap = mig.capabilities()["postcopy"]
     assert cap["available"] and not cap["placement_continue"]["available"]
     assert cap["placement_continue"]["missing"] == ["UFFD_FEATURE_MINOR_SHMEM"]
+    # auto places with copy there; continue asked for fails naming the feature.
+    assert mig._mig.PostcopyIncoming(mig.GuestMemory(1 << 20), placement="auto").placement == "copy"
     q, d, _, _, _ = migrate(None, placement="continue")
     assert q["status"] == "failed" and d["status"] == "failed"
     assert "UFFD_FEATURE_MINOR_SHMEM" in d["error-desc"], d["error-desc"]
