@@ -96,8 +96,7 @@ class MigrationDestination:
     ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
     ``prealloc``: populate ``memory`` first (``mig.prealloc``), and accept no
     source before that is done (``self.prealloc.wait()``).
-    ``postcopy_placement``: how post-copy places pages here, one of
-    ``mig.params.POSTCOPY_PLACEMENTS`` (``continue`` needs memfd/shmem memory).
+    ``postcopy_placement``: ``mig.params.POSTCOPY_PLACEMENTS`` (docs/postcopy.md).
     """
 
     def __init__(
