@@ -733,6 +733,9 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     t.add_row("available", "yes" if pc["available"] else "no")
     t.add_row("reason", str(pc["reason"]))
     t.add_row("kernel faults", str(pc["kernel_faults_note"]))
+    minor = pc.get("placement_continue") or {}
+    yes = "yes" if minor.get("available") else "no"
+    t.add_row("placement continue", f"{yes}: {minor.get('reason')}")
     out.print(t)
     t = Table(title="CPU features used", title_justify="left")
     for col in ("flag", "present", "used for"):
