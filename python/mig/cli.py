@@ -541,7 +541,9 @@ def _serve_one(
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
-            raise UsageError("--listen", str(e)) from None
+            # The placement's error names it (continue on memory that is not shmem).
+            arg = "--postcopy-placement" if "postcopy-placement" in str(e) else "--listen"
+            raise UsageError(arg, str(e)) from None
         if there is not None:
             dest.on_resume, dest.on_status = there.resume, there.status
         auto_recover(args, dest)
