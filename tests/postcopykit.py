@@ -1,6 +1,7 @@
 """What the post-copy tests share: the skip for a host without userfaultfd
 MISSING mode, the one capability they depend on, named with the reason;
-a post-copy from the start run to its checked end."""
+the two placements (``continue`` skipped, named, without MINOR mode); a
+post-copy from the start run to its checked end."""
 
 from __future__ import annotations
 
@@ -16,6 +17,24 @@ needs_postcopy = pytest.mark.skipif(
     not POSTCOPY["available"],
     reason=f"host lacks userfaultfd MISSING mode: {POSTCOPY.get('reason')}",
 )
+
+
+CONTINUE = POSTCOPY.get("placement_continue") or {}
+
+# The destination's two post-copy placements (``postcopy_placement``);
+# ``continue`` runs only where the host has userfaultfd MINOR mode on shmem.
+PLACEMENTS = [
+    pytest.param("copy", id="copy"),
+    pytest.param(
+        "continue",
+        id="continue",
+        marks=pytest.mark.skipif(
+            not CONTINUE.get("available"),
+            reason=f"host lacks userfaultfd MINOR mode on shmem "
+            f"({', '.join(CONTINUE.get('missing') or ())}): {CONTINUE.get('reason')}",
+        ),
+    ),
+]
 
 
 def start_and_wait(

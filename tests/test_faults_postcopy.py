@@ -42,7 +42,7 @@ from faultkit import (
     settle,
 )
 from peerkit import free_port, mig_process
-from postcopykit import needs_postcopy
+from postcopykit import PLACEMENTS, needs_postcopy
 
 import mig
 from mig import faults
@@ -95,13 +95,19 @@ def _disarm():
     faults.disarm_all()
 
 
-def test_link_reset_pauses_both_sides_and_recover_ends_byte_exact() -> None:
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_link_reset_pauses_both_sides_and_recover_ends_byte_exact(placement: str) -> None:
     src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
     before = resources()  # the memories (memfds) stay until the end
     guest = mig.WorkloadGuest(src, vcpus=1, workload=WORKLOAD)
     dest_seen, source_seen = Statuses(), Statuses()
     dest = MigrationDestination(
-        "tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8, on_status=dest_seen
+        "tcp:127.0.0.1:0",
+        dst,
+        idle_timeout=20,
+        accept_timeout=8,
+        on_status=dest_seen,
+        postcopy_placement=placement,
     )
     proxy = FaultProxy(str(dest.uri))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from faultkit import KIND_POSTCOPY, DestProcess, FaultProxy, RunLog, recover_both
-from postcopykit import needs_postcopy, start_and_wait
+from postcopykit import PLACEMENTS, needs_postcopy, start_and_wait
 
 import mig
 from mig.destination import MigrationDestination
@@ -19,14 +19,25 @@ SIZE = 32 << 20
 
 
 def migrate(
-    dest_workload: str | None, start_postcopy: bool = False, **params: Any
+    dest_workload: str | None,
+    start_postcopy: bool = False,
+    placement: str = "auto",
+    **params: Any,
 ) -> tuple[dict, dict, mig.GuestMemory, mig.GuestMemory, dict]:
     """Migrates a guest dirtying 8 MiB in post-copy; with ``dest_workload`` the
-    destination runs that workload from its resume on. Returns both queries,
-    both memories and the destination guest's stats."""
+    destination runs that workload from its resume on; ``placement``: the
+    destination's ``postcopy_placement``. Returns both queries, both
+    memories and the destination guest's stats."""
     src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
     guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8, vcpus=1)
+    dest = MigrationDestination(
+        "tcp:127.0.0.1:0",
+        dst,
+        idle_timeout=20,
+        accept_timeout=8,
+        vcpus=1,
+        postcopy_placement=placement,
+    )
     there: dict[str, Any] = {}
     if dest_workload:
         dest.on_resume = lambda: there.setdefault(
@@ -39,10 +50,11 @@ def migrate(
 
 
 @needs_postcopy
-def test_postcopy_completes_byte_exact_with_the_destination_idle() -> None:
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_postcopy_completes_byte_exact_with_the_destination_idle(placement: str) -> None:
     # 8 MiB written per downtime limit fit it at 32 MiB/s: the policy alone
     # would complete in pre-copy.
-    q, d, src, dst, _ = migrate(None, start_postcopy=True)
+    q, d, src, dst, _ = migrate(None, start_postcopy=True, placement=placement)
     assert q["status"] == "completed", q.get("error-desc")
     assert d["status"] == "completed", d.get("error-desc")
     assert q["verified"] and d["verified"]
@@ -51,13 +63,17 @@ def test_postcopy_completes_byte_exact_with_the_destination_idle() -> None:
     assert pc["remaining-chunks"] == 0
     assert pc["requested-chunks"] + pc["pushed-chunks"] == pc["owed-chunks"]
     assert d["postcopy"]["placed-chunks"] == pc["owed-chunks"]
+    assert d["postcopy"]["postcopy-placement"] == placement
     assert src.digest() == dst.digest()
     assert q["downtime"] > 0
 
 
 @needs_postcopy
-def test_the_destination_guest_faults_pages_in_and_the_digest_matches() -> None:
-    q, d, _, _, there = migrate("uniform:wss=32MiB,rate=300000", start_postcopy=True)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_the_destination_guest_faults_pages_in_and_the_digest_matches(placement: str) -> None:
+    q, d, _, _, there = migrate(
+        "uniform:wss=32MiB,rate=300000", start_postcopy=True, placement=placement
+    )
     assert q["status"] == "completed", q.get("error-desc")
     assert d["status"] == "completed", d.get("error-desc")
     # The destination's root of held and placed pages equals the source's
@@ -67,6 +83,7 @@ def test_the_destination_guest_faults_pages_in_and_the_digest_matches() -> None:
     assert pc["postcopy-requests"] > 0 and q["postcopy-requests"] > 0
     assert pc["fault-latency-p50"] is not None and pc["fault-latency-p99"] is not None
     assert pc["postcopy-blocktime"] is not None
+    assert pc["postcopy-placement"] == placement
     assert there["writes"] > 0, "the destination guest did not run"
 
 
@@ -96,10 +113,39 @@ def test_a_destination_without_missing_mode_fails_naming_the_feature(
 
 
 @needs_postcopy
-def test_recovery_after_the_page_channels_reset_mid_postcopy() -> None:
+def test_a_destination_without_minor_mode_fails_naming_the_feature(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # UFFDIO_API without UFFD_FEATURE_MINOR_SHMEM (1 << 10) for post-copy:
+    # the MISSING mode of `copy` is there, the MINOR mode of `continue` not.
+    monkeypatch.setenv("MIG_FAKE_PROBE", "features_off=0x400")
+    cap = mig.capabilities()["postcopy"]
+    assert cap["available"] and not cap["placement_continue"]["available"]
+    assert cap["placement_continue"]["missing"] == ["UFFD_FEATURE_MINOR_SHMEM"]
+    # auto places with copy there; continue asked for fails naming the feature.
+    assert mig._mig.PostcopyIncoming(mig.GuestMemory(1 << 20), placement="auto").placement == "copy"
+    q, d, _, _, _ = migrate(None, placement="continue")
+    assert q["status"] == "failed" and d["status"] == "failed"
+    assert "UFFD_FEATURE_MINOR_SHMEM" in d["error-desc"], d["error-desc"]
+    assert "UFFD_FEATURE_MINOR_SHMEM" in q["error-desc"], q["error-desc"]
+
+
+def test_continue_needs_shmem_memory() -> None:
+    anon = mig.GuestMemory(1 << 20, "anon")
+    with pytest.raises(ValueError, match="memfd/shmem"):
+        MigrationDestination("tcp:127.0.0.1:0", anon, postcopy_placement="continue")
+    with pytest.raises(ValueError, match="postcopy_placement"):
+        MigrationDestination("tcp:127.0.0.1:0", anon, postcopy_placement="minor")
+
+
+@needs_postcopy
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_recovery_after_the_page_channels_reset_mid_postcopy(placement: str) -> None:
     src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
     guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
-    dest = MigrationDestination("tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8)
+    dest = MigrationDestination(
+        "tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8, postcopy_placement=placement
+    )
     proxy = FaultProxy(dest.uri)
     seen: dict[str, threading.Event] = {}
 

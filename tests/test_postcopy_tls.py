@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from postcopykit import needs_postcopy, run_postcopy
+from postcopykit import PLACEMENTS, needs_postcopy, run_postcopy
 from tlskit import Authority, Identity
 
 import mig
@@ -27,16 +27,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Identity]:
 
 
 @needs_postcopy
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("dest_workload", [None, "uniform:wss=32MiB,rate=300000"])
 def test_postcopy_page_channels_under_tls_are_byte_exact(
-    pki: dict[str, Identity], dest_workload: str | None
+    pki: dict[str, Identity], dest_workload: str | None, placement: str
 ) -> None:
     src, dst = mig.GuestMemory(SIZE), mig.GuestMemory(SIZE)
     src.array[::7] = 0x3C  # data in every chunk: none goes as a zero run
     guest = mig.WorkloadGuest(src, vcpus=1, workload="sequential:wss=8MiB,rate=200000")
     dest = MigrationDestination(
         "tcp:127.0.0.1:0", dst, idle_timeout=20, accept_timeout=8, vcpus=1,
-        **pki["dest"].kwargs(),
+        postcopy_placement=placement, **pki["dest"].kwargs(),
     )  # fmt: skip
     there: dict[str, Any] = {}
     if dest_workload:

@@ -169,6 +169,9 @@ class PostcopyCapability(BackendCapability):
     the page; False under UFFD_USER_MODE_ONLY, where they fail with EFAULT."""
     kernel_faults_note: str
     thread_ids: bool
+    placement_continue: BackendCapability
+    """postcopy-placement continue: userfaultfd MINOR mode on shmem with
+    UFFDIO_CONTINUE (UFFD_FEATURE_MINOR_SHMEM, Linux 5.13)."""
 
 class Capabilities(TypedDict):
     kernel: str
@@ -194,6 +197,7 @@ PostcopyStats = TypedDict(
         "postcopy-vcpu-blocktime": dict[int, float],
         "kernel-faults": bool,
         "thread-ids": bool,
+        "postcopy-placement": str,
     },
 )
 
@@ -203,13 +207,22 @@ class PostcopyRegion:
     ``place()``/``place_zero()`` puts it there. Times in the stats are ms.
     """
 
-    def __init__(self, vcpus: int = 0) -> None: ...
+    def __init__(self, vcpus: int = 0, placement: str = "copy") -> None:
+        """``placement``: ``copy`` (UFFDIO_COPY) or ``continue`` (MINOR mode on
+        memfd/shmem, UFFDIO_CONTINUE); ``auto`` is the shmem default."""
     def register(self, memory: GuestMemory, discard: list[tuple[int, int]] = ...) -> None:
         """Registers ``memory``, discards the stale ``(start_page, n)`` ranges and
         starts the fault thread. Raises ``UnsupportedError`` naming the missing
         feature on a host without userfaultfd MISSING mode."""
     def place(self, page: int, data: bytes | bytearray) -> bool:
-        """Places one page atomically (UFFDIO_COPY); False if already present."""
+        """Places one page atomically (UFFDIO_COPY, or written into the memfd
+        and mapped with UFFDIO_CONTINUE); False if already present."""
+    def place_zero_range(self, first: int, n: int) -> int:
+        """Places zeros at ``n`` pages from ``first`` (one ioctl per run of
+        missing pages); returns the pages placed."""
+    def place_run(self, first: int, data: bytes | bytearray) -> int:
+        """Places whole pages from ``first`` (one UFFDIO_CONTINUE per run with
+        ``continue``); returns the pages placed."""
     def place_zero(self, page: int) -> bool:
         """Places a zero page (UFFDIO_ZEROPAGE); False if already present."""
     def next_requests(self, timeout: float = 0.0) -> list[int]:
@@ -258,7 +271,12 @@ class PostcopyOutgoing:
 class PostcopyIncoming:
     """The destination's post-copy page channels around a ``PostcopyRegion``."""
 
-    def __init__(self, memory: GuestMemory, *, vcpus: int = 0) -> None: ...
+    def __init__(self, memory: GuestMemory, *, vcpus: int = 0, placement: str = "auto") -> None:
+        """``placement``: ``auto``, ``copy`` or ``continue`` (memfd/shmem only;
+        ``ValueError`` otherwise)."""
+    @property
+    def placement(self) -> str:
+        """``copy`` or ``continue``: ``auto`` resolved for the memory's backing."""
     def attach(
         self, listener: Listener, receiver: Receiver, timeout: float, *, io_timeout: float = 60.0
     ) -> int:

@@ -37,6 +37,7 @@ from mig.cli_options import (
     add_snapshot,
     new_parser,
 )
+from mig.cli_placement import placement_args
 from mig.cli_postcopy import auto_recover, guest_writes, postcopy_params, serve_workload_args
 from mig.cli_values import page_size
 from mig.units import format_size, parse_size
@@ -363,7 +364,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return cmd_simulate(args, console)
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
-    extra = serve_workload_args(args)  # the destination runs the demo's workload after resume
+    # The destination runs the demo's workload after resume, places as told.
+    extra = serve_workload_args(args) + placement_args(args)
     pre = not args.postcopy  # post-copy discards what a prefault would populate
     dest = (
         DemoDestination(size, args.devices, args.log_level, _tls(args), extra, pre)
@@ -535,10 +537,13 @@ def _serve_one(
                 go_timeout=args.go_timeout,
                 vcpus=there.vcpus if there else 0,
                 prealloc=args.prealloc,
+                postcopy_placement=args.postcopy_placement,
                 **_tls(args),
             )
         except (OSError, ValueError, mig.MigError) as e:
-            raise UsageError("--listen", str(e)) from None
+            # The placement's error names it (continue on memory that is not shmem).
+            arg = "--postcopy-placement" if "postcopy-placement" in str(e) else "--listen"
+            raise UsageError(arg, str(e)) from None
         if there is not None:
             dest.on_resume, dest.on_status = there.resume, there.status
         auto_recover(args, dest)
@@ -730,6 +735,9 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     t.add_row("available", "yes" if pc["available"] else "no")
     t.add_row("reason", str(pc["reason"]))
     t.add_row("kernel faults", str(pc["kernel_faults_note"]))
+    minor = pc.get("placement_continue") or {}
+    yes = "yes" if minor.get("available") else "no"
+    t.add_row("placement continue", f"{yes}: {minor.get('reason')}")
     out.print(t)
     t = Table(title="CPU features used", title_justify="left")
     for col in ("flag", "present", "used for"):

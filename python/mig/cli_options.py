@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from mig.cli_placement import add_placement_option
 from mig.cli_postcopy import add_postcopy_options, add_serve_workload
 from mig.cli_values import (
     MAX_VCPUS,
@@ -74,6 +75,7 @@ def add_demo(commands: Commands) -> argparse.ArgumentParser:
         "loopback TCP, with a live progress view.",
     )
     _add_source_options(demo)
+    add_placement_option(demo, backings=BACKINGS)
     return demo
 
 
@@ -105,6 +107,7 @@ def add_serve(commands: Commands) -> argparse.ArgumentParser:
     # The file descriptor `mig demo` gives its destination to learn the bound port.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_prealloc_option(serve)
+    add_placement_option(serve)
     add_serve_workload(serve)
     add_go_timeout(serve, "wait this long for the source's go before discarding (default 30s)")
     add_qmp_options(serve, incoming=True)

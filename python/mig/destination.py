@@ -96,6 +96,7 @@ class MigrationDestination:
     ``vcpus``: the guest's threads here, for ``postcopy-vcpu-blocktime``.
     ``prealloc``: populate ``memory`` first (``mig.prealloc``), and accept no
     source before that is done (``self.prealloc.wait()``).
+    ``postcopy_placement``: ``mig.params.POSTCOPY_PLACEMENTS`` (docs/postcopy.md).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class MigrationDestination:
         tls_ca: str | None = None,
         vcpus: int = 0,
         prealloc: bool = False,
+        postcopy_placement: str = "auto",
     ) -> None:
         if uri is None and endpoint is None:
             raise ValueError("give a uri to listen on (or an endpoint)")
@@ -172,7 +174,7 @@ class MigrationDestination:
         self._beat_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout)
+        self.postcopy = PostcopyIncoming(memory, vcpus, io_timeout, postcopy_placement)
         self.prealloc = start_prealloc(memory) if prealloc else None  # .wait(): populated
 
     # The protocol's figures live in the core; these names are the API.
@@ -401,7 +403,7 @@ class MigrationDestination:
             case Resume():
                 self._resume(ep)
             case AdvisePostcopy():
-                require_postcopy()
+                require_postcopy(self.postcopy.placement)
 
     # ---------------------------------------------------------- switchover
     def _finish_stop_copy(self, ep: Endpoint) -> None:

@@ -17,6 +17,13 @@ __all__ = ["PARAMETERS", "POSTCOPY_PUSH_ORDERS", "TIMEOUT_ACTIONS", "MigrationPa
 # At ``timeout``: give up, switch over whatever the downtime, or (with
 # ``postcopy``) switch to post-copy, as virsh's --timeout-postcopy does.
 TIMEOUT_ACTIONS = ("cancel", "force", "postcopy")
+# postcopy_placement (a destination parameter: MigrationDestination's and
+# ``mig serve``'s; QEMU has no such choice): how an arriving page goes into
+# guest memory during post-copy. "copy": UFFDIO_COPY, any backing;
+# "continue": memfd/shmem only, userfaultfd MINOR mode, the page written
+# into the memfd (pwrite) and mapped with UFFDIO_CONTINUE; "auto": the
+# faster on shmem by benches/postcopy_placement.py (continue), copy elsewhere.
+POSTCOPY_PLACEMENTS = ("auto", "copy", "continue")
 # postcopy_push_order: the push follows every request, or one stream at a time.
 POSTCOPY_PUSH_ORDERS = ("faults", "stream")
 

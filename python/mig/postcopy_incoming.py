@@ -1,8 +1,9 @@
 """``PostcopyIncoming``: the destination's post-copy, from advise to the last page.
 
 At ``postcopy-advise`` it checks that this host can register memory for
-missing-page faults (userfaultfd MISSING mode) and fails the migration
-naming the missing feature otherwise. At ``postcopy-run`` (before the
+missing-page faults (userfaultfd MISSING mode), and for the ``continue``
+placement MINOR mode on shmem, and fails the migration naming the missing
+feature otherwise. At ``postcopy-run`` (before the
 source opens them) it starts accepting the source's two page channels on
 the session's listener, in a thread: their connect, a TLS handshake
 included, completes while the stop-copy goes on. At ``go`` it waits for
@@ -27,6 +28,7 @@ from typing import Any
 
 from mig import _mig
 from mig.errors import MigrationEnded
+from mig.params import POSTCOPY_PLACEMENTS
 from mig.postcopy_pause import RecoverGate
 
 __all__ = ["PostcopyIncoming", "require_postcopy"]
@@ -34,8 +36,9 @@ __all__ = ["PostcopyIncoming", "require_postcopy"]
 _POLL = 0.1
 
 
-def require_postcopy() -> None:
-    """Raise ``MigrationEnded`` naming the missing feature unless post-copy runs here."""
+def require_postcopy(placement: str = "copy") -> None:
+    """Raise ``MigrationEnded`` naming the missing feature unless post-copy
+    runs here with ``placement`` (``copy`` or ``continue``)."""
     cap = _mig.capabilities().get("postcopy") or {}
     if not cap.get("available"):
         missing = ", ".join(cap.get("missing") or ()) or "userfaultfd MISSING mode"
@@ -43,13 +46,28 @@ def require_postcopy() -> None:
         raise MigrationEnded(
             "failed", f"post-copy unavailable on the destination: needs {missing} ({reason})"
         )
+    minor = cap.get("placement_continue") or {}
+    if placement == "continue" and not minor.get("available"):
+        missing = ", ".join(minor.get("missing") or ()) or "userfaultfd MINOR mode"
+        raise MigrationEnded(
+            "failed",
+            f"post-copy placement continue unavailable on the destination: needs {missing} "
+            f"({minor.get('reason') or 'unknown'}); postcopy-placement copy works without it",
+        )
 
 
 class PostcopyIncoming:
     """The destination's post-copy phase around a native ``PostcopyIncoming``."""
 
-    def __init__(self, memory: Any, vcpus: int, io_timeout: float) -> None:
-        self.native = _mig.PostcopyIncoming(memory, vcpus=vcpus)
+    def __init__(self, memory: Any, vcpus: int, io_timeout: float, placement: str = "auto") -> None:
+        if placement not in POSTCOPY_PLACEMENTS:
+            raise ValueError(
+                f"postcopy_placement must be one of {', '.join(POSTCOPY_PLACEMENTS)}, "
+                f"not {placement!r}"
+            )
+        self.native = _mig.PostcopyIncoming(memory, vcpus=vcpus, placement=placement)
+        # "copy" or "continue": ``auto`` resolved for this memory's backing.
+        self.placement: str = self.native.placement
         self.io_timeout = io_timeout
         self.attached = False
         self.gate = RecoverGate()

@@ -8,6 +8,7 @@ use pyo3::types::PyDict;
 
 use super::memory::PyGuestMemory;
 use crate::postcopy::capability::PostcopyCapability;
+use crate::postcopy::placement::PlacementMode;
 use crate::postcopy::placer::Placement;
 use crate::postcopy::{PostcopyRegion, RegionStats};
 
@@ -39,6 +40,7 @@ pub(super) fn stats_dict<'py>(py: Python<'py>, s: &RegionStats) -> PyResult<Boun
     d.set_item("postcopy-vcpu-blocktime", per)?;
     d.set_item("kernel-faults", s.kernel_faults)?;
     d.set_item("thread-ids", s.thread_ids)?;
+    d.set_item("postcopy-placement", s.placement)?;
     Ok(d)
 }
 
@@ -46,12 +48,15 @@ pub(super) fn stats_dict<'py>(py: Python<'py>, s: &RegionStats) -> PyResult<Boun
 impl PyPostcopyRegion {
     /// `vcpus`: the number of guest threads, for `postcopy-blocktime` (the
     /// time all of them were blocked at once); 0 if unknown.
+    /// `placement`: `copy`, or `continue` for memfd/shmem memory (`auto`
+    /// is the shmem default).
     #[new]
-    #[pyo3(signature = (vcpus = 0))]
-    fn new(vcpus: usize) -> Self {
-        PyPostcopyRegion {
-            inner: std::sync::Arc::new(PostcopyRegion::new(vcpus, None)),
-        }
+    #[pyo3(signature = (vcpus = 0, placement = "copy"))]
+    fn new(vcpus: usize, placement: &str) -> PyResult<Self> {
+        let mode = PlacementMode::choose(placement, crate::backing::Backing::Memfd)?;
+        Ok(PyPostcopyRegion {
+            inner: std::sync::Arc::new(PostcopyRegion::new(vcpus, None, mode)),
+        })
     }
 
     /// Registers `memory` for missing-page faults, then discards the stale
@@ -73,6 +78,20 @@ impl PyPostcopyRegion {
         let r = self.inner.clone();
         let p = py.detach(move || r.place(page, &data))?;
         Ok(p == Placement::Placed)
+    }
+
+    /// Places whole pages of `data` from `first` (one `UFFDIO_CONTINUE` per
+    /// run with `continue`); returns the pages placed.
+    fn place_run(&self, py: Python<'_>, first: u64, data: PyBackedBytes) -> PyResult<u64> {
+        let r = self.inner.clone();
+        Ok(py.detach(move || r.place_run(first, &data))?)
+    }
+
+    /// Places zeros at the `n` pages from `first` (one ioctl per run of
+    /// missing pages); returns the pages placed.
+    fn place_zero_range(&self, py: Python<'_>, first: u64, n: u64) -> PyResult<u64> {
+        let r = self.inner.clone();
+        Ok(py.detach(move || r.place_zero_range(first, n))?)
     }
 
     /// Places a page of zeros; False if it was already present.
@@ -133,7 +152,11 @@ impl PyPostcopyRegion {
     }
 
     fn __repr__(&self) -> String {
-        format!("PostcopyRegion(registered={})", self.inner.is_registered())
+        format!(
+            "PostcopyRegion(registered={}, placement={})",
+            self.inner.is_registered(),
+            self.inner.mode().name()
+        )
     }
 }
 
@@ -146,6 +169,10 @@ pub fn capability_dict<'py>(
     d.set_item("kernel_faults", c.kernel_faults)?;
     d.set_item("kernel_faults_note", &c.kernel_faults_note)?;
     d.set_item("thread_ids", c.thread_id)?;
+    d.set_item(
+        "placement_continue",
+        super::tracker::capability_dict(py, &c.minor)?,
+    )?;
     Ok(d)
 }
 

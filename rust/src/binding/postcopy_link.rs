@@ -18,6 +18,7 @@ use crate::error::CoreError;
 use crate::postcopy::frames::CHANNELS;
 use crate::postcopy::incoming::{read_handover, IncomingState, PostcopyIncoming};
 use crate::postcopy::outgoing::{OutgoingState, PostcopyOutgoing};
+use crate::postcopy::placement::PlacementMode;
 use crate::postcopy::PostcopyRegion;
 use crate::transport::Conn;
 use crate::wire::ChannelKind;
@@ -157,6 +158,7 @@ impl PyPostcopyOutgoing {
 pub struct PyPostcopyIncoming {
     memory: Py<PyGuestMemory>,
     vcpus: usize,
+    placement: PlacementMode,
     inner: Mutex<Option<Arc<PostcopyIncoming>>>,
 }
 
@@ -190,14 +192,23 @@ fn accept(
 #[pymethods]
 impl PyPostcopyIncoming {
     /// `vcpus`: the guest's threads, for `postcopy-blocktime` (0 = unknown).
+    /// `placement`: `postcopy-placement` (`auto`, `copy` or `continue`).
     #[new]
-    #[pyo3(signature = (memory, *, vcpus = 0))]
-    fn new(memory: Py<PyGuestMemory>, vcpus: usize) -> Self {
-        PyPostcopyIncoming {
+    #[pyo3(signature = (memory, *, vcpus = 0, placement = "auto"))]
+    fn new(memory: Py<PyGuestMemory>, vcpus: usize, placement: &str) -> PyResult<Self> {
+        let placement = PlacementMode::choose(placement, memory.get().inner.backing())?;
+        Ok(PyPostcopyIncoming {
             memory,
             vcpus,
+            placement,
             inner: Mutex::new(None),
-        }
+        })
+    }
+
+    /// The placement in use: `copy` or `continue`.
+    #[getter]
+    fn placement(&self) -> &'static str {
+        self.placement.name()
     }
 
     /// Accepts the source's page channels on `listener`, reads which chunks
@@ -217,7 +228,7 @@ impl PyPostcopyIncoming {
         }
         let (t, io) = (seconds(timeout)?, seconds(io_timeout)?);
         let mem = self.memory.get().inner.clone();
-        let vcpus = self.vcpus;
+        let (vcpus, placement) = (self.vcpus, self.placement);
         let inc = py.detach(move || -> Result<PostcopyIncoming, CoreError> {
             let mut conns = accept(listener.get(), receiver.get(), t, io)?;
             let pages = mem.num_pages();
@@ -229,7 +240,7 @@ impl PyPostcopyIncoming {
                     handover.chunk_pages, chunk_bytes
                 )));
             }
-            let region = Arc::new(PostcopyRegion::new(vcpus, None));
+            let region = Arc::new(PostcopyRegion::new(vcpus, None, placement));
             PostcopyIncoming::start(mem, region, &handover, held, conns)
         })?;
         let owed = inc.stats().owed_chunks as usize;

@@ -1,6 +1,7 @@
 //! Whether this host can run the destination side of post-copy: userfaultfd
 //! in MISSING mode on the backings mig uses (memfd/shmem and anonymous
-//! memory), with `UFFDIO_COPY` and `UFFDIO_ZEROPAGE`.
+//! memory), with `UFFDIO_COPY` and `UFFDIO_ZEROPAGE`; and, for the
+//! `continue` placement, MINOR mode on shmem with `UFFDIO_CONTINUE`.
 //!
 //! The probe registers one real page of each backing and reads back the
 //! ioctls the kernel allows on it, so the answer is what registration will
@@ -14,7 +15,9 @@ use std::sync::OnceLock;
 use rustix::io::Errno;
 
 use super::uapi::{
-    self, IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_THREAD_ID,
+    self, IOCTL_CONTINUE_BIT, IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFDIO_REGISTER_MODE_MINOR,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
+    UFFD_FEATURE_THREAD_ID,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::memory::{host_page_size, GuestMemory};
@@ -23,12 +26,17 @@ use crate::tracker::{self, parse_errno, parse_int, Capability, FAKE_PROBE_ENV};
 /// `MIG_FAKE_PROBE` keys of this probe: `kernel_faults=<errno|ok>` (opening a
 /// userfaultfd without `UFFD_USER_MODE_ONLY`), `missing_anon=<errno|ok>` and
 /// `missing_shmem=<errno|ok>` (MISSING registration of each backing),
-/// `missing_ioctls=<int>` (the `uffdio_register.ioctls` mask both report).
-pub const FAKE_KEYS: [&str; 4] = [
+/// `missing_ioctls=<int>` (the `uffdio_register.ioctls` mask both report),
+/// `minor_shmem=<errno|ok>` (MISSING|MINOR registration of a memfd page),
+/// `features_off=<int>` (`UFFDIO_API` features this probe sees withdrawn,
+/// the dirty tracker's view left as it is).
+pub const FAKE_KEYS: [&str; 6] = [
     "kernel_faults",
     "missing_anon",
     "missing_shmem",
     "missing_ioctls",
+    "minor_shmem",
+    "features_off",
 ];
 
 /// What the host offers for post-copy, as observed or faked.
@@ -47,6 +55,9 @@ pub struct PostcopyFacts {
     pub anon: Result<u64, Errno>,
     /// The same for a page of a memfd shared mapping (shmem).
     pub shmem: Result<u64, Errno>,
+    /// The same for MISSING|MINOR registration of a memfd page (the
+    /// `continue` placement).
+    pub minor_shmem: Result<u64, Errno>,
 }
 
 /// The post-copy verdict, plus what kind of faults will be delivered.
@@ -59,13 +70,15 @@ pub struct PostcopyCapability {
     /// Fault messages name the faulting thread (per-thread blocktime).
     pub thread_id: bool,
     pub kernel_faults_note: String,
+    /// The `continue` placement: MINOR mode with `UFFDIO_CONTINUE` on shmem.
+    pub minor: Capability,
 }
 
-/// Registers `len` bytes at `addr` in MISSING mode on a fresh userfaultfd and
+/// Registers `len` bytes at `addr` in `mode` on a fresh userfaultfd and
 /// returns the allowed ioctls; the registration ends with the fd.
-fn register_probe(addr: *mut u8, len: usize) -> Result<u64, Errno> {
+fn register_probe(addr: *mut u8, len: usize, mode: u64) -> Result<u64, Errno> {
     let fd: OwnedFd = open_with_api()?.0;
-    let ioctls = uapi::register_missing(&fd, addr as u64, len as u64)?;
+    let ioctls = uapi::register(&fd, addr as u64, len as u64, mode)?;
     uapi::unregister(&fd, addr as u64, len as u64)?;
     Ok(ioctls)
 }
@@ -82,7 +95,8 @@ pub(crate) fn open_with_api() -> Result<(OwnedFd, bool, u64), Errno> {
         let probe = open_user_mode()?;
         uapi::uffd_api(&probe, 0)?
     };
-    let wanted = offered & (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID);
+    let wanted =
+        offered & (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_THREAD_ID);
     let got = uapi::uffd_api(&fd, wanted)?;
     Ok((fd, kernel_faults, got))
 }
@@ -98,12 +112,12 @@ fn open_user_mode() -> Result<OwnedFd, Errno> {
 fn probe_anon() -> Result<u64, Errno> {
     let mem = GuestMemory::with_backing(host_page_size(), crate::backing::Backing::Anon)
         .map_err(|_| Errno::NOMEM)?;
-    register_probe(mem.as_ptr(), mem.len())
+    register_probe(mem.as_ptr(), mem.len(), UFFDIO_REGISTER_MODE_MISSING)
 }
 
-fn probe_shmem() -> Result<u64, Errno> {
+fn probe_shmem(mode: u64) -> Result<u64, Errno> {
     let mem = GuestMemory::new(host_page_size()).map_err(|_| Errno::NOMEM)?;
-    register_probe(mem.as_ptr(), mem.len())
+    register_probe(mem.as_ptr(), mem.len(), mode)
 }
 
 fn real_facts() -> PostcopyFacts {
@@ -119,7 +133,8 @@ fn real_facts() -> PostcopyFacts {
                 kernel_faults: uapi::open(true).map(drop),
                 features: t.features,
                 anon: probe_anon(),
-                shmem: probe_shmem(),
+                shmem: probe_shmem(UFFDIO_REGISTER_MODE_MISSING),
+                minor_shmem: probe_shmem(UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR),
             }
         })
         .clone()
@@ -144,12 +159,23 @@ pub fn apply_fake(mut f: PostcopyFacts, spec: &str) -> CoreResult<PostcopyFacts>
                     f.kernel_faults = Err(e);
                     f.anon = Err(e);
                     f.shmem = Err(e);
+                    f.minor_shmem = Err(e);
                 }
             }
             "features" => f.features = Some(parse_int(k, v)?),
             "kernel_faults" => f.kernel_faults = parse_errno(k, v)?,
             "missing_anon" => f.anon = with_mask(parse_errno(k, v)?, f.anon),
             "missing_shmem" => f.shmem = with_mask(parse_errno(k, v)?, f.shmem),
+            "features_off" => {
+                let off = parse_int(k, v)?;
+                f.features = f.features.map(|have| have & !off);
+            }
+            "minor_shmem" => {
+                f.minor_shmem = parse_errno(k, v)?.map(|()| {
+                    f.minor_shmem
+                        .unwrap_or(IOCTL_COPY_BIT | IOCTL_ZEROPAGE_BIT | IOCTL_CONTINUE_BIT)
+                })
+            }
             "missing_ioctls" => {
                 let mask = parse_int(k, v)?;
                 f.anon = f.anon.map(|_| mask);
@@ -194,11 +220,13 @@ pub fn verdict(f: &PostcopyFacts) -> PostcopyCapability {
             f.kernel_faults.err().map(errno_text).unwrap_or_default()
         )
     };
+    let minor = minor_verdict(f);
     let result = |cap| PostcopyCapability {
         cap,
         kernel_faults,
         thread_id,
         kernel_faults_note: kernel_faults_note.clone(),
+        minor: minor.clone(),
     };
     let no = |reason: String, missing: Vec<&'static str>| {
         result(Capability {
@@ -267,6 +295,67 @@ pub fn verdict(f: &PostcopyFacts) -> PostcopyCapability {
     })
 }
 
+/// Whether the `continue` placement (MINOR mode on shmem, pages resolved
+/// with `UFFDIO_CONTINUE`) can run here, naming what is missing. Asked
+/// only once MISSING mode is known to work.
+pub fn minor_verdict(f: &PostcopyFacts) -> Capability {
+    let have = f.features.unwrap_or(0);
+    let mut missing = Vec::new();
+    let mut why = Vec::new();
+    if have & UFFD_FEATURE_MINOR_SHMEM == 0 {
+        missing.push("UFFD_FEATURE_MINOR_SHMEM");
+        why.push(
+            "UFFDIO_API does not offer UFFD_FEATURE_MINOR_SHMEM (Linux 5.13 or later)".to_string(),
+        );
+    }
+    match f.minor_shmem {
+        Err(e) => {
+            missing.push("UFFDIO_REGISTER_MODE_MINOR");
+            why.push(format!(
+                "MINOR registration of memfd/shmem fails: {}",
+                errno_text(e)
+            ));
+        }
+        Ok(ioctls) if ioctls & IOCTL_CONTINUE_BIT == 0 => {
+            missing.push("UFFDIO_CONTINUE");
+            why.push("UFFDIO_CONTINUE is not allowed on memfd/shmem".to_string());
+        }
+        Ok(_) => {}
+    }
+    if missing.is_empty() {
+        return Capability {
+            available: true,
+            reason: format!(
+                "userfaultfd MINOR mode with UFFDIO_CONTINUE on memfd/shmem (kernel {})",
+                f.kernel
+            ),
+            missing,
+        };
+    }
+    Capability {
+        available: false,
+        reason: format!(
+            "userfaultfd MINOR mode unusable (kernel {}): {}",
+            f.kernel,
+            why.join("; ")
+        ),
+        missing,
+    }
+}
+
+/// Fails with an `Unsupported` error naming the missing feature unless the
+/// `continue` placement can run here.
+pub fn require_minor() -> CoreResult<()> {
+    let c = capability()?.minor;
+    if !c.available {
+        return Err(CoreError::Unsupported(format!(
+            "post-copy placement continue unavailable: {}",
+            c.reason
+        )));
+    }
+    Ok(())
+}
+
 /// The post-copy capability of this process.
 pub fn capability() -> CoreResult<PostcopyCapability> {
     Ok(verdict(&facts()?.0))
@@ -293,9 +382,12 @@ mod tests {
             kernel: "6.18.0".into(),
             open: Ok(()),
             kernel_faults: Ok(()),
-            features: Some(UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID),
+            features: Some(
+                UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_THREAD_ID,
+            ),
             anon: Ok(IOCTL_COPY_BIT | IOCTL_ZEROPAGE_BIT),
             shmem: Ok(IOCTL_COPY_BIT | IOCTL_ZEROPAGE_BIT),
+            minor_shmem: Ok(IOCTL_COPY_BIT | IOCTL_ZEROPAGE_BIT | IOCTL_CONTINUE_BIT),
         }
     }
 
@@ -328,6 +420,32 @@ mod tests {
         let v = verdict(&f);
         assert!(v.cap.available && !v.kernel_faults);
         assert!(v.kernel_faults_note.contains("EFAULT"));
+    }
+
+    #[test]
+    fn minor_verdict_names_what_is_missing() {
+        assert!(minor_verdict(&ok_facts()).available);
+        assert!(verdict(&ok_facts()).minor.available);
+        // Features without UFFD_FEATURE_MINOR_SHMEM: MISSING mode still works.
+        let f = apply_fake(ok_facts(), "features=0x120").unwrap();
+        assert!(verdict(&f).cap.available);
+        let v = minor_verdict(&f);
+        assert!(!v.available);
+        assert_eq!(v.missing, vec!["UFFD_FEATURE_MINOR_SHMEM"]);
+        assert!(
+            v.reason.contains("UFFD_FEATURE_MINOR_SHMEM"),
+            "{}",
+            v.reason
+        );
+        let f = apply_fake(ok_facts(), "features_off=0x400").unwrap();
+        assert!(verdict(&f).cap.available);
+        assert_eq!(minor_verdict(&f).missing, vec!["UFFD_FEATURE_MINOR_SHMEM"]);
+        let f = apply_fake(ok_facts(), "minor_shmem=EINVAL").unwrap();
+        let v = minor_verdict(&f);
+        assert_eq!(v.missing, vec!["UFFDIO_REGISTER_MODE_MINOR"]);
+        let mut f = ok_facts();
+        f.minor_shmem = Ok(IOCTL_COPY_BIT);
+        assert_eq!(minor_verdict(&f).missing, vec!["UFFDIO_CONTINUE"]);
     }
 
     #[test]

@@ -10,11 +10,21 @@
 //! hole in the memfd (page cache and page tables), anonymous memory with
 //! `MADV_DONTNEED`.
 //!
+//! With the `continue` placement (shmem only, see [`super::placement`]) the
+//! range is registered in MISSING and MINOR mode, and stale pages are
+//! dropped from the guest's mapping only (`MADV_DONTNEED`), their page-cache
+//! pages kept: an access then raises a MINOR fault (page cached, not mapped)
+//! or, for a page the memfd never held, a MISSING one. Either waits until
+//! the page is written into the page cache ([`PageCache`]) and mapped with
+//! `UFFDIO_CONTINUE`. Holes are not filled in advance (`fallocate` would
+//! zero every owed page during the downtime); the MISSING half of the
+//! registration catches them instead.
+//!
 //! What MISSING mode does not see: reads and writes through the memfd itself
 //! (`pread`/`pwrite`, hole-aware digests) go through the page cache, not the
 //! mapping, and read a missing page as zeros without faulting.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use rustix::fs::{fallocate, FallocateFlags};
@@ -23,9 +33,14 @@ use rustix::ioctl::{ioctl, Updater};
 use rustix::mm::{madvise, Advice};
 
 use super::capability;
+use super::page_cache::PageCache;
+use super::page_set::PageSet;
+use super::placement::{is_shmem, PlacementMode};
 use super::uapi::{
-    self, UffdioCopy, UffdioRange, UffdioZeropage, IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFDIO_COPY,
-    UFFDIO_ZEROPAGE, UFFD_FEATURE_THREAD_ID,
+    self, UffdioContinue, UffdioCopy, UffdioRange, UffdioZeropage, IOCTL_CONTINUE_BIT,
+    IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, UFFDIO_CONTINUE, UFFDIO_COPY, UFFDIO_REGISTER_MODE_MINOR,
+    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_ZEROPAGE, UFFD_FEATURE_MINOR_SHMEM,
+    UFFD_FEATURE_THREAD_ID,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::memory::{host_page_size, GuestMemory};
@@ -37,6 +52,11 @@ pub trait Backing: Send + Sync {
     /// Drops `[offset, offset + len)` so the next access faults as missing.
     fn discard(&self, offset: usize, len: usize) -> Result<(), Errno>;
     fn kind(&self) -> &'static str;
+    /// The memfd behind the mapping when it is shmem (the `continue`
+    /// placement writes pages into it); `None` otherwise.
+    fn shmem_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Backing for GuestMemory {
@@ -70,6 +90,9 @@ impl Backing for GuestMemory {
             "anonymous memory"
         }
     }
+    fn shmem_fd(&self) -> Option<BorrowedFd<'_>> {
+        is_shmem(self.backing()).then(|| self.memfd()).flatten()
+    }
 }
 
 pub struct FaultRegion {
@@ -78,13 +101,35 @@ pub struct FaultRegion {
     page_size: usize,
     kernel_faults: bool,
     thread_id: bool,
+    mode: PlacementMode,
+    /// `continue` only: where pages are written before they are mapped.
+    page_cache: Option<PageCache>,
+    /// `continue` only: pages discarded as stale, whose page-cache content
+    /// is overwritten when they are placed. Any other page's cached content
+    /// is current and only mapped.
+    stale: PageSet,
 }
 
 impl FaultRegion {
-    /// Registers the whole of `backing` in MISSING mode. Fails with
-    /// `Unsupported` naming the missing feature when the host lacks it.
-    pub fn register(backing: Arc<dyn Backing>) -> CoreResult<Self> {
+    /// Registers the whole of `backing` for `mode` (MISSING mode, plus MINOR
+    /// mode for `continue`). Fails with `Unsupported` naming the missing
+    /// feature when the host lacks it.
+    pub fn register(backing: Arc<dyn Backing>, mode: PlacementMode) -> CoreResult<Self> {
         capability::require()?;
+        let fd_len = backing.size_bytes();
+        let page_cache = match mode {
+            PlacementMode::Copy => None,
+            PlacementMode::Continue => {
+                capability::require_minor()?;
+                let fd = backing.shmem_fd().ok_or_else(|| {
+                    CoreError::invalid(format!(
+                        "postcopy-placement continue needs memfd/shmem memory, not {}",
+                        backing.kind()
+                    ))
+                })?;
+                Some(PageCache::open(fd, fd_len)?)
+            }
+        };
         let unsupported = |what: &str, e: Errno| {
             CoreError::Unsupported(format!("{what}: {}", std::io::Error::from(e)))
         };
@@ -92,7 +137,18 @@ impl FaultRegion {
             capability::open_with_api().map_err(|e| unsupported("userfaultfd", e))?;
         let base = backing.base() as u64;
         let len = backing.size_bytes() as u64;
-        let ioctls = uapi::register_missing(&fd, base, len).map_err(|e| match e {
+        if page_cache.is_some() && features & UFFD_FEATURE_MINOR_SHMEM == 0 {
+            return Err(CoreError::Unsupported(
+                "post-copy placement continue unavailable: UFFDIO_API did not enable \
+                 UFFD_FEATURE_MINOR_SHMEM"
+                    .into(),
+            ));
+        }
+        let reg_mode = match mode {
+            PlacementMode::Copy => UFFDIO_REGISTER_MODE_MISSING,
+            PlacementMode::Continue => UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR,
+        };
+        let ioctls = uapi::register(&fd, base, len, reg_mode).map_err(|e| match e {
             Errno::BUSY => CoreError::invalid(
                 "memory is already registered with another userfaultfd \
                  (a dirty tracker or another post-copy region); close it first",
@@ -102,24 +158,42 @@ impl FaultRegion {
                 e,
             ),
         })?;
-        for (bit, name) in [
+        let mut needed = vec![
             (IOCTL_COPY_BIT, "UFFDIO_COPY"),
             (IOCTL_ZEROPAGE_BIT, "UFFDIO_ZEROPAGE"),
-        ] {
+        ];
+        if page_cache.is_some() {
+            needed.push((IOCTL_CONTINUE_BIT, "UFFDIO_CONTINUE"));
+        }
+        for (bit, name) in needed {
             if ioctls & bit == 0 {
+                let _ = uapi::unregister(&fd, base, len);
                 return Err(CoreError::Unsupported(format!(
                     "post-copy unavailable: {name} is not allowed on {}",
                     backing.kind()
                 )));
             }
         }
+        let page_size = host_page_size();
+        let stale = PageSet::new(if page_cache.is_some() {
+            fd_len / page_size
+        } else {
+            0
+        });
         Ok(FaultRegion {
             fd,
             backing,
-            page_size: host_page_size(),
+            page_size,
             kernel_faults,
             thread_id: features & UFFD_FEATURE_THREAD_ID != 0,
+            mode,
+            page_cache,
+            stale,
         })
+    }
+
+    pub fn mode(&self) -> PlacementMode {
+        self.mode
     }
 
     pub fn uffd(&self) -> &OwnedFd {
@@ -174,11 +248,29 @@ impl FaultRegion {
         let ps = self.page_size;
         let mut total = 0;
         for &(start, n) in ranges.iter().filter(|r| r.1 > 0) {
-            self.backing
-                .discard(start as usize * ps, n as usize * ps)
-                .map_err(|e| {
-                    CoreError::io(format!("discarding pages [{start}, {start}+{n})"), e.into())
-                })?;
+            let (off, len) = (start as usize * ps, n as usize * ps);
+            let dropped = match self.page_cache {
+                None => self.backing.discard(off, len),
+                Some(_) => {
+                    for p in start..start + n {
+                        self.stale.insert(p as usize);
+                    }
+                    // SAFETY: the range is inside the registered mapping
+                    // (checked above). On a shared mapping MADV_DONTNEED
+                    // drops the page-table entries only; the page cache
+                    // keeps the pages, so the next access is a MINOR fault.
+                    unsafe {
+                        madvise(
+                            self.backing.base().add(off).cast(),
+                            len,
+                            Advice::LinuxDontNeed,
+                        )
+                    }
+                }
+            };
+            dropped.map_err(|e| {
+                CoreError::io(format!("discarding pages [{start}, {start}+{n})"), e.into())
+            })?;
             total += n;
         }
         Ok(total)
@@ -195,6 +287,9 @@ impl FaultRegion {
                 src.len(),
                 self.page_size
             )));
+        }
+        if self.page_cache.is_some() {
+            return Ok(self.fill_one(page, Some(src)));
         }
         loop {
             let mut arg = UffdioCopy {
@@ -217,6 +312,9 @@ impl FaultRegion {
     /// Maps the zero page at a missing page and wakes its waiters.
     pub fn zero_page(&self, page: u64) -> CoreResult<Result<(), Errno>> {
         self.check_pages(page, 1)?;
+        if self.page_cache.is_some() {
+            return Ok(self.fill_one(page, None));
+        }
         loop {
             match self.zero_ioctl(page, 1) {
                 (Err(Errno::AGAIN), 0) => std::thread::yield_now(),
@@ -231,12 +329,26 @@ impl FaultRegion {
     /// as it is. Returns the pages found present.
     pub fn zero_range(&self, start: u64, n: u64) -> CoreResult<Vec<u64>> {
         self.check_pages(start, n)?;
+        if self.page_cache.is_some() {
+            return self.fill_range(start, n, None);
+        }
+        Self::over_range(start, n, "UFFDIO_ZEROPAGE", |p, k| self.zero_ioctl(p, k))
+    }
+
+    /// Runs a range ioctl (`ioctl(page, n)`: its result and the whole pages
+    /// it did) over `n` pages from `start`, as few times as the kernel
+    /// allows: going on after a part done (EAGAIN: the mapping changed) and
+    /// past a page already present (EEXIST). Returns the pages present.
+    fn over_range(
+        start: u64,
+        n: u64,
+        what: &str,
+        ioctl: impl Fn(u64, u64) -> (Result<(), Errno>, u64),
+    ) -> CoreResult<Vec<u64>> {
         let (mut page, end, mut present) = (start, start + n, Vec::new());
         while page < end {
-            match self.zero_ioctl(page, end - page) {
+            match ioctl(page, end - page) {
                 (Ok(()), _) => break,
-                // Stopped part way (the mapping changed): go on after the
-                // pages it did.
                 (Err(Errno::AGAIN), done) => {
                     if done == 0 {
                         std::thread::yield_now();
@@ -249,13 +361,152 @@ impl FaultRegion {
                 }
                 (Err(e), _) => {
                     return Err(CoreError::io(
-                        format!("UFFDIO_ZEROPAGE pages [{page}, {end})"),
+                        format!("{what} pages [{page}, {end})"),
                         e.into(),
                     ))
                 }
             }
         }
         Ok(present)
+    }
+
+    /// Places the pages of `data` (whole pages) from `start`, each
+    /// atomically; a page already present is left as it is. `continue`
+    /// maps the run with one `UFFDIO_CONTINUE`, `copy` takes one
+    /// `UFFDIO_COPY` per page. Returns the pages found present.
+    pub fn copy_run(&self, start: u64, data: &[u8]) -> CoreResult<Vec<u64>> {
+        let ps = self.page_size;
+        if !data.len().is_multiple_of(ps) {
+            return Err(CoreError::invalid(format!(
+                "run of {} bytes is not whole pages of {ps}",
+                data.len()
+            )));
+        }
+        let n = (data.len() / ps) as u64;
+        self.check_pages(start, n)?;
+        if self.page_cache.is_some() {
+            return self.fill_range(start, n, Some(data));
+        }
+        let mut present = Vec::new();
+        for (i, page) in data.chunks_exact(ps).enumerate() {
+            let p = start + i as u64;
+            match self.copy_page(p, page)? {
+                Ok(()) => {}
+                Err(Errno::EXIST) => present.push(p),
+                Err(e) => return Err(CoreError::io(format!("UFFDIO_COPY page {p}"), e.into())),
+            }
+        }
+        Ok(present)
+    }
+
+    /// `continue`: writes one page (`src`, or zeros) into the page cache and
+    /// maps it. A page that was not discarded holds current content: it is
+    /// only mapped, and answers EEXIST like a present page; only if the
+    /// memfd never held it (a hole: `UFFDIO_CONTINUE` finds no page and
+    /// answers EFAULT) is it written.
+    fn fill_one(&self, page: u64, src: Option<&[u8]>) -> Result<(), Errno> {
+        if !self.stale.contains(page as usize) {
+            match self.continue_retrying(page, 1) {
+                Ok(()) | Err(Errno::EXIST) => return Err(Errno::EXIST),
+                Err(Errno::FAULT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_cache(page, 1, src)?;
+        self.continue_retrying(page, 1)
+    }
+
+    /// `continue`: places `n` pages from `start` (`src` covers them all, or
+    /// zeros). A run of stale pages, the usual case, is written into the
+    /// page cache and mapped with one `UFFDIO_CONTINUE` (zeros over a hole:
+    /// one `UFFDIO_ZEROPAGE`, nothing written); otherwise page by page.
+    fn fill_range(&self, start: u64, n: u64, src: Option<&[u8]>) -> CoreResult<Vec<u64>> {
+        let ps = self.page_size;
+        let all_stale = (start..start + n).all(|p| self.stale.contains(p as usize));
+        if !all_stale {
+            let mut present = Vec::new();
+            for p in start..start + n {
+                let off = (p - start) as usize * ps;
+                match self.fill_one(p, src.map(|d| &d[off..off + ps])) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST) => present.push(p),
+                    Err(e) => {
+                        return Err(CoreError::io(format!("UFFDIO_CONTINUE page {p}"), e.into()))
+                    }
+                }
+            }
+            return Ok(present);
+        }
+        let (off, len) = (start as usize * ps, n as usize * ps);
+        if src.is_none()
+            && self
+                .page_cache
+                .as_ref()
+                .is_some_and(|c| c.is_hole(off, len))
+        {
+            // Zeros where the memfd holds nothing: no bytes to write, the
+            // MISSING half of the registration maps them as `copy` does.
+            return Self::over_range(start, n, "UFFDIO_ZEROPAGE", |p, k| self.zero_ioctl(p, k));
+        }
+        self.write_cache(start, n, src).map_err(|e| {
+            CoreError::io(
+                format!("writing pages [{start}, {start}+{n}) into the memfd"),
+                e.into(),
+            )
+        })?;
+        Self::over_range(start, n, "UFFDIO_CONTINUE", |p, k| {
+            self.continue_ioctl(p, k)
+        })
+    }
+
+    /// Writes `n` pages from `start` (`src`, or zeros) into the page cache.
+    fn write_cache(&self, start: u64, n: u64, src: Option<&[u8]>) -> Result<(), Errno> {
+        let cache = self
+            .page_cache
+            .as_ref()
+            .expect("the continue placement has a page cache");
+        let (off, len) = (start as usize * self.page_size, n as usize * self.page_size);
+        match src {
+            Some(d) => cache.write(off, &d[..len]),
+            None => cache.zero(off, len),
+        }
+    }
+
+    fn continue_retrying(&self, page: u64, n: u64) -> Result<(), Errno> {
+        loop {
+            match self.continue_ioctl(page, n) {
+                (Err(Errno::AGAIN), 0) => std::thread::yield_now(),
+                (r, _) => return r,
+            }
+        }
+    }
+
+    /// One `UFFDIO_CONTINUE` over `n` pages from `page` (checked by the
+    /// caller): maps their page-cache pages into the guest's mapping and
+    /// wakes their waiters. Its result and the whole pages it mapped.
+    fn continue_ioctl(&self, page: u64, n: u64) -> (Result<(), Errno>, u64) {
+        let mut arg = UffdioContinue {
+            range: UffdioRange {
+                start: self.page_addr(page),
+                len: n * self.page_size as u64,
+            },
+            mode: 0,
+            mapped: 0,
+        };
+        // SAFETY: `UFFDIO_CONTINUE` takes a `struct uffdio_continue`; the
+        // range is `n` pages inside the range registered in MINOR mode.
+        let r = unsafe {
+            ioctl(
+                &self.fd,
+                Updater::<UFFDIO_CONTINUE, UffdioContinue>::new(&mut arg),
+            )
+        };
+        let done = if arg.mapped > 0 {
+            arg.mapped as u64 / self.page_size as u64
+        } else {
+            0
+        };
+        (r, done)
     }
 
     /// One `UFFDIO_ZEROPAGE` over `n` pages from `page` (checked by the

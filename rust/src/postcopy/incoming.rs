@@ -12,8 +12,10 @@
 //!   one `REQUEST` each on the urgent channel; a page missing from a chunk
 //!   that is not owed is a hole of held memory (zeros on both sides), and
 //!   is placed here as a zero page without asking;
-//! * one reader thread per channel places each `CHUNK` page by page with
-//!   `UFFDIO_COPY` (atomic per page), then adds the chunk's digest term,
+//! * one reader thread per channel places each `CHUNK` (atomic per page:
+//!   `UFFDIO_COPY` page by page, or with the `continue` placement the chunk
+//!   written into the memfd's page cache and mapped with one
+//!   `UFFDIO_CONTINUE`), then adds the chunk's digest term,
 //!   hashed from the very bytes it placed, before any guest access to the
 //!   chunk can have changed them; a `ZERO` run of chunks goes in with one
 //!   `UFFDIO_ZEROPAGE` per run, its terms from the zero chunk's hash; a
@@ -163,12 +165,9 @@ impl Shared {
         if !self.claim(c)? {
             return Ok(());
         }
-        for i in 0..pages {
-            let page = &payload[i * self.page_size..(i + 1) * self.page_size];
-            if let Err(e) = self.region.place((first + i) as u64, page) {
-                self.placed.remove(c);
-                return Err(e);
-            }
+        if let Err(e) = self.region.place_run(first as u64, payload) {
+            self.placed.remove(c);
+            return Err(e);
         }
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.add_terms(chunk_term(c, payload), 1)

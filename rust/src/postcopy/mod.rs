@@ -3,9 +3,12 @@
 //! accessing thread until the page is placed.
 //!
 //! * [`capability`]: does this host offer userfaultfd MISSING mode on the
-//!   backings mig uses;
-//! * [`fault_region`]: a mapping registered in MISSING mode, stale pages
-//!   discarded, the raw `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` placements;
+//!   backings mig uses, and MINOR mode on shmem;
+//! * [`fault_region`]: a mapping registered in MISSING (and for `continue`,
+//!   MINOR) mode, stale pages discarded, the raw placements;
+//! * [`page_cache`]: `continue` writes arriving pages into the page cache;
+//! * [`placement`]: `copy` (`UFFDIO_COPY`) or `continue` (MINOR mode on
+//!   shmem, `UFFDIO_CONTINUE`), the `postcopy-placement` parameter;
 //! * [`placer`]: atomic, at-most-once placement with an observer hook;
 //! * [`fault_thread`]: reads faults, requests each missing page once;
 //! * [`blocktime`], [`latency`]: fault latency and `postcopy-blocktime`;
@@ -23,8 +26,10 @@ pub mod frames;
 pub mod incoming;
 pub mod latency;
 pub mod outgoing;
+pub mod page_cache;
 pub mod page_set;
 pub mod phase_state;
+pub mod placement;
 pub mod placer;
 pub mod region;
 mod uapi;

@@ -1,5 +1,7 @@
 //! Places pages into a fault region: each page atomically (`UFFDIO_COPY`
-//! fills a fresh page and maps it in one step, so no thread ever sees it
+//! fills a fresh page and maps it in one step; with the `continue`
+//! placement the page is written where the guest's mapping cannot see it
+//! and `UFFDIO_CONTINUE` maps it: either way no thread ever sees it
 //! half-written) and at most once.
 //!
 //! A page is claimed in an atomic set before it is copied, so two placers
@@ -21,6 +23,7 @@ use rustix::io::Errno;
 use super::blocktime::Blocktime;
 use super::fault_region::FaultRegion;
 use super::page_set::PageSet;
+use super::placement::PlacementMode;
 use crate::error::{CoreError, CoreResult};
 
 /// Sees every page as it is placed. `data` is `None` for a zero page.
@@ -81,10 +84,29 @@ impl Placer {
         self.place_with(page, None)
     }
 
-    /// Places zeros at the `n` pages from `first`: one `UFFDIO_ZEROPAGE` per
-    /// run of pages not placed yet, rather than one per page. Returns the
-    /// pages this call placed.
+    /// Places zeros at the `n` pages from `first`: one `UFFDIO_ZEROPAGE`
+    /// (or `UFFDIO_CONTINUE`) per run of pages not placed yet, rather than
+    /// one per page. Returns the pages this call placed.
     pub fn place_zero_range(&self, first: u64, n: u64) -> CoreResult<u64> {
+        self.place_range(first, n, None)
+    }
+
+    /// Places `data` (whole pages) from page `first`, each page atomically
+    /// and at most once: one `UFFDIO_CONTINUE` per run of pages not placed
+    /// yet with the `continue` placement, one `UFFDIO_COPY` per page with
+    /// `copy`. Returns the pages this call placed.
+    pub fn place_run(&self, first: u64, data: &[u8]) -> CoreResult<u64> {
+        let ps = self.region.page_size();
+        if data.is_empty() || !data.len().is_multiple_of(ps) {
+            return Err(CoreError::invalid(format!(
+                "page data is {} bytes, not whole pages of {ps}",
+                data.len()
+            )));
+        }
+        self.place_range(first, (data.len() / ps) as u64, Some(data))
+    }
+
+    fn place_range(&self, first: u64, n: u64, data: Option<&[u8]>) -> CoreResult<u64> {
         let total = self.region.num_pages() as u64;
         if first.checked_add(n).is_none_or(|end| end > total) {
             return Err(CoreError::invalid(format!(
@@ -100,7 +122,10 @@ impl Placer {
                 page += 1;
             }
             if page > start {
-                placed += self.zero_run(start, page - start)?;
+                let ps = self.region.page_size();
+                let bytes =
+                    data.map(|d| &d[(start - first) as usize * ps..(page - first) as usize * ps]);
+                placed += self.run(start, page - start, bytes)?;
             }
             if page < first + n {
                 self.already.fetch_add(1, Ordering::Relaxed); // claimed elsewhere
@@ -110,9 +135,13 @@ impl Placer {
         Ok(placed)
     }
 
-    /// Maps zeros at a run of pages this placer claimed.
-    fn zero_run(&self, start: u64, n: u64) -> CoreResult<u64> {
-        let present = match self.region.zero_range(start, n) {
+    /// Places a run of pages this placer claimed: `data`, or zeros.
+    fn run(&self, start: u64, n: u64, data: Option<&[u8]>) -> CoreResult<u64> {
+        let r = match data {
+            Some(d) => self.region.copy_run(start, d),
+            None => self.region.zero_range(start, n),
+        };
+        let present = match r {
             Ok(p) => p,
             Err(e) => {
                 for p in start..start + n {
@@ -122,18 +151,25 @@ impl Placer {
             }
         };
         let now = Instant::now();
+        let ps = self.region.page_size();
         let mut held = present.iter().peekable();
         for page in start..start + n {
             if held.next_if_eq(&&page).is_none() {
                 if let Some(o) = &self.observer {
-                    o.placed(page, None);
+                    let i = (page - start) as usize;
+                    o.placed(page, data.map(|d| &d[i * ps..(i + 1) * ps]));
                 }
             }
             self.present.insert(page as usize);
             self.blocktime.placed(page, now);
         }
         let placed = n - present.len() as u64;
-        self.zero_placed.fetch_add(placed, Ordering::Relaxed);
+        let counter = if data.is_some() {
+            &self.placed
+        } else {
+            &self.zero_placed
+        };
+        counter.fetch_add(placed, Ordering::Relaxed);
         self.already
             .fetch_add(present.len() as u64, Ordering::Relaxed);
         Ok(placed)
@@ -189,10 +225,10 @@ impl Placer {
             }
             Err(e) => {
                 self.claimed.remove(page as usize);
-                let what = if data.is_some() {
-                    "UFFDIO_COPY"
-                } else {
-                    "UFFDIO_ZEROPAGE"
+                let what = match (self.region.mode(), data.is_some()) {
+                    (PlacementMode::Continue, _) => "UFFDIO_CONTINUE",
+                    (PlacementMode::Copy, true) => "UFFDIO_COPY",
+                    (PlacementMode::Copy, false) => "UFFDIO_ZEROPAGE",
                 };
                 return Err(CoreError::io(format!("{what} page {page}"), e.into()));
             }

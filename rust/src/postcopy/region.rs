@@ -18,6 +18,7 @@ use super::blocktime::{Blocktime, BlocktimeStats};
 use super::fault_region::{Backing, FaultRegion};
 use super::fault_thread::{FaultThread, PageRequest};
 use super::page_set::PageSet;
+use super::placement::PlacementMode;
 use super::placer::{PlaceObserver, Placement, Placer, PlacerStats};
 use crate::error::{CoreError, CoreResult};
 
@@ -36,6 +37,8 @@ pub struct RegionStats {
     pub blocktime: BlocktimeStats,
     pub kernel_faults: bool,
     pub thread_ids: bool,
+    /// `postcopy-placement`: `copy` or `continue` ("" before registration).
+    pub placement: &'static str,
 }
 
 struct Active {
@@ -50,6 +53,7 @@ struct Active {
 
 pub struct PostcopyRegion {
     vcpus: usize,
+    mode: PlacementMode,
     observer: Option<Arc<dyn PlaceObserver>>,
     active: Mutex<Option<Arc<Active>>>,
     /// Figures kept after `close`.
@@ -58,10 +62,16 @@ pub struct PostcopyRegion {
 
 impl PostcopyRegion {
     /// `vcpus`: the number of guest threads, for `postcopy-blocktime`
-    /// (0 if unknown). `observer` sees each placed page.
-    pub fn new(vcpus: usize, observer: Option<Arc<dyn PlaceObserver>>) -> Self {
+    /// (0 if unknown). `observer` sees each placed page. `mode`: how pages
+    /// are placed (`continue` needs memfd/shmem memory).
+    pub fn new(
+        vcpus: usize,
+        observer: Option<Arc<dyn PlaceObserver>>,
+        mode: PlacementMode,
+    ) -> Self {
         PostcopyRegion {
             vcpus,
+            mode,
             observer,
             active: Mutex::new(None),
             last: Mutex::new(None),
@@ -76,7 +86,11 @@ impl PostcopyRegion {
             .ok_or_else(|| CoreError::invalid("the post-copy region is not registered"))
     }
 
-    /// Registers `memory` in MISSING mode, then discards the `(start_page, n)`
+    pub fn mode(&self) -> PlacementMode {
+        self.mode
+    }
+
+    /// Registers `memory` for the region's placement mode, then discards the `(start_page, n)`
     /// ranges (validated first; nothing is registered if one is bad).
     pub fn register(&self, memory: Arc<dyn Backing>, discard: &[(u64, u64)]) -> CoreResult<()> {
         let mut slot = self.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,7 +99,7 @@ impl PostcopyRegion {
                 "the post-copy region is already registered",
             ));
         }
-        let region = Arc::new(FaultRegion::register(memory)?);
+        let region = Arc::new(FaultRegion::register(memory, self.mode)?);
         let discarded = region.discard(discard)?;
         let n = region.num_pages();
         let present = Arc::new(PageSet::new(n));
@@ -127,6 +141,13 @@ impl PostcopyRegion {
         self.active()?.placer.place_zero(page)
     }
 
+    /// Places the whole pages of `data` from `first`, one `UFFDIO_CONTINUE`
+    /// per run of missing pages with the `continue` placement; returns the
+    /// pages placed.
+    pub fn place_run(&self, first: u64, data: &[u8]) -> CoreResult<u64> {
+        self.active()?.placer.place_run(first, data)
+    }
+
     /// Places zeros at the `n` pages from `first`, one ioctl per run of
     /// missing pages; returns the pages placed.
     pub fn place_zero_range(&self, first: u64, n: u64) -> CoreResult<u64> {
@@ -164,6 +185,7 @@ impl PostcopyRegion {
             blocktime: a.blocktime.stats(),
             kernel_faults: a.region.kernel_faults(),
             thread_ids: a.region.thread_ids(),
+            placement: a.region.mode().name(),
         }
     }
 
@@ -226,6 +248,22 @@ mod tests {
         c.cap.available
     }
 
+    /// (anonymous memory?, placement) for each case this host can run:
+    /// `copy` on both backings, `continue` on shmem where MINOR mode is.
+    fn cases() -> Vec<(bool, PlacementMode)> {
+        let mut out = vec![(false, PlacementMode::Copy), (true, PlacementMode::Copy)];
+        let c = capability::capability().expect("probe");
+        if c.minor.available {
+            out.push((false, PlacementMode::Continue));
+        } else {
+            eprintln!(
+                "skipping continue cases: host lacks {:?}: {}",
+                c.minor.missing, c.minor.reason
+            );
+        }
+        out
+    }
+
     fn page_of(fill: u8, ps: usize) -> Vec<u8> {
         (0..ps).map(|i| fill ^ (i as u8)).collect()
     }
@@ -244,9 +282,13 @@ mod tests {
         out
     }
 
-    fn blocked_reader_gets_exactly_the_placed_bytes(backing: Arc<dyn Backing>, base: usize) {
+    fn blocked_reader_gets_exactly_the_placed_bytes(
+        backing: Arc<dyn Backing>,
+        base: usize,
+        mode: PlacementMode,
+    ) {
         let ps = crate::memory::host_page_size();
-        let r = PostcopyRegion::new(1, None);
+        let r = PostcopyRegion::new(1, None, mode);
         r.register(backing, &[]).unwrap();
         let reader = std::thread::spawn(move || read_page(base, 3, ps));
         let reqs = r.next_requests(WAIT).unwrap();
@@ -279,23 +321,67 @@ mod tests {
     }
 
     #[test]
-    fn shmem_reader_blocks_until_placed() {
+    fn a_reader_blocks_until_placed() {
         if !available() {
             return;
         }
-        let mem = Arc::new(GuestMemory::new(16 * crate::memory::host_page_size()).unwrap());
-        let base = mem.as_ptr() as usize;
-        blocked_reader_gets_exactly_the_placed_bytes(mem, base);
+        for (anon, mode) in cases() {
+            let (mem, base) = memory_and_base(anon, 16 * crate::memory::host_page_size());
+            blocked_reader_gets_exactly_the_placed_bytes(mem, base, mode);
+        }
     }
 
     #[test]
-    fn anon_reader_blocks_until_placed() {
+    fn continue_is_refused_on_anonymous_memory() {
         if !available() {
             return;
         }
-        let mem = Arc::new(anon_memory(16 * crate::memory::host_page_size()));
-        let base = mem.as_ptr() as usize;
-        blocked_reader_gets_exactly_the_placed_bytes(mem, base);
+        let r = PostcopyRegion::new(0, None, PlacementMode::Continue);
+        let (mem, _) = memory_and_base(true, 4 * crate::memory::host_page_size());
+        let e = r.register(mem, &[]).unwrap_err().to_string();
+        assert!(e.contains("memfd/shmem") || e.contains("MINOR"), "{e}");
+        assert!(!r.is_registered());
+    }
+
+    #[test]
+    fn a_run_goes_in_whole_and_leaves_placed_pages_alone() {
+        if !available() {
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        for (anon, mode) in cases() {
+            let (backing, base) = memory_and_base(anon, 16 * ps);
+            for p in 0..16u64 {
+                // SAFETY: inside the 16-page mapping made above.
+                unsafe { std::ptr::write_bytes((base as *mut u8).add(p as usize * ps), 0xee, ps) };
+            }
+            let r = PostcopyRegion::new(1, None, mode);
+            r.register(backing, &[(0, 16)]).unwrap();
+            let reader = std::thread::spawn(move || read_page(base, 5, ps));
+            assert_eq!(r.next_requests(WAIT).unwrap()[0].page, 5, "{mode:?}");
+            r.place(6, &page_of(66, ps)).unwrap();
+            let run: Vec<u8> = (2..10u8).flat_map(|p| page_of(p, ps)).collect();
+            assert_eq!(r.place_run(2, &run).unwrap(), 7, "{mode:?}");
+            assert_eq!(reader.join().unwrap(), page_of(5, ps), "{mode:?}");
+            for p in 2..10u64 {
+                let want = if p == 6 {
+                    page_of(66, ps)
+                } else {
+                    page_of(p as u8, ps)
+                };
+                assert_eq!(read_page(base, p, ps), want, "page {p} {mode:?}");
+            }
+            assert!(
+                r.place_run(15, &run[..2 * ps]).is_err(),
+                "beyond the region"
+            );
+            assert!(r.place_run(0, &run[1..]).is_err(), "not whole pages");
+            let s = r.stats();
+            assert_eq!(s.placer.pages_placed, 8, "{mode:?}");
+            assert_eq!(s.placer.already_present, 1, "{mode:?}");
+            assert_eq!(s.placement, mode.name());
+            r.close().unwrap();
+        }
     }
 
     /// Records what the placer shows it, for the digest hook.
@@ -316,18 +402,20 @@ mod tests {
         if !available() {
             return;
         }
-        let ps = crate::memory::host_page_size();
-        let seen = Arc::new(Seen::default());
-        let r = PostcopyRegion::new(0, Some(seen.clone()));
-        let mem = Arc::new(GuestMemory::new(4 * ps).unwrap());
-        mem.write_bytes(3 * ps, &page_of(9, ps)).unwrap(); // held: EEXIST
-        r.register(mem, &[]).unwrap();
-        r.place(0, &page_of(1, ps)).unwrap();
-        r.place(0, &page_of(2, ps)).unwrap();
-        r.place_zero(1).unwrap();
-        r.place(3, &page_of(3, ps)).unwrap();
-        let got = seen.0.lock().unwrap().clone();
-        assert_eq!(got, vec![(0, Some(page_of(1, ps))), (1, None)]);
+        for (_, mode) in cases().into_iter().filter(|c| !c.0) {
+            let ps = crate::memory::host_page_size();
+            let seen = Arc::new(Seen::default());
+            let r = PostcopyRegion::new(0, Some(seen.clone()), mode);
+            let mem = Arc::new(GuestMemory::new(4 * ps).unwrap());
+            mem.write_bytes(3 * ps, &page_of(9, ps)).unwrap(); // held: EEXIST
+            r.register(mem, &[]).unwrap();
+            r.place(0, &page_of(1, ps)).unwrap();
+            r.place(0, &page_of(2, ps)).unwrap();
+            r.place_zero(1).unwrap();
+            r.place(3, &page_of(3, ps)).unwrap();
+            let got = seen.0.lock().unwrap().clone();
+            assert_eq!(got, vec![(0, Some(page_of(1, ps))), (1, None)]);
+        }
     }
 
     /// Anonymous or memfd memory of `size` bytes, and its address.
@@ -347,30 +435,38 @@ mod tests {
             return;
         }
         let ps = crate::memory::host_page_size();
-        for anon in [false, true] {
+        for (anon, mode) in cases() {
             let (backing, base) = memory_and_base(anon, 16 * ps);
             // Page 9 is held (never discarded): the kernel answers EEXIST.
             // SAFETY: inside the 16-page mapping made above.
             unsafe { std::ptr::write_bytes((base as *mut u8).add(9 * ps), 0xee, ps) };
             let seen = Arc::new(Seen::default());
-            let r = PostcopyRegion::new(1, Some(seen.clone()));
+            let r = PostcopyRegion::new(1, Some(seen.clone()), mode);
             r.register(backing, &[(0, 9), (10, 6)]).unwrap();
             let reader = std::thread::spawn(move || read_page(base, 6, ps));
             let reqs = r.next_requests(WAIT).unwrap();
-            assert_eq!(reqs[0].page, 6, "anon={anon}");
+            assert_eq!(reqs[0].page, 6, "anon={anon} {mode:?}");
             // Page 4 placed before: the range skips it.
             r.place(4, &page_of(4, ps)).unwrap();
-            assert_eq!(r.place_zero_range(2, 10).unwrap(), 8, "anon={anon}");
-            assert_eq!(reader.join().unwrap(), vec![0u8; ps], "anon={anon}");
+            assert_eq!(
+                r.place_zero_range(2, 10).unwrap(),
+                8,
+                "anon={anon} {mode:?}"
+            );
+            assert_eq!(
+                reader.join().unwrap(),
+                vec![0u8; ps],
+                "anon={anon} {mode:?}"
+            );
             assert_eq!(read_page(base, 4, ps), page_of(4, ps));
             assert_eq!(read_page(base, 9, ps), vec![0xee; ps]);
             assert_eq!(read_page(base, 11, ps), vec![0u8; ps]);
             assert!(r.place_zero_range(15, 2).is_err(), "beyond the region");
             assert!(r.place_zero_range(u64::MAX, 2).is_err(), "overflow");
             let s = r.stats();
-            assert_eq!(s.placer.zero_pages_placed, 8, "anon={anon}");
-            assert_eq!(s.placer.already_present, 2, "anon={anon}");
-            assert_eq!(s.blocktime.resolved, 1, "anon={anon}");
+            assert_eq!(s.placer.zero_pages_placed, 8, "anon={anon} {mode:?}");
+            assert_eq!(s.placer.already_present, 2, "anon={anon} {mode:?}");
+            assert_eq!(s.blocktime.resolved, 1, "anon={anon} {mode:?}");
             let zero_pages: Vec<u64> = seen
                 .0
                 .lock()
@@ -379,7 +475,11 @@ mod tests {
                 .filter(|(_, d)| d.is_none())
                 .map(|(p, _)| *p)
                 .collect();
-            assert_eq!(zero_pages, vec![2, 3, 5, 6, 7, 8, 10, 11], "anon={anon}");
+            assert_eq!(
+                zero_pages,
+                vec![2, 3, 5, 6, 7, 8, 10, 11],
+                "anon={anon} {mode:?}"
+            );
             // Pages still missing after it are still caught.
             let reader = std::thread::spawn(move || read_page(base, 12, ps));
             assert_eq!(r.next_requests(WAIT).unwrap()[0].page, 12);
@@ -395,13 +495,13 @@ mod tests {
             return;
         }
         let ps = crate::memory::host_page_size();
-        for anon in [false, true] {
+        for (anon, mode) in cases() {
             let (backing, base) = memory_and_base(anon, 8 * ps);
             for p in 0..8u64 {
                 // SAFETY: inside the 8-page mapping made above.
                 unsafe { std::ptr::write_bytes((base as *mut u8).add(p as usize * ps), 0xee, ps) };
             }
-            let r = PostcopyRegion::new(0, None);
+            let r = PostcopyRegion::new(0, None, mode);
             assert!(
                 r.register(backing.clone(), &[(7, 2)]).is_err(),
                 "out of range"
@@ -412,10 +512,18 @@ mod tests {
             assert_eq!(read_page(base, 0, ps), vec![0xee; ps]);
             let reader = std::thread::spawn(move || read_page(base, 2, ps));
             let reqs = r.next_requests(WAIT).unwrap();
-            assert_eq!(reqs[0].page, 2, "anon={anon}");
+            assert_eq!(reqs[0].page, 2, "anon={anon} {mode:?}");
             let fresh = page_of(1, ps);
             r.place(2, &fresh).unwrap();
-            assert_eq!(reader.join().unwrap(), fresh, "anon={anon}");
+            assert_eq!(reader.join().unwrap(), fresh, "anon={anon} {mode:?}");
+            // Zeros over a stale page (its old bytes still cached with
+            // `continue`) read as zeros.
+            assert_eq!(r.place_zero_range(6, 1).unwrap(), 1, "anon={anon} {mode:?}");
+            assert_eq!(
+                read_page(base, 6, ps),
+                vec![0u8; ps],
+                "anon={anon} {mode:?}"
+            );
             // A page held (never discarded) is left as it is.
             assert_eq!(r.place(0, &fresh).unwrap(), Placement::AlreadyPresent);
             assert_eq!(read_page(base, 0, ps), vec![0xee; ps]);

@@ -1,5 +1,5 @@
-//! The MISSING-mode part of `linux/userfaultfd.h`, plus opening a
-//! userfaultfd with or without kernel-fault delivery.
+//! The MISSING- and MINOR-mode parts of `linux/userfaultfd.h`, plus opening
+//! a userfaultfd with or without kernel-fault delivery.
 //!
 //! Why hand-written: the `userfaultfd` crate's `-sys` crate generates its
 //! bindings with bindgen at build time, which needs libclang; the build hosts
@@ -17,15 +17,21 @@ pub(crate) use crate::tracker::{
 };
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// Faults on pages present in the page cache but not mapped (Linux 5.13
+/// for shmem); resolved with `UFFDIO_CONTINUE`.
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
 
 /// `UFFDIO_API` feature: MISSING registration of shmem (memfd) mappings.
 pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFDIO_API` feature: MINOR registration of shmem (memfd) mappings.
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFDIO_API` feature: fault messages carry the faulting thread's id.
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 
 /// Bits of `uffdio_register.ioctls`: which range ioctls the kernel allows.
 pub const IOCTL_COPY_BIT: u64 = 1 << 0x03;
 pub const IOCTL_ZEROPAGE_BIT: u64 = 1 << 0x04;
+pub const IOCTL_CONTINUE_BIT: u64 = 1 << 0x07;
 
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
@@ -49,9 +55,19 @@ pub struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+pub struct UffdioContinue {
+    pub range: UffdioRange,
+    pub mode: u64,
+    /// Bytes mapped, or a negated errno.
+    pub mapped: i64,
+}
+
 pub const UFFDIO_UNREGISTER: Opcode = opcode::read::<UffdioRange>(0xAA, 0x01);
 pub const UFFDIO_COPY: Opcode = opcode::read_write::<UffdioCopy>(0xAA, 0x03);
 pub const UFFDIO_ZEROPAGE: Opcode = opcode::read_write::<UffdioZeropage>(0xAA, 0x04);
+pub const UFFDIO_CONTINUE: Opcode = opcode::read_write::<UffdioContinue>(0xAA, 0x07);
 
 /// `struct uffd_msg` is 32 bytes: event (u8), 7 reserved bytes, then for a
 /// page fault: flags (u64), address (u64), ptid (u32).
@@ -93,12 +109,12 @@ pub fn open(kernel_faults: bool) -> Result<OwnedFd, Errno> {
     unsafe { userfaultfd(flags) }
 }
 
-/// Registers `[start, start + len)` in MISSING mode; returns the ioctls the
-/// kernel allows on it (`IOCTL_*_BIT`).
-pub fn register_missing(fd: &OwnedFd, start: u64, len: u64) -> Result<u64, Errno> {
+/// Registers `[start, start + len)` in the `UFFDIO_REGISTER_MODE_*` bits of
+/// `mode`; returns the ioctls the kernel allows on it (`IOCTL_*_BIT`).
+pub fn register(fd: &OwnedFd, start: u64, len: u64, mode: u64) -> Result<u64, Errno> {
     let mut reg = UffdioRegister {
         range: UffdioRange { start, len },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
+        mode,
         ioctls: 0,
     };
     // SAFETY: `UFFDIO_REGISTER` takes a `struct uffdio_register`; the caller
@@ -133,6 +149,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
         assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
         assert_eq!(std::mem::size_of::<UffdioRange>(), 16);
+        assert_eq!(std::mem::size_of::<UffdioContinue>(), 32);
+        // _IOWR(0xAA, 0x07, struct uffdio_continue), as linux/userfaultfd.h.
+        assert_eq!(UFFDIO_CONTINUE, 0xC020_AA07);
     }
 
     #[test]
