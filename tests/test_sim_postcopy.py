@@ -196,12 +196,20 @@ DEMO = [
 ]  # fmt: skip
 # The bounds, on a host shared with other work: the total within 35 % of
 # the real one; both downtimes within the limit and within 200 ms of each
-# other; the number of demand requests within 25 %.
+# other; the demand requests per owed chunk of data within 25 %.
 TOTAL_BOUND, DOWNTIME_LIMIT_MS, DOWNTIME_GAP_MS, REQUESTS_BOUND = 0.35, 300.0, 200.0, 0.25
 REAL_RUNS = 2
 # A whole pass sends the 64 MiB the workload writes; a pass record cut
 # short by an early sync (a few MiB) or the switchover's end records is not one.
 WHOLE_PASS = 32 * MIB
+
+
+def requests_per_data_chunk(q: dict) -> float:
+    """Demand requests per owed chunk of data: a real run's switch may come
+    after a pass cut short (a few MiB), which the simulated run cannot be
+    told, and that many fewer chunks are owed."""
+    pc = q["postcopy"]
+    return q["postcopy-requests"] / (pc["owed-chunks"] - pc["zero-chunks"])
 
 
 def demo(*extra: str) -> dict:
@@ -235,5 +243,9 @@ def test_the_simulated_postcopy_demo_predicts_the_real_one() -> None:
     assert error <= TOTAL_BOUND, (sim["total-time"], real["total-time"])
     assert sim["downtime"] <= DOWNTIME_LIMIT_MS and real["downtime"] <= DOWNTIME_LIMIT_MS
     assert abs(sim["downtime"] - real["downtime"]) <= DOWNTIME_GAP_MS
-    r, s = real["postcopy-requests"], sim["postcopy-requests"]
-    assert abs(s - r) <= REQUESTS_BOUND * r, (s, r)
+    # The push followed one vCPU's walk (the default order, "stream") in
+    # every run, whichever vCPU faulted first: the other got pages alone.
+    for q in (*runs, sim):
+        assert q["postcopy"]["requested-pages"] > 0, q["postcopy"]
+    r, s = requests_per_data_chunk(real), requests_per_data_chunk(sim)
+    assert abs(s - r) <= REQUESTS_BOUND * r, (s, r, sim["postcopy"], real["postcopy"])

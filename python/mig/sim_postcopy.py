@@ -26,11 +26,11 @@ thread do, in virtual time:
 * Push order (``postcopy_push_order``). ``faults``: a request's chunk goes
   whole (unless already sent), then up to ``READ_AHEAD`` following owed
   chunks while both pacers have room, and the push cursor moves past them.
-  ``stream``: as ``faults`` while the request is near the cursor
-  (``STREAM_REACH`` chunks) or the push follows no live stream (no request
-  near the cursor for ``STREAM_LIVE``); otherwise the requested page goes
-  alone (``PAGE``), the cursor stays, and its chunk stays owed, sent whole
-  later (a chunk of zeros goes whole at once).
+  ``stream``: as ``faults`` while the request is near the cursor or the
+  push follows no live stream; otherwise the requested page goes alone
+  (``PAGE``), the cursor stays, and its chunk stays owed, sent whole later
+  (a chunk of zeros goes whole at once). Which stream the push follows is
+  ``sim_fault_streams.FaultStreams``, the engine's rule.
 * Background push: walks the owed chunks from the cursor, one at a time,
   paced by the link's pacer and by ``max_postcopy_bandwidth`` (0: none);
   chunks of zeros (never written) go as one ``ZERO`` run, a header's bytes.
@@ -58,6 +58,7 @@ import numpy as np
 
 from mig.cli_postcopy import guest_writes
 from mig.errors import MigrationEnded
+from mig.sim_fault_streams import READ_AHEAD, Answer, FaultStreams
 
 if TYPE_CHECKING:
     from mig.sim import SimLink
@@ -67,9 +68,6 @@ __all__ = ["CHUNK_PAGES", "READ_AHEAD", "PostcopyCosts", "SimPostcopy", "all_blo
 PAGE_SIZE = 4096
 CHUNK_PAGES = 16  # chunk_digest::CHUNK_BYTES / 4 KiB
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
-READ_AHEAD = 3  # outgoing.rs READ_AHEAD
-STREAM_REACH = READ_AHEAD + 2  # outgoing.rs: chunks either side of the cursor
-STREAM_LIVE = 10e-3  # outgoing.rs: how long after a hit near the cursor a stream lives
 SLACK = 5e-3  # outgoing.rs: the link time a late turn may still use
 PUSH, REQUEST = -1, -2  # queue events that are not a vCPU's
 FRAME_HEADER = 24  # frames.rs HEADER_LEN: tag, argument, length, CRC
@@ -284,10 +282,10 @@ class _Phase:
         # blocked on a page whose answer is not sent yet, by page.
         self.requested: set[int] = set()
         self.waiting: dict[int, list[int]] = {}
-        # The source's request thread: busy until, and its live stream's
-        # last hit near the cursor (outgoing.rs ``stream_hit``).
+        # The source's request thread: busy until, and the stream the push
+        # follows (outgoing.rs ``FaultStreams``).
         self.requests_free = go
-        self.stream_hit: float | None = None
+        self.streams = FaultStreams()
         self.request_times: list[float] = []  # pending request events
         spec = guest.spec
         wss = (spec.wss or guest.memory.size) // PAGE_SIZE
@@ -410,9 +408,7 @@ class _Phase:
         pc = self.pc
         pc.stats_["postcopy-requests"] += 1
         c = page // CHUNK_PAGES
-        near = c + STREAM_REACH >= self.cursor and c <= self.cursor + STREAM_REACH
-        live = self.stream_hit is not None and t - self.stream_hit < STREAM_LIVE
-        if pc.one_stream and not near and live:
+        if pc.one_stream and self.streams.answer(c, self.cursor, t) is Answer.PAGE_ALONE:
             # Its page alone on the link's next turn; the cursor stays.
             turn = pc.link_pacer.turn(t)
             sent = bool(self.owed[c])
@@ -423,13 +419,14 @@ class _Phase:
                 self._send_page(turn, page)
             self.requests_free = max(turn, self.wire_free) if sent else turn
             return
-        self.stream_hit = t if near else None
         now = t
         if self.owed[c]:  # on the link's next turn, the push standing back
             self._send(pc.link_pacer.turn(t), [c], self._wire_bytes(c), pc.costs.fault_service)
             pc.stats_["requested-chunks"] += 1
             now = self.wire_free
         self.cursor = self._read_ahead(now, c)
+        if pc.one_stream:
+            self.streams.took_cursor(c, self.cursor, t)
         self.requests_free = now
 
     def _read_ahead(self, t: float, c: int) -> int:

@@ -15,12 +15,14 @@
 //! * [`region`]: all of the above behind one handle (`PostcopyRegion`);
 //! * [`frames`]: the frames of the two post-copy page channels;
 //! * [`outgoing`]: the source serving requests first, pushing the rest;
+//! * [`fault_streams`]: which fault stream the source's push follows;
 //! * [`incoming`]: the destination forwarding requests, placing chunks and
 //!   keeping the digest of what it placed.
 
 pub mod blocktime;
 pub mod capability;
 pub mod fault_region;
+pub mod fault_streams;
 pub mod fault_thread;
 pub mod frames;
 pub mod incoming;

@@ -14,17 +14,17 @@
 //! scan position the same way). The push thread walks the
 //! chunks still owed from that cursor, paced to `max_bandwidth`.
 //!
-//! One locality at a time (`one_stream`, off by default): while the push follows a live fault stream (a
-//! request that found the cursor near within `STREAM_LIVE`: a request that
-//! moves the cursor elsewhere does not make a stream), a request elsewhere is
-//! answered with its page alone (`PAGE`, QEMU's unit) and leaves the cursor
-//! where it is; the chunk stays owed and goes whole later. Two vCPUs each
-//! walking their own memory would otherwise pull the push to and fro, both
-//! crawling at half the link until the end; this way the one the push
-//! follows has all its memory after its share of the bytes and runs
-//! freely from then on, while the other still gets each page it waits for
-//! within a round trip, at a small part of the link. A chunk
-//! leaves the owed set exactly once, claimed by whichever thread takes it.
+//! One locality at a time (`one_stream`, off by default; `fault_streams`
+//! decides which stream the push follows): while the push follows a live
+//! fault stream, a request elsewhere is answered with its page alone
+//! (`PAGE`, QEMU's unit) and leaves the cursor where it is; the chunk stays
+//! owed and goes whole later. Two vCPUs each walking their own memory would
+//! otherwise pull the push to and fro, both crawling at half the link until
+//! the end; this way the one the push follows has all its memory after its
+//! share of the bytes and runs freely from then on, while the other still
+//! gets each page it waits for within a round trip, at a small part of the
+//! link. A chunk leaves the owed set exactly once, claimed by whichever
+//! thread takes it.
 //! Every byte on either channel is charged to one pacer at `max_bandwidth`:
 //! the cap models the link's capacity, and a link carries no more however
 //! its bytes are split between channels. Requests go first: a requested
@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::fault_streams::{Answer, FaultStreams};
 use super::frames::{self, ReadOutcome, Tag, PUSH, URGENT};
 use super::page_set::PageSet;
 use super::phase_state::PhaseState;
@@ -61,14 +62,7 @@ const SLACK: Duration = Duration::from_millis(5);
 const YIELD: Duration = Duration::from_micros(100);
 
 /// Owed chunks sent after a requested one on the urgent channel.
-const READ_AHEAD: usize = 3;
-
-/// Chunks either side of the push cursor that count as its stream.
-const STREAM_REACH: usize = READ_AHEAD + 2;
-
-/// How long after its last request near the cursor the push's stream is
-/// still live, so that a request elsewhere gets its page alone.
-const STREAM_LIVE: Duration = Duration::from_millis(10);
+pub const READ_AHEAD: usize = 3;
 
 /// Most chunks of zeros in one `ZERO` frame (64 MiB of 64 KiB chunks): the
 /// run is claimed before it is sent, so a request meanwhile finds it gone
@@ -335,9 +329,7 @@ impl Shared {
     /// every chunk placed, the channel breaks or `stop`.
     fn serve_requests(&self, mut conn: Conn) -> CoreResult<()> {
         let mut buf = Vec::new();
-        // The last request that found the cursor near: the push's stream is
-        // live until `STREAM_LIVE` after it.
-        let mut stream_hit: Option<Instant> = None;
+        let mut streams = FaultStreams::new();
         while !self.stop.load(Ordering::SeqCst) {
             if !conn
                 .wait_readable(POLL)
@@ -360,17 +352,12 @@ impl Shared {
                         )));
                     }
                     let cursor = self.cursor.load(Ordering::Relaxed);
-                    let near = c + STREAM_REACH >= cursor && c <= cursor + STREAM_REACH;
-                    let live = stream_hit.is_some_and(|t| t.elapsed() < STREAM_LIVE);
-                    if self.one_stream && !near && live {
+                    let now = Instant::now();
+                    if self.one_stream && streams.answer(c, cursor, now) == Answer::PageAlone {
                         let page = f.arg as usize;
                         self.on_urgent_turn(|| self.send_page(&mut conn, page, c, &mut buf))?;
                         continue;
                     }
-                    // A request near the cursor shows a stream the push
-                    // follows; one that takes the cursor elsewhere does not
-                    // yet (scattered faults each take it, as before).
-                    stream_hit = near.then(Instant::now);
                     // The link's next turn is this request's: the push
                     // stands back until it is sent.
                     if self.remaining.contains(c) {
@@ -387,6 +374,9 @@ impl Shared {
                     }
                     let next = self.read_ahead(&mut conn, c, &mut buf)?;
                     self.cursor.store(next, Ordering::Relaxed);
+                    if self.one_stream {
+                        streams.took_cursor(c, next, now);
+                    }
                 }
                 Tag::Placed => {
                     self.set_state(OutgoingState::Placed);
