@@ -39,6 +39,27 @@ PEER = "destination 127.0.0.1:4444"
             f"{PEER} closed the connection during pass 3 (control channel closed)",
         ),
         (
+            # A reset while a control frame is read is the peer closing, not
+            # a corrupt frame.
+            OSError(
+                errno.ECONNRESET,
+                "control channel, frame 9: Connection reset by peer (os error 104)",
+            ),
+            f"{PEER} closed the connection during pass 3 (connection reset on the control channel)",
+        ),
+        (
+            OSError(
+                errno.EBADMSG,
+                "control channel, frame 9: truncated stream: peer closed after 3 of 8 bytes",
+            ),
+            f"{PEER} closed the connection during pass 3 (control channel closed)",
+        ),
+        (
+            OSError(errno.EBADMSG, "control channel, frame 9: CRC mismatch"),
+            f"{PEER} sent a corrupt control frame during pass 3 "
+            "(control channel, frame 9: CRC mismatch)",
+        ),
+        (
             OSError(
                 errno.ETIMEDOUT, "channel 0, packet 4: send packet: stalled peer (I/O timeout)"
             ),
@@ -102,7 +123,7 @@ def test_killing_the_destination_mid_precopy_names_it_and_the_pass() -> None:
         rf"destination 127\.0\.0\.1:{port} closed the connection during pass \d+ "
         r"\((connection reset|broken pipe) on data channel \d\)|"
         rf"destination 127\.0\.0\.1:{port} closed the connection during pass \d+ "
-        r"\(control channel closed\)",
+        r"\((control channel closed|connection reset on the control channel)\)",
         reason,
     ), reason
     assert "os error" not in reason and "Errno" not in reason

@@ -64,7 +64,7 @@ def _what_happened(error: BaseException) -> tuple[str, str] | None:
         return "failed the TLS handshake", text
     where = _channel(text)
     code = error.errno or 0
-    if code == errno.EBADMSG and "closed by peer" in text:
+    if code == errno.EBADMSG and ("closed by peer" in text or "peer closed" in text):
         return "closed the connection", "control channel closed"
     if code == errno.EBADMSG:
         return "sent a corrupt control frame", text

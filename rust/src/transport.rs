@@ -751,6 +751,21 @@ fn control_error(frame: u64, msg: impl std::fmt::Display) -> CoreError {
     )
 }
 
+/// A read of a control frame that failed: the transport's own error keeps
+/// its errno (a peer that reset the connection closed it, it did not send
+/// a corrupt frame), a stalled peer is a timeout, and a frame cut short is
+/// a malformed frame.
+fn control_read_error(frame: u64, e: ReadFailure) -> CoreError {
+    match e {
+        ReadFailure::Io(e) => CoreError::io(format!("control channel, frame {frame}"), e),
+        ReadFailure::Stalled => CoreError::io(
+            format!("control channel, frame {frame}: {e}"),
+            io::Error::from_raw_os_error(libc::ETIMEDOUT),
+        ),
+        e @ ReadFailure::Truncated { .. } => control_error(frame, e),
+    }
+}
+
 impl ControlLink {
     pub fn new(conn: Conn) -> CoreResult<Self> {
         let writer = conn
@@ -785,12 +800,12 @@ impl ControlLink {
             Err(ReadFailure::Truncated { got: 0, .. }) => {
                 return Err(control_error(*frames, "closed by peer"))
             }
-            Err(e) => return Err(control_error(*frames, e)),
+            Err(e) => return Err(control_read_error(*frames, e)),
         }
         let (len, crc) =
             crate::wire::control_frame_header(&head).map_err(|m| control_error(*frames, m))?;
         let mut payload = vec![0u8; len];
-        read_full(conn, &mut payload).map_err(|e| control_error(*frames, e))?;
+        read_full(conn, &mut payload).map_err(|e| control_read_error(*frames, e))?;
         if crc32c::crc32c(&payload) != crc {
             return Err(control_error(*frames, "CRC mismatch"));
         }
