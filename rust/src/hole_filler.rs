@@ -12,9 +12,10 @@
 //! tracker, and the sender still finds it zero.
 //!
 //! The mapping costs a page fault per hole, which is worth paying only off
-//! the migration's critical path: the thread runs under `SCHED_IDLE`, so it
-//! takes no time from the guest, the channels or the peer; a guest that
-//! switches over before it is done only walks slower. Page tables that hold
+//! the migration's critical path: the tracker starts the thread once the
+//! first pass (which reads every page) is over, and it runs under
+//! `SCHED_IDLE`, so it takes no time from the guest, the channels or the
+//! peer; a guest that switches over before it is done only walks slower. Page tables that hold
 //! no data stay unmapped: their entries are alike already.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -394,15 +394,24 @@ impl Backend {
     }
 }
 
+/// The `sync()` that starts the hole filler: a migration's first syncs
+/// it at setup, its second at the end of the first pass. That pass reads
+/// every page, so the filler's page faults and `mmap_lock` would only
+/// compete with it; after it the channels idle between short passes.
+const FILL_AT_SYNC: u32 = 2;
+
 /// The kernel side of the uffd backend.
 struct Uffd {
     /// Keeps the registration alive; closing it unregisters the range.
     _fd: OwnedFd,
     pagemap: File,
     bufs: ScanBuffers,
-    /// Makes the walk cheaper in the background; stopped by the final sync
-    /// or with the tracker.
+    /// Makes the walk cheaper in the background: started by the sync that
+    /// ends the first pass (`FILL_AT_SYNC`), stopped by the final sync or
+    /// with the tracker.
     holes: Option<HoleFiller>,
+    /// `sync()` calls so far.
+    syncs: u32,
 }
 
 /// Page-granular set of explicit marks, safe to update from many threads.
@@ -501,6 +510,7 @@ impl DirtyTracker {
             pagemap,
             bufs: ScanBuffers::new(),
             holes: None,
+            syncs: 0,
         };
         // Write-protect everything now: the first sync() then reports exactly
         // the pages written since creation, not the history before it.
@@ -514,7 +524,6 @@ impl DirtyTracker {
             parts,
             Protect::Again,
         )?;
-        uffd.holes = HoleFiller::start(mem.clone());
         Ok(uffd)
     }
 
@@ -618,6 +627,12 @@ impl DirtyTracker {
                 let (base, end) = Self::range(&self.mem);
                 let ps = self.mem.page_size() as u64;
                 let found = written_regions(&u.pagemap, &mut u.bufs, base, end, parts, protect)?;
+                if protect == Protect::Again {
+                    u.syncs += 1;
+                    if u.syncs == FILL_AT_SYNC {
+                        u.holes = HoleFiller::start(self.mem.clone());
+                    }
+                }
                 for (s, e) in found {
                     if s < base || e > end || s >= e {
                         return Err(CoreError::invalid(format!(
@@ -778,6 +793,31 @@ mod tests {
 
     /// A walk shared by threads claiming pieces reports what one walk does,
     /// across the piece boundaries, for both kinds of walk.
+    #[test]
+    fn the_hole_filler_starts_at_the_sync_that_ends_the_first_pass() {
+        if !uffd_ok() {
+            eprintln!("skipping: userfaultfd write-protect tracking is unavailable");
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        let mem =
+            Arc::new(GuestMemory::with_backing(1024 * ps, crate::backing::Backing::Anon).unwrap());
+        mem.write_bytes(ps, &[1]).unwrap();
+        let t = DirtyTracker::new(mem.clone(), Backend::Uffd).unwrap();
+        t.sync().unwrap(); // a migration's setup: the first pass is to come
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(mem.anon_holes(2, 1).unwrap(), vec![true]);
+        t.sync().unwrap(); // the first pass is over
+        let t0 = Instant::now();
+        while mem.anon_holes(2, 1).unwrap() == vec![true] && t0.elapsed().as_secs() < 20 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(mem.anon_holes(2, 1).unwrap(), vec![false]);
+        // A zero-page entry is not a write: the next sync reports nothing.
+        assert_eq!(t.sync().unwrap().count(), 0);
+        t.close();
+    }
+
     #[test]
     fn uffd_walk_in_parts_matches_one_walk() {
         if !uffd_ok() {
