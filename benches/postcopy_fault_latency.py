@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from first_touch import time_first_touches
 
 import mig
 
@@ -53,29 +54,8 @@ def subject_round(n: int, seed: int) -> tuple[list[float], dict[str, Any]]:
     dst = mig.GuestMemory(n * 4096)
     region = mig.PostcopyRegion(vcpus=1)
     region.register(dst)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            for p in region.next_requests(0.05):
-                region.place(p, pages[p])
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    base = dst.array.ctypes.data
-    buf = ctypes.create_string_buffer(8)
     order = np.random.default_rng(seed + 1).permutation(n)
-    times: list[float] = []
-    for p in order:
-        a = base + int(p) * 4096
-        t0 = time.perf_counter_ns()
-        ctypes.memmove(buf, a, 8)
-        times.append((time.perf_counter_ns() - t0) / 1e3)
-        assert buf.raw == pages[p][:8]
-    stop.set()
-    server.join()
-    stats = dict(region.stats())
-    region.close()
+    times, stats = time_first_touches(region, dst.array.ctypes.data, pages, order)
     assert stats["faults-resolved"] == n
     return times, stats
 

@@ -42,13 +42,11 @@ the end of the run. On a loaded host the figures are indicative only.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ from typing import Any
 import numpy as np
 
 # Run as a script, this directory is on sys.path.
+from first_touch import time_first_touches
 from transfer_user_path import commit
 
 import mig
@@ -109,27 +108,8 @@ def latency_round(placement: str, pages: int, seed: int) -> tuple[list[float], d
     data = [fresh[p * PAGE : (p + 1) * PAGE].tobytes() for p in range(pages)]
     region = mig.PostcopyRegion(vcpus=1, placement=placement)
     region.register(mem, [(0, pages)])
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            for p in region.next_requests(0.05):
-                region.place(p, data[p])
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    base = mem.array.ctypes.data
-    buf = ctypes.create_string_buffer(8)
-    times: list[float] = []
-    for p in np.random.default_rng(seed + 1).permutation(pages):
-        t0 = time.perf_counter_ns()
-        ctypes.memmove(buf, base + int(p) * PAGE, 8)
-        times.append((time.perf_counter_ns() - t0) / 1e3)
-        assert buf.raw == data[p][:8], f"{placement}: page {p} differs"
-    stop.set()
-    server.join()
-    stats = dict(region.stats())
-    region.close()
+    order = np.random.default_rng(seed + 1).permutation(pages)
+    times, stats = time_first_touches(region, mem.array.ctypes.data, data, order)
     assert stats["faults-resolved"] == pages, stats
     assert np.array_equal(mem.array, fresh), f"{placement}: placed bytes differ"
     return times, stats
