@@ -30,8 +30,9 @@ Models:
 * Network: ``channels`` parallel channels, each limited to
   ``channel_bandwidth`` and to ``window / rtt`` (a TCP window per round
   trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total through
-  the sender's token bucket (an idle link piles up to ``BUCKET_BURST`` of
-  tokens, and the bytes they cover leave at once). Wire
+  the sender's token bucket (``mig.sim_bucket``: a sender that went slower
+  than the cap, idle or busy, piles up to ``BUCKET_BURST`` of tokens, and
+  the bytes they cover leave at the link's own pace). Wire
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
@@ -99,6 +100,7 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
+from mig.sim_bucket import BURST_SECONDS, SimBucket
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
 from mig.sim_devices import (
     decode_seconds,
@@ -778,9 +780,8 @@ class LinkModel:
         return total
 
 
-# Seconds of the cap the sender's token bucket holds at most
-# (rust/src/sender.rs, ``RateLimiter::take``).
-BUCKET_BURST = 0.05
+# Seconds of the cap the sender's token bucket holds at most (``mig.sim_bucket``).
+BUCKET_BURST = BURST_SECONDS
 
 
 # ------------------------------------------------------------------ memory
@@ -1061,8 +1062,9 @@ class SimLink:
         self._jitter_rng = np.random.default_rng(seed)
         self._jitter_window = -1
         self._jitter_factor = 1.0
-        self._tokens = 0.0  # bytes the capped sender may send at once
-        self._bucket_at = clock.now()
+        # The capped sender's tokens; the engine's burst is never below a packet.
+        packet = RECORD_HEADER + model.packet_pages * (OFFSET_BYTES + PAGE_SIZE)
+        self._bucket = SimBucket(0.0, clock.now(), packet)
         self._after_zero = False  # the sender's last packet was all zero pages
         # What the channels hold that the destination has not taken in yet.
         self._backlog = ChannelBacklog(
@@ -1086,22 +1088,17 @@ class SimLink:
         and ``scan`` seconds of the RAM stream's classifying its pages (zero
         or data), which on a capped link overlaps the channels' wait for
         tokens: the stream's thread scans the next packets meanwhile."""
-        paced = wire
         if self.cap:
-            # The sender's token bucket: while the link idles (a pause, a
-            # settle, a sync) tokens pile up to BUCKET_BURST seconds of the
-            # cap, and bytes covered by them leave at once.
-            now = self.clock.now()
-            idle = max(0.0, now - self._bucket_at)
-            self._tokens = min(self.cap * BUCKET_BURST, self._tokens + idle * self.cap)
-            free = min(self._tokens, float(wire))
-            self._tokens -= free
-            paced = wire - free
-        # Bytes the bucket covers still cross the link, at its uncapped pace.
-        wait = paced / self._rate() if self.cap else 0.0
-        # Scanned while waiting for tokens, on a capped link.
-        extra = max(0.0, scan - wait) if self.cap else scan
-        dt = paced / self._rate() + (wire - paced) / self._raw + cpu + extra
+            # The sender's token bucket (``mig.sim_bucket``): the link's own
+            # pace and the scan (done while the channels wait for tokens),
+            # or the tokens, whichever is slower; tokens accrue meanwhile.
+            # The link's variation stretches both.
+            slowdown = self._bw / self._rate()
+            unpaced = wire / self._raw * slowdown + scan
+            send = self._bucket.send(wire, self.clock.now() + cpu, unpaced, slowdown)
+            dt = cpu + send
+        else:
+            dt = wire / self._rate() + cpu + scan
         self._backlog.advance(self.clock.now())  # the destination took in meanwhile
         self.clock.advance(dt)
         # Sockets full: the sender waits until the receiver made room.
@@ -1109,7 +1106,6 @@ class SimLink:
         self.clock.advance(room)
         dt += room
         self._busy += dt
-        self._bucket_at = self.clock.now()
 
     def _reply(self, delay: float, message: Message) -> None:
         # Every control round trip costs this host's message handling too
@@ -1330,8 +1326,7 @@ class SimLink:
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
         self.cap = float(bytes_per_s)
-        # A new rate starts an empty bucket, as the sender's does.
-        self._tokens, self._bucket_at = 0.0, self.clock.now()
+        self._bucket.set_rate(self.cap, self.clock.now())
         self._bw = self.model.throughput(self.channels, self.cap)
 
     def transferred(self) -> int:
