@@ -43,6 +43,39 @@ def test_the_stream_start_is_paid_once_by_the_first_pages() -> None:
     assert _pass_lengths(started)[1:] == pytest.approx(_pass_lengths(plain)[1:])
 
 
+def test_the_stream_start_is_not_send_time_for_the_bandwidth_meter() -> None:
+    # The engine's first send starts right after the first decision and
+    # takes its bytes' time only (4 MiB of data pages in about 1.5 ms on the
+    # loopback). Counted as send time, a 20 ms start made the meter read a
+    # sixth of the link's rate after a 4 MiB slice, and a policy whose
+    # threshold that made too small kept sending where the engine switched
+    # over. Paid before the send, it would give a capped first send 20 ms
+    # of tokens the engine's does not have.
+    import mig
+    from mig.clock import VirtualClock
+    from mig.sim import SimGuest, SimLink, SimMemory, SimTracker
+
+    def first_send(cap: int) -> tuple[float, float, int, SimLink]:
+        clock, host = VirtualClock(), HostModel(hole_query=0.0)
+        memory = SimMemory(16 << 20, 1, clock, host)
+        guest = SimGuest(memory, clock, host)
+        link = SimLink(guest, SimTracker(memory, clock, host), clock,
+                       LinkModel(bottleneck=2e9, stream_start=0.02), host, 1, [])  # fmt: skip
+        if cap:
+            link.set_max_bandwidth(cap)
+        pages = mig.DirtyBitmap.from_indices(list(range(1024)), memory.num_pages)
+        wire = link.send_pages(pages, 0)
+        return clock.now(), link.busy_time(), wire, link
+
+    now, busy, wire, _ = first_send(0)
+    assert now == pytest.approx(0.02 + wire / 2e9)  # the pass pays the start...
+    assert busy == pytest.approx(wire / 2e9)  # ...the send does not
+    cap = 100 << 20
+    now, busy, wire, _ = first_send(cap)
+    assert busy == pytest.approx(wire / cap)  # an empty bucket: every byte at the cap
+    assert now == pytest.approx(0.02 + wire / cap)
+
+
 def test_the_loopback_calibration_keeps_the_streams_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

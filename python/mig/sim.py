@@ -763,7 +763,8 @@ class LinkModel:
     bottleneck: float = 0.0  # bytes/s shared by all channels, 0: none
     window: int = 4 << 20  # bytes in flight per channel
     packet_pages: int = 128
-    # Seconds the stream takes to start, paid by the first pages sent
+    # Seconds the first pass takes beyond its pages, paid after its first
+    # send, outside the sends' own time
     # (``HostModel.loopback_stream_start`` for ``mig demo``'s loopback).
     stream_start: float = 0.0
 
@@ -1164,7 +1165,13 @@ class SimLink:
         # tells apart without sending costs it send_per_page, and a packet
         # that reads the page tables over holes hole_query.
         scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
-        self._charge(wire, start, scan)
+        self._charge(wire, 0.0, scan)
+        # The calibrated start is the first pass's time, not its first
+        # send's: the engine's first send starts right after the first
+        # decision and takes its bytes' time only. Charged after that send,
+        # outside it, the bandwidth meter's first sample (bytes over send
+        # time) and the tokens that send finds are the engine's.
+        self.clock.advance(start)
         return wire
 
     def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
