@@ -57,7 +57,8 @@ def sim_config(
         # own pace is the limit, under --max-bandwidth too (the cap paces
         # the wire; the sender still tells every zero page from data).
         bottleneck = host.loopback_bandwidth
-        host = replace(host, send_per_page=host.loopback_per_page)
+        host = replace(host, send_per_page=host.loopback_per_page,
+                       final_per_page=host.loopback_final_per_page)  # fmt: skip
     elif not params.get("max_bandwidth"):
         bottleneck = UNCAPPED_LINK  # mig send's network is unknown
     link = LinkModel(

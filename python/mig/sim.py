@@ -48,7 +48,8 @@ Models:
   so the root only sums chunk terms), the setup before the first pass
   (tracker registration per page, the destination's answer to hello:
   ``mig.sim_setup``), the sender's page-table reads over holes amid data
-  (``mig.sim_holes``), tracker sync cost (a base, a scan per guest page, a
+  (``mig.sim_holes``), the sender's time per zero page in the final pass
+  (``mig.sim_final_pass``), tracker sync cost (a base, a scan per guest page, a
   harvest per dirty page), vCPU stop latency, the rates at which device
   state is produced, decoded and hashed (only the stop-copy bytes, sent
   after ``switchover``, are loaded inside the downtime:
@@ -108,6 +109,7 @@ from mig.sim_devices import (
     hash_seconds,
     production_seconds,
 )
+from mig.sim_final_pass import final_pass_seconds_per_page
 from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
@@ -323,6 +325,9 @@ class HostModel:
     drain_base: float = 0.001  # s it waits for the end records once "complete" is in
     max_rate_per_vcpu: float = 2e6  # page writes/s of a rate=max vCPU
     send_per_page: float = 0.0  # s of sender CPU per zero page (found and skipped)
+    # The same in the final pass, sent in large chunks with no decision
+    # between them (``mig.sim_final_pass``); 0: ``send_per_page``.
+    final_per_page: float = 0.0
     # Relative standard deviation of the link's throughput from one 100 ms
     # window to the next. A real link varies (scheduling, TCP, the token
     # bucket); the loop plans with the estimate less two deviations, so a
@@ -341,6 +346,7 @@ class HostModel:
     # that a capped link hides behind its pacing.
     loopback_bandwidth: float = 5.2e8
     loopback_per_page: float = 1e-6
+    loopback_final_per_page: float = 0.0  # ``final_per_page`` on the loopback
     # Setup before the first pass (``mig.sim_setup``): the tracker's
     # registration per guest page, and the channels' connection with the
     # destination's answer to hello.
@@ -462,7 +468,8 @@ class HostModel:
             channel_buffer=socket_buffer_bytes(),
         )
         if switchover is not None:
-            model = replace(model, **device_link_costs(model))
+            final = final_pass_seconds_per_page()
+            model = replace(model, **device_link_costs(model), loopback_final_per_page=final)
         return model
 
 
@@ -597,11 +604,12 @@ def _idle_loopback_migration(
     pages: slice = slice(None),
     policy: str = DEFAULT_POLICY,
     devices: str = "none",
+    params: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """One real loopback migration of an idle guest (memory filled, the
     ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
-    ``policy``, with ``devices`` on both sides with ``demo``): its
-    ``query()`` and its source.
+    ``policy``, with ``devices`` on both sides with ``demo``, and further
+    migration ``params``): its ``query()`` and its source.
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -619,7 +627,8 @@ def _idle_loopback_migration(
         dst = GuestMemory(size)
         with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
             local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
-            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap, policy=policy)
+            source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap, policy=policy,
+                                     **(params or {}))  # fmt: skip
             local.start()
             source.start()
             q = source.wait(120)
@@ -632,7 +641,8 @@ def _idle_loopback_migration(
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
             with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
-                source = MigrationSource(guest, sources, uri=uri, max_bandwidth=cap, policy=policy)
+                source = MigrationSource(guest, sources, uri=uri, max_bandwidth=cap,
+                                         policy=policy, **(params or {}))  # fmt: skip
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
@@ -1162,9 +1172,13 @@ class SimLink:
         self._zero += pages - normal
         self._bytes += wire
         # A data page's cost is in the link's pace; a zero page the sender
-        # tells apart without sending costs it send_per_page, and a packet
+        # tells apart without sending costs it send_per_page (final_per_page
+        # in the final pass), and a packet
         # that reads the page tables over holes hole_query.
-        scan = (pages - normal) * self.host.send_per_page + asked * self.host.hole_query
+        per_page = self.host.send_per_page
+        if self._in_stop_copy and self.host.final_per_page:
+            per_page = self.host.final_per_page  # the final pass (mig.sim_final_pass)
+        scan = (pages - normal) * per_page + asked * self.host.hole_query
         self._charge(wire, 0.0, scan)
         # The calibrated start is the first pass's time, not its first
         # send's: the engine's first send starts right after the first

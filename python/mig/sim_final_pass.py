@@ -1,0 +1,66 @@
+"""The final pass's zero pages in virtual time, and their calibration.
+
+Inside the downtime the RAM stream sends its whole known set at once, in
+chunks of up to 65536 pages (``ram_stream.rs``, ``complete``), with no
+decision between them. A precopy pass sends slices of a few hundred zero
+pages (its budget comes from the bandwidth meter, which zero pages, cheap on
+the wire and not in time, keep low), and each slice pays a send call's
+hand-off to the channel threads and back plus the loop's own work between
+slices. ``HostModel.send_per_page`` (``loopback_per_page``) is calibrated on
+such passes, so it holds those per-slice costs spread over each slice's
+pages; charged to a final pass of many zero pages it made the pass several
+times what the engine pays (a 512 MiB guest whose policy switches over after
+the first slice, its final pass 127 000 zero pages).
+
+``final_per_page`` is what a zero page costs the sender in the final pass,
+measured on that shape: an idle zeroed guest whose policy (``estimate-only``
+with a downtime limit far above its size's cost) switches over after the
+first slice, so that the final pass carries all the other pages, every one a
+zero page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["FINAL_PASS_GUEST", "final_pass_seconds_per_page"]
+
+# The calibration guest: zeroed, idle, large enough for a final pass of tens
+# of thousands of zero pages; the limit lets the first slice's bandwidth
+# estimate (a slice of zero pages is a few KiB on the wire) take it all.
+FINAL_PASS_GUEST = 128 << 20
+FINAL_PASS_LIMIT_MS = 60_000
+
+
+def final_pass_seconds_per_page(runs: int = 5) -> float:
+    """Seconds per zero page of the final pass: the best of ``runs`` real
+    migrations to ``mig demo``'s destination (a loaded host only adds time),
+    its ``final-ram`` term over the pages the final pass sent. 0.0 if no run
+    switched over with a final pass of zero pages (the engine then never
+    sends one as this models)."""
+    from mig.sim import _idle_loopback_migration  # noqa: PLC0415
+
+    best = 0.0
+    for _ in range(runs):
+        q, _ = _idle_loopback_migration(
+            FINAL_PASS_GUEST,
+            False,
+            0,
+            demo=True,
+            policy="estimate-only",
+            params={"downtime_limit": FINAL_PASS_LIMIT_MS},
+        )
+        per_page = _per_page(q)
+        if per_page and (not best or per_page < best):
+            best = per_page
+    return best
+
+
+def _per_page(q: dict[str, Any]) -> float:
+    """``final-ram`` over the final pass's pages, 0.0 without such a pass."""
+    passes = q.get("passes", [])
+    final_ram = q.get("downtime-breakdown", {}).get("final-ram", 0.0) / 1000
+    if len(passes) < 2 or final_ram <= 0:
+        return 0.0
+    pages = passes[-2]["remaining"]  # known when the guest stopped: the final pass's pages
+    return final_ram / pages if pages else 0.0
