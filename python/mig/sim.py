@@ -54,7 +54,10 @@ Models:
   state is produced, decoded and hashed (only the stop-copy bytes, sent
   after ``switchover``, are loaded inside the downtime:
   ``mig.sim_devices``) and what the engine's link adds to them on both
-  sides (``mig.sim_device_link``), what a control
+  sides (``mig.sim_device_link``), the destination's loop, which takes in
+  and loads precopy device records between control messages and
+  acknowledges the switchover only once the initial data is loaded
+  (``mig.sim_dest_loop``), what a control
   round trip costs beyond the link's RTT (``mig.sim_handshake``) and the
   pace at which the destination takes in what the channels hold
   (``mig.sim_receive``: ``settle`` and the ``drain`` term wait for it).
@@ -102,6 +105,7 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_bucket import BURST_SECONDS, SimBucket
+from mig.sim_dest_loop import DestinationLoop
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
 from mig.sim_devices import (
     decode_seconds,
@@ -1063,10 +1067,9 @@ class SimLink:
         # all after "complete" (``mig.sim_devices``).
         self._devices = {h.device_id: h.device for h in handlers}
         self._stop_copy_decode = 0.0
-        # Seconds the destination's loop spent loading precopy device records
-        # since its last pass-ack, which reports them (the source plans the
-        # switchover's handshake with the median: complete meets that loop).
-        self._dest_busy = 0.0
+        # The destination's loop: it takes in and loads precopy device
+        # records, and answers control messages in between (``mig.sim_dest_loop``).
+        self._loop = DestinationLoop()
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -1212,11 +1215,11 @@ class SimLink:
         # time, the bandwidth meter's, is the wire's alone.
         self.clock.advance(cpu)
         self._charge(RECORD_HEADER + n)
-        decode = decode_seconds(self.host, device, n) + receive_seconds(self.host, n)
+        take, decode = receive_seconds(self.host, n), decode_seconds(self.host, device, n)
         if self._in_stop_copy:
-            self._stop_copy_decode += decode
+            self._stop_copy_decode += decode + take
         else:
-            self._dest_busy += decode
+            self._loop.received(self.clock.now(), device_id, seq, n, take, decode)
 
     def sync(self, generation: int) -> None:
         self._charge(RECORD_HEADER * self.channels, self.host.broadcast_seconds)
@@ -1252,16 +1255,20 @@ class SimLink:
             self._in_stop_copy, self._stop_copy_bytes = False, {}
             self._stop_copy_decode = 0.0
             self.guest.memory.digest_started = None
+        # The destination's loop handles it once the work in hand is done.
+        at = self._loop.handled_at(self.clock.now())
         try:
-            self._play(self.destination.on_message(message, self.clock.now()))
+            self._play(self.destination.on_message(message, self.clock.now()), at=at)
         except MigrationEnded as e:
             self.discarded = True
             if not e.by_peer:
                 self._reply(self.model.rtt, Failed(e.reason))
 
-    def _play(self, effects: list[Effect], delay: float = 0.0) -> None:
+    def _play(self, effects: list[Effect], delay: float = 0.0, at: float | None = None) -> None:
         """Carry out the destination's effects; replies arrive a round trip
-        (plus ``delay`` of the destination's own work) after the request."""
+        (plus ``delay`` of the destination's own work) after the request,
+        handled by the destination's loop ``at`` (now by default)."""
+        at = self.clock.now() if at is None else at
         for effect in effects:
             match effect:
                 case Send(message=reply):
@@ -1271,25 +1278,40 @@ class SimLink:
                 case Resume():
                     self._play(self.destination.resumed(self.clock.now()))
                 case AnswerPass(number=number):
-                    self._reply(self.model.rtt, PassAck(number, self._dest_busy))
-                    self._dest_busy = 0.0
+                    # Answered before the records it released are loaded.
+                    wait = at - self.clock.now()
+                    self._reply(self.model.rtt + wait, PassAck(number, self._loop.answer(at)))
                 case SettleChannels(number=number):
                     # The channels' backlog lands (``mig.sim_receive``); the
                     # receive path hashed each page as it landed, so the
-                    # root has no stale chunk left to rehash.
+                    # root has no stale chunk left to rehash. The loop starts
+                    # waiting once the work in hand is done.
                     landed = self._backlog.seconds(self.clock.now())
-                    self._reply(self.model.rtt + landed, Settled(number, landed, 0, 0.0))
-        self._load_released()
+                    wait = at - self.clock.now()
+                    self._reply(self.model.rtt + wait + landed, Settled(number, landed, 0, 0.0))
+        self._load_released(at)
 
-    def _load_released(self) -> None:
-        """Records within the announced bounds count as loaded; a chunk with
-        ``INIT_DONE`` completes its device's initial data."""
-        for load in self.destination.loads():
+    def _load_released(self, at: float | None = None) -> float:
+        """Load the records within the announced bounds; a chunk with
+        ``INIT_DONE`` completes its device's initial data. During precopy the
+        destination's loop loads them after the message that released them
+        (handled ``at``), and only then announces what became loaded
+        (``mig.sim_dest_loop``); returns the load seconds of precopy records
+        released by ``complete``, which its stop-copy pays."""
+        now = self.clock.now()
+        released = self.destination.loads()
+        keys = [(load.record.device, load.record.seq) for load in released]
+        if self._in_stop_copy:
+            done, left = now, self._loop.pending_load(keys)
+        else:
+            done, left = self._loop.release(now if at is None else at, keys), 0.0
+        for load in released:
             if load.record.data and load.record.data[0] & FLAG_INIT_DONE:
                 self.destination.initial_loaded(load.record.device)
         for effect in self.destination.announcements():
             if isinstance(effect, Send):
-                self._reply(self.model.rtt, effect.message)
+                self._reply(self.model.rtt + max(0.0, done - now), effect.message)
+        return left
 
     def _finish_stop_copy(self) -> None:
         mem = self.guest.memory
@@ -1307,7 +1329,7 @@ class SimLink:
         drain = self.host.drain_base + self._backlog.seconds(self.clock.now())
         load = drain + self.host.load_base + digest_seconds
         load += self._device_load()
-        self._load_released()
+        load += self._load_released()
         self.destination.stop_copy_received()
         # The source synced after the pause and sent everything it knew: the
         # copy is exact unless something wrote memory after that final sync
