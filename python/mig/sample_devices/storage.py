@@ -8,6 +8,8 @@ are the stream bytes of those chunks, so they match what a read returns.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from mig._mig import digest_bytes
@@ -34,6 +36,12 @@ class StateStorage:
         self._initial = np.zeros(nchunks, dtype=bool)
         self._dirty = np.zeros(nchunks, dtype=bool)
         self._tracking = False
+        # Wall seconds per state byte of the last whole-state digest: what the
+        # END record's hash costs at STOP_COPY (``StoredDevice.stop_copy_seconds``).
+        self.digest_seconds_per_byte: float | None = None
+        # The digest of an installed state, computed by its stream's validation;
+        # dropped by any change, so it always names the bytes held now.
+        self.loaded_digest: int | None = None
 
     @property
     def state(self) -> np.ndarray:
@@ -41,7 +49,10 @@ class StateStorage:
         return self._data[: self.size]
 
     def digest(self) -> int:
-        return digest_bytes(self.state)
+        t0 = time.perf_counter()
+        value = digest_bytes(self.state)
+        self.digest_seconds_per_byte = (time.perf_counter() - t0) / max(1, self.size)
+        return value
 
     @property
     def nchunks(self) -> int:
@@ -95,6 +106,7 @@ class StateStorage:
     # -- changes ----------------------------------------------------------------
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change of ``[offset, offset + length)``."""
+        self.loaded_digest = None
         if not self._tracking or length <= 0:
             return
         first, last = offset // self.chunk, (offset + length - 1) // self.chunk
@@ -113,6 +125,7 @@ class StateStorage:
     def resize(self, new_size: int) -> None:
         """Change the state size (growing tables), within 1..capacity."""
         new_size = max(1, min(new_size, self.capacity))
+        self.loaded_digest = None
         old = self.size
         if new_size == old:
             return
@@ -128,9 +141,11 @@ class StateStorage:
             # The last chunk shrank: send its new extent again.
             self.mark_dirty((n - 1) * self.chunk, 1)
 
-    def install(self, staging: np.ndarray, size: int) -> None:
-        """Take a loaded state (the decoder's staging buffer) as this state."""
+    def install(self, staging: np.ndarray, size: int, digest: int) -> None:
+        """Take a loaded state (the decoder's staging buffer) as this state;
+        ``digest`` is the one its validation computed over those bytes."""
         if staging.shape != self._data.shape:
             raise ValueError("a loaded state must have this storage's capacity")
         self._data = staging
         self.size = size
+        self.loaded_digest = digest

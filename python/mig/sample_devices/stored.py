@@ -76,6 +76,24 @@ class StoredDevice(MigrationDevice):
         with self.lock:
             return self.storage.digest()
 
+    def loaded_digest(self) -> int | None:
+        """`state_digest` of a state just loaded, as its stream's validation
+        computed it over the same bytes (RESUMING -> STOP), without hashing the
+        state again; None once the state changed or none was loaded."""
+        with self.lock:
+            return self.storage.loaded_digest
+
+    def stop_copy_seconds(self) -> float | None:
+        """The END record's hash of the whole state: the STOP_COPY work that
+        does not depend on how many bytes are left. Its rate is the last
+        whole-state digest's, taken now (guest running) if none was yet."""
+        with self.lock:
+            storage = self.storage
+            if storage.digest_seconds_per_byte is None:
+                storage.digest()
+            assert storage.digest_seconds_per_byte is not None
+            return storage.digest_seconds_per_byte * storage.size
+
     def state_bytes(self) -> bytes:
         with self.lock:
             return self.storage.state.tobytes()

@@ -143,8 +143,9 @@ class StreamDecoder:
         self._fail(f"unknown record tag {tag}")
         return 0
 
-    def finish(self) -> int:
-        """Check the whole stream arrived and matches its digest; the state size."""
+    def finish(self) -> tuple[int, int]:
+        """Check the whole stream arrived and matches its digest; the state
+        size and that digest (``digest_bytes`` of the staged state)."""
         if self._buf or not self._header:
             self._fail("truncated stream")
         if self._end is None:
@@ -153,4 +154,4 @@ class StreamDecoder:
         size, digest = self._end
         if state_hash(self.staging[:size]) != digest:
             self._fail("state digest mismatch (corrupt data)")
-        return size
+        return size, int.from_bytes(digest, "little")
