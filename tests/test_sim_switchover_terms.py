@@ -154,14 +154,21 @@ def test_each_record_of_a_device_stream_costs_its_handling() -> None:
 
 def test_the_handshake_is_planned_with_the_destinations_device_loads() -> None:
     """pass-ack reports the seconds the destination's loop spent loading
-    precopy device records since the last one; the source plans the
-    switchover's handshake as two round trips plus their median."""
+    precopy device records since the last one; without a ``settle`` before
+    the pause (``stop-exact-resume``) the source plans the switchover's
+    handshake as two round trips plus their median. After a ``settle`` the
+    destination has landed everything sent, ``complete`` finds its loop idle,
+    and the plan is the two round trips the handshake then pays."""
     device = "gpu:state=32MiB,rate=4MiB/s,chunk=64KiB"
-    busy = run(device, "exact-running", cap=64 * MIB)
-    idle = run(device, "exact-running", host=replace(SLOW, device_load_rate=1e15), cap=64 * MIB)
+    idle_host = replace(SLOW, device_load_rate=1e15)
+    busy = run(device, "stop-exact-resume", cap=64 * MIB)
+    idle = run(device, "stop-exact-resume", host=idle_host, cap=64 * MIB)
+    assert busy["switchover-costs"]["handshake"] > idle["switchover-costs"]["handshake"] + 0.5
     round_trips = 1000 * 2 * LinkModel().rtt
-    assert idle["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
-    assert busy["switchover-costs"]["handshake"] > round_trips + 0.5
+    for host in (SLOW, idle_host):
+        settled = run(device, "exact-running", host=host, cap=64 * MIB)
+        assert settled["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
+        assert settled["downtime-breakdown"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
 
 
 def test_the_root_before_ready_costs_nothing_the_receive_path_hashed() -> None:
