@@ -176,9 +176,9 @@ class ControlSession:
         ``handshake`` is the two control round trips of the switchover
         (``complete``/``ready``, ``go``/``resumed``) plus the median recent
         time the destination's loop spent away from the control channel
-        (loading device state): ``complete`` meets that loop wherever it is,
-        and a single long load (the initial device state) must not stand for
-        every later one.
+        (loading device state): without a ``settle`` before the pause
+        (`settled`), ``complete`` meets that loop wherever it is, and a single
+        long load (the initial device state) must not stand for every later one.
 
         ``dest_digest`` keeps the fastest timing reported: the destination
         times its digest while pages arrive and the guest runs, which the

@@ -1052,8 +1052,8 @@ class SimLink:
         self._devices = {h.device_id: h.device for h in handlers}
         self._stop_copy_decode = 0.0
         # Seconds the destination's loop spent loading precopy device records
-        # since its last pass-ack, which reports them (the source plans the
-        # switchover's handshake with the median: complete meets that loop).
+        # since its last pass-ack, which reports them (the source plans a
+        # switchover's handshake with the median unless a settle drained them).
         self._dest_busy = 0.0
         self._credit: dict[int, int] = {}
         self.aborted = False
