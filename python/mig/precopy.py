@@ -118,8 +118,11 @@ class Precopy:
         for h in self.devices:
             if h.name in self.costs.devices:
                 continue
-            cached = self._exact_cache.get(h.name)
-            pending = cached[0] if cached is not None else h.pending_estimate()
+            # Read now, not the exact size the policy last asked for: a
+            # settle's wait lets the device dirty state no read takes before
+            # the stop. Never a stop: with the guest running it is the device's
+            # data_size(), else its estimate (or its last stopped size).
+            pending = h.pending_exact(False)
             # A handler that reports no fixed stop work (RAM-like test doubles).
             report = getattr(h, "stop_copy_seconds", None)
             fixed = report() if report is not None else None
