@@ -10,15 +10,16 @@ the switchover paid.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
 
 import mig
-from mig import devices as D
 from mig.destination import MigrationDestination
 from mig.device_handler import DeviceHandler
 from mig.device_stop_costs import DeviceStopCosts
+from mig.sample_devices.nic import NicConfig, NicDevice
 from mig.sim import HostModel, SimConfig, simulate
 from mig.source import MigrationSource
 
@@ -40,7 +41,7 @@ def test_expected_stop_cost_is_the_devices_figure_plus_its_production_per_byte()
 
 
 @pytest.mark.parametrize(
-    "device", ["gpu:state=32MiB,rate=64KiB/s,chunk=64KiB", "nic:state=16MiB,rate=4MiB/s"]
+    "device", ["gpu:state=32MiB,rate=16MiB/s,chunk=64KiB", "nic:state=16MiB,rate=32MiB/s"]
 )
 def test_the_first_plan_counts_the_device_stop_cost_it_then_pays(device: str) -> None:
     q = simulate(
@@ -56,8 +57,8 @@ def test_the_first_plan_counts_the_device_stop_cost_it_then_pays(device: str) ->
     assert q["status"] == "completed" and q["sim"]["verified"], q.get("error-desc")
     assert q["switchover-aborts"] == 0  # the plan is the first switchover's
     plan, paid = q["switchover-costs"], q["downtime-breakdown"]
-    # The whole state's hash alone is tens of ms here.
-    assert paid["device-state"] > 10
+    # Hundreds of KiB dirtied since precopy read them, at a slow 200 MB/s.
+    assert paid["device-state"] > 1
     assert plan["device-state"] == pytest.approx(paid["device-state"], rel=0.05)
     assert plan["load"] >= plan["device-state"]
 
@@ -72,19 +73,40 @@ class DigestBeforeResume(DeviceHandler):
         super().load_resume()
 
 
+class SlowReadNic(NicDevice):
+    """A nic whose state takes ``READ_DELAY`` per chunk to read out, as a
+    device whose driver copies its state slowly: precopy and stop-copy pay it
+    alike, per byte."""
+
+    READ_DELAY = 0.0005
+
+    def _setup_worker(self) -> None:
+        storage, take_next = self.storage, self.storage.take_next
+
+        def slow_take_next() -> tuple[int, bytes, bool] | None:
+            chunk = take_next()
+            if chunk is not None:
+                time.sleep(self.READ_DELAY)
+            return chunk
+
+        storage.take_next = slow_take_next  # type: ignore[method-assign]
+
+
 @pytest.mark.skipif(
     not CAPS["uffd"]["available"],
     reason=f"host lacks the uffd capability: {CAPS['uffd']['reason']}",
 )
 def test_a_real_first_switchover_is_planned_with_the_devices_stop_cost() -> None:
-    """A nic with 96 MiB of state: its END record hashes all of it inside the
-    downtime, milliseconds whatever few bytes stop-copy sends. The plan the
-    first switchover was decided with already holds that cost."""
-    spec = "nic:state=96MiB,max=160MiB,rate=2MiB/s"
+    """A nic that reads its state out slowly, and rewrites it while it runs:
+    its stop-copy pays milliseconds for the chunks dirtied since precopy
+    read them. The plan the first switchover was decided with already holds
+    that cost, measured from the device's precopy reads."""
+    config = NicConfig(state=8 * MIB, max=16 * MIB, rate=32 * MIB, grow=0)
     src, dst = mig.GuestMemory(32 * MIB), mig.GuestMemory(32 * MIB)
     src.array[:: src.page_size] = 3
     guest = mig.WorkloadGuest(src, vcpus=1, workload="uniform:rate=2000")
-    src_devs, dst_devs = D.create_all(spec, src), D.create_all(spec, dst, active=False)
+    src_devs = [SlowReadNic("nic0", config)]
+    dst_devs = [NicDevice("nic0", config, active=False)]
     loaders = [DigestBeforeResume(t, i) for i, t in enumerate(dst_devs, start=1)]
     try:
         dest = MigrationDestination("tcp:127.0.0.1:0", dst, loaders, idle_timeout=20)
@@ -101,6 +123,7 @@ def test_a_real_first_switchover_is_planned_with_the_devices_stop_cost() -> None
         for dev in src_devs + dst_devs:
             dev.close()
     assert q["switchover-aborts"] == 0 and q["guest-stops"] == 0
+    assert q["devices"][0]["stop-copy-bytes"] > 64 << 10  # chunks read again at the stop
     planned, paid = q["switchover-costs"]["device-state"], q["downtime-breakdown"]["device-state"]
     # Wall time on a shared host: the same work measured twice, with the
     # guest running and with it stopped, may differ by a loaded scheduler.

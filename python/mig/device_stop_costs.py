@@ -12,8 +12,8 @@ can see with the guest running:
   (``iterated``): stop-copy produces its bytes the same way, so its pending
   bytes cost the same per byte;
 - the fixed stop work the device measured itself
-  (``MigrationDevice.stop_copy_seconds``: for a sample device the END
-  record's hash of its whole state), which no precopy read pays.
+  (``MigrationDevice.stop_copy_seconds``: for a sample device its END
+  record's combining of its cell hashes), which no precopy read pays.
 
 Both are measurements in the loop's clock (the device's own figure aside),
 never constants, and a real stop replaces them for that device.

@@ -110,7 +110,6 @@ class SaveStream:
             return True
         if not self._end_sent:
             self._end_sent = True
-            # Timed: the device reports this hash as its stop cost.
             self._buf += end_record(storage.size, storage.digest().to_bytes(16, "little"))
             return True
         return False
@@ -159,4 +158,4 @@ class ResumeStream:
         if self._error:
             raise DeviceStreamError(self._error)
         size, digest = self._decoder.finish()
-        self._storage.install(self._decoder.staging, size, digest)
+        self._storage.install(self._decoder.staging, size, self._decoder.cells, digest)

@@ -8,11 +8,9 @@ are the stream bytes of those chunks, so they match what a read returns.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from mig._mig import digest_bytes
+from mig.sample_devices.cell_digest import CellDigest
 from mig.sample_devices.stream import DATA_OVERHEAD
 
 __all__ = ["StateStorage"]
@@ -36,9 +34,7 @@ class StateStorage:
         self._initial = np.zeros(nchunks, dtype=bool)
         self._dirty = np.zeros(nchunks, dtype=bool)
         self._tracking = False
-        # Wall seconds per state byte of the last whole-state digest: what the
-        # END record's hash costs at STOP_COPY (``StoredDevice.stop_copy_seconds``).
-        self.digest_seconds_per_byte: float | None = None
+        self.cells = CellDigest(capacity)
         # The digest of an installed state, computed by its stream's validation;
         # dropped by any change, so it always names the bytes held now.
         self.loaded_digest: int | None = None
@@ -49,10 +45,8 @@ class StateStorage:
         return self._data[: self.size]
 
     def digest(self) -> int:
-        t0 = time.perf_counter()
-        value = digest_bytes(self.state)
-        self.digest_seconds_per_byte = (time.perf_counter() - t0) / max(1, self.size)
-        return value
+        """The state's digest (`CellDigest.root`): the END record carries it."""
+        return self.cells.root(self._data, self.size)
 
     @property
     def nchunks(self) -> int:
@@ -100,6 +94,9 @@ class StateStorage:
                 mask[c] = False
                 off = c * self.chunk
                 end = min(off + self.chunk, self.size)
+                # Hashed as it is read, off the downtime for precopy reads:
+                # the END record then rehashes only what changed since.
+                self.cells.rehash(self._data, off, end - off, self.size)
                 return off, self._data[off:end].tobytes(), initial
         return None
 
@@ -107,6 +104,7 @@ class StateStorage:
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change of ``[offset, offset + length)``."""
         self.loaded_digest = None
+        self.cells.invalidate(offset, length)
         if not self._tracking or length <= 0:
             return
         first, last = offset // self.chunk, (offset + length - 1) // self.chunk
@@ -129,6 +127,9 @@ class StateStorage:
         old = self.size
         if new_size == old:
             return
+        # The old last cell's extent changes, and every cell past it.
+        low = min(old, new_size) - 1
+        self.cells.invalidate(low, max(old, new_size) - low)
         if new_size > old:
             self._data[old:new_size] = self.rng.integers(0, 256, new_size - old, dtype=np.uint8)
         self.size = new_size
@@ -141,11 +142,12 @@ class StateStorage:
             # The last chunk shrank: send its new extent again.
             self.mark_dirty((n - 1) * self.chunk, 1)
 
-    def install(self, staging: np.ndarray, size: int, digest: int) -> None:
-        """Take a loaded state (the decoder's staging buffer) as this state;
-        ``digest`` is the one its validation computed over those bytes."""
+    def install(self, staging: np.ndarray, size: int, cells: CellDigest, digest: int) -> None:
+        """Take a loaded state (the decoder's staging buffer) as this state,
+        with the cell hashes and ``digest`` its validation computed over it."""
         if staging.shape != self._data.shape:
             raise ValueError("a loaded state must have this storage's capacity")
         self._data = staging
         self.size = size
+        self.cells = cells
         self.loaded_digest = digest

@@ -84,15 +84,15 @@ class StoredDevice(MigrationDevice):
             return self.storage.loaded_digest
 
     def stop_copy_seconds(self) -> float | None:
-        """The END record's hash of the whole state: the STOP_COPY work that
-        does not depend on how many bytes are left. Its rate is the last
-        whole-state digest's, taken now (guest running) if none was yet."""
+        """The END record's combining of its cell hashes: the STOP_COPY work
+        that does not depend on how many bytes are left (the cells it sends
+        are hashed as read, like precopy's). As long as the last digest's
+        took, one taken now (guest running) if there was none yet."""
         with self.lock:
-            storage = self.storage
-            if storage.digest_seconds_per_byte is None:
-                storage.digest()
-            assert storage.digest_seconds_per_byte is not None
-            return storage.digest_seconds_per_byte * storage.size
+            cells = self.storage.cells
+            if cells.combine_seconds is None:
+                self.storage.digest()
+            return cells.combine_seconds
 
     def state_bytes(self) -> bytes:
         with self.lock:
