@@ -353,9 +353,9 @@ class HostModel:
     # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the xxh3
     # rate of a device's END record digest, its cells' hashes combined
     # (source, ``device-state``; its validation, destination, ``load``),
-    # bytes/s; the seconds per
-    # record of its stream produced (on top of ``device_rate``) and decoded
-    # (on top of ``device_load_rate``); and what a control round trip costs
+    # bytes/s; the seconds per record of its stream produced (on top of
+    # ``device_rate``) and decoded (on top of ``device_load_rate``); and what
+    # a control round trip costs
     # beyond the link's RTT (both ends' message handling, the destination's
     # wake-up), added to every control reply (``handshake``).
     device_hash_rate: float = 8e9
@@ -1383,7 +1383,7 @@ class _SimDeviceHandler(DeviceHandler):
 
     def stop_copy_seconds(self) -> float | None:
         # The device's own figure is wall time on this host; in virtual time
-        # its fixed stop work is the host model's hash of the whole state.
+        # its fixed stop work is the host model's END digest.
         if self.sim_link is None:
             return None
         return hash_seconds(self.sim_link.host, self.device)
