@@ -59,6 +59,35 @@ PREDICTION_SHARE = 0.9
 WORKLOADS = ("idle", "hotset:rate=20000")
 
 
+def run_demo(cmd: list[str], timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ``mig demo ... --json``: its output, and the figures every bench
+    of it stores (``status`` is not ``completed`` for a failed run)."""
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    try:
+        q = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        q = {"status": "no-output", "error-desc": f"exit {out.returncode}: {out.stderr[-2000:]}"}
+    if q.get("status") != "completed":
+        # Recorded, not raised: a failed run is a result (it fails "every run
+        # verified"), and the other runs still go.
+        return q, {"status": q.get("status"), "error": q.get("error-desc"), "verified": False,
+                   "wall": wall, "exit": out.returncode}  # fmt: skip
+    return q, {
+        "status": "completed",
+        "downtime": float(q["downtime"]),
+        "predicted": q.get("predicted-downtime"),
+        "breakdown": q.get("downtime-breakdown", {}),
+        "plan": q.get("switchover-costs", {}),
+        "total": float(q["total-time"]),
+        "wall": wall,
+        "verified": bool(q.get("verified")),
+        "end-to-end-check": q.get("end-to-end-check"),
+        "exit": out.returncode,
+    }
+
+
 def run_case(mig: list[str], size: int, image: Path | None, workload: str,
              extra: list[str], timeout: float) -> dict[str, Any]:  # fmt: skip
     """One migration; returns the figures this benchmark reads."""
@@ -68,34 +97,13 @@ def run_case(mig: list[str], size: int, image: Path | None, workload: str,
         "--channels", "2", "--downtime-limit", f"{LIMIT_MS:g}ms", "--json",
         "--timeout", f"{timeout:g}s", "--timeout-action", "cancel", *extra,
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 180)
-    wall = time.perf_counter() - t0
-    try:
-        q = json.loads(out.stdout)
-    except json.JSONDecodeError:
-        q = {"status": "no-output", "error-desc": f"exit {out.returncode}: {out.stderr[-2000:]}"}
-    if q.get("status") != "completed":
-        # Recorded, not raised: a failed run is a result (it fails "every run
-        # verified"), and the other cases still run.
-        return {"status": q.get("status"), "error": q.get("error-desc"), "verified": False,
-                "wall": wall, "exit": out.returncode}  # fmt: skip
-    return {
-        "status": "completed",
-        "downtime": float(q["downtime"]),
-        "predicted": q.get("predicted-downtime"),
-        "breakdown": q.get("downtime-breakdown", {}),
-        "plan": q.get("switchover-costs", {}),
-        "settle-time": q.get("settle-time"),
-        "total": float(q["total-time"]),
-        "wall": wall,
-        "verified": bool(q.get("verified")),
-        "verify": q.get("verify"),
-        "verify-time": q.get("verify-time"),
-        "end-to-end-check": q.get("end-to-end-check"),
-        "passes": q.get("ram", {}).get("dirty-sync-count"),
-        "exit": out.returncode,
-    }
+    q, r = run_demo(cmd, timeout + 180)
+    if r["status"] == "completed":
+        r["settle-time"] = q.get("settle-time")
+        r["verify"] = q.get("verify")
+        r["verify-time"] = q.get("verify-time")
+        r["passes"] = q.get("ram", {}).get("dirty-sync-count")
+    return r
 
 
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -155,6 +163,26 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, bool]:
             growth <= GROWTH_TARGET
         )
     return out
+
+
+def result_path(out: Path, name: str, suffix: str) -> tuple[Path, dict[str, Any]]:
+    """Where a result goes and its stamp, with the commit read now: at the
+    end of the runs, the code every one of them ran."""
+    sha = commit()
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}-{sha}{suffix}.json", {
+        "benchmark": name,
+        "commit": sha,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load-average-at-end": os.getloadavg(),
+    }
+
+
+def print_verdicts(verdict: dict[str, bool], path: Path) -> None:
+    for what, ok in verdict.items():
+        print(f"{'met' if ok else 'NOT MET'}: {what}")
+    print(f"wrote {path}")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -233,19 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     rows = [summarise(name, results[name]) for name, *_ in cases]
     verdict = verdicts(rows)
-    sha = commit()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # A run of some cases only never stands for (or replaces) the whole table.
     partial = (sizes, sparse, workloads) != ([1, 2, 4], 8, list(WORKLOADS))
     suffix = "-quick" if args.quick else "-partial" if partial else ""
-    path = out / f"downtime_scale-{sha}{suffix}.json"
+    path, stamp = result_path(Path(args.out), "downtime_scale", suffix)
     path.write_text(json.dumps({
-        "benchmark": "downtime_scale",
-        "commit": sha,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpus": os.cpu_count(),
-        "load-average-at-end": os.getloadavg(),
+        **stamp,
         "command": "mig demo --image IMG --workload W --devices none --channels 2 "
                    "--downtime-limit 300ms --json" + (f" --verify {args.verify}" if extra else ""),
         "rows": rows,
@@ -254,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": results,
     }, indent=2) + "\n")  # fmt: skip
     print(markdown(rows))
-    for what, ok in verdict.items():
-        print(f"{'met' if ok else 'NOT MET'}: {what}")
-    print(f"wrote {path}")
+    print_verdicts(verdict, path)
     return 0
 
 

@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 
 from mig.predict import sim_config
+from mig.sample_devices.cell_digest import CELL
 from mig.sim import HostModel, LinkModel, SimConfig, save_host_model, simulate
 from mig.sim_devices import device_costs
 
 MIB = 1 << 20
 # Slow device rates, so each device term is tens of milliseconds.
 SLOW = replace(HostModel(), device_rate=200e6, device_load_rate=400e6, device_hash_rate=1e9)
+
+
+def end_digest_seconds(state: int, host: HostModel) -> float:
+    """A sample device's END digest: its cells' 16-byte hashes and its size
+    hashed together, and its last cell rehashed."""
+    return (16 * -(-state // CELL) + 8 + min(CELL, state)) / host.device_hash_rate
 
 
 def run(device: str, policy: str, host: HostModel = SLOW, cap: int = 1 << 30) -> dict:
@@ -37,29 +44,31 @@ def test_a_device_known_only_when_stopped_charges_its_load_at_the_switchover() -
     ``stop-exact-resume``: its state is produced at the stopped exact, inside
     the downtime (``pause``), once; the destination decodes every stop-copy
     byte after ``complete`` (it holds the records until ``complete``
-    announces them) and validates the whole state's hash."""
+    announces them) and validates its END digest."""
     q = run("opaque:state=16MiB,rate=1MiB/s", "stop-exact-resume")
     stop_copy = q["devices"][0]["stop-copy-bytes"]
     assert q["devices"][0]["exact-stops"] == 1 and stop_copy > 15 * MIB
     b = q["downtime-breakdown"]
     produce_ms = 1000 * stop_copy / SLOW.device_rate
-    hash_ms = 1000 * 16 * MIB / SLOW.device_hash_rate
+    hash_ms = 1000 * end_digest_seconds(16 * MIB, SLOW)
     expected_load = 1000 * SLOW.load_base + 1000 * stop_copy / SLOW.device_load_rate + hash_ms
     assert b["load"] == pytest.approx(expected_load, rel=1e-3)
-    # Produced (and its END record hashed) once, at the stopped exact.
+    # Produced (and its END record digested) once, at the stopped exact.
     assert b["pause"] >= produce_ms + hash_ms
     assert b["device-state"] < produce_ms / 2
 
 
-def test_the_whole_state_is_hashed_on_both_sides_however_little_stop_copy_sends() -> None:
+def test_the_end_digest_costs_the_cells_hashes_not_the_whole_state() -> None:
     """A gpu-like device with 32 MiB of state sent in precopy: stop-copy
-    sends almost nothing, yet the source's END record and the destination's
-    validation each hash all 32 MiB inside the downtime."""
+    sends almost nothing, and the source's END record and the destination's
+    validation each hash only the 512 cells' hashes and the last cell inside
+    the downtime, not all 32 MiB (``mig.sample_devices.cell_digest``)."""
     device = "gpu:state=32MiB,rate=64KiB/s,chunk=64KiB"
     hashed = run(device, "exact-running", cap=64 * MIB)
     free = run(device, "exact-running", host=replace(SLOW, device_hash_rate=1e18), cap=64 * MIB)
     assert hashed["devices"][0]["stop-copy-bytes"] < MIB
-    hash_ms = 1000 * 32 * MIB / SLOW.device_hash_rate
+    hash_ms = 1000 * end_digest_seconds(32 * MIB, SLOW)
+    assert hash_ms < 1000 * 32 * MIB / SLOW.device_hash_rate / 100
     for term in ("device-state", "load"):
         extra = hashed["downtime-breakdown"][term] - free["downtime-breakdown"][term]
         assert extra == pytest.approx(hash_ms, rel=0.05), term
@@ -108,9 +117,9 @@ def test_a_capped_demo_bursts_at_the_loopback_pace(tmp_path: Path) -> None:
 
 
 def test_device_costs_are_measured_through_the_handlers() -> None:
-    """Production and decoding per byte and per record, and the whole-state
-    hash: hashing (xxh3 over the state) outruns producing the records, and a
-    record costs its handling on top of its bytes."""
+    """Production and decoding per byte and per record, and the xxh3 rate of
+    the END digest: hashing outruns producing the records, and a record costs
+    its handling on top of its bytes."""
     costs = device_costs(runs=1)
     rates = ("device_rate", "device_load_rate", "device_hash_rate")
     assert all(0 < costs[r] < 1e12 for r in rates)
@@ -156,14 +165,21 @@ def test_each_record_of_a_device_stream_costs_its_handling() -> None:
 
 def test_the_handshake_is_planned_with_the_destinations_device_loads() -> None:
     """pass-ack reports the seconds the destination's loop spent loading
-    precopy device records since the last one; the source plans the
-    switchover's handshake as two round trips plus their median."""
+    precopy device records since the last one; without a ``settle`` before
+    the pause (``stop-exact-resume``) the source plans the switchover's
+    handshake as two round trips plus their median. After a ``settle`` the
+    destination has landed everything sent, ``complete`` finds its loop idle,
+    and the plan is the two round trips the handshake then pays."""
     device = "gpu:state=32MiB,rate=4MiB/s,chunk=64KiB"
-    busy = run(device, "exact-running", cap=64 * MIB)
-    idle = run(device, "exact-running", host=replace(SLOW, device_load_rate=1e15), cap=64 * MIB)
+    idle_host = replace(SLOW, device_load_rate=1e15)
+    busy = run(device, "stop-exact-resume", cap=64 * MIB)
+    idle = run(device, "stop-exact-resume", host=idle_host, cap=64 * MIB)
+    assert busy["switchover-costs"]["handshake"] > idle["switchover-costs"]["handshake"] + 0.5
     round_trips = 1000 * 2 * LinkModel().rtt
-    assert idle["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
-    assert busy["switchover-costs"]["handshake"] > round_trips + 0.5
+    for host in (SLOW, idle_host):
+        settled = run(device, "exact-running", host=host, cap=64 * MIB)
+        assert settled["switchover-costs"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
+        assert settled["downtime-breakdown"]["handshake"] == pytest.approx(round_trips, rel=1e-3)
 
 
 def test_the_root_before_ready_costs_nothing_the_receive_path_hashed() -> None:

@@ -579,8 +579,10 @@ class _ResumeDigests:
 
     The memory digest is the one the destination verified before any device
     resumed (a DMA device writes RAM once running); each device's state is
-    digested just before it resumes, so the caller can compare them with the
-    stopped source's.
+    named just before it resumes, so the caller can compare them with the
+    stopped source's. A sample device hands over the digest its stream's
+    validation computed over the loaded bytes (``loaded_digest``): hashing the
+    whole state again here would sit inside the downtime.
     """
 
     def __init__(self) -> None:
@@ -588,16 +590,21 @@ class _ResumeDigests:
 
     def handler(self, device: Any, device_id: int) -> Any:
         from mig.device_handler import DeviceHandler
+        from mig.sample_devices.stored import StoredDevice
 
         seen = self
 
         class Recording(DeviceHandler):
             def load_resume(self) -> None:
+                dev = self.device
+                digest = dev.loaded_digest() if isinstance(dev, StoredDevice) else None
                 seen.devices.append(
                     {
-                        "name": self.device.name,
-                        "type": self.device.model,
-                        "state-digest": format(self.device.state_digest(), "032x"),
+                        "name": dev.name,
+                        "type": dev.model,
+                        "state-digest": format(
+                            dev.state_digest() if digest is None else digest, "032x"
+                        ),
                     }
                 )
                 super().load_resume()

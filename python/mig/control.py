@@ -82,13 +82,18 @@ class ControlSession:
         self.rtt = self.clock.now() - t0
         self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
 
-    def round_trip(self, seconds: float) -> None:
-        """A control round trip measured since ``hello`` (a ``settle`` less the
-        destination's reported work). ``hello``'s included the destination's
-        setup, and on a loaded host any one may meet a descheduled peer: the
-        switchover's handshake plans with the shortest seen."""
-        self.rtt = min(self.rtt, seconds)
-        self._plan_handshake()
+    def settled(self, round_trip: float) -> None:
+        """A ``settle`` answered: ``round_trip`` is its wait less the
+        destination's reported work. ``hello``'s round trip included the
+        destination's setup, and on a loaded host any one may meet a
+        descheduled peer: the handshake plans with the shortest seen. The
+        destination's loop has landed everything sent so far, so ``complete``
+        will find it idle: the handshake is the two round trips alone,
+        its busy samples (loading the devices' initial state, hundreds of ms
+        each on a loaded host) would count work already done. A later pass
+        ack (the switchover abandoned) plans with them again."""
+        self.rtt = min(self.rtt, round_trip)
+        self.costs.handshake = 2 * self.rtt
 
     def _pass_round_trip(self, number: int) -> None:
         """A pass record and its ack are a control round trip plus the pass's
@@ -171,9 +176,9 @@ class ControlSession:
         ``handshake`` is the two control round trips of the switchover
         (``complete``/``ready``, ``go``/``resumed``) plus the median recent
         time the destination's loop spent away from the control channel
-        (loading device state): ``complete`` meets that loop wherever it is,
-        and a single long load (the initial device state) must not stand for
-        every later one.
+        (loading device state): without a ``settle`` before the pause
+        (`settled`), ``complete`` meets that loop wherever it is, and a single
+        long load (the initial device state) must not stand for every later one.
 
         ``dest_digest`` keeps the fastest timing reported: the destination
         times its digest while pages arrive and the guest runs, which the

@@ -221,6 +221,10 @@ class DeviceHandler:
             return self.max_queued_bytes
         return max(0, self.max_queued_bytes - link.unannounced_bytes(self.device_id))
 
+    def stop_copy_seconds(self) -> float | None:
+        """The device's own measure of its fixed stop-copy work (None: unreported)."""
+        return self.device.stop_copy_seconds()
+
     def quiesce(self) -> None:
         """Stop the device's DMA (P2P state; STOP/STOP_COPY without P2P)."""
         dev = self.device

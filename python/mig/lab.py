@@ -907,6 +907,7 @@ def parser() -> argparse.ArgumentParser:
 USER_PATH_BENCHES = {
     "user-path": ("transfer_user_path.py", "mig demo on 1-4 GiB images against iperf3"),
     "downtime-scale": ("downtime_scale.py", "downtime against guest size through mig demo"),
+    "default-demo": ("default_demo.py", "the plain mig demo N times: downtime and its prediction"),
     "simulate-vs-real": (
         "simulate_vs_real.py",
         "mig demo --simulate against mig demo on 7 configurations",

@@ -20,6 +20,7 @@ from mig.clock import Clock
 from mig.control import ControlSession
 from mig.convergence_monitor import ConvergenceMonitor, SyncFigures
 from mig.counting_link import CountingLink
+from mig.device_stop_costs import DeviceStopCosts
 from mig.guest_stops import GuestStops
 from mig.handlers import RamHandler, SaveHandler
 from mig.notifier import Notifier
@@ -73,6 +74,7 @@ class Precopy:
         self.pending_estimate: int | None = None
         self.pending_exact: int | None = None
         self._exact_cache: dict[str, tuple[int, float]] = {}
+        self.stop_costs = DeviceStopCosts()
         self._bytes_at_pass = 0
         self.switchover_aborts = 0
 
@@ -107,7 +109,24 @@ class Precopy:
         costs = self.costs
         costs.final_sync = self.ram.last_sync_seconds
         costs.final_pages = self._pending() // self.ram.page_size
+        self._expect_device_stops()
         return costs.total()
+
+    def _expect_device_stops(self) -> None:
+        """Each device not yet stopped: what its stop-copy should cost now
+        (``mig.device_stop_costs``), so the plan counts it before it is paid."""
+        for h in self.devices:
+            if h.name in self.costs.devices:
+                continue
+            # Read now, not the exact size the policy last asked for: a
+            # settle's wait lets the device dirty state no read takes before
+            # the stop. Never a stop: with the guest running it is the device's
+            # data_size(), else its estimate (or its last stopped size).
+            pending = h.pending_exact(False)
+            # A handler that reports no fixed stop work (RAM-like test doubles).
+            report = getattr(h, "stop_copy_seconds", None)
+            fixed = report() if report is not None else None
+            self.costs.expected_devices[h.name] = self.stop_costs.expected(h.name, pending, fixed)
 
     def switchover_plan(self) -> dict[str, float]:
         """The downtime a switchover now should cost, term by term, seconds:
@@ -225,7 +244,8 @@ class Precopy:
     def send_slice(self) -> None:
         bw = self.meter.estimate()
         budget = int(bw * _SLICE) if bw > 0 else _SLICE_BYTES_BEFORE_ESTIMATE
-        sent = sum(h.iterate(self.link, budget) for h in self.handlers)
+        sent = self.ram.iterate(self.link, budget)
+        sent += sum(self._timed_iterate(h, budget) for h in self.devices)
         due = self.monitor.periodic_sync_due(self.clock.now(), self.ram.last_sync_time)
         if sent == 0 or due:
             # End of a pass (nothing known left) or the throttle's periodic sync.
@@ -233,6 +253,15 @@ class Precopy:
             self.after_sync()
             if sent == 0 and self.ram.pending_estimate() == 0:
                 self.clock.sleep(_IDLE)
+
+    def _timed_iterate(self, h: SaveHandler, budget: int) -> int:
+        """A device's precopy slice; its reading time per byte, outside the
+        sends, is what its stop-copy bytes will cost (``DeviceStopCosts``)."""
+        t0, busy0 = self.clock.now(), self.link.busy_time()
+        sent = h.iterate(self.link, budget)
+        spent = self.clock.now() - t0 - (self.link.busy_time() - busy0)
+        self.stop_costs.iterated(h.name, spent, sent)
+        return sent
 
     def record_pass(self, announce: bool = True) -> None:
         now = self.clock.now()

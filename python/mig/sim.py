@@ -362,11 +362,12 @@ class HostModel:
     # Sender's seconds per packet that reads the page tables over holes
     # (a zero page amid data, ``mig.sim_holes``).
     hole_query: float = 2e-4
-    # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the hash
-    # of a device's whole state in its END record (source, ``device-state``)
-    # and in its validation (destination, ``load``), bytes/s; the seconds per
-    # record of its stream produced (on top of ``device_rate``) and decoded
-    # (on top of ``device_load_rate``); and what a control round trip costs
+    # Switchover terms (``mig.sim_devices``, ``mig.sim_handshake``): the xxh3
+    # rate of a device's END record digest, its cells' hashes combined
+    # (source, ``device-state``; its validation, destination, ``load``),
+    # bytes/s; the seconds per record of its stream produced (on top of
+    # ``device_rate``) and decoded (on top of ``device_load_rate``); and what
+    # a control round trip costs
     # beyond the link's RTT (both ends' message handling, the destination's
     # wake-up), added to every control reply (``handshake``).
     device_hash_rate: float = 8e9
@@ -1062,7 +1063,7 @@ class SimLink:
         # device sent during precopy was loaded while the guest still ran.
         self._stop_copy_bytes: dict[int, int] = {}
         self._in_stop_copy = False
-        # The devices (their END records hash their whole states), and the
+        # The devices (their END records' digests, ``hash_seconds``), and the
         # seconds the destination will take to decode the stop-copy records,
         # all after "complete" (``mig.sim_devices``).
         self._devices = {h.device_id: h.device for h in handlers}
@@ -1130,7 +1131,7 @@ class SimLink:
 
     def produced(self, device_id: int, nbytes: int) -> None:
         """A device produced ``nbytes`` of state ahead of sending it (stopped
-        exact), its END record's hash of the whole state included."""
+        exact), its END record's digest included."""
         device = self._devices.get(device_id)
         self.clock.advance(
             production_seconds(self.host, device, nbytes) + hash_seconds(self.host, device)
@@ -1207,7 +1208,7 @@ class SimLink:
         cpu = production_seconds(self.host, device, produce)
         cpu += send_seconds(self.host, n, final, self._in_stop_copy)
         if final and produce:
-            # The END record hashes the whole state; a stopped exact that
+            # The END record's digest; a stopped exact that
             # produced this chunk paid it then (``produced``).
             cpu += hash_seconds(self.host, device)
         # The handler produces a chunk before it sends it: the link idles
@@ -1349,7 +1350,7 @@ class SimLink:
     def _device_load(self) -> float:
         """The destination's device work once ``complete`` is in
         (``mig.sim_devices``): decoding every stop-copy record, then each
-        device's validation (a hash of its whole state)."""
+        device's validation (its END digest, ``hash_seconds``)."""
         checks = sum(
             hash_seconds(self.host, self._devices.get(d)) + self.host.device_load_seconds
             for d in self._stop_copy_bytes
@@ -1417,6 +1418,13 @@ class _SimDeviceHandler(DeviceHandler):
         if fresh and self.sim_link is not None and self._produced is not None:
             self.sim_link.produced(self.device_id, size)
         return size
+
+    def stop_copy_seconds(self) -> float | None:
+        # The device's own figure is wall time on this host; in virtual time
+        # its fixed stop work is the host model's END digest.
+        if self.sim_link is None:
+            return None
+        return hash_seconds(self.sim_link.host, self.device)
 
 
 # ---------------------------------------------------------------- simulate

@@ -147,9 +147,14 @@ class SwitchoverCosts:
     one). ``settle`` drained the backlog before the pause, so only the final
     pass's tail is left, and its bytes are planned in ``final-ram``.
     ``devices`` maps a device to the seconds its stop-copy state took to
-    produce (stopping it, reading its state, outside the sends); ``load``
-    counts it again for the destination, which validates the same bytes,
-    plus ``dest_load``, the destination's own work at the last switchover.
+    produce (stopping it, reading its state, outside the sends);
+    ``expected_devices`` is, for a device not yet stopped, what its stop-copy
+    should take (``mig.device_stop_costs``: its precopy production per byte
+    times its pending bytes, plus the fixed stop work it measured itself);
+    ``device-state`` takes the paid figure where there is one, else the
+    expected one. ``load`` counts it again for the destination, which
+    validates the same bytes, plus ``dest_load``, the destination's own work
+    at the last switchover.
     ``end_records`` is the source's sending of the end records and
     ``complete``; ``handshake`` the control round trips of
     ``complete``/``ready`` and ``go``/``resumed``.
@@ -167,11 +172,13 @@ class SwitchoverCosts:
     dest_load: float = 0.0
     end_records: float = 0.0
     devices: dict[str, float] = field(default_factory=dict)
+    expected_devices: dict[str, float] = field(default_factory=dict)
     source_digest: bool = True  # verify strict: the source digests in the downtime
 
     @property
     def device(self) -> float:
-        return sum(self.devices.values())
+        expected = {k: v for k, v in self.expected_devices.items() if k not in self.devices}
+        return sum(self.devices.values()) + sum(expected.values())
 
     @property
     def dest_digest_cost(self) -> float:

@@ -316,7 +316,7 @@ class SwitchoverRun:
         self.settle_time = (self.settle_time or 0.0) + waited
         if answer is not None:
             # The wait less the destination's own: one control round trip.
-            self.control.round_trip(max(0.0, waited - answer.landed - answer.seconds))
+            self.control.settled(max(0.0, waited - answer.landed - answer.seconds))
         if answer is not None and answer.chunks >= _MIN_TIMED_CHUNKS:
             self.precopy.costs.chunk_seconds = answer.seconds / answer.chunks
         return waited

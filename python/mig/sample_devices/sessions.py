@@ -16,7 +16,6 @@ from mig.sample_devices.stream import (
     data_record,
     end_record,
     header,
-    state_hash,
 )
 from mig.vfio.device import PrecopyInfo
 from mig.vfio.errors import DeviceError, DeviceStreamError, NoData
@@ -111,7 +110,7 @@ class SaveStream:
             return True
         if not self._end_sent:
             self._end_sent = True
-            self._buf += end_record(storage.size, state_hash(storage.state))
+            self._buf += end_record(storage.size, storage.digest().to_bytes(16, "little"))
             return True
         return False
 
@@ -158,5 +157,5 @@ class ResumeStream:
         self._closed = True
         if self._error:
             raise DeviceStreamError(self._error)
-        size = self._decoder.finish()
-        self._storage.install(self._decoder.staging, size)
+        size, digest = self._decoder.finish()
+        self._storage.install(self._decoder.staging, size, self._decoder.cells, digest)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mig._mig import digest_bytes
+from mig.sample_devices.cell_digest import CellDigest
 from mig.sample_devices.stream import DATA_OVERHEAD
 
 __all__ = ["StateStorage"]
@@ -34,6 +34,10 @@ class StateStorage:
         self._initial = np.zeros(nchunks, dtype=bool)
         self._dirty = np.zeros(nchunks, dtype=bool)
         self._tracking = False
+        self.cells = CellDigest(capacity)
+        # The digest of an installed state, computed by its stream's validation;
+        # dropped by any change, so it always names the bytes held now.
+        self.loaded_digest: int | None = None
 
     @property
     def state(self) -> np.ndarray:
@@ -41,7 +45,8 @@ class StateStorage:
         return self._data[: self.size]
 
     def digest(self) -> int:
-        return digest_bytes(self.state)
+        """The state's digest (`CellDigest.root`): the END record carries it."""
+        return self.cells.root(self._data, self.size)
 
     @property
     def nchunks(self) -> int:
@@ -89,12 +94,17 @@ class StateStorage:
                 mask[c] = False
                 off = c * self.chunk
                 end = min(off + self.chunk, self.size)
+                # Hashed as it is read, off the downtime for precopy reads:
+                # the END record then rehashes only what changed since.
+                self.cells.rehash(self._data, off, end - off, self.size)
                 return off, self._data[off:end].tobytes(), initial
         return None
 
     # -- changes ----------------------------------------------------------------
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a change of ``[offset, offset + length)``."""
+        self.loaded_digest = None
+        self.cells.invalidate(offset, length)
         if not self._tracking or length <= 0:
             return
         first, last = offset // self.chunk, (offset + length - 1) // self.chunk
@@ -113,9 +123,13 @@ class StateStorage:
     def resize(self, new_size: int) -> None:
         """Change the state size (growing tables), within 1..capacity."""
         new_size = max(1, min(new_size, self.capacity))
+        self.loaded_digest = None
         old = self.size
         if new_size == old:
             return
+        # The old last cell's extent changes, and every cell past it.
+        low = min(old, new_size) - 1
+        self.cells.invalidate(low, max(old, new_size) - low)
         if new_size > old:
             self._data[old:new_size] = self.rng.integers(0, 256, new_size - old, dtype=np.uint8)
         self.size = new_size
@@ -128,9 +142,12 @@ class StateStorage:
             # The last chunk shrank: send its new extent again.
             self.mark_dirty((n - 1) * self.chunk, 1)
 
-    def install(self, staging: np.ndarray, size: int) -> None:
-        """Take a loaded state (the decoder's staging buffer) as this state."""
+    def install(self, staging: np.ndarray, size: int, cells: CellDigest, digest: int) -> None:
+        """Take a loaded state (the decoder's staging buffer) as this state,
+        with the cell hashes and ``digest`` its validation computed over it."""
         if staging.shape != self._data.shape:
             raise ValueError("a loaded state must have this storage's capacity")
         self._data = staging
         self.size = size
+        self.cells = cells
+        self.loaded_digest = digest

@@ -76,6 +76,24 @@ class StoredDevice(MigrationDevice):
         with self.lock:
             return self.storage.digest()
 
+    def loaded_digest(self) -> int | None:
+        """`state_digest` of a state just loaded, as its stream's validation
+        computed it over the same bytes (RESUMING -> STOP), without hashing the
+        state again; None once the state changed or none was loaded."""
+        with self.lock:
+            return self.storage.loaded_digest
+
+    def stop_copy_seconds(self) -> float | None:
+        """The END record's combining of its cell hashes: the STOP_COPY work
+        that does not depend on how many bytes are left (the cells it sends
+        are hashed as read, like precopy's). As long as the last digest's
+        took, one taken now (guest running) if there was none yet."""
+        with self.lock:
+            cells = self.storage.cells
+            if cells.combine_seconds is None:
+                self.storage.digest()
+            return cells.combine_seconds
+
     def state_bytes(self) -> bytes:
         with self.lock:
             return self.storage.state.tobytes()

@@ -3,9 +3,12 @@
 As in the kernel, the stream of a VFIO device is private to its driver; this
 is the format of the sample devices. A header names the device model; DATA
 records ``(u8 1, u64 offset, u32 length, bytes)`` carry state bytes; the END
-record ``(u8 2, u64 size, 16-byte xxh3-128 of the state)`` closes it. The
-decoder bounds every record by the destination device's own state bound
-before it buffers the record, and checks size and digest at the end.
+record ``(u8 2, u64 size, 16-byte digest of the state)`` closes it, the
+digest a `mig.sample_devices.cell_digest.CellDigest` root (xxh3-128 over the
+xxh3-128 of each 64 KiB cell and the size), so that neither side hashes the
+whole state inside the downtime. The decoder bounds every record by the
+destination device's own state bound before it buffers the record, hashes
+the cells records fill as they land, and checks size and digest at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import struct
 import numpy as np
 
 from mig._mig import digest_bytes
+from mig.sample_devices.cell_digest import CellDigest
 from mig.vfio.errors import DeviceStreamError
 
 __all__ = [
@@ -30,7 +34,7 @@ __all__ = [
     "state_hash",
 ]
 
-MAGIC = b"MIGVFIO1"
+MAGIC = b"MIGVFIO2"  # 2: the END digest is a cell root
 _HDR = struct.Struct("<8sB7x")  # magic, model id
 _TAG = struct.Struct("<B")
 _DATA = struct.Struct("<QI")  # offset, length
@@ -48,11 +52,8 @@ _MODEL_NAMES = {v: k for k, v in MODEL_IDS.items()}
 
 
 def state_hash(buf: np.ndarray) -> bytes:
-    """xxh3-128 of the state, as guest memory.
-
-    The hash runs at switchover on both sides, inside the downtime, so it must
-    cost milliseconds, not a slow crypto hash.
-    """
+    """xxh3-128 of a whole buffer, as guest memory: what validating a whole
+    state at once costs (the stream's END record carries a cell root instead)."""
     return digest_bytes(buf).to_bytes(16, "little")
 
 
@@ -81,6 +82,7 @@ class StreamDecoder:
         self._capacity = capacity
         self._buf = bytearray()
         self.staging = np.zeros(capacity, dtype=np.uint8)
+        self.cells = CellDigest(capacity)
         self._header = False
         self._end: tuple[int, bytes] | None = None
 
@@ -131,6 +133,7 @@ class StreamDecoder:
                 return 0
             start = pos + DATA_OVERHEAD
             self.staging[off : off + length] = np.frombuffer(buf, np.uint8, length, start)
+            self.cells.rehash_whole(self.staging, off, length)
             return DATA_OVERHEAD + length
         if tag == TAG_END:
             if len(buf) - pos < END_BYTES:
@@ -143,14 +146,16 @@ class StreamDecoder:
         self._fail(f"unknown record tag {tag}")
         return 0
 
-    def finish(self) -> int:
-        """Check the whole stream arrived and matches its digest; the state size."""
+    def finish(self) -> tuple[int, int]:
+        """Check the whole stream arrived and matches its digest; the state
+        size and that digest (the cell root of the staged state)."""
         if self._buf or not self._header:
             self._fail("truncated stream")
         if self._end is None:
             self._fail("missing END record")
         assert self._end is not None
         size, digest = self._end
-        if state_hash(self.staging[:size]) != digest:
+        root = self.cells.root(self.staging, size)
+        if root.to_bytes(16, "little") != digest:
             self._fail("state digest mismatch (corrupt data)")
-        return size
+        return size, root

@@ -94,5 +94,15 @@ class MigrationDevice(ABC):
     def state_digest(self) -> int:
         """A digest of the device's functional state, to compare both sides byte-exact."""
 
+    def stop_copy_seconds(self) -> float | None:
+        """Seconds STOP_COPY takes besides producing its bytes, as this device
+        measured it (a driver's fixed stop work), or None: it reports none.
+
+        The kernel uAPI has no such figure; a device that can time its own
+        stop work lets a migration plan it before the first switchover pays it.
+        Called with the guest running, never inside the downtime.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional: most devices hold nothing to release
         """Release the device."""
