@@ -11,6 +11,15 @@ from mig.device_handler import DeviceHandler
 from mig.devices import create
 from mig.sample_devices.cell_digest import CELL, CellDigest
 from mig.sample_devices.storage import StateStorage
+from mig.sample_devices.stream import (
+    MAGIC_V1,
+    MODEL_IDS,
+    StreamDecoder,
+    data_record,
+    end_record,
+    state_hash,
+)
+from mig.vfio.errors import DeviceStreamError
 
 
 def fresh_root(data: np.ndarray, size: int) -> int:
@@ -87,3 +96,24 @@ def test_a_stopped_devices_digest_rehashes_only_what_changed() -> None:
     before = storage.cells.hashed
     storage.digest()
     assert storage.cells.hashed - before == 2  # cell 3 and the last one
+
+
+def _v1_stream(state: np.ndarray, digest: bytes) -> bytes:
+    """A version 1 stream (whole-state END digest), as snapshot files before
+    the cell root were written."""
+    hdr = MAGIC_V1 + bytes([MODEL_IDS["nic"]]) + bytes(7)
+    return hdr + data_record(0, state.tobytes()) + end_record(len(state), digest)
+
+
+def test_a_version_1_stream_still_loads_and_its_whole_state_digest_is_checked() -> None:
+    state = np.random.default_rng(7).integers(0, 256, 3 * CELL + 9, dtype=np.uint8)
+    good = StreamDecoder("nic0", "nic", 4 * CELL)
+    good.feed(_v1_stream(state, state_hash(state)))
+    size, root = good.finish()
+    assert size == len(state) and root == fresh_root(state, len(state))
+    assert np.array_equal(good.staging[:size], state)
+
+    bad = StreamDecoder("nic0", "nic", 4 * CELL)
+    bad.feed(_v1_stream(state, bytes(16)))
+    with pytest.raises(DeviceStreamError, match="state digest mismatch"):
+        bad.finish()

@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 MAGIC = b"MIGVFIO2"  # 2: the END digest is a cell root
+# Version 1's END record carried the whole state's xxh3-128. Streams saved in
+# it (snapshot files) still load: their END digest is checked the old way.
+MAGIC_V1 = b"MIGVFIO1"
 _HDR = struct.Struct("<8sB7x")  # magic, model id
 _TAG = struct.Struct("<B")
 _DATA = struct.Struct("<QI")  # offset, length
@@ -84,6 +87,7 @@ class StreamDecoder:
         self.staging = np.zeros(capacity, dtype=np.uint8)
         self.cells = CellDigest(capacity)
         self._header = False
+        self._whole_state_digest = False  # a version 1 stream
         self._end: tuple[int, bytes] | None = None
 
     def _fail(self, why: str) -> None:
@@ -110,8 +114,9 @@ class StreamDecoder:
 
     def _check_header(self, buf: bytearray) -> None:
         magic, model_id = _HDR.unpack_from(buf)
-        if magic != MAGIC:
+        if magic not in (MAGIC, MAGIC_V1):
             self._fail("bad magic")
+        self._whole_state_digest = magic == MAGIC_V1
         if model_id != MODEL_IDS.get(self._model, 0):
             src = _MODEL_NAMES.get(model_id, f"model {model_id}")
             self._fail(f"stream is from a {src!r} device, this is a {self._model!r} device")
@@ -156,6 +161,11 @@ class StreamDecoder:
         assert self._end is not None
         size, digest = self._end
         root = self.cells.root(self.staging, size)
-        if root.to_bytes(16, "little") != digest:
+        expected = (
+            state_hash(self.staging[:size])
+            if self._whole_state_digest
+            else root.to_bytes(16, "little")
+        )
+        if expected != digest:
             self._fail("state digest mismatch (corrupt data)")
         return size, root
