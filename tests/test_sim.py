@@ -194,9 +194,14 @@ def test_only_stop_copy_device_state_is_loaded_in_the_downtime() -> None:
     assert big_gpu["devices"][0]["stop-copy-bytes"] < MIB
     for q in (small_gpu, big_gpu):
         assert q["downtime-breakdown"]["load"] == pytest.approx(expected_load_ms(q), abs=1e-3)
-    assert big_gpu["downtime-breakdown"]["load"] == pytest.approx(
-        small_gpu["downtime-breakdown"]["load"], abs=1.0
+    # The 16-fold precopy would cost hundreds of ms more if it were charged;
+    # the load grows only by what the big gpu dirtied in its longer settle
+    # (the destination's loop loads its precopy records before it answers).
+    extra_precopy = (
+        big_gpu["devices"][0]["precopy-bytes"] - small_gpu["devices"][0]["precopy-bytes"]
     )
+    grown = big_gpu["downtime-breakdown"]["load"] - small_gpu["downtime-breakdown"]["load"]
+    assert grown < 0.05 * 1000 * extra_precopy / host.device_load_rate
     # No precopy: all 8 MiB arrive at stop-copy and are loaded in the downtime.
     stopped = run("gpu:state=8MiB,rate=64KiB/s,chunk=64KiB,precopy=off")
     assert stopped["devices"][0]["stop-copy-bytes"] >= 8 * MIB

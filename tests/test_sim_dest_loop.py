@@ -42,6 +42,24 @@ def test_released_records_load_after_the_message_that_released_them() -> None:
     assert loop.release(2.0, [(7, 0)]) == 2.0
 
 
+def test_messages_queued_behind_a_load_are_handled_in_turn() -> None:
+    """A ``pass`` released 40 ms of loads; three messages that arrive during
+    them are handled one after another once the loads end, each turn of the
+    loop taking ``handling``, even after a ``pass-ack`` reported the loads.
+    Without the handling, all three would be handled at the loads' end."""
+    loop = DestinationLoop(handling=0.001)
+    for i in range(4):
+        loop.received(0.0, 7, i, MIB, take=0.0, load=0.010)
+    first = loop.handled_at(1.0)
+    assert loop.release(first, [(7, i) for i in range(4)]) == pytest.approx(1.041)
+    assert loop.handled_at(1.010) == pytest.approx(1.041)
+    loop.answer(1.041)  # the loads reported: the queue still holds
+    assert loop.handled_at(1.020) == pytest.approx(1.042)
+    assert loop.handled_at(1.030) == pytest.approx(1.043)
+    # A message after the queue emptied is handled at once.
+    assert loop.handled_at(2.0) == 2.0
+
+
 # A slow destination decode: a precopy device's 64 MiB take a second to load.
 SLOW_LOAD = replace(HostModel(), device_load_rate=64e6, device_load_record_seconds=0.0)
 
@@ -73,3 +91,16 @@ def test_the_switchover_waits_for_the_destination_to_load_the_initial_data() -> 
     assert decided - first_pass >= initial
     fast = _nic_migration(replace(SLOW_LOAD, device_load_rate=64e9))
     assert q["total-time"] - fast["total-time"] >= 0.9 * 1000 * initial
+
+
+def test_a_contended_destination_acknowledges_the_switchover_later() -> None:
+    """With the loop twice as slow beside the source's precopy
+    (``mig.sim_contention``), the initial data's load after the first pass
+    takes twice as long, and the switchover waits for it: the model before
+    charged the idle host's load."""
+    initial = 64 * MIB / SLOW_LOAD.device_load_rate
+    alone = _nic_migration(SLOW_LOAD)
+    shared = _nic_migration(replace(SLOW_LOAD, device_load_contention=2.0))
+    decided = next(p["time"] for p in shared["passes"] if p["exact"] is not None)
+    assert decided - shared["passes"][0]["time"] >= 2 * initial
+    assert shared["total-time"] - alone["total-time"] >= 0.9 * 1000 * initial

@@ -59,8 +59,12 @@ def sim_config(
         bottleneck = host.loopback_bandwidth
         host = replace(host, send_per_page=host.loopback_per_page,
                        final_per_page=host.loopback_final_per_page)  # fmt: skip
-    elif not params.get("max_bandwidth"):
-        bottleneck = UNCAPPED_LINK  # mig send's network is unknown
+    else:
+        # mig send's destination is another host: its loop shares no cores
+        # with the source's RAM stream (``mig.sim_contention``).
+        host = replace(host, device_load_contention=1.0)
+        if not params.get("max_bandwidth"):
+            bottleneck = UNCAPPED_LINK  # mig send's network is unknown
     link = LinkModel(
         bottleneck=bottleneck, stream_start=host.loopback_stream_start if demo else 0.0
     )

@@ -73,6 +73,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ from mig.protocol import (
 )
 from mig.reorder import DeviceRecord
 from mig.sim_bucket import BURST_SECONDS, SimBucket
+from mig.sim_contention import contended, load_contention
 from mig.sim_dest_loop import DestinationLoop
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
 from mig.sim_devices import (
@@ -391,6 +393,10 @@ class HostModel:
     # sockets hold (0: no bound).
     receive_rate: float = 0.0
     channel_buffer: float = 0.0
+    # How much slower the destination's loop takes in and loads precopy
+    # device records while the source's precopy shares the host with it
+    # (``mig.sim_contention``); 1: none measured.
+    device_load_contention: float = 1.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -475,6 +481,7 @@ class HostModel:
         if switchover is not None:
             final = final_pass_seconds_per_page()
             model = replace(model, **device_link_costs(model), loopback_final_per_page=final)
+            model = replace(model, device_load_contention=load_contention(model))
         return model
 
 
@@ -610,11 +617,14 @@ def _idle_loopback_migration(
     policy: str = DEFAULT_POLICY,
     devices: str = "none",
     params: dict[str, Any] | None = None,
+    observe: Callable[[Any], None] | None = None,
+    workload: str = "idle",
 ) -> tuple[dict[str, Any], Any]:
-    """One real loopback migration of an idle guest (memory filled, the
-    ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
+    """One real loopback migration of a guest, idle unless ``workload``
+    (memory filled, the ``pages`` of it, or zeroed, ``cap`` bytes/s or 0 for none, by
     ``policy``, with ``devices`` on both sides with ``demo``, and further
-    migration ``params``): its ``query()`` and its source.
+    migration ``params``): its ``query()`` and its source (handed to
+    ``observe`` before it starts, for a caller that watches it run).
 
     The destination is in this process, as the lab's real runs have it, or
     with ``demo`` ``mig demo``'s own (a ``mig serve --once --prealloc``
@@ -630,7 +640,7 @@ def _idle_loopback_migration(
         src.array.reshape(-1, src.page_size // src.array.itemsize)[pages] = 0x5A
     if not demo:
         dst = GuestMemory(size)
-        with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+        with WorkloadGuest(src, vcpus=1, workload=workload) as guest:
             local = MigrationDestination("tcp:127.0.0.1:0", dst, [])
             source = MigrationSource(guest, [], uri=local.uri, max_bandwidth=cap, policy=policy,
                                      **(params or {}))  # fmt: skip
@@ -645,9 +655,11 @@ def _idle_loopback_migration(
             uri = child.uri()
             if uri is None:
                 raise RuntimeError("calibration: the demo destination did not start")
-            with WorkloadGuest(src, vcpus=1, workload="idle") as guest:
+            with WorkloadGuest(src, vcpus=1, workload=workload) as guest:
                 source = MigrationSource(guest, sources, uri=uri, max_bandwidth=cap,
                                          policy=policy, **(params or {}))  # fmt: skip
+                if observe is not None:
+                    observe(source)
                 source.start()
                 q = source.wait(120)
             child.reap(60.0)
@@ -1070,7 +1082,7 @@ class SimLink:
         self._stop_copy_decode = 0.0
         # The destination's loop: it takes in and loads precopy device
         # records, and answers control messages in between (``mig.sim_dest_loop``).
-        self._loop = DestinationLoop()
+        self._loop = DestinationLoop(handling=host.control_latency)
         self._credit: dict[int, int] = {}
         self.aborted = False
         self.discarded = False
@@ -1220,6 +1232,8 @@ class SimLink:
         if self._in_stop_copy:
             self._stop_copy_decode += decode + take
         else:
+            # The source's precopy shares the host with the loop meanwhile.
+            take, decode = contended(self.host, take), contended(self.host, decode)
             self._loop.received(self.clock.now(), device_id, seq, n, take, decode)
 
     def sync(self, generation: int) -> None:

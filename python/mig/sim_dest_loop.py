@@ -19,6 +19,15 @@ control message. So, during precopy:
   thus holds the switchover until the bulk pass ended and the destination
   loaded all of it; meanwhile the source goes on with short passes.
 
+Each control message is one turn of that loop too: read, decoded, handled,
+its reply encoded and written (``handling`` seconds, the host's
+``control_latency``: a round trip's cost beyond the link's RTT, which these
+steps on the destination make up with the wake-ups of both ends). A message
+that waits behind the loop's work waits behind the messages queued before
+it as well: the ``pass`` messages the source sent while the destination
+loaded a device's initial data are each handled in turn after that load,
+and a ``settle`` sent once the ``switchover-ack`` came waits for all of them.
+
 ``DestinationLoop`` keeps that loop's busy spans: the simulated link tells it
 each precopy record's receive and load costs as the record arrives, and asks
 it when a control message is handled and when released loads end.
@@ -51,9 +60,12 @@ class DestinationLoop:
     at most ``drain_bytes`` at once (the receiver's device buffer).
     """
 
-    def __init__(self, drain_bytes: int = DRAIN_BYTES, poll: float = POLL) -> None:
+    def __init__(
+        self, drain_bytes: int = DRAIN_BYTES, poll: float = POLL, handling: float = 0.0
+    ) -> None:
         self.drain_bytes = drain_bytes
         self.poll = poll
+        self.handling = handling
         self._spans: list[_Span] = []
         # Records arrived and not yet taken in: (arrival, take seconds, bytes).
         self._arrived: list[tuple[float, float, int]] = []
@@ -61,6 +73,7 @@ class DestinationLoop:
         # Load seconds of records taken in and not yet released, per record.
         self._decode: dict[tuple[int, int], float] = {}
         self._longest = 0.0  # the longest span forgotten before a pass-ack
+        self._served = 0.0  # when the last control message's handling ends
 
     @property
     def free_at(self) -> float:
@@ -95,15 +108,21 @@ class DestinationLoop:
 
     def handled_at(self, now: float) -> float:
         """When a control message arriving at ``now`` is handled: once the
-        piece of work in progress then ends. The loop then takes in what
-        arrived meanwhile right after."""
+        work in progress then ends, and the work queued right behind it
+        (the messages before it, the loads they released). Its handling is
+        work of the loop; the loop then takes in what arrived meanwhile."""
         self._advance(now)
-        at = now
-        for span in self._spans:
-            if span.start <= now < span.end:
+        # Messages are taken in order: none before the one ahead was handled
+        # (its span may already be reported by a ``pass-ack`` sent then).
+        at = max(now, self._served)
+        for span in self._spans:  # in order, each after the one before
+            if span.start <= at < span.end:
                 at = span.end
+        self._served = at + self.handling
+        if self.handling:
+            self._add(_Span(at, self._served))
         if self._arrived:
-            self._wake = at
+            self._wake = self._served
         return at
 
     def answer(self, at: float) -> float:
@@ -135,8 +154,10 @@ class DestinationLoop:
 
     def _add(self, span: _Span) -> None:
         # Spans are kept until a pass-ack reports them; the longest of those
-        # forgotten before one stays in ``_longest``.
-        if len(self._spans) > 64:
+        # forgotten before one stays in ``_longest``. Only work done by the
+        # time the new span starts is forgotten: work still queued delays
+        # the messages behind it (``handled_at``).
+        while len(self._spans) > 64 and self._spans[0].end <= span.start:
             old = self._spans.pop(0)
             self._longest = max(self._longest, old.end - old.start)
         self._spans.append(span)

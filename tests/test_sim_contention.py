@@ -1,0 +1,47 @@
+"""The destination's loop during a loopback precopy (``mig.sim_contention``):
+sharing the host with the source's precopy slows its device loads."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from mig.devices import create
+from mig.predict import sim_config
+from mig.sim import HostModel, save_host_model
+from mig.sim_contention import CALIBRATION_DEVICE, contended, initial_load_wait
+
+MIB = 1 << 20
+
+
+def test_the_factor_scales_the_loops_precopy_seconds() -> None:
+    host = replace(HostModel(), device_load_contention=2.5)
+    # (Its effect on a simulated migration: ``tests/test_sim_dest_loop.py``.)
+    assert contended(host, 0.1) == 0.25
+    # A model saved before the factor was measured charges the idle host's.
+    assert contended(HostModel(), 0.1) == 0.1
+
+
+def test_a_destination_on_another_host_is_not_contended(tmp_path: Path) -> None:
+    """``mig send --simulate``'s destination shares no cores with the source:
+    the factor is dropped; ``mig demo --simulate``'s keeps it."""
+    path = tmp_path / "host-model.json"
+    save_host_model(replace(HostModel(), device_load_contention=3.0), path, {"commit": "test"})
+    args = {"size": 64 * MIB, "workload": "idle", "vcpus": 1, "devices": "nic", "host_model": path}
+    demo, _ = sim_config({}, demo=True, **args)
+    send, _ = sim_config({}, demo=False, **args)
+    assert demo.host.device_load_contention == 3.0
+    assert send.host.device_load_contention == 1.0
+
+
+def test_the_calibration_sees_the_initial_data_loaded_after_the_first_pass() -> None:
+    """A real loopback migration: the source's first pass released the
+    device's initial data (at least its whole state), and the switchover-ack
+    came back after the pass."""
+    wait, nbytes = initial_load_wait()
+    device = create(CALIBRATION_DEVICE)
+    try:
+        assert nbytes >= device.state_size
+    finally:
+        device.close()
+    assert wait > 0
