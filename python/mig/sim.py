@@ -421,8 +421,10 @@ class HostModel:
         destination its start-up (``_warmup_costs``), the loopback
         (``_loopback_costs``), the sender's reads over holes
         (``hole_query_seconds``), ``control_latency``
-        (``mig.sim_handshake``) and the destination's receive rate
-        (``mig.sim_receive.receive_rate``)."""
+        (``mig.sim_handshake``), the destination's receive rate
+        (``mig.sim_receive.receive_rate``) and how much slower its loop
+        loads precopy device records beside the source's precopy
+        (``mig.sim_contention.load_contention``)."""
         from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
 
         mem = GuestMemory(size)
