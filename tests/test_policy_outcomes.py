@@ -20,10 +20,11 @@ from mig.sim import LinkModel, SimConfig, simulate
 
 MIB = 1 << 20
 LIMIT_MS = 300
+TIGHT_LIMIT_MS = 100
 BANDWIDTH = int(2.5e9 / 8)  # 100 ms of it is 31 MB: a large device state is a visible share
 
 
-def _config(device_set: str, policy: str) -> SimConfig:
+def _config(device_set: str, policy: str, limit: int = LIMIT_MS) -> SimConfig:
     devices = lab.DEVICE_SETS[device_set]
     return SimConfig(
         memory=256 * MIB,
@@ -33,7 +34,7 @@ def _config(device_set: str, policy: str) -> SimConfig:
         policy=policy,
         params={
             "max_bandwidth": BANDWIDTH,
-            "downtime_limit": LIMIT_MS,
+            "downtime_limit": limit,
             "multifd_channels": 4,
             "timeout": lab.sweep_timeout(256 * MIB, devices, BANDWIDTH),
         },
@@ -42,22 +43,31 @@ def _config(device_set: str, policy: str) -> SimConfig:
     )
 
 
-# The scenarios: the three device sets whose stop-copy state is large (known
-# while running; known only once stopped; growing), and the matrix's opaque one.
-SCENARIOS = ("big-known", "big-stopped", "growing", "opaque")
+# The scenarios (device set, downtime limit in ms): the three device sets
+# whose stop-copy state is large (known while running; known only once
+# stopped; growing), and the matrix's opaque one, at the 300 ms limit; and
+# the opaque one at 100 ms, where its state no longer fits beside the RAM
+# that fits the limit (what a stop-copy byte budget catches).
+SCENARIOS = (
+    ("big-known", LIMIT_MS),
+    ("big-stopped", LIMIT_MS),
+    ("growing", LIMIT_MS),
+    ("opaque", LIMIT_MS),
+    ("opaque", TIGHT_LIMIT_MS),
+)
 
 
 @cache
-def _run(device_set: str, policy: str) -> dict[str, Any]:
-    q = simulate(_config(device_set, policy))
+def _run(device_set: str, policy: str, limit: int = LIMIT_MS) -> dict[str, Any]:
+    q = simulate(_config(device_set, policy, limit))
     # Every scenario converges, and the simulated destination verified what it got.
-    assert q["status"] == "completed", (device_set, policy, q.get("error-desc"))
-    assert q["sim"]["verified"], (device_set, policy)
+    assert q["status"] == "completed", (device_set, policy, limit, q.get("error-desc"))
+    assert q["sim"]["verified"], (device_set, policy, limit)
     return q
 
 
-def _figures(device_set: str, policy: str) -> dict[str, Any]:
-    return outcome(_run(device_set, policy))
+def _figures(device_set: str, policy: str, limit: int = LIMIT_MS) -> dict[str, Any]:
+    return outcome(_run(device_set, policy, limit))
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -67,7 +77,8 @@ def test_replacing_the_policy_changes_an_outcome(policy: str) -> None:
     same = [
         other
         for other in policy_names()
-        if other != policy and all(_figures(s, policy) == _figures(s, other) for s in SCENARIOS)
+        if other != policy
+        and all(_figures(s, policy, lim) == _figures(s, other, lim) for s, lim in SCENARIOS)
     ]
     assert not same, f"{policy} gives the same figures as {same} in {SCENARIOS}"
 
@@ -108,6 +119,22 @@ def test_only_stop_exact_resume_stops_for_a_device_sized_while_running() -> None
     stops = {p: _figures("big-known", p)["guest-stops"] for p in policy_names()}
     assert stops.pop("stop-exact-resume") >= 1
     assert set(stops.values()) == {0}, stops
+
+
+def test_a_byte_budget_abandons_a_switchover_a_stop_only_device_overflows() -> None:
+    """16 MiB of state known only once stopped, a 100 ms limit: what fits
+    beside the RAM is less than the device's state. ``exact-running`` counts
+    the device at its estimate (nothing, before a stop), switches over and
+    misses the limit; ``device-checks-sla`` takes the same decision, but its
+    budget stops the save past the bytes that fit: it abandons that
+    switchover, resumes the guest, and completes within the limit once the
+    stop has sized the device."""
+    counted = _run("opaque", "exact-running", TIGHT_LIMIT_MS)
+    budgeted = _run("opaque", "device-checks-sla", TIGHT_LIMIT_MS)
+    assert counted["switchover-aborts"] == 0
+    assert counted["downtime"] > TIGHT_LIMIT_MS, counted["downtime-breakdown"]
+    assert budgeted["switchover-aborts"] >= 1
+    assert budgeted["downtime"] <= TIGHT_LIMIT_MS, budgeted["downtime-breakdown"]
 
 
 def test_a_stop_only_device_is_sized_by_the_policies_that_stop_or_predict() -> None:
