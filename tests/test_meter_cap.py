@@ -17,6 +17,7 @@ from loopkit import SoftTracker, VirtualGuest, VirtualLink
 import mig
 from mig.clock import VirtualClock
 from mig.policies import Decision, Policy, PolicyView
+from mig.precopy import Precopy
 from mig.source import MigrationSource
 from mig.stats import BandwidthMeter
 
@@ -113,3 +114,30 @@ def test_a_burst_does_not_switch_over_with_memory_pending() -> None:
     first = q["passes"][0]
     assert first["estimate"] <= CAP * limit, first
     assert q["downtime"] / 1000 <= limit, q["downtime-breakdown"]
+
+
+class _Sized:
+    """A handler's sizes: ``estimate`` cheap, ``running`` its exact size."""
+
+    def __init__(self, name: str, estimate: int, running: int) -> None:
+        self.name, self.role, self.exact_needs_stop = name, "device", False
+        self.estimate, self.running = estimate, running
+
+    def pending_estimate(self) -> int:
+        return self.estimate
+
+    def pending_exact(self, guest_stopped: bool) -> int:
+        return self.running
+
+
+def test_a_catch_up_keeps_a_device_without_precopy_data_in_the_plan() -> None:
+    # A device with no precopy data estimates 0 and still sends its whole
+    # state in the stop-copy: the plan that restarts after a catch-up sync
+    # counts that state, or predicted-downtime leaves its bytes out.
+    ram = _Sized("ram", 4 * MIB, 4 * MIB)
+    device = _Sized("fixed0", 0, 24 * MIB)
+    precopy = Precopy.__new__(Precopy)
+    precopy.ram, precopy.devices = ram, [device]  # type: ignore[assignment]
+    precopy.reestimate()
+    assert precopy.pending_estimate == 4 * MIB
+    assert precopy.pending_exact == 28 * MIB
