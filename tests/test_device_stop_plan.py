@@ -47,7 +47,10 @@ def test_the_first_plan_counts_the_device_stop_cost_it_then_pays(device: str) ->
     q = simulate(
         SimConfig(
             memory=64 * MIB,
-            workload="uniform:rate=2000",
+            # A guest busy enough that the switchover falls a while after
+            # the device's last precopy read (the meter reads no more than
+            # the cap, so the passes are paced by it).
+            workload="uniform:rate=20000",
             devices=(device,),
             policy="exact-running",
             params={"max_bandwidth": 1 << 30, "downtime_limit": 300, "timeout": 60.0},

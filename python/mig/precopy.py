@@ -141,6 +141,15 @@ class Precopy:
         """Seconds: the sum of ``switchover_plan``."""
         return sum(self.switchover_plan().values()) if self.bandwidth() else 0.0
 
+    def reestimate(self) -> None:
+        """After a sync outside ``decide``: the plan's pending bytes are RAM's
+        known set and each device's size with the guest running (never a
+        stop: ``_expect_device_stops``). Not its cheap estimate: a device
+        without precopy data estimates 0 and still sends its whole state."""
+        ram = self.ram.pending_estimate()
+        self.pending_estimate = ram + sum(h.pending_estimate() for h in self.devices)
+        self.pending_exact = ram + sum(h.pending_exact(False) for h in self.devices)
+
     def switchover_near(self) -> bool:
         """The known pending state would fit the raw downtime budget."""
         raw = self.bandwidth() * self.params.downtime_limit_s

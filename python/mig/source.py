@@ -360,7 +360,8 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         assert precopy is not None and control is not None and self.switchover is not None
         self._check_cancel()
         control.poll()
-        self.meter.update(precopy.link.transferred(), precopy.link.busy_time())
+        cap = self.settings.max_bandwidth
+        self.meter.update(precopy.link.transferred(), precopy.link.busy_time(), cap)
         if self._timed_out():
             if self.settings.timeout_action == "cancel":
                 raise MigrationEnded("cancelled", f"timeout after {self.settings.timeout} s")

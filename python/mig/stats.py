@@ -9,7 +9,11 @@ followed within ~5 windows). The denominator is send time, not wall time:
 the loop's own work (dirty syncs, policy decisions, guest stops for an exact
 size) would otherwise read as a slower link, which is the underestimate the
 QEMU thread complains about. A link capped by ``max_bandwidth`` spends the
-cap's waits inside the send calls, so the estimate converges to the cap.
+cap's waits inside the send calls, so the estimate converges to the cap; it
+never reads above it (``update``'s ``cap``): the sender's token bucket lets
+up to 50 ms of tokens gathered while the link idled (setup, syncs, decisions)
+leave at once, and the socket buffers take a first burst without waiting, so
+a short window can read several times the cap, which no stop-copy gets.
 Decisions use ``conservative()``: the smoothed value less two smoothed mean
 absolute deviations of the samples, so a link that varies gets a threshold
 with a margin in proportion to how much it varies (never below half the
@@ -54,14 +58,18 @@ class BandwidthMeter:
         self._busy0 = 0.0
         self._bytes = 0
         self._busy = 0.0
+        self.cap = 0.0
 
-    def update(self, transferred: int, busy: float) -> bool:
-        """Feed cumulative totals; returns True when a window closed."""
+    def update(self, transferred: int, busy: float, cap: float = 0.0) -> bool:
+        """Feed cumulative totals and the link's ``max_bandwidth`` now
+        (bytes/s, 0: none), which bounds every figure; returns True when a
+        window closed."""
         self._bytes, self._busy = transferred, busy
+        self.cap = max(0.0, float(cap))
         span = busy - self._busy0
         if span < self.window:
             return False
-        sample = (transferred - self._bytes0) / span
+        sample = self._capped((transferred - self._bytes0) / span)
         self.last_sample = sample
         if self.samples == 0:
             self.smoothed = sample
@@ -73,12 +81,18 @@ class BandwidthMeter:
         self._bytes0, self._busy0 = transferred, busy
         return True
 
+    def _capped(self, rate: float) -> float:
+        """A rate above the cap is a burst (bucket allowance, socket
+        buffers), not what the link carries: the cap, then."""
+        return min(rate, self.cap) if self.cap > 0 else rate
+
     def estimate(self) -> float:
-        """Bytes/s: the smoothed value, or the open window's rate before the first one closes."""
+        """Bytes/s: the smoothed value, or the open window's rate before the
+        first one closes; never above the cap (it may have been lowered)."""
         if self.samples:
-            return self.smoothed
+            return self._capped(self.smoothed)
         span = self._busy - self._busy0
-        return (self._bytes - self._bytes0) / span if span > 0 else 0.0
+        return self._capped((self._bytes - self._bytes0) / span) if span > 0 else 0.0
 
     def conservative(self) -> float:
         """Bytes/s to plan a switchover with: the estimate less two deviations."""

@@ -275,8 +275,7 @@ class SwitchoverRun:
             self.precopy.after_sync()
             while ram.iterate(self.precopy.link, _CATCH_UP_SLICE):
                 check_cancel()
-            self.precopy.pending_exact = None  # the plan grows this from the last sync
-            self.precopy.pending_estimate = ram.pending_estimate()
+            self.precopy.reestimate()
         self._settle(check_cancel)
 
     def _harvest_before_pause(self) -> None:
