@@ -101,6 +101,30 @@ def test_adaptive_stops_to_measure_once_waiting_cannot_raise_the_chance() -> Non
     assert ad.decide(exact_view(10**6)).action is Action.STOP_AND_EXACT
 
 
+def test_adaptive_resumes_from_a_stop_that_fits_only_the_fallback_while_stops_remain() -> None:
+    """Stopped for an exact size: 100 ms of fixed costs and 210 MB measured
+    (RAM and an opaque device) need 310 ms at 1 GB/s, over the 300 ms limit,
+    yet under the fallback's bandwidth × limit. With stops left it resumes (a
+    state that moves with the workload may be smaller at the next stop); at
+    the last stop ``max_stops`` allows it switches over as QEMU would. A
+    measurement that fits the plan switches over at once."""
+    ad = make_policy("adaptive", max_stops=3)
+
+    def stopped(device: int, stops: int) -> PolicyView:
+        base = view(10 * 10**6, 0.1)
+        handlers = (
+            HandlerView("ram", "ram", False, 10 * 10**6, 10 * 10**6),
+            HandlerView("opaque0", "device", True, 0, device),
+        )
+        fields = {"phase": "exact", "guest_stopped": True, "handlers": handlers}
+        return PolicyView(**{**base.__dict__, **fields, "guest_stops": stops})
+
+    assert ad.decide(stopped(200 * 10**6, 0)).action is Action.CONTINUE
+    assert ad.decide(stopped(200 * 10**6, 1)).action is Action.CONTINUE
+    assert ad.decide(stopped(200 * 10**6, 2)).action is Action.COMPLETE
+    assert ad.decide(stopped(150 * 10**6, 0)).action is Action.COMPLETE
+
+
 def test_adaptive_refuses_a_negative_fixed_cost_factor() -> None:
     with pytest.raises(ValueError, match="fixed_cost_factor"):
         make_policy("adaptive", fixed_cost_factor=-1)

@@ -266,8 +266,10 @@ class Adaptive(Policy):
     ``fixed_cost_factor`` from the downtime limit. When those fixed costs
     alone, or with the devices' predicted stop-copy state (which sending RAM
     does not shrink), exceed the limit, it falls back to the plain bandwidth
-    × limit threshold: no wait makes them smaller, and switching over as
-    QEMU would beats iterating forever.
+    × limit threshold: switching over as QEMU would beats iterating forever.
+    At a stopped exact that fits only that fallback, it resumes while another
+    stop is allowed (``max_stops``, the stopped-time budget): a device whose
+    state moves with the workload may be smaller at the next stop.
 
     The limit is a ceiling, not a target: while one more pass would leave
     at most ``shrink`` of RAM's pending bytes (what the guest dirties while
@@ -380,6 +382,20 @@ class Adaptive(Policy):
             return int(view.bandwidth * view.downtime_limit)
         return int(view.bandwidth * budget)
 
+    def _fits_plan(self, view: PolicyView) -> bool:
+        """The measured state, sent at the measured bandwidth, fits the limit
+        less the fixed switchover costs (not the fallback threshold)."""
+        budget = view.downtime_limit - self.fixed_cost_factor * view.overhead
+        return view.bandwidth > 0 and view.measured() <= view.bandwidth * budget
+
+    def _may_stop_again(self, view: PolicyView) -> bool:
+        """Resuming from this stop leaves room for a later one: this stop
+        counts once resumed, and the stopped-time budget is not spent."""
+        cap = self.max_stopped_time
+        if cap is None:
+            cap = view.downtime_limit * max(1, self.max_stops)
+        return view.guest_stops + 1 < self.max_stops and view.guest_stopped_time < cap
+
     def _stops_left(self, view: PolicyView) -> bool:
         if view.guest_stops >= self.max_stops:
             return False
@@ -405,7 +421,14 @@ class Adaptive(Policy):
         threshold = self._effective_threshold(view)
         needs_stop = any(h.exact_needs_stop and h.exact is None for h in view.handlers)
         if view.phase == "exact" and view.guest_stopped:
-            return COMPLETE if view.measured() <= threshold else CONTINUE
+            if view.measured() > threshold:
+                return CONTINUE
+            # Within the fallback threshold yet over the plan: a device whose
+            # state moves with the workload may be smaller at a later stop,
+            # so while another stop is allowed, resume and measure again.
+            if not self._fits_plan(view) and self._may_stop_again(view):
+                return CONTINUE
+            return COMPLETE
         if self.another_pass_pays(view):
             return CONTINUE
         predicted, p = self.chance(view)
