@@ -1491,6 +1491,10 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     memory = SimMemory(config.memory, g, clock, host)
     guest = SimGuest(memory, clock, host, config.workload, config.vcpus, config.seed,
                      config.prefilled)  # fmt: skip
+    # The devices run from their creation, before the guest's workload, as
+    # the demo's do: through the warm-up a growing device grows.
+    specs = list(config.devices)
+    devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
     if not config.prefilled:
         # A zeroed guest runs its workload while the destination starts;
         # a prefilled one has no zero page left for that to change.
@@ -1499,8 +1503,6 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     tracker = SimTracker(memory, clock, host)
     guest.tracker = tracker
     tracker.guest = guest
-    specs = list(config.devices)
-    devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
     handlers = [_SimDeviceHandler(d, device_id=i) for i, d in enumerate(devices, start=1)]
     params = dict(config.params)
     params.setdefault("timeout", 600.0)
