@@ -120,6 +120,7 @@ from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
 from mig.sim_setup import register_seconds_per_page
+from mig.sim_warmup import warmup_costs
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
 
@@ -418,7 +419,7 @@ class HostModel:
         size at that cap (what the destination does after the source's last
         byte: wait for the end records, then validate and resume; it grows
         with the host's load), and from real migrations to ``mig demo``'s
-        destination its start-up (``_warmup_costs``), the loopback
+        destination its guest's warm-up (``mig.sim_warmup``), the loopback
         (``_loopback_costs``), the sender's reads over holes
         (``hole_query_seconds``), ``control_latency``
         (``mig.sim_handshake``), the destination's receive rate
@@ -452,7 +453,7 @@ class HostModel:
             control, broadcast = control_costs(*switchover)
             load_base, drain_base, link_jitter, setup = _switchover_load(digest_rate, *switchover)
             setup_base = max(0.0, setup - register_per_page * switchover[0] / PAGE_SIZE)
-            warmup_base, warmup_per_byte = _warmup_costs()
+            warmup_base, warmup_per_byte = warmup_costs()
             loopback_bandwidth, loopback_per_page, stream_start = _loopback_costs()
             hole_query = hole_query_seconds()
             receive = receive_rate(loopback_bandwidth, drain_base)
@@ -485,40 +486,6 @@ class HostModel:
             model = replace(model, **device_link_costs(model), loopback_final_per_page=final)
             model = replace(model, device_load_contention=load_contention(model))
         return model
-
-
-# Guest sizes the warm-up is timed at: the base from the small one, the
-# share per byte from the difference.
-WARMUP_SIZES = (16 << 20, 1 << 30)
-# The demo's default device: a destination with devices takes longer to
-# start (it builds them) than one without.
-WARMUP_DEVICES = "nic"
-
-
-def _warmup_costs(runs: int = 3) -> tuple[float, float]:
-    """(warmup_base, warmup_per_byte): how long ``mig demo``'s destination
-    process takes from its start until it is ready to receive (start-up,
-    memory preallocation), the time the demo's guest runs before its
-    migration starts. Median of ``runs`` at each of ``WARMUP_SIZES``."""
-    from mig.demo_destination import DemoDestination  # noqa: PLC0415
-
-    medians = []
-    for size in WARMUP_SIZES:
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            dest = DemoDestination(size, WARMUP_DEVICES, "warning", {})
-            try:
-                uri = dest.uri()
-                times.append(time.perf_counter() - t0)
-            finally:
-                dest.kill()
-            if uri is None:
-                raise RuntimeError("calibration: the demo destination did not start")
-        medians.append(float(np.median(times)))
-    small, large = WARMUP_SIZES
-    per_byte = max(0.0, (medians[1] - medians[0]) / (large - small))
-    return max(0.0, medians[0] - per_byte * small), per_byte
 
 
 # (size, stride) of the uncapped loopback migrations: every stride-th page
@@ -1507,6 +1474,10 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     memory = SimMemory(config.memory, g, clock, host)
     guest = SimGuest(memory, clock, host, config.workload, config.vcpus, config.seed,
                      config.prefilled)  # fmt: skip
+    # The devices run from their creation, before the guest's workload, as
+    # the demo's do: through the warm-up a growing device grows.
+    specs = list(config.devices)
+    devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
     if not config.prefilled:
         # A zeroed guest runs its workload while the destination starts;
         # a prefilled one has no zero page left for that to change.
@@ -1515,8 +1486,6 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     tracker = SimTracker(memory, clock, host)
     guest.tracker = tracker
     tracker.guest = guest
-    specs = list(config.devices)
-    devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
     handlers = [_SimDeviceHandler(d, device_id=i) for i, d in enumerate(devices, start=1)]
     params = dict(config.params)
     params.setdefault("timeout", 600.0)
