@@ -426,7 +426,7 @@ class HostModel:
         (``mig.sim_receive.receive_rate``) and how much slower its loop
         loads precopy device records beside the source's precopy
         (``mig.sim_contention.load_contention``)."""
-        from mig._mig import GuestMemory, WorkloadGuest  # noqa: PLC0415
+        from mig._mig import GuestMemory  # noqa: PLC0415
 
         mem = GuestMemory(size)
         mem.array[:] = 1
@@ -434,14 +434,7 @@ class HostModel:
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
         devices = device_costs()
-        with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
-            time.sleep(0.2)
-            lat = []
-            for _ in range(3):
-                lat.append(g.pause())
-                g.resume()
-                time.sleep(0.02)
-            writes = g.stats()["rate"]
+        pause_latency, writes = _vcpu_costs(mem)
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
         loopback_bandwidth, loopback_per_page = cls.loopback_bandwidth, cls.loopback_per_page
@@ -463,7 +456,7 @@ class HostModel:
             sync_per_page=sync_per_page,
             sync_per_dirty_page=sync_per_dirty_page,
             **devices,
-            pause_latency=float(np.median(lat)),
+            pause_latency=pause_latency,
             max_rate_per_vcpu=float(writes) or cls.max_rate_per_vcpu,
             load_base=load_base,
             drain_base=drain_base,
@@ -486,6 +479,22 @@ class HostModel:
             model = replace(model, **device_link_costs(model), loopback_final_per_page=final)
             model = replace(model, device_load_contention=load_contention(model))
         return model
+
+
+def _vcpu_costs(mem: Any) -> tuple[float, float]:
+    """(pause_latency, writes per second of one vCPU): the median of three
+    pauses of a guest writing as fast as it can, and that rate."""
+    from mig._mig import WorkloadGuest  # noqa: PLC0415
+
+    with WorkloadGuest(mem, vcpus=1, workload="uniform:rate=max") as g:
+        time.sleep(0.2)
+        lat = []
+        for _ in range(3):
+            lat.append(g.pause())
+            g.resume()
+            time.sleep(0.02)
+        writes = g.stats()["rate"]
+    return float(np.median(lat)), float(writes)
 
 
 # (size, stride) of the uncapped loopback migrations: every stride-th page
