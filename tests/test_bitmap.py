@@ -175,6 +175,10 @@ def _ticks_during(op: Callable[[], object], seconds: float = 0.25) -> int:
     try:
         time.sleep(0.01)
         sys.setswitchinterval(30.0)
+        # A GIL drop already requested under the old interval may still hand
+        # the ticker one turn; let it happen (the sleep releases the GIL)
+        # before counting.
+        time.sleep(0.005)
         before = ticks
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
