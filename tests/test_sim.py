@@ -267,12 +267,13 @@ def test_a_sync_costs_more_with_more_dirty_pages() -> None:
 
 
 def test_a_capped_link_sends_its_idle_time_s_tokens_at_once() -> None:
-    # The sender's token bucket: after the link idled, up to BUCKET_BURST
+    # The sender's token bucket: after the link idled, up to BURST_SECONDS
     # seconds of the cap leave without waiting; a busy link pays every byte.
     import numpy as np
 
     from mig.clock import VirtualClock
-    from mig.sim import BUCKET_BURST, HostModel, SimGuest, SimLink, SimMemory, SimTracker
+    from mig.sim import HostModel, SimGuest, SimLink, SimMemory, SimTracker
+    from mig.sim_bucket import BURST_SECONDS
 
     clock, host = VirtualClock(), HostModel()
     memory = SimMemory(64 * MIB, 1, clock, host)
@@ -290,4 +291,4 @@ def test_a_capped_link_sends_its_idle_time_s_tokens_at_once() -> None:
     assert busy == pytest.approx(wire / (64 * MIB), rel=0.01)
     clock.advance(1.0)  # idle: the bucket fills, to its limit only
     after_idle, wire = timed_send()
-    assert after_idle == pytest.approx(wire / (64 * MIB) - BUCKET_BURST, rel=0.01)
+    assert after_idle == pytest.approx(wire / (64 * MIB) - BURST_SECONDS, rel=0.01)

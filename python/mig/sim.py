@@ -31,8 +31,8 @@ Models:
   ``channel_bandwidth`` and to ``window / rtt`` (a TCP window per round
   trip), sharing a ``bottleneck``; ``max_bandwidth`` caps the total through
   the sender's token bucket (``mig.sim_bucket``: a sender that went slower
-  than the cap, idle or busy, piles up to ``BUCKET_BURST`` of tokens, and
-  the bytes they cover leave at the link's own pace). Wire
+  than the cap, idle or busy, piles up ``BURST_SECONDS`` of the cap in
+  tokens, and the bytes they cover leave at the link's own pace). Wire
   bytes follow the stream format: a 48-byte header per packet of up to
   ``packet_pages`` pages, 8 bytes per page offset, page payload only for
   non-zero pages; a device chunk costs a record header plus its bytes.
@@ -105,7 +105,7 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
-from mig.sim_bucket import BURST_SECONDS, SimBucket
+from mig.sim_bucket import SimBucket
 from mig.sim_contention import contended, load_contention
 from mig.sim_dest_loop import DestinationLoop
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
@@ -784,10 +784,6 @@ class LinkModel:
         if not math.isfinite(total):
             raise ValueError("the link has no finite bandwidth: set a bandwidth, cap or RTT")
         return total
-
-
-# Seconds of the cap the sender's token bucket holds at most (``mig.sim_bucket``).
-BUCKET_BURST = BURST_SECONDS
 
 
 # ------------------------------------------------------------------ memory
