@@ -36,11 +36,12 @@ def test_adaptive_keeps_sending_while_another_pass_halves_what_is_pending() -> N
     """150 MB fit the 300 ms limit, but a guest dirtying 100 MB/s leaves only
     25 MB after sending them (150 ms + 100 ms of fixed costs): send them with
     the guest running. Dirtying 400 MB/s, another pass would leave 100 MB, more
-    than half: switch over. Under ``floor`` (5 ms of sending), switch over."""
+    than half: switch over. Under ``floor`` (1 ms of sending), switch over."""
     ad = make_policy("adaptive")
     assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=100e6)).action is Action.CONTINUE
     assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=400e6)).action is Action.EXACT_RUNNING
-    assert ad.decide(view(4 * 10**6, 0.0, dirty_rate=0.0)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(4 * 10**6, 0.0, dirty_rate=0.0)).action is Action.CONTINUE
+    assert ad.decide(view(5 * 10**5, 0.0, dirty_rate=0.0)).action is Action.EXACT_RUNNING
     never = make_policy("adaptive", shrink=0.0)
     assert never.decide(view(150 * 10**6, 0.1, dirty_rate=0.0)).action is Action.EXACT_RUNNING
 
@@ -86,7 +87,7 @@ def test_adaptive_stops_to_measure_once_waiting_cannot_raise_the_chance() -> Non
     """A stop-only device predicted at 180 MB against 200 MB left after the
     fixed costs: the chance of fitting is above even but under ``p_stop``.
     With 15 MB of RAM pending it keeps sending; with RAM down to ``floor``
-    (5 ms) of sending another pass changes nothing, so it stops to measure."""
+    (1 ms) of sending another pass changes nothing, so it stops to measure."""
     ad = make_policy("adaptive")
 
     def exact_view(ram: int) -> PolicyView:
@@ -98,7 +99,7 @@ def test_adaptive_stops_to_measure_once_waiting_cannot_raise_the_chance() -> Non
         return PolicyView(**{**base.__dict__, "phase": "exact", "handlers": handlers})
 
     assert ad.decide(exact_view(15 * 10**6)).action is Action.CONTINUE
-    assert ad.decide(exact_view(10**6)).action is Action.STOP_AND_EXACT
+    assert ad.decide(exact_view(5 * 10**5)).action is Action.STOP_AND_EXACT
 
 
 def test_adaptive_resumes_from_a_stop_that_fits_only_the_fallback_while_stops_remain() -> None:

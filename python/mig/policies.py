@@ -277,7 +277,10 @@ class Adaptive(Policy):
     more than ``floor`` seconds, it keeps sending with the guest running rather
     than pay them in the downtime. An idle guest thus switches over with
     nothing left to send; a guest whose dirtying keeps up with the link
-    switches over as soon as it fits.
+    switches over as soon as it fits. ``floor`` (1 ms) is small beside the
+    fixed costs every switchover pays: the RAM a switchover carries is what
+    the guest dirties during one short pass, not a share of the pass before
+    it, whose length grows with the guest's memory.
 
     A cheap running exact (RAM sync) is taken when fitting is at least even.
     The guest stops for an exact measurement only when the chance is at least
@@ -297,7 +300,7 @@ class Adaptive(Policy):
         max_stopped_time: float | None = None,
         fixed_cost_factor: float = 1.0,
         shrink: float = 0.5,
-        floor: float = 0.005,
+        floor: float = 0.001,
     ) -> None:
         if not 0 < p_stop <= 1 or max_stops < 0 or min_interval < 0 or fixed_cost_factor < 0:
             raise ValueError(
