@@ -46,6 +46,18 @@ def test_adaptive_keeps_sending_while_another_pass_halves_what_is_pending() -> N
     assert never.decide(view(150 * 10**6, 0.1, dirty_rate=0.0)).action is Action.EXACT_RUNNING
 
 
+def test_adaptive_asks_for_another_pass_only_while_passes_shrink_what_is_pending() -> None:
+    """40 MB pending, a guest dirtying 20 MB/s: another pass should leave
+    under half, so it keeps sending. After that pass 45 MB are pending, not
+    less: the prediction failed, and it does not ask again at once. A pass
+    that did shrink what is pending lets it ask again."""
+    ad = make_policy("adaptive")
+    assert ad.decide(view(40 * 10**6, 0.01, dirty_rate=20e6)).action is Action.CONTINUE
+    assert ad.decide(view(45 * 10**6, 0.01, dirty_rate=20e6)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(30 * 10**6, 0.01, dirty_rate=20e6)).action is Action.CONTINUE
+    assert ad.decide(view(20 * 10**6, 0.01, dirty_rate=20e6)).action is Action.CONTINUE
+
+
 def test_adaptive_subtracts_the_fixed_costs() -> None:
     """300 ms limit, 100 ms of measured fixed costs (both sides' digests are
     in them): 200 ms (200 MB at 1 GB/s) remain for state."""

@@ -318,6 +318,8 @@ class Adaptive(Policy):
         self._errors: list[float] = []
         self._device_ratio: dict[str, float] = {}
         self._last_prediction: dict[str, int] = {}
+        # RAM's pending bytes when ``another_pass_pays`` last asked for a pass.
+        self._pass_asked_at: int | None = None
 
     def options(self) -> dict[str, Any]:
         return {
@@ -334,13 +336,23 @@ class Adaptive(Policy):
         """One more pass while the guest runs would leave at most ``shrink``
         of RAM's pending bytes, and those take more than ``floor`` to send.
         The pass lasts their sending plus the fixed costs (a sync at least,
-        a settle before the pause), all of it dirtying at the measured rate."""
+        a settle before the pause), all of it dirtying at the measured rate.
+
+        That is a prediction, so it is checked: when the pass it asked for
+        left RAM's pending bytes no smaller, it does not ask again at once.
+        A guest that dirties faster than the rate says (bursts, a loaded
+        host) would otherwise keep the migration in short passes that each
+        leave as much as they sent."""
         if not view.bandwidth_known:
             return False
         pending = self._predict(view, view.ram())
         seconds = pending / view.bandwidth
         dirtied = view.dirty_rate * (seconds + view.overhead)
-        return seconds > self.floor and dirtied < self.shrink * pending
+        pays = seconds > self.floor and dirtied < self.shrink * pending
+        if pays and self._pass_asked_at is not None and pending >= self._pass_asked_at:
+            pays = False
+        self._pass_asked_at = pending if pays else None
+        return pays
 
     def _ram_drained(self, view: PolicyView) -> bool:
         """RAM's pending bytes take at most ``floor`` to send: another pass
