@@ -10,6 +10,7 @@ from loopkit import BlobDevice, SoftTracker, VirtualGuest, VirtualLink
 
 import mig
 from mig.clock import VirtualClock
+from mig.handlers import RamHandler
 from mig.policies import policy_names
 from mig.protocol import Complete, Go, Ready, Resumed, SwitchoverAbort
 from mig.source import MigrationSource
@@ -90,6 +91,34 @@ class SlowSyncTracker(SoftTracker):
         self.clock.advance(self.cost)
         self.last_sync_seconds = self.cost
         return super().sync()
+
+
+class ListedSyncTracker(SoftTracker):
+    """A tracker whose syncs report the listed durations, in turn."""
+
+    def __init__(self, memory: mig.GuestMemory, costs: list[float]) -> None:
+        super().__init__(memory)
+        self.costs = list(costs)
+
+    def sync(self) -> mig.DirtyBitmap:
+        self.last_sync_seconds = self.costs.pop(0)
+        return super().sync()
+
+
+def test_the_final_sync_is_planned_from_the_least_of_the_recent_syncs() -> None:
+    """A sync that waited 40 ms for a core is not what the final sync costs:
+    the plan takes the least of the last three syncs, and a spike leaves the
+    estimate only once three slow syncs in a row say the walk got slower."""
+    memory = mig.GuestMemory(MIB)
+    tracker = ListedSyncTracker(memory, [0.005, 0.001, 0.009, 0.040, 0.050, 0.060])
+    ram = RamHandler(memory, tracker, VirtualClock())
+    for _ in range(4):
+        ram.sync()
+    assert ram.last_sync_seconds == pytest.approx(0.040)
+    assert ram.final_sync_estimate() == pytest.approx(0.001)
+    ram.sync()
+    ram.sync()
+    assert ram.final_sync_estimate() == pytest.approx(0.040)
 
 
 @pytest.mark.parametrize("policy", ["exact-running", "adaptive"])

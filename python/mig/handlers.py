@@ -12,12 +12,16 @@ load handler: its pages land in memory through the receiver.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
 from mig._mig import DirtyBitmap, GuestMemory, RamStream
 from mig.clock import Clock
 from mig.errors import OverBudget
 from mig.link import Link
+
+# Syncs the final sync's estimate looks back on (``RamHandler.final_sync_estimate``).
+RECENT_SYNCS = 3
 
 __all__ = ["SaveHandler", "LoadHandler", "StateHandler", "OverBudget", "RamHandler"]
 
@@ -106,6 +110,7 @@ class RamHandler:
         self._wire_seen = 0
         self.sync_seconds = 0.0
         self.last_sync_seconds = 0.0
+        self._recent_syncs: deque[float] = deque(maxlen=RECENT_SYNCS)
         self.last_sync_time: float | None = None
         self.last_sync_new_pages = 0
         self.dirty_pages_rate = 0.0
@@ -168,8 +173,20 @@ class RamHandler:
         self.sync()
         return self.pending_estimate()
 
+    def final_sync_estimate(self) -> float:
+        """Seconds the final sync should take: the least of the recent syncs.
+
+        The final sync walks the same page tables with the guest stopped,
+        finds only what was written since the sync before it and protects
+        nothing again. Of the recent syncs, the least is the one least
+        inflated by written pages and by a wait for a core (both ends of a
+        loopback migration share the host's cores); the last one may be
+        either."""
+        return min(self._recent_syncs, default=0.0)
+
     def _synced(self, new_pages: int, cost: float, t1: float) -> None:
         self.last_sync_seconds = float(cost)
+        self._recent_syncs.append(self.last_sync_seconds)
         self.sync_seconds += self.last_sync_seconds
         self.last_sync_new_pages = new_pages
         if self.last_sync_time is not None and t1 > self.last_sync_time:

@@ -107,7 +107,7 @@ class Precopy:
     def overhead(self) -> float:
         """Measured fixed switchover costs, seconds (``SwitchoverCosts``)."""
         costs = self.costs
-        costs.final_sync = self.ram.last_sync_seconds
+        costs.final_sync = self.ram.final_sync_estimate()
         costs.final_pages = self._pending() // self.ram.page_size
         self._expect_device_stops()
         return costs.total()

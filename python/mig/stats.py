@@ -149,13 +149,13 @@ class SwitchoverCosts:
     (``pass-ack``), the source's figure standing in until then; otherwise
     ``dest_root``, what the last ``ready`` reported (0 before a first
     switchover).
-    ``final_sync`` is what the last tracker sync took (the loop sets it):
-    at a switchover, the harvest right before the pause. That sync
-    write-protected again what it found, the final one does not
-    (``DirtyTracker.sync_final``), and it found what the settle's wait let
-    the guest dirty, the final one only what was written after it (a written
-    page costs the walk far more than an untouched one), so the figure errs
-    long by that work.
+    ``final_sync`` is the least that one of the last few tracker syncs took
+    (the loop sets it, ``RamHandler.final_sync_estimate``). Those syncs
+    write-protected again what they found, the final one does not
+    (``DirtyTracker.sync_final``), and they found what a pass or the
+    settle's wait let the guest dirty, the final one only what was written
+    after them (a written page costs the walk far more than an untouched
+    one), so the figure errs long by that work.
     ``drain`` is the destination's wait for the end records once
     ``complete`` arrived: what it measured at the last switchover (0 before
     one). ``settle`` drained the backlog before the pause, so only the final
