@@ -109,6 +109,7 @@ from mig.sim_bucket import SimBucket
 from mig.sim_contention import contended, load_contention
 from mig.sim_dest_loop import DestinationLoop
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
+from mig.sim_device_tick import device_tick_seconds
 from mig.sim_devices import (
     decode_seconds,
     device_costs,
@@ -340,6 +341,9 @@ class HostModel:
     # bucket); the loop plans with the estimate less two deviations, so a
     # link that never varies would switch over earlier than a real one.
     link_jitter: float = 0.0
+    # Seconds between a sample device's writes (``mig.sim_device_tick``);
+    # 0: the device's own tick.
+    device_tick: float = 0.0
     # How long a zeroed guest's workload runs before its migration starts:
     # ``mig demo`` builds the guest while its destination process starts and
     # populates its memory, and the source starts only once that is ready.
@@ -433,7 +437,7 @@ class HostModel:
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
-        devices = device_costs()
+        devices = {**device_costs(), "device_tick": device_tick_seconds()}
         pause_latency, writes = _vcpu_costs(mem)
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
@@ -1483,6 +1487,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     # the demo's do: through the warm-up a growing device grows.
     specs = list(config.devices)
     devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
+    for device in devices if host.device_tick else []:
+        device.tick = host.device_tick  # as often as this host's workers write
     if not config.prefilled:
         # A zeroed guest runs its workload while the destination starts;
         # a prefilled one has no zero page left for that to change.
