@@ -97,7 +97,6 @@ from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
 from mig.protocol import (
     Failed,
-    Hello,
     Message,
     PassAck,
     Settled,
@@ -120,7 +119,7 @@ from mig.sim_final_pass import final_pass_seconds_per_page
 from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
-from mig.sim_setup import register_seconds_per_page
+from mig.sim_setup import register_seconds_per_page, setup_seconds
 from mig.sim_warmup import warmup_costs
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -1129,6 +1128,11 @@ class SimLink:
         self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
 
     # --- the Link protocol ---
+    def connect_channels(self) -> None:
+        """The source's setup before ``hello`` (``mig.sim_setup``), charged
+        where the native sender connects: outside hello's round trip."""
+        self.clock.advance(setup_seconds(self.host, self.guest.memory.size))
+
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
         if self.aborted:
             raise OSError("link aborted")
@@ -1227,18 +1231,7 @@ class SimLink:
     def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        if isinstance(message, Hello):
-            # The source registered its tracker and connected before hello
-            # (mig.sim_setup). Charged before the round trip, not in it: the
-            # source plans the switchover's handshake from hello's round trip,
-            # and how long a destination takes to answer it first varies with
-            # the destination (its process) far more than later round trips do.
-            setup = (
-                self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
-                + self.host.setup_base
-            )
-            self.clock.advance(setup)
-        elif isinstance(message, Switchover):
+        if isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._stop_copy_decode = 0.0
             if self.destination.verify_mode == "strict":
