@@ -63,7 +63,9 @@ def test_the_end_digest_costs_the_cells_hashes_not_the_whole_state() -> None:
     sends almost nothing, and the source's END record and the destination's
     validation each hash only the 512 cells' hashes and the last cell inside
     the downtime, not all 32 MiB (``mig.sample_devices.cell_digest``)."""
-    device = "gpu:state=32MiB,rate=64KiB/s,chunk=64KiB"
+    # Idle (rate 0): a chunk it dirtied would go out at the stop, paced by
+    # the cap's tokens, which accrue while the digest is hashed and hide it.
+    device = "gpu:state=32MiB,rate=0,chunk=64KiB"
     hashed = run(device, "exact-running", cap=64 * MIB)
     free = run(device, "exact-running", host=replace(SLOW, device_hash_rate=1e18), cap=64 * MIB)
     assert hashed["devices"][0]["stop-copy-bytes"] < MIB
@@ -154,8 +156,9 @@ def test_each_record_of_a_device_stream_costs_its_handling() -> None:
     per_record, per_load = 5e-6, 2e-6
     host = replace(SLOW, device_record_seconds=per_record, device_load_record_seconds=per_load)
     # Known only when stopped: produced at the stopped exact (pause);
-    # decoded after "complete" (load).
-    small, large = (run(f"opaque:state=16MiB,chunk={c}", "stop-exact-resume", host=host)
+    # decoded after "complete" (load). Idle (rate 0): a working opaque
+    # device's size walks by up to a chunk per write, 1 MiB for the large one.
+    small, large = (run(f"opaque:state=16MiB,chunk={c},rate=0", "stop-exact-resume", host=host)
                     for c in ("4KiB", "1MiB"))  # fmt: skip
     records = 16 * MIB // (4 << 10) - 16
     for term, cost in (("pause", per_record), ("load", per_load)):

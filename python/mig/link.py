@@ -28,6 +28,11 @@ class Link(Protocol):
     charges virtual time says False: a second thread must not advance its
     clock, and the digest's cost is charged to that clock instead. A link
     without the attribute counts as False.
+
+    A link given to the source may have ``connect_channels()``: the source
+    calls it where it would build (and so connect) its native sender, before
+    ``hello``, so a link that models that setup charges it outside hello's
+    round trip.
     """
 
     concurrent_digest: bool

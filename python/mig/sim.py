@@ -97,7 +97,6 @@ from mig.errors import MigrationEnded
 from mig.policies import DEFAULT_POLICY
 from mig.protocol import (
     Failed,
-    Hello,
     Message,
     PassAck,
     Settled,
@@ -109,6 +108,7 @@ from mig.sim_bucket import SimBucket
 from mig.sim_contention import contended, load_contention
 from mig.sim_dest_loop import DestinationLoop
 from mig.sim_device_link import device_link_costs, receive_seconds, send_seconds
+from mig.sim_device_tick import device_tick_seconds
 from mig.sim_devices import (
     decode_seconds,
     device_costs,
@@ -119,7 +119,7 @@ from mig.sim_final_pass import final_pass_seconds_per_page
 from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
-from mig.sim_setup import register_seconds_per_page
+from mig.sim_setup import register_seconds_per_page, setup_seconds
 from mig.sim_warmup import warmup_costs
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -340,6 +340,9 @@ class HostModel:
     # bucket); the loop plans with the estimate less two deviations, so a
     # link that never varies would switch over earlier than a real one.
     link_jitter: float = 0.0
+    # Seconds between a sample device's writes (``mig.sim_device_tick``);
+    # 0: the device's own tick.
+    device_tick: float = 0.0
     # How long a zeroed guest's workload runs before its migration starts:
     # ``mig demo`` builds the guest while its destination process starts and
     # populates its memory, and the source starts only once that is ready.
@@ -433,7 +436,7 @@ class HostModel:
         t = _best(lambda: mem.digest(), 3)
         digest_rate = size / t
         sync_base, sync_per_page, sync_per_dirty_page = _tracker_costs(mem)
-        devices = device_costs()
+        devices = {**device_costs(), "device_tick": device_tick_seconds()}
         pause_latency, writes = _vcpu_costs(mem)
         load_base, drain_base, link_jitter = cls.load_base, cls.drain_base, cls.link_jitter
         warmup_base, warmup_per_byte = cls.warmup_base, cls.warmup_per_byte
@@ -1125,6 +1128,11 @@ class SimLink:
         self._credit[device_id] = self._credit.get(device_id, 0) + nbytes
 
     # --- the Link protocol ---
+    def connect_channels(self) -> None:
+        """The source's setup before ``hello`` (``mig.sim_setup``), charged
+        where the native sender connects: outside hello's round trip."""
+        self.clock.advance(setup_seconds(self.host, self.guest.memory.size))
+
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
         if self.aborted:
             raise OSError("link aborted")
@@ -1223,18 +1231,7 @@ class SimLink:
     def send(self, message: Message) -> None:
         if self.aborted:
             raise OSError("link aborted")
-        if isinstance(message, Hello):
-            # The source registered its tracker and connected before hello
-            # (mig.sim_setup). Charged before the round trip, not in it: the
-            # source plans the switchover's handshake from hello's round trip,
-            # and how long a destination takes to answer it first varies with
-            # the destination (its process) far more than later round trips do.
-            setup = (
-                self.host.register_per_page * self.guest.memory.size / PAGE_SIZE
-                + self.host.setup_base
-            )
-            self.clock.advance(setup)
-        elif isinstance(message, Switchover):
+        if isinstance(message, Switchover):
             self._in_stop_copy, self._stop_copy_bytes = True, {}
             self._stop_copy_decode = 0.0
             if self.destination.verify_mode == "strict":
@@ -1483,6 +1480,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     # the demo's do: through the warm-up a growing device grows.
     specs = list(config.devices)
     devices = create_all(specs, _DmaMemory(guest), clock=clock) if specs else []
+    for device in devices if host.device_tick else []:
+        device.tick = host.device_tick  # as often as this host's workers write
     if not config.prefilled:
         # A zeroed guest runs its workload while the destination starts;
         # a prefilled one has no zero page left for that to change.

@@ -8,20 +8,36 @@ destination's answer to ``hello``. The simulator charges the registration at
 measures it on a populated memory, as a guest that has run has), and the
 rest, the connection and the destination's answer, at ``HostModel.setup_base``:
 the median setup of the switchover calibration's loopback migrations, less
-their registration, charged before ``hello`` (not in its round trip, which
-the source plans the switchover's handshake with). (On a loaded host that answer varies
-tenfold, from a few to hundreds of milliseconds: calibrate on a quiet one.)
+their registration. Both are charged where the source would build its
+native sender (``SimLink.connect_channels``, which ``MigrationSource`` calls
+on a given link in its place), so before ``hello`` and not in its round
+trip: the source plans the switchover's handshake from that round trip,
+which is the control round trip alone. (On a loaded host the destination's
+first answer varies tenfold, from a few to hundreds of milliseconds:
+calibrate on a quiet one.)
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-__all__ = ["register_seconds_per_page"]
+if TYPE_CHECKING:
+    from mig.sim import HostModel
+
+__all__ = ["register_seconds_per_page", "setup_seconds"]
+
+PAGE_SIZE = 4096
 
 # Memory the registration is timed on: large enough that the per-page work
 # dominates the ioctls' fixed cost.
 CALIBRATION_MEMORY = 256 << 20
+
+
+def setup_seconds(host: HostModel, memory_size: int) -> float:
+    """The source's setup before ``hello``: the tracker's registration over
+    ``memory_size`` bytes of guest memory, then the connection."""
+    return host.register_per_page * memory_size / PAGE_SIZE + host.setup_base
 
 
 def register_seconds_per_page(runs: int = 3) -> float:

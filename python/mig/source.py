@@ -336,6 +336,11 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
         if self._link_override is not None:
             if params.max_bandwidth:  # the native sender takes it at construction
                 self._link_override.set_max_bandwidth(int(params.max_bandwidth))
+            # The native sender opens its channels when built, before hello:
+            # a given link that models that work (the simulator's) does it now.
+            connect = getattr(self._link_override, "connect_channels", None)
+            if connect is not None:
+                connect()
             return self._link_override
         sender_cls = getattr(_mig, "Sender", None)
         if sender_cls is None:

@@ -65,16 +65,19 @@ class SampleDevice(StoredDevice):
             self._thread.start()
 
     def _on_clock(self, old: float, new: float) -> None:
-        # Work in steps of ``tick``, as the worker thread does: a write marks
-        # whole chunks dirty, so finer steps would dirty more state.
+        # Work in steps of ``tick``, as the worker thread does, one write per
+        # tick however far the clock jumps: a write marks whole chunks dirty,
+        # so one write for a long jump (a send charged at once) would dirty
+        # a fraction of what the thread dirties over the same time.
         with self.lock:
             if self._stop or not self._running():
                 self._vt_due = 0.0
                 return
             self._vt_due += new - old
-            if self._vt_due >= self.tick:
-                self._advance(self._vt_due)
-                self._vt_due = 0.0
+            steps = int(self._vt_due / self.tick)
+            for _ in range(steps):
+                self._advance(self.tick)
+            self._vt_due -= steps * self.tick
 
     def _setup_worker(self) -> None:
         """Hook: finish subclass state before the worker thread starts."""
