@@ -442,3 +442,19 @@ def test_bad_argument_exits_2_with_one_line_naming_it(argv: list[str], option: s
     assert lines[0].startswith("mig: error:")
     assert option in lines[0]
     assert p.stdout == ""
+
+
+def test_an_image_maps_in_huge_pages_only_where_the_host_offers_them(monkeypatch: Any) -> None:
+    """``mig demo --image`` takes anonymous transparent huge pages where the
+    host offers them, base pages elsewhere, never a backing it lacks."""
+    import mig.cli
+
+    offers = {"anon-thp": True, "anon": True}
+    monkeypatch.setattr(
+        mig,
+        "memory_backings",
+        lambda: [{"backing": b, "available": ok} for b, ok in offers.items()],
+    )
+    assert mig.cli.image_backing() == "anon-thp"
+    offers["anon-thp"] = False
+    assert mig.cli.image_backing() == "anon"
