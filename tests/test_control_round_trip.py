@@ -46,8 +46,13 @@ def test_a_slow_hello_stops_counting_once_a_pass_is_acknowledged_quickly() -> No
     clock.advance(0.002)
     control.dispatch(PassAck(1, busy=0.0005))
     assert control.rtt == approx(0.002)
-    # Two round trips plus the destination's loop latency, not hello's wait.
-    assert costs.handshake == approx(2 * 0.002 + 0.0005)
+    # Two round trips, not hello's wait; the destination's loop latency is
+    # paid on top by a switchover that starts without a settle (a stopped guest).
+    assert costs.handshake == approx(2 * 0.002)
+    assert costs.dest_busy == approx(0.0005)
+    assert costs.terms()["handshake"] == approx(2 * 0.002)
+    costs.settle_first = False
+    assert costs.terms()["handshake"] == approx(2 * 0.002 + 0.0005)
 
 
 def test_a_slow_pass_ack_never_raises_the_round_trip() -> None:

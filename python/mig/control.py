@@ -94,6 +94,7 @@ class ControlSession:
         ack (the switchover abandoned) plans with them again."""
         self.rtt = min(self.rtt, round_trip)
         self.costs.handshake = 2 * self.rtt
+        self.costs.dest_busy = 0.0
 
     def _pass_round_trip(self, number: int) -> None:
         """A pass record and its ack are a control round trip plus the pass's
@@ -109,8 +110,8 @@ class ControlSession:
             self.rtt = min(self.rtt, self.clock.now() - sent)
 
     def _plan_handshake(self) -> None:
-        busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
-        self.costs.handshake = 2 * self.rtt + busy
+        self.costs.handshake = 2 * self.rtt
+        self.costs.dest_busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
 
     def poll(self) -> None:
         """Handle every message already waiting."""
@@ -174,11 +175,12 @@ class ControlSession:
         """The destination's loop latency and digest timing.
 
         ``handshake`` is the two control round trips of the switchover
-        (``complete``/``ready``, ``go``/``resumed``) plus the median recent
-        time the destination's loop spent away from the control channel
-        (loading device state): without a ``settle`` before the pause
-        (`settled`), ``complete`` meets that loop wherever it is, and a single
-        long load (the initial device state) must not stand for every later one.
+        (``complete``/``ready``, ``go``/``resumed``); ``dest_busy`` the median
+        recent time the destination's loop spent away from the control
+        channel (loading device state), which a switchover without a
+        ``settle`` before the pause pays on top (``SwitchoverCosts``):
+        ``complete`` meets that loop wherever it is, and a single long load
+        (the initial device state) must not stand for every later one.
 
         ``dest_digest`` keeps the fastest timing reported: the destination
         times its digest while pages arrive and the guest runs, which the

@@ -107,6 +107,7 @@ class Precopy:
     def overhead(self) -> float:
         """Measured fixed switchover costs, seconds (``SwitchoverCosts``)."""
         costs = self.costs
+        costs.settle_first = not self.stops.paused  # switchover.run settles a running guest
         costs.final_sync = self.ram.final_sync_estimate()
         costs.final_pages = self._pending() // self.ram.page_size
         self._expect_device_stops()

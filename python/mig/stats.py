@@ -171,13 +171,21 @@ class SwitchoverCosts:
     at the last switchover.
     ``end_records`` is the source's sending of the end records and
     ``complete``; ``handshake`` the control round trips of
-    ``complete``/``ready`` and ``go``/``resumed``.
+    ``complete``/``ready`` and ``go``/``resumed``. ``dest_busy`` is how long
+    the destination's loop is away from the control channel (loading device
+    state), which ``complete`` waits for only when the switchover starts
+    without a ``settle``: from a guest already stopped. From a running
+    guest the switchover settles first, with the guest still running, so
+    the destination's loop is idle when the pause comes (``settle_first``,
+    which the loop sets as it plans).
     """
 
     pause: float = 0.0
     final_sync: float = 0.0
     digest: float = 0.0
     handshake: float = 0.0
+    dest_busy: float = 0.0
+    settle_first: bool = True
     dest_digest: float | None = None
     dest_root: float | None = None
     chunk_seconds: float | None = None
@@ -221,7 +229,7 @@ class SwitchoverCosts:
         out["drain"] = self.drain
         out["dest-digest"] = self.dest_digest_cost
         out["load"] = self.load
-        out["handshake"] = self.handshake
+        out["handshake"] = self.handshake + (0.0 if self.settle_first else self.dest_busy)
         return out
 
     def total(self) -> float:
