@@ -49,8 +49,8 @@ def test_the_calibration_times_a_final_pass_of_zero_pages(
 
     calls: list[tuple] = []
     pages = FINAL_PASS_GUEST // 4096 - 1024
-    # A host whose final pass costs 0.2 us per zero page; the third run is
-    # the best (a loaded run only adds time), the fourth made no final pass.
+    # A host whose final pass costs 0.2 to 0.4 us per zero page from run to
+    # run; the fourth run made no final pass and counts for nothing.
     per_run = [0.3e-6, 0.25e-6, 0.2e-6, None, 0.4e-6]
 
     def migration(size: int, filled: bool, cap: int, demo: bool, policy: str,
@@ -66,7 +66,9 @@ def test_the_calibration_times_a_final_pass_of_zero_pages(
         return q, None
 
     monkeypatch.setattr(sim, "_idle_loopback_migration", migration)
-    assert final_pass_seconds_per_page() == pytest.approx(0.2e-6)
+    # The median of the runs that made a final pass, not the best of them:
+    # the prediction is of the median real migration.
+    assert final_pass_seconds_per_page() == pytest.approx(0.275e-6)
     # An idle zeroed guest, uncapped, to mig demo's destination, by a policy
     # and a limit that switch over after the first slice.
     assert {c[:5] for c in calls} == {(FINAL_PASS_GUEST, False, 0, True, "estimate-only")}

@@ -268,21 +268,26 @@ impl RamStream {
     /// Sends about `budget` bytes of known pages (at least
     /// `MIN_ITERATE_PAGES`) from the cursor on; returns the wire bytes.
     ///
-    /// It walks spans whose expected known count is the budget's pages
-    /// (sized once, from the known set's density) and sends each span
-    /// whole, until the budget is reached: a pass crosses memory in the
-    /// same steps whatever the density, and the loop's pass and bandwidth
-    /// figures keep the granularity its policies were chosen with.
+    /// It walks spans whose expected known count is what is left of the
+    /// budget's pages (from the known set's density when the call began)
+    /// and sends each span whole, until the budget is reached: a pass
+    /// crosses memory in the same steps whatever the density, and the
+    /// loop's pass and bandwidth figures keep the granularity its policies
+    /// were chosen with. A span that falls short of the budget is followed
+    /// by one sized for the shortfall, not by another whole budget's: a
+    /// call then lasts about its budget however the pages happen to lie,
+    /// so where the loop decides next (between calls) is not a matter of
+    /// whether the first span held one page fewer than expected.
     pub fn iterate(&mut self, budget: u64) -> CoreResult<u64> {
         if self.known_count == 0 {
             return Ok(0);
         }
         let want = MIN_ITERATE_PAGES.max((budget / self.page_size) as usize);
-        let n = self.known.len();
-        let span = n.min(want.max(want.saturating_mul(n) / self.known_count));
+        let (n, known) = (self.known.len(), self.known_count);
+        let span_for = |left: usize| n.min(left.max(left.saturating_mul(n) / known));
         let (mut pages, mut sent) = (0, 0);
         while pages < want && self.known_count > 0 {
-            self.take_span(span);
+            self.take_span(span_for(want - pages));
             pages += self.chunk.len();
             sent += self.send_chunk()?;
         }
@@ -458,6 +463,32 @@ mod tests {
         s.iterate(1).unwrap();
         assert_eq!(before - s.pending_pages(), MIN_ITERATE_PAGES);
         assert_eq!(s.cursor() - from, MIN_ITERATE_PAGES);
+    }
+
+    /// A sparse known set whose first span holds one page fewer than the
+    /// budget: the call tops it up with a span sized for that page, and
+    /// does not take a second whole budget's span (all 200 pages here).
+    #[test]
+    fn a_span_that_falls_short_is_topped_up_not_doubled() {
+        let (mut s, marks, log) = stream(4096);
+        s.complete(None).unwrap();
+        log.lock().unwrap().sends.clear();
+        {
+            let mut m = marks.lock().unwrap();
+            (0..99).for_each(|i| m.set(i * 20));
+            (0..101).for_each(|i| m.set(2048 + i * 20));
+        }
+        s.sync().unwrap();
+        // 100 pages of budget over 200 known in 4096: a first span of
+        // 2048 pages, which holds 99 of them.
+        let sent = s.iterate(100 * 4096).unwrap() / 4096;
+        let log = log.lock().unwrap();
+        assert_eq!(log.sends[0].1.len(), 99);
+        // The top-up: 20 pages' span for one page, rounded to SPAN_ALIGN.
+        assert_eq!(log.sends.len(), 2);
+        assert_eq!(log.sends[1].1, [2048, 2068, 2088, 2108]);
+        assert_eq!(sent, 103);
+        assert_eq!(s.pending_pages(), 97);
     }
 
     #[test]
