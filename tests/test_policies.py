@@ -34,12 +34,23 @@ def view(
 
 def test_adaptive_keeps_sending_while_another_pass_halves_what_is_pending() -> None:
     """150 MB fit the 300 ms limit, but a guest dirtying 100 MB/s leaves only
-    25 MB after sending them (150 ms + 100 ms of fixed costs): send them with
-    the guest running. Dirtying 400 MB/s, another pass would leave 100 MB, more
-    than half: switch over. Under ``floor`` (1 ms of sending), switch over."""
+    15 MB after sending them (150 ms; the 100 ms of fixed costs come after
+    the pause): send them with the guest running. Dirtying 600 MB/s, another
+    pass would leave 90 MB, more than half: switch over. A pass's sync and
+    settle count too: with 550 ms of them at 100 MB/s it leaves 70 MB, with
+    650 ms 80 MB, more than half. Under ``floor`` (1 ms of sending), switch
+    over."""
     ad = make_policy("adaptive")
     assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=100e6)).action is Action.CONTINUE
-    assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=400e6)).action is Action.EXACT_RUNNING
+    assert ad.decide(view(150 * 10**6, 0.1, dirty_rate=600e6)).action is Action.EXACT_RUNNING
+
+    def with_pass_overhead(seconds: float) -> PolicyView:
+        base = view(150 * 10**6, 0.1, dirty_rate=100e6)
+        return PolicyView(**{**base.__dict__, "pass_overhead": seconds})
+
+    assert make_policy("adaptive").decide(with_pass_overhead(0.55)).action is Action.CONTINUE
+    fresh = make_policy("adaptive")
+    assert fresh.decide(with_pass_overhead(0.65)).action is Action.EXACT_RUNNING
     assert ad.decide(view(4 * 10**6, 0.0, dirty_rate=0.0)).action is Action.CONTINUE
     assert ad.decide(view(5 * 10**5, 0.0, dirty_rate=0.0)).action is Action.EXACT_RUNNING
     never = make_policy("adaptive", shrink=0.0)

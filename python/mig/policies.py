@@ -84,6 +84,10 @@ class PolicyView:
     since_sync: float = 0.0
     # Measured fixed switchover costs: guest pause, final dirty sync, handshake.
     overhead: float = 0.0
+    # What one more pass costs besides its sending until the guest would
+    # pause, all of it with the guest running: a dirty sync and the
+    # control round trip of the switchover's settle.
+    pass_overhead: float = 0.0
     can_switchover: bool = True
     sync_count: int = 0
     passes: int = 0
@@ -273,7 +277,7 @@ class Adaptive(Policy):
 
     The limit is a ceiling, not a target: while one more pass would leave
     at most ``shrink`` of RAM's pending bytes (what the guest dirties while
-    they are sent and the fixed costs are paid) and sending them would take
+    they are sent, synced and settled) and sending them would take
     more than ``floor`` seconds, it keeps sending with the guest running rather
     than pay them in the downtime. An idle guest thus switches over with
     nothing left to send; a guest whose dirtying keeps up with the link
@@ -335,8 +339,10 @@ class Adaptive(Policy):
     def another_pass_pays(self, view: PolicyView) -> bool:
         """One more pass while the guest runs would leave at most ``shrink``
         of RAM's pending bytes, and those take more than ``floor`` to send.
-        The pass lasts their sending plus the fixed costs (a sync at least,
-        a settle before the pause), all of it dirtying at the measured rate.
+        The guest dirties at the measured rate until it pauses: during the
+        pass's sending and ``pass_overhead`` (a sync, the settle's round
+        trip). The switchover's fixed costs are paid after the pause, when
+        it dirties nothing.
 
         That is a prediction, so it is checked: when the pass it asked for
         left RAM's pending bytes no smaller, it does not ask again at once.
@@ -347,7 +353,7 @@ class Adaptive(Policy):
             return False
         pending = self._predict(view, view.ram())
         seconds = pending / view.bandwidth
-        dirtied = view.dirty_rate * (seconds + view.overhead)
+        dirtied = view.dirty_rate * (seconds + view.pass_overhead)
         pays = seconds > self.floor and dirtied < self.shrink * pending
         if pays and self._pass_asked_at is not None and pending >= self._pass_asked_at:
             pays = False

@@ -233,6 +233,7 @@ class Precopy:
             dirty_rate=ram.dirty_pages_rate * ram.page_size,
             since_sync=now - (ram.last_sync_time or now),
             overhead=self.overhead(),
+            pass_overhead=ram.final_sync_estimate() + self.control.rtt,
             can_switchover=self.control.switchover_acked,
             sync_count=ram.sync_count,
             passes=len(self.passes),
