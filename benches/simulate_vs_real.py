@@ -4,8 +4,8 @@ For the README's example (``mig demo`` with its defaults) and six more
 configurations (workloads, devices, bandwidth caps and policies varied; each
 migration well under a minute), runs ``mig demo ... --json`` and
 ``mig demo ... --simulate --json`` three times each (interleaved, so both
-sides see the same load) and reports per configuration, for total time and
-downtime:
+sides see the same load; simulated run k with ``--seed k``) and reports per
+configuration, for total time and downtime:
 
 * ``error``: |simulated median - real median| / real median, each median
   over the runs of its side (the issue's figure);
@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:  # interleaved: every configuration sees every load
             options = CONFIGURATIONS[name]
             real[name].append(attempt(mig, options, False, [], args.timeout))
-            q = attempt(mig, options, True, extra, args.timeout)
+            # Each simulated run its own seed (the guest's writes, the link's
+            # jitter), as each real run meets its own: a median of one run
+            # copied three times would not be one of three runs.
+            q = attempt(mig, options, True, [*extra, "--seed", str(rnd + 1)], args.timeout)
             host_model = q.pop("host-model", None) or host_model
             sim[name].append(q)
             r, s = real[name][-1], sim[name][-1]

@@ -162,3 +162,20 @@ def test_an_uncapped_demo_runs_at_the_models_loopback_pace(
         times.append(q["total-time"])
     # 16384 pages at least once at 20 us each: over 300 ms more.
     assert times[1] - times[0] > 300
+
+
+def test_each_seed_is_one_run_and_the_same_seed_the_same_run(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--seed`` picks the simulated guest's writes and the link's jitter:
+    the same seed gives the same run, another seed another run; a real run
+    has no seed, so the option alone is a usage error."""
+    runs = {}
+    for seed in ("1", "2", "1"):
+        status, q, err = run_json(capsys, "demo", "--simulate", "--json", "--seed", seed, *SMALL)
+        assert status == EXIT_OK, err
+        runs.setdefault(seed, []).append((q["total-time"], q["ram"]["transferred"]))
+    assert runs["1"][0] == runs["1"][1]
+    assert runs["2"][0] != runs["1"][0]
+    assert main(["demo", "--seed", "2", *SMALL]) == EXIT_USAGE
+    assert "--simulate" in capsys.readouterr().err

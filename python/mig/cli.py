@@ -353,6 +353,7 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
             devices=args.devices,
             host_model=Path(args.host_model) if args.host_model else None,
             demo=args.command == "demo",
+            seed=1 if args.seed is None else args.seed,
         )
         q = predict(config, origin)
     except ValueError as e:
@@ -377,6 +378,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         args.timeout_action = args.timeout_action or "force"
     if args.simulate:
         return cmd_simulate(args, console)
+    if args.seed is not None:
+        raise UsageError("--seed", "applies only with --simulate (a real run has no seed)")
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
     # The destination runs the demo's workload after resume, places as told.
@@ -480,6 +483,8 @@ def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str
 def cmd_send(args: argparse.Namespace, console: Console) -> int:
     if args.simulate:
         return cmd_simulate(args, console)
+    if args.seed is not None:
+        raise UsageError("--seed", "applies only with --simulate (a real run has no seed)")
     if args.qmp:
         from mig.cli_qmp import send_qmp
 

@@ -337,6 +337,14 @@ def add_run_control(m: Options) -> None:
         "~/.config/mig/host-model.json)",
     )
     m.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --simulate: the seed of the simulated guest's writes and of the "
+        "link's jitter (default 1); each seed is one run a real migration could be",
+    )
+    m.add_argument(
         "--no-verify",
         dest="end_to_end",
         action="store_false",

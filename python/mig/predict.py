@@ -36,6 +36,7 @@ def sim_config(
     devices: str,
     host_model: Path | None = None,
     demo: bool = True,
+    seed: int = 1,
 ) -> tuple[SimConfig, str]:
     """The simulated twin of a command line, and the host model's origin.
 
@@ -80,6 +81,7 @@ def sim_config(
         prefilled=False,
         warmup=None if demo else 0.0,
         label="simulate",
+        seed=seed,
     )
     return config, origin
 
