@@ -335,6 +335,12 @@ def _failed(reason: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- commands
+def _refuse_seed(args: argparse.Namespace) -> None:
+    """``--seed`` picks a simulated run; a real run has none to pick."""
+    if args.seed is not None:
+        raise UsageError("--seed", "applies only with --simulate (a real run has no seed)")
+
+
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     """``--simulate``: the same options, run in virtual time; the same summary or JSON."""
     from pathlib import Path
@@ -378,8 +384,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         args.timeout_action = args.timeout_action or "force"
     if args.simulate:
         return cmd_simulate(args, console)
-    if args.seed is not None:
-        raise UsageError("--seed", "applies only with --simulate (a real run has no seed)")
+    _refuse_seed(args)
     # The destination starts first, so that its start overlaps the image load.
     size = _guest_size(args)
     # The destination runs the demo's workload after resume, places as told.
@@ -483,8 +488,7 @@ def _cross_check(g: _Guest, q: dict[str, Any], dest: dict[str, Any]) -> list[str
 def cmd_send(args: argparse.Namespace, console: Console) -> int:
     if args.simulate:
         return cmd_simulate(args, console)
-    if args.seed is not None:
-        raise UsageError("--seed", "applies only with --simulate (a real run has no seed)")
+    _refuse_seed(args)
     if args.qmp:
         from mig.cli_qmp import send_qmp
 

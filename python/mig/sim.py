@@ -1131,7 +1131,7 @@ class SimLink:
     def connect_channels(self) -> None:
         """The source's setup before ``hello`` (``mig.sim_setup``), charged
         where the native sender connects: outside hello's round trip."""
-        self.clock.advance(setup_seconds(self.host, self.guest.memory.size))
+        self.clock.advance(setup_seconds(self.host, self.guest.memory.size // PAGE_SIZE))
 
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
         if self.aborted:

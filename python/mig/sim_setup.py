@@ -27,17 +27,15 @@ if TYPE_CHECKING:
 
 __all__ = ["register_seconds_per_page", "setup_seconds"]
 
-PAGE_SIZE = 4096
-
 # Memory the registration is timed on: large enough that the per-page work
 # dominates the ioctls' fixed cost.
 CALIBRATION_MEMORY = 256 << 20
 
 
-def setup_seconds(host: HostModel, memory_size: int) -> float:
+def setup_seconds(host: HostModel, pages: int) -> float:
     """The source's setup before ``hello``: the tracker's registration over
-    ``memory_size`` bytes of guest memory, then the connection."""
-    return host.register_per_page * memory_size / PAGE_SIZE + host.setup_base
+    ``pages`` pages of guest memory, then the connection."""
+    return host.register_per_page * pages + host.setup_base
 
 
 def register_seconds_per_page(runs: int = 3) -> float:
