@@ -22,6 +22,34 @@ def test_the_factor_scales_the_loops_precopy_seconds() -> None:
     assert contended(HostModel(), 0.1) == 0.1
 
 
+def test_a_capped_stream_is_charged_its_share_of_the_factor() -> None:
+    """The factor is measured beside an uncapped stream; a stream at a tenth
+    of that rate takes a tenth of the cores, and slows the loop by a tenth of
+    what the factor adds."""
+    host = replace(HostModel(), device_load_contention=3.0)
+    assert contended(host, 0.1, share=1.0) == 0.1 * 3.0
+    assert abs(contended(host, 0.1, share=0.1) - 0.1 * 1.2) < 1e-12
+    assert contended(host, 0.1, share=0.0) == 0.1
+    # A cap above the loopback's rate is the uncapped stream.
+    assert contended(host, 0.1, share=4.0) == 0.1 * 3.0
+
+
+def test_a_capped_migration_does_not_wait_on_the_uncapped_factor() -> None:
+    """The live validation's first case (a 64 MiB/s cap, a precopy device):
+    its switchover-ack, and so where it stops, does not move with a factor
+    measured beside an uncapped stream; one that noise put at 5 charged the
+    capped loop five times its load and the simulation another pass."""
+    from mig import lab  # noqa: PLC0415
+    from mig.sim import simulate  # noqa: PLC0415
+
+    case = lab.live_cases(HostModel())[0].config
+    downtimes = [
+        simulate(case.with_(host=replace(case.host, device_load_contention=f)))["downtime"]
+        for f in (1.0, 5.0)
+    ]
+    assert abs(downtimes[1] - downtimes[0]) <= 0.05 * downtimes[0], downtimes
+
+
 def test_a_destination_on_another_host_is_not_contended(tmp_path: Path) -> None:
     """``mig send --simulate``'s destination shares no cores with the source:
     the factor is dropped; ``mig demo --simulate``'s keeps it."""

@@ -1214,8 +1214,11 @@ class SimLink:
         if self._in_stop_copy:
             self._stop_copy_decode += decode + take
         else:
-            # The source's precopy shares the host with the loop meanwhile.
-            take, decode = contended(self.host, take), contended(self.host, decode)
+            # The source's precopy shares the host with the loop meanwhile,
+            # taking cores in proportion to its rate.
+            full = self.host.loopback_bandwidth
+            share = self.cap / full if self.cap and full > 0 else 1.0
+            take, decode = contended(self.host, take, share), contended(self.host, decode, share)
             self._loop.received(self.clock.now(), device_id, seq, n, take, decode)
 
     def sync(self, generation: int) -> None:

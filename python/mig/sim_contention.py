@@ -19,7 +19,9 @@ sees its first ``pass`` go out, then the ``switchover-ack`` come back once
 the destination loaded the device records that pass released (the initial
 data); that wait, less a control round trip each way, over what the model
 charges for loading those records alone (``decode_seconds``), is one
-sample; the factor is the median sample, never below 1.
+sample; the factor is the median sample, never below 1. The runs are
+uncapped: a capped stream is charged the part of the factor its share of
+the loopback's rate causes (``contended``).
 
 The stop-copy's records load after the source stopped (``complete``): the
 guest is paused and the source waits, so no factor applies there. A
@@ -50,9 +52,17 @@ CALIBRATION_WORKLOAD = "uniform:rate=20000"
 CALIBRATION_DEVICE = "nic"
 
 
-def contended(host: Any, seconds: float) -> float:
-    """The loop's ``seconds`` of precopy work on a host its RAM stream shares."""
-    return seconds * max(1.0, getattr(host, "device_load_contention", 1.0))
+def contended(host: Any, seconds: float, share: float = 1.0) -> float:
+    """The loop's ``seconds`` of precopy work on a host its RAM stream shares.
+
+    ``share`` is the stream's rate over the rate it was measured at (the
+    uncapped loopback): the cores the stream takes, and so the slowdown it
+    causes, grow with what it sends. A stream capped to a small part of the
+    loopback's rate leaves the loop nearly an idle host's time; charging it
+    the uncapped factor would delay its ``switchover-ack`` by a measurement
+    noise that can be several times the load itself."""
+    factor = max(1.0, getattr(host, "device_load_contention", 1.0))
+    return seconds * (1.0 + (factor - 1.0) * min(1.0, max(0.0, share)))
 
 
 def load_contention(host: Any, runs: int = 5) -> float:
