@@ -30,6 +30,8 @@ from mig.protocol import (
     Hello,
     HelloAck,
     Pass,
+    Ping,
+    Pong,
     Progress,
     Ready,
     Resumed,
@@ -92,6 +94,15 @@ def test_an_accepted_hello_starts_the_loads_before_acking() -> None:
     effects = c.on_message(hello(), 0.0)
     assert effects == [StartLoads(), Send(HelloAck()), SetStatus("active")]
     assert c.phase is DestinationPhase.ACTIVE and c.migration_id == 9 and c.channels == 2
+
+
+def test_a_ping_is_answered_at_once_but_only_after_hello() -> None:
+    c = core()
+    with pytest.raises(ProtocolError, match="expected hello, got 'ping'"):
+        c.on_message(Ping(1), 0.0)
+    c.on_message(hello(), 0.0)
+    assert c.on_message(Ping(3), 0.1) == [Send(Pong(3))]
+    assert c.phase is DestinationPhase.ACTIVE
 
 
 @pytest.mark.parametrize(

@@ -115,10 +115,12 @@ def test_a_dma_device_not_quiesced_is_caught() -> None:
     DeviceHandler.quiesce = lambda self: None  # the wrong order: DMA runs past the final sync
     params = {"max_bandwidth": 64 * MIB, "downtime_limit": 300, "timeout": 60.0}
     try:
-        bad = simulate(small(devices=("dma:dma=8MiB/s",), params={**params, "verify": "strict"}))
-        # After-resume, the default. exact-running switches over as soon as the
-        # state fits, so the stop-copy lasts long enough for the DMA to write
-        # (adaptive sends on until almost nothing is left).
+        # exact-running switches over as soon as the state fits, so the
+        # stop-copy lasts long enough for the DMA to write (adaptive sends on
+        # until almost nothing is left).
+        strict = {**params, "verify": "strict"}
+        bad = simulate(small(devices=("dma:dma=8MiB/s",), params=strict, policy="exact-running"))
+        # After-resume, the default.
         late = simulate(small(devices=("dma:dma=8MiB/s",), policy="exact-running"))
     finally:
         DeviceHandler.quiesce = original

@@ -33,6 +33,8 @@ from mig.protocol import (
     Message,
     Pass,
     PassAck,
+    Ping,
+    Pong,
     Progress,
     Settled,
     SwitchoverAck,
@@ -40,12 +42,15 @@ from mig.protocol import (
 from mig.stall_watch import PeerProgress
 from mig.stats import SwitchoverCosts
 
-__all__ = ["ControlSession"]
+__all__ = ["ControlSession", "PINGS"]
 
 _M = TypeVar("_M", bound=Message)
 _POLL = 0.05
 # Destination loop latencies kept; the switchover plans for the median.
 _BUSY_SAMPLES = 8
+# Pings after hello-ack; the shortest round trip stands (one may meet the
+# destination's loop starting its loads, or a descheduled peer).
+PINGS = 3
 
 
 class ControlSession:
@@ -66,27 +71,46 @@ class ControlSession:
             self._pass_sent[message.number] = self.clock.now()
 
     def handshake(self, hello: Hello, timeout: float, check_cancel: Callable[[], None]) -> None:
-        """``hello`` out, ``hello-ack`` back within ``timeout``; measures the round trip."""
-        t0 = self.clock.now()
+        """``hello`` out, ``hello-ack`` back within ``timeout``, then
+        ``PINGS`` pings: the shortest ping round trip is the control round
+        trip the switchover plans with. ``hello``'s own is not one: the
+        destination reads ``hello`` only once its memory is mapped and
+        populated, which takes longer the larger the guest (tens to
+        hundreds of ms), and a plan that charged that twice would stop a
+        pass early with megabytes pending."""
+        deadline = self.clock.now() + timeout
         self.link.send(hello)
-        deadline = t0 + timeout
+        self._reply(HelloAck, "answer hello", deadline, check_cancel)
+        trips = []
+        for value in range(1, PINGS + 1):
+            t0 = self.clock.now()
+            self.link.send(Ping(value))
+            while self._reply(Pong, "answer ping", t0 + timeout, check_cancel).value != value:
+                pass  # a pong to an earlier ping that timed out cannot come: values rise
+            trips.append(self.clock.now() - t0)
+        self.rtt = min(trips)
+        self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
+
+    def _reply(
+        self, kind: type[_M], what: str, deadline: float, check_cancel: Callable[[], None]
+    ) -> _M:
+        """The destination's next ``kind`` before ``deadline``; any other
+        message on the way is handled as ever (a ``switchover-ack``, a
+        device's initial data loaded)."""
         while True:
             check_cancel()
             message = self.link.recv(_POLL)
-            if isinstance(message, HelloAck):
-                break
+            if isinstance(message, kind):
+                return message
             if message is not None:
                 self.dispatch(message)
             if self.clock.now() > deadline:
-                raise MigrationEnded("failed", "destination did not answer hello")
-        self.rtt = self.clock.now() - t0
-        self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
+                raise MigrationEnded("failed", f"destination did not {what}")
 
     def settled(self, round_trip: float) -> None:
         """A ``settle`` answered: ``round_trip`` is its wait less the
-        destination's reported work. ``hello``'s round trip included the
-        destination's setup, and on a loaded host any one may meet a
-        descheduled peer: the handshake plans with the shortest seen. The
+        destination's reported work. On a loaded host any round trip may
+        meet a descheduled peer: the handshake plans with the shortest seen. The
         destination's loop has landed everything sent so far, so ``complete``
         will find it idle: the handshake is the two round trips alone,
         its busy samples (loading the devices' initial state, hundreds of ms
@@ -99,10 +123,9 @@ class ControlSession:
     def _pass_round_trip(self, number: int) -> None:
         """A pass record and its ack are a control round trip plus the pass's
         last data landing: never shorter than the round trip, and close to it
-        for a small pass. ``hello``'s alone would stand until the first
-        ``settle`` and carries the destination's start of its receive
-        threads: a policy that plans with it could wait for a fit that never
-        comes."""
+        for a small pass, but also the source's own wait before it next
+        looks at the channel (it polls between slices): an upper bound that
+        lowers the pings' figure only when the pings met a busy peer."""
         sent = self._pass_sent.pop(number, None)
         for older in [n for n in self._pass_sent if n < number]:
             del self._pass_sent[older]  # acks answer passes in order; none will come

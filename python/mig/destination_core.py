@@ -46,6 +46,8 @@ from mig.protocol import (
     HelloAck,
     Message,
     Pass,
+    Ping,
+    Pong,
     PostcopyAdvise,
     PostcopyRun,
     Progress,
@@ -300,6 +302,8 @@ class DestinationCore:
                 return [Resume()]
             case _ if self.phase is DestinationPhase.AWAIT_GO:
                 raise ProtocolError(f"expected go, got {protocol.type_name(message)!r}")
+            case Ping(value=value) if self.phase in _PRECOPY:
+                return [Send(Pong(value))]
             case _ if self.phase in _PRECOPY:
                 return self._precopy_message(message, now)
         raise ProtocolError(

@@ -48,6 +48,8 @@ __all__ = [
     "Cancel",
     "Failed",
     "Progress",
+    "Ping",
+    "Pong",
     "PostcopyAdvise",
     "PostcopyRun",
     "Message",
@@ -56,10 +58,11 @@ __all__ = [
 ]
 
 # 2: settle/settled before the pause, progress heartbeats, post-copy's
-# postcopy-advise/postcopy-run. A peer of another version is refused at hello,
+# postcopy-advise/postcopy-run. 3: ping/pong after hello-ack. A peer of
+# another version is refused at hello,
 # before anything is sent, rather than failing mid-migration on a message it
 # does not know.
-VERSION = 2
+VERSION = 3
 # Bounded so a hostile peer cannot make us parse an unbounded document.
 MAX_MESSAGE = 1 << 20
 # Device ids travel as u32 in the device-record header.
@@ -234,6 +237,24 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Source, after ``hello-ack``: answer ``pong`` with ``value`` at once.
+
+    ``hello``'s round trip holds whatever the destination did before it
+    read ``hello`` (it maps and populates its memory first, which grows with
+    the guest), and a pass ack's holds the source's own wait before it next
+    looked at the channel. The pings, waited for, time the control channel
+    alone: what ``complete``/``ready`` and ``go``/``resumed`` will cost."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    value: int
+
+
+@dataclass(frozen=True)
 class PostcopyAdvise:
     """At setup, ``postcopy`` on: the destination checks it can register its
     memory for missing-page faults (QEMU's POSTCOPY_ADVISE), else fails."""
@@ -266,6 +287,8 @@ Message = (
     | Cancel
     | Failed
     | Progress
+    | Ping
+    | Pong
     | PostcopyAdvise
     | PostcopyRun
 )
@@ -290,6 +313,8 @@ _TYPE_NAMES: dict[type, str] = {
     Cancel: "cancel",
     Failed: "failed",
     Progress: "progress",
+    Ping: "ping",
+    Pong: "pong",
     PostcopyAdvise: "postcopy-advise",
     PostcopyRun: "postcopy-run",
 }
@@ -391,6 +416,8 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"reason": message.reason}
         case Progress():
             return {"bytes": message.bytes}
+        case Ping() | Pong():
+            return {"value": message.value}
     raise TypeError(f"not a control message: {message!r}")
 
 
@@ -582,6 +609,10 @@ def _decode_fields(kind: str, f: _Fields) -> Message:
             return Failed(f.text("reason"))
         case "progress":
             return Progress(f.integer("bytes"))
+        case "ping":
+            return Ping(f.integer("value"))
+        case "pong":
+            return Pong(f.integer("value"))
         case "postcopy-advise":
             return PostcopyAdvise()
         case "postcopy-run":
