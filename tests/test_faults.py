@@ -546,3 +546,14 @@ def test_a_first_pass_longer_than_the_idle_timeout_completes() -> None:
         guest.close()
     assert q["status"] == "completed" and d["status"] == "completed", (q.get("error-desc"), d)
     assert q["total-time"] > 1500 and src.digest() == dst.digest()
+
+
+def test_a_destination_no_source_reached_says_so() -> None:
+    """No source connects within ``accept_timeout``: the reason is the
+    listener's (what was missing), not a stall blamed on a silent source."""
+    dest = MigrationDestination("tcp:127.0.0.1:0", mig.GuestMemory(SIZE), accept_timeout=0.3)
+    dest.start()
+    d = dest.wait(10)
+    reason = d["error-desc"]
+    assert d["status"] == "failed" and "no complete migration session within" in reason, reason
+    assert "control channel missing" in reason and "stopped answering" not in reason

@@ -442,6 +442,11 @@ def _finish_demo(
     """Cross-check both ends, add what the destination's memory got, and report."""
     if dest_err.strip():
         log.info("destination: %s", dest_err.strip())
+    theirs = dest.get("error-desc")
+    if q.get("status") != "completed" and theirs and theirs not in q.get("error-desc", ""):
+        # The destination may have ended first, and knows why ("no complete
+        # migration session within ..."); the source saw only the effect.
+        q = {**q, "error-desc": f"{q.get('error-desc', 'no reason given')}; destination: {theirs}"}
     problems = _cross_check(g, q, dest) if args.end_to_end else []
     if q.get("status") == "completed":
         check = ("failed" if problems else "passed") if args.end_to_end else "skipped"

@@ -23,6 +23,12 @@ from collections.abc import Sequence
 __all__ = ["DemoDestination"]
 
 READY_TIMEOUT = 60.0
+# How long the destination waits for the source to connect. The source loads
+# its image after starting the destination, and on a host whose hypervisor
+# takes back free memory a large image loads far slower than its disk reads
+# (every page faulted back in); the demo kills the destination as soon as
+# its source fails, so the bound is only for a demo killed outright.
+ACCEPT_TIMEOUT = "600s"
 
 
 class DemoDestination:
@@ -41,7 +47,7 @@ class DemoDestination:
         r, w = os.pipe()
         cmd = [
             sys.executable, "-m", "mig.cli", "serve", "--listen", "tcp:127.0.0.1:0", "--once",
-            "--json", "--size", str(size), "--devices", devices, "--timeout", "60s",
+            "--json", "--size", str(size), "--devices", devices, "--timeout", ACCEPT_TIMEOUT,
             "--ready-fd", str(w), "--log-level", log_level,
             *(["--prealloc"] if prealloc else []), *extra,
         ]  # fmt: skip
