@@ -299,6 +299,26 @@ def test_bandwidth_estimate_follows_max_bandwidth_cap() -> None:
     assert abs(source.meter.smoothed - cap) / cap < 0.05
 
 
+def test_no_decision_plans_with_one_slices_rate() -> None:
+    """Until the meter closes its first window (or the bulk pass ends) the
+    policies see no bandwidth: nothing fits, so no stop rests on one slice's
+    rate. A whole 256 MiB guest at 2 GB/s would fit a 300 ms limit."""
+    source, *_ = setup_vm(size=256 * MIB, rate=0, bandwidth=2e9, policy="stop-exact-resume")
+    seen: list[tuple[float, int, int]] = []
+    decide = source.policy.decide
+
+    def spy(view: Any) -> Any:
+        seen.append((view.bandwidth, source.meter.samples, view.sync_count))
+        return decide(view)
+
+    source.policy.decide = spy  # type: ignore[method-assign]
+    q = source.run()
+    assert q["status"] == "completed", q.get("error-desc")
+    early = [bw for bw, samples, syncs in seen if not samples and syncs < 2]
+    assert len(early) >= 2 and not any(early), seen[:5]
+    assert any(bw > 0 for bw, _, _ in seen)
+
+
 PHASES = ["setup", "active", "stopped-for-exact", "device"]
 
 

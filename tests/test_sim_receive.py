@@ -59,8 +59,10 @@ def test_a_switchover_without_a_settle_waits_for_the_channels_backlog() -> None:
     assert _drain(fast) == pytest.approx(base)  # the receiver keeps up: nothing waits
     wire = slow["ram"]["transferred"]
     # Half the sender's pace: half of what the sender put out in W / LINK
-    # seconds is still queued, and takes W / LINK more to come in.
-    assert _drain(slow) - base == pytest.approx(wire / LINK, rel=0.05)
+    # seconds is still queued, and takes W / LINK more to come in, less what
+    # came in between the bulk pass's last send and the stop (its sync, the
+    # stopped exact).
+    assert 0.85 * wire / LINK <= _drain(slow) - base <= wire / LINK
     assert slow["downtime"] - fast["downtime"] == pytest.approx(_drain(slow) * 1000 - base * 1000)
 
 
@@ -70,7 +72,9 @@ def test_a_settle_takes_the_backlog_in_while_the_guest_still_runs() -> None:
     assert _drain(slow) == pytest.approx(_drain(fast), rel=1e-3)
     assert slow["downtime"] == pytest.approx(fast["downtime"], rel=1e-3)
     wire = slow["ram"]["transferred"]
-    assert slow["settle-time"] - fast["settle-time"] == pytest.approx(wire / LINK * 1000, rel=0.05)
+    # The backlog of the bulk pass, less what came in before the settle asked.
+    late = (slow["settle-time"] - fast["settle-time"]) / 1000
+    assert 0.85 * wire / LINK <= late <= wire / LINK
 
 
 def test_sockets_that_hold_little_make_the_sender_wait_and_the_drain_short() -> None:

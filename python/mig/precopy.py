@@ -86,8 +86,21 @@ class Precopy:
     # ----------------------------------------------------------- planning
     def bandwidth(self) -> float:
         """Bytes/s for decisions: avail_switchover_bandwidth, else the measured
-        estimate less its own measured variation (``BandwidthMeter.conservative``)."""
-        return float(self.params.avail_switchover_bandwidth or self.meter.conservative())
+        estimate less its own measured variation (``BandwidthMeter.conservative``).
+
+        0 (nothing fits) until the meter closed its first window or the
+        bulk pass ended: one slice's rate is no measure of the link (it
+        varies widely from run to run on one host, and at its high end a
+        whole guest of zero pages "fits"), so a decision on it goes either
+        way from run to run. QEMU's switchover threshold is likewise 0
+        until its first window of measurement closes."""
+        if self.params.avail_switchover_bandwidth:
+            return float(self.params.avail_switchover_bandwidth)
+        # dirty-sync-count is 1 during the bulk pass (QEMU's is too: the
+        # bitmap's start counts), 2 once it ended.
+        if not self.meter.samples and self.ram.sync_count < 2:
+            return 0.0
+        return self.meter.conservative()
 
     def threshold(self) -> int:
         """Bytes that fit in the downtime limit once the fixed costs are paid."""

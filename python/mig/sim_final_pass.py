@@ -14,9 +14,11 @@ the first slice, its final pass 127 000 zero pages).
 
 ``final_per_page`` is what a zero page costs the sender in the final pass,
 measured on that shape: an idle zeroed guest whose policy (``estimate-only``
-with a downtime limit far above its size's cost) switches over after the
-first slice, so that the final pass carries all the other pages, every one a
-zero page.
+with a downtime limit far above its size's cost, and an
+``avail-switchover-bandwidth`` that makes it fit at once: a measured
+bandwidth counts only once its first window closed) switches over at its
+first decision, so that the final pass carries every page, each a zero
+page.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from typing import Any
 __all__ = ["FINAL_PASS_GUEST", "final_pass_seconds_per_page"]
 
 # The calibration guest: zeroed, idle, large enough for a final pass of tens
-# of thousands of zero pages; the limit lets the first slice's bandwidth
-# estimate (a slice of zero pages is a few KiB on the wire) take it all.
+# of thousands of zero pages; the limit and the bandwidth given for the
+# switchover let the first decision take it all.
 FINAL_PASS_GUEST = 128 << 20
 FINAL_PASS_LIMIT_MS = 60_000
+FINAL_PASS_BANDWIDTH = 1 << 40
 
 
 def final_pass_seconds_per_page(runs: int = 5) -> float:
@@ -54,7 +57,10 @@ def final_pass_seconds_per_page(runs: int = 5) -> float:
             0,
             demo=True,
             policy="estimate-only",
-            params={"downtime_limit": FINAL_PASS_LIMIT_MS},
+            params={
+                "downtime_limit": FINAL_PASS_LIMIT_MS,
+                "avail_switchover_bandwidth": FINAL_PASS_BANDWIDTH,
+            },
         )
         per_page = _per_page(q)
         if per_page:
