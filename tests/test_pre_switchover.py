@@ -97,6 +97,9 @@ def test_cancel_at_pre_switchover_resumes_the_source_guest_with_memory_intact(
         q = await src.execute("query-migrate")
         assert q["status"] == "cancelled" and "migrate_cancel" in q["error-desc"], q
         assert await src.execute("query-status") == {"status": "running", "running": True}
+        # The destination hears of the cancel over the control channel, on its
+        # own time: its event, then its state.
+        await wait_event(dst, "MIGRATION", status="cancelled")
         assert (await dst.execute("query-migrate"))["status"] == "cancelled"
         await src.execute("stop")
         after = await src.execute("x-mig-query-digests")
