@@ -92,7 +92,8 @@ def accept_populated(
 ) -> Any:
     """``listener.accept`` of a source into ``memory`` once ``prealloc``'s
     populate ended (None: none runs), all within ``timeout`` seconds; a cancel
-    while it runs ends the migration."""
+    while it runs ends the migration, and so does the timeout, with the
+    listener's reason."""
     t0 = time.monotonic()
     while prealloc is not None and not prealloc.wait(_CANCEL_POLL):
         reason = cancelled()
@@ -102,4 +103,10 @@ def accept_populated(
             break  # the accept's own timeout tells it
     left = max(timeout - (time.monotonic() - t0), _CANCEL_POLL)
     ranges = None if prealloc is None else prealloc.data_ranges
-    return listener.accept(memory, left, io_timeout=io_timeout, data_ranges=ranges)
+    try:
+        return listener.accept(memory, left, io_timeout=io_timeout, data_ranges=ranges)
+    except TimeoutError as e:
+        # No whole session came in time: the listener says what was missing
+        # (no source at all, or channels short). Read as a phase's stall, it
+        # would blame a source that never spoke.
+        raise MigrationEnded("failed", e.strerror or str(e)) from None
