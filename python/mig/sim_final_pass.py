@@ -9,8 +9,8 @@ hand-off to the channel threads and back plus the loop's own work between
 slices. ``HostModel.send_per_page`` (``loopback_per_page``) is calibrated on
 such passes, so it holds those per-slice costs spread over each slice's
 pages; charged to a final pass of many zero pages it made the pass several
-times what the engine pays (a 512 MiB guest whose policy switches over after
-the first slice, its final pass 127 000 zero pages).
+times what the engine pays (a 512 MiB guest whose policy switched over
+after the first slice, its final pass 127 000 zero pages).
 
 ``final_per_page`` is what a zero page costs the sender in the final pass,
 measured on that shape: an idle zeroed guest whose policy (``estimate-only``
