@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from mig.devices import create
 from mig.predict import sim_config
 from mig.sim import HostModel, save_host_model
@@ -73,3 +75,30 @@ def test_the_calibration_sees_the_initial_data_loaded_after_the_first_pass() -> 
     finally:
         device.close()
     assert wait > 0
+
+
+def test_a_stall_beyond_the_fair_share_is_not_counted_as_sharing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waits far beyond what sharing the cores can cost (a host's faults
+    stalling the loads) leave the factor at the fair-share bound; ordinary
+    waits are measured as they are."""
+    import mig.sim_contention as sc
+    from mig.sim_devices import decode_seconds
+
+    host = HostModel()
+    device = create(CALIBRATION_DEVICE)
+    try:
+        modelled = decode_seconds(host, device, 64 << 20)
+    finally:
+        device.close()
+    bound = sc.fair_share_bound()
+    assert bound >= 1.0
+    monkeypatch.setattr(sc, "initial_load_wait", lambda: (50 * bound * modelled, 64 << 20))
+    assert sc.load_contention(host) == bound
+    monkeypatch.setattr(sc, "initial_load_wait", lambda: (1.5 * modelled, 64 << 20))
+    assert 1.0 <= sc.load_contention(host) <= min(1.5, bound)
+    # Two cores, the calibration's default threads: 2 + 2 channel threads,
+    # 2 vCPUs, 2 loops.
+    assert sc.fair_share_bound(cores=2) == 4.0
+    assert sc.fair_share_bound(cores=64) == 1.0  # never below an idle host

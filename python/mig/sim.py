@@ -490,10 +490,9 @@ def _vcpu_costs(mem: Any, tries: int = 3) -> tuple[float, float]:
 
     A guest that made no writes was not running while it was measured (its
     vCPU thread held off the cores, or stalled in a fault the host was slow
-    to serve): its pauses timed that stall (150 ms in
-    ``host-model-cee59cc86c11.json``, well under a millisecond in the
-    others), and a model built on them charged every simulated stop for it. Such a sample is taken again, up to ``tries``
-    times, and never kept."""
+    to serve): its pauses timed that stall, and a model built on them
+    charged every simulated stop for it. Such a sample is taken again, up to
+    ``tries`` times, and never kept."""
     from mig._mig import WorkloadGuest  # noqa: PLC0415
 
     for _ in range(tries):
