@@ -75,9 +75,8 @@ class ControlSession:
         ``PINGS`` pings: the shortest ping round trip is the control round
         trip the switchover plans with. ``hello``'s own is not one: the
         destination reads ``hello`` only once its memory is mapped and
-        populated, which takes longer the larger the guest (tens to
-        hundreds of ms), and a plan that charged that twice would stop a
-        pass early with megabytes pending."""
+        populated, which takes longer the larger the guest, and a plan that
+        charged that twice would stop a pass early with megabytes pending."""
         deadline = self.clock.now() + timeout
         self.link.send(hello)
         self._reply(HelloAck, "answer hello", deadline, check_cancel)
@@ -86,7 +85,7 @@ class ControlSession:
             t0 = self.clock.now()
             self.link.send(Ping(value))
             while self._reply(Pong, "answer ping", t0 + timeout, check_cancel).value != value:
-                pass  # a pong to an earlier ping that timed out cannot come: values rise
+                pass  # a stray pong (not this ping's) is skipped
             trips.append(self.clock.now() - t0)
         self.rtt = min(trips)
         self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
