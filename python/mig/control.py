@@ -87,8 +87,7 @@ class ControlSession:
             while self._reply(Pong, "answer ping", t0 + timeout, check_cancel).value != value:
                 pass  # a stray pong (not this ping's) is skipped
             trips.append(self.clock.now() - t0)
-        self.rtt = min(trips)
-        self.costs.handshake = 2 * self.rtt  # complete/ready and go/resumed
+        self._plan_round_trip(min(trips))
 
     def _reply(
         self, kind: type[_M], what: str, deadline: float, check_cancel: Callable[[], None]
@@ -115,8 +114,7 @@ class ControlSession:
         its busy samples (loading the devices' initial state, hundreds of ms
         each on a loaded host) would count work already done. A later pass
         ack (the switchover abandoned) plans with them again."""
-        self.rtt = min(self.rtt, round_trip)
-        self.costs.handshake = 2 * self.rtt
+        self._plan_round_trip(min(self.rtt, round_trip))
         self.costs.dest_busy = 0.0
 
     def _pass_round_trip(self, number: int) -> None:
@@ -129,11 +127,13 @@ class ControlSession:
         for older in [n for n in self._pass_sent if n < number]:
             del self._pass_sent[older]  # acks answer passes in order; none will come
         if sent is not None:
-            self.rtt = min(self.rtt, self.clock.now() - sent)
+            self._plan_round_trip(min(self.rtt, self.clock.now() - sent))
 
-    def _plan_handshake(self) -> None:
-        self.costs.handshake = 2 * self.rtt
-        self.costs.dest_busy = statistics.median(self._dest_busy) if self._dest_busy else 0.0
+    def _plan_round_trip(self, rtt: float) -> None:
+        """The control round trip planned with; the switchover's handshake
+        is two of them (``complete``/``ready``, ``go``/``resumed``)."""
+        self.rtt = rtt
+        self.costs.handshake = 2 * rtt
 
     def poll(self) -> None:
         """Handle every message already waiting."""
@@ -211,7 +211,7 @@ class ControlSession:
         """
         self._dest_busy.append(ack.busy)
         self._pass_round_trip(ack.number)
-        self._plan_handshake()
+        self.costs.dest_busy = statistics.median(self._dest_busy)
         if ack.digest is not None:
             seen = self.costs.dest_digest
             self.costs.dest_digest = ack.digest if seen is None else min(seen, ack.digest)
