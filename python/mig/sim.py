@@ -512,10 +512,12 @@ def _vcpu_costs(mem: Any, tries: int = 3) -> tuple[float, float]:
 # (size, stride) of the uncapped loopback migrations: every stride-th page
 # holds data, none with 0. A never-written page costs the sender its time
 # per zero page, a data page mostly the wire's. Two zeroed sizes separate the
-# per-page cost from a pass's fixed cost. (Scattered data pages cost a real
-# pass far more than their bytes, and not in proportion to their number or
-# their chunks; a linear model cannot hold both, so the data guest is whole.)
-LOOPBACK_GUESTS = ((128 << 20, 0), (512 << 20, 0), (64 << 20, 1))
+# per-page cost from a pass's fixed cost; they are far apart because that
+# cost is a fraction of a microsecond and a loaded host adds tens of
+# milliseconds to a pass. (Scattered data pages cost a real pass far more
+# than their bytes, and not in proportion to their number or their chunks; a
+# linear model cannot hold both, so the data guest is whole.)
+LOOPBACK_GUESTS = ((128 << 20, 0), (1 << 30, 0), (64 << 20, 1))
 
 
 def _loopback_costs(runs: int = 3) -> tuple[float, float, float]:
@@ -527,20 +529,25 @@ def _loopback_costs(runs: int = 3) -> tuple[float, float, float]:
     (the fixed part is the stream's start: the pass's closing sync, which
     the tracker's terms charge, takes microseconds). Each starts at its
     destination's ready line, once that destination populated its memory."""
-    rows = []
-    for size, stride in LOOPBACK_GUESTS:
-        times, wire = [], 0
-        for _ in range(runs):
+    best = [math.inf] * len(LOOPBACK_GUESTS)
+    wires = [0] * len(LOOPBACK_GUESTS)
+    # Round by round, every guest once per round: a slow spell of the host
+    # then costs each guest a run, not one guest all of its runs (which
+    # would tilt the solve).
+    for _ in range(runs):
+        for i, (size, stride) in enumerate(LOOPBACK_GUESTS):
             q, _ = _idle_loopback_migration(
                 size, bool(stride), 0, demo=True, pages=slice(None, None, stride or 1)
             )
             # The bulk pass alone: its first sync, less the setup before it
             # (setup, settle and switchover are terms of their own).
-            times.append(q["passes"][0]["time"] - q["setup-time"] / 1000)
-            wire = int(q["passes"][0]["bytes"])
+            best[i] = min(best[i], q["passes"][0]["time"] - q["setup-time"] / 1000)
+            wires[i] = int(q["passes"][0]["bytes"])
+    rows = []
+    for (size, stride), wire, t in zip(LOOPBACK_GUESTS, wires, best, strict=True):
         pages = size // PAGE_SIZE
         zero = pages - (-(-pages // stride) if stride else 0)
-        rows.append((zero, wire, min(times)))
+        rows.append((zero, wire, t))
     a = np.array([[1.0, zero, wire] for zero, wire, _ in rows])
     b = np.array([t for _, _, t in rows])
     fixed, per_page, inverse = np.linalg.solve(a, b)
