@@ -117,3 +117,24 @@ def test_a_version_1_stream_still_loads_and_its_whole_state_digest_is_checked() 
     bad.feed(_v1_stream(state, bytes(16)))
     with pytest.raises(DeviceStreamError, match="state digest mismatch"):
         bad.finish()
+
+
+def test_the_native_digest_is_warmed_when_a_digest_is_built_not_at_its_first_hash() -> None:
+    # In a fresh process (the warm-up is once per process): building a
+    # CellDigest, as a device or a destination's decoder does while setting
+    # up, makes the extension's first numpy call; hashing later makes none
+    # before its own.
+    import subprocess
+    import sys
+
+    script = """
+import mig.sample_devices.cell_digest as cd
+calls = []
+real = cd.digest_bytes
+cd.digest_bytes = lambda data: calls.append(len(data)) or real(data)
+cells = cd.CellDigest(3 * cd.CELL)
+cd.CellDigest(cd.CELL)
+print(len(calls))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]

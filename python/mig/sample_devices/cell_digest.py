@@ -26,11 +26,25 @@ __all__ = ["CELL", "CellDigest"]
 
 CELL = 64 << 10  # part of the stream format: both sides cut the state alike
 
+_warm = False
+
+
+def _warm_native_digest() -> None:
+    """Hash a few bytes once per process. The extension's first call that
+    takes a numpy array initialises numpy's C API for it, a one-time cost of
+    milliseconds: a destination device with no precopy data made its first
+    hash at RESUMING -> STOP, and paid it inside the downtime."""
+    global _warm
+    if not _warm:
+        digest_bytes(np.zeros(CELL // 1024, dtype=np.uint8))
+        _warm = True
+
 
 class CellDigest:
     """Per-cell hashes of a buffer of up to ``capacity`` bytes; all stale at first."""
 
     def __init__(self, capacity: int) -> None:
+        _warm_native_digest()  # now, while setting up, not at the first hash
         cells = -(-capacity // CELL)
         self._hashes = np.zeros((cells, 16), dtype=np.uint8)
         self._stale = np.ones(cells, dtype=bool)
