@@ -27,6 +27,7 @@ from typing import Any
 
 from mig import _mig, faults
 from mig.clock import Clock, MonotonicClock
+from mig.collector import CollectorHold
 from mig.destination_core import (
     AdvisePostcopy,
     AnswerPass,
@@ -133,6 +134,7 @@ class MigrationDestination:
         if verify is not None and verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         self.on_resume = on_resume  # settable until the migration starts
+        self.collector = CollectorHold()  # held from ``complete`` to ``resumed``
         self.on_status = on_status
         self._endpoint = endpoint
         self.listener = None
@@ -216,6 +218,7 @@ class MigrationDestination:
         except Exception as e:
             self._discard_all(ep, "failed", self._describe(e), tell=True)
         finally:
+            self.collector.release()
             if self.listener is not None:
                 self.listener.close()
             self._done.set()
@@ -408,6 +411,8 @@ class MigrationDestination:
     # ---------------------------------------------------------- switchover
     def _finish_stop_copy(self, ep: Endpoint) -> None:
         """``complete`` arrived: the last records, every load, the digest, ``ready``."""
+        # No collection from here until ``resumed`` is out (mig.collector).
+        self.collector.hold()
         self.timings.settle()
         strict = self.core.verify_mode == "strict"
         t_wait = self.clock.now()
@@ -456,9 +461,11 @@ class MigrationDestination:
                 self._apply(ep, effect)
             except Exception as e:
                 self.error = f"guest resumed, but 'resumed' was not delivered: {self._describe(e)}"
+        self.collector.release()
 
     def _discard_all(self, ep: Endpoint | None, status: str, reason: str, tell: bool) -> None:
         """Never resume: drop buffered state, abort every load, tell the source."""
+        self.collector.release()
         self.core.discard()
         for h in self.handlers.values():
             try:

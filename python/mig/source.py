@@ -200,6 +200,7 @@ class MigrationSource(NotifierCallbacks, PostcopyCommands):
             status = "cancelled" if self._cancel and not self.phase.go_sent else "failed"
             self._end(status, self._cancel or reason, discarded=peer is not None)
         finally:
+            self.stops.downtime_over()
             if self.watch is not None:
                 self.watch.close()
             if self.stats.ended_at is None or self.status != "completed":

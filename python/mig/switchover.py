@@ -207,6 +207,7 @@ class SwitchoverRun:
         faults.point("source.committed")
         ready, t_ready, resumed = self._commit(check_cancel)
         now = self.clock.now()
+        self.stops.downtime_over()
         self.downtime = now - down_start
         self.load_seconds = resumed.load
         self.verified = resumed.verified
@@ -236,7 +237,12 @@ class SwitchoverRun:
         if self.pre_switchover is None or not self.pre_switchover.enabled:
             return 0.0
         self.phase = Phase.PRE_SWITCHOVER
-        waited = self.pre_switchover.hold(check_cancel, self.control.poll)
+        # The operator's wait may be long: the collector runs through it.
+        self.stops.collector.release()
+        try:
+            waited = self.pre_switchover.hold(check_cancel, self.control.poll)
+        finally:
+            self.stops.collector.hold()
         self.phase = Phase.PAUSED
         return waited
 
