@@ -104,6 +104,7 @@ from mig.protocol import (
     SwitchoverAbort,
 )
 from mig.reorder import DeviceRecord
+from mig.sim_bookkeeping import sync_bookkeeping_seconds
 from mig.sim_bucket import SimBucket
 from mig.sim_contention import contended, load_contention
 from mig.sim_dest_loop import DestinationLoop
@@ -401,6 +402,9 @@ class HostModel:
     # device records while the source's precopy shares the host with it
     # (``mig.sim_contention``); 1: none measured.
     device_load_contention: float = 1.0
+    # The source loop's work after each sync: the pass recorded and
+    # announced, the monitor fed, the policy asked (``mig.sim_bookkeeping``).
+    sync_bookkeeping: float = 0.0
 
     def warmup(self, memory: int) -> float:
         """Seconds a ``memory``-byte guest runs before its migration starts."""
@@ -481,6 +485,7 @@ class HostModel:
             final = final_pass_seconds_per_page()
             model = replace(model, **device_link_costs(model), loopback_final_per_page=final)
             model = replace(model, device_load_contention=load_contention(model))
+            model = replace(model, sync_bookkeeping=sync_bookkeeping_seconds(model))
         return model
 
 
@@ -870,6 +875,7 @@ class SimTracker:
         self._clock = clock
         self._cost = host.sync_base + host.sync_per_page * memory.size / PAGE_SIZE
         self._per_dirty = host.sync_per_dirty_page * memory.granularity
+        self._bookkeeping = host.sync_bookkeeping
         self.last_sync_seconds = 0.0
         self.syncs = 0
         self.guest: SimGuest | None = None
@@ -888,7 +894,9 @@ class SimTracker:
             self.guest.flush()
         dirty = self._bm.take()
         cost = self._cost + self._per_dirty * dirty.count()
-        self._clock.advance(cost)
+        # The loop's own work after the sync (mig.sim_bookkeeping) takes
+        # time, but is not the sync's: the final-sync term leaves it out.
+        self._clock.advance(cost + self._bookkeeping)
         self.last_sync_seconds = cost
         self.syncs += 1
         return dirty
