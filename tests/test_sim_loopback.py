@@ -87,9 +87,9 @@ def test_the_loopback_calibration_keeps_the_streams_start(
     calls = []
     guests = len(sim.LOOPBACK_GUESTS)
 
-    def migration(size: int, filled: bool, cap: int, demo: bool,
-                  pages: slice) -> tuple[dict, None]:  # fmt: skip
-        calls.append(demo)
+    def migration(size: int, filled: bool, cap: int, demo: bool, pages: slice,
+                  workload: str) -> tuple[dict, None]:  # fmt: skip
+        calls.append((demo, workload))
         pages = size // 4096
         zero = 0 if filled else pages
         wire = (pages - zero) * 4096 + pages * 8
@@ -102,8 +102,9 @@ def test_the_loopback_calibration_keeps_the_streams_start(
     assert bandwidth == pytest.approx(1e9)
     assert per_page == pytest.approx(0.5e-6)
     assert start == pytest.approx(0.02)
-    # Every run migrates to mig demo's own destination.
-    assert calls == [True] * 3 * guests
+    # Every run migrates a guest that writes to mig demo's own destination.
+    assert sim.LOOPBACK_WORKLOAD.startswith("uniform:rate=")
+    assert calls == [(True, sim.LOOPBACK_WORKLOAD)] * 3 * guests
 
 
 def test_a_model_saved_with_the_retired_populate_fields_still_loads(tmp_path) -> None:

@@ -60,9 +60,11 @@ def asked_hole_packets(
 
 
 def _bulk_pass(pages: slice) -> float:
-    from mig.sim import _idle_loopback_migration  # noqa: PLC0415 (it imports this module)
+    from mig.sim import LOOPBACK_WORKLOAD, _idle_loopback_migration  # noqa: PLC0415
 
-    q, _ = _idle_loopback_migration(CALIBRATION_MEMORY, True, 0, demo=True, pages=pages)
+    q, _ = _idle_loopback_migration(
+        CALIBRATION_MEMORY, True, 0, demo=True, pages=pages, workload=LOOPBACK_WORKLOAD
+    )
     return float(q["passes"][0]["time"]) - float(q["setup-time"]) / 1000
 
 
