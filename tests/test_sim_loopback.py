@@ -104,7 +104,7 @@ def test_the_loopback_calibration_keeps_the_streams_start(
     assert start == pytest.approx(0.02)
     # Every run migrates a guest that writes to mig demo's own destination.
     assert sim.LOOPBACK_WORKLOAD.startswith("uniform:rate=")
-    assert calls == [(True, sim.LOOPBACK_WORKLOAD)] * 3 * guests
+    assert calls == [(True, sim.LOOPBACK_WORKLOAD)] * 5 * guests
 
 
 def test_a_model_saved_with_the_retired_populate_fields_still_loads(tmp_path) -> None:

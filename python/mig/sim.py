@@ -532,9 +532,9 @@ LOOPBACK_GUESTS = ((128 << 20, 0), (1 << 30, 0), (64 << 20, 1))
 LOOPBACK_WORKLOAD = "uniform:rate=8000,wss=1MiB"
 
 
-def _loopback_costs(runs: int = 3) -> tuple[float, float, float]:
+def _loopback_costs(runs: int = 5) -> tuple[float, float, float]:
     """(loopback_bandwidth, loopback_per_page, loopback_stream_start) from
-    uncapped loopback migrations of an idle guest to ``mig demo``'s
+    uncapped loopback migrations of a guest (``LOOPBACK_WORKLOAD``) to ``mig demo``'s
     destination, best bulk pass of ``runs`` each (a loaded host only adds
     time, and an exact solve amplifies what it adds), solved for
     time = fixed + zero pages * per_page + wire / bandwidth

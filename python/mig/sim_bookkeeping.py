@@ -31,7 +31,7 @@ CALIBRATION_WORKLOAD = "uniform:rate=2000"
 PAGE_SIZE = 4096
 
 
-def sync_bookkeeping_seconds(host: Any, runs: int = 3) -> float:
+def sync_bookkeeping_seconds(host: Any, runs: int = 5) -> float:
     """Seconds of the loop's work per sync beyond the sync itself, for a
     model ``host`` whose ``pause_latency`` and tracker terms are measured."""
     from mig.sim import _idle_loopback_migration  # noqa: PLC0415 (it imports this module)
