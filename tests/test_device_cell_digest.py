@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from devicekit import migrate_device
 
 from mig._mig import digest_bytes
-from mig.device_handler import DeviceHandler
 from mig.devices import create
 from mig.sample_devices.cell_digest import CELL, CellDigest
 from mig.sample_devices.storage import StateStorage
@@ -59,25 +59,11 @@ def test_a_stream_loads_to_the_same_root_records_of_any_size(chunk: int) -> None
     src, dst = create(spec), create(spec, active=False)
     try:
 
-        class Capture:
-            def __init__(self) -> None:
-                self.chunks: list[tuple[int, bytes, bool]] = []
+        def dirty_after_read() -> None:
+            with src.lock:
+                src.storage.rewrite(2 * CELL + 9, 100)  # dirtied after precopy read it
 
-            def send_device_state(self, device_id: int, seq: int, data: bytes, final: bool) -> None:
-                self.chunks.append((seq, data, final))
-
-        link = Capture()
-        sender, receiver = DeviceHandler(src), DeviceHandler(dst)
-        sender.setup(link)
-        sender.iterate(link)
-        with src.lock:
-            src.storage.rewrite(2 * CELL + 9, 100)  # dirtied after precopy read it
-        sender.quiesce()
-        sender.complete(link)
-        receiver.load_setup()
-        for seq, data, final in link.chunks:
-            receiver.load_state(seq, data, final)
-        receiver.load_complete()
+        migrate_device(src, dst, after_precopy=dirty_after_read)
         assert dst.loaded_digest() == src.state_digest() == dst.state_digest()
         assert src.state_digest() == fresh_root(src.storage.state, src.storage.size)
     finally:

@@ -52,6 +52,10 @@ class SampleDevice(StoredDevice):
             # from the same spec gets faults through inject_fault().
             self._faults = config.faults
         self.writes = 0
+        if not active and clock is None:
+            # A destination twin: the first load's buffer is ready before
+            # any source connects (in virtual time there is nothing to fault).
+            self.storage.reserve_load_staging()
         self._wake = threading.Condition(self.lock)
         self._stop = False
         self._setup_worker()

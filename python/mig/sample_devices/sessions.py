@@ -127,7 +127,7 @@ class ResumeStream:
         self._storage = storage
         self._lock = lock
         self._name = name
-        self._decoder = StreamDecoder(name, model, storage.capacity)
+        self._decoder = StreamDecoder(name, model, storage.capacity, storage.load_staging())
         self._error: str | None = None
         self._closed = False
         self.bytes_written = 0

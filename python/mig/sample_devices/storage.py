@@ -38,6 +38,21 @@ class StateStorage:
         # The digest of an installed state, computed by its stream's validation;
         # dropped by any change, so it always names the bytes held now.
         self.loaded_digest: int | None = None
+        self._staging: np.ndarray | None = None
+
+    def reserve_load_staging(self) -> None:
+        """Allocate the zeroed buffer the next load decodes into, its pages
+        faulted in now. A fresh buffer's pages fault in at their first write,
+        and on a host slow to serve faults the first load of a large state
+        then paid them all while the source waited for its switchover-ack."""
+        staging = np.zeros(self.capacity, dtype=np.uint8)
+        staging.fill(0)  # the write that faults each page in
+        self._staging = staging
+
+    def load_staging(self) -> np.ndarray:
+        """The zeroed buffer a load decodes into: the reserved one, once, else a new one."""
+        staging, self._staging = self._staging, None
+        return staging if staging is not None else np.zeros(self.capacity, dtype=np.uint8)
 
     @property
     def state(self) -> np.ndarray:

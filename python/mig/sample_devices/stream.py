@@ -79,12 +79,19 @@ class StreamDecoder:
     past it, so a hostile stream cannot make the decoder buffer more.
     """
 
-    def __init__(self, name: str, model: str, capacity: int) -> None:
+    def __init__(
+        self, name: str, model: str, capacity: int, staging: np.ndarray | None = None
+    ) -> None:
         self._name = name
         self._model = model
         self._capacity = capacity
         self._buf = bytearray()
-        self.staging = np.zeros(capacity, dtype=np.uint8)
+        # ``staging``: a zeroed buffer of ``capacity`` bytes to decode into.
+        if staging is None:
+            staging = np.zeros(capacity, dtype=np.uint8)
+        if staging.shape != (capacity,):
+            raise ValueError(f"a staging buffer of {capacity} bytes, not {staging.shape}")
+        self.staging = staging
         self.cells = CellDigest(capacity)
         self._header = False
         self._whole_state_digest = False  # a version 1 stream
