@@ -120,7 +120,7 @@ from mig.sim_final_pass import final_pass_seconds_per_page
 from mig.sim_handshake import control_costs
 from mig.sim_holes import asked_hole_packets, hole_query_seconds
 from mig.sim_receive import ChannelBacklog, receive_rate, socket_buffer_bytes
-from mig.sim_setup import register_seconds_per_page, setup_seconds
+from mig.sim_setup import mapped_pages, register_seconds_per_page, setup_seconds
 from mig.sim_warmup import warmup_costs
 from mig.stats import WINDOW
 from mig.units import parse_rate, parse_size
@@ -1167,7 +1167,12 @@ class SimLink:
     def connect_channels(self) -> None:
         """The source's setup before ``hello`` (``mig.sim_setup``), charged
         where the native sender connects: outside hello's round trip."""
-        self.clock.advance(setup_seconds(self.host, self.guest.memory.size // PAGE_SIZE))
+        memory = self.guest.memory
+        pages = memory.size // PAGE_SIZE
+        if self.guest.pristine is not None:
+            self.guest.flush()
+            pages = mapped_pages(self.guest.pristine, memory.granularity, pages)
+        self.clock.advance(setup_seconds(self.host, pages))
 
     def send_pages(self, bitmap: DirtyBitmap, generation: int) -> int:
         if self.aborted:

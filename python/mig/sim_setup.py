@@ -4,8 +4,10 @@ A real source, before it sends a page, registers its dirty tracker over all
 of guest memory (userfaultfd: register the range and write-protect every
 present page, ``O(memory)``), connects its channels and waits for the
 destination's answer to ``hello``. The simulator charges the registration at
-``HostModel.register_per_page`` per guest page (``register_seconds_per_page``
-measures it on a populated memory, as a guest that has run has), and the
+``HostModel.register_per_page`` per guest page whose page table exists
+(``mapped_pages``: a range no page of which was ever written has none, and
+the write-protect passes over it; ``register_seconds_per_page`` measures it
+on a populated memory), and the
 rest, the connection and the destination's answer, at ``HostModel.setup_base``:
 the median setup of the switchover calibration's loopback migrations, less
 their registration. Both are charged where the source would build its
@@ -20,21 +22,41 @@ calibrate on a quiet one.)
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from mig.sim import HostModel
 
-__all__ = ["register_seconds_per_page", "setup_seconds"]
+__all__ = ["mapped_pages", "register_seconds_per_page", "setup_seconds"]
 
 # Memory the registration is timed on: large enough that the per-page work
 # dominates the ioctls' fixed cost.
 CALIBRATION_MEMORY = 256 << 20
+# Pages one page table maps (2 MiB of 4 KiB pages): the write-protect walks
+# a table whole once any of its pages is present.
+TABLE_PAGES = 512
+
+
+def mapped_pages(pristine: Any, granularity: int, pages: int) -> int:
+    """Of ``pages`` guest pages, those in a page table that exists: every
+    table holding a page written at least once (``pristine``: the
+    never-written units of ``granularity`` pages each)."""
+    units = len(pristine)
+    per_table = max(1, TABLE_PAGES // max(1, granularity))
+    written = np.ones(units, dtype=bool)
+    written[pristine.indices().astype(np.int64)] = False
+    tables = -(-units // per_table)
+    padded = np.zeros(tables * per_table, dtype=bool)
+    padded[:units] = written
+    used = int(padded.reshape(tables, per_table).any(axis=1).sum())
+    return min(pages, used * per_table * granularity)
 
 
 def setup_seconds(host: HostModel, pages: int) -> float:
     """The source's setup before ``hello``: the tracker's registration over
-    ``pages`` pages of guest memory, then the connection."""
+    ``pages`` present pages of guest memory, then the connection."""
     return host.register_per_page * pages + host.setup_base
 
 
