@@ -35,6 +35,8 @@ __all__ = ["Precopy"]
 _SLICE = 0.05
 _SLICE_BYTES_BEFORE_ESTIMATE = 4 << 20
 _IDLE = 0.005
+# A budget no slice reaches: a catch-up sends what a device has pending.
+_NO_BUDGET = 1 << 62
 
 
 class Precopy:
@@ -277,6 +279,11 @@ class Precopy:
             self.after_sync()
             if sent == 0 and self.ram.pending_estimate() == 0:
                 self.clock.sleep(_IDLE)
+
+    def catch_up_devices(self) -> int:
+        """Every device's precopy data pending now, as a slice sends it (no
+        budget but what the destination may hold unannounced)."""
+        return sum(self._timed_iterate(h, _NO_BUDGET) for h in self.devices)
 
     def _timed_iterate(self, h: SaveHandler, budget: int) -> int:
         """A device's precopy slice; its reading time per byte, outside the

@@ -265,23 +265,34 @@ class SwitchoverRun:
         return t_sent
 
     def _settle_and_catch_up(self, check_cancel: Callable[[], None]) -> None:
-        """Settle; if the wait was long enough for the guest to dirty pages
-        the loop has not seen, send them too, still running, and settle
-        again: the final pass then holds only what the short last wait
-        dirtied. A wait shorter than ``_CATCH_UP_AFTER`` changed nothing the
-        policy did not decide on."""
-        ram = self.precopy.ram
+        """Settle; if the wait was long enough for the guest to dirty pages,
+        or its devices state, that the loop has not seen, send them too,
+        still running, and settle again: the stop-copy then holds only what
+        the short last wait dirtied. A wait shorter than ``_CATCH_UP_AFTER``
+        changed nothing the policy did not decide on.
+
+        The devices matter as much as RAM: a device that keeps working
+        (a ``nic`` rewriting its tables) dirties state all through a wait
+        the destination's loop drew out, and what no precopy slice sent is
+        stop-copy, inside the downtime."""
+        precopy = self.precopy
+        ram = precopy.ram
         for _ in range(_SETTLE_ROUNDS - 1):
             waited = self._settle(check_cancel)
             if waited < _CATCH_UP_AFTER:
                 return
             ram.sync()
-            if ram.last_sync_new_pages == 0 and ram.pending_estimate() == 0:
+            devices_dirty = any(h.pending_estimate() for h in precopy.devices)
+            if ram.last_sync_new_pages == 0 and ram.pending_estimate() == 0 and not devices_dirty:
                 return
-            self.precopy.after_sync()
-            while ram.iterate(self.precopy.link, _CATCH_UP_SLICE):
+            # The devices' records first, so that the pass this sync records
+            # announces them: the destination loads them before it answers
+            # the next settle, not after the pause.
+            precopy.catch_up_devices()
+            precopy.after_sync()
+            while ram.iterate(precopy.link, _CATCH_UP_SLICE):
                 check_cancel()
-            self.precopy.reestimate()
+            precopy.reestimate()
         self._settle(check_cancel)
 
     def _harvest_before_pause(self) -> None:
