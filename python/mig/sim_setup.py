@@ -56,7 +56,8 @@ def mapped_pages(pristine: Any, granularity: int, pages: int) -> int:
 
 def setup_seconds(host: HostModel, pages: int) -> float:
     """The source's setup before ``hello``: the tracker's registration over
-    ``pages`` present pages of guest memory, then the connection."""
+    ``pages`` pages of guest memory (those its page tables map,
+    ``mapped_pages``), then the connection."""
     return host.register_per_page * pages + host.setup_base
 
 
