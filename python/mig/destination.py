@@ -78,6 +78,27 @@ _POLL = 0.05
 _REHASH_COUNTS = ("rehashed-chunks", "rehashed-bytes")
 
 
+def _load_handlers(devices: Sequence[Any]) -> dict[int, LoadHandler]:
+    """Device id -> the handler that loads it: a device given bare gets a
+    ``DeviceHandler`` numbered from 1."""
+    handlers: dict[int, LoadHandler] = {}
+    for i, dev in enumerate(devices, start=1):
+        if not isinstance(dev, LoadHandler):
+            dev = DeviceHandler(dev, device_id=i)
+        handlers[int(getattr(dev, "device_id", i))] = dev
+    return handlers
+
+
+def _queue_bounds(handlers: dict[int, LoadHandler]) -> dict[int, int]:
+    """The bytes of records each device may have waiting for an announcement:
+    a ``DeviceHandler`` names its bound; other handlers get the default."""
+    return {
+        d: h.max_queued_bytes + DRAIN_BYTES
+        for d, h in handlers.items()
+        if isinstance(h, DeviceHandler)
+    }
+
+
 class MigrationDestination:
     """Accepts one incoming migration into ``memory``.
 
@@ -144,21 +165,12 @@ class MigrationDestination:
                 raise _mig.UnsupportedError("this build of mig._mig has no Listener")
             self.listener = listener_cls(uri, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         self.uri = self.listener.uri if self.listener is not None else uri
-        self.handlers: dict[int, LoadHandler] = {}
-        for i, dev in enumerate(devices, start=1):
-            if not isinstance(dev, LoadHandler):
-                dev = DeviceHandler(dev, device_id=i)
-            self.handlers[int(getattr(dev, "device_id", i))] = dev
+        self.handlers = _load_handlers(devices)
         self.core = DestinationCore(
             memory.page_size,
             memory.size,
             {d: h.name for d, h in self.handlers.items()},
-            # A DeviceHandler names its bound; other handlers get the default.
-            max_queued_bytes={
-                d: h.max_queued_bytes + DRAIN_BYTES
-                for d, h in self.handlers.items()
-                if isinstance(h, DeviceHandler)
-            },
+            max_queued_bytes=_queue_bounds(self.handlers),
             hello_timeout=accept_timeout,
             idle_timeout=idle_timeout,
             go_timeout=self.go_timeout,
