@@ -35,7 +35,7 @@ __all__ = ["Precopy"]
 _SLICE = 0.05
 _SLICE_BYTES_BEFORE_ESTIMATE = 4 << 20
 _IDLE = 0.005
-# A budget no slice reaches: a catch-up sends what a device has pending.
+# A budget no slice reaches: what a device has pending, all of it.
 _NO_BUDGET = 1 << 62
 
 
@@ -271,7 +271,7 @@ class Precopy:
         bw = self.meter.estimate()
         budget = int(bw * _SLICE) if bw > 0 else _SLICE_BYTES_BEFORE_ESTIMATE
         sent = self.ram.iterate(self.link, budget)
-        sent += sum(self._timed_iterate(h, budget) for h in self.devices)
+        sent += self.iterate_devices(budget)
         due = self.monitor.periodic_sync_due(self.clock.now(), self.ram.last_sync_time)
         if sent == 0 or due:
             # End of a pass (nothing known left) or the throttle's periodic sync.
@@ -280,10 +280,11 @@ class Precopy:
             if sent == 0 and self.ram.pending_estimate() == 0:
                 self.clock.sleep(_IDLE)
 
-    def catch_up_devices(self) -> int:
-        """Every device's precopy data pending now, as a slice sends it (no
-        budget but what the destination may hold unannounced)."""
-        return sum(self._timed_iterate(h, _NO_BUDGET) for h in self.devices)
+    def iterate_devices(self, budget: int = _NO_BUDGET) -> int:
+        """Every device's precopy slice of up to ``budget`` bytes; by
+        default what each has pending now (no bound but what the destination
+        may hold unannounced)."""
+        return sum(self._timed_iterate(h, budget) for h in self.devices)
 
     def _timed_iterate(self, h: SaveHandler, budget: int) -> int:
         """A device's precopy slice; its reading time per byte, outside the

@@ -288,7 +288,7 @@ class SwitchoverRun:
             # The devices' records first, so that the pass this sync records
             # announces them: the destination loads them before it answers
             # the next settle, not after the pause.
-            precopy.catch_up_devices()
+            precopy.iterate_devices()
             precopy.after_sync()
             while ram.iterate(precopy.link, _CATCH_UP_SLICE):
                 check_cancel()
